@@ -1,0 +1,21 @@
+"""Errors a user can fix. The CLI prints them as one line and exits with code 2."""
+
+
+class TuneforgeError(Exception):
+    """Base class: the message alone must tell the user what is wrong and what to do."""
+
+
+class ConfigError(TuneforgeError):
+    """A config key is unknown, has the wrong type, or conflicts with another."""
+
+
+class DataError(TuneforgeError):
+    """A dataset is missing, malformed or empty."""
+
+
+class ModelError(TuneforgeError):
+    """A model or adapter cannot be found or loaded."""
+
+
+class CheckpointError(TuneforgeError):
+    """A checkpoint or output directory is unusable."""
