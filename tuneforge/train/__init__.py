@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, fine-tuning types and reporting."""

@@ -1,0 +1,56 @@
+"""The training data as one deterministic stream of micro-batches: epoch e is a permutation
+seeded by (seed, e), and micro-batch j of the stream is a pure function of j. Resuming is then
+just starting at j = micro_batches_seen, with no data replayed and none skipped."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class MicroBatchStream:
+    def __init__(self, examples: list[dict], batch_size: int, collate, seed: int,
+                 rank: int = 0, world_size: int = 1):
+        if not examples:
+            raise ValueError("no training examples")
+        self.examples = examples
+        self.batch_size = batch_size
+        self.collate = collate
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        # every process takes batch_size examples per micro-batch; the last partial one is kept
+        self.per_epoch = math.ceil(len(examples) / (batch_size * world_size))
+        self._order_epoch = -1
+        self._order: list[int] = []
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._order_epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._order = torch.randperm(len(self.examples), generator=generator).tolist()
+            self._order_epoch = epoch
+        return self._order
+
+    def indices(self, j: int) -> list[int]:
+        """Example indices of micro-batch j on this process."""
+        epoch, position = divmod(j, self.per_epoch)
+        order = self._permutation(epoch)
+        span = self.batch_size * self.world_size
+        chunk = order[position * span:(position + 1) * span]
+        mine = chunk[self.rank::self.world_size]
+        return mine or chunk[:1]  # a process never gets an empty batch: it repeats one example
+
+    def get(self, j: int) -> dict:
+        return self.collate([self.examples[i] for i in self.indices(j)])
+
+    def epoch_of(self, j: int) -> float:
+        return j / self.per_epoch
+
+
+def eval_batches(examples: list[dict], batch_size: int, collate, rank: int = 0,
+                 world_size: int = 1):
+    """Evaluation batches in order, this process's share."""
+    mine = examples[rank::world_size]
+    for start in range(0, len(mine), batch_size):
+        yield collate(mine[start:start + batch_size])

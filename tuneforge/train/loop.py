@@ -1,0 +1,225 @@
+"""The one training loop, on accelerate. Readable top to bottom: build the optimizer and the
+schedule, maybe resume, then for each optimizer step run `gradient_accumulation_steps`
+micro-batches whose loss is normalised by the number of label tokens in the whole step (so
+accumulation equals one big batch), clip, step, log, evaluate, checkpoint."""
+
+from __future__ import annotations
+
+import inspect
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from . import checkpoint as ckpt
+from .batches import MicroBatchStream, eval_batches
+from .reporting import Reporter
+
+IGNORE = -100
+
+
+def build_optimizer(model, args) -> torch.optim.Optimizer:
+    """AdamW; as transformers' Trainer, no weight decay on biases and norm weights (1-D)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": args.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+def token_loss_sum(model, batch: dict, sparse_logits: bool) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropies over labelled positions, and their count. With
+    `sparse_logits` the output head only runs at positions some row has a label for."""
+    labels = batch["labels"][:, 1:]
+    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if sparse_logits:
+        positions = (labels != IGNORE).any(dim=0).nonzero().squeeze(-1)
+        logits = model(**kwargs, logits_to_keep=positions).logits
+        labels = labels[:, positions]
+    else:
+        logits = model(**kwargs).logits[:, :-1]
+    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
+                           ignore_index=IGNORE, reduction="sum")
+    return loss, int((labels != IGNORE).sum())
+
+
+def count_steps(n_micro_batches_per_epoch: int, args) -> int:
+    if args.max_steps > 0:
+        return args.max_steps
+    return max(1, math.ceil(n_micro_batches_per_epoch * args.num_train_epochs
+                            / args.gradient_accumulation_steps))
+
+
+def mixed_precision(args, device_type: str, bf16_fast: bool) -> str:
+    if args.fp16 and device_type == "cuda":
+        return "fp16"
+    wants_bf16 = bf16_fast if args.bf16 is None else args.bf16
+    return "bf16" if wants_bf16 and bf16_fast else "no"
+
+
+class TrainingRun:
+    def __init__(self, cfg, model, train_examples, eval_examples, collate, setup,
+                 accelerator: Accelerator, resume_from: Path | None):
+        self.cfg, self.args = cfg, cfg.train
+        self.acc = accelerator
+        self.setup = setup
+        self.collate = collate
+        self.eval_examples = eval_examples or []
+        self.output_dir = Path(self.args.output_dir)
+        self.stream = MicroBatchStream(train_examples, self.args.per_device_train_batch_size,
+                                       collate, self.args.seed, accelerator.process_index,
+                                       accelerator.num_processes)
+        self.total_steps = count_steps(self.stream.per_epoch, self.args)
+        warmup = self.args.warmup_steps or math.ceil(self.args.warmup_ratio * self.total_steps)
+        optimizer = build_optimizer(model, self.args)
+        self.scheduler = get_scheduler(self.args.lr_scheduler_type, optimizer,
+                                       num_warmup_steps=warmup, num_training_steps=self.total_steps)
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        self.sparse_logits = _accepts_logits_to_keep(accelerator.unwrap_model(self.model))
+        self.state = ckpt.TrainerState(total_steps=self.total_steps, seed=self.args.seed)
+        self.resume_from = resume_from
+
+    # -- pieces -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.model.eval()
+        total = torch.zeros(2, device=self.acc.device, dtype=torch.float64)
+        for batch in eval_batches(self.eval_examples, self.args.per_device_eval_batch_size,
+                                  self.collate, self.acc.process_index, self.acc.num_processes):
+            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+            with self.acc.autocast():
+                loss_sum, n = token_loss_sum(self.model, batch, self.sparse_logits)
+            total += torch.tensor([loss_sum.item(), n], device=self.acc.device, dtype=torch.float64)
+        total = self.acc.reduce(total, "sum")
+        self.model.train()
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def train_step(self) -> tuple[float, int, int]:
+        """One optimizer step; returns (mean token loss, label tokens, real tokens)."""
+        gas = self.args.gradient_accumulation_steps
+        first = self.state.micro_batches_seen
+        micro = [{k: v.to(self.acc.device) for k, v in self.stream.get(j).items()}
+                 for j in range(first, first + gas)]
+        local = torch.tensor(sum(int((m["labels"][:, 1:] != IGNORE).sum()) for m in micro),
+                             device=self.acc.device)
+        step_tokens = int(self.acc.reduce(local, "sum"))
+        # gradients are averaged over processes by DDP, so scale by world size
+        scale = self.acc.num_processes / max(step_tokens, 1)
+        loss_total = 0.0
+        for i, batch in enumerate(micro):
+            sync = nullcontext() if i == gas - 1 else self.acc.no_sync(self.model)
+            with sync, self.acc.autocast():
+                loss_sum, _ = token_loss_sum(self.model, batch, self.sparse_logits)
+                self.acc.backward(loss_sum * scale)
+            loss_total += loss_sum.item()
+        self.grad_norm = None
+        if self.args.max_grad_norm > 0:
+            norm = self.acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
+            self.grad_norm = float(norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.micro_batches_seen += gas
+        self.state.global_step += 1
+        self.state.epoch = self.stream.epoch_of(self.state.micro_batches_seen)
+        loss_global = float(self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), "sum"))
+        real = sum(int(m["attention_mask"].sum()) for m in micro)
+        return loss_global / max(step_tokens, 1), step_tokens, real
+
+    def save_checkpoint(self) -> None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            model = self.acc.unwrap_model(self.model)
+            writer = (lambda d: self.setup.save_in_checkpoint(model, d)) \
+                if self.setup.save_in_checkpoint else None
+            ckpt.save_checkpoint(self.output_dir, self.state, model, self.optimizer, self.scheduler,
+                                 extra_writer=writer, total_limit=self.args.save_total_limit,
+                                 weights_only=self.args.save_only_model)
+        self.acc.wait_for_everyone()
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self) -> dict:
+        args, acc = self.args, self.acc
+        has_eval = bool(self.eval_examples)
+        results: dict = {}
+        if self.resume_from is not None:
+            self.state = ckpt.load_checkpoint(self.resume_from, acc.unwrap_model(self.model),
+                                              self.optimizer, self.scheduler)
+            self.state.total_steps = self.total_steps
+        reporter = Reporter(self.output_dir, self.total_steps, self.state.global_step,
+                            enabled=acc.is_main_process, show_progress=not args.disable_tqdm,
+                            tensorboard_dir=self._tensorboard_dir())
+        if self.resume_from is not None:
+            reporter.message(f"resumed from {self.resume_from} at step {self.state.global_step}")
+        elif has_eval and args.eval_on_start:
+            results["eval_loss_before"] = self.evaluate()
+            reporter.message(f"eval_loss before training: {results['eval_loss_before']:.4f}")
+            reporter.log_eval(0, results["eval_loss_before"], 0.0)
+
+        self.model.train()
+        window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
+        start_step, started = self.state.global_step, time.perf_counter()
+        while self.state.global_step < self.total_steps:
+            loss, tokens, real = self.train_step()
+            step = self.state.global_step
+            window_loss += loss * tokens
+            window_tokens += tokens
+            window_real += real
+            reporter.step(step)
+            if step % args.logging_steps == 0 or step == self.total_steps:
+                seconds = time.perf_counter() - window_start
+                reporter.log_train(step, window_loss / max(window_tokens, 1),
+                                   self.scheduler.get_last_lr()[0], self.state.epoch,
+                                   self.grad_norm, acc.num_processes * window_real / max(seconds, 1e-9))
+                window_loss, window_tokens, window_real = 0.0, 0, 0
+                window_start = time.perf_counter()
+            if (has_eval and args.eval_strategy == "steps" and args.eval_steps
+                    and step % args.eval_steps == 0 and step < self.total_steps):
+                eval_loss = self.evaluate()
+                reporter.log_eval(step, eval_loss, self.state.epoch)
+                reporter.message(f"step {step}: eval_loss {eval_loss:.4f}")
+            if args.save_strategy == "steps" and step % args.save_steps == 0 \
+                    and step < self.total_steps:
+                self.save_checkpoint()
+
+        runtime = time.perf_counter() - started
+        if has_eval:
+            results["eval_loss"] = self.evaluate()
+            results["perplexity"] = math.exp(min(results["eval_loss"], 50))
+            reporter.log_eval(self.state.global_step, results["eval_loss"], self.state.epoch)
+            reporter.message(f"eval_loss after training: {results['eval_loss']:.4f}")
+        if args.save_strategy == "steps":
+            self.save_checkpoint()  # the last step is always resumable / inspectable
+        reporter.close()
+        logged = [e["loss"] for e in _read_train_losses(self.output_dir)] if acc.is_main_process else []
+        results.update({
+            "train_loss": sum(logged) / len(logged) if logged else None,
+            "train_runtime": round(runtime, 3),
+            "train_steps_per_second": round((self.state.global_step - start_step) / max(runtime, 1e-9), 4),
+            "global_step": self.state.global_step,
+            "epoch": round(self.state.epoch, 4),
+        })
+        return results
+
+    def _tensorboard_dir(self) -> str | None:
+        if self.args.report_to in ("tensorboard", "all"):
+            return self.args.logging_dir or str(self.output_dir / "runs")
+        return None
+
+
+def _read_train_losses(output_dir: Path) -> list[dict]:
+    from .reporting import read_log
+
+    return [e for e in read_log(output_dir) if "loss" in e]

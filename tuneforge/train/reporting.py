@@ -1,0 +1,112 @@
+"""Where training progress goes: a progress bar, trainer_log.jsonl, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+LOG_FILE = "trainer_log.jsonl"
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def read_log(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / LOG_FILE
+    if not path.is_file():
+        return []
+    entries = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # the tail of a killed run's last line
+    return entries
+
+
+class Reporter:
+    """One object the loop talks to; each sink is optional."""
+
+    def __init__(self, output_dir: str | Path, total_steps: int, start_step: int,
+                 enabled: bool = True, show_progress: bool = True, tensorboard_dir: str | None = None):
+        self.output_dir = Path(output_dir)
+        self.total_steps = total_steps
+        self.start_step = start_step
+        self.enabled = enabled  # False on non-main processes
+        self.started = time.perf_counter()
+        self.bar = None
+        self.writer = None
+        if not enabled:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_log_after(start_step)
+        if show_progress:
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_step or None)
+
+    def _truncate_log_after(self, step: int) -> None:
+        """A resumed run rewrites the steps after its checkpoint, so drop the old ones."""
+        path = self.output_dir / LOG_FILE
+        kept = [e for e in read_log(self.output_dir) if e.get("current_steps", 0) <= step]
+        if path.exists() or kept:
+            path.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
+
+    def _timing(self, step: int) -> dict:
+        elapsed = time.perf_counter() - self.started
+        done = max(step - self.start_step, 1e-9)
+        remaining = elapsed / done * (self.total_steps - step)
+        return {"elapsed_time": _fmt_seconds(elapsed), "remaining_time": _fmt_seconds(remaining)}
+
+    def _write(self, entry: dict) -> None:
+        with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def step(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+
+    def log_train(self, step: int, loss: float, lr: float, epoch: float, grad_norm: float | None,
+                  tokens_per_second: float) -> None:
+        if not self.enabled:
+            return
+        entry = {"current_steps": step, "total_steps": self.total_steps, "loss": round(loss, 6),
+                 "lr": lr, "epoch": round(epoch, 4),
+                 "percentage": round(100 * step / self.total_steps, 2),
+                 "grad_norm": None if grad_norm is None else round(grad_norm, 6),
+                 "tokens_per_second": round(tokens_per_second, 2), **self._timing(step)}
+        self._write(entry)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_second:.0f}")
+        if self.writer is not None:
+            self.writer.add_scalar("train/loss", loss, step)
+            self.writer.add_scalar("train/learning_rate", lr, step)
+            self.writer.add_scalar("train/tokens_per_second", tokens_per_second, step)
+            if grad_norm is not None:
+                self.writer.add_scalar("train/grad_norm", grad_norm, step)
+
+    def log_eval(self, step: int, eval_loss: float, epoch: float) -> None:
+        if not self.enabled:
+            return
+        self._write({"current_steps": step, "total_steps": self.total_steps,
+                     "eval_loss": round(eval_loss, 6), "epoch": round(epoch, 4),
+                     "percentage": round(100 * step / self.total_steps, 2), **self._timing(step)})
+        if self.writer is not None:
+            self.writer.add_scalar("eval/loss", eval_loss, step)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(text)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
