@@ -1,0 +1,123 @@
+"""load_datasets: registry names -> tokenized train (and eval) examples, ready for a collator."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from tuneforge.errors import ConfigError, DataError
+
+from .encode import IGNORE_INDEX, encode_conversations
+from .formats import Conversation, fill_placeholders, to_conversations
+from .readers import read_records
+from .registry import get_entry, load_registry, resolve_dataset_dir
+from .templates import apply_template
+
+logger = logging.getLogger(__name__)
+_PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
+
+
+@dataclass
+class DatasetSplits:
+    train: list[dict]
+    eval: list[dict] | None = None
+
+
+def load_datasets(data_args, tokenizer, seed: int = 42) -> DatasetSplits:
+    """Read, convert, tokenize, mix and split the datasets named in `data_args`.
+
+    Each example is {"input_ids": [...], "labels": [...]} (labels -100 where no loss is taken).
+    Sets the chat template on the tokenizer (see `apply_template`).
+    """
+    names = _names(getattr(data_args, "dataset", None))
+    if not names:
+        raise DataError("no dataset given: set dataset: to one or more names from dataset_info.json, e.g. identity")
+    eval_names = _names(getattr(data_args, "eval_dataset", None))
+    val_size = getattr(data_args, "val_size", 0) or 0
+    if eval_names and val_size:
+        raise ConfigError("set either eval_dataset or val_size, not both")
+    dataset_dir = resolve_dataset_dir(getattr(data_args, "dataset_dir", None))
+    registry = load_registry(dataset_dir)
+    apply_template(tokenizer, getattr(data_args, "template", None))
+
+    def load(group: list[str]) -> list[dict]:
+        conversations = []
+        for name in group:
+            conversations += _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None))
+        return _tokenize(conversations, group, data_args, tokenizer)
+
+    train = load(names)
+    random.Random(seed).shuffle(train)  # mixes several datasets, and makes the val_size split random
+    if eval_names:
+        return DatasetSplits(train, load(eval_names))
+    if val_size:
+        return _split(train, val_size)
+    return DatasetSplits(train, None)
+
+
+def _names(value) -> list[str]:
+    if isinstance(value, (list, tuple)):
+        value = ",".join(value)
+    return [name.strip() for name in str(value or "").split(",") if name.strip()]
+
+
+def _read_dataset(dataset_dir: Path, registry: dict, name: str, max_samples: int | None) -> list[Conversation]:
+    entry = get_entry(dataset_dir, registry, name)
+    records = read_records(entry, max_samples)
+    if not records:
+        raise DataError(f"dataset {name!r} ({entry.path}) has no records; add some or pick another dataset")
+    conversations = to_conversations(entry, records)
+    if not conversations:
+        raise DataError(
+            f"dataset {name!r} ({entry.path}): none of its {len(records)} records is a usable conversation "
+            "(a user turn followed by a non-empty assistant reply); check the columns/tags in dataset_info.json"
+        )
+    return conversations
+
+
+def _tokenize(conversations: list[Conversation], names: list[str], data_args, tokenizer) -> list[dict]:
+    fill_placeholders(conversations, getattr(data_args, "placeholders", None))
+    _warn_unfilled(conversations)
+    cutoff_len = getattr(data_args, "cutoff_len", 2048)
+    examples = encode_conversations(
+        tokenizer,
+        conversations,
+        cutoff_len=cutoff_len,
+        train_on_prompt=getattr(data_args, "train_on_prompt", False),
+        mask_history=getattr(data_args, "mask_history", False),
+    )
+    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
+    if not kept:
+        raise DataError(
+            f"dataset {','.join(names)}: no example keeps any reply token within cutoff_len={cutoff_len}; "
+            "raise cutoff_len"
+        )
+    if len(kept) < len(examples):
+        logger.warning("dropped %d examples with no reply token left within cutoff_len=%d",
+                       len(examples) - len(kept), cutoff_len)
+    return kept
+
+
+def _warn_unfilled(conversations: list[Conversation]) -> None:
+    keys = sorted({key for c in conversations for m in c.messages for key in _PLACEHOLDER.findall(m["content"])})
+    if keys:
+        wanted = ", ".join(f"{key}: ..." for key in keys)
+        logger.warning("the data holds placeholders %s with no value; set placeholders: {%s}",
+                       ", ".join("{{" + key + "}}" for key in keys), wanted)
+
+
+def _split(examples: list[dict], val_size: float) -> DatasetSplits:
+    """Hold out val_size examples (a fraction below 1, a count from 1) of the shuffled examples."""
+    if val_size < 0:
+        raise ConfigError(f"val_size must be >= 0; got {val_size}")
+    count = math.ceil(len(examples) * val_size) if val_size < 1 else int(val_size)
+    if count >= len(examples):
+        raise DataError(
+            f"val_size={val_size} holds out {count} of {len(examples)} examples and leaves none to train on; "
+            "lower val_size"
+        )
+    return DatasetSplits(examples[count:], examples[:count])
