@@ -142,12 +142,16 @@ def bf16_is_fast(device: torch.device | str = "cpu") -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        try:
-            flags = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
+        flags = _cpu_flags()
         return "avx512_bf16" in flags or "amx_bf16" in flags
     return False
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False):

@@ -17,7 +17,6 @@ log = logging.getLogger("tuneforge")
 
 def train(cfg: Config) -> dict:
     """Fine-tune as configured; returns the metrics also written to train_results.json."""
-    from accelerate import Accelerator
     from transformers import set_seed
 
     from .data import PaddingCollator, apply_template, load_datasets
@@ -39,7 +38,7 @@ def train(cfg: Config) -> dict:
     precision = mixed_precision(args, device_type, bf16_is_fast(device_type))
     if args.bf16 and precision != "bf16":
         log.warning("bf16 requested but this %s has no fast bf16; training in fp32", device_type)
-    accelerator = Accelerator(mixed_precision=precision)
+    accelerator = _accelerator(precision)
     set_seed(args.seed)
 
     # everything that can fail on bad input happens before output_dir is touched
@@ -76,6 +75,18 @@ def train(cfg: Config) -> dict:
         log.info("saved to %s", out)
     accelerator.end_training()
     return results
+
+
+def _accelerator(precision: str):
+    """accelerate keeps one process-wide state; a second train() in the same (single-device)
+    process, e.g. from a notebook, may ask for another precision, so start that state afresh."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, DistributedType
+
+    if AcceleratorState._shared_state and hasattr(AcceleratorState, "_reset_state"):
+        if AcceleratorState().distributed_type == DistributedType.NO:
+            AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=precision)
 
 
 def chat_model(cfg: Config):

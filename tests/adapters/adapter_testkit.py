@@ -1,0 +1,89 @@
+"""Tiny transformers models from configs (fixed seeds) and helpers shared by tests/adapters."""
+
+from __future__ import annotations
+
+import torch
+
+VOCAB = 256
+
+
+def make_model(kind: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
+    """A fresh tiny model; the same (kind, seed) always gives the same weights."""
+    from transformers import (
+        GPT2Config,
+        GPT2LMHeadModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    torch.manual_seed(seed)
+    if kind == "llama":
+        cfg = LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, **overrides,
+        )  # fmt: skip
+        model = LlamaForCausalLM(cfg)
+    elif kind == "qwen2":  # q/k/v projections carry biases
+        cfg = Qwen2Config(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=VOCAB, **overrides,
+        )  # fmt: skip
+        model = Qwen2ForCausalLM(cfg)
+        with torch.no_grad():  # random (non-zero) biases so that bias training shows up
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_(std=0.1)
+    elif kind == "gpt2":  # transformers' Conv1D layers
+        cfg = GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+            bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **overrides,
+        )  # fmt: skip
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+def tokens(seed: int = 1, batch: int = 2, length: int = 9) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=g)
+
+
+def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def train_steps(model: torch.nn.Module, steps: int = 3, lr: float = 1e-2, opt: str = "adamw") -> None:
+    """A few optimizer steps on the trainable parameters (random tokens, LM loss)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params, "nothing to train"
+    optim = torch.optim.AdamW(params, lr=lr) if opt == "adamw" else torch.optim.SGD(params, lr=lr)
+    model.train()
+    for step in range(steps):
+        ids = tokens(seed=100 + step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optim.step()
+        optim.zero_grad()
+    model.eval()
+
+
+def peft_lora_modules(peft_model) -> dict[str, torch.nn.Module]:
+    """peft's LoRA layers by base-model module name."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    return {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+
+
+def copy_ours_to_peft(ours: torch.nn.Module, peft_model, name: str = "default", peft_name: str = "default") -> None:
+    from tuneforge.adapters.core import lora_layers
+
+    theirs = peft_lora_modules(peft_model)
+    with torch.no_grad():
+        for path, layer in lora_layers(ours, name):
+            theirs[path].lora_A[peft_name].weight.copy_(layer.lora_A[name])
+            theirs[path].lora_B[peft_name].weight.copy_(layer.lora_B[name])

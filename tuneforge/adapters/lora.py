@@ -1,0 +1,265 @@
+"""LoRA layers: `y = base(x) + scaling * (dropout(x) @ A.T) @ B.T`, summed over active adapters.
+
+A LoRA layer is the base module itself with its class swapped to a subclass (`LoraLinear` for
+`nn.Linear`, `LoraConv1D` for transformers' `Conv1D`). The module keeps its own `weight` / `bias`,
+so the base's state_dict keys do not change; each adapter adds two fp32 parameters beside them,
+`<module>.lora_A.<adapter>` (r, in) and `<module>.lora_B.<adapter>` (out, r). Unloading swaps the
+class back. Maths and initialisation follow peft exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tuneforge.errors import ConfigError, ModelError
+
+# per-instance attributes a LoRA layer adds (removed again by `strip`)
+_STATE_ATTRS = (
+    "lora_r",
+    "lora_alpha",
+    "lora_scaling",
+    "lora_dropout",
+    "lora_active",
+    "lora_merged",
+    "lora_disabled",
+    "_lora_run",
+    "_lora_base_class",
+)
+
+
+class LoraLayer:
+    """Mixin placed before the base class (`class LoraLinear(LoraLayer, nn.Linear)`).
+
+    Subclasses say how the base stores its weight (`fan_in_fan_out`) and may allow the in-place
+    fused add (`inplace_add`) when the base output is never saved for backward.
+    """
+
+    fan_in_fan_out = False
+    inplace_add = False
+
+    lora_A: nn.ParameterDict
+    lora_B: nn.ParameterDict
+
+    # ---- life cycle -------------------------------------------------------------------------
+    def lora_setup(self, base_class: type) -> None:
+        self._lora_base_class = base_class
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.lora_scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.lora_active: tuple[str, ...] = ()
+        self.lora_merged: list[str] = []
+        self.lora_disabled = False
+        self._lora_run: tuple[str, ...] = ()
+
+    def strip(self) -> None:
+        """Remove every adapter and turn the module back into its base class (weights untouched)."""
+        del self.lora_A
+        del self.lora_B
+        base = self._lora_base_class
+        for attr in _STATE_ATTRS:
+            self.__dict__.pop(attr, None)
+        self.__class__ = base
+
+    def in_out_features(self) -> tuple[int, int]:
+        w = self.weight
+        return (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+
+    def add_lora(
+        self,
+        name: str,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        init: bool | str,
+    ) -> None:
+        in_f, out_f = self.in_out_features()
+        device = self.weight.device
+        if device.type == "meta":
+            raise ConfigError(f"cannot add LoRA to a module whose weight is on the meta device ({self!r})")
+        A = torch.empty(r, in_f, dtype=torch.float32, device=device)
+        B = torch.empty(out_f, r, dtype=torch.float32, device=device)
+        init_lora(A, B, r, init)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.lora_r[name] = r
+        self.lora_alpha[name] = alpha
+        self.lora_scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout[name] = float(dropout)
+        self._lora_refresh()
+
+    def delete_lora(self, name: str) -> None:
+        if name in self.lora_merged:
+            self.unmerge_lora([name])
+        del self.lora_A[name]
+        del self.lora_B[name]
+        for d in (self.lora_r, self.lora_alpha, self.lora_scaling, self.lora_dropout):
+            d.pop(name, None)
+        self.lora_active = tuple(n for n in self.lora_active if n != name)
+        self._lora_refresh()
+
+    def adapter_names(self) -> list[str]:
+        return list(self.lora_A.keys())
+
+    def peft_tensors(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter `name`'s parameters under peft's key suffixes (relative to this module).
+
+        The file format asks the layer, so a layer type with other tensors (Embedding's
+        `lora_embedding_A`, DoRA's `lora_magnitude_vector`) only overrides this method.
+        """
+        return {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
+
+    def set_active(self, names: tuple[str, ...] | list[str]) -> None:
+        self.lora_active = tuple(n for n in names if n in self.lora_A)
+        self._lora_refresh()
+
+    def _lora_refresh(self) -> None:
+        # adapters the forward must add: active and not already merged into the weight
+        self._lora_run = tuple(n for n in self.lora_active if n not in self.lora_merged)
+
+    # ---- merge -----------------------------------------------------------------------------------
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """`scaling * B @ A` in fp32, laid out like `self.weight`."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        delta = (B.detach().float() @ A.detach().float()) * self.lora_scaling[name]
+        return delta.T if self.fan_in_fan_out else delta
+
+    @torch.no_grad()
+    def merge_is_finite(self, names: list[str]) -> bool:
+        todo = [n for n in names if n in self.lora_A and n not in self.lora_merged]
+        new = self.weight.detach().float()
+        for n in todo:
+            new = new + self.delta_weight(n).to(new.device)
+        return bool(torch.isfinite(new).all())
+
+    @torch.no_grad()
+    def merge_lora(self, names: list[str], safe_merge: bool = False) -> list[str]:
+        """Add the named adapters into `weight`; returns those merged (already merged ones are skipped)."""
+        todo = [n for n in names if n in self.lora_A and n not in self.lora_merged]
+        if not todo:
+            return []
+        w = self.weight
+        new = w.detach().float()
+        for n in todo:
+            new = new + self.delta_weight(n).to(new.device)
+        if safe_merge and not torch.isfinite(new).all():
+            raise ModelError(f"merging adapters {todo} would put NaN/inf into {self._get_name()}.weight")
+        w.copy_(new.to(w.dtype))
+        self.lora_merged.extend(todo)
+        self._lora_refresh()
+        return todo
+
+    @torch.no_grad()
+    def unmerge_lora(self, names: list[str] | None = None) -> list[str]:
+        """Subtract merged adapters (all of them by default, newest first) from `weight`."""
+        todo = [n for n in reversed(self.lora_merged) if names is None or n in names]
+        if not todo:
+            return []
+        w = self.weight
+        new = w.detach().float()
+        for n in todo:
+            new = new - self.delta_weight(n).to(new.device)
+        w.copy_(new.to(w.dtype))
+        self.lora_merged = [n for n in self.lora_merged if n not in todo]
+        self._lora_refresh()
+        return todo
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        out = super().forward(x, *args, **kwargs)
+        if self.lora_disabled or not self._lora_run:
+            return out
+        return self._add_lora(x, out)
+
+    def _add_lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out_shape = out.shape
+        acc = out.reshape(-1, out_shape[-1])
+        # peft adds in the adapter dtype (fp32), then casts back to the base output dtype
+        adapter_dtype = self.lora_A[self._lora_run[0]].dtype
+        # write into the base output in place only without autograd (inference, generation): with
+        # autograd, an in-place add on a view costs a CopySlices node and buys nothing
+        owned = self.inplace_add and not torch.is_grad_enabled()
+        if acc.dtype != adapter_dtype:
+            acc, owned = acc.to(adapter_dtype), True
+        x2 = x.reshape(-1, x.shape[-1])
+        for name in self._lora_run:
+            A, B = self.lora_A[name], self.lora_B[name]
+            h = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
+            p = self.lora_dropout[name]
+            if p > 0.0:
+                h = F.dropout(h, p=p, training=self.training)
+            t = h @ A.t()
+            s = self.lora_scaling[name]
+            if B.dtype != acc.dtype:  # adapters cast to different dtypes by the user
+                acc = acc + ((t @ B.t()) * s).to(acc.dtype)
+            elif owned:
+                acc = acc.addmm_(t, B.t(), alpha=s)
+            else:
+                acc = torch.addmm(acc, t, B.t(), alpha=s)
+            owned = True
+        if acc.dtype != out.dtype:
+            acc = acc.to(out.dtype)
+        return acc.view(out_shape)
+
+    def extra_repr(self) -> str:
+        base = super().extra_repr()
+        parts = [f"{n}: r={self.lora_r[n]}, scaling={self.lora_scaling[n]:g}" for n in self.lora_A.keys()]
+        state = []
+        if self.lora_merged:
+            state.append(f"merged={self.lora_merged}")
+        if self.lora_disabled:
+            state.append("disabled")
+        return f"{base}, lora=[{'; '.join(parts)}]" + (f", {', '.join(state)}" if state else "")
+
+
+def init_lora(A: torch.Tensor, B: torch.Tensor, r: int, init: bool | str) -> None:
+    """peft's initialisations (A: (r, in), B: (out, r))."""
+    with torch.no_grad():
+        if init is True:
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.zeros_(B)
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1 / r)
+            nn.init.zeros_(B)
+        elif init is False:
+            # peft leaves both nn.Linear default inits: kaiming_uniform(a=sqrt(5)) for A and B
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+        else:
+            raise ConfigError(f"init_lora_weights={init!r} is not supported yet")
+
+
+class LoraLinear(LoraLayer, nn.Linear):
+    """`nn.Linear` with LoRA adapters (F.linear's output is fresh, so it may be added to in place)."""
+
+    inplace_add = True
+
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+Conv1D = _conv1d_class()
+
+if Conv1D is not None:
+
+    class LoraConv1D(LoraLayer, Conv1D):
+        """transformers' `Conv1D` (GPT-2): weight stored as (in, out), hence fan_in_fan_out."""
+
+        fan_in_fan_out = True
+        inplace_add = True
+
+else:  # pragma: no cover - transformers is a hard dependency of tuneforge, but not of this file
+    LoraConv1D = None  # type: ignore[assignment,misc]

@@ -1,0 +1,313 @@
+"""peft's adapter files: `adapter_config.json` + `adapter_model.safetensors`.
+
+On disk (as peft writes them, no adapter name in the keys):
+  base_model.model.<module>.lora_A.weight      (r, in)      our <module>.lora_A.<adapter>
+  base_model.model.<module>.lora_B.weight      (out, r)     our <module>.lora_B.<adapter>
+  base_model.model.<module>.base_layer.bias    bias of an adapted module (bias='all'/'lora_only')
+  base_model.model.<module>.bias               bias of another module (bias='all')
+  base_model.model.<module>.<param>            modules_to_save copy (ours: <module>.modules_to_save.<adapter>.<param>)
+This is the only file that knows peft's key layout.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tuneforge.errors import ConfigError, ModelError
+
+from .config import ALL_LINEAR, LoraConfig
+from .core import (
+    add_adapter,
+    delete_adapter,
+    get_state,
+    lora_layers,
+    require_state,
+    saved_modules,
+    set_active_adapters,
+    set_trainable,
+)
+from .targets import candidate_modules, minimal_suffixes
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+LEGACY_WEIGHTS_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+_OUR_FIELDS = (
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save", "bias",
+    "use_rslora", "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
+    "rank_pattern", "alpha_pattern",
+)  # fmt: skip
+# peft fields that never change what a loaded adapter computes
+_HARMLESS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
+}  # fmt: skip
+# peft fields that change the maths; any non-empty value is refused until tuneforge implements it
+_UNSUPPORTED = (
+    "use_dora", "lora_bias", "layer_replication", "use_qalora", "alora_invocation_tokens", "arrow_config",
+    "velora_config", "monteclora_config", "kasa_config", "use_bdlora", "trainable_token_indices",
+    "target_parameters", "modules_to_tie", "target_modules_to_tie",
+)  # fmt: skip
+# tensor names of peft features not implemented yet (a file holding them cannot be computed)
+_UNSUPPORTED_KEYS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", ".lora_B.bias", "lora_E")
+# inits that only decide the starting A/B (overwritten by the loaded weights); others alter the base
+_LOAD_SAFE_INITS = (True, False, "gaussian", "eva", "true", "false")
+
+
+# ---- config ---------------------------------------------------------------------------------------
+def config_to_peft(model: nn.Module, name: str, base_model_name_or_path: str | None) -> dict[str, Any]:
+    cfg: LoraConfig = require_state(model, name).configs[name]
+    layers = list(lora_layers(model, name))
+    targets = cfg.target_modules
+    if targets == ALL_LINEAR:  # write the resolved names, as peft does
+        targets = minimal_suffixes([p for p, _ in layers], [n for n, _ in candidate_modules(model)])
+    if base_model_name_or_path is None:
+        base_model_name_or_path = _name_or_path(model)
+    return {
+        "peft_type": "LORA",
+        "task_type": _task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": cfg.r,
+        "lora_alpha": cfg.lora_alpha,
+        "lora_dropout": cfg.lora_dropout,
+        "target_modules": targets,
+        "exclude_modules": cfg.exclude_modules,
+        "modules_to_save": cfg.modules_to_save,
+        "bias": cfg.bias,
+        "use_rslora": cfg.use_rslora,
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": cfg.init_lora_weights,
+        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
+        "layers_to_transform": cfg.layers_to_transform,
+        "layers_pattern": cfg.layers_pattern,
+        "rank_pattern": dict(cfg.rank_pattern),
+        "alpha_pattern": dict(cfg.alpha_pattern),
+        "layer_replication": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "loftq_config": {},
+    }
+
+
+def config_from_peft(raw: dict[str, Any], source: str = CONFIG_NAME) -> LoraConfig:
+    """Build a LoraConfig from peft's adapter_config.json; ModelError for what we cannot compute."""
+    if not isinstance(raw, dict):
+        raise ModelError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+    peft_type = raw.get("peft_type", "LORA")
+    if str(peft_type).upper() != "LORA":
+        raise ModelError(f"{source}: peft_type {peft_type!r} is not supported yet (tuneforge loads LORA adapters)")
+    for key in _UNSUPPORTED:
+        if _non_empty(raw.get(key)):
+            raise ModelError(f"{source}: {key}={raw[key]!r} is not supported yet; this adapter cannot be loaded")
+    init = raw.get("init_lora_weights", True)
+    if not any(init is s or (isinstance(s, str) and init == s) for s in _LOAD_SAFE_INITS):
+        raise ModelError(
+            f"{source}: init_lora_weights={init!r} is not supported yet (it changes the base weights); "
+            "save the adapter from peft with path_initial_model_for_weight_conversion to get a plain LoRA"
+        )
+    unknown = sorted(k for k in raw if k not in _OUR_FIELDS and k not in _HARMLESS and k not in _UNSUPPORTED)
+    ignored = [k for k in unknown if _non_empty(raw[k])]
+    if ignored:
+        warnings.warn(f"{source}: ignoring fields tuneforge does not know: {ignored}", stacklevel=3)
+    kwargs = {k: raw[k] for k in _OUR_FIELDS if k in raw and raw[k] is not None}
+    if kwargs.get("init_lora_weights") not in (True, False, "gaussian"):
+        kwargs["init_lora_weights"] = True
+    try:
+        return LoraConfig(**kwargs)
+    except ConfigError as e:
+        raise ModelError(f"{source}: {e}") from None
+
+
+def _non_empty(v: Any) -> bool:
+    return v not in (None, False, "", 0) and v != {} and v != []
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    path = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return path or None
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """peft's task_type for transformers generative models; None for anything else."""
+    try:
+        from transformers import GenerationMixin
+    except ImportError:
+        return None
+    if not isinstance(model, GenerationMixin):
+        return None
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return "CAUSAL_LM"
+
+
+# ---- save -----------------------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter `name` in peft's key layout, fp32 on CPU."""
+    st = require_state(model, name)
+    out: dict[str, torch.Tensor] = {}
+    adapted = set()
+    for path, m in lora_layers(model, name):
+        for suffix, t in m.peft_tensors(name).items():
+            out[f"{PREFIX}{path}.{suffix}"] = _to_file(t)
+        adapted.add(path)
+    params = dict(model.named_parameters())
+    for pn in st.biases.get(name, []):
+        owner = pn[: -len(".bias")] if pn.endswith(".bias") else ""
+        key = f"{owner}.base_layer.bias" if owner in adapted else pn
+        out[PREFIX + key] = _to_file(params[pn])
+    for path, m in saved_modules(model, name):
+        for k, t in m.modules_to_save[name].state_dict().items():
+            out[f"{PREFIX}{path}.{k}"] = _to_file(t)
+    return out
+
+
+def _to_file(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    if t.is_floating_point():
+        t = t.to(torch.float32)
+    return t.to("cpu", copy=True).contiguous()
+
+
+def save_adapter(
+    model: nn.Module, path: str | Path, name: str = "default", base_model_name_or_path: str | None = None
+) -> Path:
+    """Write adapter `name` to directory `path` in peft's format; returns the directory."""
+    from safetensors.torch import save_file
+
+    require_state(model, name)
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = config_to_peft(model, name, base_model_name_or_path)
+    save_file(adapter_state_dict(model, name), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+# ---- load -----------------------------------------------------------------------------------------
+def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:
+    """Read and check an adapter directory: (config, tensors without the 'base_model.model.' prefix, file)."""
+    directory = Path(path)
+    cfg_file = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise ModelError(f"adapter directory {str(directory)!r} does not exist")
+    if not cfg_file.is_file():
+        raise ModelError(f"{str(directory)!r} has no {CONFIG_NAME}; is it a peft/tuneforge adapter directory?")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{cfg_file}: cannot read JSON ({e})") from None
+    cfg = config_from_peft(raw, str(cfg_file))
+    weights = directory / WEIGHTS_NAME
+    try:
+        if weights.is_file():
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(weights))
+        elif (directory / LEGACY_WEIGHTS_NAME).is_file():
+            weights = directory / LEGACY_WEIGHTS_NAME
+            tensors = torch.load(weights, map_location="cpu", weights_only=True)
+        else:
+            raise ModelError(f"{str(directory)!r} has no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME})")
+    except ModelError:
+        raise
+    except Exception as e:  # corrupt or truncated file: safetensors / pickle raise various types
+        raise ModelError(f"{weights}: cannot read adapter weights ({type(e).__name__}: {e})") from None
+    tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
+    return cfg, tensors, weights
+
+
+def load_adapter(
+    model: nn.Module, path: str | Path, name: str = "default", is_trainable: bool = False
+) -> nn.Module:
+    """Load a peft-format adapter as `name` (injecting it unless it exists) and make it the active one."""
+    cfg, tensors, weights = read_adapter(path)
+    st = get_state(model)
+    existed = st is not None and name in st.configs
+    if not existed:
+        try:
+            add_adapter(model, cfg, name)
+        except ConfigError as e:
+            raise ModelError(f"adapter {str(path)!r} does not fit {type(model).__name__}: {e}") from None
+    try:
+        plan = _plan_copy(model, name, tensors, weights)
+    except ModelError:
+        if not existed:
+            delete_adapter(model, name)
+        raise
+    with torch.no_grad():
+        for dst, src in plan:
+            dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+    set_active_adapters(model, [name])
+    set_trainable(model, name, is_trainable)
+    return model
+
+
+def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path):
+    """(destination, source) pairs for every tensor in the file; ModelError for anything off."""
+    layer_keys: dict[str, tuple[torch.Tensor, str]] = {}
+    for path, layer in lora_layers(model, name):
+        for suffix, dst in layer.peft_tensors(name).items():
+            layer_keys[f"{path}.{suffix}"] = (dst, f" ({path}: r={layer.lora_r[name]})")
+    saved = dict(saved_modules(model, name))
+    params = dict(model.named_parameters())
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    unmatched: list[str] = []
+    seen: set[str] = set()
+
+    def add(key: str, dst: torch.Tensor, src: torch.Tensor, hint: str = "") -> None:
+        if tuple(src.shape) != tuple(dst.shape):
+            raise ModelError(
+                f"{source}: {PREFIX}{key} has shape {tuple(src.shape)} but the model expects "
+                f"{tuple(dst.shape)}{hint}; was the adapter trained for another base model or rank?"
+            )
+        plan.append((dst, src))
+
+    for key, src in tensors.items():
+        if key in layer_keys:
+            dst, hint = layer_keys[key]
+            add(key, dst, src, hint)
+            seen.add(key)
+            continue
+        feature = next((f for f in _UNSUPPORTED_KEYS if f in key), None)
+        if feature:
+            raise ModelError(f"{source}: {key} uses a LoRA feature not supported yet ({feature.strip('._')})")
+        owner = next((p for p in saved if key.startswith(p + ".")), None)
+        if owner is not None:
+            rest = key[len(owner) + 1 :].removeprefix("modules_to_save.")
+            twin = saved[owner].modules_to_save[name]
+            own = dict(twin.named_parameters()) | dict(twin.named_buffers())
+            if rest in own:
+                add(key, own[rest], src)
+                seen.add(f"{owner}.{rest}")
+                continue
+        bias = key.replace(".base_layer.bias", ".bias") if key.endswith(".base_layer.bias") else key
+        if bias.endswith(".bias") and bias in params:
+            add(key, params[bias], src)
+            continue
+        unmatched.append(key)
+    if unmatched:
+        raise ModelError(
+            f"{source}: {len(unmatched)} tensor(s) match no module of {type(model).__name__} adapted by "
+            f"{name!r}, e.g. {[PREFIX + k for k in unmatched[:4]]}"
+        )
+    expected = list(layer_keys)
+    for owner, m in saved.items():
+        expected += [f"{owner}.{k}" for k in m.modules_to_save[name].state_dict()]
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise ModelError(
+            f"{source}: {len(missing)} adapter tensor(s) are missing, e.g. {[PREFIX + k for k in missing[:4]]}; "
+            "the file does not match its adapter_config.json or this model"
+        )
+    return plan
