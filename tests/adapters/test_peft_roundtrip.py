@@ -101,3 +101,17 @@ def test_bf16_base_keeps_fp32_adapter_and_matches_peft(tmp_path):
     assert all(t.dtype == torch.float32 for t in load_file(str(tmp_path / "a" / "adapter_model.safetensors")).values())
     theirs = PeftModel.from_pretrained(make_model("llama").to(torch.bfloat16), str(tmp_path / "a")).eval()
     assert torch.equal(logits(theirs, ids), ours)
+
+
+def test_bf16_base_modules_to_save_copy_is_fp32(tmp_path):
+    model = make_model("llama").to(torch.bfloat16)
+    add_adapter(model, LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    assert model.lm_head.modules_to_save["default"].weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    train_steps(model, steps=1)
+    ids = tokens()
+    out = logits(model, ids)
+    assert out.dtype == torch.bfloat16
+    save_adapter(model, tmp_path / "a")
+    again = load_adapter(make_model("llama").to(torch.bfloat16), tmp_path / "a")
+    assert torch.equal(logits(again, ids), out)

@@ -34,6 +34,8 @@ class ModulesToSave:
 
     def add_copy(self, name: str) -> nn.Module:
         twin = plain_copy(self)
+        if any(p.dtype in (torch.float16, torch.bfloat16) for p in twin.parameters()):
+            twin.float()  # trained weights are fp32 on a half-precision base, like LoRA's
         twin.requires_grad_(True)
         self.modules_to_save[name] = twin
         return twin
@@ -75,8 +77,21 @@ class ModulesToSave:
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.mts_active is not None and not self.mts_disabled:
-            return self.modules_to_save[self.mts_active](*args, **kwargs)
+            return self._run_copy(self.modules_to_save[self.mts_active], args, kwargs)
         return super().forward(*args, **kwargs)
+
+    def _run_copy(self, twin: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """Run the copy in its own dtype; hand the result back in the dtype the original gives."""
+        mine = next((t for t in self.own_tensors().values() if t.is_floating_point()), None)
+        theirs = next((p for p in twin.parameters() if p.is_floating_point()), None)
+        if mine is None or theirs is None or mine.dtype == theirs.dtype:
+            return twin(*args, **kwargs)
+
+        def cast(v):
+            return v.to(theirs.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+
+        out = twin(*[cast(a) for a in args], **{k: cast(v) for k, v in kwargs.items()})
+        return out.to(mine.dtype) if torch.is_tensor(out) and out.is_floating_point() else out
 
 
 def plain_copy(module: nn.Module) -> nn.Module:
