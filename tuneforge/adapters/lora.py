@@ -180,6 +180,8 @@ class LoraLayer:
         return self._add_lora(x, out)
 
     def _add_lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            return self._add_lora_autocast(x, out)
         out_shape = out.shape
         acc = out.reshape(-1, out_shape[-1])
         # peft adds in the adapter dtype (fp32), then casts back to the base output dtype
@@ -208,6 +210,18 @@ class LoraLayer:
         if acc.dtype != out.dtype:
             acc = acc.to(out.dtype)
         return acc.view(out_shape)
+
+    def _add_lora_autocast(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Under autocast (bf16/fp16 mixed precision) the matmuls run in the autocast dtype, as
+        peft's nn.Linear-based adapters do; fused in-place ops are not autocast-aware."""
+        for name in self._lora_run:
+            h = x
+            p = self.lora_dropout[name]
+            if p > 0.0:
+                h = F.dropout(h, p=p, training=self.training)
+            delta = (h @ self.lora_A[name].t()) @ self.lora_B[name].t()
+            out = out + (delta * self.lora_scaling[name]).to(out.dtype)
+        return out
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
