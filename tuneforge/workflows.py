@@ -48,7 +48,7 @@ def train(cfg: Config) -> dict:
     splits = load_datasets(cfg.data, tokenizer, seed=args.seed)
     model, setup = prepare_model(model, tokenizer, cfg)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_activation_checkpointing(model)
     if accelerator.is_main_process:
         log.info("%s", describe(model))
         log.info("train examples: %d, eval examples: %d", len(splits.train),
@@ -75,6 +75,15 @@ def train(cfg: Config) -> dict:
         log.info("saved to %s", out)
     accelerator.end_training()
     return results
+
+
+def _enable_activation_checkpointing(model) -> None:
+    """Non-reentrant checkpointing: frozen embeddings (LoRA) then need no input-grad hook."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _accelerator(precision: str):

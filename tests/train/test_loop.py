@@ -138,3 +138,23 @@ def test_bf16_autocast_where_the_cpu_has_it(tiny_model_dir, tiny_data_dir, tmp_p
     results = train(tiny_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "bf16", bf16=True,
                              val_size=8, max_steps=12))
     assert results["eval_loss"] < results["eval_loss_before"]
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_model_dir, tiny_data_dir, tmp_path):
+    common = dict(max_steps=3, val_size=0, eval_on_start=False)
+    train(tiny_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "plain", **common))
+    train(tiny_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "ckpt", gradient_checkpointing=True,
+                   **common))
+    plain, ckpt = _adapter(tmp_path / "plain"), _adapter(tmp_path / "ckpt")
+    for key in plain:
+        torch.testing.assert_close(ckpt[key], plain[key], atol=1e-6, rtol=1e-5)
+
+
+def test_activation_checkpointing_is_switched_on(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.workflows import _enable_activation_checkpointing
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    _enable_activation_checkpointing(model)
+    assert model.is_gradient_checkpointing
