@@ -157,4 +157,4 @@ def test_activation_checkpointing_is_switched_on(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     _enable_activation_checkpointing(model)
-    assert model.is_gradient_checkpointing
+    assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
