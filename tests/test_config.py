@@ -75,6 +75,8 @@ def test_overrides_win_and_are_typed(tmp_path):
                              "output_dir=out/x"])
     assert cfg.finetune.lora_rank == 16 and cfg.train.learning_rate == 1e-4
     assert cfg.train.resume_from_checkpoint is True and cfg.data.dataset == "a,b"
+    cfg = load_config(None, ["save_strategy=no", "eval_strategy=no"])  # YAML reads `no` as false
+    assert cfg.train.save_strategy == "no" and cfg.train.eval_strategy == "no"
     cfg = load_config(None, ["resume_from_checkpoint=out/checkpoint-5"])
     assert cfg.train.resume_from_checkpoint == "out/checkpoint-5"
 

@@ -322,6 +322,8 @@ def build_config(values: dict) -> Config:
         if key not in known:
             raise _unknown_key(key, known)
         section, f = known[key]
+        if isinstance(value, bool) and "no" in f.metadata.get("choices", ()):
+            value = "no" if value is False else value  # YAML 1.1 reads `save_strategy: no` as false
         per_section[section][key] = _coerce(key, value, f.type)
     cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
     validate(cfg)
