@@ -95,7 +95,16 @@ def _accelerator(precision: str):
     if AcceleratorState._shared_state and hasattr(AcceleratorState, "_reset_state"):
         if AcceleratorState().distributed_type == DistributedType.NO:
             AcceleratorState._reset_state()
-    return Accelerator(mixed_precision=precision)
+    # cpu=True on machines without an accelerator: accelerate then sets up multi-process CPU
+    # training (gloo) under torchrun / `accelerate launch`, which it does not otherwise
+    return Accelerator(mixed_precision=precision, cpu=not _has_accelerator())
+
+
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    if probe is not None and hasattr(probe, "is_available"):
+        return probe.is_available()
+    return torch.cuda.is_available()
 
 
 def chat_model(cfg: Config):

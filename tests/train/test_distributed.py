@@ -1,0 +1,43 @@
+"""Two processes under torchrun (gloo on CPU) take the same step as one process with the
+combined batch: data is sharded, token counts are summed across ranks, DDP averages gradients."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import arithmetic_records, write_dataset
+
+# one SGD-like step (adam_epsilon=1) shows the gradient itself in the adapter weights
+STEP = ["max_steps=1", "learning_rate=1.0", "adam_epsilon=1.0", "lr_scheduler_type=constant",
+        "max_grad_norm=0", "bf16=false", "disable_tqdm=true", "cutoff_len=64", "lora_rank=4",
+        "gradient_accumulation_steps=2"]
+
+
+def test_two_processes_equal_one_with_the_combined_batch(tmp_path, tiny_model_dir):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.exists():
+        torchrun = shutil.which("torchrun")
+    assert torchrun, "torchrun comes with torch"
+    data = write_dataset(tmp_path / "data", "arith", arithmetic_records(40))
+    common = [f"model_name_or_path={tiny_model_dir}", "dataset=arith", f"dataset_dir={data}", *STEP]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([str(torchrun), "--nproc_per_node", "2", "-m", "tuneforge", "train",
+                          *common, f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=8"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "tuneforge", "train", *common,
+                          f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=16"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    a = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    assert max(v.abs().max().item() for k, v in b.items() if "lora_B" in k) > 1e-3
+    worst = max((a[k] - b[k]).abs().max().item() for k in b)
+    assert worst < 1e-6, worst
