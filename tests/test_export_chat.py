@@ -75,8 +75,8 @@ def test_export_refuses_a_folder_that_is_not_a_model(trained, tmp_path):
 
 def test_chat_prompt_answers_once(trained, capsys):
     base, adapter = trained
-    code = main(["chat", f"model_name_or_path={base}", "do_sample=false", "max_new_tokens=8",
-                 "infer_dtype=float32", "--adapter", str(adapter), "--prompt", "What is 3 plus 3?"])
+    code = main(["chat", f"model_name_or_path={base}", "do_sample=false", "--adapter", str(adapter),
+                 "--prompt", "What is 3 plus 3?", "max_new_tokens=8", "infer_dtype=float32"])
     assert code == 0
     expected = chat_model(chat_cfg(base, adapter, max_new_tokens=8)).answer(
         [{"role": "user", "content": "What is 3 plus 3?"}])
