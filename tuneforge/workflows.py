@@ -19,7 +19,7 @@ def train(cfg: Config) -> dict:
     """Fine-tune as configured; returns the metrics also written to train_results.json."""
     from transformers import set_seed
 
-    from .data import PaddingCollator, apply_template, load_datasets
+    from .data import PaddingCollator, load_datasets
     from .models import bf16_is_fast, load_model_and_tokenizer
     from .train import checkpoint as ckpt
     from .train.loop import TrainingRun, mixed_precision
@@ -44,8 +44,7 @@ def train(cfg: Config) -> dict:
     # everything that can fail on bad input happens before output_dir is touched
     load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype)
-    apply_template(tokenizer, cfg.data.template)
-    splits = load_datasets(cfg.data, tokenizer, seed=args.seed)
+    splits = load_datasets(cfg.data, tokenizer, seed=args.seed)  # also sets the chat template
     model, setup = prepare_model(model, tokenizer, cfg)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model)
