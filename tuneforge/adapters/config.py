@@ -38,6 +38,9 @@ class LoraConfig:
     """Which biases train with the adapter: 'none', 'all', or 'lora_only' (biases of adapted layers)."""
     use_rslora: bool = False
     """Rank-stabilised LoRA: scaling = lora_alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA): a trained magnitude per output row times the normalised
+    direction `W + scaling * B @ A`."""
     init_lora_weights: bool | str = True
     """True: A kaiming-uniform, B zeros (the adapter starts as a no-op); 'gaussian': A ~ N(0, 1/r),
     B zeros; False: A and B both random (for tests)."""
@@ -67,7 +70,7 @@ class LoraConfig:
             self.modules_to_save = _names_or_regex("modules_to_save", self.modules_to_save) or None
         if self.bias not in BIAS_MODES:
             raise ConfigError(f"bias must be one of {list(BIAS_MODES)}, got {self.bias!r}")
-        for key in ("use_rslora", "fan_in_fan_out"):
+        for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
         init = self.init_lora_weights

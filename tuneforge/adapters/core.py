@@ -112,7 +112,7 @@ def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.
             warned = True
         r = pattern_value(cfg.rank_pattern, path, cfg.r)
         alpha = pattern_value(cfg.alpha_pattern, path, cfg.lora_alpha)
-        module.add_lora(name, r, alpha, cfg.lora_dropout, cfg.use_rslora, cfg.init_lora_weights)
+        module.add_lora(name, r, alpha, cfg.lora_dropout, cfg.use_rslora, cfg.init_lora_weights, cfg.use_dora)
     for path, module in to_save:
         make_modules_to_save(module, path, model).add_copy(name)
 

@@ -80,21 +80,34 @@ class LoraLayer:
         dropout: float,
         use_rslora: bool,
         init: bool | str,
+        use_dora: bool = False,
     ) -> None:
-        in_f, out_f = self.in_out_features()
         device = self.weight.device
         if device.type == "meta":
             raise ConfigError(f"cannot add LoRA to a module whose weight is on the meta device ({self!r})")
-        A = torch.empty(r, in_f, dtype=torch.float32, device=device)
-        B = torch.empty(out_f, r, dtype=torch.float32, device=device)
-        init_lora(A, B, r, init)
+        A, B = self.new_lora_tensors(r, device)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.lora_r[name] = r
         self.lora_alpha[name] = alpha
         self.lora_scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout[name] = float(dropout)
+        # initialisation runs once A, B and the scaling exist: some inits (PiSSA, OLoRA) need them
+        self.init_lora_weights(name, init)
+        if use_dora:
+            raise ConfigError("use_dora is not supported yet")
         self._lora_refresh()
+
+    def new_lora_tensors(self, r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Uninitialised fp32 (A, B) for this layer type: (r, in) and (out, r) for linear layers."""
+        in_f, out_f = self.in_out_features()
+        A = torch.empty(r, in_f, dtype=torch.float32, device=device)
+        B = torch.empty(out_f, r, dtype=torch.float32, device=device)
+        return A, B
+
+    def init_lora_weights(self, name: str, init: bool | str) -> None:
+        """Fill adapter `name`'s A and B as peft does for this layer type."""
+        init_lora(self.lora_A[name].data, self.lora_B[name].data, self.lora_r[name], init)
 
     def delete_lora(self, name: str) -> None:
         if name in self.lora_merged:
@@ -177,22 +190,23 @@ class LoraLayer:
         out = super().forward(x, *args, **kwargs)
         if self.lora_disabled or not self._lora_run:
             return out
-        return self._add_lora(x, out)
+        return self._add_lora(x, out, self._lora_run)
 
-    def _add_lora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _add_lora(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        """`out` (the base output for input `x`) plus the deltas of adapters `names`."""
         if torch.is_autocast_enabled(x.device.type):
-            return self._add_lora_autocast(x, out)
+            return self._add_lora_autocast(x, out, names)
         out_shape = out.shape
         acc = out.reshape(-1, out_shape[-1])
         # peft adds in the adapter dtype (fp32), then casts back to the base output dtype
-        adapter_dtype = self.lora_A[self._lora_run[0]].dtype
+        adapter_dtype = self.lora_A[names[0]].dtype
         # write into the base output in place only without autograd (inference, generation): with
         # autograd, an in-place add on a view costs a CopySlices node and buys nothing
         owned = self.inplace_add and not torch.is_grad_enabled()
         if acc.dtype != adapter_dtype:
             acc, owned = acc.to(adapter_dtype), True
         x2 = x.reshape(-1, x.shape[-1])
-        for name in self._lora_run:
+        for name in names:
             A, B = self.lora_A[name], self.lora_B[name]
             h = x2 if x2.dtype == A.dtype else x2.to(A.dtype)
             p = self.lora_dropout[name]
@@ -211,10 +225,10 @@ class LoraLayer:
             acc = acc.to(out.dtype)
         return acc.view(out_shape)
 
-    def _add_lora_autocast(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _add_lora_autocast(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """Under autocast (bf16/fp16 mixed precision) the matmuls run in the autocast dtype, as
         peft's nn.Linear-based adapters do; fused in-place ops are not autocast-aware."""
-        for name in self._lora_run:
+        for name in names:
             h = x
             p = self.lora_dropout[name]
             if p > 0.0:
