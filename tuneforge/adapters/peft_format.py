@@ -291,6 +291,11 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
                 add(key, own[rest], src)
                 seen.add(f"{owner}.{rest}")
                 continue
+            if rest.startswith("original_module."):  # peft with bias='all' also saves the original's bias
+                mine = saved[owner].own_tensors()
+                if rest.removeprefix("original_module.") in mine:
+                    add(key, mine[rest.removeprefix("original_module.")], src)
+                    continue
         bias = key.replace(".base_layer.bias", ".bias") if key.endswith(".base_layer.bias") else key
         if bias.endswith(".bias") and bias in params:
             add(key, params[bias], src)
