@@ -2,7 +2,7 @@
 
 Models: tiny Llama, Qwen2 (q/k/v biases), GPT-2 (Conv1D), BERT for sequence classification
 (classifier in modules_to_save) and a small CNN. Configurations: LoRA, rsLoRA, DoRA, rank/alpha
-patterns, layers_to_transform, embedding LoRA, bias modes. For each pair:
+patterns, layers_to_transform, embedding LoRA (plain and DoRA), bias modes. For each pair:
 1. same weights -> same outputs and the same gradients as peft (compared in peft's file layout);
 2. tuneforge trains and saves -> peft loads -> same outputs;
 3. peft trains and saves -> tuneforge loads -> same outputs;
@@ -61,6 +61,8 @@ def build(kind: str, seed: int = 0) -> nn.Module:
     if kind == "cnn":
         torch.manual_seed(seed)
         return SmallCNN().eval()
+    if kind == "gpt2":  # untied: merging an embedding LoRA into a tied wte would change lm_head too
+        return make_model(kind, seed=seed, tie_word_embeddings=False)
     return make_model(kind, seed=seed)
 
 
@@ -129,18 +131,22 @@ def config(kind: str, variant: str) -> dict:
         kw.update(layers_to_transform=[1], layers_pattern=n["layers"])
     elif variant == "embedding":
         kw["target_modules"] = kw["target_modules"] + [n["embed"]]
+    elif variant == "embedding-dora":
+        kw.update(target_modules=kw["target_modules"] + [n["embed"]], use_dora=True)
     elif variant in ("bias-all", "bias-lora_only"):
         kw["bias"] = variant.removeprefix("bias-")
     return kw
 
 
-VARIANTS = ["lora", "all-linear", "rslora", "dora", "patterns", "layers", "embedding", "bias-all", "bias-lora_only"]
+VARIANTS = [
+    "lora", "all-linear", "rslora", "dora", "patterns", "layers", "embedding", "embedding-dora", "bias-all",
+    "bias-lora_only",
+]  # fmt: skip
 # pairs that do not exist: no transformer layers or embedding in the CNN; BERT's modules_to_save
 # head is a Linear, so all-linear would target it too (peft refuses that combination as well)
-NOT_APPLICABLE = {("cnn", "layers"), ("cnn", "embedding"), ("bert", "all-linear"), ("cnn", "all-linear")}
-# DoRA is implemented for Linear / Conv1D layers; the CNN has Conv2d layers, which refuse use_dora
-# with a clear error (tested in test_dora.py)
-NOT_APPLICABLE |= {("cnn", "dora")}
+NOT_APPLICABLE = {
+    ("cnn", "layers"), ("cnn", "embedding"), ("cnn", "embedding-dora"), ("bert", "all-linear"), ("cnn", "all-linear"),
+}  # fmt: skip
 CASES = [(k, v) for k in NAMES for v in VARIANTS if (k, v) not in NOT_APPLICABLE]
 
 
@@ -172,9 +178,10 @@ def gradients_in_file_layout(model: nn.Module, kind: str, is_peft: bool) -> dict
     torch.optim.SGD(params, lr=1.0).step()
     after = peft_layout(get_peft_model_state_dict(model) if is_peft else adapter_state_dict(model))
     model.eval()
-    # peft with bias='all' also lists the bias of the modules_to_save original and a second name
-    # for its copy's bias; they are not separate trained tensors
-    return {k: before[k] - after[k] for k in before if ".original_module." not in k and ".modules_to_save." not in k}
+    # peft also lists frozen tensors: the bias of the modules_to_save original and a second name for
+    # its copy's bias (bias='all'), and an adapted embedding's base weight
+    skip = (".original_module.", ".modules_to_save.", ".base_layer.weight")
+    return {k: before[k] - after[k] for k in before if not any(s in k for s in skip)}
 
 
 @pytest.mark.parametrize("kind,variant", CASES, ids=[f"{k}-{v}" for k, v in CASES])

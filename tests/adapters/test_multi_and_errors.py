@@ -129,7 +129,7 @@ def test_unsupported_target_type():
         (dict(lora_alpha=0), "lora_alpha"),
         (dict(lora_dropout=1.0), "lora_dropout"),
         (dict(bias="some"), "bias must be one of"),
-        (dict(init_lora_weights="pissa"), "not supported yet"),
+        (dict(init_lora_weights="loftq"), "not supported yet"),
         (dict(target_modules=["q_proj", ""]), "non-empty"),
         (dict(target_modules="(unclosed"), "not a valid regex"),
         (dict(target_modules="q_proj", layers_to_transform=[0]), "layers_to_transform"),
@@ -206,8 +206,8 @@ def test_unmatched_and_missing_keys(saved):
 def test_config_fields(saved, recwarn):
     cfg_file = saved / "adapter_config.json"
     raw = json.loads(cfg_file.read_text())
-    cfg_file.write_text(json.dumps({**raw, "use_dora": True}))
-    with pytest.raises(ModelError, match="use_dora=True is not supported yet"):
+    cfg_file.write_text(json.dumps({**raw, "lora_bias": True}))  # use_dora is supported now (test_dora.py)
+    with pytest.raises(ModelError, match="lora_bias=True is not supported yet"):
         load_adapter(make_model("llama"), saved)
     cfg_file.write_text(json.dumps({**raw, "peft_type": "IA3"}))
     with pytest.raises(ModelError, match="IA3"):
@@ -250,6 +250,11 @@ def test_tied_weights_warn():
 
 def test_init_that_changes_base_is_refused_on_load(saved):
     cfg_file = saved / "adapter_config.json"
-    cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "init_lora_weights": "pissa"}))
-    with pytest.raises(ModelError, match="pissa.*not supported yet"):
+    raw = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({**raw, "init_lora_weights": "loftq"}))
+    with pytest.raises(ModelError, match="loftq.*not supported yet"):
+        load_adapter(make_model("llama"), saved)
+    # 'pissa' / 'olora' files load by redoing the init (test_pissa_olora.py); the randomised SVD cannot be redone
+    cfg_file.write_text(json.dumps({**raw, "init_lora_weights": "pissa_niter_4"}))
+    with pytest.raises(ModelError, match="pissa_niter_4.*randomised SVD"):
         load_adapter(make_model("llama"), saved)

@@ -26,25 +26,35 @@ from .core import (
     unload,
     unmerge_adapters,
 )
+from .combine import combine_adapters
 from .lora import Conv1D, LoraConv1D, LoraLayer, LoraLinear
+from .lora_conv2d import LoraConv2d
+from .lora_embedding import LoraEmbedding
 from .peft_format import load_adapter, save_adapter
 from .registry import register_layer
+from .routing import route_adapters
 
 register_layer(nn.Linear, LoraLinear)
 if Conv1D is not None:
     register_layer(Conv1D, LoraConv1D)  # transformers' GPT-2 style layer, weight stored (in, out)
+register_layer(nn.Embedding, LoraEmbedding)
+register_layer(nn.Conv2d, LoraConv2d)
 
 __all__ = [
     "LoraConfig",
+    "LoraConv2d",
+    "LoraEmbedding",
     "LoraLayer",
     "active_adapters",
     "add_adapter",
+    "combine_adapters",
     "delete_adapter",
     "disable_adapters",
     "list_adapters",
     "load_adapter",
     "merge_adapters",
     "register_layer",
+    "route_adapters",
     "save_adapter",
     "set_active_adapters",
     "trainable_parameters",

@@ -11,9 +11,10 @@ from typing import Any
 from tuneforge.errors import ConfigError
 
 BIAS_MODES = ("none", "all", "lora_only")
-# Values of `init_lora_weights` this version implements. peft's other inits (pissa, olora, loftq, eva,
-# corda, orthogonal, ...) change the base weights or need data; they arrive with their own files.
-SUPPORTED_INITS = (True, False, "gaussian")
+# Values of `init_lora_weights` this version implements ("pissa_niter_<N>" stands for any N >= 1;
+# PiSSA / OLoRA live in inits.py). peft's other inits (loftq, eva, corda, orthogonal, ...) need data
+# or quantization; they arrive with their own files.
+SUPPORTED_INITS = (True, False, "gaussian", "pissa", "pissa_niter_<N>", "olora")
 ALL_LINEAR = "all-linear"
 
 
@@ -43,7 +44,9 @@ class LoraConfig:
     direction `W + scaling * B @ A`."""
     init_lora_weights: bool | str = True
     """True: A kaiming-uniform, B zeros (the adapter starts as a no-op); 'gaussian': A ~ N(0, 1/r),
-    B zeros; False: A and B both random (for tests)."""
+    B zeros; False: A and B both random (for tests). 'pissa' (full SVD), 'pissa_niter_N' (randomised
+    SVD, N power iterations) and 'olora' (QR) move the weight's principal rank-r part into the adapter
+    and leave the residual in the base weight (Linear / Conv1D layers only)."""
     fan_in_fan_out: bool = False
     """True when the base layer stores its weight as (in, out), as transformers' Conv1D does.
     Decided per layer from its type; a value that disagrees only warns (as peft)."""
@@ -74,9 +77,14 @@ class LoraConfig:
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"{key} must be true or false, got {getattr(self, key)!r}")
         init = self.init_lora_weights
-        if isinstance(init, str) and init.lower() in ("true", "false", "gaussian"):
-            init = {"true": True, "false": False}.get(init.lower(), "gaussian")
-        if not any(init is s or (isinstance(s, str) and init == s) for s in SUPPORTED_INITS):
+        if isinstance(init, str) and init.lower() in ("true", "false", "gaussian", "olora"):
+            init = {"true": True, "false": False}.get(init.lower(), init.lower())
+        from .inits import check_init, is_weight_init  # here: inits imports the layer classes
+
+        check_init(init)
+        if not is_weight_init(init) and not any(
+            init is s or (isinstance(s, str) and init == s) for s in SUPPORTED_INITS
+        ):
             raise ConfigError(
                 f"init_lora_weights={self.init_lora_weights!r} is not supported yet; "
                 f"use one of {list(SUPPORTED_INITS)}"

@@ -21,6 +21,7 @@ from torch import nn
 from tuneforge.errors import ConfigError, ModelError
 
 from .config import LoraConfig
+from .inits import restore_base
 from .lora import LoraLayer
 from .modules_to_save import ModulesToSave, make_modules_to_save
 from .registry import adapter_class_for, supported_base_types
@@ -103,7 +104,8 @@ def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.
             module.__class__ = adapter_class_for(module)
             module.lora_setup(base)
             _rebind_hooked_forward(module)
-        if cfg.fan_in_fan_out != module.fan_in_fan_out and not warned:
+        # layer types with a fixed layout (Embedding, Conv2d) say None: the config's value does not apply
+        if module.fan_in_fan_out is not None and cfg.fan_in_fan_out != module.fan_in_fan_out and not warned:
             warnings.warn(
                 f"fan_in_fan_out={cfg.fan_in_fan_out} but {path} is a {module._lora_base_class.__name__}; "
                 f"using fan_in_fan_out={module.fan_in_fan_out} for it (as peft does)",
@@ -143,6 +145,10 @@ def _plan_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Modul
                 f"target {path} is a {type(module).__name__}, which LoRA does not support yet "
                 f"(supported: {supported}); narrow target_modules so it matches only those layers"
             )
+        layer_cls = type(module) if isinstance(module, LoraLayer) else adapter_class_for(module)
+        layer_cls.check_target(module, path, pattern_value(cfg.rank_pattern, path, cfg.r))
+        if cfg.use_dora:  # checked before any module is touched
+            layer_cls.check_dora(module, path)
     for path, _ in found:
         for owner, _m in saved_modules(model):
             if path.startswith(owner + "."):
@@ -244,6 +250,8 @@ def refresh_trainable(model: nn.Module) -> None:
         for n in m.lora_A.keys():
             m.lora_A[n].requires_grad_(n in on)
             m.lora_B[n].requires_grad_(n in on)
+        for n, mag in m.lora_magnitude_vector.items():
+            mag.requires_grad_(n in on)
     for _, m in saved_modules(model):
         for n, twin in m.modules_to_save.items():
             twin.requires_grad_(n in on)
@@ -328,6 +336,7 @@ def merge_adapters(model: nn.Module, names: list[str] | None = None, safe_merge:
     layers = [m for _, m in lora_layers(model)]
     if any(m.lora_disabled for m in layers):
         raise ConfigError("cannot merge inside disable_adapters(); leave the with-block first")
+    _refuse_unmergeable(model, names)
     if safe_merge:
         for path, m in lora_layers(model):
             if not m.merge_is_finite(names):
@@ -338,6 +347,14 @@ def merge_adapters(model: nn.Module, names: list[str] | None = None, safe_merge:
     if not done and names:
         warnings.warn(f"adapters {names} are already merged; nothing to do", stacklevel=2)
     return sorted(done)
+
+
+def _refuse_unmergeable(model: nn.Module, names: list[str]) -> None:
+    # checked for every layer first, so a refused merge leaves no layer half merged
+    for path, m in lora_layers(model):
+        why = m.cannot_merge()
+        if why and any(n in m.lora_A and n not in m.lora_merged for n in names):
+            raise ConfigError(f"cannot merge into {path}: {why}; nothing was merged")
 
 
 def unmerge_adapters(model: nn.Module) -> list[str]:
@@ -352,13 +369,14 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every adapter layer and return the plain model (same object, base parameter names).
 
     merge=True folds the active adapters (and the active adapter's modules_to_save copies) into
-    the base weights; merge=False restores the base weights. Biases trained with `bias='all'` or
+    the base weights; merge=False restores the base weights (also those PiSSA / OLoRA changed). Biases trained with `bias='all'` or
     'lora_only' were trained in place and stay. Base parameters stay frozen.
     """
     st = get_state(model)
     if st is None:
         return model
     if merge:
+        _refuse_unmergeable(model, list(st.active))
         for _, m in lora_layers(model):
             m.merge_lora(list(st.active))
         for _, m in saved_modules(model):
@@ -366,6 +384,12 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
                 m.write_back(m.mts_active)
     else:
         unmerge_adapters(model)
+    kept = set(st.active) if merge else set()
+    for _, m in lora_layers(model):
+        # PiSSA / OLoRA took their start out of the weight: adapters not folded in give it back
+        for n in list(m.__dict__.get("lora_initial", {})):
+            if n not in kept:
+                restore_base(m, n)
     for _, m in list(lora_layers(model)):
         m.strip()
         _rebind_hooked_forward(m)
@@ -394,4 +418,6 @@ def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     for path, m in lora_layers(model, name):
         out[f"{path}.lora_A.{name}"] = m.lora_A[name]
         out[f"{path}.lora_B.{name}"] = m.lora_B[name]
+        if name in m.lora_magnitude_vector:
+            out[f"{path}.lora_magnitude_vector.{name}"] = m.lora_magnitude_vector[name]
     return out

@@ -4,7 +4,8 @@ A LoRA layer is the base module itself with its class swapped to a subclass (`Lo
 `nn.Linear`, `LoraConv1D` for transformers' `Conv1D`). The module keeps its own `weight` / `bias`,
 so the base's state_dict keys do not change; each adapter adds two fp32 parameters beside them,
 `<module>.lora_A.<adapter>` (r, in) and `<module>.lora_B.<adapter>` (out, r). Unloading swaps the
-class back. Maths and initialisation follow peft exactly.
+class back. Maths and initialisation follow peft exactly. DoRA adapters (`use_dora`) add a magnitude
+`<module>.lora_magnitude_vector.<adapter>`; their maths lives in dora.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
 
+from . import dora
+
 # per-instance attributes a LoRA layer adds (removed again by `strip`)
 _STATE_ATTRS = (
     "lora_r",
@@ -29,6 +32,10 @@ _STATE_ATTRS = (
     "lora_disabled",
     "_lora_run",
     "_lora_base_class",
+    "_lora_route",
+    "_dora_cache",
+    "_dora_factors",
+    "lora_initial",  # (A0, B0) of adapters initialised from the weight (inits.py)
 )
 
 
@@ -41,15 +48,19 @@ class LoraLayer:
 
     fan_in_fan_out = False
     inplace_add = False
+    supports_dora = False  # layer types whose DoRA maths exists (dora.py) set this
+    _lora_route = None  # set per instance by route_adapters (routing.py): one adapter per sample
 
     lora_A: nn.ParameterDict
     lora_B: nn.ParameterDict
+    lora_magnitude_vector: nn.ParameterDict  # DoRA's per-row magnitude, only for DoRA adapters
 
     # ---- life cycle -------------------------------------------------------------------------
     def lora_setup(self, base_class: type) -> None:
         self._lora_base_class = base_class
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.lora_scaling: dict[str, float] = {}
@@ -58,15 +69,35 @@ class LoraLayer:
         self.lora_merged: list[str] = []
         self.lora_disabled = False
         self._lora_run: tuple[str, ...] = ()
+        self._dora_cache: dict = {}  # ||W||^2 per row, keyed on the weight's version (dora.py)
+        self._dora_factors: dict[str, torch.Tensor] = {}  # per-row factor of each merged DoRA adapter
 
     def strip(self) -> None:
         """Remove every adapter and turn the module back into its base class (weights untouched)."""
         del self.lora_A
         del self.lora_B
+        self._modules.pop("lora_magnitude_vector", None)
         base = self._lora_base_class
         for attr in _STATE_ATTRS:
             self.__dict__.pop(attr, None)
         self.__class__ = base
+
+    @classmethod
+    def check_target(cls, module: nn.Module, path: str, r: int) -> None:
+        """Raise ConfigError when `module` (about to get rank `r`) is a shape this layer type cannot adapt.
+
+        Called before any module is changed, so a refused target leaves the model untouched.
+        """
+
+    @classmethod
+    def check_dora(cls, module: nn.Module, path: str) -> None:
+        """Raise ConfigError when `module` cannot take a DoRA adapter (checked before any module changes)."""
+        if not cls.supports_dora:
+            base = getattr(module, "_lora_base_class", type(module)).__name__
+            raise ConfigError(
+                f"use_dora is not supported for {base} layers yet (target {path}); "
+                f"set use_dora=False or leave {path} out of target_modules"
+            )
 
     def in_out_features(self) -> tuple[int, int]:
         w = self.weight
@@ -85,6 +116,8 @@ class LoraLayer:
         device = self.weight.device
         if device.type == "meta":
             raise ConfigError(f"cannot add LoRA to a module whose weight is on the meta device ({self!r})")
+        if use_dora:
+            self.check_dora(self, repr(self))
         A, B = self.new_lora_tensors(r, device)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
@@ -94,8 +127,8 @@ class LoraLayer:
         self.lora_dropout[name] = float(dropout)
         # initialisation runs once A, B and the scaling exist: some inits (PiSSA, OLoRA) need them
         self.init_lora_weights(name, init)
-        if use_dora:
-            raise ConfigError("use_dora is not supported yet")
+        if use_dora:  # peft takes the magnitude after the LoRA init: ||W + s B A|| per row
+            dora.init_magnitude(self, name)
         self._lora_refresh()
 
     def new_lora_tensors(self, r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,13 +140,25 @@ class LoraLayer:
 
     def init_lora_weights(self, name: str, init: bool | str) -> None:
         """Fill adapter `name`'s A and B as peft does for this layer type."""
+        from . import inits  # PiSSA / OLoRA take A and B out of the weight (inits.py)
+
+        if inits.is_weight_init(init):
+            inits.init_from_weight(self, name, init)
+            return
         init_lora(self.lora_A[name].data, self.lora_B[name].data, self.lora_r[name], init)
 
     def delete_lora(self, name: str) -> None:
         if name in self.lora_merged:
             self.unmerge_lora([name])
+        if "lora_initial" in self.__dict__:  # PiSSA / OLoRA: give the base its original weight back
+            from .inits import restore_base
+
+            restore_base(self, name)
         del self.lora_A[name]
         del self.lora_B[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
+        self._dora_factors.pop(name, None)
         for d in (self.lora_r, self.lora_alpha, self.lora_scaling, self.lora_dropout):
             d.pop(name, None)
         self.lora_active = tuple(n for n in self.lora_active if n != name)
@@ -128,7 +173,10 @@ class LoraLayer:
         The file format asks the layer, so a layer type with other tensors (Embedding's
         `lora_embedding_A`, DoRA's `lora_magnitude_vector`) only overrides this method.
         """
-        return {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
+        out = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
+        if name in self.lora_magnitude_vector:  # peft's file drops the '.weight' of this one
+            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return out
 
     def set_active(self, names: tuple[str, ...] | list[str]) -> None:
         self.lora_active = tuple(n for n in names if n in self.lora_A)
@@ -139,6 +187,10 @@ class LoraLayer:
         self._lora_run = tuple(n for n in self.lora_active if n not in self.lora_merged)
 
     # ---- merge -----------------------------------------------------------------------------------
+    def cannot_merge(self) -> str | None:
+        """Why this layer's adapters cannot be merged into its weight, or None when they can."""
+        return None
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """`scaling * B @ A` in fp32, laid out like `self.weight`."""
         A, B = self.lora_A[name], self.lora_B[name]
@@ -148,6 +200,8 @@ class LoraLayer:
     @torch.no_grad()
     def merge_is_finite(self, names: list[str]) -> bool:
         todo = [n for n in names if n in self.lora_A and n not in self.lora_merged]
+        if dora.is_dora(self, todo):
+            return bool(torch.isfinite(dora.merged_weight(self, todo)[0]).all())
         new = self.weight.detach().float()
         for n in todo:
             new = new + self.delta_weight(n).to(new.device)
@@ -160,12 +214,17 @@ class LoraLayer:
         if not todo:
             return []
         w = self.weight
-        new = w.detach().float()
-        for n in todo:
-            new = new + self.delta_weight(n).to(new.device)
+        factors = {}
+        if dora.is_dora(self, todo):  # DoRA rescales rows: f * (W + s B A)
+            new, factors = dora.merged_weight(self, todo)
+        else:
+            new = w.detach().float()
+            for n in todo:
+                new = new + self.delta_weight(n).to(new.device)
         if safe_merge and not torch.isfinite(new).all():
             raise ModelError(f"merging adapters {todo} would put NaN/inf into {self._get_name()}.weight")
         w.copy_(new.to(w.dtype))
+        self._dora_factors.update(factors)
         self.lora_merged.extend(todo)
         self._lora_refresh()
         return todo
@@ -177,10 +236,15 @@ class LoraLayer:
         if not todo:
             return []
         w = self.weight
-        new = w.detach().float()
-        for n in todo:
-            new = new - self.delta_weight(n).to(new.device)
+        if self._dora_factors:  # merged DoRA adapters do not commute: undo the stack (dora.py)
+            new, todo = dora.unmerged_weight(self, names)
+        else:
+            new = w.detach().float()
+            for n in todo:
+                new = new - self.delta_weight(n).to(new.device)
         w.copy_(new.to(w.dtype))
+        for n in todo:
+            self._dora_factors.pop(n, None)
         self.lora_merged = [n for n in self.lora_merged if n not in todo]
         self._lora_refresh()
         return todo
@@ -188,12 +252,16 @@ class LoraLayer:
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = super().forward(x, *args, **kwargs)
+        if self._lora_route is not None and not self.lora_disabled:
+            return self._lora_route.add_lora(self, x, out)
         if self.lora_disabled or not self._lora_run:
             return out
         return self._add_lora(x, out, self._lora_run)
 
     def _add_lora(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """`out` (the base output for input `x`) plus the deltas of adapters `names`."""
+        if dora.is_dora(self, names):
+            return dora.add_adapters(self, x, out, names)
         if torch.is_autocast_enabled(x.device.type):
             return self._add_lora_autocast(x, out, names)
         out_shape = out.shape
@@ -239,7 +307,10 @@ class LoraLayer:
 
     def extra_repr(self) -> str:
         base = super().extra_repr()
-        parts = [f"{n}: r={self.lora_r[n]}, scaling={self.lora_scaling[n]:g}" for n in self.lora_A.keys()]
+        parts = [
+            f"{n}: r={self.lora_r[n]}, scaling={self.lora_scaling[n]:g}{', dora' * (n in self.lora_magnitude_vector)}"
+            for n in self.lora_A.keys()
+        ]
         state = []
         if self.lora_merged:
             state.append(f"merged={self.lora_merged}")
@@ -269,6 +340,7 @@ class LoraLinear(LoraLayer, nn.Linear):
     """`nn.Linear` with LoRA adapters (F.linear's output is fresh, so it may be added to in place)."""
 
     inplace_add = True
+    supports_dora = True
 
 
 def _conv1d_class():
@@ -288,6 +360,7 @@ if Conv1D is not None:
 
         fan_in_fan_out = True
         inplace_add = True
+        supports_dora = True
 
 else:  # pragma: no cover - transformers is a hard dependency of tuneforge, but not of this file
     LoraConv1D = None  # type: ignore[assignment,misc]

@@ -18,13 +18,14 @@ from torch import nn
 
 from .registry import derived_class
 
-_STATE_ATTRS = ("mts_active", "mts_disabled", "_mts_base_class")
+_STATE_ATTRS = ("mts_active", "mts_disabled", "_mts_base_class", "_mts_route")
 
 
 class ModulesToSave:
     """Mixin placed before the module's own class."""
 
     modules_to_save: nn.ModuleDict
+    _mts_route = None  # set per instance by route_adapters (routing.py): one adapter per sample
 
     def mts_setup(self, base_class: type) -> None:
         self._mts_base_class = base_class
@@ -76,6 +77,8 @@ class ModulesToSave:
         self.__class__ = base
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._mts_route is not None and not self.mts_disabled:
+            return self._mts_route.run_saved(self, args, kwargs)
         if self.mts_active is not None and not self.mts_disabled:
             return self._run_copy(self.modules_to_save[self.mts_active], args, kwargs)
         return super().forward(*args, **kwargs)

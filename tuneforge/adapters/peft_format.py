@@ -3,7 +3,12 @@
 On disk (as peft writes them, no adapter name in the keys):
   base_model.model.<module>.lora_A.weight      (r, in)      our <module>.lora_A.<adapter>
   base_model.model.<module>.lora_B.weight      (out, r)     our <module>.lora_B.<adapter>
+  base_model.model.<module>.lora_magnitude_vector  (out,)   our <module>.lora_magnitude_vector.<adapter> (DoRA)
+  base_model.model.<module>.lora_embedding_A   (r, num_embeddings)  Embedding's A (no '.weight'), ours lora_A.<adapter>
+  base_model.model.<module>.lora_embedding_B   (dim, r)     Embedding's B, ours lora_B.<adapter>
   base_model.model.<module>.base_layer.bias    bias of an adapted module (bias='all'/'lora_only')
+  base_model.model.<module>.base_layer.weight  peft's copy of a targeted embedding / lm_head base weight
+                                               (save_embedding_layers='auto'); loaded into the base, never written
   base_model.model.<module>.bias               bias of another module (bias='all')
   base_model.model.<module>.<param>            modules_to_save copy (ours: <module>.modules_to_save.<adapter>.<param>)
 This is the only file that knows peft's key layout.
@@ -41,7 +46,7 @@ PREFIX = "base_model.model."
 
 _OUR_FIELDS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save", "bias",
-    "use_rslora", "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
+    "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
     "rank_pattern", "alpha_pattern",
 )  # fmt: skip
 # peft fields that never change what a loaded adapter computes
@@ -52,14 +57,16 @@ _HARMLESS = {
 }  # fmt: skip
 # peft fields that change the maths; any non-empty value is refused until tuneforge implements it
 _UNSUPPORTED = (
-    "use_dora", "lora_bias", "layer_replication", "use_qalora", "alora_invocation_tokens", "arrow_config",
+    "lora_bias", "layer_replication", "use_qalora", "alora_invocation_tokens", "arrow_config",
     "velora_config", "monteclora_config", "kasa_config", "use_bdlora", "trainable_token_indices",
     "target_parameters", "modules_to_tie", "target_modules_to_tie",
 )  # fmt: skip
 # tensor names of peft features not implemented yet (a file holding them cannot be computed)
-_UNSUPPORTED_KEYS = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", ".lora_B.bias", "lora_E")
-# inits that only decide the starting A/B (overwritten by the loaded weights); others alter the base
-_LOAD_SAFE_INITS = (True, False, "gaussian", "eva", "true", "false")
+_UNSUPPORTED_KEYS = (".lora_B.bias", "lora_E")
+# inits that only decide the starting A/B (overwritten by the loaded weights), and PiSSA / OLoRA,
+# which alter the base deterministically: loading re-runs them on the base, then copies the file's
+# A/B in (as peft does). 'pissa_niter_N' (randomised SVD) cannot be redone: refused in config_from_peft
+_LOAD_SAFE_INITS = (True, False, "gaussian", "eva", "true", "false", "pissa", "olora")
 
 
 # ---- config ---------------------------------------------------------------------------------------
@@ -85,7 +92,7 @@ def config_to_peft(model: nn.Module, name: str, base_model_name_or_path: str | N
         "modules_to_save": cfg.modules_to_save,
         "bias": cfg.bias,
         "use_rslora": cfg.use_rslora,
-        "use_dora": False,
+        "use_dora": cfg.use_dora,
         "lora_bias": False,
         "init_lora_weights": cfg.init_lora_weights,
         "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
@@ -111,6 +118,14 @@ def config_from_peft(raw: dict[str, Any], source: str = CONFIG_NAME) -> LoraConf
         if _non_empty(raw.get(key)):
             raise ModelError(f"{source}: {key}={raw[key]!r} is not supported yet; this adapter cannot be loaded")
     init = raw.get("init_lora_weights", True)
+    if isinstance(init, str) and init.lower() == "olora":  # peft compares it case-insensitively
+        init = "olora"
+    if isinstance(init, str) and init.startswith("pissa_niter_"):
+        raise ModelError(
+            f"{source}: init_lora_weights={init!r} (PiSSA by randomised SVD) left a residual base that cannot "
+            "be rebuilt exactly; load the converted adapter instead (pissa_convert: true writes it, or peft's "
+            "save_pretrained with path_initial_model_for_weight_conversion)"
+        )
     if not any(init is s or (isinstance(s, str) and init == s) for s in _LOAD_SAFE_INITS):
         raise ModelError(
             f"{source}: init_lora_weights={init!r} is not supported yet (it changes the base weights); "
@@ -121,8 +136,7 @@ def config_from_peft(raw: dict[str, Any], source: str = CONFIG_NAME) -> LoraConf
     if ignored:
         warnings.warn(f"{source}: ignoring fields tuneforge does not know: {ignored}", stacklevel=3)
     kwargs = {k: raw[k] for k in _OUR_FIELDS if k in raw and raw[k] is not None}
-    if kwargs.get("init_lora_weights") not in (True, False, "gaussian"):
-        kwargs["init_lora_weights"] = True
+    kwargs["init_lora_weights"] = init if init in (True, False, "gaussian", "pissa", "olora") else True
     try:
         return LoraConfig(**kwargs)
     except ConfigError as e:
@@ -180,16 +194,35 @@ def _to_file(t: torch.Tensor) -> torch.Tensor:
 
 
 def save_adapter(
-    model: nn.Module, path: str | Path, name: str = "default", base_model_name_or_path: str | None = None
+    model: nn.Module,
+    path: str | Path,
+    name: str = "default",
+    base_model_name_or_path: str | None = None,
+    convert_pissa: bool = False,
 ) -> Path:
-    """Write adapter `name` to directory `path` in peft's format; returns the directory."""
+    """Write adapter `name` to directory `path` in peft's format; returns the directory.
+
+    convert_pissa=True (PiSSA / OLoRA adapters only) writes the trained adapter as a plain LoRA of
+    rank 2r for the ORIGINAL base weights (convert.py), as peft's save_pretrained does with
+    `path_initial_model_for_weight_conversion`; without it the file holds the raw adapter, which is
+    only right on top of the residual base its init leaves.
+    """
     from safetensors.torch import save_file
 
     require_state(model, name)
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     config = config_to_peft(model, name, base_model_name_or_path)
-    save_file(adapter_state_dict(model, name), str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    tensors = adapter_state_dict(model, name)
+    if convert_pissa:
+        from .convert import check_convertible, converted_config, converted_tensors
+
+        check_convertible(model, name)
+        config = converted_config(config)
+        for path_, m in lora_layers(model, name):
+            for suffix, t in converted_tensors(m, name).items():
+                tensors[f"{PREFIX}{path_}.{suffix}"] = _to_file(t)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return directory
 
@@ -256,7 +289,8 @@ def load_adapter(
 def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path):
     """(destination, source) pairs for every tensor in the file; ModelError for anything off."""
     layer_keys: dict[str, tuple[torch.Tensor, str]] = {}
-    for path, layer in lora_layers(model, name):
+    adapted = dict(lora_layers(model, name))
+    for path, layer in adapted.items():
         for suffix, dst in layer.peft_tensors(name).items():
             layer_keys[f"{path}.{suffix}"] = (dst, f" ({path}: r={layer.lora_r[name]})")
     saved = dict(saved_modules(model, name))
@@ -278,6 +312,14 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
             dst, hint = layer_keys[key]
             add(key, dst, src, hint)
             seen.add(key)
+            continue
+        base_of = key.removesuffix(".base_layer.weight")
+        if base_of != key and base_of in adapted:
+            # peft saves the base weight of a targeted embedding / lm_head beside its LoRA and loads it
+            # back into the base layer (it matters after a vocabulary resize); so do we
+            if adapted[base_of].lora_merged:
+                raise ModelError(f"{source}: {key} would overwrite merged weights; unmerge_adapters(model) first")
+            add(key, adapted[base_of].weight, src)
             continue
         feature = next((f for f in _UNSUPPORTED_KEYS if f in key), None)
         if feature:

@@ -20,7 +20,7 @@ from tuneforge.errors import ConfigError
 from .config import ALL_LINEAR, LoraConfig
 
 # children that adapters add to a module; nothing below them is ever a target
-ADAPTER_CHILD_NAMES = ("lora_A", "lora_B", "modules_to_save")
+ADAPTER_CHILD_NAMES = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save")
 
 
 def linear_types() -> tuple[type, ...]:
