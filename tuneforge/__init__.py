@@ -14,6 +14,7 @@ _EXPORTS = {
     "disable_adapters": "adapters", "load_adapter": "adapters", "merge_adapters": "adapters",
     "save_adapter": "adapters", "set_active_adapters": "adapters",
     "trainable_parameters": "adapters", "unload": "adapters", "unmerge_adapters": "adapters",
+    "combine_adapters": "adapters", "route_adapters": "adapters",
     "Config": "config", "load_config": "config", "TuneforgeError": "errors",
     "load_model_and_tokenizer": "models",
 }
