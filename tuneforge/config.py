@@ -85,6 +85,27 @@ class FinetuningArguments:
     additional_target: Optional[str] = _f(
         None, "Comma list of extra modules trained in full and saved with the adapter.")
     use_rslora: bool = _f(False, "Rank-stabilised LoRA: scaling = alpha / sqrt(r).")
+    use_dora: bool = _f(
+        False, "Weight-decomposed LoRA (DoRA): a trained magnitude per output row times the "
+        "normalised direction of W + scaling * B @ A.")
+    pissa_init: bool = _f(
+        False, "PiSSA: start the adapter from the principal singular vectors of each adapted "
+        "weight and train it on the residual weight (the base weights in memory change).")
+    pissa_iter: int = _f(
+        16, "PiSSA: power iterations of the fast randomised SVD; -1 = exact full SVD.")
+    pissa_convert: bool = _f(
+        False, "PiSSA: at the end write output_dir/pissa_init (adapter at start), pissa_backup "
+        "(trained PiSSA adapter, for the residual base) and pissa_converted, and make the adapter "
+        "in output_dir itself the converted one: a plain LoRA of rank 2 x lora_rank for the "
+        "ORIGINAL model, so chat / export with the original model_name_or_path are right.")
+    loraplus_lr_ratio: Optional[float] = _f(
+        None, "LoRA+: the LoRA B matrices (and biases) learn at learning_rate x this ratio "
+        "(e.g. 16); empty = off.")
+    loraplus_lr_embedding: float = _f(
+        1e-6, "LoRA+: learning rate of the B matrices of LoRA on embedding layers.")
+    create_new_adapter: bool = _f(
+        False, "With adapter_name_or_path: merge all listed adapters into the model and train a "
+        "new adapter (default: merge all but the last, and train the last one further).")
     freeze_trainable_layers: int = _f(
         2, "freeze: number of last (positive) or first (negative) decoder layers to train.")
     freeze_trainable_modules: str = _f(
@@ -177,8 +198,7 @@ SECTIONS = {
 # Keys of LLaMA-Factory that tuneforge knows but does not implement yet: a clear
 # "not supported yet" beats an "unknown key" that suggests a typo.
 NOT_YET_SUPPORTED = {
-    "use_dora", "pissa_init", "pissa_iter", "pissa_convert", "loraplus_lr_ratio",
-    "create_new_adapter", "quantization_bit", "quantization_type", "double_quantization",
+    "quantization_bit", "quantization_type", "double_quantization",
     "packing", "neat_packing", "deepspeed", "flash_attn", "use_unsloth", "rope_scaling",
     "pref_beta", "pref_loss", "predict_with_generate", "do_predict", "infer_backend",
 }
@@ -375,6 +395,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError("config keys 'bf16' and 'fp16' are both true; choose one")
     if cfg.train.max_steps <= 0 and cfg.train.num_train_epochs <= 0:
         raise ConfigError("set 'num_train_epochs' or 'max_steps' to a positive value")
+    _validate_lora_variants(cfg)
+
+
+def _validate_lora_variants(cfg: Config) -> None:
+    ft, model = cfg.finetune, cfg.model
+    if ft.finetuning_type != "lora":
+        for key in ("use_dora", "pissa_init", "pissa_convert", "create_new_adapter", "loraplus_lr_ratio"):
+            if getattr(ft, key) not in (None, False):
+                raise ConfigError(f"config key '{key}' needs finetuning_type: lora "
+                                  f"(got finetuning_type: {ft.finetuning_type})")
+    if ft.pissa_iter != -1 and ft.pissa_iter < 1:
+        raise ConfigError(f"config key 'pissa_iter' must be -1 (full SVD) or at least 1; "
+                          f"got {ft.pissa_iter}")
+    if ft.pissa_convert and not ft.pissa_init:
+        raise ConfigError("config key 'pissa_convert' needs pissa_init: true")
+    if ft.pissa_init and model.adapter_name_or_path and not ft.create_new_adapter:
+        raise ConfigError("config key 'pissa_init' starts a new adapter, but adapter_name_or_path "
+                          "continues training an existing one; set create_new_adapter: true (the "
+                          "listed adapters are then merged first) or drop pissa_init")
+    if ft.loraplus_lr_ratio is not None and ft.loraplus_lr_ratio <= 0:
+        raise ConfigError(f"config key 'loraplus_lr_ratio' must be positive (e.g. 16); "
+                          f"got {ft.loraplus_lr_ratio}")
+    if ft.loraplus_lr_embedding <= 0:
+        raise ConfigError(f"config key 'loraplus_lr_embedding' must be positive; "
+                          f"got {ft.loraplus_lr_embedding}")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

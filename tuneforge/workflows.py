@@ -45,7 +45,7 @@ def train(cfg: Config) -> dict:
     load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype)
     splits = load_datasets(cfg.data, tokenizer, seed=args.seed)  # also sets the chat template
-    model, setup = prepare_model(model, tokenizer, cfg)
+    model, setup = prepare_model(model, tokenizer, cfg, resume_from=resume)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model)
     if accelerator.is_main_process:
@@ -59,6 +59,8 @@ def train(cfg: Config) -> dict:
         ckpt.remove_partial_checkpoints(out)
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "training_args.yaml")
+        if setup.save_initial is not None:  # e.g. PiSSA's initial adapter (pissa_convert)
+            setup.save_initial(model, out)
     accelerator.wait_for_everyone()
 
     collate = PaddingCollator(tokenizer.pad_token_id)

@@ -18,21 +18,10 @@ from transformers import get_scheduler
 
 from . import checkpoint as ckpt
 from .batches import MicroBatchStream, eval_batches
+from .optim import build_optimizer
 from .reporting import Reporter
 
 IGNORE = -100
-
-
-def build_optimizer(model, args) -> torch.optim.Optimizer:
-    """AdamW; as transformers' Trainer, no weight decay on biases and norm weights (1-D)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": args.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
-                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
 
 
 def _accepts_logits_to_keep(model) -> bool:
@@ -83,7 +72,7 @@ class TrainingRun:
                                        accelerator.num_processes)
         self.total_steps = count_steps(self.stream.per_epoch, self.args)
         warmup = self.args.warmup_steps or math.ceil(self.args.warmup_ratio * self.total_steps)
-        optimizer = build_optimizer(model, self.args)
+        optimizer = build_optimizer(model, self.args, cfg.finetune)  # weight decay / LoRA+ groups
         self.scheduler = get_scheduler(self.args.lr_scheduler_type, optimizer,
                                        num_warmup_steps=warmup, num_training_steps=self.total_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)

@@ -3,6 +3,8 @@ saved. The training loop only sees `requires_grad` and calls `save_final(model, 
 
 from __future__ import annotations
 
+import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -10,10 +12,16 @@ from typing import Callable
 import torch
 
 from .. import adapters
-from ..errors import ConfigError
+from ..adapters import inits
+from ..adapters.convert import save_initial_adapter
+from ..errors import CheckpointError, ConfigError
 from ..models import attach_adapters, split_paths
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+# in each checkpoint of a PiSSA run: the adapter's initial (A0, B0), so a resume rebuilds the
+# residual base exactly (the randomised SVD of pissa_iter could not be redone)
+INITIAL_STATE = "adapter_initial_state.safetensors"
+log = logging.getLogger("tuneforge")
 
 
 @dataclass
@@ -21,6 +29,7 @@ class TrainableSetup:
     kind: str
     save_final: Callable  # (model, directory) -> None: the artefact users load afterwards
     save_in_checkpoint: Callable | None  # extra user-facing files inside each checkpoint
+    save_initial: Callable | None = None  # (model, output_dir) -> None, once before training
 
 
 def lora_config(finetune) -> adapters.LoraConfig:
@@ -33,7 +42,16 @@ def lora_config(finetune) -> adapters.LoraConfig:
         target_modules=targets,
         modules_to_save=split_paths(finetune.additional_target) or None,
         use_rslora=finetune.use_rslora,
+        use_dora=finetune.use_dora,
+        init_lora_weights=pissa_init_name(finetune),
     )
+
+
+def pissa_init_name(finetune) -> bool | str:
+    """LLaMA-Factory's pissa_init / pissa_iter as peft's init_lora_weights."""
+    if not finetune.pissa_init:
+        return True
+    return "pissa" if finetune.pissa_iter == -1 else f"pissa_niter_{finetune.pissa_iter}"
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -66,7 +84,10 @@ def _freeze(model, finetune) -> None:
                           " matches no parameter in the trainable layers")
 
 
-def prepare_model(model, tokenizer, cfg) -> tuple[torch.nn.Module, TrainableSetup]:
+def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
+                  ) -> tuple[torch.nn.Module, TrainableSetup]:
+    """Make the right parameters trainable; `resume_from` (a checkpoint) lets a PiSSA adapter
+    rebuild the residual base of the run it continues."""
     finetune, model_args = cfg.finetune, cfg.model
     base_id = model_args.model_name_or_path or DEFAULT_HUB_ID
 
@@ -76,19 +97,16 @@ def prepare_model(model, tokenizer, cfg) -> tuple[torch.nn.Module, TrainableSetu
 
     if finetune.finetuning_type == "lora":
         paths = split_paths(model_args.adapter_name_or_path)
-        if paths:
+        if paths and not finetune.create_new_adapter:
             model = attach_adapters(model, paths, trainable=True)
         else:
-            adapters.add_adapter(model, lora_config(finetune), name="default")
+            if paths:  # create_new_adapter: merge every listed adapter, then train a fresh one
+                model = adapters.unload(attach_adapters(model, paths, trainable=False), merge=True)
+            _add_new_adapter(model, lora_config(finetune), resume_from)
         for p in model.parameters():  # adapters train in fp32 even on a bf16 base
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
-
-        def save_adapter_dir(m, directory):
-            adapters.save_adapter(m, directory, name="default", base_model_name_or_path=base_id)
-            tokenizer.save_pretrained(directory)
-
-        return model, TrainableSetup("lora", save_adapter_dir, save_adapter_dir)
+        return model, _lora_setup(model, tokenizer, finetune, base_id)
 
     if model_args.adapter_name_or_path:
         raise ConfigError("config key 'adapter_name_or_path' needs finetuning_type: lora "
@@ -99,6 +117,64 @@ def prepare_model(model, tokenizer, cfg) -> tuple[torch.nn.Module, TrainableSetu
         model.requires_grad_(True)
     model.float()  # full/freeze keep fp32 master weights; autocast gives bf16 compute on GPUs
     return model, TrainableSetup(finetune.finetuning_type, save_model_dir, None)
+
+
+def _add_new_adapter(model, config, resume_from: Path | None) -> None:
+    """add_adapter; a PiSSA/OLoRA adapter resuming a run takes the run's initial (A0, B0)."""
+    state = None
+    if inits.is_weight_init(config.init_lora_weights) and resume_from is not None:
+        from safetensors.torch import load_file
+
+        path = Path(resume_from) / INITIAL_STATE
+        if path.is_file():
+            state = load_file(str(path))
+        elif inits.pissa_niter(config.init_lora_weights) is not None:
+            raise CheckpointError(
+                f"checkpoint '{resume_from}' has no {INITIAL_STATE}: the randomised SVD of that run's "
+                "PiSSA init (pissa_iter) cannot be redone, so its residual weights are lost; start "
+                "over (overwrite_output_dir: true)")
+    context = inits.given_initial_state(model, "default", state) if state else nullcontext()
+    with context:
+        adapters.add_adapter(model, config, name="default")
+
+
+def _lora_setup(model, tokenizer, finetune, base_id: str) -> TrainableSetup:
+    """How a LoRA run saves. With pissa_convert (LLaMA-Factory's layout): output_dir/pissa_init
+    at the start; at the end output_dir/pissa_backup (the raw PiSSA adapter, for the residual
+    base), output_dir/pissa_converted, and output_dir itself holding the converted adapter (a plain
+    LoRA for the original model), as do the checkpoints."""
+    init = adapters.list_adapters(model)["default"].init_lora_weights
+    weight_init, convert = inits.is_weight_init(init), finetune.pissa_convert
+    if inits.pissa_niter(init) is not None and not convert:
+        log.warning("pissa_iter: %d without pissa_convert: the adapter in output_dir fits only the "
+                    "residual weights of this run (tuneforge will refuse to load it); set "
+                    "pissa_convert: true, or pissa_iter: -1", finetune.pissa_iter)
+
+    def save(m, directory, converted=convert):
+        adapters.save_adapter(m, directory, name="default", base_model_name_or_path=base_id,
+                              convert_pissa=converted)
+
+    def save_final(m, directory):
+        if convert:
+            save(m, Path(directory) / "pissa_backup", converted=False)
+            save(m, Path(directory) / "pissa_converted")
+        save(m, directory)
+        tokenizer.save_pretrained(directory)
+
+    def save_in_checkpoint(m, directory):
+        save(m, directory)
+        tokenizer.save_pretrained(directory)
+        if weight_init:
+            from safetensors.torch import save_file
+
+            state = inits.initial_state(m, "default")
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      str(Path(directory) / INITIAL_STATE))
+
+    def save_initial(m, directory):
+        save_initial_adapter(m, Path(directory) / "pissa_init", "default", base_id)
+
+    return TrainableSetup("lora", save_final, save_in_checkpoint, save_initial if convert else None)
 
 
 def describe(model) -> str:
