@@ -17,6 +17,7 @@ _EXPORTS = {
     "combine_adapters": "adapters", "route_adapters": "adapters",
     "Config": "config", "load_config": "config", "TuneforgeError": "errors",
     "load_model_and_tokenizer": "models",
+    "quantize_model": "quant", "dequantize_model": "quant", "QuantizationConfig": "quant",
 }
 
 __all__ = [*_EXPORTS, "train", "export", "__version__"]

@@ -30,6 +30,7 @@ from .combine import combine_adapters
 from .lora import Conv1D, LoraConv1D, LoraLayer, LoraLinear
 from .lora_conv2d import LoraConv2d
 from .lora_embedding import LoraEmbedding
+from .lora_quant import LoraQuantLinear, QuantLinear
 from .peft_format import load_adapter, save_adapter
 from .registry import register_layer
 from .routing import route_adapters
@@ -39,6 +40,7 @@ if Conv1D is not None:
     register_layer(Conv1D, LoraConv1D)  # transformers' GPT-2 style layer, weight stored (in, out)
 register_layer(nn.Embedding, LoraEmbedding)
 register_layer(nn.Conv2d, LoraConv2d)
+register_layer(QuantLinear, LoraQuantLinear)  # QLoRA: a quantized base (tuneforge.quant)
 
 __all__ = [
     "LoraConfig",

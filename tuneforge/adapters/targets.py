@@ -24,7 +24,9 @@ ADAPTER_CHILD_NAMES = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_
 
 
 def linear_types() -> tuple[type, ...]:
-    types: list[type] = [torch.nn.Linear]
+    from tuneforge.quant.linear import QuantLinear
+
+    types: list[type] = [torch.nn.Linear, QuantLinear]
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # adapters work on any nn.Module; transformers is optional here

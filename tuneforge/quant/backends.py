@@ -1,0 +1,98 @@
+"""Which kernels quantize and dequantize: tuneforge's own (`native`, plain PyTorch, any device)
+or bitsandbytes' (`bitsandbytes`, CUDA and, since 0.46, CPU). Both use the same storage layout
+and the same 4-bit codes, so a layer can switch backends without requantizing.
+
+`auto` takes bitsandbytes for 4-bit layers where it is installed (its dequantize kernel is ~5x
+faster than ours on this project's CPU), else native. The matmuls and what autograd keeps are
+tuneforge's either way (linear.py), so memory does not depend on the backend. 8-bit layers always compute natively: bitsandbytes' own int8
+path (LLM.int8 with outlier decomposition) is a different computation, its row-wise codes are not.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from functools import lru_cache
+
+import torch
+
+from tuneforge.errors import ConfigError
+
+from .blockwise import Quant4bit, quantize_4bit
+from .codebooks import code_4bit, code_dynamic8
+from .int8 import Quant8bit, quantize_int8
+
+BACKENDS = ("auto", "native", "bitsandbytes")
+
+
+@lru_cache(maxsize=None)
+def bitsandbytes_available() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def resolve(backend: str, device: torch.device | str, bits: int = 4) -> str:
+    """'native' or 'bitsandbytes' for a layer on `device`."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"quantization_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "bitsandbytes":
+        if not bitsandbytes_available():
+            raise ConfigError(
+                "quantization_backend: bitsandbytes, but bitsandbytes is not installed; "
+                "`pip install bitsandbytes` or use quantization_backend: native"
+            )
+        return "bitsandbytes" if bits == 4 else "native"
+    if backend == "auto" and bits == 4 and torch.device(device).type in ("cpu", "cuda") and bitsandbytes_available():
+        return "bitsandbytes"
+    return "native"
+
+
+def _bnb():
+    # its CPU backend warns at import about an optional gemv kernel (from the `kernels`
+    # package) that only its own Linear4bit inference path uses; tuneforge does not call it
+    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency
+    finally:
+        quiet.setLevel(level)
+    return bnb
+
+
+def quantize(
+    w: torch.Tensor, bits: int, quant_type: str, blocksize: int, double_quant: bool, backend: str
+) -> Quant4bit | Quant8bit:
+    if bits == 8:
+        return quantize_int8(w)
+    if backend != "bitsandbytes":
+        return quantize_4bit(w, blocksize, quant_type, double_quant)
+    F = _bnb().functional
+    data, state = F.quantize_4bit(
+        w.detach().contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
+    )
+    q = Quant4bit(data, state.absmax, w.shape, blocksize, quant_type)
+    if double_quant:
+        q.offset, q.nested_absmax = state.offset, state.state2.absmax
+    return q
+
+
+def bnb_state(q: Quant4bit, dtype: torch.dtype):
+    """bitsandbytes' QuantState for our codes (no copies: the same tensors)."""
+    F = _bnb().functional
+    device = q.data.device
+    nested = None
+    if q.double_quant:
+        nested = F.QuantState(
+            absmax=q.nested_absmax, code=code_dynamic8(device), blocksize=256, dtype=torch.float32
+        )
+    return F.QuantState(
+        absmax=q.absmax, shape=q.shape, code=code_4bit(q.quant_type, device), blocksize=q.blocksize,
+        quant_type=q.quant_type, dtype=dtype, offset=q.offset, state2=nested,
+    )
+
+
+def dequantize_4bit_rows(q: Quant4bit, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
+    """Rows [r0, r1) of a 4-bit weight by bitsandbytes' kernel (whole weight, then sliced)."""
+    F = _bnb().functional
+    full = F.dequantize_4bit(q.data, bnb_state(q, dtype))
+    return full if (r0, r1) == (0, q.shape[0]) else full[r0:r1]
