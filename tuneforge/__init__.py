@@ -9,6 +9,18 @@ import importlib
 
 __version__ = "0.1.0"
 
+
+def _quiet_bitsandbytes() -> None:
+    # bitsandbytes' CPU backend warns at import that an optional gemv kernel (from the `kernels`
+    # package) is missing; only its own Linear4bit inference uses it, tuneforge never does
+    import logging
+
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "gemm_4bit_forward" not in record.getMessage())
+
+
+_quiet_bitsandbytes()
+
 _EXPORTS = {
     "LoraConfig": "adapters", "add_adapter": "adapters", "delete_adapter": "adapters",
     "disable_adapters": "adapters", "load_adapter": "adapters", "merge_adapters": "adapters",

@@ -43,6 +43,19 @@ class ModelArguments:
     infer_dtype: str = _f(
         "auto", "Weights dtype for chat/inference: auto (fp32 on CPU, bf16 on GPUs that have it), "
         "float32, bfloat16 or float16.", ("auto", "float32", "bfloat16", "float16"))
+    quantization_bit: Optional[int] = _f(
+        None, "Store the frozen base Linear weights in 4 or 8 bits (QLoRA). Empty: no quantization.",
+        (4, 8))
+    quantization_type: str = _f(
+        "nf4", "4-bit format: nf4 (NormalFloat, the QLoRA paper's) or fp4.", ("nf4", "fp4"))
+    double_quantization: bool = _f(
+        True, "4-bit: also quantize the per-block scales to 8 bits (saves ~0.37 bits per weight).")
+    compute_dtype: str = _f(
+        "auto", "dtype the quantized layers compute in: auto (fp32 on CPUs without fast bf16, "
+        "bf16 elsewhere), float32, bfloat16 or float16.", ("auto", "float32", "bfloat16", "float16"))
+    quantization_backend: str = _f(
+        "auto", "Quantization kernels: auto (bitsandbytes for 4-bit when installed), native "
+        "(tuneforge's, any device) or bitsandbytes.", ("auto", "native", "bitsandbytes"))
 
 
 @dataclass
@@ -103,6 +116,9 @@ class FinetuningArguments:
         "(e.g. 16); empty = off.")
     loraplus_lr_embedding: float = _f(
         1e-6, "LoRA+: learning rate of the B matrices of LoRA on embedding layers.")
+    loftq_iter: int = _f(
+        0, "QLoRA: LoftQ iterations (with quantization_bit). The adapter starts so that the "
+        "quantized base + adapter approximates the original weights; 0 = off.")
     create_new_adapter: bool = _f(
         False, "With adapter_name_or_path: merge all listed adapters into the model and train a "
         "new adapter (default: merge all but the last, and train the last one further).")
@@ -184,6 +200,9 @@ class ExportArguments:
         "auto", "Dtype of exported weights; auto keeps the dtype the base model's config names.",
         ("auto", "float32", "bfloat16", "float16"))
     export_legacy_format: bool = _f(False, "Accepted for LLaMA-Factory configs; always safetensors.")
+    export_quantization_bit: Optional[int] = _f(
+        None, "Requantize the merged weights to 4 (nf4) or 8 bits and save them in tuneforge's "
+        "quantized format (load with tuneforge.quant.load_quantized); the error is printed.", (4, 8))
 
 
 SECTIONS = {
@@ -198,7 +217,6 @@ SECTIONS = {
 # Keys of LLaMA-Factory that tuneforge knows but does not implement yet: a clear
 # "not supported yet" beats an "unknown key" that suggests a typo.
 NOT_YET_SUPPORTED = {
-    "quantization_bit", "quantization_type", "double_quantization",
     "packing", "neat_packing", "deepspeed", "flash_attn", "use_unsloth", "rope_scaling",
     "pref_beta", "pref_loss", "predict_with_generate", "do_predict", "infer_backend",
 }
@@ -367,9 +385,9 @@ def validate(cfg: Config) -> None:
         for f in dataclasses.fields(obj):
             choices = f.metadata.get("choices")
             value = getattr(obj, f.name)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise ConfigError(f"config key '{f.name}' must be one of "
-                                  f"{', '.join(choices)}; got '{value}'")
+                                  f"{', '.join(map(str, choices))}; got '{value}'")
     positive = [("lora_rank", cfg.finetune.lora_rank), ("cutoff_len", cfg.data.cutoff_len),
                 ("per_device_train_batch_size", cfg.train.per_device_train_batch_size),
                 ("per_device_eval_batch_size", cfg.train.per_device_eval_batch_size),
@@ -417,6 +435,17 @@ def _validate_lora_variants(cfg: Config) -> None:
     if ft.loraplus_lr_ratio is not None and ft.loraplus_lr_ratio <= 0:
         raise ConfigError(f"config key 'loraplus_lr_ratio' must be positive (e.g. 16); "
                           f"got {ft.loraplus_lr_ratio}")
+    if model.quantization_bit is not None and ft.finetuning_type != "lora":
+        raise ConfigError(f"config key 'quantization_bit' trains LoRA on a frozen quantized base; it needs "
+                          f"finetuning_type: lora (got {ft.finetuning_type})")
+    if ft.pissa_init and model.quantization_bit is not None:
+        raise ConfigError("config key 'pissa_init' rewrites the base weights, which quantization_bit "
+                          "freezes in 4/8 bits; use loftq_iter for a quantized base, or drop one")
+    if ft.loftq_iter < 0:
+        raise ConfigError(f"config key 'loftq_iter' must be >= 0; got {ft.loftq_iter}")
+    if ft.loftq_iter and model.quantization_bit is None:
+        raise ConfigError("config key 'loftq_iter' initialises LoRA for a quantized base; set "
+                          "quantization_bit: 4 (or 8) too")
     if ft.loraplus_lr_embedding <= 0:
         raise ConfigError(f"config key 'loraplus_lr_embedding' must be positive; "
                           f"got {ft.loraplus_lr_embedding}")

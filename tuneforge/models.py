@@ -167,8 +167,12 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None):
-    """(model, tokenizer) for ModelArguments; .gguf paths are converted once and cached."""
+def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
+                             defer_quantization: bool = False):
+    """(model, tokenizer) for ModelArguments; .gguf paths are converted once and cached.
+
+    With `quantization_bit` the Linear layers are quantized after loading (tuneforge.quant);
+    `defer_quantization` leaves that to the caller (LoftQ), recorded on the model."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model_args.model_name_or_path, model_args.cache_dir)
@@ -182,7 +186,28 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a model from '{path}': {exc}") from None
     model.config.use_cache = False
+    qcfg = quantization_config(model_args)
+    if qcfg is not None:
+        if defer_quantization:  # LoftQ quantizes each adapted layer together with its adapter
+            model.tuneforge_pending_quantization = qcfg
+        else:
+            from .quant import quantize_model
+
+            quantize_model(model, config=qcfg)
     return model, tokenizer
+
+
+def quantization_config(model_args):
+    """The QuantizationConfig that ModelArguments ask for, or None without quantization_bit."""
+    if getattr(model_args, "quantization_bit", None) is None:
+        return None
+    from .quant import QuantizationConfig
+
+    return QuantizationConfig(
+        bits=model_args.quantization_bit, quant_type=model_args.quantization_type,
+        double_quant=model_args.double_quantization, compute_dtype=model_args.compute_dtype,
+        backend=model_args.quantization_backend,
+    )
 
 
 def split_paths(value: str | None) -> list[str]:

@@ -11,7 +11,6 @@ path (LLM.int8 with outlier decomposition) is a different computation, its row-w
 from __future__ import annotations
 
 import importlib.util
-import logging
 from functools import lru_cache
 
 import torch
@@ -47,15 +46,8 @@ def resolve(backend: str, device: torch.device | str, bits: int = 4) -> str:
 
 
 def _bnb():
-    # its CPU backend warns at import about an optional gemv kernel (from the `kernels`
-    # package) that only its own Linear4bit inference path uses; tuneforge does not call it
-    quiet = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency
-    finally:
-        quiet.setLevel(level)
+    import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency (its import warning: tuneforge/__init__)
+
     return bnb
 
 

@@ -180,4 +180,9 @@ def _lora_setup(model, tokenizer, finetune, base_id: str) -> TrainableSetup:
 def describe(model) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    return f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    from ..quant import QuantLinear  # quantized weights are buffers, but they are parameters too
+
+    quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    total += quantized
+    text = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
+    return text + (f" || quantized: {quantized:,}" if quantized else "")
