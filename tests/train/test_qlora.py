@@ -45,7 +45,8 @@ def _base(model_dir):
     "quantization_bit: 4\nquantization_type: fp4\ndouble_quantization: false\ncompute_dtype: float32\n"
     "quantization_backend: native\n",
     "quantization_bit: 8\ncompute_dtype: float32\nuse_dora: true\n",
-], ids=["nf4", "fp4-native", "int8-dora"])
+    "quantization_bit: 4\ncompute_dtype: float32\ngradient_checkpointing: true\n",
+], ids=["nf4", "fp4-native", "int8-dora", "nf4-checkpointing"])
 def test_yaml_qlora_trains_and_saves_a_plain_adapter(tiny_model_dir, tiny_data_dir, tmp_path, extra):
     from peft import PeftModel
 
