@@ -13,6 +13,7 @@ from tuneforge import adapters as A
 from tuneforge.errors import ConfigError
 from tuneforge.quant import QuantLinear, dequantize_model, quantize_model, quantized_bytes
 from tuneforge.quant import linear as qlinear
+from tuneforge.quant.blockwise import dequantize_4bit
 
 BACKENDS = ["native", "bitsandbytes"]  # bitsandbytes is a test dependency
 FORMATS = [dict(bits=4, quant_type="nf4"), dict(bits=4, quant_type="fp4", double_quant=False), dict(bits=8)]
@@ -46,15 +47,20 @@ def test_layer_forward_backward_equal_dequantized(fmt, backend):
     assert (w - lin.weight).abs().max() < 0.2 * lin.weight.abs().max()  # NF4: half its widest gap (0.14)
 
 
-def test_row_chunks_give_the_same_result(monkeypatch):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("in_features", [96, 128])  # 96: chunks must still start on block edges
+def test_row_chunks_give_the_same_result(monkeypatch, backend, in_features):
     torch.manual_seed(0)
-    lin = nn.Linear(96, 200)  # 96 is not a multiple of 64: chunks must still start on block edges
-    whole = QuantLinear.from_linear(lin, compute_dtype=torch.float32, backend="native")
-    monkeypatch.setattr(qlinear, "CHUNK_VALUES", 96 * 7)
-    chunked = QuantLinear.from_linear(lin, compute_dtype=torch.float32, backend="native")
-    assert 1 < chunked._rows_per_chunk < 200 and (chunked._rows_per_chunk * 96) % 64 == 0
+    lin = nn.Linear(in_features, 200)
+    whole = QuantLinear.from_linear(lin, compute_dtype=torch.float32, backend=backend)
+    # whichever kernel decodes, the values are those of the codes
+    native = whole.codes()
+    assert torch.equal(whole.dequantize(), dequantize_4bit(native).view(200, in_features))
+    monkeypatch.setattr(qlinear, "CHUNK_VALUES", in_features * 7)
+    chunked = QuantLinear.from_linear(lin, compute_dtype=torch.float32, backend=backend)
+    assert 1 < chunked._rows_per_chunk < 200 and (chunked._rows_per_chunk * in_features) % 64 == 0
     assert torch.equal(chunked.dequantize(), whole.dequantize())
-    x = torch.randn(5, 96, requires_grad=True)
+    x = torch.randn(5, in_features, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     chunked(x).sum().backward()
     whole(x2).sum().backward()

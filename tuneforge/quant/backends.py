@@ -17,7 +17,7 @@ import torch
 
 from tuneforge.errors import ConfigError
 
-from .blockwise import Quant4bit, quantize_4bit
+from .blockwise import Quant4bit, dequantize_4bit, quantize_4bit
 from .codebooks import code_4bit, code_dynamic8
 from .int8 import Quant8bit, quantize_int8
 
@@ -83,8 +83,20 @@ def bnb_state(q: Quant4bit, dtype: torch.dtype):
     )
 
 
-def dequantize_4bit_rows(q: Quant4bit, r0: int, r1: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows [r0, r1) of a 4-bit weight by bitsandbytes' kernel (whole weight, then sliced)."""
+def dequantize_4bit_rows(q: Quant4bit, r0: int, r1: int, dtype: torch.dtype, absmax: torch.Tensor) -> torch.Tensor:
+    """Rows [r0, r1) of a 4-bit weight by bitsandbytes' kernel; `absmax` is the decoded fp32
+    absmax of every block (blockwise.block_absmax), so any block-aligned slice can be passed."""
+    cols = q.shape[1]
+    start, stop = r0 * cols, r1 * cols
+    if cols % q.blocksize and q.data.device.type == "cpu":
+        # bitsandbytes 0.50's CPU kernel decodes blocks per row: rows whose length is not a
+        # multiple of the blocksize come out wrong (tests/quant caught it), so ours does those
+        return dequantize_4bit(q, dtype, start, stop, absmax).view(r1 - r0, cols)
     F = _bnb().functional
-    full = F.dequantize_4bit(q.data, bnb_state(q, dtype))
-    return full if (r0, r1) == (0, q.shape[0]) else full[r0:r1]
+    data = q.data.view(-1)[start // 2 : (stop + 1) // 2].unsqueeze(1)
+    blocks = absmax[start // q.blocksize : -(-stop // q.blocksize)]
+    state = F.QuantState(
+        absmax=blocks, shape=torch.Size((r1 - r0, cols)), code=code_4bit(q.quant_type, data.device),
+        blocksize=q.blocksize, quant_type=q.quant_type, dtype=dtype,
+    )
+    return F.dequantize_4bit(data, state)

@@ -133,7 +133,7 @@ class QuantLinear(nn.Module):
     def _row_chunks(self, dtype: torch.dtype):
         """(first row, stop row, dequantized rows) covering the weight."""
         q = self.codes()
-        absmax = block_absmax(q) if self.bits == 4 and self.backend == "native" else None
+        absmax = block_absmax(q) if self.bits == 4 else None  # decoded once for all chunks
         step = self._rows_per_chunk
         for r0 in range(0, self.out_features, step):
             r1 = min(r0 + step, self.out_features)
@@ -143,7 +143,7 @@ class QuantLinear(nn.Module):
         if self.bits == 8:
             return dequantize_int8(q, dtype, r0, r1)
         if self.backend != "native":
-            return backends.dequantize_4bit_rows(q, r0, r1, dtype)
+            return backends.dequantize_4bit_rows(q, r0, r1, dtype, absmax)
         flat = dequantize_4bit(q, dtype, r0 * self.in_features, r1 * self.in_features, absmax)
         return flat.view(r1 - r0, self.in_features)
 
