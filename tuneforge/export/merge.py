@@ -1,5 +1,7 @@
 """Merge the adapters into the base weights and write a plain HF directory (safetensors +
-tokenizer) that `AutoModelForCausalLM.from_pretrained` loads with no tuneforge installed."""
+tokenizer) that `AutoModelForCausalLM.from_pretrained` loads with no tuneforge installed.
+A quantized base (quantization_bit) is dequantized first; export_quantization_bit requantizes the
+merged weights and writes tuneforge's quantized format instead (quantized.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from .. import adapters
 from ..data import apply_template
 from ..errors import ConfigError
 from ..models import attach_adapters, load_model_and_tokenizer, resolve_dtype, split_paths
+from .quantized import cast_unquantized, dequantize_before_merge, requantize
 
 
 def export_model(cfg) -> Path:
@@ -25,6 +28,8 @@ def export_model(cfg) -> Path:
                           "or new folder")
     # merge in fp32, so the merged weights are exact before the final cast
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+    # a quantized base cannot take a merge: back to fp32 first (every adapter then merges as usual)
+    model = dequantize_before_merge(model)
     paths = split_paths(cfg.model.adapter_name_or_path)
     if paths:
         model = attach_adapters(model, paths, trainable=False)
@@ -35,8 +40,10 @@ def export_model(cfg) -> Path:
         dtype = declared if isinstance(declared, torch.dtype) else resolve_dtype(str(declared or "float32"))
     else:
         dtype = resolve_dtype(cfg.export.export_dtype)
-    model = model.to(dtype)
     model.config.use_cache = True
+    if cfg.export.export_quantization_bit:
+        return _export_quantized(cfg, model, tokenizer, dtype, out)
+    model = model.to(dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -48,3 +55,18 @@ def export_model(cfg) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _export_quantized(cfg, model, tokenizer, dtype: torch.dtype, out: Path) -> Path:
+    """export_quantization_bit: quantize the merged fp32 weights (not a cast of them) and write
+    tuneforge's quantized format (tuneforge.quant.load_quantized reads it)."""
+    from ..quant import QuantizationConfig, save_quantized
+
+    m = cfg.model
+    qcfg = QuantizationConfig(
+        bits=cfg.export.export_quantization_bit, quant_type=m.quantization_type,
+        double_quant=m.double_quantization, compute_dtype=m.compute_dtype, backend=m.quantization_backend,
+    )
+    requantize(model, qcfg)
+    cast_unquantized(model, dtype)
+    return save_quantized(model, out, tokenizer)
