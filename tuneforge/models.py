@@ -180,20 +180,26 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
         path = _gguf_cached_dir(path, model_args.cache_dir)
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
     torch_dtype = resolve_dtype(dtype if dtype is not None else model_args.infer_dtype)
+    qcfg = quantization_config(model_args)
     try:
+        # a quantized base is quantized from the checkpoint's own weights, whatever dtype the run
+        # computes in, so training, chat and export all see the same codes
         model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch_dtype, trust_remote_code=model_args.trust_remote_code)
+            str(path), dtype="auto" if qcfg is not None else torch_dtype,
+            trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load a model from '{path}': {exc}") from None
     model.config.use_cache = False
-    qcfg = quantization_config(model_args)
     if qcfg is not None:
-        if defer_quantization:  # LoftQ quantizes each adapted layer together with its adapter
-            model.tuneforge_pending_quantization = qcfg
-        else:
-            from .quant import quantize_model
+        from .quant import quantize_model
+        from .quant.model import cast_unquantized
 
+        if defer_quantization:  # LoftQ quantizes each adapted layer with its adapter, then casts
+            model.tuneforge_pending_quantization = qcfg
+            model.tuneforge_pending_dtype = torch_dtype
+        else:
             quantize_model(model, config=qcfg)
+            cast_unquantized(model, torch_dtype)  # the layers left in full precision
     return model, tokenizer
 
 
@@ -218,13 +224,15 @@ def attach_adapters(model, adapter_paths: list[str], trainable: bool):
     """LLaMA-Factory's rule for `adapter_name_or_path: a,b,c`: every adapter but the last is
     merged into the base weights; the last stays an adapter (trained further if `trainable`)."""
     from . import adapters
+    from .quant.loftq import load_adapter_for_base, refuse_merging
 
     for path in adapter_paths:
         if not Path(path).is_dir():
             raise ModelError(f"adapter path '{path}' does not exist")
     for i, path in enumerate(adapter_paths[:-1]):
+        refuse_merging(path)  # a LoftQ adapter fits only its own quantized base
         adapters.load_adapter(model, path, name=f"merged_{i}")
         model = adapters.unload(model, merge=True)
-    if adapter_paths:
-        adapters.load_adapter(model, adapter_paths[-1], name="default", is_trainable=trainable)
+    if adapter_paths:  # with deferred quantization, this also quantizes the base (LoftQ's if it asks)
+        load_adapter_for_base(model, adapter_paths[-1], name="default", trainable=trainable)
     return model

@@ -43,7 +43,9 @@ def train(cfg: Config) -> dict:
 
     # everything that can fail on bad input happens before output_dir is touched
     load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype)
+    # LoftQ quantizes the adapted layers together with the adapter (train/methods.py)
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype,
+                                                defer_quantization=bool(cfg.finetune.loftq_iter))
     splits = load_datasets(cfg.data, tokenizer, seed=args.seed)  # also sets the chat template
     model, setup = prepare_model(model, tokenizer, cfg, resume_from=resume)
     if args.gradient_checkpointing:

@@ -58,6 +58,9 @@ class LoraConfig:
     """Per-module rank overrides: {regex matched against the end of the module name: r}."""
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides: {regex matched against the end of the module name: alpha}."""
+    loftq_config: dict[str, Any] = field(default_factory=dict)
+    """Set by LoftQ (tuneforge.quant.loftq), not by hand: the quantized base the adapter started on
+    ({'loftq_bits', 'loftq_iter', ...}, peft's field name); empty for any other adapter."""
 
     def __post_init__(self) -> None:
         self.r = _positive_int("r", self.r)
@@ -113,6 +116,10 @@ class LoraConfig:
             raise ConfigError("layers_pattern is set but layers_to_transform is not; set both or neither")
         self.rank_pattern = _pattern_dict("rank_pattern", self.rank_pattern, _positive_int)
         self.alpha_pattern = _pattern_dict("alpha_pattern", self.alpha_pattern, _positive_number)
+        if self.loftq_config is None:
+            self.loftq_config = {}
+        if not isinstance(self.loftq_config, dict):
+            raise ConfigError(f"loftq_config must be a dict, got {type(self.loftq_config).__name__}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -47,12 +47,12 @@ PREFIX = "base_model.model."
 _OUR_FIELDS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save", "bias",
     "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
-    "rank_pattern", "alpha_pattern",
+    "rank_pattern", "alpha_pattern", "loftq_config",
 )  # fmt: skip
 # peft fields that never change what a loaded adapter computes
 _HARMLESS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config",
+    "peft_version", "megatron_config", "megatron_core", "eva_config", "corda_config",
     "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
 }  # fmt: skip
 # peft fields that change the maths; any non-empty value is refused until tuneforge implements it
@@ -103,7 +103,9 @@ def config_to_peft(model: nn.Module, name: str, base_model_name_or_path: str | N
         "layer_replication": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
-        "loftq_config": {},
+        # tuneforge's LoftQ record (quant/loftq.py); init_lora_weights stays true, as peft's 'loftq'
+        # would re-run peft's own LoftQ at load (peft warns that it ignores this field)
+        "loftq_config": dict(cfg.loftq_config),
     }
 
 

@@ -15,7 +15,8 @@ from .. import adapters
 from ..data import apply_template
 from ..errors import ConfigError
 from ..models import attach_adapters, load_model_and_tokenizer, resolve_dtype, split_paths
-from .quantized import cast_unquantized, dequantize_before_merge, requantize
+from ..quant.model import cast_unquantized
+from .quantized import dequantize_before_merge, requantize
 
 
 def export_model(cfg) -> Path:
@@ -27,12 +28,15 @@ def export_model(cfg) -> Path:
         raise ConfigError(f"export_dir '{out}' is not empty and holds no model; choose an empty "
                           "or new folder")
     # merge in fp32, so the merged weights are exact before the final cast
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+    paths = split_paths(cfg.model.adapter_name_or_path)
+    # loftq_iter: quantization waits for the adapter, whose LoftQ base is rebuilt from the fp weights
+    model, tokenizer = load_model_and_tokenizer(
+        cfg.model, dtype=torch.float32, defer_quantization=bool(cfg.finetune.loftq_iter and paths))
     # a quantized base cannot take a merge: back to fp32 first (every adapter then merges as usual)
     model = dequantize_before_merge(model)
-    paths = split_paths(cfg.model.adapter_name_or_path)
     if paths:
         model = attach_adapters(model, paths, trainable=False)
+        model = dequantize_before_merge(model)  # the LoftQ base attach_adapters built, if any
         model = adapters.unload(model, merge=True)
     apply_template(tokenizer, cfg.data.template)
     if cfg.export.export_dtype == "auto":

@@ -53,13 +53,3 @@ def requantize(model: nn.Module, cfg: QuantizationConfig) -> tuple[float, float]
     log.warning("requantized the merged weights to %s: relative error ||W - dequant(quant(W))|| / ||W|| = "
                 "%.4g, max abs error %.4g", cfg.describe(), rel, max_abs)
     return rel, max_abs
-
-
-def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast the parameters outside QuantLinear layers (model.to(dtype) would cast their scales too)."""
-    for m in model.modules():
-        if isinstance(m, QuantLinear):
-            continue
-        for name, p in m.named_parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)  # .data: a tied parameter stays one object

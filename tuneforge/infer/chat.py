@@ -14,8 +14,10 @@ from ..models import attach_adapters, load_model_and_tokenizer, split_paths
 class ChatModel:
     def __init__(self, cfg):
         self.cfg = cfg
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
         adapters = split_paths(cfg.model.adapter_name_or_path)
+        # loftq_iter: the adapter's quantized base is rebuilt from the fp weights (quant/loftq.py)
+        model, tokenizer = load_model_and_tokenizer(
+            cfg.model, defer_quantization=bool(cfg.finetune.loftq_iter and adapters))
         if adapters:
             model = attach_adapters(model, adapters, trainable=False)
         apply_template(tokenizer, cfg.data.template)

@@ -1,11 +1,13 @@
-"""Which kernels quantize and dequantize: tuneforge's own (`native`, plain PyTorch, any device)
-or bitsandbytes' (`bitsandbytes`, CUDA and, since 0.46, CPU). Both use the same storage layout
-and the same 4-bit codes, so a layer can switch backends without requantizing.
+"""Which kernel dequantizes 4-bit weights: tuneforge's own (`native`, plain PyTorch, any device)
+or bitsandbytes' (`bitsandbytes`, CUDA and, since 0.46, CPU). Both read the same storage layout,
+so a layer can switch backends without requantizing; the codes are always made by tuneforge's
+quantizer, which writes bitsandbytes' codes (see `quantize`).
 
 `auto` takes bitsandbytes for 4-bit layers where it is installed (its dequantize kernel is ~5x
 faster than ours on this project's CPU), else native. The matmuls and what autograd keeps are
-tuneforge's either way (linear.py), so memory does not depend on the backend. 8-bit layers always compute natively: bitsandbytes' own int8
-path (LLM.int8 with outlier decomposition) is a different computation, its row-wise codes are not.
+tuneforge's either way (linear.py), so memory does not depend on the backend. 8-bit layers always
+compute natively: bitsandbytes' int8 path (LLM.int8, with outlier decomposition) is a different
+computation; its row-wise codes are the same as ours.
 """
 
 from __future__ import annotations
@@ -54,18 +56,14 @@ def _bnb():
 def quantize(
     w: torch.Tensor, bits: int, quant_type: str, blocksize: int, double_quant: bool, backend: str
 ) -> Quant4bit | Quant8bit:
+    """Codes for `w`. Always tuneforge's quantizer, whatever the backend: its 4-bit codes are
+    bitsandbytes' (tests/quant), and its 8-bit absmax codes are always the nearest, where
+    bitsandbytes' CPU kernel rounds ~0.1 % of them the other way. One quantizer means the same
+    codes on every machine and backend, which LoftQ's rebuild of a base at load time relies on."""
+    del backend  # the backend only chooses the dequantize kernel
     if bits == 8:
         return quantize_int8(w)
-    if backend != "bitsandbytes":
-        return quantize_4bit(w, blocksize, quant_type, double_quant)
-    F = _bnb().functional
-    data, state = F.quantize_4bit(
-        w.detach().contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
-    )
-    q = Quant4bit(data, state.absmax, w.shape, blocksize, quant_type)
-    if double_quant:
-        q.offset, q.nested_absmax = state.offset, state.state2.absmax
-    return q
+    return quantize_4bit(w, blocksize, quant_type, double_quant)
 
 
 def bnb_state(q: Quant4bit, dtype: torch.dtype):

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from . import backends
-from .blockwise import Quant4bit, block_absmax, dequantize_4bit, quantize_4bit
-from .int8 import Quant8bit, dequantize_int8, quantize_int8
+from .blockwise import Quant4bit, block_absmax, dequantize_4bit
+from .int8 import Quant8bit, dequantize_int8
 
 # values dequantized at once; larger weights go in row chunks, bounding the temporary copy
 CHUNK_VALUES = 1 << 22

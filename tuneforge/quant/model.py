@@ -205,3 +205,13 @@ def quantized_bytes(model: nn.Module) -> tuple[int, int]:
             held += m.nbytes()
             bf16 += 2 * m.in_features * m.out_features
     return held, bf16
+
+
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters outside QuantLinear layers (model.to(dtype) would cast their scales too)."""
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            continue
+        for name, p in m.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)  # .data: a tied parameter stays one object

@@ -100,9 +100,14 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
         if paths and not finetune.create_new_adapter:
             model = attach_adapters(model, paths, trainable=True)
         else:
+            from ..quant.loftq import finish_pending, take_pending
+
+            pending = take_pending(model)  # deferred (LoftQ): the base is quantized with the new adapter
             if paths:  # create_new_adapter: merge every listed adapter, then train a fresh one
                 model = adapters.unload(attach_adapters(model, paths, trainable=False), merge=True)
             _add_new_adapter(model, lora_config(finetune), resume_from)
+            if pending is not None:  # deterministic: a resumed run rebuilds the same base
+                finish_pending(model, pending, "default", finetune.loftq_iter)
         for p in model.parameters():  # adapters train in fp32 even on a bf16 base
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()
