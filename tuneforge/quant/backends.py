@@ -20,7 +20,7 @@ import torch
 from tuneforge.errors import ConfigError
 
 from .blockwise import Quant4bit, dequantize_4bit, quantize_4bit
-from .codebooks import code_4bit, code_dynamic8
+from .codebooks import code_4bit
 from .int8 import Quant8bit, quantize_int8
 
 BACKENDS = ("auto", "native", "bitsandbytes")
@@ -66,22 +66,9 @@ def quantize(
     return quantize_4bit(w, blocksize, quant_type, double_quant)
 
 
-def bnb_state(q: Quant4bit, dtype: torch.dtype):
-    """bitsandbytes' QuantState for our codes (no copies: the same tensors)."""
-    F = _bnb().functional
-    device = q.data.device
-    nested = None
-    if q.double_quant:
-        nested = F.QuantState(
-            absmax=q.nested_absmax, code=code_dynamic8(device), blocksize=256, dtype=torch.float32
-        )
-    return F.QuantState(
-        absmax=q.absmax, shape=q.shape, code=code_4bit(q.quant_type, device), blocksize=q.blocksize,
-        quant_type=q.quant_type, dtype=dtype, offset=q.offset, state2=nested,
-    )
-
-
-def dequantize_4bit_rows(q: Quant4bit, r0: int, r1: int, dtype: torch.dtype, absmax: torch.Tensor) -> torch.Tensor:
+def dequantize_4bit_rows(
+    q: Quant4bit, r0: int, r1: int, dtype: torch.dtype, absmax: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rows [r0, r1) of a 4-bit weight by bitsandbytes' kernel; `absmax` is the decoded fp32
     absmax of every block (blockwise.block_absmax), so any block-aligned slice can be passed."""
     cols = q.shape[1]
@@ -89,7 +76,8 @@ def dequantize_4bit_rows(q: Quant4bit, r0: int, r1: int, dtype: torch.dtype, abs
     if cols % q.blocksize and q.data.device.type == "cpu":
         # bitsandbytes 0.50's CPU kernel decodes blocks per row: rows whose length is not a
         # multiple of the blocksize come out wrong (tests/quant caught it), so ours does those
-        return dequantize_4bit(q, dtype, start, stop, absmax).view(r1 - r0, cols)
+        flat = dequantize_4bit(q, dtype, start, stop, absmax, out=None if out is None else out.view(-1))
+        return flat.view(r1 - r0, cols)
     F = _bnb().functional
     data = q.data.view(-1)[start // 2 : (stop + 1) // 2].unsqueeze(1)
     blocks = absmax[start // q.blocksize : -(-stop // q.blocksize)]
@@ -97,4 +85,6 @@ def dequantize_4bit_rows(q: Quant4bit, r0: int, r1: int, dtype: torch.dtype, abs
         absmax=blocks, shape=torch.Size((r1 - r0, cols)), code=code_4bit(q.quant_type, data.device),
         blocksize=q.blocksize, quant_type=q.quant_type, dtype=dtype,
     )
+    if out is not None and data.device.type != "cpu":  # its CPU kernel has no out= variant
+        return F.dequantize_4bit(data, state, out=out)
     return F.dequantize_4bit(data, state)

@@ -128,11 +128,13 @@ def dequantize_4bit(
     start: int = 0,
     stop: int | None = None,
     absmax: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Values [start, stop) of the flattened tensor (all of it, in `q.shape`, by default).
 
     `start` must be a multiple of the blocksize (and so even); pass `absmax` (from `block_absmax`)
-    to decode it once for many slices.
+    to decode it once for many slices, and `out` (stop - start values of `dtype`) to write into
+    a buffer you own instead of fresh memory.
     """
     n = prod(q.shape)
     whole = start == 0 and stop is None
@@ -141,9 +143,16 @@ def dequantize_4bit(
         raise ValueError(f"start {start} is not a multiple of the blocksize {q.blocksize}")
     absmax = block_absmax(q) if absmax is None else absmax
     packed = q.data.view(-1)[start // 2 : (stop + 1) // 2]
-    values = torch.index_select(pair_table(q.quant_type, packed.device), 0, packed.int()).view(-1)
-    values = values[: stop - start]
+    table = pair_table(q.quant_type, packed.device)
+    count = stop - start
+    direct = out is not None and dtype == torch.float32 and count == 2 * packed.numel() and count % q.blocksize == 0
+    if direct:  # the common case, with no temporary: gather pairs into `out`, scale in place
+        torch.index_select(table, 0, packed.int(), out=out.view(-1, 2))
+        out.view(-1, q.blocksize).mul_(absmax[start // q.blocksize : stop // q.blocksize].unsqueeze(1))
+        return out
+    values = torch.index_select(table, 0, packed.int()).view(-1)[:count]
     b0 = start // q.blocksize
-    out = _times_block_absmax(values, absmax[b0 : -(-stop // q.blocksize)], q.blocksize)
-    out = out.to(dtype)
-    return out.view(q.shape) if whole else out
+    result = _times_block_absmax(values, absmax[b0 : -(-stop // q.blocksize)], q.blocksize).to(dtype)
+    if out is not None:
+        return out.copy_(result.view(out.shape))
+    return result.view(q.shape) if whole else result

@@ -39,8 +39,16 @@ def quantize_int8(w: torch.Tensor) -> Quant8bit:
 
 
 def dequantize_int8(
-    q: Quant8bit, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None
+    q: Quant8bit,
+    dtype: torch.dtype = torch.float32,
+    start: int = 0,
+    stop: int | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows [start, stop) of the weight (all rows by default)."""
+    """Rows [start, stop) of the weight (all rows by default), into `out` when given."""
     rows = q.data[start:stop]
-    return (rows.to(torch.float32) * (q.absmax[start:stop] / 127.0).unsqueeze(1)).to(dtype)
+    scale = (q.absmax[start:stop] / 127.0).unsqueeze(1)
+    if out is not None and dtype == torch.float32:
+        return torch.mul(rows, scale, out=out)
+    result = (rows.to(torch.float32) * scale).to(dtype)
+    return result if out is None else out.copy_(result)

@@ -24,6 +24,21 @@ from .int8 import Quant8bit, dequantize_int8
 CHUNK_VALUES = 1 << 22
 
 
+# One scratch buffer per (device, dtype), shared by every QuantLinear: the dequantized rows live
+# only for the matmul that reads them, so reusing one buffer keeps the allocator from churning
+# (fresh multi-MB temporaries per layer made glibc keep hundreds of MB it had freed).
+_WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    numel = shape[0] * shape[1]
+    key = (device, dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = _WORKSPACE[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
 class _QuantMatmul(torch.autograd.Function):
     """y = x @ W.T with W recomputed from its codes in backward instead of saved."""
 
@@ -130,21 +145,27 @@ class QuantLinear(nn.Module):
             rows = max(align, rows - rows % align)
         return min(rows, self.out_features)
 
-    def _row_chunks(self, dtype: torch.dtype):
-        """(first row, stop row, dequantized rows) covering the weight."""
+    def _row_chunks(self, dtype: torch.dtype, scratch: bool = False):
+        """(first row, stop row, dequantized rows) covering the weight.
+
+        `scratch`: the rows go into the shared workspace, valid until the next chunk is made
+        (the matmuls use them at once); otherwise each chunk is fresh memory.
+        """
         q = self.codes()
         absmax = block_absmax(q) if self.bits == 4 else None  # decoded once for all chunks
         step = self._rows_per_chunk
         for r0 in range(0, self.out_features, step):
             r1 = min(r0 + step, self.out_features)
-            yield r0, r1, self._dequantize_rows(q, r0, r1, dtype, absmax)
+            out = _workspace((r1 - r0, self.in_features), dtype, self.qweight.device) if scratch else None
+            yield r0, r1, self._dequantize_rows(q, r0, r1, dtype, absmax, out)
 
-    def _dequantize_rows(self, q, r0: int, r1: int, dtype: torch.dtype, absmax) -> torch.Tensor:
+    def _dequantize_rows(self, q, r0: int, r1: int, dtype: torch.dtype, absmax, out) -> torch.Tensor:
         if self.bits == 8:
-            return dequantize_int8(q, dtype, r0, r1)
+            return dequantize_int8(q, dtype, r0, r1, out=out)
         if self.backend != "native":
-            return backends.dequantize_4bit_rows(q, r0, r1, dtype, absmax)
-        flat = dequantize_4bit(q, dtype, r0 * self.in_features, r1 * self.in_features, absmax)
+            return backends.dequantize_4bit_rows(q, r0, r1, dtype, absmax, out=out)
+        flat = dequantize_4bit(q, dtype, r0 * self.in_features, r1 * self.in_features, absmax,
+                               out=None if out is None else out.view(-1))
         return flat.view(r1 - r0, self.in_features)
 
     @torch.no_grad()
@@ -165,15 +186,15 @@ class QuantLinear(nn.Module):
     # ---- compute -------------------------------------------------------------------------------
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self._rows_per_chunk >= self.out_features:
-            return x @ next(self._row_chunks(x.dtype))[2].t()
+            return x @ next(self._row_chunks(x.dtype, scratch=True))[2].t()
         out = x.new_empty(*x.shape[:-1], self.out_features)
-        for r0, r1, rows in self._row_chunks(x.dtype):
+        for r0, r1, rows in self._row_chunks(x.dtype, scratch=True):
             out[..., r0:r1] = x @ rows.t()
         return out
 
     def _matmul_transposed(self, grad: torch.Tensor) -> torch.Tensor:
         acc = None
-        for r0, r1, rows in self._row_chunks(grad.dtype):
+        for r0, r1, rows in self._row_chunks(grad.dtype, scratch=True):
             part = grad[..., r0:r1] @ rows
             acc = part if acc is None else acc.add_(part)
         return acc

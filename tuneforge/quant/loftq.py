@@ -34,8 +34,15 @@ from tuneforge.errors import ConfigError
 from . import backends
 from .blockwise import Quant4bit, dequantize_4bit
 from .int8 import Quant8bit, dequantize_int8
-from .linear import QuantLinear
-from .model import QuantizationConfig, _replace, _shared_weights, _skipped, quantize_linear, quantize_model
+from .model import (
+    QuantizationConfig,
+    _replace,
+    _shared_weights,
+    _skipped,
+    cast_unquantized,
+    quantize_linear,
+    quantize_model,
+)
 
 log = logging.getLogger("tuneforge")
 
@@ -158,22 +165,13 @@ def take_pending(model: nn.Module) -> tuple[QuantizationConfig, torch.dtype | No
 def finish_pending(model: nn.Module, pending, adapter_name: str | None = None, iters: int = 0) -> nn.Module:
     """Quantize as deferred: LoftQ for adapter `adapter_name` when iters >= 1, else plainly; then
     cast what stays in full precision to the dtype the load asked for (adapter tensors stay fp32)."""
-    from tuneforge.adapters.core import lora_layers
-
     qcfg, dtype = pending
     if iters:
         apply_loftq(model, adapter_name, qcfg, iters)
     else:
         quantize_model(model, config=qcfg)
     if dtype is not None:
-        keep = {id(p) for _, m in lora_layers(model)
-                for d in (m.lora_A, m.lora_B, m.lora_magnitude_vector) for p in d.values()}
-        for m in model.modules():
-            if isinstance(m, QuantLinear):
-                continue
-            for p in m.parameters(recurse=False):
-                if p.is_floating_point() and p.dtype != dtype and id(p) not in keep:
-                    p.data = p.data.to(dtype)  # .data: a tied parameter stays one object
+        cast_unquantized(model, dtype)
     return model
 
 

@@ -208,10 +208,24 @@ def quantized_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
-    """Cast the parameters outside QuantLinear layers (model.to(dtype) would cast their scales too)."""
+    """Cast the parameters outside QuantLinear layers and adapters (model.to(dtype) would cast
+    their scales too).
+
+    Each gets its own memory even when the dtype is already right: transformers leaves weights
+    in a memory map of the checkpoint file, and one remaining tensor keeps the whole map (all
+    the fp weights just quantized) resident.
+    """
+    from tuneforge.adapters.lora import LoraLayer
+
+    # adapter tensors are left alone: they train in fp32 whatever the base computes in
+    seen = {id(p) for m in model.modules() if isinstance(m, LoraLayer)
+            for d in (m.lora_A, m.lora_B, m.lora_magnitude_vector) for p in d.values()}
     for m in model.modules():
         if isinstance(m, QuantLinear):
             continue
-        for name, p in m.named_parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)  # .data: a tied parameter stays one object
+        for p in m.parameters(recurse=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            if p.is_floating_point():
+                p.data = p.data.to(dtype, copy=True)  # .data: a tied parameter stays one object
