@@ -105,12 +105,17 @@ def load_base():
 
 
 def build_arm(arm: str, rank: int):
+    """The model as `tuneforge train` loads it (load_model_and_tokenizer quantizes), plus LoRA."""
     from tuneforge.adapters import LoraConfig, add_adapter
-    from tuneforge.quant import quantize_model
+    from tuneforge.config import ModelArguments
+    from tuneforge.models import load_model_and_tokenizer
 
-    model = load_base()
-    if ARM_QUANT[arm] is not None:
-        quantize_model(model, compute_dtype="float32", **ARM_QUANT[arm])
+    quant = ARM_QUANT[arm]
+    args = ModelArguments()
+    if quant is not None:
+        args.quantization_bit, args.quantization_backend = quant["bits"], quant["backend"]
+        args.compute_dtype = "float32"
+    model, _ = load_model_and_tokenizer(args, dtype=torch.float32)
     add_adapter(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
     return model.train()
 
@@ -129,6 +134,10 @@ def run_arm(args) -> dict:
     release_freed_memory()
     imports = proc_status()
     model = build_arm(args.arm, args.rank)
+    if args.gradient_checkpointing:  # as LLaMA-Factory runs by default, and the QLoRA paper did
+        from tuneforge.workflows import _enable_activation_checkpointing
+
+        _enable_activation_checkpointing(model)
     with torch.no_grad():  # fault in every weight page: fp32 weights are mmapped from the file, lazily
         for t in model.state_dict().values():
             t.sum()
@@ -158,6 +167,8 @@ def spawn_arm(arm: str, args) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--threads", str(args.threads),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
            "--seq", str(args.seq), "--rank", str(args.rank)]
+    if args.gradient_checkpointing:
+        cmd.append("--gradient-checkpointing")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     for line in proc.stdout.splitlines():
@@ -202,7 +213,8 @@ def report_arms(args) -> dict[str, dict]:
     ok = {a: r for a, r in results.items() if "error" not in r}
     first = next(iter(ok.values()), None)
     print(f"\n== 2. one training step: batch {args.batch} x {args.seq} tokens, LoRA r={args.rank} "
-          f"alpha={2 * args.rank} all-linear, AdamW, torch threads "
+          f"alpha={2 * args.rank} all-linear, AdamW, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, torch threads "
           f"{first['threads'] if first else args.threads}, {args.warmup} warm-up + {args.steps} timed "
           f"steps x {args.rounds} round(s), each arm in its own process ==")
     if first and not all(r["peak_reset"] for r in ok.values()):
@@ -311,6 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="in every arm")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="prompts to answer (0: skip part 3)")
