@@ -129,12 +129,13 @@ def dequantize_4bit(
     stop: int | None = None,
     absmax: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
+    index_buf: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Values [start, stop) of the flattened tensor (all of it, in `q.shape`, by default).
 
     `start` must be a multiple of the blocksize (and so even); pass `absmax` (from `block_absmax`)
-    to decode it once for many slices, and `out` (stop - start values of `dtype`) to write into
-    a buffer you own instead of fresh memory.
+    to decode it once for many slices, and `out` (stop - start values of `dtype`) and `index_buf`
+    (int32, one per packed byte) to work in buffers you own instead of fresh memory.
     """
     n = prod(q.shape)
     whole = start == 0 and stop is None
@@ -147,7 +148,8 @@ def dequantize_4bit(
     count = stop - start
     direct = out is not None and dtype == torch.float32 and count == 2 * packed.numel() and count % q.blocksize == 0
     if direct:  # the common case, with no temporary: gather pairs into `out`, scale in place
-        torch.index_select(table, 0, packed.int(), out=out.view(-1, 2))
+        index = packed.int() if index_buf is None else index_buf.copy_(packed)
+        torch.index_select(table, 0, index, out=out.view(-1, 2))
         out.view(-1, q.blocksize).mul_(absmax[start // q.blocksize : stop // q.blocksize].unsqueeze(1))
         return out
     values = torch.index_select(table, 0, packed.int()).view(-1)[:count]

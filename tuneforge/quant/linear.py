@@ -30,8 +30,10 @@ CHUNK_VALUES = 1 << 22
 _WORKSPACE: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
 
-def _workspace(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    numel = shape[0] * shape[1]
+def _workspace(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    numel = 1
+    for d in shape:
+        numel *= d
     key = (device, dtype)
     buf = _WORKSPACE.get(key)
     if buf is None or buf.numel() < numel:
@@ -164,8 +166,9 @@ class QuantLinear(nn.Module):
             return dequantize_int8(q, dtype, r0, r1, out=out)
         if self.backend != "native":
             return backends.dequantize_4bit_rows(q, r0, r1, dtype, absmax, out=out)
+        index = None if out is None else _workspace(((r1 - r0) * self.in_features // 2,), torch.int32, out.device)
         flat = dequantize_4bit(q, dtype, r0 * self.in_features, r1 * self.in_features, absmax,
-                               out=None if out is None else out.view(-1))
+                               out=None if out is None else out.view(-1), index_buf=index)
         return flat.view(r1 - r0, self.in_features)
 
     @torch.no_grad()
