@@ -135,16 +135,21 @@ def quantize_linear(linear: nn.Linear, cfg: QuantizationConfig, weight: torch.Te
 
         if linear.lora_merged:
             raise ConfigError("unmerge the adapters before quantizing: merged weights cannot be quantized back")
-        q.__class__ = LoraQuantLinear
-        for key, value in vars(linear).items():
-            if key not in ("_parameters", "_buffers", "_modules", "training") and key not in vars(q):
-                setattr(q, key, value)
-        for key in ("lora_A", "lora_B", "lora_magnitude_vector"):
-            q._modules[key] = linear._modules[key]
-        q._lora_base_class = QuantLinear
-        q._dora_cache = {}
+        _carry_adapters(linear, q, LoraQuantLinear, QuantLinear)
     q.train(linear.training)
     return q
+
+
+def _carry_adapters(src: nn.Module, dst: nn.Module, adapter_cls: type, base_cls: type) -> None:
+    """Make `dst` (a new base layer) the LoRA layer `src` was: same adapters, same state."""
+    dst.__class__ = adapter_cls
+    for key, value in vars(src).items():
+        if key not in ("_parameters", "_buffers", "_modules", "training") and key not in vars(dst):
+            setattr(dst, key, value)
+    for key in ("lora_A", "lora_B", "lora_magnitude_vector"):
+        dst._modules[key] = src._modules[key]
+    dst._lora_base_class = base_cls
+    dst._dora_cache = {}  # the norms of the old weight
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
@@ -174,14 +179,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
         if m.bias is not None:
             lin.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=m.bias.requires_grad)
         if isinstance(m, LoraLayer):
-            lin.__class__ = LoraLinear
-            for key, value in vars(m).items():
-                if key not in ("_parameters", "_buffers", "_modules", "training") and key not in vars(lin):
-                    setattr(lin, key, value)
-            for key in ("lora_A", "lora_B", "lora_magnitude_vector"):
-                lin._modules[key] = m._modules[key]
-            lin._lora_base_class = nn.Linear
-            lin._dora_cache = {}
+            _carry_adapters(m, lin, LoraLinear, nn.Linear)
         lin.train(m.training)
         _replace(model, path, lin)
     if hasattr(model, "tuneforge_quantization"):
