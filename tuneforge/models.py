@@ -225,10 +225,13 @@ def attach_adapters(model, adapter_paths: list[str], trainable: bool):
     merged into the base weights; the last stays an adapter (trained further if `trainable`)."""
     from . import adapters
     from .quant.loftq import load_adapter_for_base, refuse_merging
+    from .quant.provenance import check_base
 
     for path in adapter_paths:
         if not Path(path).is_dir():
             raise ModelError(f"adapter path '{path}' does not exist")
+    for path in adapter_paths:
+        check_base(model, path)  # says so when the adapter was trained on another base
     for i, path in enumerate(adapter_paths[:-1]):
         refuse_merging(path)  # a LoftQ adapter fits only its own quantized base
         adapters.load_adapter(model, path, name=f"merged_{i}")

@@ -62,6 +62,8 @@ def test_yaml_qlora_trains_and_saves_a_plain_adapter(tiny_model_dir, tiny_data_d
     assert results["train_loss"] > 0
     saved = load_file(str(out / "adapter_model.safetensors"))
     assert saved and all("lora_" in k for k in saved)  # no quantized base tensor in the adapter
+    record = json.loads((out / "base_quantization.json").read_text())  # which base it was trained on
+    assert record["bits"] == cfg.model.quantization_bit and record["quant_type"] == cfg.model.quantization_type
 
     # on the same quantized base, tuneforge's adapter equals peft's on the dequantized weights
     m = cfg.model
@@ -97,3 +99,20 @@ def test_bad_quantization_keys(tiny_model_dir, tiny_data_dir, tmp_path, extra, m
     with pytest.raises(ConfigError, match=message):
         train(load_config(text))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_from_a_4bit_base_says_so_on_an_unquantized_one(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                  caplog):
+    from tuneforge.models import attach_adapters, load_model_and_tokenizer
+
+    train(load_config(_yaml(tmp_path, tiny_model_dir, tiny_data_dir, "quantization_bit: 4\ncompute_dtype: float32\n")))
+    out = tmp_path / "out"
+    fp = load_config(None, {"model_name_or_path": str(tiny_model_dir)})
+    with caplog.at_level("WARNING", logger="tuneforge"):
+        attach_adapters(load_model_and_tokenizer(fp.model)[0], [str(out)], trainable=False)
+    assert "trained on a 4-bit nf4 base, but this model is not quantized" in caplog.text
+    caplog.clear()
+    q = load_config(None, {"model_name_or_path": str(tiny_model_dir), "quantization_bit": 4})
+    with caplog.at_level("WARNING", logger="tuneforge"):
+        attach_adapters(load_model_and_tokenizer(q.model)[0], [str(out)], trainable=False)
+    assert "trained on" not in caplog.text

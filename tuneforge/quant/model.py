@@ -183,6 +183,8 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn
         lin.train(m.training)
         _replace(model, path, lin)
     if hasattr(model, "tuneforge_quantization"):
+        # remembered so that adapters trained on the quantized base still match it (provenance.py)
+        model.tuneforge_dequantized_from = model.tuneforge_quantization
         del model.tuneforge_quantization
     return model
 

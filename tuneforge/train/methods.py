@@ -156,8 +156,11 @@ def _lora_setup(model, tokenizer, finetune, base_id: str) -> TrainableSetup:
                     "pissa_convert: true, or pissa_iter: -1", finetune.pissa_iter)
 
     def save(m, directory, converted=convert):
+        from ..quant.provenance import record_base
+
         adapters.save_adapter(m, directory, name="default", base_model_name_or_path=base_id,
                               convert_pissa=converted)
+        record_base(m, directory)  # QLoRA: which quantized base the adapter was trained on
 
     def save_final(m, directory):
         if convert:
