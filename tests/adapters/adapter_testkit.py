@@ -71,6 +71,20 @@ def train_steps(model: torch.nn.Module, steps: int = 3, lr: float = 1e-2, opt: s
     model.eval()
 
 
+def fit_losses(model: torch.nn.Module, ids: torch.Tensor, steps: int, lr: float = 1e-2) -> list[float]:
+    """AdamW on the trainable parameters, the same batch every step; the loss of each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def peft_lora_modules(peft_model) -> dict[str, torch.nn.Module]:
     """peft's LoRA layers by base-model module name."""
     from peft.tuners.lora import LoraLayer

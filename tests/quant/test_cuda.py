@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from adapter_testkit import make_model, tokens
+from adapter_testkit import fit_losses, make_model, tokens
 from torch import nn
 
 from tuneforge import adapters as A
@@ -42,14 +42,5 @@ def test_qlora_trains_on_cuda():
     quantize_model(model, compute_dtype="bfloat16")
     assert all(m.qweight.is_cuda for m in model.modules() if isinstance(m, QuantLinear))
     A.add_adapter(model, A.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = tokens(batch=4, length=16).cuda()
-    model.train()
-    losses = []
-    for _ in range(10):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fit_losses(model, tokens(batch=4, length=16).cuda(), steps=10)
     assert losses[-1] < losses[0], losses

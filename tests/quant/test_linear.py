@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from adapter_testkit import logits, make_model, tokens
+from adapter_testkit import fit_losses, logits, make_model, tokens
 from torch import nn
 
 from tuneforge import adapters as A
@@ -107,17 +107,7 @@ def test_loss_falls_when_training_on_a_4bit_base():
     model = make_model("llama")
     quantize_model(model, compute_dtype="float32")
     A.add_adapter(model, A.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-2)
-    ids = tokens(batch=4, length=16)
-    model.train()
-    losses = []
-    for _ in range(12):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fit_losses(model, tokens(batch=4, length=16), steps=12)
     assert losses[-1] < 0.9 * losses[0], losses
 
 
