@@ -32,7 +32,7 @@ def token_loss_sum(model, batch: dict, sparse_logits: bool) -> tuple[torch.Tenso
     """Sum of next-token cross-entropies over labelled positions, and their count. With
     `sparse_logits` the output head only runs at positions some row has a label for."""
     labels = batch["labels"][:, 1:]
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    kwargs = model_inputs(batch)
     if sparse_logits:
         positions = (labels != IGNORE).any(dim=0).nonzero().squeeze(-1)
         logits = model(**kwargs, logits_to_keep=positions).logits
@@ -42,6 +42,18 @@ def token_loss_sum(model, batch: dict, sparse_logits: bool) -> tuple[torch.Tenso
     loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
                            ignore_index=IGNORE, reduction="sum")
     return loss, int((labels != IGNORE).sum())
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model gets: everything a collator made except the labels (input_ids, and an
+    attention_mask for padded rows or position_ids for packed ones)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def real_tokens(batch: dict) -> int:
+    """Non-padding tokens; a batch without an attention_mask (packed) has no padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def count_steps(n_micro_batches_per_epoch: int, args) -> int:
@@ -124,7 +136,7 @@ class TrainingRun:
         self.state.global_step += 1
         self.state.epoch = self.stream.epoch_of(self.state.micro_batches_seen)
         loss_global = float(self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), "sum"))
-        real = sum(int(m["attention_mask"].sum()) for m in micro)
+        real = sum(real_tokens(m) for m in micro)
         return loss_global / max(step_tokens, 1), step_tokens, real
 
     def save_checkpoint(self) -> None:
