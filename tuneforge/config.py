@@ -176,6 +176,10 @@ class TrainingArguments:
     fp16: bool = _f(False, "Train with fp16 mixed precision on GPUs.")
     gradient_checkpointing: bool = _f(
         False, "Recompute activations in the backward pass: less memory, more time.")
+    fused_cross_entropy: Optional[bool] = _f(
+        None, "Compute the output head and the loss together in chunks, only where there are "
+        "labels: the full logits never exist. Empty: on where the model's logits are its head "
+        "applied to its hidden states (checked once before training).")
     dataloader_num_workers: int = _f(0, "Worker processes for batching.")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
     ddp_timeout: int = _f(1800, "Seconds before a distributed collective times out.")

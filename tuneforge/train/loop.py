@@ -5,14 +5,12 @@ accumulation equals one big batch), clip, step, log, evaluate, checkpoint."""
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from transformers import get_scheduler
 
@@ -20,34 +18,9 @@ from . import checkpoint as ckpt
 from .batches import MicroBatchStream, eval_batches
 from .optim import build_optimizer
 from .reporting import Reporter
+from .token_loss import TokenLoss
 
 IGNORE = -100
-
-
-def _accepts_logits_to_keep(model) -> bool:
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
-def token_loss_sum(model, batch: dict, sparse_logits: bool) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropies over labelled positions, and their count. With
-    `sparse_logits` the output head only runs at positions some row has a label for."""
-    labels = batch["labels"][:, 1:]
-    kwargs = model_inputs(batch)
-    if sparse_logits:
-        positions = (labels != IGNORE).any(dim=0).nonzero().squeeze(-1)
-        logits = model(**kwargs, logits_to_keep=positions).logits
-        labels = labels[:, positions]
-    else:
-        logits = model(**kwargs).logits[:, :-1]
-    loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, int((labels != IGNORE).sum())
-
-
-def model_inputs(batch: dict) -> dict:
-    """What the model gets: everything a collator made except the labels (input_ids, and an
-    attention_mask for padded rows or position_ids for packed ones)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def real_tokens(batch: dict) -> int:
@@ -88,7 +61,9 @@ class TrainingRun:
         self.scheduler = get_scheduler(self.args.lr_scheduler_type, optimizer,
                                        num_warmup_steps=warmup, num_training_steps=self.total_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.sparse_logits = _accepts_logits_to_keep(accelerator.unwrap_model(self.model))
+        self.token_loss = TokenLoss.choose(self.model, accelerator.unwrap_model(self.model),
+                                           self.stream.get(0), self.args.fused_cross_entropy,
+                                           accelerator.autocast)
         self.state = ckpt.TrainerState(total_steps=self.total_steps, seed=self.args.seed)
         self.resume_from = resume_from
 
@@ -101,7 +76,7 @@ class TrainingRun:
                                   self.collate, self.acc.process_index, self.acc.num_processes):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             with self.acc.autocast():
-                loss_sum, n = token_loss_sum(self.model, batch, self.sparse_logits)
+                loss_sum, n = self.token_loss(batch)
             total += torch.tensor([loss_sum.item(), n], device=self.acc.device, dtype=torch.float64)
         total = self.acc.reduce(total, "sum")
         self.model.train()
@@ -122,7 +97,7 @@ class TrainingRun:
         for i, batch in enumerate(micro):
             sync = nullcontext() if i == gas - 1 else self.acc.no_sync(self.model)
             with sync, self.acc.autocast():
-                loss_sum, _ = token_loss_sum(self.model, batch, self.sparse_logits)
+                loss_sum, _ = self.token_loss(batch)
                 self.acc.backward(loss_sum * scale)
             loss_total += loss_sum.item()
         self.grad_norm = None

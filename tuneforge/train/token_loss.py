@@ -1,0 +1,73 @@
+"""The loss every stage built on next-token prediction shares: the sum of cross-entropies over
+labelled positions and their count (the loop divides by the count of the whole optimizer step).
+
+Three ways to compute the same number, the cheapest the model allows:
+- fused: head and cross-entropy in chunks, only at labelled positions (fused_loss.py);
+- sparse: the model's head only at positions some row has a label for (`logits_to_keep`);
+- plain: all logits."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import ConfigError
+from .fused_loss import fused_token_loss_sum, probe
+
+IGNORE = -100
+PROBE_TOKENS = 16
+log = logging.getLogger("tuneforge")
+
+
+def model_inputs(batch: dict) -> dict:
+    """What the model gets: everything a collator made except the labels (input_ids, and an
+    attention_mask for padded rows or position_ids for packed ones)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+class TokenLoss:
+    """`loss(batch) -> (summed loss, label count)`. `model` runs the forward (it may be wrapped
+    for distributed training); `unwrapped` is the model itself."""
+
+    def __init__(self, model, unwrapped, mode: str):
+        self.model, self.unwrapped, self.mode = model, unwrapped, mode
+
+    @classmethod
+    def choose(cls, model, unwrapped, sample_batch: dict, fused: bool | None,
+               autocast=nullcontext) -> "TokenLoss":
+        """Fused where `fused` allows it (None: where the probe passes), else sparse or plain.
+        `autocast` is the training's autocast context (a bf16 base with fp32 adapters needs it)."""
+        if fused is not False:
+            inputs = {k: v[:1, :PROBE_TOKENS] for k, v in model_inputs(sample_batch).items()}
+            with autocast():
+                why_not = probe(unwrapped, inputs)
+            if why_not is None:
+                return cls(model, unwrapped, "fused")
+            if fused:
+                raise ConfigError(f"config key 'fused_cross_entropy' is true, but {why_not}; "
+                                  "set it to false or leave it empty")
+            log.info("fused cross-entropy off: %s", why_not)
+        return cls(model, unwrapped, "sparse" if _accepts_logits_to_keep(unwrapped) else "plain")
+
+    def __call__(self, batch: dict) -> tuple[torch.Tensor, int]:
+        inputs, labels = model_inputs(batch), batch["labels"]
+        if self.mode == "fused":
+            return fused_token_loss_sum(self.model, self.unwrapped, inputs, labels)
+        shifted = labels[:, 1:]
+        if self.mode == "sparse":
+            positions = (shifted != IGNORE).any(dim=0).nonzero().squeeze(-1)
+            logits = self.model(**inputs, logits_to_keep=positions).logits
+            shifted = shifted[:, positions]
+        else:
+            logits = self.model(**inputs).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shifted.reshape(-1),
+                               ignore_index=IGNORE, reduction="sum")
+        return loss, int((shifted != IGNORE).sum())
