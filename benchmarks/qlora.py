@@ -121,9 +121,12 @@ def build_arm(arm: str, rank: int):
 
 
 def train_step(model, opt, ids: torch.Tensor) -> float:
+    """One step with the loss as tuneforge's training loop computes it (fused head + loss)."""
+    from tuneforge.train.token_loss import TokenLoss
+
     t0 = time.perf_counter()
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
+    loss_sum, n = TokenLoss(model, model, "fused")({"input_ids": ids, "labels": ids})
+    (loss_sum / n).backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
