@@ -81,6 +81,17 @@ class DataArguments:
         False, "Accepted for LLaMA-Factory configs; tuneforge tokenizes in memory, no cache.")
     preprocessing_num_workers: Optional[int] = _f(
         None, "Accepted for LLaMA-Factory configs; tokenization runs in-process.")
+    packing: Optional[bool] = _f(
+        None, "Padding-free batches: each micro-batch's examples are concatenated into one row "
+        "with position_ids restarting per example, and attention never crosses examples, so "
+        "loss and gradients equal the padded batch's with no compute spent on padding. Batches "
+        "hold the same examples as without packing (unlike LLaMA-Factory, examples are not "
+        "merged up to cutoff_len). Empty: on when a quick check of the model before training "
+        "shows packed logits equal padded ones, else off (logged). true: required (an error if "
+        "the model cannot); false: padding.")
+    neat_packing: bool = _f(
+        False, "LLaMA-Factory's packing without cross-example attention. tuneforge's packing "
+        "never lets attention cross examples, so true simply means packing: true.")
 
 
 @dataclass
@@ -221,7 +232,7 @@ SECTIONS = {
 # Keys of LLaMA-Factory that tuneforge knows but does not implement yet: a clear
 # "not supported yet" beats an "unknown key" that suggests a typo.
 NOT_YET_SUPPORTED = {
-    "packing", "neat_packing", "deepspeed", "flash_attn", "use_unsloth", "rope_scaling",
+    "deepspeed", "flash_attn", "use_unsloth", "rope_scaling",
     "pref_beta", "pref_loss", "predict_with_generate", "do_predict", "infer_backend",
 }
 
@@ -413,6 +424,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'warmup_ratio' must be in [0, 1]; got {cfg.train.warmup_ratio}")
     if cfg.train.learning_rate <= 0:
         raise ConfigError(f"config key 'learning_rate' must be positive; got {cfg.train.learning_rate}")
+    if cfg.data.neat_packing and cfg.data.packing is False:
+        raise ConfigError("config key 'neat_packing' is true but packing is false; neat_packing "
+                          "is a kind of packing: drop one of them")
     if cfg.train.bf16 and cfg.train.fp16:
         raise ConfigError("config keys 'bf16' and 'fp16' are both true; choose one")
     if cfg.train.max_steps <= 0 and cfg.train.num_train_epochs <= 0:

@@ -19,11 +19,12 @@ def train(cfg: Config) -> dict:
     """Fine-tune as configured; returns the metrics also written to train_results.json."""
     from transformers import set_seed
 
-    from .data import PaddingCollator, load_datasets
+    from .data import load_datasets
     from .models import bf16_is_fast, load_model_and_tokenizer
     from .train import checkpoint as ckpt
     from .train.loop import TrainingRun, mixed_precision
     from .train.methods import describe, prepare_model
+    from .train.packing import choose_collator
     from .train.plot import plot_loss
 
     args = cfg.train
@@ -50,7 +51,10 @@ def train(cfg: Config) -> dict:
     model, setup = prepare_model(model, tokenizer, cfg, resume_from=resume)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model)
+    choice = choose_collator(cfg.data, model, tokenizer.pad_token_id)  # padding or packing (probe)
     if accelerator.is_main_process:
+        if choice.note:
+            log.info("%s", choice.note)
         log.info("%s", describe(model))
         log.info("train examples: %d, eval examples: %d", len(splits.train),
                  len(splits.eval or []))
@@ -65,9 +69,10 @@ def train(cfg: Config) -> dict:
             setup.save_initial(model, out)
     accelerator.wait_for_everyone()
 
-    collate = PaddingCollator(tokenizer.pad_token_id)
-    run = TrainingRun(cfg, model, splits.train, splits.eval, collate, setup, accelerator, resume)
+    run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator,
+                      resume)
     results = run.run()
+    choice.undo()  # the model's own attention and use_cache again, before it is saved
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         setup.save_final(accelerator.unwrap_model(run.model), out)

@@ -8,6 +8,7 @@ from .collate import PaddingCollator
 from .encode import IGNORE_INDEX, encode_conversation, encode_conversations
 from .formats import Conversation
 from .loader import DatasetSplits, load_datasets
+from .packing import PackingCollator
 from .registry import default_dataset_dir
 from .templates import TEMPLATES, Template, apply_template, get_template
 
@@ -16,6 +17,7 @@ __all__ = [
     "TEMPLATES",
     "Conversation",
     "DatasetSplits",
+    "PackingCollator",
     "PaddingCollator",
     "Template",
     "apply_template",
