@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tuneforge-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench-qlora clean
+.PHONY: install demo test test-fast bench bench-quick bench-qlora clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
+
+# LoRA training throughput against peft + transformers.Trainer, with the goals of issue 5
+# (benchmarks/train_throughput.py; run it on an otherwise idle machine)
+bench: $(STAMP)
+	$(PY) benchmarks/train_throughput.py
+
+bench-quick: $(STAMP)
+	$(PY) benchmarks/train_throughput.py --quick
 
 # QLoRA against LoRA on the default model: bytes, peak RSS, step time, answers (a few minutes)
 bench-qlora: $(STAMP)
