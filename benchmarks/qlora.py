@@ -58,6 +58,13 @@ PROMPTS = (
     "Explain in one sentence what a neural network is.",
 )
 GOAL_BYTES, GOAL_PEAK, GOAL_TIME = 0.27, 0.6, 1.3
+# --shape: Llama shapes for part 2 with random weights (SmolLM2-1.7B's: 1.7 B parameters)
+SHAPES = {
+    "default": None,
+    "1.7b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                 num_key_value_heads=32, vocab_size=49152, tie_word_embeddings=True,
+                 max_position_embeddings=2048),
+}
 RESULT_TAG = "@@qlora-arm "
 MB = 1 << 20
 
@@ -104,13 +111,27 @@ def load_base():
     return model
 
 
-def build_arm(arm: str, rank: int):
-    """The model as `tuneforge train` loads it (load_model_and_tokenizer quantizes), plus LoRA."""
+def build_arm(arm: str, rank: int, shape: str = "default"):
+    """The model as `tuneforge train` loads it (load_model_and_tokenizer quantizes), plus LoRA;
+    or, for another `shape`, a randomly initialised model of that shape (memory and time do
+    not depend on the weights' values), quantized as the loader would."""
     from tuneforge.adapters import LoraConfig, add_adapter
     from tuneforge.config import ModelArguments
     from tuneforge.models import load_model_and_tokenizer
 
     quant = ARM_QUANT[arm]
+    if shape != "default":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from tuneforge.quant import quantize_model
+
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
+        model.config.use_cache = False
+        if quant is not None:
+            model = quantize_model(model, compute_dtype="float32", **quant)
+        add_adapter(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear"))
+        return model.train()
     args = ModelArguments()
     if quant is not None:
         args.quantization_bit, args.quantization_backend = quant["bits"], quant["backend"]
@@ -136,7 +157,7 @@ def run_arm(args) -> dict:
     torch.set_num_threads(args.threads)
     release_freed_memory()
     imports = proc_status()
-    model = build_arm(args.arm, args.rank)
+    model = build_arm(args.arm, args.rank, args.shape)
     if args.gradient_checkpointing:  # as LLaMA-Factory runs by default, and the QLoRA paper did
         from tuneforge.workflows import _enable_activation_checkpointing
 
@@ -169,7 +190,7 @@ def spawn_arm(arm: str, args) -> dict:
     """Run one arm in a fresh interpreter; its result dict, or {'error': ...}."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--threads", str(args.threads),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-           "--seq", str(args.seq), "--rank", str(args.rank)]
+           "--seq", str(args.seq), "--rank", str(args.rank), "--shape", args.shape]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -215,7 +236,8 @@ def report_arms(args) -> dict[str, dict]:
             results[arm] = r
     ok = {a: r for a, r in results.items() if "error" not in r}
     first = next(iter(ok.values()), None)
-    print(f"\n== 2. one training step: batch {args.batch} x {args.seq} tokens, LoRA r={args.rank} "
+    model = "the default model" if args.shape == "default" else f"a random Llama of shape {args.shape}"
+    print(f"\n== 2. one training step of {model}: batch {args.batch} x {args.seq} tokens, LoRA r={args.rank} "
           f"alpha={2 * args.rank} all-linear, AdamW, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, torch threads "
           f"{first['threads'] if first else args.threads}, {args.warmup} warm-up + {args.steps} timed "
@@ -326,6 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--shape", choices=list(SHAPES), default="default",
+                    help="part 2 on a random model of a larger shape, where the Linear weights "
+                         "dominate memory (the default model's weights are loaded otherwise)")
     ap.add_argument("--gradient-checkpointing", action="store_true", help="in every arm")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads (all cores)")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")

@@ -39,6 +39,10 @@ class TokenLoss:
 
     def __init__(self, model, unwrapped, mode: str):
         self.model, self.unwrapped, self.mode = model, unwrapped, mode
+        # transformers models build a KV cache even in training when their config says
+        # use_cache; a loss never needs one
+        params = inspect.signature(unwrapped.forward).parameters
+        self.no_cache = {"use_cache": False} if "use_cache" in params else {}
 
     @classmethod
     def choose(cls, model, unwrapped, sample_batch: dict, fused: bool | None,
@@ -58,7 +62,7 @@ class TokenLoss:
         return cls(model, unwrapped, "sparse" if _accepts_logits_to_keep(unwrapped) else "plain")
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, int]:
-        inputs, labels = model_inputs(batch), batch["labels"]
+        inputs, labels = {**model_inputs(batch), **self.no_cache}, batch["labels"]
         if self.mode == "fused":
             return fused_token_loss_sum(self.model, self.unwrapped, inputs, labels)
         shifted = labels[:, 1:]
