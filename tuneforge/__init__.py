@@ -32,7 +32,7 @@ _EXPORTS = {
     "quantize_model": "quant", "dequantize_model": "quant", "QuantizationConfig": "quant",
 }
 
-__all__ = [*_EXPORTS, "train", "export", "__version__"]
+__all__ = [*_EXPORTS, "train", "evaluate", "export", "__version__"]
 
 
 def __getattr__(name: str):
@@ -56,6 +56,13 @@ def train(config) -> dict:
     from .workflows import train as _train
 
     return _train(_as_config(config))
+
+
+def evaluate(config, limit: int | None = None) -> dict:
+    """Eval loss/perplexity (and with do_predict, generated answers scored by ROUGE/BLEU)."""
+    from .workflows import evaluate as _evaluate
+
+    return _evaluate(_as_config(config), limit=limit)
 
 
 def export(config):

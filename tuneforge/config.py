@@ -143,6 +143,13 @@ class FinetuningArguments:
 class TrainingArguments:
     output_dir: Optional[str] = _f(None, "Where the adapter, checkpoints and logs are written.")
     do_train: bool = _f(True, "Run training (for `tuneforge train`).")
+    do_predict: bool = _f(
+        False, "`tuneforge eval`: also generate an answer for every eval example and score it "
+        "(ROUGE-1/2/L, BLEU-4) into output_dir/generated_predictions.jsonl and predict_results.json; "
+        "false: eval loss and perplexity only.")
+    predict_with_generate: bool = _f(
+        False, "Accepted for LLaMA-Factory configs: predictions are always generated when "
+        "do_predict is true.")
     overwrite_output_dir: bool = _f(
         False, "Allow writing into a non-empty output_dir that has no checkpoints to resume.")
     per_device_train_batch_size: int = _f(1, "Examples per micro-batch per device.")
@@ -233,7 +240,7 @@ SECTIONS = {
 # "not supported yet" beats an "unknown key" that suggests a typo.
 NOT_YET_SUPPORTED = {
     "deepspeed", "flash_attn", "use_unsloth", "rope_scaling",
-    "pref_beta", "pref_loss", "predict_with_generate", "do_predict", "infer_backend",
+    "pref_beta", "pref_loss", "infer_backend",
 }
 
 

@@ -115,10 +115,74 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> dict:
+    """Eval loss and perplexity on the eval split (eval_dataset, or the val_size hold-out of
+    dataset, split as `train` splits it); with do_predict also generated answers scored with
+    ROUGE/BLEU. `limit` keeps the first examples only. Results go to output_dir when set."""
+    import dataclasses
+
+    from .data import load_datasets
+    from .errors import DataError
+    from .eval.predict import run_predict
+    from .infer import ChatModel
+
+    data = cfg.data
+    if not data.eval_dataset and not data.val_size:
+        raise ConfigError("`tuneforge eval` needs eval data: set eval_dataset: <names> "
+                          "or dataset: <names> with val_size: <fraction or count>")
+    if limit is not None and limit <= 0:
+        raise ConfigError(f"--max_samples must be positive; got {limit}")
+    chat = ChatModel(cfg)  # model + adapters + template, as chat uses them
+    # the reference is the last reply; the loss is taken on that reply only
+    data = dataclasses.replace(data, dataset=data.dataset or data.eval_dataset,
+                               train_on_prompt=False, mask_history=True)
+    examples = load_datasets(data, chat.tokenizer, seed=cfg.train.seed).eval or []
+    examples = examples[:limit] if limit else examples
+    if not examples:
+        raise DataError("the eval split is empty: raise val_size or check eval_dataset")
+    log.info("evaluating %d examples", len(examples))
+    return run_predict(chat.model, chat.tokenizer, examples, cfg.generate,
+                       cfg.train.per_device_eval_batch_size, cfg.train.output_dir,
+                       do_predict=cfg.train.do_predict,
+                       progress=progress and not cfg.train.disable_tqdm)
+
+
+def evaluate_benchmark(cfg: Config, files: list[str], n_shot: int = 0, dev: str | None = None,
+                       limit: int | None = None, progress: bool = True) -> dict:
+    """Multiple-choice accuracy per subject on local MMLU/C-Eval style files (eval/choice.py);
+    written to <output_dir>/benchmark_results.json when output_dir is set."""
+    from .eval.choice import evaluate_choices, read_questions
+    from .infer import ChatModel
+
+    if n_shot < 0:
+        raise ConfigError(f"--n_shot must be >= 0; got {n_shot}")
+    rows = [row for path in files for row in read_questions(path)]
+    rows = rows[:limit] if limit else rows
+    dev_rows = read_questions(dev) if dev else None
+    chat = ChatModel(cfg)
+    result = evaluate_choices(chat.model, chat.tokenizer, rows, n_shot, dev_rows,
+                              cfg.train.per_device_eval_batch_size,
+                              progress and not cfg.train.disable_tqdm)
+    if cfg.train.output_dir:
+        out = Path(cfg.train.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "benchmark_results.json").write_text(json.dumps(result["accuracy"], indent=2))
+    return result["accuracy"]
+
+
 def chat_model(cfg: Config):
     from .infer import ChatModel
 
     return ChatModel(cfg)
+
+
+def api(cfg: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve the base model and every adapter in adapter_name_or_path over an OpenAI-compatible
+    HTTP API (blocking). Bearer auth when the API_KEY environment variable is set."""
+    from .api import Engine
+    from .api.server import serve
+
+    serve(Engine.from_config(cfg), host=host, port=port)
 
 
 def export(cfg: Config) -> Path:

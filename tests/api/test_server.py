@@ -1,0 +1,216 @@
+"""The real uvicorn server on a free local port, driven by the official openai client."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+
+from tuneforge.api import Engine  # noqa: E402
+from tuneforge.api.server import BackgroundServer  # noqa: E402
+from tuneforge.config import load_config  # noqa: E402
+from tuneforge.infer import ChatModel  # noqa: E402
+
+KEY = "test-key"
+MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+def _make_adapter(model_dir, out, seed):
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.adapters import LoraConfig, add_adapter, save_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # non-zero B: the adapter changes the output
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    save_adapter(model, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    a = _make_adapter(tiny_model_dir, root / "alpha", 1)
+    b = _make_adapter(tiny_model_dir, root / "beta", 2)
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model_dir),
+                             "adapter_name_or_path": f"{a},{b}"})
+    engine = Engine.from_config(cfg)
+    with BackgroundServer(engine, api_key=KEY) as url:
+        yield {"url": url, "engine": engine, "dir": tiny_model_dir, "alpha": a, "beta": b}
+
+
+@pytest.fixture(scope="module")
+def client(setup):
+    return openai.OpenAI(base_url=setup["url"], api_key=KEY, max_retries=0)
+
+
+def _raw(url, data: bytes | None = None, key: str | None = KEY) -> tuple[int, dict]:
+    """A request without the openai client (a body it would not send, no auth header)."""
+    headers = {"Content-Type": "application/json"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _chat(client, model, **kw):
+    kw.setdefault("max_tokens", 12)
+    return client.chat.completions.create(model=model, messages=MESSAGES, temperature=0, **kw)
+
+
+def _direct(model_dir, adapter=None, max_new_tokens=12):
+    values = {"model_name_or_path": str(model_dir), "do_sample": False}
+    if adapter:
+        values["adapter_name_or_path"] = str(adapter)
+    return ChatModel(load_config(None, values)).answer(MESSAGES, max_new_tokens=max_new_tokens)
+
+
+def test_list_models(setup, client):
+    ids = [m.id for m in client.models.list().data]
+    assert ids == [setup["engine"].base_name, "alpha", "beta"]
+
+
+def test_chat_usage_and_stream_matches(setup, client):
+    base = setup["engine"].base_name
+    out = _chat(client, base)
+    text = out.choices[0].message.content
+    assert out.usage.prompt_tokens == setup["engine"].encode(MESSAGES).shape[1]
+    assert 0 < out.usage.completion_tokens <= 12
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    if out.usage.completion_tokens == 12:
+        assert out.choices[0].finish_reason == "length"
+    chunks = list(_chat(client, base, stream=True))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == text
+    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+
+
+def test_adapter_selection_matches_direct_runs(setup, client):
+    base = _chat(client, setup["engine"].base_name).choices[0].message.content
+    alpha = _chat(client, "alpha").choices[0].message.content
+    beta = _chat(client, "beta").choices[0].message.content
+    assert len({base, alpha, beta}) == 3
+    assert base == _direct(setup["dir"])
+    assert alpha == _direct(setup["dir"], setup["alpha"])
+    assert beta == _direct(setup["dir"], setup["beta"])
+
+
+def test_stop_and_max_tokens(setup, client):
+    full = _chat(client, "alpha", max_tokens=12).choices[0].message.content
+    assert len(full) > 4
+    stop = full[2:4]
+    cut = _chat(client, "alpha", max_tokens=12, stop=[stop])
+    assert cut.choices[0].message.content == full[:full.find(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = "".join(c.choices[0].delta.content or "" for c in
+                       _chat(client, "alpha", max_tokens=12, stop=stop, stream=True) if c.choices)
+    assert streamed == full[:full.find(stop)]
+    one = _chat(client, "alpha", max_tokens=1)
+    assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
+
+
+def test_sampling_with_seed_is_repeatable(client):
+    kw = {"temperature": 0.9, "top_p": 0.9, "seed": 7, "max_tokens": 8}
+    first = client.chat.completions.create(model="beta", messages=MESSAGES, **kw)
+    again = client.chat.completions.create(model="beta", messages=MESSAGES, **kw)
+    assert first.choices[0].message.content == again.choices[0].message.content
+
+
+def test_wrong_key_is_401(setup):
+    bad = openai.OpenAI(base_url=setup["url"], api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        _chat(bad, "alpha")
+    status, body = _raw(setup["url"] + "/models", key=None)  # no header at all
+    assert status == 401 and body["error"]["code"] == "invalid_api_key"
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as info:
+        _chat(client, "no-such-adapter")
+    assert info.value.body["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": MESSAGES},                                          # no model
+    {"model": "alpha", "messages": []},                              # no messages
+    {"model": "alpha", "messages": [{"role": "wizard", "content": "x"}]},
+    {"model": "alpha", "messages": MESSAGES, "temperature": -1},
+    {"model": "alpha", "messages": MESSAGES, "max_tokens": 0},
+    {"model": "alpha", "messages": MESSAGES, "top_p": "lots"},
+])
+def test_bad_body_is_400(setup, client, body):
+    if "model" in body:  # what the openai client lets through reaches the server as sent
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(**body)
+        error = info.value.body
+    else:
+        status, answer = _raw(setup["url"] + "/chat/completions", json.dumps(body).encode())
+        assert status == 400
+        error = answer["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error"
+
+
+def test_not_json_is_400(setup):
+    status, body = _raw(setup["url"] + "/chat/completions", b"{not json")
+    assert status == 400
+    assert body["error"]["type"] == "invalid_request_error"
+
+
+def test_requests_for_different_adapters_share_a_batch(setup, client):
+    engine = setup["engine"]
+    names = [engine.base_name, "alpha", "beta", "alpha"]
+    limits = [12, 12, 5, 9]
+    alone = [_chat(client, n, max_tokens=m).choices[0].message.content for n, m in zip(names, limits)]
+    with engine.batcher.lock:  # the worker waits, so all four are queued before the batch starts
+        gens = [engine.generate(n, MESSAGES, temperature=0, max_tokens=m)
+                for n, m in zip(names, limits)]
+    together = ["".join(g) for g in gens]
+    assert engine.batcher.largest_batch == 4
+    assert together == alone
+    assert [g.result.completion_tokens <= m for g, m in zip(gens, limits)] == [True] * 4
+    assert gens[2].result.completion_tokens == 5 and gens[2].result.finish_reason == "length"
+
+
+def test_concurrent_streams_over_http(setup):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def ask(name):
+        c = openai.OpenAI(base_url=setup["url"], api_key=KEY, max_retries=0)
+        return "".join(ch.choices[0].delta.content or "" for ch in
+                       _chat(c, name, stream=True) if ch.choices)
+
+    names = ["alpha", "beta", setup["engine"].base_name] * 2
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(ask, names))
+    assert got[:3] == got[3:]
+    assert len(set(got[:3])) == 3
+
+
+def test_generation_failure_is_a_json_500_and_the_server_lives_on(setup, client, monkeypatch):
+    def boom(batch):
+        raise RuntimeError("out of memory, say")
+
+    monkeypatch.setattr(setup["engine"].batcher, "_run", boom)
+    with pytest.raises(openai.InternalServerError) as info:
+        client.with_options(max_retries=0).chat.completions.create(
+            model="alpha", messages=MESSAGES, max_tokens=2)
+    assert info.value.body["type"] == "server_error" and "Traceback" not in str(info.value.body)
+    monkeypatch.undo()
+    assert _chat(client, "alpha", max_tokens=2).usage.completion_tokens <= 2

@@ -1,0 +1,130 @@
+"""The OpenAI-compatible FastAPI app: `GET /v1/models`, `POST /v1/chat/completions`. It holds no
+model logic of its own: the Engine generates, this file turns HTTP into calls and back.
+
+Errors come back in OpenAI's shape, {"error": {"message", "type", "param", "code"}}, never as a
+traceback: a malformed body is a 400, an unknown model a 404, a missing/wrong key a 401."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.concurrency import run_in_threadpool
+
+from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionChunk,
+                      ChatCompletionRequest, Choice, ChunkChoice, Delta, ModelCard, ModelList,
+                      Usage, completion_id)
+
+log = logging.getLogger("tuneforge")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def _error(status: int, message: str, type: str, param=None, code=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(engine, api_key: str | None = None) -> FastAPI:
+    """api_key: required bearer token; None reads the API_KEY environment variable (unset or
+    empty: no authentication)."""
+    api_key = api_key if api_key is not None else os.environ.get("API_KEY") or None
+    app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return _error(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        where = ".".join(loc) or None
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "invalid body")
+        return _error(400, message, "invalid_request_error", param=where)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("request failed")  # the traceback goes to the server log, not the client
+        return _error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip(), api_key):
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           "invalid_request_error", code="invalid_api_key")
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    def list_models() -> ModelList:
+        return ModelList(data=[ModelCard(id=name) for name in engine.model_ids()])
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat(body: ChatCompletionRequest):
+        if not engine.has_model(body.model):
+            raise APIError(404, f"model {body.model!r} does not exist; available: "
+                           f"{engine.model_ids()}", param="model", code="model_not_found")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        if messages[-1]["role"] == "assistant":
+            raise APIError(400, "the last message must be from the user (or system)", param="messages")
+        generation = engine.generate(
+            body.model, messages, stop=body.stop_list(), seed=body.seed,
+            temperature=body.temperature, top_p=body.top_p,
+            max_tokens=body.max_completion_tokens or body.max_tokens)
+        if body.stream:
+            return StreamingResponse(_sse(body.model, generation), media_type="text/event-stream")
+        try:
+            text = await run_in_threadpool(lambda: "".join(generation))
+        except Exception as exc:  # answered here: starlette's catch-all re-raises into the server
+            log.exception("generation failed")
+            return _error(500, f"internal error: {type(exc).__name__}", "server_error")
+        res = generation.result
+        return ChatCompletion(
+            id=completion_id(), model=body.model,
+            choices=[Choice(message=AssistantMessage(content=text), finish_reason=res.finish_reason)],
+            usage=Usage(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+                        total_tokens=res.prompt_tokens + res.completion_tokens))
+
+    return app
+
+
+def _sse(model: str, generation):
+    """Server-sent events: a role chunk, content chunks, a finish chunk with usage, [DONE]."""
+    cid = completion_id()
+
+    def event(choice: ChunkChoice, usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(id=cid, model=model, choices=[choice], usage=usage)
+        return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
+
+    yield event(ChunkChoice(delta=Delta(role="assistant", content="")))
+    try:
+        for piece in generation:
+            yield event(ChunkChoice(delta=Delta(content=piece)))
+    except Exception as exc:  # headers are sent already: report in-band, as OpenAI does
+        log.exception("generation failed")
+        err = {"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
+                         "param": None, "code": None}}
+        import json
+        yield f"data: {json.dumps(err)}\n\n"
+        return
+    res = generation.result
+    usage = Usage(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+                  total_tokens=res.prompt_tokens + res.completion_tokens)
+    yield event(ChunkChoice(delta=Delta(), finish_reason=res.finish_reason), usage)
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,98 @@
+"""Multiple-choice benchmarks (MMLU / C-Eval style) from local files, scored by letter log-probs.
+
+A question is a row with `question`, one column per option letter (A, B, C, D, ...), `answer`
+(the letter) and optionally `subject`. The prompt is a chat: n solved examples of the same
+subject as user/assistant turns, then the question, rendered with the chat template and its
+generation prompt. The model's choice is the option letter with the highest next-token logit.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import string
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import DataError
+from .predict import left_pad, pad_id
+
+
+def read_questions(path: str | Path) -> list[dict]:
+    """Rows of a .json (a list), .jsonl or .csv file; subject defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"benchmark file '{path}' does not exist")
+    if path.suffix == ".csv":
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    elif path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    for i, row in enumerate(rows):
+        if "question" not in row or "answer" not in row or "A" not in row:
+            raise DataError(f"{path} row {i}: needs columns question, A, B, ... and answer")
+        row.setdefault("subject", path.stem)
+    return rows
+
+
+def letters(row: dict) -> list[str]:
+    return [c for c in string.ascii_uppercase if row.get(c) not in (None, "")]
+
+
+def format_question(row: dict) -> str:
+    options = "\n".join(f"{c}. {row[c]}" for c in letters(row))
+    return f"{row['question']}\n{options}\nAnswer:"
+
+
+def build_messages(row: dict, shots: list[dict]) -> list[dict]:
+    subject = str(row["subject"]).replace("_", " ")
+    messages = [{"role": "system", "content": "The following are multiple choice questions "
+                 f"(with answers) about {subject}. Answer with the letter of the correct option."}]
+    for shot in shots:
+        messages += [{"role": "user", "content": format_question(shot)},
+                     {"role": "assistant", "content": str(shot["answer"]).strip()}]
+    return messages + [{"role": "user", "content": format_question(row)}]
+
+
+def pick_shots(rows: list[dict], index: int, n_shot: int, dev: list[dict] | None) -> list[dict]:
+    """n solved examples of the same subject: from `dev` if given, else other test rows."""
+    pool = dev if dev is not None else [r for i, r in enumerate(rows) if i != index]
+    return [r for r in pool if r["subject"] == rows[index]["subject"]][:n_shot]
+
+
+@torch.inference_mode()
+def evaluate_choices(model, tokenizer, rows: list[dict], n_shot: int = 0,
+                     dev: list[dict] | None = None, batch_size: int = 8,
+                     progress: bool = True) -> dict:
+    """{"accuracy": {subject: %, ..., "average": %}, "choices": [letter per row]}."""
+    letter_ids = {c: tokenizer.encode(c, add_special_tokens=False)[-1]
+                  for c in string.ascii_uppercase}
+    prompts = []
+    for i, row in enumerate(rows):
+        text = tokenizer.apply_chat_template(build_messages(row, pick_shots(rows, i, n_shot, dev)),
+                                             tokenize=False, add_generation_prompt=True)
+        prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+    choices = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="choices", unit="batch",
+                      disable=not progress):
+        batch = {k: v.to(model.device)
+                 for k, v in left_pad(prompts[start:start + batch_size], pad_id(tokenizer)).items()}
+        # positions count real tokens only, so a padded row scores as it would alone
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        last = model(**batch, position_ids=positions).logits[:, -1]  # left padding: the last column is every row's next token
+        for row, logits in zip(rows[start:start + batch_size], last):
+            options = letters(row)
+            scores = logits[[letter_ids[c] for c in options]]
+            choices.append(options[int(scores.argmax())])
+    per_subject = defaultdict(list)
+    for row, choice in zip(rows, choices):
+        per_subject[row["subject"]].append(choice == str(row["answer"]).strip().upper())
+    accuracy = {s: round(100 * sum(v) / len(v), 4) for s, v in sorted(per_subject.items())}
+    all_hits = [hit for v in per_subject.values() for hit in v]
+    accuracy["average"] = round(100 * sum(all_hits) / max(len(all_hits), 1), 4)
+    return {"accuracy": accuracy, "choices": choices}
