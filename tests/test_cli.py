@@ -109,3 +109,11 @@ def test_keys_lists_every_key_with_help(capsys):
     text = capsys.readouterr().out
     for key in ("lora_rank", "cutoff_len", "resume_from_checkpoint", "export_dir"):
         assert f"  {key} (default:" in text
+
+
+def test_every_command_is_on_the_command_line():
+    from tuneforge.cli import _parser
+
+    parser = _parser()
+    for argv in (["train", "c.yaml"], ["chat"], ["eval"], ["export", "c.yaml"], ["api"], ["keys"], ["env"]):
+        assert parser.parse_args(argv).command == argv[0]

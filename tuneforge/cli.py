@@ -1,4 +1,4 @@
-"""`tuneforge train|chat|export|env`: parse, call the workflows, print. User-fixable errors
+"""`tuneforge train|chat|eval|export|env`: parse, call the workflows, print. User-fixable errors
 become one line on stderr and exit code 2 (a traceback only with --debug)."""
 
 from __future__ import annotations
@@ -36,7 +36,21 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--adapter", help="adapter_name_or_path (overrides the config)")
     chat.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     chat.add_argument("--system", help="system prompt")
+    ev = command("eval", "Eval loss and perplexity on the eval data; with do_predict: true also "
+                 "generate answers and score them (ROUGE-1/2/L, BLEU-4). Greedy unless do_sample.",
+                 config_required=False)
+    ev.add_argument("--max_samples", type=int, help="evaluate only the first N eval examples")
+    ev.add_argument("--benchmark", nargs="+", metavar="FILE",
+                    help="instead: multiple-choice accuracy per subject on these .json/.jsonl/.csv "
+                    "files (columns question, A, B, ..., answer, optional subject)")
+    ev.add_argument("--n_shot", type=int, default=0, help="solved examples before each question")
+    ev.add_argument("--dev", help="file the n-shot examples come from (default: the other questions)")
     command("export", "Merge adapters into the model and write a Hugging Face folder.")
+    api = command("api", "Serve the model and its adapters over an OpenAI-compatible HTTP API "
+                  "(each adapter folder in adapter_name_or_path is a model id; API_KEY env = bearer auth).",
+                  config_required=False)
+    api.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
+    api.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     sub.add_parser("keys", help="List every config key with its default and meaning.")
     sub.add_parser("env", help="Print versions and devices, for bug reports.")
     return parser
@@ -87,6 +101,31 @@ def _run_chat(cfg, args) -> None:
         history.append({"role": "assistant", "content": reply})
 
 
+def _greedy_unless_asked(config: str | None, values: dict) -> None:
+    """Scores should be reproducible: eval decodes greedily unless do_sample is set explicitly
+    (do_sample's default, true, is LLaMA-Factory's default for chat)."""
+    from .config import read_yaml
+
+    if "do_sample" not in values and "do_sample" not in (read_yaml(config) if config else {}):
+        values["do_sample"] = False
+
+
+def _run_eval(cfg, args) -> None:
+    import json
+
+    from .workflows import evaluate
+
+    if args.benchmark:
+        from .workflows import evaluate_benchmark
+
+        results = evaluate_benchmark(cfg, args.benchmark, args.n_shot, args.dev, args.max_samples)
+    else:
+        results = evaluate(cfg, limit=args.max_samples)
+    print(json.dumps(results, indent=2))
+    if cfg.train.output_dir:
+        print(f"results written to {cfg.train.output_dir}")
+
+
 def _env() -> None:
     import platform
 
@@ -134,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 values["model_name_or_path"] = args.model
             if args.adapter:
                 values["adapter_name_or_path"] = args.adapter
+        if args.command == "eval":
+            _greedy_unless_asked(config, values)
         cfg = load_config(config, values)
         if args.command == "train":
             from .workflows import train
@@ -141,6 +182,12 @@ def main(argv: list[str] | None = None) -> int:
             train(cfg)
         elif args.command == "chat":
             _run_chat(cfg, args)
+        elif args.command == "eval":
+            _run_eval(cfg, args)
+        elif args.command == "api":
+            from .workflows import api
+
+            api(cfg, host=args.host, port=args.port)
         elif args.command == "export":
             from .workflows import export
 
