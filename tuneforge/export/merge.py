@@ -24,7 +24,12 @@ def export_model(cfg) -> Path:
     if not out:
         raise ConfigError("config key 'export_dir' is required for `tuneforge export`")
     out = Path(out)
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+    gguf = cfg.export.export_format == "gguf"
+    if gguf and cfg.export.export_quantization_bit:
+        raise ConfigError("export_quantization_bit is for export_format: hf; a gguf export takes "
+                          "export_quantization (f16, q8_0, q4_0)")
+    previous = "Modelfile" if gguf else "config.json"  # a folder we wrote before may be replaced
+    if out.is_dir() and any(out.iterdir()) and not (out / previous).is_file():
         raise ConfigError(f"export_dir '{out}' is not empty and holds no model; choose an empty "
                           "or new folder")
     # merge in fp32, so the merged weights are exact before the final cast
@@ -45,6 +50,8 @@ def export_model(cfg) -> Path:
     else:
         dtype = resolve_dtype(cfg.export.export_dtype)
     model.config.use_cache = True
+    if gguf:
+        return _export_gguf(cfg, model, tokenizer, out)
     if cfg.export.export_quantization_bit:
         return _export_quantized(cfg, model, tokenizer, dtype, out)
     model = model.to(dtype)
@@ -58,6 +65,20 @@ def export_model(cfg) -> Path:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _export_gguf(cfg, model, tokenizer, out: Path) -> Path:
+    """export_format gguf: <export_dir>/<name>.<quantization>.gguf plus an Ollama Modelfile."""
+    from .gguf import write_gguf
+    from .modelfile import write_modelfile
+
+    quantization = cfg.export.export_quantization
+    name = f"{out.name}.{quantization}.gguf"
+    for old in out.glob("*.gguf") if out.is_dir() else []:
+        old.unlink()  # a previous export's file, perhaps of another quantization
+    write_gguf(model, tokenizer, out / name, quantization)
+    write_modelfile(out, name, tokenizer, cfg.generate.default_system)
     return out
 
 
