@@ -47,10 +47,11 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--dev", help="file the n-shot examples come from (default: the other questions)")
     command("export", "Merge adapters into the model and write a Hugging Face folder.")
     api = command("api", "Serve the model and its adapters over an OpenAI-compatible HTTP API "
-                  "(each adapter folder in adapter_name_or_path is a model id; API_KEY env = bearer auth).",
-                  config_required=False)
-    api.add_argument("--host", default="127.0.0.1", help="address to bind (default: local only)")
-    api.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+                  "(each adapter folder in adapter_name_or_path is a model id; api_key or the "
+                  "API_KEY environment variable = bearer auth).", config_required=False)
+    api.add_argument("--host", help="address to bind (default: api_host, API_HOST, else 127.0.0.1: "
+                     "this machine only)")
+    api.add_argument("--port", type=int, help="port (default: api_port, API_PORT, else 8000)")
     sub.add_parser("keys", help="List every config key with its default and meaning.")
     sub.add_parser("env", help="Print versions and devices, for bug reports.")
     return parser

@@ -217,7 +217,7 @@ class GeneratingArguments:
 @dataclass
 class ExportArguments:
     export_dir: Optional[str] = _f(None, "Where `tuneforge export` writes the merged model.")
-    export_size: int = _f(5, "Largest safetensors shard, in GB.")
+    export_size: float = _f(5, "Largest safetensors shard, in GB (a fraction such as 0.5 is fine).")
     export_dtype: str = _f(
         "auto", "Dtype of exported weights; auto keeps the dtype the base model's config names.",
         ("auto", "float32", "bfloat16", "float16"))
@@ -232,6 +232,20 @@ class ExportArguments:
         "f16", "Weight type of a gguf export (norms stay f32).", ("f16", "q8_0", "q4_0"))
 
 
+@dataclass
+class ServeArguments:
+    api_host: Optional[str] = _f(
+        None, "Address `tuneforge api` binds; --host wins, then this, then the API_HOST environment "
+        "variable. Empty: 127.0.0.1 (this machine only).")
+    api_port: Optional[int] = _f(
+        None, "Port of `tuneforge api`; --port wins, then this, then API_PORT. Empty: 8000.")
+    api_key: Optional[str] = _f(
+        None, "Bearer token every `tuneforge api` request must send. Empty: the API_KEY environment "
+        "variable; neither set: no authentication.")
+    api_max_batch_size: int = _f(
+        8, "Most requests `tuneforge api` generates for in one batch (they may name different adapters).")
+
+
 SECTIONS = {
     "model": ModelArguments,
     "data": DataArguments,
@@ -239,6 +253,7 @@ SECTIONS = {
     "train": TrainingArguments,
     "generate": GeneratingArguments,
     "export": ExportArguments,
+    "serve": ServeArguments,
 }
 
 # Keys of LLaMA-Factory that tuneforge knows but does not implement yet: a clear
@@ -257,6 +272,7 @@ class Config:
     train: TrainingArguments = field(default_factory=TrainingArguments)
     generate: GeneratingArguments = field(default_factory=GeneratingArguments)
     export: ExportArguments = field(default_factory=ExportArguments)
+    serve: ServeArguments = field(default_factory=ServeArguments)
 
     def to_dict(self) -> dict:
         """Flat dict of every key, as written to a YAML file."""
@@ -420,10 +436,13 @@ def validate(cfg: Config) -> None:
                 ("per_device_eval_batch_size", cfg.train.per_device_eval_batch_size),
                 ("gradient_accumulation_steps", cfg.train.gradient_accumulation_steps),
                 ("logging_steps", cfg.train.logging_steps), ("save_steps", cfg.train.save_steps),
-                ("max_new_tokens", cfg.generate.max_new_tokens)]
+                ("max_new_tokens", cfg.generate.max_new_tokens), ("export_size", cfg.export.export_size),
+                ("api_max_batch_size", cfg.serve.api_max_batch_size)]
     for key, value in positive:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive; got {value}")
+    if cfg.serve.api_port is not None and not 0 < cfg.serve.api_port < 65536:
+        raise ConfigError(f"config key 'api_port' must be a port number (1-65535); got {cfg.serve.api_port}")
     if cfg.train.eval_steps is not None and cfg.train.eval_steps <= 0:
         raise ConfigError(f"config key 'eval_steps' must be positive; got {cfg.train.eval_steps}")
     if cfg.data.val_size < 0:
@@ -481,8 +500,12 @@ def _validate_lora_variants(cfg: Config) -> None:
                           f"got {ft.loraplus_lr_embedding}")
 
 
+SECRET_KEYS = ("api_key",)  # never written next to a run's outputs
+
+
 def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    values = {k: v for k, v in cfg.to_dict().items() if k not in SECRET_KEYS}
+    Path(path).write_text(yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
 
 
 def describe_keys() -> str:

@@ -176,13 +176,17 @@ def chat_model(cfg: Config):
     return ChatModel(cfg)
 
 
-def api(cfg: Config, host: str = "127.0.0.1", port: int = 8000) -> None:
+def api(cfg: Config, host: str | None = None, port: int | None = None) -> None:
     """Serve the base model and every adapter in adapter_name_or_path over an OpenAI-compatible
-    HTTP API (blocking). Bearer auth when the API_KEY environment variable is set."""
-    from .api import Engine
-    from .api.server import serve
+    HTTP API (blocking). Address, port and bearer key: the arguments, then the api_* config
+    keys, then API_HOST / API_PORT / API_KEY in the environment, then 127.0.0.1:8000, no key."""
+    from .api.server import resolve_address, resolve_api_key, serve
+    from .infer.engine import Engine
 
-    serve(Engine.from_config(cfg), host=host, port=port)
+    host, port = resolve_address(cfg.serve, host, port)
+    api_key = resolve_api_key(cfg.serve)
+    engine = Engine.from_config(cfg)
+    serve(engine, host=host, port=port, api_key=api_key)
 
 
 def export(cfg: Config) -> Path:

@@ -6,15 +6,14 @@ import json
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 import torch
 
-openai = pytest.importorskip("openai")
-
-from tuneforge.api import Engine  # noqa: E402
-from tuneforge.api.server import BackgroundServer  # noqa: E402
-from tuneforge.config import load_config  # noqa: E402
-from tuneforge.infer import ChatModel  # noqa: E402
+from tuneforge.api.server import BackgroundServer
+from tuneforge.config import load_config
+from tuneforge.infer import ChatModel
+from tuneforge.infer.engine import Engine
 
 KEY = "test-key"
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]

@@ -10,7 +10,8 @@ import pytest
 from tuneforge.cli import main
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError
-from tuneforge.eval.predict import generate, generation_kwargs, left_pad, split_example
+from tuneforge.eval.predict import generate, left_pad, split_example
+from tuneforge.infer.generation import generation_kwargs
 from tuneforge.workflows import evaluate
 
 

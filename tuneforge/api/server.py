@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
+from ..errors import ConfigError
+
 DEFAULT_HOST = "127.0.0.1"  # local only unless --host says otherwise
 DEFAULT_PORT = 8000
+
+
+def resolve_address(serve_args, host: str | None = None, port: int | None = None) -> tuple[str, int]:
+    """Command-line value, then config key (api_host/api_port), then API_HOST/API_PORT, then default."""
+    host = host or serve_args.api_host or os.environ.get("API_HOST") or DEFAULT_HOST
+    if port is None:
+        port = serve_args.api_port
+    if port is None:
+        env = os.environ.get("API_PORT")
+        try:
+            port = int(env) if env else DEFAULT_PORT
+        except ValueError:
+            raise ConfigError(f"environment variable API_PORT must be a port number; got {env!r}") from None
+    return host, port
+
+
+def resolve_api_key(serve_args) -> str | None:
+    """The api_key config key, else the API_KEY environment variable; None: no authentication."""
+    return serve_args.api_key or os.environ.get("API_KEY") or None
 
 
 def serve(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None) -> None:

@@ -18,7 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
-from .predict import left_pad, pad_id
+from ..infer.generation import pad_id
+from .predict import left_pad
 
 
 def read_questions(path: str | Path) -> list[dict]:

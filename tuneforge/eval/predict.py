@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import IGNORE_INDEX, PaddingCollator
+from ..infer.generation import generation_kwargs, pad_id
 from .metrics import similarity_scores
 
 
@@ -34,22 +35,6 @@ def split_example(example: dict) -> PredictItem:
     answer = [t for t, label in zip(example["input_ids"][start:], labels[start:])
               if label != IGNORE_INDEX]
     return PredictItem(list(example["input_ids"][:start]), answer)
-
-
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def generation_kwargs(gen, tokenizer) -> dict:
-    """transformers generate() arguments from GeneratingArguments."""
-    kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
-              "repetition_penalty": gen.repetition_penalty, "pad_token_id": pad_id(tokenizer),
-              "eos_token_id": tokenizer.eos_token_id}
-    if gen.do_sample:
-        kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
-    else:  # greedy: unset the model's sampling defaults so transformers does not warn
-        kwargs.update(temperature=None, top_p=None, top_k=None)
-    return kwargs
 
 
 def left_pad(rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:

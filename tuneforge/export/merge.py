@@ -58,7 +58,7 @@ def export_model(cfg) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp, max_shard_size=f"{cfg.export.export_size}GB")
+        model.save_pretrained(tmp, max_shard_size=int(cfg.export.export_size * 10**9))
         tokenizer.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)  # a previous export (it has config.json): replace it whole

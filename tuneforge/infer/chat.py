@@ -9,6 +9,7 @@ import torch
 
 from ..data import apply_template
 from ..models import attach_adapters, load_model_and_tokenizer, split_paths
+from .generation import chat_input_ids, generation_kwargs
 
 
 class ChatModel:
@@ -27,24 +28,11 @@ class ChatModel:
 
     def _inputs(self, messages: list[dict], system: str | None) -> dict:
         system = system if system is not None else self.cfg.generate.default_system
-        if system and not (messages and messages[0]["role"] == "system"):
-            messages = [{"role": "system", "content": system}, *messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        encoded = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        return {k: v.to(self.model.device) for k, v in encoded.items()}
+        ids = chat_input_ids(self.tokenizer, messages, system, self.model.device)
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
     def _generation_kwargs(self, **overrides) -> dict:
-        gen = self.cfg.generate
-        kwargs = {"max_new_tokens": gen.max_new_tokens, "do_sample": gen.do_sample,
-                  "repetition_penalty": gen.repetition_penalty,
-                  "pad_token_id": self.tokenizer.pad_token_id,
-                  "eos_token_id": self.tokenizer.eos_token_id}
-        if gen.do_sample:
-            kwargs.update(temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
-        else:  # no sampling knobs, so transformers does not warn that they are ignored
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        kwargs.update(overrides)
-        return kwargs
+        return {**generation_kwargs(self.cfg.generate, self.tokenizer), **overrides}
 
     def stream(self, messages: list[dict], system: str | None = None, **overrides) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""

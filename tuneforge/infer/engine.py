@@ -1,4 +1,4 @@
-"""The model the API server generates with: one base model, several LoRA adapters loaded beside
+"""The model `tuneforge api` generates with: one base model, several LoRA adapters loaded beside
 it by name. Each request names the adapter it wants (or the base). Requests wait in a queue;
 one worker (batcher.py) runs those with the same sampling settings together in one batch, each
 row with its own adapter via `route_adapters`, so no global "active adapter" is switched."""
@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from ..errors import ConfigError, ModelError
+from .generation import chat_input_ids, generation_kwargs, pad_id
 
 
 @dataclass
@@ -50,7 +51,7 @@ class Engine:
         self.default_system = default_system
         from .batcher import Batcher
 
-        self.batcher = Batcher(self.model, tokenizer.pad_token_id, _ids(tokenizer.eos_token_id),
+        self.batcher = Batcher(self.model, pad_id(tokenizer), _ids(tokenizer.eos_token_id),
                                routed=bool(self.adapters), max_batch_size=max_batch_size)
 
     @classmethod
@@ -81,7 +82,8 @@ class Engine:
         model.config.use_cache = True
         base = Path(str(getattr(model, "name_or_path", "") or "base").rstrip("/")).name or "base"
         return cls(model, tokenizer, internal, base_name=base, gen_defaults=cfg.generate,
-                   default_system=cfg.generate.default_system)
+                   default_system=cfg.generate.default_system,
+                   max_batch_size=cfg.serve.api_max_batch_size)
 
     def model_ids(self) -> list[str]:
         return [self.base_name, *self.adapters]
@@ -91,27 +93,11 @@ class Engine:
 
     # ---- generation ----------------------------------------------------------------------------
     def encode(self, messages: list[dict]) -> torch.Tensor:
-        if self.default_system and not (messages and messages[0]["role"] == "system"):
-            messages = [{"role": "system", "content": self.default_system}, *messages]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
-        return ids.to(self.model.device)
+        return chat_input_ids(self.tokenizer, messages, self.default_system, self.model.device)
 
     def generation_kwargs(self, temperature=None, top_p=None, max_tokens=None) -> dict:
-        """Request values first, the config's generation keys for what the request leaves out;
-        temperature 0 means greedy."""
-        gen = self.gen
-        sample = gen.do_sample if temperature is None else temperature > 0
-        kwargs = {"max_new_tokens": max_tokens or gen.max_new_tokens, "do_sample": sample,
-                  "repetition_penalty": gen.repetition_penalty,
-                  "pad_token_id": self.tokenizer.pad_token_id,
-                  "eos_token_id": self.tokenizer.eos_token_id}
-        if sample:
-            kwargs.update(temperature=temperature if temperature is not None else gen.temperature,
-                          top_p=top_p if top_p is not None else gen.top_p, top_k=gen.top_k)
-        else:  # no sampling knobs, so transformers does not warn that they are ignored
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        return kwargs
+        """Request values first, the config's generation keys for what the request leaves out."""
+        return generation_kwargs(self.gen, self.tokenizer, temperature, top_p, max_tokens)
 
     def generate(self, model_name: str, messages: list[dict], stop: list[str] | None = None,
                  seed: int | None = None, **sampling) -> Generation:

@@ -1,0 +1,37 @@
+"""What every generating path shares (chat, eval predictions, the API engine): the chat prompt
+as token ids, and transformers `generate()` arguments from the config's generation keys."""
+
+from __future__ import annotations
+
+import torch
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def chat_input_ids(tokenizer, messages: list[dict], system: str | None = None,
+                   device=None) -> torch.Tensor:
+    """(1, n) prompt ids for `messages` with the generation prompt appended; `system` is put
+    first unless the messages already start with a system turn."""
+    if system and not (messages and messages[0]["role"] == "system"):
+        messages = [{"role": "system", "content": system}, *messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return ids.to(device) if device is not None else ids
+
+
+def generation_kwargs(gen, tokenizer, temperature: float | None = None, top_p: float | None = None,
+                      max_tokens: int | None = None) -> dict:
+    """generate() arguments from GeneratingArguments `gen`; the explicit values (an API request's)
+    win over the config's. temperature 0 means greedy."""
+    sample = gen.do_sample if temperature is None else temperature > 0
+    kwargs = {"max_new_tokens": max_tokens or gen.max_new_tokens, "do_sample": sample,
+              "repetition_penalty": gen.repetition_penalty, "pad_token_id": pad_id(tokenizer),
+              "eos_token_id": tokenizer.eos_token_id}
+    if sample:
+        kwargs.update(temperature=temperature if temperature is not None else gen.temperature,
+                      top_p=top_p if top_p is not None else gen.top_p, top_k=gen.top_k)
+    else:  # greedy: unset the model's sampling defaults so transformers does not warn
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    return kwargs
