@@ -103,3 +103,41 @@ def test_interactive_chat_keeps_history_and_clears(trained, capsys, monkeypatch)
     assert len(seen[1]) == 3 and seen[1][2] == "And 2 plus 2?"
     assert seen[2] == ["What is 4 plus 4?"]  # /clear forgot the first two turns
     assert "conversation cleared" in capsys.readouterr().out
+
+
+def test_cli_export_shards_by_export_size_and_casts_to_export_dtype(trained, tmp_path):
+    """`tuneforge export cfg.yaml`: export_size (GB) bounds each safetensors shard, export_dtype
+    is the stored dtype, and transformers loads the sharded folder on its own: its weights are
+    exactly the float32 export's cast to bfloat16."""
+    import json
+
+    import yaml
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    base, adapter = trained
+    full = export(chat_cfg(base, adapter, export_dir=str(tmp_path / "fp32"), export_dtype="float32"))
+    cfg_file = tmp_path / "export.yaml"
+    limit_gb = 0.00005  # 50 kB: the tiny model's layers spread over many shards
+    cfg_file.write_text(yaml.safe_dump({
+        "model_name_or_path": str(base), "adapter_name_or_path": str(adapter),
+        "export_dir": str(tmp_path / "bf16"), "export_dtype": "bfloat16", "export_size": limit_gb}))
+    assert main(["export", str(cfg_file)]) == 0
+    out = tmp_path / "bf16"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 3 and all((out / s).is_file() for s in shards)
+    for shard in shards:
+        with safe_open(out / shard, "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        assert size <= limit_gb * 1e9 or len(tensors) == 1  # only a lone large tensor may exceed it
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    reference = AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32).state_dict()
+    assert loaded.dtype == torch.bfloat16
+    state = loaded.state_dict()
+    assert state.keys() == reference.keys()
+    for name, weight in state.items():
+        assert torch.equal(weight, reference[name].to(torch.bfloat16)), name
