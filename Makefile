@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tuneforge-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench bench-quick bench-qlora clean
+.PHONY: install demo test test-fast bench bench-quick bench-qlora bench-gguf clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ bench-quick: $(STAMP)
 # QLoRA against LoRA on the default model: bytes, peak RSS, step time, answers (a few minutes)
 bench-qlora: $(STAMP)
 	$(PY) benchmarks/qlora.py --quick
+
+# GGUF export run in llama.cpp against the merged model in transformers (builds llama.cpp once,
+# about 15 min on 2 cores); ADAPTER=saves/demo-identity merges that adapter first
+bench-gguf: $(STAMP)
+	@$(PY) -c "import llama_cpp" 2>/dev/null || $(PIP) -e ".[llamacpp]"
+	$(PY) benchmarks/gguf_llamacpp.py $(if $(ADAPTER),--adapter $(ADAPTER))
 
 clean:
 	rm -rf $(VENV) saves .pytest_cache
