@@ -4,6 +4,7 @@ loads on its own and that answers exactly as base + adapter did."""
 from __future__ import annotations
 
 import builtins
+import os
 
 import pytest
 import torch
@@ -127,6 +128,10 @@ def test_cli_export_shards_by_export_size_and_casts_to_export_dtype(trained, tmp
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and all((out / s).is_file() for s in shards)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~umask  # not mkdtemp's private folder
+    assert {(out / s).stat().st_mode & 0o777 for s in shards} == {0o666 & ~umask}
     for shard in shards:
         with safe_open(out / shard, "pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}

@@ -5,6 +5,7 @@ merged weights and writes tuneforge's quantized format instead (quantized.py).""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -60,12 +61,24 @@ def export_model(cfg) -> Path:
     try:
         model.save_pretrained(tmp, max_shard_size=int(cfg.export.export_size * 10**9))
         tokenizer.save_pretrained(tmp)
+        _readable_like_new_files(tmp)
         if out.exists():
             shutil.rmtree(out)  # a previous export (it has config.json): replace it whole
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _readable_like_new_files(folder: Path) -> None:
+    """mkdtemp makes a private folder (and some writers private files); the export is meant to be
+    shared (e.g. with an inference server running as another user), so apply the umask as a
+    plain mkdir/open would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _export_gguf(cfg, model, tokenizer, out: Path) -> Path:
