@@ -40,11 +40,13 @@ def _parser() -> argparse.ArgumentParser:
                  "generate answers and score them (ROUGE-1/2/L, BLEU-4). Greedy unless do_sample.",
                  config_required=False)
     ev.add_argument("--max_samples", type=int, help="evaluate only the first N eval examples")
-    ev.add_argument("--benchmark", nargs="+", metavar="FILE",
+    ev.add_argument("--benchmark", nargs="+", metavar="PATH",
                     help="instead: multiple-choice accuracy per subject on these .json/.jsonl/.csv "
-                    "files (columns question, A, B, ..., answer, optional subject)")
+                    "files or folders of them (columns question, A, B, ..., answer, optional "
+                    "subject; MMLU's header-less CSVs work as they are)")
     ev.add_argument("--n_shot", type=int, default=0, help="solved examples before each question")
-    ev.add_argument("--dev", help="file the n-shot examples come from (default: the other questions)")
+    ev.add_argument("--dev", nargs="+", metavar="PATH", help="files or folders the n-shot "
+                    "examples come from, matched by subject (default: the other questions)")
     command("export", "Merge adapters into the model and write a Hugging Face folder.")
     api = command("api", "Serve the model and its adapters over an OpenAI-compatible HTTP API "
                   "(each adapter folder in adapter_name_or_path is a model id; api_key or the "

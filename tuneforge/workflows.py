@@ -147,18 +147,20 @@ def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> di
                        progress=progress and not cfg.train.disable_tqdm)
 
 
-def evaluate_benchmark(cfg: Config, files: list[str], n_shot: int = 0, dev: str | None = None,
-                       limit: int | None = None, progress: bool = True) -> dict:
-    """Multiple-choice accuracy per subject on local MMLU/C-Eval style files (eval/choice.py);
-    written to <output_dir>/benchmark_results.json when output_dir is set."""
-    from .eval.choice import evaluate_choices, read_questions
+def evaluate_benchmark(cfg: Config, files: list[str], n_shot: int = 0,
+                       dev: str | list[str] | None = None, limit: int | None = None,
+                       progress: bool = True) -> dict:
+    """Multiple-choice accuracy per subject on local MMLU/C-Eval style files or folders
+    (eval/choice.py); written to <output_dir>/benchmark_results.json when output_dir is set.
+    `dev`: files or folders the n-shot examples come from (MMLU's data/dev)."""
+    from .eval.choice import evaluate_choices, read_benchmark
     from .infer import ChatModel
 
     if n_shot < 0:
         raise ConfigError(f"--n_shot must be >= 0; got {n_shot}")
-    rows = [row for path in files for row in read_questions(path)]
+    rows = read_benchmark(files)
     rows = rows[:limit] if limit else rows
-    dev_rows = read_questions(dev) if dev else None
+    dev_rows = read_benchmark([dev] if isinstance(dev, str) else dev) if dev else None
     chat = ChatModel(cfg)
     result = evaluate_choices(chat.model, chat.tokenizer, rows, n_shot, dev_rows,
                               cfg.train.per_device_eval_batch_size,

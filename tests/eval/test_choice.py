@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tuneforge.errors import DataError
-from tuneforge.eval.choice import build_messages, evaluate_choices, pick_shots, read_questions
+from tuneforge.eval.choice import (build_messages, evaluate_choices, pick_shots, read_benchmark,
+                                   read_questions)
 
 ROWS = [
     {"question": "1 + 1 = ?", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "B", "subject": "math"},
@@ -81,12 +82,54 @@ def test_read_formats(tmp_path, suffix):
     assert len(read) == 3 and read[0]["subject"] == "astronomy" and read[2]["B"] == "Paris"
 
 
+def _mmlu_layout(root):
+    """MMLU's own data: data/{dev,test}/<subject>_<split>.csv, no header row."""
+    for split, rows in (("dev", ['"1 + 2 = ?",1,2,3,4,C']),
+                        ("test", ['"2 + 5 = ?",7,6,5,4,A', '"3 + 3 = ?",5,6,"7, or so",8,B'])):
+        (root / split).mkdir(parents=True)
+        (root / split / f"elementary_math_{split}.csv").write_text("\n".join(rows) + "\n")
+        (root / split / f"astronomy_{split}.csv").write_text('"Closest star?",Sun,Vega,Sirius,Rigel,A\n')
+
+
+def test_reads_mmlu_folders_without_a_header(tmp_path):
+    _mmlu_layout(tmp_path)
+    test = read_benchmark([tmp_path / "test"])
+    assert [r["subject"] for r in test] == ["astronomy", "elementary_math", "elementary_math"]
+    assert test[2] == {"question": "3 + 3 = ?", "A": "5", "B": "6", "C": "7, or so", "D": "8",
+                       "answer": "B", "subject": "elementary_math"}
+    dev = read_benchmark([tmp_path / "dev"])
+    assert pick_shots(test, 1, 5, dev) == [dev[1]]  # elementary_math_dev matches elementary_math_test
+
+
+def test_reads_ceval_csv_with_header(tmp_path):
+    path = tmp_path / "computer_network_val.csv"
+    path.write_text("id,question,A,B,C,D,answer,explanation\n0,TCP is?,a protocol,a cable,a chip,a file,A,\n")
+    (row,) = read_questions(path)
+    assert row["subject"] == "computer_network" and row["answer"] == "A" and row["D"] == "a file"
+
+
+def test_cli_benchmark_on_mmlu_folders(tiny_model_dir, tmp_path, capsys):
+    from tuneforge.cli import main
+
+    _mmlu_layout(tmp_path)
+    assert main(["eval", f"model_name_or_path={tiny_model_dir}", "disable_tqdm=true", "--benchmark",
+                 str(tmp_path / "test"), "--dev", str(tmp_path / "dev"), "--n_shot", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "elementary_math" in out and "astronomy" in out
+    (tmp_path / "empty").mkdir()
+    assert main(["eval", f"model_name_or_path={tiny_model_dir}", "--benchmark", str(tmp_path / "empty")]) == 2
+    assert "holds no .csv" in capsys.readouterr().err
+
+
 def test_bad_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         read_questions(tmp_path / "none.json")
     (tmp_path / "bad.json").write_text(json.dumps([{"q": 1}]))
     with pytest.raises(DataError, match="needs columns"):
         read_questions(tmp_path / "bad.json")
+    (tmp_path / "short.csv").write_text("what?,A\n")
+    with pytest.raises(DataError, match="short.csv line 1"):
+        read_questions(tmp_path / "short.csv")
 
 
 def test_cli_benchmark(tiny_model_dir, tmp_path, capsys):

@@ -22,14 +22,63 @@ from ..infer.generation import pad_id
 from .predict import left_pad
 
 
+SPLIT_SUFFIXES = ("_test", "_dev", "_val", "_validation")  # MMLU's and C-Eval's file names
+READABLE = (".csv", ".json", ".jsonl")
+
+
+def subject_of(path: Path) -> str:
+    """astronomy_test.csv and astronomy_dev.csv hold the same subject, so shots can be matched."""
+    stem = path.stem
+    for suffix in SPLIT_SUFFIXES:
+        if stem.endswith(suffix) and len(stem) > len(suffix):
+            return stem[: -len(suffix)]
+    return stem
+
+
+def read_benchmark(paths) -> list[dict]:
+    """Questions of every file given; a folder stands for its .csv/.json/.jsonl files (MMLU's
+    data/test, C-Eval's val), read in name order."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix in READABLE)
+            if not found:
+                raise DataError(f"benchmark folder '{path}' holds no .csv, .json or .jsonl file")
+            files += found
+        else:
+            files.append(path)
+    return [row for path in files for row in read_questions(path)]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """With a header (C-Eval: id,question,A,B,C,D,answer,...) or without one, as MMLU's own
+    files are: question, the options, then the answer letter."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        table = list(csv.reader(fh))
+    if not table:
+        return []
+    header = [h.strip() for h in table[0]]
+    if "question" in header:
+        return [dict(zip(header, values)) for values in table[1:]]
+    rows = []
+    for line, values in enumerate(table, 1):
+        if len(values) < 4:
+            raise DataError(f"{path} line {line}: a file without a header needs question, at least "
+                            "two options and the answer letter")
+        *options, answer = values[1:]
+        rows.append({"question": values[0], "answer": answer,
+                     **dict(zip(string.ascii_uppercase, options))})
+    return rows
+
+
 def read_questions(path: str | Path) -> list[dict]:
-    """Rows of a .json (a list), .jsonl or .csv file; subject defaults to the file's stem."""
+    """Rows of a .json (a list), .jsonl or .csv file; subject defaults to the file's name
+    without a split suffix (_test, _dev, _val)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"benchmark file '{path}' does not exist")
     if path.suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = _read_csv(path)
     elif path.suffix == ".jsonl":
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     else:
@@ -37,7 +86,7 @@ def read_questions(path: str | Path) -> list[dict]:
     for i, row in enumerate(rows):
         if "question" not in row or "answer" not in row or "A" not in row:
             raise DataError(f"{path} row {i}: needs columns question, A, B, ... and answer")
-        row.setdefault("subject", path.stem)
+        row.setdefault("subject", subject_of(path))
     return rows
 
 
