@@ -17,6 +17,14 @@ script writes the GGUF with `tuneforge export` (export_format gguf), loads it in
 
 For q8_0/q4_0 a second row quantizes tuneforge's f16 file with llama.cpp's own quantizer (as
 `llama-quantize` does): tuneforge's quantized file should be as close to the peer as that one.
+
+    python benchmarks/gguf_llamacpp.py --architectures
+
+instead checks every architecture the exporter writes (small random models with the default
+tokenizer: Llama with default, linear and llama3 rope scaling, Mistral, Qwen2 with its q/k/v
+biases, Qwen3 with q/k norms and a head size apart from hidden/heads): logits of transformers
+(matrices rounded to f16, as in the file) against llama.cpp at every position of a 300-token text,
+so rope scaling beyond the original context is covered.
 """
 
 from __future__ import annotations
@@ -137,6 +145,66 @@ def report(label: str, path: Path, chats, ref, eos: int, args) -> None:
     llm.close()
 
 
+def tiny_models():
+    """(label, model) pairs: random weights, the default model's vocabulary."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024,
+                  tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    setups = [
+        ("llama", "llama", {}),
+        ("llama, linear rope x4", "llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+        ("llama, llama3 rope x8", "llama", {"rope_scaling": llama3}),
+        ("mistral", "mistral", {"sliding_window": None}),
+        ("qwen2 (q/k/v biases)", "qwen2", {}),
+        ("qwen3 (q/k norms, head_dim 64)", "qwen3", {"head_dim": 64}),
+    ]
+    for label, kind, extra in setups:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(kind, **common, **extra))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("bias"):
+                    p.normal_(0, 0.5)  # zero-initialised biases would prove nothing
+                elif "norm" in name:
+                    p.uniform_(0.5, 1.5)
+        yield label, model.float().eval()
+
+
+def check_architectures(args) -> None:
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from tuneforge.export.gguf import write_gguf
+    from tuneforge.models import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
+    text = " ".join(r["output"] for r in json.loads((ROOT.parent / "shared/data/alpaca_en_demo.json")
+                                                    .read_text())[:20])
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:300]
+    print("| model | positions | max|dlogit| | max|logit| | top-1 agree |\n|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, model in tiny_models():
+            path = write_gguf(model, tokenizer, Path(tmp) / "m.gguf", "f16")
+            with torch.no_grad():  # as the file holds them: matrices f16, norms and biases f32
+                for p in model.parameters():
+                    if p.ndim >= 2:
+                        p.copy_(p.half().float())
+            reference = model
+            with torch.inference_mode():
+                want = reference(torch.tensor([ids])).logits[0].numpy()
+            llm = Llama(str(path), n_ctx=1024, n_threads=args.threads, logits_all=True, verbose=False)
+            llm.eval(ids)
+            got = np.array(llm.scores[: len(ids)], dtype=np.float32)
+            llm.close()
+            agree = float((got.argmax(-1) == want.argmax(-1)).mean())
+            print(f"| {label} | {len(ids)} | {np.abs(got - want).max():.4f} | {np.abs(want).max():.2f} "
+                  f"| {100 * agree:.1f} % |", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--adapter", help="LoRA adapter folder merged before export (default: none)")
@@ -144,11 +212,15 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--architectures", action="store_true",
+                    help="check each architecture the exporter writes on small random models")
     args = ap.parse_args()
     try:
         import llama_cpp
     except ImportError:
         sys.exit("llama-cpp-python is not installed: pip install llama-cpp-python")
+    if args.architectures:
+        return check_architectures(args)
 
     from tuneforge.config import load_config
     from tuneforge.workflows import export

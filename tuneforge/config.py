@@ -226,10 +226,10 @@ class ExportArguments:
         None, "Requantize the merged weights to 4 (nf4) or 8 bits and save them in tuneforge's "
         "quantized format (load with tuneforge.quant.load_quantized); the error is printed.", (4, 8))
     export_format: str = _f(
-        "hf", "hf: a Hugging Face folder; gguf: one .gguf file for llama.cpp / Ollama (Llama-family "
-        "models) with an Ollama Modelfile beside it, in export_dir.", ("hf", "gguf"))
+        "hf", "hf: a Hugging Face folder; gguf: one .gguf file for llama.cpp / Ollama (Llama, Mistral, "
+        "Qwen2, Qwen3) with an Ollama Modelfile beside it, in export_dir.", ("hf", "gguf"))
     export_quantization: str = _f(
-        "f16", "Weight type of a gguf export (norms stay f32).", ("f16", "q8_0", "q4_0"))
+        "f16", "Weight type of a gguf export (norms and biases stay f32).", ("f16", "q8_0", "q4_0"))
 
 
 @dataclass
