@@ -68,6 +68,26 @@ def test_llama_factory_yaml_loads_unchanged(tmp_path):
     assert cfg.train.resume_from_checkpoint is None and cfg.data.val_size == 0.1
 
 
+# LLaMA-Factory's inference, merge and eval examples (examples/inference/llama3_lora_sft.yaml,
+# examples/merge_lora/qwen3_lora_sft.yaml, examples/train_lora/llama3_lora_eval.yaml)
+LLAMA_FACTORY_OTHER_YAMLS = [
+    "model_name_or_path: m\nadapter_name_or_path: saves/sft\ntemplate: llama3\nfinetuning_type: lora\n"
+    "trust_remote_code: true\ninfer_backend: huggingface\n",
+    "model_name_or_path: m\nadapter_name_or_path: saves/sft\ntemplate: qwen\ntrust_remote_code: true\n"
+    "export_dir: out\nexport_size: 5\nexport_device: cpu\nexport_legacy_format: false\n",
+    "model_name_or_path: m\nadapter_name_or_path: saves/sft\ntrust_remote_code: true\nfinetuning_type: lora\n"
+    "task: mmlu_test\ntemplate: fewshot\nlang: en\nn_shot: 5\nsave_dir: saves/eval\nbatch_size: 4\n",
+]
+
+
+@pytest.mark.parametrize("text", LLAMA_FACTORY_OTHER_YAMLS)
+def test_llama_factory_inference_merge_eval_yamls_load(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    cfg = load_config(path)
+    assert cfg.model.adapter_name_or_path == "saves/sft"
+
+
 def test_overrides_win_and_are_typed(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("lora_rank: 8\nlearning_rate: 1e-4\n")  # YAML leaves 1e-4 a string
@@ -97,6 +117,10 @@ def test_overrides_win_and_are_typed(tmp_path):
     (["pissa_init=true", "adapter_name_or_path=a"], "set create_new_adapter: true"),
     (["bf16=true", "fp16=true"], "'bf16' and 'fp16' are both true"),
     (["nonsense"], "override 'nonsense' must look like key=value"),
+    (["infer_backend=vllm"], "config key 'infer_backend' must be one of huggingface; got 'vllm'"),
+    (["export_device=gpu"], "config key 'export_device' must be one of cpu, auto; got 'gpu'"),
+    (["lang=fr"], "config key 'lang' must be one of en, zh; got 'fr'"),
+    (["n_shot=-1"], "config key 'n_shot' must be >= 0"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as info:

@@ -122,7 +122,8 @@ def test_cli_export_shards_by_export_size_and_casts_to_export_dtype(trained, tmp
     limit_gb = 0.00005  # 50 kB: the tiny model's layers spread over many shards
     cfg_file.write_text(yaml.safe_dump({
         "model_name_or_path": str(base), "adapter_name_or_path": str(adapter),
-        "export_dir": str(tmp_path / "bf16"), "export_dtype": "bfloat16", "export_size": limit_gb}))
+        "export_dir": str(tmp_path / "bf16"), "export_dtype": "bfloat16", "export_size": limit_gb,
+        "export_device": "auto"}))  # a GPU merge where there is one; the same files
     assert main(["export", str(cfg_file)]) == 0
     out = tmp_path / "bf16"
     index = json.loads((out / "model.safetensors.index.json").read_text())

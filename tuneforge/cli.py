@@ -37,14 +37,16 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--prompt", help="answer this one message and exit (for scripts)")
     chat.add_argument("--system", help="system prompt")
     ev = command("eval", "Eval loss and perplexity on the eval data; with do_predict: true also "
-                 "generate answers and score them (ROUGE-1/2/L, BLEU-4). Greedy unless do_sample.",
+                 "generate answers and score them (ROUGE-1/2/L, BLEU-4). Greedy unless do_sample. "
+                 "With task: (e.g. mmlu_test) or --benchmark: multiple-choice accuracy instead.",
                  config_required=False)
     ev.add_argument("--max_samples", type=int, help="evaluate only the first N eval examples")
     ev.add_argument("--benchmark", nargs="+", metavar="PATH",
                     help="instead: multiple-choice accuracy per subject on these .json/.jsonl/.csv "
                     "files or folders of them (columns question, A, B, ..., answer, optional "
                     "subject; MMLU's header-less CSVs work as they are)")
-    ev.add_argument("--n_shot", type=int, default=0, help="solved examples before each question")
+    ev.add_argument("--n_shot", type=int, help="solved examples before each question (default: the "
+                    "n_shot key, 5)")
     ev.add_argument("--dev", nargs="+", metavar="PATH", help="files or folders the n-shot "
                     "examples come from, matched by subject (default: the other questions)")
     command("export", "Merge adapters into the model and write a Hugging Face folder.")
@@ -118,15 +120,17 @@ def _run_eval(cfg, args) -> None:
 
     from .workflows import evaluate
 
-    if args.benchmark:
+    if args.benchmark or cfg.evaluation.task:
         from .workflows import evaluate_benchmark
 
         results = evaluate_benchmark(cfg, args.benchmark, args.n_shot, args.dev, args.max_samples)
+        out_dir = cfg.evaluation.save_dir or cfg.train.output_dir
     else:
         results = evaluate(cfg, limit=args.max_samples)
-    print(json.dumps(results, indent=2))
-    if cfg.train.output_dir:
-        print(f"results written to {cfg.train.output_dir}")
+        out_dir = cfg.train.output_dir
+    print(json.dumps(results, indent=2, ensure_ascii=False))
+    if out_dir:
+        print(f"results written to {out_dir}")
 
 
 def _env() -> None:

@@ -212,6 +212,9 @@ class GeneratingArguments:
     max_new_tokens: int = _f(512, "Most tokens generated per answer.")
     repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeated tokens.")
     default_system: Optional[str] = _f(None, "System prompt for chat when none is given.")
+    infer_backend: str = _f(
+        "huggingface", "Generation engine of chat, eval and api: transformers' generate (the only "
+        "one built in; LLaMA-Factory's vllm/sglang are not).", ("huggingface",))
 
 
 @dataclass
@@ -222,6 +225,9 @@ class ExportArguments:
         "auto", "Dtype of exported weights; auto keeps the dtype the base model's config names.",
         ("auto", "float32", "bfloat16", "float16"))
     export_legacy_format: bool = _f(False, "Accepted for LLaMA-Factory configs; always safetensors.")
+    export_device: str = _f(
+        "cpu", "Where the adapters are merged: cpu, or auto (a CUDA GPU when there is one). The "
+        "files written are the same.", ("cpu", "auto"))
     export_quantization_bit: Optional[int] = _f(
         None, "Requantize the merged weights to 4 (nf4) or 8 bits and save them in tuneforge's "
         "quantized format (load with tuneforge.quant.load_quantized); the error is printed.", (4, 8))
@@ -230,6 +236,20 @@ class ExportArguments:
         "Qwen2, Qwen3) with an Ollama Modelfile beside it, in export_dir.", ("hf", "gguf"))
     export_quantization: str = _f(
         "f16", "Weight type of a gguf export (norms and biases stay f32).", ("f16", "q8_0", "q4_0"))
+
+
+@dataclass
+class EvaluationArguments:
+    """Multiple-choice benchmarks, with LLaMA-Factory's eval keys (`tuneforge eval` with task:)."""
+    task: Optional[str] = _f(
+        None, "Benchmark and split in task_dir, e.g. mmlu_test, ceval_validation, cmmlu_test: "
+        "CSV folders (or <name>.zip) as LLaMA-Factory's evaluation/ folder holds them.")
+    task_dir: str = _f("evaluation", "Folder holding one folder per benchmark (mmlu/, ceval/, ...).")
+    n_shot: int = _f(5, "Solved examples of the same subject before each question (from the dev split).")
+    lang: str = _f("en", "Language of the benchmark prompt.", ("en", "zh"))
+    save_dir: Optional[str] = _f(
+        None, "Where benchmark results (benchmark_results.json) go. Empty: output_dir.")
+    batch_size: int = _f(4, "Questions per forward pass in multiple-choice benchmarks.")
 
 
 @dataclass
@@ -253,6 +273,7 @@ SECTIONS = {
     "train": TrainingArguments,
     "generate": GeneratingArguments,
     "export": ExportArguments,
+    "evaluation": EvaluationArguments,
     "serve": ServeArguments,
 }
 
@@ -260,7 +281,7 @@ SECTIONS = {
 # "not supported yet" beats an "unknown key" that suggests a typo.
 NOT_YET_SUPPORTED = {
     "deepspeed", "flash_attn", "use_unsloth", "rope_scaling",
-    "pref_beta", "pref_loss", "infer_backend",
+    "pref_beta", "pref_loss",
 }
 
 
@@ -272,6 +293,7 @@ class Config:
     train: TrainingArguments = field(default_factory=TrainingArguments)
     generate: GeneratingArguments = field(default_factory=GeneratingArguments)
     export: ExportArguments = field(default_factory=ExportArguments)
+    evaluation: EvaluationArguments = field(default_factory=EvaluationArguments)
     serve: ServeArguments = field(default_factory=ServeArguments)
 
     def to_dict(self) -> dict:
@@ -437,10 +459,13 @@ def validate(cfg: Config) -> None:
                 ("gradient_accumulation_steps", cfg.train.gradient_accumulation_steps),
                 ("logging_steps", cfg.train.logging_steps), ("save_steps", cfg.train.save_steps),
                 ("max_new_tokens", cfg.generate.max_new_tokens), ("export_size", cfg.export.export_size),
-                ("api_max_batch_size", cfg.serve.api_max_batch_size)]
+                ("api_max_batch_size", cfg.serve.api_max_batch_size),
+                ("batch_size", cfg.evaluation.batch_size)]
     for key, value in positive:
         if value <= 0:
             raise ConfigError(f"config key '{key}' must be positive; got {value}")
+    if cfg.evaluation.n_shot < 0:
+        raise ConfigError(f"config key 'n_shot' must be >= 0; got {cfg.evaluation.n_shot}")
     if cfg.serve.api_port is not None and not 0 < cfg.serve.api_port < 65536:
         raise ConfigError(f"config key 'api_port' must be a port number (1-65535); got {cfg.serve.api_port}")
     if cfg.train.eval_steps is not None and cfg.train.eval_steps <= 0:

@@ -147,29 +147,47 @@ def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> di
                        progress=progress and not cfg.train.disable_tqdm)
 
 
-def evaluate_benchmark(cfg: Config, files: list[str], n_shot: int = 0,
+def evaluate_benchmark(cfg: Config, files: list[str] | None = None, n_shot: int | None = None,
                        dev: str | list[str] | None = None, limit: int | None = None,
                        progress: bool = True) -> dict:
-    """Multiple-choice accuracy per subject on local MMLU/C-Eval style files or folders
-    (eval/choice.py); written to <output_dir>/benchmark_results.json when output_dir is set.
-    `dev`: files or folders the n-shot examples come from (MMLU's data/dev)."""
+    """Multiple-choice accuracy per subject (eval/choice.py) on local MMLU/C-Eval style files or
+    folders, or, without files, on the config's `task` in `task_dir` (eval/tasks.py), with
+    per-category accuracy where the task has a mapping.json. `dev`: files or folders the n-shot
+    examples come from (a task's dev split by default). n_shot None: the config's n_shot.
+    Written to <save_dir or output_dir>/benchmark_results.json when either is set."""
     from .eval.choice import evaluate_choices, read_benchmark
+    from .eval.tasks import category_accuracy, resolve_task
     from .infer import ChatModel
+    from .models import cache_root
 
+    ev = cfg.evaluation
+    n_shot = ev.n_shot if n_shot is None else n_shot
     if n_shot < 0:
         raise ConfigError(f"--n_shot must be >= 0; got {n_shot}")
+    task = None
+    if not files:
+        if not ev.task:
+            raise ConfigError("nothing to evaluate: set task (e.g. mmlu_test) or pass --benchmark FILE")
+        task = resolve_task(ev.task, ev.task_dir, cache_root(cfg.model.cache_dir) / "eval")
+        files = [str(task.questions)]
+        dev = dev or ([str(task.shots)] if task.shots else None)
     rows = read_benchmark(files)
     rows = rows[:limit] if limit else rows
     dev_rows = read_benchmark([dev] if isinstance(dev, str) else dev) if dev else None
+    mapping = task.mapping if task else {}
+    names = {s: v["name"] for s, v in mapping.items() if ev.lang == "zh" and v.get("name")}
     chat = ChatModel(cfg)
-    result = evaluate_choices(chat.model, chat.tokenizer, rows, n_shot, dev_rows,
-                              cfg.train.per_device_eval_batch_size,
-                              progress and not cfg.train.disable_tqdm)
-    if cfg.train.output_dir:
-        out = Path(cfg.train.output_dir)
+    result = evaluate_choices(chat.model, chat.tokenizer, rows, n_shot, dev_rows, ev.batch_size,
+                              progress and not cfg.train.disable_tqdm, ev.lang, names)
+    accuracy = result["accuracy"]
+    if mapping:
+        accuracy = {**accuracy, **category_accuracy(rows, result["choices"], mapping)}
+    out_dir = ev.save_dir or cfg.train.output_dir
+    if out_dir:
+        out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "benchmark_results.json").write_text(json.dumps(result["accuracy"], indent=2))
-    return result["accuracy"]
+        (out / "benchmark_results.json").write_text(json.dumps(accuracy, indent=2, ensure_ascii=False))
+    return accuracy
 
 
 def chat_model(cfg: Config):

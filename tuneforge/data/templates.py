@@ -54,6 +54,9 @@ TEMPLATES: dict[str, Template] = {
                  generation="ASSISTANT:", assistant=" {content}{eos}",
                  default_system="A chat between a curious user and an artificial intelligence assistant. "
                  "The assistant gives helpful, detailed, and polite answers to the user's questions."),
+        # plain text for few-shot benchmarks (LLaMA-Factory's eval examples use it)
+        Template("fewshot", system="{content}\n\n", user="{content}", tool="{content}", generation="",
+                 assistant="{content}\n\n"),
         Template("chatml", **_CHATML),
         Template("qwen", **_CHATML,
                  default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),

@@ -24,6 +24,13 @@ from .predict import left_pad
 
 SPLIT_SUFFIXES = ("_test", "_dev", "_val", "_validation")  # MMLU's and C-Eval's file names
 READABLE = (".csv", ".json", ".jsonl")
+NAMED_COLUMNS = ("id", "question", "answer", "subject", "explanation")
+# the benchmarks' own prompt wording: MMLU's (plus what to answer with), and C-Eval's for zh
+PROMPTS = {
+    "en": ("The following are multiple choice questions (with answers) about {subject}. "
+           "Answer with the letter of the correct option.", "\nAnswer:"),
+    "zh": ("以下是中国关于{subject}考试的单项选择题，请选出其中的正确答案。", "\n答案："),
+}
 
 
 def subject_of(path: Path) -> str:
@@ -57,7 +64,8 @@ def _read_csv(path: Path) -> list[dict]:
         table = list(csv.reader(fh))
     if not table:
         return []
-    header = [h.strip() for h in table[0]]
+    # CMMLU capitalises Question and Answer; the option letters stay as they are
+    header = [h.strip().lower() if h.strip().lower() in NAMED_COLUMNS else h.strip() for h in table[0]]
     if "question" in header:
         return [dict(zip(header, values)) for values in table[1:]]
     rows = []
@@ -94,19 +102,19 @@ def letters(row: dict) -> list[str]:
     return [c for c in string.ascii_uppercase if row.get(c) not in (None, "")]
 
 
-def format_question(row: dict) -> str:
+def format_question(row: dict, lang: str = "en") -> str:
     options = "\n".join(f"{c}. {row[c]}" for c in letters(row))
-    return f"{row['question']}\n{options}\nAnswer:"
+    return f"{row['question']}\n{options}{PROMPTS[lang][1]}"
 
 
-def build_messages(row: dict, shots: list[dict]) -> list[dict]:
-    subject = str(row["subject"]).replace("_", " ")
-    messages = [{"role": "system", "content": "The following are multiple choice questions "
-                 f"(with answers) about {subject}. Answer with the letter of the correct option."}]
+def build_messages(row: dict, shots: list[dict], lang: str = "en", names: dict | None = None) -> list[dict]:
+    """names: subject -> display name (mapping.json's), else the subject with spaces."""
+    subject = (names or {}).get(row["subject"]) or str(row["subject"]).replace("_", " ")
+    messages = [{"role": "system", "content": PROMPTS[lang][0].format(subject=subject)}]
     for shot in shots:
-        messages += [{"role": "user", "content": format_question(shot)},
+        messages += [{"role": "user", "content": format_question(shot, lang)},
                      {"role": "assistant", "content": str(shot["answer"]).strip()}]
-    return messages + [{"role": "user", "content": format_question(row)}]
+    return messages + [{"role": "user", "content": format_question(row, lang)}]
 
 
 def pick_shots(rows: list[dict], index: int, n_shot: int, dev: list[dict] | None) -> list[dict]:
@@ -118,14 +126,14 @@ def pick_shots(rows: list[dict], index: int, n_shot: int, dev: list[dict] | None
 @torch.inference_mode()
 def evaluate_choices(model, tokenizer, rows: list[dict], n_shot: int = 0,
                      dev: list[dict] | None = None, batch_size: int = 8,
-                     progress: bool = True) -> dict:
+                     progress: bool = True, lang: str = "en", names: dict | None = None) -> dict:
     """{"accuracy": {subject: %, ..., "average": %}, "choices": [letter per row]}."""
     letter_ids = {c: tokenizer.encode(c, add_special_tokens=False)[-1]
                   for c in string.ascii_uppercase}
     prompts = []
     for i, row in enumerate(rows):
-        text = tokenizer.apply_chat_template(build_messages(row, pick_shots(rows, i, n_shot, dev)),
-                                             tokenize=False, add_generation_prompt=True)
+        messages = build_messages(row, pick_shots(rows, i, n_shot, dev), lang, names)
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     choices = []
     for start in tqdm(range(0, len(rows), batch_size), desc="choices", unit="batch",

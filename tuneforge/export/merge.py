@@ -41,9 +41,10 @@ def export_model(cfg) -> Path:
     # a quantized base cannot take a merge: back to fp32 first (every adapter then merges as usual)
     model = dequantize_before_merge(model)
     if paths:
-        model = attach_adapters(model, paths, trainable=False)
+        on_gpu = cfg.export.export_device == "auto" and torch.cuda.is_available()
+        model = attach_adapters(model.to("cuda") if on_gpu else model, paths, trainable=False)
         model = dequantize_before_merge(model)  # the LoftQ base attach_adapters built, if any
-        model = adapters.unload(model, merge=True)
+        model = adapters.unload(model, merge=True).to("cpu")
     apply_template(tokenizer, cfg.data.template)
     if cfg.export.export_dtype == "auto":
         declared = getattr(model.config, "dtype", None) or getattr(model.config, "torch_dtype", None)
