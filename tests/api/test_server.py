@@ -94,8 +94,9 @@ def test_chat_usage_and_stream_matches(setup, client):
     chunks = list(_chat(client, base, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text
-    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
-    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [out.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
 
 
 def test_adapter_selection_matches_direct_runs(setup, client):
@@ -120,6 +121,41 @@ def test_stop_and_max_tokens(setup, client):
     assert streamed == full[:full.find(stop)]
     one = _chat(client, "alpha", max_tokens=1)
     assert one.usage.completion_tokens == 1 and one.choices[0].finish_reason == "length"
+
+
+def test_n_choices_share_a_batch_and_stream_by_index(setup, client):
+    single = _chat(client, "alpha")
+    out = _chat(client, "alpha", n=3)
+    assert [c.index for c in out.choices] == [0, 1, 2]
+    assert {c.message.content for c in out.choices} == {single.choices[0].message.content}  # greedy
+    assert out.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+    assert out.usage.completion_tokens == 3 * single.usage.completion_tokens
+    texts = {0: "", 1: ""}
+    finished = []
+    for chunk in _chat(client, "alpha", n=2, stream=True):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finished.append(choice.index)
+    assert texts == {0: single.choices[0].message.content, 1: single.choices[0].message.content}
+    assert sorted(finished) == [0, 1]
+    sampled = client.chat.completions.create(model="beta", messages=MESSAGES, n=4, temperature=1.0,
+                                             seed=3, max_tokens=8)
+    assert len({c.message.content for c in sampled.choices}) > 1  # seed + i: different choices
+
+
+@pytest.mark.parametrize("extra", [
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+    {"response_format": {"type": "json_object"}},
+    {"logprobs": True},
+    {"frequency_penalty": 0.5},
+])
+def test_fields_it_cannot_honour_are_400_not_ignored(client, extra):
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(client, "alpha", **extra)
+    assert info.value.body["param"] == next(iter(extra))
+    assert info.value.body["code"] == "unsupported_parameter"
+    _chat(client, "alpha", max_tokens=2, user="someone", tool_choice="none", frequency_penalty=0)  # harmless
 
 
 def test_sampling_with_seed_is_repeatable(client):

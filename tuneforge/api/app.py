@@ -7,8 +7,11 @@ traceback: a malformed body is a 400, an unknown model a 404, a missing/wrong ke
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 import os
+import queue
+import threading
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -80,51 +83,95 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
         if not engine.has_model(body.model):
             raise APIError(404, f"model {body.model!r} does not exist; available: "
                            f"{engine.model_ids()}", param="model", code="model_not_found")
+        unsupported = body.unsupported_field()
+        if unsupported:
+            raise APIError(400, f"{unsupported} is not supported by this server; leave it out",
+                           param=unsupported, code="unsupported_parameter")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         if messages[-1]["role"] == "assistant":
             raise APIError(400, "the last message must be from the user (or system)", param="messages")
-        generation = engine.generate(
-            body.model, messages, stop=body.stop_list(), seed=body.seed,
+        # n choices are n requests queued together: they share a batch (a seeded one: seed + i)
+        generations = [engine.generate(
+            body.model, messages, stop=body.stop_list(),
+            seed=None if body.seed is None else body.seed + i,
             temperature=body.temperature, top_p=body.top_p,
-            max_tokens=body.max_completion_tokens or body.max_tokens)
+            max_tokens=body.max_completion_tokens or body.max_tokens) for i in range(body.n)]
         if body.stream:
-            return StreamingResponse(_sse(body.model, generation), media_type="text/event-stream")
+            return StreamingResponse(_sse(body.model, generations), media_type="text/event-stream")
         try:
-            text = await run_in_threadpool(lambda: "".join(generation))
+            texts = await run_in_threadpool(lambda: ["".join(g) for g in generations])
         except Exception as exc:  # answered here: starlette's catch-all re-raises into the server
             log.exception("generation failed")
             return _error(500, f"internal error: {type(exc).__name__}", "server_error")
-        res = generation.result
         return ChatCompletion(
             id=completion_id(), model=body.model,
-            choices=[Choice(message=AssistantMessage(content=text), finish_reason=res.finish_reason)],
-            usage=Usage(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
-                        total_tokens=res.prompt_tokens + res.completion_tokens))
+            choices=[Choice(index=i, message=AssistantMessage(content=text),
+                            finish_reason=g.result.finish_reason)
+                     for i, (g, text) in enumerate(zip(generations, texts))],
+            usage=_usage(generations))
 
     return app
 
 
-def _sse(model: str, generation):
-    """Server-sent events: a role chunk, content chunks, a finish chunk with usage, [DONE]."""
+def _usage(generations) -> Usage:
+    """The prompt is counted once, as OpenAI does for n > 1; completions add up."""
+    prompt = generations[0].result.prompt_tokens
+    completion = sum(g.result.completion_tokens for g in generations)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def _sse(model: str, generations):
+    """Server-sent events: role chunks, content chunks as any choice produces them (tagged with
+    its index), a finish chunk per choice, then one with usage, then [DONE]."""
     cid = completion_id()
 
-    def event(choice: ChunkChoice, usage: Usage | None = None) -> str:
-        chunk = ChatCompletionChunk(id=cid, model=model, choices=[choice], usage=usage)
+    def event(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
+        chunk = ChatCompletionChunk(id=cid, model=model, choices=choices, usage=usage)
         return f"data: {chunk.model_dump_json(exclude_none=True)}\n\n"
 
-    yield event(ChunkChoice(delta=Delta(role="assistant", content="")))
+    for i in range(len(generations)):
+        yield event([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
     try:
-        for piece in generation:
-            yield event(ChunkChoice(delta=Delta(content=piece)))
+        for i, piece in _interleave(generations):
+            if piece is None:  # choice i has ended
+                res = generations[i].result
+                yield event([ChunkChoice(index=i, delta=Delta(), finish_reason=res.finish_reason)])
+            else:
+                yield event([ChunkChoice(index=i, delta=Delta(content=piece))])
     except Exception as exc:  # headers are sent already: report in-band, as OpenAI does
         log.exception("generation failed")
         err = {"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error",
                          "param": None, "code": None}}
-        import json
         yield f"data: {json.dumps(err)}\n\n"
         return
-    res = generation.result
-    usage = Usage(prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
-                  total_tokens=res.prompt_tokens + res.completion_tokens)
-    yield event(ChunkChoice(delta=Delta(), finish_reason=res.finish_reason), usage)
+    yield event([], _usage(generations))
     yield "data: [DONE]\n\n"
+
+
+def _interleave(generations):
+    """(index, piece) in the order pieces arrive from any generation; (index, None) when one ends.
+    One generation reads in this thread; more get a reader thread each."""
+    if len(generations) == 1:
+        for piece in generations[0]:
+            yield 0, piece
+        yield 0, None
+        return
+    arrivals: queue.Queue = queue.Queue()
+
+    def read(i, generation):
+        try:
+            for piece in generation:
+                arrivals.put((i, piece))
+            arrivals.put((i, None))
+        except BaseException as exc:
+            arrivals.put((i, exc))
+
+    for i, g in enumerate(generations):
+        threading.Thread(target=read, args=(i, g), daemon=True).start()
+    open_ = len(generations)
+    while open_:
+        i, item = arrivals.get()
+        if isinstance(item, BaseException):
+            raise item
+        open_ -= item is None
+        yield i, item

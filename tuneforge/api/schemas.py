@@ -20,7 +20,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    # unknown OpenAI fields (user, logprobs, ...) are ignored rather than refused, as clients send them
+    # unknown fields (user, metadata, store, ...) are ignored rather than refused, as clients send them
     model_config = ConfigDict(extra="ignore")
 
     model: str
@@ -31,8 +31,32 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name for max_tokens
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
-    n: int = Field(1, ge=1, le=1)  # one choice per request
+    n: int = Field(1, ge=1, le=16)  # choices; they share one generation batch
     seed: Optional[int] = None
+    # fields that would change the answer in ways tuneforge does not implement: refused when set
+    # (unsupported_field), never silently ignored
+    tools: Optional[list] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    response_format: Optional[dict] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = None
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    logit_bias: Optional[dict] = None
+
+    def unsupported_field(self) -> str | None:
+        """The first field set to something this server cannot honour, or None."""
+        asked = {
+            "tools": bool(self.tools),
+            "tool_choice": self.tool_choice not in (None, "none", "auto"),
+            "response_format": (self.response_format or {}).get("type", "text") != "text",
+            "logprobs": bool(self.logprobs),
+            "top_logprobs": bool(self.top_logprobs),
+            "presence_penalty": bool(self.presence_penalty),
+            "frequency_penalty": bool(self.frequency_penalty),
+            "logit_bias": bool(self.logit_bias),
+        }
+        return next((name for name, on in asked.items() if on), None)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
