@@ -94,9 +94,12 @@ def test_chat_usage_and_stream_matches(setup, client):
     chunks = list(_chat(client, base, stream=True))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed == text
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
-    assert finishes == [out.choices[0].finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    assert all(c.choices for c in chunks)  # a client reading choices[0] of each chunk is safe
+    assert chunks[-1].choices[0].finish_reason == out.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    asked = list(_chat(client, base, stream=True, stream_options={"include_usage": True}))
+    assert asked[-1].choices == [] and asked[-1].usage == out.usage  # OpenAI's usage chunk
+    assert asked[-2].choices[0].finish_reason == out.choices[0].finish_reason and asked[-2].usage is None
 
 
 def test_adapter_selection_matches_direct_runs(setup, client):

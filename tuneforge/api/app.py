@@ -97,7 +97,9 @@ def create_app(engine, api_key: str | None = None) -> FastAPI:
             temperature=body.temperature, top_p=body.top_p,
             max_tokens=body.max_completion_tokens or body.max_tokens) for i in range(body.n)]
         if body.stream:
-            return StreamingResponse(_sse(body.model, generations), media_type="text/event-stream")
+            usage_chunk = bool((body.stream_options or {}).get("include_usage"))
+            return StreamingResponse(_sse(body.model, generations, usage_chunk),
+                                     media_type="text/event-stream")
         try:
             texts = await run_in_threadpool(lambda: ["".join(g) for g in generations])
         except Exception as exc:  # answered here: starlette's catch-all re-raises into the server
@@ -120,9 +122,11 @@ def _usage(generations) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-def _sse(model: str, generations):
+def _sse(model: str, generations, usage_chunk: bool = False):
     """Server-sent events: role chunks, content chunks as any choice produces them (tagged with
-    its index), a finish chunk per choice, then one with usage, then [DONE]."""
+    its index), a finish chunk per choice, then [DONE]. Usage rides on the last finish chunk, or,
+    with stream_options include_usage, comes as OpenAI sends it: a last chunk with no choices
+    (clients that read choices[0] of every chunk never see an empty one unless they asked)."""
     cid = completion_id()
 
     def event(choices: list[ChunkChoice], usage: Usage | None = None) -> str:
@@ -131,11 +135,14 @@ def _sse(model: str, generations):
 
     for i in range(len(generations)):
         yield event([ChunkChoice(index=i, delta=Delta(role="assistant", content=""))])
+    finished = 0
     try:
         for i, piece in _interleave(generations):
             if piece is None:  # choice i has ended
-                res = generations[i].result
-                yield event([ChunkChoice(index=i, delta=Delta(), finish_reason=res.finish_reason)])
+                finished += 1
+                last = finished == len(generations) and not usage_chunk
+                finish = ChunkChoice(index=i, delta=Delta(), finish_reason=generations[i].result.finish_reason)
+                yield event([finish], _usage(generations) if last else None)
             else:
                 yield event([ChunkChoice(index=i, delta=Delta(content=piece))])
     except Exception as exc:  # headers are sent already: report in-band, as OpenAI does
@@ -144,7 +151,8 @@ def _sse(model: str, generations):
                          "param": None, "code": None}}
         yield f"data: {json.dumps(err)}\n\n"
         return
-    yield event([], _usage(generations))
+    if usage_chunk:
+        yield event([], _usage(generations))
     yield "data: [DONE]\n\n"
 
 

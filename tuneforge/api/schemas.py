@@ -31,6 +31,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name for max_tokens
     stop: Optional[Union[str, list[str]]] = None
     stream: bool = False
+    stream_options: Optional[dict] = None  # {"include_usage": true}: a last chunk with usage only
     n: int = Field(1, ge=1, le=16)  # choices; they share one generation batch
     seed: Optional[int] = None
     # fields that would change the answer in ways tuneforge does not implement: refused when set
