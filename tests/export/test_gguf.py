@@ -101,6 +101,19 @@ def test_modelfile_has_from_template_stop_and_system(merged, tmp_path):
     assert "could not" in odd and "\nTEMPLATE " not in odd
 
 
+def test_modelfile_carries_the_templates_own_default_system(merged, tmp_path):
+    """SmolLM2's template adds a system turn when there is none; Ollama only sends SYSTEM."""
+    from tuneforge.data import apply_template
+
+    _, tokenizer = merged
+    text = write_modelfile(tmp_path, "tiny.gguf", tokenizer).read_text()
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
+    apply_template(tokenizer, "chatml")  # no default system: none in the Modelfile either
+    assert "SYSTEM" not in write_modelfile(tmp_path, "tiny.gguf", tokenizer).read_text()
+    apply_template(tokenizer, "qwen")
+    assert 'SYSTEM """You are Qwen, created by Alibaba Cloud.' in write_modelfile(tmp_path, "t.gguf", tokenizer).read_text()
+
+
 def test_tuneforge_export_writes_gguf_and_modelfile(tiny_model_dir, tmp_path):
     from tuneforge.config import load_config
     from tuneforge.workflows import export

@@ -4,6 +4,7 @@ families; anything else gets a comment saying so), stop tokens and the default s
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 # family -> (marker found in the Jinja template, Ollama template, end-of-turn stop strings)
@@ -51,8 +52,35 @@ def render_modelfile(gguf_name: str, chat_template: str | None, eos_token: str |
     return "\n".join(lines) + "\n"
 
 
+# the system turn in a rendered prompt, per family
+_SYSTEM_TURN = {
+    "chatml": r"<\|im_start\|>system\n(.*?)<\|im_end\|>",
+    "llama3": r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>",
+    "llama2": r"<<SYS>>\n(.*?)\n<</SYS>>",
+}
+
+
+def implicit_system(tokenizer) -> str | None:
+    """The system prompt the chat template inserts when a conversation has none (SmolLM2's and
+    Qwen's do). Ollama's template only sends SYSTEM, so the Modelfile must carry it to make
+    Ollama prompt the model as transformers and llama.cpp do."""
+    template = getattr(tokenizer, "chat_template", None)
+    family = next((f for f in _FAMILIES if template and f[1] in template), None)
+    if family is None:
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # a template that needs more than one user turn: nothing to learn here
+        return None
+    found = re.search(_SYSTEM_TURN[family[0]], str(text), re.S)  # the only turns: system?, user
+    return found.group(1) if found else None
+
+
 def write_modelfile(directory: Path, gguf_name: str, tokenizer, system: str | None = None) -> Path:
+    """`system`: default_system from the config; without it, the template's own default."""
     path = Path(directory) / "Modelfile"
     path.write_text(render_modelfile(gguf_name, getattr(tokenizer, "chat_template", None),
-                                     getattr(tokenizer, "eos_token", None), system))
+                                     getattr(tokenizer, "eos_token", None),
+                                     system if system is not None else implicit_system(tokenizer)))
     return path
