@@ -226,6 +226,25 @@ def test_requests_for_different_adapters_share_a_batch(setup, client):
     assert gens[2].result.completion_tokens == 5 and gens[2].result.finish_reason == "length"
 
 
+def test_a_request_joins_a_running_batch_and_answers_as_alone(setup, client):
+    """Continuous batching: B arrives while A is generating, joins at the next step (its cache
+    left-padded beside A's), A goes on, and both answer exactly as each does alone."""
+    engine = setup["engine"]
+    alone_a = _chat(client, "alpha", max_tokens=40).choices[0].message.content
+    other = [{"role": "user", "content": "Tell me about the sea, briefly please."}]
+    alone_b = "".join(engine.generate("beta", other, temperature=0, max_tokens=10))
+    before = engine.batcher.joined_running
+    a = engine.generate("alpha", MESSAGES, temperature=0, max_tokens=40)
+    pieces = iter(a)
+    first = next(pieces)  # A is running now
+    b = engine.generate("beta", other, temperature=0, max_tokens=10)
+    text_b = "".join(b)
+    text_a = first + "".join(pieces)
+    assert engine.batcher.joined_running == before + 1  # A was still generating when B joined
+    assert text_a == alone_a and text_b == alone_b
+    assert b.result.completion_tokens <= 10
+
+
 def test_concurrent_streams_over_http(setup):
     from concurrent.futures import ThreadPoolExecutor
 
@@ -242,10 +261,10 @@ def test_concurrent_streams_over_http(setup):
 
 
 def test_generation_failure_is_a_json_500_and_the_server_lives_on(setup, client, monkeypatch):
-    def boom(batch):
+    def boom(*args):
         raise RuntimeError("out of memory, say")
 
-    monkeypatch.setattr(setup["engine"].batcher, "_run", boom)
+    monkeypatch.setattr(setup["engine"].batcher, "_forward", boom)
     with pytest.raises(openai.InternalServerError) as info:
         client.with_options(max_retries=0).chat.completions.create(
             model="alpha", messages=MESSAGES, max_tokens=2)

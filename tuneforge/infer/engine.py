@@ -1,7 +1,8 @@
 """The model `tuneforge api` generates with: one base model, several LoRA adapters loaded beside
-it by name. Each request names the adapter it wants (or the base). Requests wait in a queue;
-one worker (batcher.py) runs those with the same sampling settings together in one batch, each
-row with its own adapter via `route_adapters`, so no global "active adapter" is switched."""
+it by name. Each request names the adapter it wants (or the base). One worker (batcher.py) runs
+every request in one continuously batched decode loop: a request joins at the next step, each
+row with its own adapter via `route_adapters` and its own sampling, so no global "active
+adapter" is switched and nobody waits for another request to finish."""
 
 from __future__ import annotations
 
