@@ -16,16 +16,24 @@ log = logging.getLogger("tuneforge")
 
 
 def train(cfg: Config) -> dict:
-    """Fine-tune as configured; returns the metrics also written to train_results.json."""
+    """Fine-tune as configured; returns the metrics also written to train_results.json.
+
+    Everything that can fail on bad input (config, output_dir, checkpoints, model, data) fails
+    before output_dir is touched. Raises ConfigError, DataError, ModelError, CheckpointError
+    (also for a full or read-only disk, with the last checkpoint kept), TrainingDiverged (a
+    NaN/inf loss or weight: nothing of it is saved), and after Ctrl-C or SIGTERM, once a
+    checkpoint is saved, KeyboardInterrupt (train.stop.Interrupted) or SystemExit(143)
+    (train.stop.Terminated)."""
     from transformers import set_seed
 
+    from .config import SECRET_KEYS
     from .data import load_datasets
     from .models import bf16_is_fast, load_model_and_tokenizer
-    from .train import checkpoint as ckpt
+    from .train import outputs
     from .train.loop import TrainingRun, mixed_precision
     from .train.methods import describe, prepare_model
     from .train.packing import choose_collator
-    from .train.plot import plot_loss
+    from .train.resume import plan_resume, prepare_output_dir
 
     args = cfg.train
     if not args.output_dir:
@@ -33,7 +41,9 @@ def train(cfg: Config) -> dict:
     if not args.do_train:
         raise ConfigError("do_train is false: nothing to do for `tuneforge train`")
     out = Path(args.output_dir)
-    resume = ckpt.resolve_resume(out, args.resume_from_checkpoint, args.overwrite_output_dir)
+    outputs.check_output_dir(out)
+    config_values = {k: v for k, v in cfg.to_dict().items() if k not in SECRET_KEYS}
+    plan = plan_resume(out, args.resume_from_checkpoint, args.overwrite_output_dir, config_values)
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = mixed_precision(args, device_type, bf16_is_fast(device_type))
@@ -48,7 +58,7 @@ def train(cfg: Config) -> dict:
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype,
                                                 defer_quantization=bool(cfg.finetune.loftq_iter))
     splits = load_datasets(cfg.data, tokenizer, seed=args.seed)  # also sets the chat template
-    model, setup = prepare_model(model, tokenizer, cfg, resume_from=resume)
+    model, setup = prepare_model(model, tokenizer, cfg, resume_from=plan.checkpoint)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model)
     choice = choose_collator(cfg.data, model, tokenizer.pad_token_id)  # padding or packing (probe)
@@ -58,31 +68,55 @@ def train(cfg: Config) -> dict:
         log.info("%s", describe(model))
         log.info("train examples: %d, eval examples: %d", len(splits.train),
                  len(splits.eval or []))
+    run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator)
+    if plan.checkpoint is not None:
+        run.restore(plan.checkpoint)  # refuses a changed batch size, dataset, ...
 
-    if accelerator.is_main_process:
-        if resume is None and args.overwrite_output_dir:
-            ckpt.clear_previous_run(out)
-        ckpt.remove_partial_checkpoints(out)
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "training_args.yaml")
+    if accelerator.is_main_process:  # the first write
+        if plan.warning():
+            log.warning("%s", plan.warning())
+        prepare_output_dir(out, plan, lambda path: save_config(cfg, path))
         if setup.save_initial is not None:  # e.g. PiSSA's initial adapter (pissa_convert)
-            setup.save_initial(model, out)
+            with outputs.disk_errors(out, "the initial adapter", errno_only=False):
+                setup.save_initial(model, out)
     accelerator.wait_for_everyone()
 
-    run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator,
-                      resume)
-    results = run.run()
+    with outputs.disk_errors(out, "the training log"):
+        results = run.run()
     choice.undo()  # the model's own attention and use_cache again, before it is saved
+    run.check_weights()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        setup.save_final(accelerator.unwrap_model(run.model), out)
-        (out / "train_results.json").write_text(json.dumps(results, indent=2))
-        if args.plot_loss:
-            for path in plot_loss(out):
-                log.info("wrote %s", path)
-        log.info("saved to %s", out)
+        _save_outputs(run, setup, out, results, args.plot_loss)
     accelerator.end_training()
     return results
+
+
+def _save_outputs(run, setup, out: Path, results: dict, plot: bool) -> None:
+    """The final model, metrics and plot, staged in a temporary folder and moved into
+    output_dir, so that a kill or a full disk leaves no half-written adapter there."""
+    from .train import outputs
+    from .train.plot import plot_loss
+
+    stage = out / f"{outputs.TMP_PREFIX}final"
+    outputs.discard(stage)
+    try:
+        stage.mkdir()
+        setup.save_final(run.acc.unwrap_model(run.model), stage)
+        (stage / "train_results.json").write_text(json.dumps(results, indent=2))
+        outputs.fsync_tree(stage)
+    except BaseException as exc:
+        fault = outputs.disk_fault(exc, out) if isinstance(exc, Exception) else None
+        outputs.discard(stage)
+        if fault is not None:
+            raise outputs.disk_error(fault, out, "the final model") from None
+        raise
+    outputs.publish(stage, out)
+    if plot:
+        with outputs.disk_errors(out, "the loss plot"):
+            for path in plot_loss(out):
+                log.info("wrote %s", path)
+    log.info("saved to %s", out)
 
 
 def _enable_activation_checkpointing(model) -> None:

@@ -4,7 +4,9 @@ just starting at j = micro_batches_seen, with no data replayed and none skipped.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 
 import torch
 
@@ -54,3 +56,20 @@ def eval_batches(examples: list[dict], batch_size: int, collate, rank: int = 0,
     mine = examples[rank::world_size]
     for start in range(0, len(mine), batch_size):
         yield collate(mine[start:start + batch_size])
+
+
+def fingerprint(examples: list[dict]) -> str:
+    """A short hash of the training examples (their tokens and labels, in order): two runs
+    whose streams would differ have different fingerprints."""
+    digest = hashlib.sha256()
+    for example in examples:
+        for key in sorted(example):
+            value = example[key]
+            try:
+                data = array("q", value).tobytes()
+            except (TypeError, OverflowError):
+                data = repr(value).encode()
+            digest.update(f"{key}:{len(data)}:".encode())
+            digest.update(data)
+        digest.update(b";")
+    return digest.hexdigest()[:16]

@@ -1,14 +1,16 @@
 """Checkpoints that survive a crash: each is written under a temporary name and renamed into
-place, so `checkpoint-N` either exists whole or not at all. A checkpoint holds the trainable
-weights, optimizer, scheduler, RNG states and the data position."""
+place, and removed by a rename to a trash name first, so `checkpoint-N` either exists whole or
+not at all. A checkpoint holds the trainable weights, optimizer, scheduler, RNG states and the
+data position (and what defines it, see `TrainingRun.data_record`). Whether one can be trusted
+is checked by `integrity.py`; which one a run resumes from is decided in `resume.py`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
 import re
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -17,11 +19,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import CheckpointError
+from . import outputs
 
 PREFIX = "checkpoint-"
-TMP_PREFIX = ".tmp-checkpoint-"
+TMP_PREFIX = outputs.TMP_PREFIX + PREFIX
 WEIGHTS = "trainable_state.safetensors"
 STATE = "trainer_state.json"
+OPTIMIZER, SCHEDULER, RNG = "optimizer.pt", "scheduler.pt", "rng_state.pt"
+TRAINING_FILES = (OPTIMIZER, SCHEDULER, RNG)  # absent from save_only_model checkpoints
 
 
 @dataclass
@@ -31,33 +36,30 @@ class TrainerState:
     micro_batches_seen: int = 0  # position in the stream of micro-batches (epochs concatenated)
     epoch: float = 0.0
     seed: int = 42
+    # what the data position depends on (batch size, accumulation, processes, seed, examples);
+    # None in checkpoints written before it was recorded
+    data: dict | None = None
+    model_only: bool = False  # save_only_model: no optimizer, scheduler or RNG state
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainerState":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def step_of(path: Path) -> int | None:
+    match = re.fullmatch(PREFIX + r"(\d+)", path.name)
+    return int(match.group(1)) if match else None
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Every checkpoint-N folder, oldest first, whole or damaged (see integrity.py)."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    found = []
-    for child in root.iterdir():
-        match = re.fullmatch(PREFIX + r"(\d+)", child.name)
-        if match and child.is_dir() and (child / STATE).is_file():
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    found = list_checkpoints(output_dir)
-    return found[-1] if found else None
-
-
-def remove_partial_checkpoints(output_dir: str | Path) -> None:
-    """Leftovers of a run killed while writing a checkpoint."""
-    root = Path(output_dir)
-    if root.is_dir():
-        for child in root.iterdir():
-            if child.name.startswith(TMP_PREFIX):
-                shutil.rmtree(child, ignore_errors=True)
+    found = [(step_of(child), child) for child in root.iterdir()]
+    return [path for step, path in sorted((s, p) for s, p in found if s is not None)
+            if path.is_dir()]
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -79,7 +81,7 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict) -> None:
     version, gauss = state["python_pos"]
     random.setstate((version, tuple(state["python"]), gauss))
     has_gauss, cached = state["numpy_gauss"]
@@ -94,118 +96,104 @@ def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimize
                     extra_writer=None, total_limit: int | None = None,
                     weights_only: bool = False) -> Path:
     """Write checkpoint-<step> atomically. `extra_writer(dir)` adds user-facing files (e.g. the
-    adapter in peft's format) so a checkpoint can be used like a final output."""
+    adapter in peft's format) so a checkpoint can be used like a final output.
+
+    Raises CheckpointError (one line) when the disk is full or read-only; the temporary folder
+    is removed then, and on any other failure or interruption too, and earlier checkpoints are
+    left as they were."""
     root = Path(output_dir)
     final = root / f"{PREFIX}{state.global_step}"
     tmp = root / f"{TMP_PREFIX}{state.global_step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), str(tmp / WEIGHTS))
-    if not weights_only:
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(_rng_state(), tmp / "rng_state.pt")
-    if extra_writer is not None:
-        extra_writer(tmp)
-    # trainer_state.json is written last: list_checkpoints only trusts dirs that have it
-    (tmp / STATE).write_text(json.dumps(asdict(state), indent=2))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
+    outputs.discard(tmp)
+    weights = trainable_state(model)
+    try:
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / WEIGHTS))
+        if not weights_only:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            torch.save(scheduler.state_dict(), tmp / SCHEDULER)
+            torch.save(_rng_state(), tmp / RNG)
+        if extra_writer is not None:
+            extra_writer(tmp)
+        # trainer_state.json last: it is what integrity.py reads first
+        (tmp / STATE).write_text(json.dumps(asdict(dataclasses.replace(
+            state, model_only=weights_only)), indent=2))
+        outputs.fsync_tree(tmp)
+    except BaseException as exc:
+        # KeyboardInterrupt / SystemExit: only clean up
+        fault = outputs.disk_fault(exc, root) if isinstance(exc, Exception) else None
+        outputs.discard(tmp)
+        if fault is not None:
+            raise outputs.disk_error(fault, root, f"checkpoint-{state.global_step}",
+                                     _estimate(root, final, weights, weights_only)) from None
+        raise
+    outputs.discard(final)  # the same step saved again (a resumed run that had finished)
     os.replace(tmp, final)
-    _fsync_dir(root)
+    outputs.fsync_tree(root)
     if total_limit:
         for old in list_checkpoints(root)[:-total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            outputs.discard(old)
     return final
 
 
-def _fsync_dir(path: Path) -> None:
-    for child in [*path.iterdir(), path] if path.is_dir() else []:
-        try:
-            fd = os.open(child, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+def _estimate(root: Path, final: Path, weights: dict, weights_only: bool) -> int | None:
+    """About how many bytes a checkpoint takes: the previous one's size, else the weights
+    (three times over with Adam's two moments)."""
+    previous = [p for p in list_checkpoints(root) if p != final]
+    if previous:
+        return outputs.tree_size(previous[-1]) or None
+    size = sum(t.numel() * t.element_size() for t in weights.values())
+    return (size if weights_only else 3 * size) or None
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> TrainerState:
-    """Restore everything save_checkpoint wrote; RNG states last, so nothing after consumes them."""
+def _load(path: Path, reader):
+    """Read one file of a checkpoint; a failure names the file (integrity.py checked it, so
+    this is rare: a file damaged in between, or a corruption its check cannot see)."""
+    try:
+        return reader(path)
+    except Exception as exc:  # noqa: BLE001 - every reader's failure means the same to the user
+        raise CheckpointError(f"checkpoint file '{path}' cannot be read ({type(exc).__name__}); "
+                              "delete that checkpoint folder to resume from an earlier one, or "
+                              "start over with overwrite_output_dir: true") from None
+
+
+def read_state(path: str | Path) -> TrainerState:
+    return TrainerState.from_dict(_load(Path(path) / STATE, lambda p: json.loads(p.read_text())))
+
+
+def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[TrainerState, dict]:
+    """Restore weights, optimizer and scheduler from a checkpoint that integrity.py accepted.
+    Returns its state and its RNG states, which the caller sets last (`set_rng_state`), right
+    before training, so that nothing in between consumes random numbers.
+
+    Raises CheckpointError when it does not fit the model (another fine-tuning setup)."""
     path = Path(path)
-    if not (path / STATE).is_file():
-        raise CheckpointError(f"'{path}' is not a tuneforge checkpoint (no {STATE}); point "
-                              "resume_from_checkpoint at a checkpoint-N folder or set it to true")
-    for name in (WEIGHTS, "optimizer.pt", "scheduler.pt", "rng_state.pt"):
-        if not (path / name).is_file():
-            raise CheckpointError(f"checkpoint '{path}' lacks {name} (saved with save_only_model?) "
-                                  "and cannot resume training")
-    state = TrainerState(**json.loads((path / STATE).read_text()))
-    weights = load_file(str(path / WEIGHTS))
+    state = read_state(path)
+    weights = _load(path / WEIGHTS, lambda p: load_file(str(p)))
     params = dict(model.named_parameters())
     missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
     if missing:
         raise CheckpointError(f"checkpoint '{path}' has no weights for {missing[0]} (and "
                               f"{len(missing) - 1} more): it was made with another fine-tuning setup")
+    for name, tensor in weights.items():
+        if name not in params:
+            raise CheckpointError(f"checkpoint '{path}' has weights for '{name}', which this "
+                                  "model does not have")
+        if params[name].shape != tensor.shape:
+            raise CheckpointError(f"checkpoint '{path}': '{name}' has shape "
+                                  f"{tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+    torch_load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
+    optimizer_state = _load(path / OPTIMIZER, torch_load)
+    scheduler_state = _load(path / SCHEDULER, torch_load)
+    rng = _load(path / RNG, torch_load)
     with torch.no_grad():
         for name, tensor in weights.items():
-            if name not in params:
-                raise CheckpointError(f"checkpoint '{path}' has weights for '{name}', which this "
-                                      "model does not have")
-            if params[name].shape != tensor.shape:
-                raise CheckpointError(f"checkpoint '{path}': '{name}' has shape "
-                                      f"{tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
             params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng_state.pt", weights_only=True))
-    return state
-
-
-def resolve_resume(output_dir: str | Path, resume_from_checkpoint, overwrite_output_dir: bool
-                   ) -> Path | None:
-    """Decide, before anything is written, whether this run starts fresh or resumes.
-
-    A path resumes from it; true resumes from the latest checkpoint; with neither, existing
-    checkpoints are resumed (LLaMA-Factory's behaviour) unless overwrite_output_dir is set, and
-    a non-empty output_dir without checkpoints is refused rather than silently mixed into."""
-    root = Path(output_dir)
-    if isinstance(resume_from_checkpoint, str):
-        path = Path(resume_from_checkpoint)
-        if not (path / STATE).is_file():
-            raise CheckpointError(f"resume_from_checkpoint '{path}' is not a checkpoint folder "
-                                  f"(no {STATE}); use a checkpoint-N folder or true")
-        return path
-    latest = latest_checkpoint(root)
-    if resume_from_checkpoint is True:
-        if latest is None:
-            raise CheckpointError(f"resume_from_checkpoint is true but output_dir '{root}' has "
-                                  "no checkpoint-N folder to resume from")
-        return latest
-    if overwrite_output_dir:
-        return None
-    if latest is not None:
-        if resume_from_checkpoint is False:
-            raise CheckpointError(f"output_dir '{root}' has checkpoints; set "
-                                  "resume_from_checkpoint: true to continue or "
-                                  "overwrite_output_dir: true to start over")
-        return latest
-    if root.is_dir() and any(not p.name.startswith(TMP_PREFIX) for p in root.iterdir()):
-        raise CheckpointError(f"output_dir '{root}' is not empty and has no checkpoint to resume; "
-                              "set overwrite_output_dir: true or choose another output_dir")
-    return None
-
-
-def clear_previous_run(output_dir: str | Path) -> None:
-    """Starting over in a used output_dir: drop the old checkpoints and log so that a later
-    resume cannot pick up a step of the previous run."""
-    root = Path(output_dir)
-    for path in list_checkpoints(root):
-        shutil.rmtree(path, ignore_errors=True)
-    for name in ("trainer_log.jsonl",):
-        (root / name).unlink(missing_ok=True)
-    remove_partial_checkpoints(root)
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint '{path / OPTIMIZER}' does not fit this run's optimizer "
+                              f"({str(exc).splitlines()[0]}); it was made with another setup: start over with "
+                              "overwrite_output_dir: true") from None
+    scheduler.load_state_dict(scheduler_state)
+    return state, rng

@@ -1,7 +1,9 @@
 """The one training loop, on accelerate. Readable top to bottom: build the optimizer and the
 schedule, maybe resume, then for each optimizer step run `gradient_accumulation_steps`
 micro-batches whose loss is normalised by the number of label tokens in the whole step (so
-accumulation equals one big batch), clip, step, log, evaluate, checkpoint."""
+accumulation equals one big batch), clip, step, log, evaluate, checkpoint. A NaN/inf loss stops
+the run before its step is applied; Ctrl-C / SIGTERM stop it at a step boundary with a
+checkpoint (stop.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +17,11 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from . import checkpoint as ckpt
-from .batches import MicroBatchStream, eval_batches
+from . import stop
+from .batches import MicroBatchStream, eval_batches, fingerprint
 from .optim import build_optimizer
 from .reporting import Reporter
+from .resume import check_data_record
 from .token_loss import TokenLoss
 
 IGNORE = -100
@@ -45,7 +49,7 @@ def mixed_precision(args, device_type: str, bf16_fast: bool) -> str:
 
 class TrainingRun:
     def __init__(self, cfg, model, train_examples, eval_examples, collate, setup,
-                 accelerator: Accelerator, resume_from: Path | None):
+                 accelerator: Accelerator):
         self.cfg, self.args = cfg, cfg.train
         self.acc = accelerator
         self.setup = setup
@@ -64,8 +68,30 @@ class TrainingRun:
         self.token_loss = TokenLoss.choose(self.model, accelerator.unwrap_model(self.model),
                                            self.stream.get(0), self.args.fused_cross_entropy,
                                            accelerator.autocast)
-        self.state = ckpt.TrainerState(total_steps=self.total_steps, seed=self.args.seed)
-        self.resume_from = resume_from
+        self.data_record = {
+            "world_size": accelerator.num_processes,
+            "per_device_train_batch_size": self.args.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
+            "seed": self.args.seed, "num_examples": len(train_examples),
+            "examples": fingerprint(train_examples),
+        }
+        self.state = ckpt.TrainerState(total_steps=self.total_steps, seed=self.args.seed,
+                                       data=self.data_record)
+        self.resume_from: Path | None = None
+        self.last_checkpoint: Path | None = None
+        self._rng_state: dict | None = None
+
+    def restore(self, path: Path) -> None:
+        """Load a checkpoint (integrity.py accepted it) into the model, optimizer and scheduler,
+        before output_dir is touched; its RNG states are set when `run` starts.
+
+        Raises CheckpointError when its data position means other examples in this run
+        (`resume.check_data_record`) or its weights do not fit the model."""
+        check_data_record(path, ckpt.read_state(path).data, self.data_record)
+        state, self._rng_state = ckpt.load_checkpoint(
+            path, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        state.total_steps, state.data = self.total_steps, self.data_record
+        self.state, self.resume_from, self.last_checkpoint = state, path, path
 
     # -- pieces -------------------------------------------------------------------------
     @torch.no_grad()
@@ -100,21 +126,36 @@ class TrainingRun:
                 loss_sum, _ = self.token_loss(batch)
                 self.acc.backward(loss_sum * scale)
             loss_total += loss_sum.item()
+        loss_global = float(self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), "sum"))
+        self._check_finite("loss", loss_global / max(step_tokens, 1))
         self.grad_norm = None
         if self.args.max_grad_norm > 0:
             norm = self.acc.clip_grad_norm_(self.model.parameters(), self.args.max_grad_norm)
             self.grad_norm = float(norm)
+            if self.acc.mixed_precision != "fp16":  # fp16's loss scaler skips such steps itself
+                self._check_finite("gradient norm", self.grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.micro_batches_seen += gas
         self.state.global_step += 1
         self.state.epoch = self.stream.epoch_of(self.state.micro_batches_seen)
-        loss_global = float(self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), "sum"))
         real = sum(real_tokens(m) for m in micro)
         return loss_global / max(step_tokens, 1), step_tokens, real
 
+    def _check_finite(self, what: str, value: float) -> None:
+        """Before the step is applied: a NaN/inf stops the run (stop.TrainingDiverged)."""
+        stop.check_finite(what, value, self.state.global_step + 1, self.args.learning_rate,
+                          self.last_checkpoint)
+
+    def check_weights(self) -> None:
+        """Raises stop.TrainingDiverged if a trainable weight is NaN or inf (on every process,
+        so that all of them stop)."""
+        stop.check_weights(self.acc.unwrap_model(self.model), self.state.global_step,
+                           self.args.learning_rate, self.last_checkpoint)
+
     def save_checkpoint(self) -> None:
+        self.check_weights()
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             model = self.acc.unwrap_model(self.model)
@@ -123,20 +164,38 @@ class TrainingRun:
             ckpt.save_checkpoint(self.output_dir, self.state, model, self.optimizer, self.scheduler,
                                  extra_writer=writer, total_limit=self.args.save_total_limit,
                                  weights_only=self.args.save_only_model)
+        self.last_checkpoint = self.output_dir / f"{ckpt.PREFIX}{self.state.global_step}"
         self.acc.wait_for_everyone()
+
+    def _stop_requested(self, signals: stop.StopSignals) -> bool:
+        """Every process stops at the same step: the request is shared (any one's counts)."""
+        asked = signals.received is not None
+        if self.acc.num_processes > 1:
+            flag = torch.tensor(float(asked), device=self.acc.device)
+            asked = bool(self.acc.reduce(flag, "sum") > 0)
+        return asked
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train to the last step, evaluate, checkpoint; returns the metrics.
+
+        Raises stop.TrainingDiverged on a NaN/inf loss or weight, stop.Interrupted (Ctrl-C) or
+        stop.Terminated (SIGTERM) after saving a checkpoint, CheckpointError on a full disk."""
+        if self._rng_state is not None:  # last, so that nothing before training consumes them
+            ckpt.set_rng_state(self._rng_state)
+        reporter = Reporter(self.output_dir, self.total_steps, self.state.global_step,
+                            enabled=self.acc.is_main_process,
+                            show_progress=not self.args.disable_tqdm,
+                            tensorboard_dir=self._tensorboard_dir())
+        try:
+            return self._run(reporter)
+        finally:
+            reporter.close()
+
+    def _run(self, reporter: Reporter) -> dict:
         args, acc = self.args, self.acc
         has_eval = bool(self.eval_examples)
         results: dict = {}
-        if self.resume_from is not None:
-            self.state = ckpt.load_checkpoint(self.resume_from, acc.unwrap_model(self.model),
-                                              self.optimizer, self.scheduler)
-            self.state.total_steps = self.total_steps
-        reporter = Reporter(self.output_dir, self.total_steps, self.state.global_step,
-                            enabled=acc.is_main_process, show_progress=not args.disable_tqdm,
-                            tensorboard_dir=self._tensorboard_dir())
         if self.resume_from is not None:
             reporter.message(f"resumed from {self.resume_from} at step {self.state.global_step}")
         elif has_eval and args.eval_on_start:
@@ -147,28 +206,34 @@ class TrainingRun:
         self.model.train()
         window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
         start_step, started = self.state.global_step, time.perf_counter()
-        while self.state.global_step < self.total_steps:
-            loss, tokens, real = self.train_step()
-            step = self.state.global_step
-            window_loss += loss * tokens
-            window_tokens += tokens
-            window_real += real
-            reporter.step(step)
-            if step % args.logging_steps == 0 or step == self.total_steps:
-                seconds = time.perf_counter() - window_start
-                reporter.log_train(step, window_loss / max(window_tokens, 1),
-                                   self.scheduler.get_last_lr()[0], self.state.epoch,
-                                   self.grad_norm, acc.num_processes * window_real / max(seconds, 1e-9))
-                window_loss, window_tokens, window_real = 0.0, 0, 0
-                window_start = time.perf_counter()
-            if (has_eval and args.eval_strategy == "steps" and args.eval_steps
-                    and step % args.eval_steps == 0 and step < self.total_steps):
-                eval_loss = self.evaluate()
-                reporter.log_eval(step, eval_loss, self.state.epoch)
-                reporter.message(f"step {step}: eval_loss {eval_loss:.4f}")
-            if args.save_strategy == "steps" and step % args.save_steps == 0 \
-                    and step < self.total_steps:
-                self.save_checkpoint()
+        with stop.StopSignals() as signals:
+            while self.state.global_step < self.total_steps:
+                loss, tokens, real = self.train_step()
+                step = self.state.global_step
+                window_loss += loss * tokens
+                window_tokens += tokens
+                window_real += real
+                reporter.step(step)
+                if step % args.logging_steps == 0 or step == self.total_steps:
+                    seconds = time.perf_counter() - window_start
+                    reporter.log_train(step, window_loss / max(window_tokens, 1),
+                                       self.scheduler.get_last_lr()[0], self.state.epoch,
+                                       self.grad_norm,
+                                       acc.num_processes * window_real / max(seconds, 1e-9))
+                    window_loss, window_tokens, window_real = 0.0, 0, 0
+                    window_start = time.perf_counter()
+                if self._stop_requested(signals):  # Ctrl-C / SIGTERM: save here, then stop
+                    self.save_checkpoint()
+                    reporter.close()
+                    raise signals.exception(self.last_checkpoint)
+                if (has_eval and args.eval_strategy == "steps" and args.eval_steps
+                        and step % args.eval_steps == 0 and step < self.total_steps):
+                    eval_loss = self.evaluate()
+                    reporter.log_eval(step, eval_loss, self.state.epoch)
+                    reporter.message(f"step {step}: eval_loss {eval_loss:.4f}")
+                if args.save_strategy == "steps" and step % args.save_steps == 0 \
+                        and step < self.total_steps:
+                    self.save_checkpoint()
 
         runtime = time.perf_counter() - started
         if has_eval:

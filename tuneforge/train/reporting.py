@@ -106,7 +106,10 @@ class Reporter:
             (self.bar.write if self.bar is not None else print)(text)
 
     def close(self) -> None:
+        """Close the bar and the TensorBoard writer (again: nothing)."""
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.writer is not None:
             self.writer.close()
+            self.writer = None

@@ -1,0 +1,202 @@
+"""The output folder of a run: checked before anything is loaded (a file, under a file, not
+writable), written so that a kill at any moment leaves either the old or the new version of
+each thing (temporary `.tmp-*` names renamed into place, deletions renamed to `.trash-*`
+first), and a full or read-only disk reported as one line instead of a traceback from deep
+inside torch or safetensors.
+
+A small local stand-in for the project's reader/writer layer: when `tuneforge/fileio.py` lands,
+`disk_fault` / `disk_error` can be folded into its error mapping."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied"}
+# torch and safetensors report a failed write without an errno; with less than this left on
+# the disk right after the failure, the disk was full
+LOW_SPACE = 1 << 20
+
+
+def check_output_dir(path: str | Path) -> None:
+    """Refuse an output_dir that cannot hold a run, before the model is loaded.
+
+    Raises CheckpointError when it is a file, lies under a file, or cannot be written (a probe
+    file is created and removed where it exists; the nearest existing folder above it is asked
+    otherwise)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"output_dir '{path}' is a file, not a folder; choose another "
+                              "output_dir")
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CheckpointError(f"output_dir '{path}' lies under '{existing}', which is a file, "
+                              "not a folder; choose another output_dir")
+    if existing == path:
+        probe = path / f"{TMP_PREFIX}probe-{uuid.uuid4().hex}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise CheckpointError(f"output_dir '{path}' cannot be written "
+                                  f"({_reason(exc)}); choose another output_dir") from None
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        raise CheckpointError(f"output_dir '{path}' cannot be created: '{existing}' is not "
+                              "writable; choose another output_dir")
+
+
+def _reason(exc: OSError) -> str:
+    if exc.errno in DISK_FULL:
+        return "the disk is full"
+    return NOT_WRITABLE.get(exc.errno, exc.strerror or type(exc).__name__)
+
+
+def free_bytes(folder: str | Path) -> int | None:
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def tree_size(path: str | Path) -> int:
+    """Bytes in the files under path (0 when it does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def disk_fault(exc: BaseException, folder: str | Path, errno_only: bool = False) -> str | None:
+    """"full", or why the folder cannot be written, when a failed write was the disk's fault;
+    None otherwise. Unless `errno_only`, an error without an errno (torch and safetensors
+    writers have none) counts as a full disk when almost nothing is left free, so ask before
+    removing what was partly written."""
+    code = getattr(exc, "errno", None)
+    if code in NOT_WRITABLE:
+        return NOT_WRITABLE[code]
+    if code in DISK_FULL:
+        return "full"
+    if errno_only:
+        return None
+    write_failure = isinstance(exc, (OSError, RuntimeError)) or \
+        type(exc).__name__ == "SafetensorError"
+    free = free_bytes(folder)
+    return "full" if write_failure and free is not None and free < LOW_SPACE else None
+
+
+def disk_error(fault: str, folder: str | Path, what: str,
+               needed: int | None = None) -> CheckpointError:
+    """The one line for a `disk_fault`; the free space is measured now (after cleaning up)."""
+    if fault != "full":
+        return CheckpointError(f"cannot write {what} in '{folder}' ({fault}); make the folder "
+                               "writable or choose another output_dir")
+    free = free_bytes(folder)
+    need = f", it needs about {_mb(needed)}" if needed else ""
+    have = f" ({_mb(free)} free{need})" if free is not None else ""
+    return CheckpointError(f"disk full while writing {what} in '{folder}'{have}; free some "
+                           "space (or lower save_total_limit) and run the same command again "
+                           "to resume")
+
+
+@contextmanager
+def disk_errors(folder: str | Path, what: str, errno_only: bool = True):
+    """Turn a full or read-only disk met inside the block into one CheckpointError line
+    (errno_only=False also for torch / safetensors writers, see `disk_fault`)."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - only disk faults are converted, others re-raised
+        fault = disk_fault(exc, folder, errno_only)
+        if fault is None:
+            raise
+        raise disk_error(fault, folder, what) from None
+
+
+def discard(path: str | Path) -> None:
+    """Delete a file or folder so that readers see it whole or gone: renamed to a `.trash-`
+    name first (atomic), then removed; a kill in between leaves only the trash, which
+    `remove_leftovers` clears at the next start."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    trash = path.with_name(f"{TRASH_PREFIX}{path.name}-{uuid.uuid4().hex[:8]}")
+    os.replace(path, trash)
+    _remove(trash)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def remove_leftovers(output_dir: str | Path) -> None:
+    """What a killed run left half-written (`.tmp-*`) or half-deleted (`.trash-*`)."""
+    root = Path(output_dir)
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith((TMP_PREFIX, TRASH_PREFIX)):
+                _remove(child)
+
+
+def is_leftover(name: str) -> bool:
+    return name.startswith((TMP_PREFIX, TRASH_PREFIX))
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a small text file whole or not at all (temporary name, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def publish(stage: Path, root: Path) -> None:
+    """Move everything in the finished staging folder `stage` into `root`, each entry replacing
+    its old version by one rename (a folder's old version is discarded first)."""
+    for child in sorted(stage.iterdir()):
+        target = root / child.name
+        if child.is_dir() and target.exists():
+            discard(target)
+        os.replace(child, target)
+    stage.rmdir()
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush a folder's files and the folder itself (so a rename after it is durable)."""
+    for child in [*path.iterdir(), path] if path.is_dir() else []:
+        try:
+            fd = os.open(child, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)

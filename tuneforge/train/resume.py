@@ -1,0 +1,172 @@
+"""Start fresh or resume, decided before anything is loaded or written.
+
+A path resumes from it; true resumes from the newest checkpoint that can resume (integrity.py);
+with neither, existing checkpoints are resumed (LLaMA-Factory's behaviour) unless
+overwrite_output_dir is set. Newer damaged checkpoints are passed over with one warning line;
+when none can resume, the run is refused naming the file. An output_dir holding only what the
+same config's run writes before its first checkpoint (killed early) starts afresh; other
+contents are refused rather than silently mixed into.
+
+Then, once the data are loaded, `check_data_record` refuses a checkpoint whose data position
+would mean other examples with this run's setup; and `prepare_output_dir` is the first write."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..errors import CheckpointError
+from . import outputs
+from .checkpoint import STATE, list_checkpoints, step_of
+from .integrity import checkpoint_problem
+from .reporting import LOG_FILE
+
+log = logging.getLogger("tuneforge")
+ARGS_FILE = "training_args.yaml"
+# what a run writes before its first checkpoint (besides .tmp-* / .trash-* leftovers)
+EARLY_FILES = {ARGS_FILE, LOG_FILE, "runs", "pissa_init"}
+START_OVER = "start over with overwrite_output_dir: true"
+
+
+@dataclass
+class ResumePlan:
+    checkpoint: Path | None = None  # resume from it; None: start fresh
+    skipped: list[str] = field(default_factory=list)  # why newer checkpoints were passed over
+    clear_run: bool = False  # overwrite_output_dir: drop the previous run's checkpoints and log
+    clear_start: bool = False  # the same config's run was killed before its first checkpoint
+
+    def warning(self) -> str | None:
+        if not self.skipped:
+            return None
+        return (f"passing over {len(self.skipped)} checkpoint(s) that cannot resume: "
+                f"{'; '.join(self.skipped)}; resuming from {self.checkpoint}")
+
+
+def plan_resume(output_dir: str | Path, resume_from_checkpoint, overwrite_output_dir: bool,
+                config_values: dict) -> ResumePlan:
+    """Decide how the run starts; `config_values` is what training_args.yaml would hold.
+
+    Raises CheckpointError (one line, naming the file or key) when it cannot start as asked."""
+    root = Path(output_dir)
+    if isinstance(resume_from_checkpoint, str):
+        return ResumePlan(_explicit(Path(resume_from_checkpoint)))
+    found = list_checkpoints(root)
+    if resume_from_checkpoint is True or (resume_from_checkpoint is None and found
+                                          and not overwrite_output_dir):
+        if not found:
+            raise CheckpointError(f"resume_from_checkpoint is true but output_dir '{root}' has "
+                                  "no checkpoint-N folder to resume from")
+        return _newest_usable(root, found)
+    if overwrite_output_dir:
+        return ResumePlan(clear_run=True)
+    if found:
+        raise CheckpointError(f"output_dir '{root}' has checkpoints; set "
+                              "resume_from_checkpoint: true to continue or "
+                              "overwrite_output_dir: true to start over")
+    return _fresh(root, config_values)
+
+
+def _explicit(path: Path) -> Path:
+    if not path.is_dir():
+        raise CheckpointError(f"resume_from_checkpoint '{path}' does not exist; use a "
+                              "checkpoint-N folder or true")
+    if not (path / STATE).is_file() and step_of(path) is None:
+        raise CheckpointError(f"resume_from_checkpoint '{path}' is not a checkpoint folder "
+                              f"(no {STATE}); use a checkpoint-N folder or true")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"resume_from_checkpoint '{path}' cannot resume training: "
+                              f"{problem}; point it at another checkpoint-N folder, set it to "
+                              f"true for the newest one that can, or {START_OVER}")
+    return path
+
+
+def _newest_usable(root: Path, found: list[Path]) -> ResumePlan:
+    skipped = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return ResumePlan(path, skipped)
+        skipped.append(problem)
+    older = f" (and the {len(skipped) - 1} older checkpoint(s) cannot either)" \
+        if len(skipped) > 1 else ""
+    raise CheckpointError(f"no checkpoint in output_dir '{root}' can resume training: "
+                          f"{skipped[0]}{older}; {START_OVER} or choose another output_dir")
+
+
+def _fresh(root: Path, config_values: dict) -> ResumePlan:
+    present = sorted(p.name for p in root.iterdir() if not outputs.is_leftover(p.name)) \
+        if root.is_dir() else []
+    if not present:
+        return ResumePlan()
+    refusal = (f"output_dir '{root}' is not empty and has no checkpoint to resume; set "
+               "overwrite_output_dir: true or choose another output_dir")
+    if ARGS_FILE not in present or not set(present) <= EARLY_FILES:
+        raise CheckpointError(refusal)
+    try:
+        previous = yaml.safe_load((root / ARGS_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise CheckpointError(refusal) from None
+    current = yaml.safe_load(yaml.safe_dump(config_values))
+    if previous != current:
+        changed = sorted(k for k in set(current) | set(previous or {})
+                         if not isinstance(previous, dict) or previous.get(k) != current.get(k))
+        key = f" (key '{changed[0]}' differs)" if changed else ""
+        raise CheckpointError(f"output_dir '{root}' holds the start of a run with another "
+                              f"config{key} and no checkpoint to resume; set "
+                              "overwrite_output_dir: true or choose another output_dir")
+    return ResumePlan(clear_start=True)  # the same run, killed before its first checkpoint
+
+
+# what the data position depends on, each with how to put it back
+DATA_KEYS = {
+    "world_size": "launch it on {then} processes",
+    "per_device_train_batch_size": "set per_device_train_batch_size: {then}",
+    "gradient_accumulation_steps": "set gradient_accumulation_steps: {then}",
+    "seed": "set seed: {then}",
+    "examples": "use the same dataset and data settings (cutoff_len, template, max_samples, "
+                "val_size, ...) as that run",
+}
+
+
+def check_data_record(path: Path, saved: dict | None, current: dict) -> None:
+    """Refuse a checkpoint whose micro-batch position would stand for other examples in this
+    run (it would silently skip or repeat some). Checkpoints without a record resume as before.
+
+    Raises CheckpointError naming the key that changed and how to resume."""
+    if not isinstance(saved, dict):
+        return
+    for key, fix in DATA_KEYS.items():
+        then, now = saved.get(key), current.get(key)
+        if then is None or then == now:
+            continue
+        if key == "examples":
+            what = (f"on other training examples ({saved.get('num_examples', '?')} then, "
+                    f"{current.get('num_examples')} now, or their tokens or order differ)")
+        else:
+            what = f"with {key} {then} and this run has {now}"
+        raise CheckpointError(f"cannot resume from '{path}': it was trained {what}, so its data "
+                              f"position would skip or repeat examples; {fix.format(then=then)} "
+                              f"to resume, or {START_OVER}")
+
+
+def prepare_output_dir(root: Path, plan: ResumePlan, write_args) -> None:
+    """The first write of a run: clear what the plan says, remove leftovers of killed runs,
+    write training_args.yaml (whole or not at all) with `write_args(path)`.
+
+    Raises CheckpointError when the disk is full or read-only."""
+    with outputs.disk_errors(root, ARGS_FILE):
+        if plan.clear_run:
+            for path in list_checkpoints(root):
+                outputs.discard(path)
+        if plan.clear_run or plan.clear_start:
+            outputs.discard(root / LOG_FILE)
+        outputs.remove_leftovers(root)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f"{outputs.TMP_PREFIX}{ARGS_FILE}"
+        write_args(tmp)
+        os.replace(tmp, root / ARGS_FILE)

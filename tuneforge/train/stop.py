@@ -1,0 +1,112 @@
+"""Stopping a run cleanly. Ctrl-C (SIGINT) or SIGTERM: the current optimizer step finishes,
+a checkpoint is saved at that step boundary and the run ends with one line saying how to
+resume (a second signal aborts at once; what is on disk then is as after kill -9, which the
+next run copes with). A non-finite loss or weight: the run stops before the step is applied
+or saved, so no checkpoint or final output ever holds NaN or inf."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shlex
+import signal
+import sys
+import threading
+
+import torch
+
+from ..errors import TuneforgeError
+
+log = logging.getLogger("tuneforge")
+
+
+class TrainingDiverged(TuneforgeError):
+    """The loss or the weights became NaN or inf; nothing of that step was saved."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: a checkpoint was saved at the last step boundary (the CLI exits with 130)."""
+
+
+class Terminated(SystemExit):
+    """SIGTERM: a checkpoint was saved at the last step boundary; exits with 143 (128 + 15)."""
+
+    def __init__(self):
+        super().__init__(128 + signal.SIGTERM)
+
+
+class StopSignals:
+    """While active (a `with` block in the main thread), SIGINT and SIGTERM only ask the loop
+    to stop at the next step boundary; a second one stops at once. Elsewhere (a worker
+    thread) it does nothing, and signals keep their usual effect."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:  # the second one: stop now, save nothing more
+            log.warning("%s again: stopping at once without saving; the next run resumes "
+                        "from the newest checkpoint", signal.Signals(signum).name)
+            raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
+        self.received = signum
+        log.warning("%s: finishing the current step to save a checkpoint (send it again to "
+                    "stop at once)", signal.Signals(signum).name)
+
+    def exception(self, checkpoint) -> BaseException:
+        """What the run raises after saving `checkpoint`, with the line saying how to resume."""
+        name = signal.Signals(self.received).name
+        log.warning("stopped by %s; saved %s; to resume, run the same command again%s", name,
+                    checkpoint, _command())
+        return Interrupted() if self.received == signal.SIGINT else Terminated()
+
+
+def _command() -> str:
+    """': tuneforge train cfg.yaml' when this process is the CLI, else ''."""
+    argv = sys.argv
+    if len(argv) > 1 and argv[1] == "train" and \
+            os.path.basename(argv[0]) in ("tuneforge", "__main__.py"):
+        return ": " + shlex.join(["tuneforge", *argv[1:]])
+    return ""
+
+
+def check_finite(what: str, value: float, step: int, learning_rate: float,
+                 last_checkpoint) -> None:
+    """Raises TrainingDiverged when `what` (the loss, the gradient norm) of `step` is NaN or
+    inf; called before the step is applied."""
+    if math.isfinite(value):
+        return
+    raise TrainingDiverged(f"training diverged: the {what} is {value} at step {step}; "
+                           f"{_aftermath(learning_rate, last_checkpoint)}")
+
+
+def check_weights(model, step: int, learning_rate: float, last_checkpoint) -> None:
+    """Raises TrainingDiverged when a trainable weight is NaN or inf (before saving it)."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and not bool(torch.isfinite(param).all()):
+            bad = int((~torch.isfinite(param)).sum())
+            raise TrainingDiverged(f"training diverged: {bad:,} values of '{name}' are NaN or "
+                                   f"inf after step {step}; "
+                                   f"{_aftermath(learning_rate, last_checkpoint)}")
+
+
+def _aftermath(learning_rate: float, last_checkpoint) -> str:
+    kept = f"the last good checkpoint, {last_checkpoint}, is kept" if last_checkpoint \
+        else "no checkpoint was written"
+    return (f"nothing was saved for it and {kept}; lower learning_rate (now {learning_rate:g}) "
+            "and start over with overwrite_output_dir: true (a resumed run would keep the old "
+            "learning rate)")
