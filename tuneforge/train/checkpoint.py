@@ -27,6 +27,7 @@ WEIGHTS = "trainable_state.safetensors"
 STATE = "trainer_state.json"
 OPTIMIZER, SCHEDULER, RNG = "optimizer.pt", "scheduler.pt", "rng_state.pt"
 TRAINING_FILES = (OPTIMIZER, SCHEDULER, RNG)  # absent from save_only_model checkpoints
+START_OVER = "start over with overwrite_output_dir: true"
 
 
 @dataclass
@@ -154,7 +155,7 @@ def _load(path: Path, reader):
     except Exception as exc:  # noqa: BLE001 - every reader's failure means the same to the user
         raise CheckpointError(f"checkpoint file '{path}' cannot be read ({type(exc).__name__}); "
                               "delete that checkpoint folder to resume from an earlier one, or "
-                              "start over with overwrite_output_dir: true") from None
+                              f"{START_OVER}") from None
 
 
 def read_state(path: str | Path) -> TrainerState:
@@ -171,17 +172,20 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[Trai
     state = read_state(path)
     weights = _load(path / WEIGHTS, lambda p: load_file(str(p)))
     params = dict(model.named_parameters())
+    other_setup = ("it was made with another fine-tuning setup (finetuning_type, lora_rank, "
+                   f"lora_target, ...): use that setup to resume, or {START_OVER}")
     missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
     if missing:
         raise CheckpointError(f"checkpoint '{path}' has no weights for {missing[0]} (and "
-                              f"{len(missing) - 1} more): it was made with another fine-tuning setup")
+                              f"{len(missing) - 1} more): {other_setup}")
     for name, tensor in weights.items():
         if name not in params:
             raise CheckpointError(f"checkpoint '{path}' has weights for '{name}', which this "
-                                  "model does not have")
+                                  f"model does not have: {other_setup}")
         if params[name].shape != tensor.shape:
             raise CheckpointError(f"checkpoint '{path}': '{name}' has shape "
-                                  f"{tuple(tensor.shape)}, the model {tuple(params[name].shape)}")
+                                  f"{tuple(tensor.shape)}, the model {tuple(params[name].shape)}: "
+                                  f"{other_setup}")
     torch_load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     optimizer_state = _load(path / OPTIMIZER, torch_load)
     scheduler_state = _load(path / SCHEDULER, torch_load)
@@ -193,7 +197,6 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[Trai
         optimizer.load_state_dict(optimizer_state)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint '{path / OPTIMIZER}' does not fit this run's optimizer "
-                              f"({str(exc).splitlines()[0]}); it was made with another setup: start over with "
-                              "overwrite_output_dir: true") from None
+                              f"({str(exc).splitlines()[0]}): {other_setup}") from None
     scheduler.load_state_dict(scheduler_state)
     return state, rng

@@ -21,7 +21,7 @@ import yaml
 
 from ..errors import CheckpointError
 from . import outputs
-from .checkpoint import STATE, list_checkpoints, step_of
+from .checkpoint import START_OVER, STATE, list_checkpoints, step_of
 from .integrity import checkpoint_problem
 from .reporting import LOG_FILE
 
@@ -29,7 +29,6 @@ log = logging.getLogger("tuneforge")
 ARGS_FILE = "training_args.yaml"
 # what a run writes before its first checkpoint (besides .tmp-* / .trash-* leftovers)
 EARLY_FILES = {ARGS_FILE, LOG_FILE, "runs", "pissa_init"}
-START_OVER = "start over with overwrite_output_dir: true"
 
 
 @dataclass

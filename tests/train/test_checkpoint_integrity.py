@@ -1,0 +1,261 @@
+"""Which checkpoint a run resumes from, decided before anything is loaded or written: damaged
+ones (every kind of broken file) are passed over with one warning naming the file, a run with
+none intact or an explicit damaged path is refused naming the file, and the output_dir rules
+(a killed run's own early files start afresh). Real checkpoints of a small torch model, no
+transformers model: fast."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from tuneforge.errors import CheckpointError
+from tuneforge.train import checkpoint as ckpt
+from tuneforge.train import outputs
+from tuneforge.train.integrity import checkpoint_problem
+from tuneforge.train.resume import ResumePlan, check_data_record, plan_resume, prepare_output_dir
+
+CONFIG = {"output_dir": "out", "learning_rate": 0.001, "seed": 42}
+
+
+def _parts():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return model, optimizer, scheduler
+
+
+def make_run(root, steps=(1, 2, 3), total_limit=None, model_only=False):
+    """A run's checkpoints, written by the real save_checkpoint after real optimizer steps."""
+    model, optimizer, scheduler = _parts()
+    for step in range(1, max(steps) + 1):
+        model(torch.randn(2, 8)).sum().backward()
+        optimizer.step()
+        scheduler.step()
+        if step in steps:
+            state = ckpt.TrainerState(global_step=step, total_steps=max(steps),
+                                      micro_batches_seen=step, data={"seed": 42})
+            ckpt.save_checkpoint(root, state, model, optimizer, scheduler,
+                                 total_limit=total_limit, weights_only=model_only)
+    (root / "training_args.yaml").write_text(yaml.safe_dump(CONFIG))
+    return root
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[:int(len(data) * keep)])
+
+
+DAMAGE = {  # how a file of the newest checkpoint was broken -> the words naming it
+    "truncated optimizer.pt": (lambda d: truncate(d / "optimizer.pt"), "optimizer.pt' is truncated"),
+    "optimizer.pt cut by one byte": (lambda d: truncate(d / "optimizer.pt", keep=0.9999),
+                                     "optimizer.pt' is truncated"),
+    "truncated scheduler.pt": (lambda d: truncate(d / "scheduler.pt"), "scheduler.pt' is truncated"),
+    "empty rng_state.pt": (lambda d: (d / "rng_state.pt").write_bytes(b""),
+                           "rng_state.pt' is empty (0 bytes)"),
+    "truncated trainer_state.json": (lambda d: truncate(d / "trainer_state.json"),
+                                     "trainer_state.json' is not valid JSON"),
+    "empty trainer_state.json": (lambda d: (d / "trainer_state.json").write_text(""),
+                                 "trainer_state.json' is empty"),
+    "trainer_state.json without global_step": (
+        lambda d: (d / "trainer_state.json").write_text(json.dumps({"micro_batches_seen": 3})),
+        "trainer_state.json' lacks a valid 'global_step'"),
+    "trainer_state.json a list": (lambda d: (d / "trainer_state.json").write_text("[1, 2]"),
+                                  "does not hold a JSON object"),
+    "truncated weights": (lambda d: truncate(d / ckpt.WEIGHTS), "trainable_state.safetensors' is truncated"),
+    "weights with bytes appended": (
+        lambda d: (d / ckpt.WEIGHTS).write_bytes((d / ckpt.WEIGHTS).read_bytes() + b"\0" * 7),
+        "trainable_state.safetensors' is truncated or corrupt"),
+    "weights header only": (lambda d: truncate(d / ckpt.WEIGHTS, keep=0.0001),
+                            "trainable_state.safetensors' is"),
+    "missing optimizer.pt": (lambda d: (d / "optimizer.pt").unlink(), "lacks optimizer.pt"),
+    "missing weights": (lambda d: (d / ckpt.WEIGHTS).unlink(), "lacks trainable_state.safetensors"),
+    "missing trainer_state.json (half deleted)": (lambda d: (d / "trainer_state.json").unlink(),
+                                                  "lacks trainer_state.json"),
+    "only the folder is left": (lambda d: [p.unlink() for p in d.iterdir()], "lacks trainer_state.json"),
+}
+
+
+def test_an_intact_checkpoint_has_no_problem(tmp_path):
+    make_run(tmp_path)
+    assert all(checkpoint_problem(p) is None for p in ckpt.list_checkpoints(tmp_path))
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_passed_over_naming_the_file(tmp_path, damage):
+    make_run(tmp_path)
+    breaker, words = DAMAGE[damage]
+    breaker(tmp_path / "checkpoint-3")
+    assert words in checkpoint_problem(tmp_path / "checkpoint-3")
+    for resume in (None, True):
+        plan = plan_resume(tmp_path, resume, False, CONFIG)
+        assert plan.checkpoint == tmp_path / "checkpoint-2"
+        warning = plan.warning()
+        assert "\n" not in warning and words in warning
+        assert str(tmp_path / "checkpoint-3") in warning
+        assert warning.endswith(f"resuming from {tmp_path / 'checkpoint-2'}")
+
+
+@pytest.mark.parametrize("damage", ["truncated optimizer.pt", "empty rng_state.pt",
+                                    "missing trainer_state.json (half deleted)"])
+def test_no_intact_checkpoint_is_refused_naming_the_newest_file(tmp_path, damage):
+    make_run(tmp_path, steps=(1, 2))
+    breaker, words = DAMAGE[damage]
+    breaker(tmp_path / "checkpoint-2")
+    truncate(tmp_path / "checkpoint-1" / "optimizer.pt")
+    with pytest.raises(CheckpointError) as err:
+        plan_resume(tmp_path, None, False, CONFIG)
+    message = str(err.value)
+    assert "\n" not in message and words in message and "checkpoint-2" in message
+    assert "1 older checkpoint(s) cannot either" in message
+    assert "overwrite_output_dir: true" in message
+
+
+def test_an_explicit_damaged_checkpoint_is_refused_not_replaced(tmp_path):
+    make_run(tmp_path)
+    truncate(tmp_path / "checkpoint-2" / ckpt.WEIGHTS)
+    with pytest.raises(CheckpointError, match=r"resume_from_checkpoint '.*checkpoint-2' cannot "
+                       r"resume training: '.*checkpoint-2/trainable_state.safetensors' is truncated"):
+        plan_resume(tmp_path, str(tmp_path / "checkpoint-2"), False, CONFIG)
+    # an intact explicit one is taken even if a newer one exists
+    assert plan_resume(tmp_path, str(tmp_path / "checkpoint-1"), False, CONFIG).checkpoint \
+        == tmp_path / "checkpoint-1"
+    with pytest.raises(CheckpointError, match="does not exist"):
+        plan_resume(tmp_path, str(tmp_path / "checkpoint-9"), False, CONFIG)
+    with pytest.raises(CheckpointError, match="is not a checkpoint folder"):
+        plan_resume(tmp_path, str(tmp_path), False, CONFIG)
+
+
+def test_save_only_model_checkpoints_cannot_resume(tmp_path):
+    make_run(tmp_path, steps=(1, 2), model_only=True)
+    with pytest.raises(CheckpointError, match="save_only_model: true and has no optimizer state"):
+        plan_resume(tmp_path, True, False, CONFIG)
+
+
+def test_replacing_and_rotating_checkpoints_goes_through_trash(tmp_path, monkeypatch):
+    """Deletion is a rename first, so a reader never sees a half-deleted checkpoint-N."""
+    renames = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: (renames.append((str(a), str(b))),
+                                                     real_replace(a, b))[1])
+    make_run(tmp_path, steps=(1, 2, 3), total_limit=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    trashed = [b for a, b in renames if a.endswith("/checkpoint-1")]
+    assert len(trashed) == 1 and os.path.basename(trashed[0]).startswith(".trash-checkpoint-1")
+    assert not any(outputs.is_leftover(p.name) for p in tmp_path.iterdir())
+
+
+def test_leftovers_of_a_killed_run_are_ignored_then_removed(tmp_path):
+    make_run(tmp_path, steps=(1, 2))
+    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / ".tmp-checkpoint-3")
+    shutil.copytree(tmp_path / "checkpoint-1", tmp_path / ".trash-checkpoint-1-0123abcd")
+    (tmp_path / ".trash-checkpoint-1-0123abcd" / "trainer_state.json").unlink()  # half deleted
+    (tmp_path / ".tmp-training_args.yaml").write_text("output_dir: ou")
+    plan = plan_resume(tmp_path, None, False, CONFIG)
+    assert plan.checkpoint == tmp_path / "checkpoint-2" and plan.warning() is None
+    prepare_output_dir(tmp_path, plan, lambda p: p.write_text(yaml.safe_dump(CONFIG)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1", "checkpoint-2",
+                                                          "training_args.yaml"]
+
+
+def _early_files(root, config=CONFIG, extra=()):
+    root.mkdir()
+    (root / "training_args.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (root / "trainer_log.jsonl").write_text('{"current_steps": 1, "loss": 2.0}\n{"curr')
+    (root / ".tmp-checkpoint-5").mkdir()
+    (root / ".tmp-checkpoint-5" / "optimizer.pt").write_bytes(b"PK\x03")
+    for name in extra:
+        (root / name).write_text("mine")
+    return root
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path):
+    root = _early_files(tmp_path / "out")
+    plan = plan_resume(root, None, False, CONFIG)
+    assert plan == ResumePlan(clear_start=True)
+    prepare_output_dir(root, plan, lambda p: p.write_text(yaml.safe_dump(CONFIG)))
+    assert [p.name for p in root.iterdir()] == ["training_args.yaml"]
+
+
+@pytest.mark.parametrize("case", ["other config", "other files", "no training_args"])
+def test_other_contents_without_checkpoints_are_refused_untouched(tmp_path, case):
+    root = tmp_path / "out"
+    if case == "other config":
+        _early_files(root, {**CONFIG, "learning_rate": 0.1})
+        words = "another config (key 'learning_rate' differs)"
+    elif case == "other files":
+        _early_files(root, extra=["notes.txt"])
+        words = "is not empty and has no checkpoint to resume"
+    else:
+        _early_files(root)
+        (root / "training_args.yaml").unlink()
+        words = "is not empty and has no checkpoint to resume"
+    before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    with pytest.raises(CheckpointError, match=r"set overwrite_output_dir: true") as err:
+        plan_resume(root, None, False, CONFIG)
+    assert words in str(err.value)
+    assert before == {p: p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("key, then, now, words", [
+    ("per_device_train_batch_size", 4, 2, "set per_device_train_batch_size: 4 to resume"),
+    ("gradient_accumulation_steps", 2, 1, "set gradient_accumulation_steps: 2 to resume"),
+    ("world_size", 2, 1, "launch it on 2 processes to resume"),
+    ("seed", 42, 7, "set seed: 42 to resume"),
+    ("examples", "abc", "abd", "on other training examples (16 then, 16 now"),
+])
+def test_a_changed_data_position_is_refused_naming_the_key(tmp_path, key, then, now, words):
+    saved = {"world_size": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+             "seed": 42, "num_examples": 16, "examples": "abc", key: then}
+    current = {**saved, key: now}
+    check_data_record(tmp_path, saved, saved)
+    with pytest.raises(CheckpointError) as err:
+        check_data_record(tmp_path, saved, current)
+    assert words in str(err.value) and "skip or repeat examples" in str(err.value)
+    check_data_record(tmp_path, None, current)  # a checkpoint from before the record resumes
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """Injected at the write layer (test_disk_full.py does it on a real small tmpfs)."""
+    make_run(tmp_path, steps=(1,))
+    model, optimizer, scheduler = _parts()
+    real_save = torch.save
+
+    def full(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"^disk full while writing checkpoint-2 in '.*' "
+                       r"\([\d.]+ MB free, it needs about [\d.]+ MB\); free some space"):
+        ckpt.save_checkpoint(tmp_path, ckpt.TrainerState(global_step=2), model, optimizer, scheduler)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"]
+    assert checkpoint_problem(tmp_path / "checkpoint-1") is None
+    assert not any(outputs.is_leftover(p.name) for p in tmp_path.iterdir())
+
+
+def test_an_interrupted_save_leaves_no_temporary_folder(tmp_path, monkeypatch):
+    model, optimizer, scheduler = _parts()
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(tmp_path, ckpt.TrainerState(global_step=1), model, optimizer, scheduler)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_several_damaged_checkpoints_make_one_warning_line(tmp_path):
+    make_run(tmp_path)
+    truncate(tmp_path / "checkpoint-3" / "optimizer.pt")
+    truncate(tmp_path / "checkpoint-2" / "rng_state.pt")
+    plan = plan_resume(tmp_path, None, False, CONFIG)
+    assert plan.checkpoint == tmp_path / "checkpoint-1"
+    warning = plan.warning()
+    assert warning.startswith("passing over 2 checkpoint(s) that cannot resume: ")
+    assert "\n" not in warning
+    assert "checkpoint-3/optimizer.pt' is truncated" in warning
+    assert "checkpoint-2/rng_state.pt' is truncated" in warning
