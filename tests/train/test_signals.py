@@ -1,0 +1,113 @@
+"""Ctrl-C and SIGTERM in the middle of a run: the current optimizer step finishes, a checkpoint
+is saved at that step boundary, one line says how to resume, the exit code is 130 / 143, and
+the same command run again ends equal to an uninterrupted run. A second signal stops at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from tests.conftest import arithmetic_records, write_dataset
+from tuneforge.train.stop import StopSignals
+
+STEPS = 12
+ADAPTER = "adapter_model.safetensors"
+
+
+def write_config(path, model_dir, data_dir, out):
+    path.write_text(yaml.safe_dump({
+        "model_name_or_path": str(model_dir), "dataset": "arith", "dataset_dir": str(data_dir),
+        "output_dir": str(out), "cutoff_len": 64, "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2, "learning_rate": 3e-3, "max_steps": STEPS,
+        "save_steps": 1000, "logging_steps": 1, "lora_rank": 4, "lora_dropout": 0.1,
+        "lr_scheduler_type": "cosine", "warmup_ratio": 0.1, "disable_tqdm": True, "bf16": False,
+    }))
+    return path
+
+
+def tuneforge(cfg, **kwargs):
+    return subprocess.run([sys.executable, "-m", "tuneforge", "train", str(cfg)],
+                          capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_model_dir):
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = write_dataset(root / "data", "arith", arithmetic_records(48))
+    done = tuneforge(write_config(root / "cfg.yaml", tiny_model_dir, data, root / "run"))
+    assert done.returncode == 0, done.stderr
+    return root
+
+
+def logged_steps(out) -> int:
+    try:
+        lines = (out / "trainer_log.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in lines if line.endswith("}") and '"loss"' in line)
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_saves_at_the_step_boundary_and_the_rerun_ends_equal(reference, tmp_path,
+                                                                      tiny_model_dir, sig, code):
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, reference / "data", out)
+    victim = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while logged_steps(out) < 3:
+        assert victim.poll() is None, f"run ended before the signal: {victim.stderr.read()}"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    victim.send_signal(sig)
+    assert victim.wait() == code
+    stderr = victim.stderr.read().splitlines()
+    assert not any("Traceback" in line or "error" in line for line in stderr), stderr
+    (saved,) = [p.name for p in out.glob("checkpoint-*")]
+    step = int(saved.split("-")[1])
+    assert 3 <= step < STEPS and not (out / ADAPTER).exists()
+    state = json.loads((out / saved / "trainer_state.json").read_text())
+    assert state["global_step"] == step and state["micro_batches_seen"] == 2 * step
+    assert stderr[-1] == (f"[tuneforge] stopped by {sig.name}; saved {out / saved}; to resume, "
+                          f"run the same command again: tuneforge train {cfg}")
+
+    resumed = tuneforge(cfg)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / saved} at step {step}" in resumed.stdout
+    want, got = load_file(str(reference / "run" / ADAPTER)), load_file(str(out / ADAPTER))
+    assert want.keys() == got.keys()
+    assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6
+    assert not [p.name for p in out.iterdir() if p.name.startswith((".tmp", ".trash"))]
+
+
+def test_the_first_signal_asks_the_second_stops_at_once():
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGINT)  # a real signal, to this (main) thread
+        for _ in range(100):  # Python runs the handler between bytecodes
+            if signals.received is not None:
+                break
+        assert signals.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):
+                pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(100):
+            if signals.received is not None:
+                break
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(100):
+                pass
+        assert stopped.value.code == 143
