@@ -23,8 +23,8 @@ TRASH_PREFIX = ".trash-"
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                 errno.EPERM: "permission denied"}
-# torch and safetensors report a failed write without an errno; with less than this left on
-# the disk right after the failure, the disk was full
+# torch, safetensors and tokenizers report a failed write without an errno; with less than
+# this left on the disk right after the failure, the disk was full
 LOW_SPACE = 1 << 20
 
 
@@ -84,20 +84,18 @@ def _mb(n: int) -> str:
 
 def disk_fault(exc: BaseException, folder: str | Path, errno_only: bool = False) -> str | None:
     """"full", or why the folder cannot be written, when a failed write was the disk's fault;
-    None otherwise. Unless `errno_only`, an error without an errno (torch and safetensors
-    writers have none) counts as a full disk when almost nothing is left free, so ask before
-    removing what was partly written."""
+    None otherwise. Writers in Rust and C++ (tokenizers, safetensors, torch) raise plain
+    exceptions without an errno: unless `errno_only`, any failure counts as a full disk when
+    almost nothing is left free, so ask before removing what was partly written."""
     code = getattr(exc, "errno", None)
     if code in NOT_WRITABLE:
         return NOT_WRITABLE[code]
-    if code in DISK_FULL:
+    if code in DISK_FULL or os.strerror(errno.ENOSPC) in str(exc):
         return "full"
     if errno_only:
         return None
-    write_failure = isinstance(exc, (OSError, RuntimeError)) or \
-        type(exc).__name__ == "SafetensorError"
     free = free_bytes(folder)
-    return "full" if write_failure and free is not None and free < LOW_SPACE else None
+    return "full" if free is not None and free < LOW_SPACE else None
 
 
 def disk_error(fault: str, folder: str | Path, what: str,
