@@ -16,6 +16,7 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from . import fileio
 from .errors import ConfigError
 
 
@@ -400,16 +401,12 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A config file's key: value mapping (empty file: {}). Raises ConfigError, one line naming
+    the file (and line), when it is missing, unreadable, not UTF-8, not YAML or not a mapping."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
-                          f"{getattr(exc, 'problem', exc)}") from None
+    data = fileio.read_yaml(path, "config file", ConfigError)
     if data is None:
         return {}
     if not isinstance(data, dict):
