@@ -8,13 +8,14 @@ Ground floor: imports only the standard library, PyYAML and `tuneforge.errors`.
 from __future__ import annotations
 
 import codecs
+import csv
 import errno
 import json
 import logging
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
@@ -45,17 +46,33 @@ def describe_os_error(exc: OSError, action: str = "access") -> str:
     return f"could not {action}{name}: {exc.strerror or exc}"
 
 
-def _not_utf8(data: bytes, err: UnicodeDecodeError) -> str:
-    """Where the first non-UTF-8 byte is, and what the file probably is instead."""
-    line = data.count(b"\n", 0, err.start) + 1
-    column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+def _not_utf8(data: bytes, start: int, first_line: int = 1) -> str:
+    """Where the first non-UTF-8 (or NUL) byte is, and what the file probably is instead.
+    `data` starts on line `first_line` of the file (a streamed line, or the whole file)."""
+    line = data.count(b"\n", 0, start) + first_line
+    column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and first_line == 1:
         guess = "; it is UTF-16"
+    elif data[start] == 0:
+        guess = "; it looks like UTF-16 without a byte-order mark, or not text at all"
     elif _all_cjk(data, "gb18030"):
         guess = "; it looks like GBK/GB18030"
     else:
         guess = "; it may be Latin-1 or Windows-1252"
-    return f"is not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}, column {column}{guess}): re-save it as UTF-8"
+    return f"is not UTF-8 text (byte 0x{data[start]:02x} at line {line}, column {column}{guess}): re-save it as UTF-8"
+
+
+def _decode(data: bytes, path: Path, what: str, error: type[TuneforgeError], first_line: int = 1) -> str:
+    """UTF-8 text of `data` (a BOM dropped on the file's first line); a NUL byte, which no text
+    file holds (UTF-16 without a BOM reads as UTF-8 with NULs), is refused like a bad byte."""
+    try:
+        text = data.decode("utf-8-sig" if first_line == 1 else "utf-8")
+    except UnicodeDecodeError as err:
+        nul = data.find(0, 0, err.start)  # a NUL before the bad byte is the better clue
+        raise error(f"{what} '{path}' {_not_utf8(data, err.start if nul < 0 else nul, first_line)}") from None
+    if "\x00" in text:
+        raise error(f"{what} '{path}' {_not_utf8(data, data.index(0), first_line)}")
+    return text
 
 
 def _all_cjk(data: bytes, encoding: str) -> bool:
@@ -81,24 +98,87 @@ def read_text(path: str | Path, what: str = "file", error: type[TuneforgeError] 
         data = path.read_bytes()
     except OSError as exc:
         raise error(f"{what} {describe_os_error(exc, 'read')}") from None
+    return _decode(data, path, what, error)
+
+
+def read_lines(path: str | Path, what: str = "file",
+               error: type[TuneforgeError] = DataError) -> Iterator[tuple[int, str]]:
+    """Stream a UTF-8 user file as (line number from 1, line with its ending) pairs, so a large
+    file is not held in memory and a bad byte is named by its line. Raises `error` as read_text."""
+    path = Path(path)
     try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise error(f"{what} '{path}' {_not_utf8(data, err)}") from None
+        stream = path.open("rb")
+    except OSError as exc:
+        raise error(f"{what} {describe_os_error(exc, 'read')}") from None
+    with stream:
+        try:
+            for number, raw in enumerate(stream, start=1):
+                yield number, _decode(raw, path, what, error, first_line=number)
+        except OSError as exc:
+            exc.filename = exc.filename or str(path)
+            raise error(f"{what} {describe_os_error(exc, 'read')}") from None
+
+
+def read_json_lines(path: str | Path, what: str = "file",
+                    error: type[TuneforgeError] = DataError) -> Iterator[tuple[int, Any]]:
+    """Stream a JSON-lines user file as (line number, parsed value), skipping blank lines.
+    Raises `error` naming the line for bad bytes, malformed JSON or nesting too deep."""
+    for number, line in read_lines(path, what, error):
+        if line.strip(_JSON_SPACE):  # the line ending goes, so an error is placed on this line
+            yield number, parse_json(line.rstrip("\r\n"), path, what, error, line=number)
+
+
+_JSON_SPACE = " \t\r\n"
+
+
+def read_csv_rows(path: str | Path, what: str = "file",
+                  error: type[TuneforgeError] = DataError) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Stream a CSV user file whose first line is the header, as (line number where the row
+    starts, {column: text}); a short row's missing fields are None, blank lines are skipped.
+    Raises `error` naming the line for bad bytes, CSV syntax errors, a header naming a column
+    twice, and a row with more fields than the header."""
+    csv.field_size_limit(2**31 - 1)  # long documents are fine; the default 128 KiB is not a rule
+    lines = read_lines(path, what, error)
+    # strict: an unclosed quote is an error, not a field that swallows the rest of the file
+    reader = csv.reader((text for _, text in lines), strict=True)
+    end = 0  # the last line read so far; a row starts on the next one
+    try:
+        header = next(reader, None)
+        if header is None:
+            return
+        twice = sorted({name for name in header if header.count(name) > 1})
+        if twice:
+            raise error(f"{what} '{path}' line 1: the header names {', '.join(map(repr, twice))} "
+                        "more than once; give each column its own name")
+        end = reader.line_num
+        for row in reader:
+            start, end = end + 1, reader.line_num
+            if not row:
+                continue
+            if len(row) > len(header):
+                raise error(f"{what} '{path}' line {start}: {len(row)} fields but the header has "
+                            f"{len(header)}; quote fields that hold commas (\"a, b\")")
+            yield start, dict(zip(header, row + [None] * (len(header) - len(row))))
+    except csv.Error as exc:
+        raise error(f"{what} '{path}' line {end + 1}: not valid CSV ({exc}); fix the row that "
+                    "starts there") from None
 
 
 def parse_json(text: str, path: str | Path, what: str = "file",
-               error: type[TuneforgeError] = DataError) -> Any:
+               error: type[TuneforgeError] = DataError, line: int | None = None) -> Any:
     """`json.loads` whose failures name the file, line and column; nesting too deep for Python's
-    parser (RecursionError) is one line as well."""
+    parser (RecursionError) is one line as well. `line`: the file line `text` starts on, when
+    it is one line of a JSON-lines file (messages then name that line and say "fix that line")."""
+    first, scope = (1, "the file") if line is None else (line, "that line")
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise error(f"{what} '{path}': malformed JSON at line {err.lineno}, column {err.colno}: "
-                    f"{err.msg}; fix the file") from None
+        raise error(f"{what} '{path}': malformed JSON at line {err.lineno + first - 1}, column "
+                    f"{err.colno}: {err.msg}; fix {scope}") from None
     except RecursionError:
-        raise error(f"{what} '{path}': JSON nested too deeply to read (more than about "
-                    f"{_nesting_limit()} levels); flatten the file") from None
+        where = "" if line is None else f" at line {line}"
+        raise error(f"{what} '{path}': JSON nested too deeply to read{where} (more than about "
+                    f"{_nesting_limit()} levels); flatten {scope}") from None
 
 
 def read_json(path: str | Path, what: str = "file", error: type[TuneforgeError] = DataError) -> Any:
