@@ -220,7 +220,9 @@ class GeneratingArguments:
 
 @dataclass
 class ExportArguments:
-    export_dir: Optional[str] = _f(None, "Where `tuneforge export` writes the merged model.")
+    export_dir: Optional[str] = _f(
+        None, "Where `tuneforge export` writes the merged model: a new or empty folder, or one a "
+        "previous export wrote (its tuneforge_export.json lists the files it may replace).")
     export_size: float = _f(5, "Largest safetensors shard, in GB (a fraction such as 0.5 is fine).")
     export_dtype: str = _f(
         "auto", "Dtype of exported weights; auto keeps the dtype the base model's config names.",
