@@ -21,6 +21,7 @@ from ..models import attach_adapters, load_model_and_tokenizer, resolve_dtype, r
 from ..quant.model import cast_unquantized
 from .quantized import dequantize_before_merge, requantize
 from .target import ExportTarget, check_export_dir, check_free_space, staged
+from .tying import settle_tying, untie_adapted_embeddings
 
 
 def _sources(cfg) -> list[tuple[str, Path]]:
@@ -69,7 +70,9 @@ def export_model(cfg) -> Path:
         on_gpu = cfg.export.export_device == "auto" and torch.cuda.is_available()
         model = attach_adapters(model.to("cuda") if on_gpu else model, paths, trainable=False)
         model = dequantize_before_merge(model)  # the LoftQ base attach_adapters built, if any
+        untied = untie_adapted_embeddings(model)
         model = adapters.unload(model, merge=True).to("cpu")
+        settle_tying(model, untied)
     model.config.use_cache = True
     if gguf:
         return _export_gguf(cfg, model, tokenizer, target)
