@@ -85,7 +85,8 @@ def check_export_dir(export_dir: str | None, sources: list[tuple[str, Path]]) ->
 
 
 def verify_previous_export(real: Path, shown: Path) -> None:
-    """Refuse unless `real` holds exactly the files its manifest lists, as they were written."""
+    """Raise ConfigError (one line) unless `real` holds only files its manifest lists, each as
+    it was written (size; SHA-256 for small files). A listed file since deleted is fine."""
     manifest = real / MANIFEST
     present = sorted(str(p.relative_to(real)) for p in real.rglob("*"))
     if not manifest.is_file() or manifest.is_symlink():
