@@ -226,8 +226,11 @@ class GeneratingArguments:
 
 @dataclass
 class ExportArguments:
-    export_dir: Optional[str] = _f(None, "Where `tuneforge export` writes the merged model.")
-    export_size: float = _f(5, "Largest safetensors shard, in GB (a fraction such as 0.5 is fine).", bounds="(0, inf)")
+    export_dir: Optional[str] = _f(
+        None, "Where `tuneforge export` writes the merged model: a new or empty folder, or one a "
+        "previous export wrote (its tuneforge_export.json lists the files it may replace).")
+    export_size: float = _f(
+        5, "Largest safetensors shard, in GB (a fraction such as 0.5 is fine).", bounds="(0, inf)")
     export_dtype: str = _f(
         "auto", "Dtype of exported weights; auto keeps the dtype the base model's config names.",
         ("auto", "float32", "bfloat16", "float16"))
