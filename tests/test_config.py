@@ -146,3 +146,40 @@ def test_every_field_has_help():
 def test_keys_are_unique_across_sections():
     names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names))
+
+
+def _bounded_fields():
+    return [(f.name, f.metadata["bounds"]) for cls in SECTIONS.values()
+            for f in dataclasses.fields(cls) if "bounds" in f.metadata]
+
+
+@pytest.mark.parametrize("key, bounds", _bounded_fields())
+def test_every_bounded_key_refuses_values_outside(key, bounds):
+    """Each key with an interval: its default lies inside, the edges behave as written, and a
+    value just outside is one ConfigError line naming the key."""
+    from tuneforge.config_checks import _parse_bounds
+
+    low, high, low_closed, high_closed = _parse_bounds(bounds)
+    kind = next(f.type for cls in SECTIONS.values() for f in dataclasses.fields(cls) if f.name == key)
+    step = 1 if "int" in str(kind) else 1e-3
+    outside = [v for v in (low - step if low_closed else low, high + step if high_closed else high)
+               if v not in (float("inf"), float("-inf"))]
+    for value in outside:
+        with pytest.raises(ConfigError, match=f"config key '{key}' must be "):
+            load_config(None, {key: value})
+    if low_closed:
+        load_config(None, {key: low, "max_steps": 1})
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", ".nan"])
+def test_float_keys_refuse_non_finite(value):
+    with pytest.raises(ConfigError, match="config key 'learning_rate' expects a finite number"):
+        load_config(None, [f"learning_rate={value}"])
+    with pytest.raises(ConfigError, match="config key 'loraplus_lr_ratio' expects a finite number"):
+        load_config(None, [f"loraplus_lr_ratio={value}"])
+
+
+def test_seed_outside_numpy_range():
+    for seed in (-1, 2**32):
+        with pytest.raises(ConfigError, match=r"config key 'seed' must be in \[0, 4294967295\]"):
+            load_config(None, {"seed": seed})

@@ -11,6 +11,7 @@ import sys
 from . import __version__
 from .config import describe_keys, load_config, parse_overrides
 from .errors import TuneforgeError
+from .fileio import describe_os_error
 
 EXIT_USER_ERROR = 2
 
@@ -203,6 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"tuneforge: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except OSError as exc:  # the last net: a file or disk the command met, not a bug to trace
+        if args.debug:
+            raise
+        print(f"tuneforge: error: {describe_os_error(exc)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except MemoryError:
+        if args.debug:
+            raise
+        print("tuneforge: error: out of memory; lower lora_rank, cutoff_len or "
+              "per_device_train_batch_size, or use a smaller model", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         return 130

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,14 +17,20 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from . import fileio
 from .errors import ConfigError
 
 
-def _f(default: Any = None, help: str = "", choices: tuple | None = None, factory=None):
-    """A dataclass field whose help text becomes `--help` output and web UI tooltips."""
+def _f(default: Any = None, help: str = "", choices: tuple | None = None, factory=None,
+       bounds: str | None = None):
+    """A dataclass field whose help text becomes `--help` output and web UI tooltips.
+    `bounds` is the interval a number must lie in, e.g. "(0, inf)" or "[0, 1)"
+    (config_checks.validate enforces it for every key that has one)."""
     meta = {"help": help}
     if choices:
         meta["choices"] = choices
+    if bounds:
+        meta["bounds"] = bounds
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -69,10 +76,10 @@ class DataArguments:
         "shipped with tuneforge.")
     template: Optional[str] = _f(
         None, "Chat template name. Empty: the tokenizer's own chat template.")
-    cutoff_len: int = _f(2048, "Maximum tokens per example; longer examples are truncated.")
-    max_samples: Optional[int] = _f(None, "Keep at most this many records of each dataset.")
+    cutoff_len: int = _f(2048, "Maximum tokens per example; longer examples are truncated.", bounds="(0, inf)")
+    max_samples: Optional[int] = _f(None, "Keep at most this many records of each dataset.", bounds="(0, inf)")
     val_size: float = _f(
-        0.0, "Held-out split: 0 = none, below 1 = fraction, 1 or more = number of examples.")
+        0.0, "Held-out split: 0 = none, below 1 = fraction, 1 or more = number of examples.", bounds="[0, inf)")
     train_on_prompt: bool = _f(False, "Also compute the loss on prompt tokens.")
     mask_history: bool = _f(False, "Compute the loss on the last assistant turn only.")
     placeholders: Optional[dict] = _f(
@@ -100,9 +107,9 @@ class FinetuningArguments:
     finetuning_type: str = _f(
         "lora", "lora: train low-rank adapters; freeze: train the last layers; full: all weights.",
         ("lora", "freeze", "full"))
-    lora_rank: int = _f(8, "LoRA rank r.")
-    lora_alpha: Optional[float] = _f(None, "LoRA alpha; scaling = alpha / r. Empty: 2 x lora_rank.")
-    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.")
+    lora_rank: int = _f(8, "LoRA rank r.", bounds="(0, inf)")
+    lora_alpha: Optional[float] = _f(None, "LoRA alpha; scaling = alpha / r. Empty: 2 x lora_rank.", bounds="(0, inf)")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", bounds="[0, 1)")
     lora_target: str = _f(
         "all", "Modules that get LoRA: 'all' (every linear layer but the output head) or a comma "
         "list of module names such as q_proj,v_proj.")
@@ -124,12 +131,12 @@ class FinetuningArguments:
         "ORIGINAL model, so chat / export with the original model_name_or_path are right.")
     loraplus_lr_ratio: Optional[float] = _f(
         None, "LoRA+: the LoRA B matrices (and biases) learn at learning_rate x this ratio "
-        "(e.g. 16); empty = off.")
+        "(e.g. 16); empty = off.", bounds="(0, inf)")
     loraplus_lr_embedding: float = _f(
-        1e-6, "LoRA+: learning rate of the B matrices of LoRA on embedding layers.")
+        1e-6, "LoRA+: learning rate of the B matrices of LoRA on embedding layers.", bounds="(0, inf)")
     loftq_iter: int = _f(
         0, "QLoRA: LoftQ iterations (with quantization_bit). The adapter starts so that the "
-        "quantized base + adapter approximates the original weights; 0 = off.")
+        "quantized base + adapter approximates the original weights; 0 = off.", bounds="[0, inf)")
     create_new_adapter: bool = _f(
         False, "With adapter_name_or_path: merge all listed adapters into the model and train a "
         "new adapter (default: merge all but the last, and train the last one further).")
@@ -152,42 +159,42 @@ class TrainingArguments:
         "do_predict is true.")
     overwrite_output_dir: bool = _f(
         False, "Allow writing into a non-empty output_dir that has no checkpoints to resume.")
-    per_device_train_batch_size: int = _f(1, "Examples per micro-batch per device.")
-    per_device_eval_batch_size: int = _f(8, "Examples per evaluation batch per device.")
+    per_device_train_batch_size: int = _f(1, "Examples per micro-batch per device.", bounds="(0, inf)")
+    per_device_eval_batch_size: int = _f(8, "Examples per evaluation batch per device.", bounds="(0, inf)")
     gradient_accumulation_steps: int = _f(
-        8, "Micro-batches per optimizer step; the loss is averaged over all their label tokens.")
-    learning_rate: float = _f(1e-4, "Peak learning rate of AdamW.")
-    num_train_epochs: float = _f(3.0, "Passes over the training data (ignored if max_steps > 0).")
+        8, "Micro-batches per optimizer step; the loss is averaged over all their label tokens.", bounds="(0, inf)")
+    learning_rate: float = _f(1e-4, "Peak learning rate of AdamW.", bounds="(0, inf)")
+    num_train_epochs: float = _f(3.0, "Passes over the training data (ignored if max_steps > 0).", bounds="[0, inf)")
     max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
     lr_scheduler_type: str = _f(
         "cosine", "Learning-rate schedule after warmup.",
         ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
          "polynomial", "inverse_sqrt"))
-    warmup_ratio: float = _f(0.0, "Fraction of the steps spent warming the learning rate up.")
-    warmup_steps: int = _f(0, "Warmup steps; overrides warmup_ratio when > 0.")
-    weight_decay: float = _f(0.0, "AdamW weight decay.")
-    adam_beta1: float = _f(0.9, "AdamW beta1.")
-    adam_beta2: float = _f(0.999, "AdamW beta2.")
-    adam_epsilon: float = _f(1e-8, "AdamW epsilon.")
-    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.")
-    logging_steps: int = _f(10, "Log loss and learning rate every this many steps.")
-    save_steps: int = _f(500, "Write a checkpoint every this many steps.")
+    warmup_ratio: float = _f(0.0, "Fraction of the steps spent warming the learning rate up.", bounds="[0, 1]")
+    warmup_steps: int = _f(0, "Warmup steps; overrides warmup_ratio when > 0.", bounds="[0, inf)")
+    weight_decay: float = _f(0.0, "AdamW weight decay.", bounds="[0, inf)")
+    adam_beta1: float = _f(0.9, "AdamW beta1.", bounds="[0, 1)")
+    adam_beta2: float = _f(0.999, "AdamW beta2.", bounds="[0, 1)")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.", bounds="[0, inf)")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm; 0 disables clipping.", bounds="[0, inf)")
+    logging_steps: int = _f(10, "Log loss and learning rate every this many steps.", bounds="(0, inf)")
+    save_steps: int = _f(500, "Write a checkpoint every this many steps.", bounds="(0, inf)")
     save_strategy: str = _f("steps", "When to write checkpoints.", ("steps", "no"))
-    save_total_limit: Optional[int] = _f(None, "Keep only this many newest checkpoints.")
+    save_total_limit: Optional[int] = _f(None, "Keep only this many newest checkpoints.", bounds="(0, inf)")
     save_only_model: bool = _f(
         False, "Checkpoints hold the weights only (no optimizer state): smaller, cannot resume.")
     eval_strategy: str = _f(
         "steps", "When to evaluate on the eval split: every eval_steps, or only at the end.",
         ("steps", "no"))
     eval_steps: Optional[int] = _f(
-        None, "Evaluate every this many steps. Empty: only before and after training.")
+        None, "Evaluate every this many steps. Empty: only before and after training.", bounds="(0, inf)")
     eval_on_start: bool = _f(True, "Evaluate once before training, to compare before/after.")
     plot_loss: bool = _f(False, "Write training_loss.png (raw and smoothed) at the end.")
     report_to: str = _f("none", "Experiment tracking.", ("none", "tensorboard", "all"))
     logging_dir: Optional[str] = _f(None, "TensorBoard folder. Empty: <output_dir>/runs.")
     resume_from_checkpoint: Optional[Union[bool, str]] = _f(
         None, "true: resume from the latest checkpoint in output_dir; a path: from that one.")
-    seed: int = _f(42, "Random seed for initialisation, shuffling and dropout.")
+    seed: int = _f(42, "Random seed for initialisation, shuffling and dropout.", bounds="[0, 4294967295]")
     bf16: Optional[bool] = _f(
         None, "bf16 mixed precision. Empty: on where the hardware runs bf16 fast (GPUs), off on "
         "CPUs without it (there bf16 is ~100x slower than fp32). true on such a CPU falls back.")
@@ -198,19 +205,19 @@ class TrainingArguments:
         None, "Compute the output head and the loss together in chunks, only where there are "
         "labels: the full logits never exist. Empty: on where the model's logits are its head "
         "applied to its hidden states (checked once before training).")
-    dataloader_num_workers: int = _f(0, "Worker processes for batching.")
+    dataloader_num_workers: int = _f(0, "Worker processes for batching.", bounds="[0, inf)")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
-    ddp_timeout: int = _f(1800, "Seconds before a distributed collective times out.")
+    ddp_timeout: int = _f(1800, "Seconds before a distributed collective times out.", bounds="(0, inf)")
 
 
 @dataclass
 class GeneratingArguments:
     do_sample: bool = _f(True, "Sample; false = greedy decoding.")
-    temperature: float = _f(0.95, "Sampling temperature.")
-    top_p: float = _f(0.7, "Nucleus sampling probability mass.")
-    top_k: int = _f(50, "Sample among the k most likely tokens.")
-    max_new_tokens: int = _f(512, "Most tokens generated per answer.")
-    repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeated tokens.")
+    temperature: float = _f(0.95, "Sampling temperature.", bounds="[0, inf)")
+    top_p: float = _f(0.7, "Nucleus sampling probability mass.", bounds="(0, 1]")
+    top_k: int = _f(50, "Sample among the k most likely tokens.", bounds="[0, inf)")
+    max_new_tokens: int = _f(512, "Most tokens generated per answer.", bounds="(0, inf)")
+    repetition_penalty: float = _f(1.0, "Penalty > 1 discourages repeated tokens.", bounds="(0, inf)")
     default_system: Optional[str] = _f(None, "System prompt for chat when none is given.")
     infer_backend: str = _f(
         "huggingface", "Generation engine of chat, eval and api: transformers' generate (the only "
@@ -219,8 +226,11 @@ class GeneratingArguments:
 
 @dataclass
 class ExportArguments:
-    export_dir: Optional[str] = _f(None, "Where `tuneforge export` writes the merged model.")
-    export_size: float = _f(5, "Largest safetensors shard, in GB (a fraction such as 0.5 is fine).")
+    export_dir: Optional[str] = _f(
+        None, "Where `tuneforge export` writes the merged model: a new or empty folder, or one a "
+        "previous export wrote (its tuneforge_export.json lists the files it may replace).")
+    export_size: float = _f(
+        5, "Largest safetensors shard, in GB (a fraction such as 0.5 is fine).", bounds="(0, inf)")
     export_dtype: str = _f(
         "auto", "Dtype of exported weights; auto keeps the dtype the base model's config names.",
         ("auto", "float32", "bfloat16", "float16"))
@@ -245,11 +255,11 @@ class EvaluationArguments:
         None, "Benchmark and split in task_dir, e.g. mmlu_test, ceval_validation, cmmlu_test: "
         "CSV folders (or <name>.zip) as LLaMA-Factory's evaluation/ folder holds them.")
     task_dir: str = _f("evaluation", "Folder holding one folder per benchmark (mmlu/, ceval/, ...).")
-    n_shot: int = _f(5, "Solved examples of the same subject before each question (from the dev split).")
+    n_shot: int = _f(5, "Solved examples of the same subject before each question (from the dev split).", bounds="[0, inf)")
     lang: str = _f("en", "Language of the benchmark prompt.", ("en", "zh"))
     save_dir: Optional[str] = _f(
         None, "Where benchmark results (benchmark_results.json) go. Empty: output_dir.")
-    batch_size: int = _f(4, "Questions per forward pass in multiple-choice benchmarks.")
+    batch_size: int = _f(4, "Questions per forward pass in multiple-choice benchmarks.", bounds="(0, inf)")
 
 
 @dataclass
@@ -258,12 +268,12 @@ class ServeArguments:
         None, "Address `tuneforge api` binds; --host wins, then this, then the API_HOST environment "
         "variable. Empty: 127.0.0.1 (this machine only).")
     api_port: Optional[int] = _f(
-        None, "Port of `tuneforge api`; --port wins, then this, then API_PORT. Empty: 8000.")
+        None, "Port of `tuneforge api`; --port wins, then this, then API_PORT. Empty: 8000.", bounds="[1, 65535]")
     api_key: Optional[str] = _f(
         None, "Bearer token every `tuneforge api` request must send. Empty: the API_KEY environment "
         "variable; neither set: no authentication.")
     api_max_batch_size: int = _f(
-        8, "Most requests `tuneforge api` generates for in one batch (they may name different adapters).")
+        8, "Most requests `tuneforge api` generates for in one batch (they may name different adapters).", bounds="(0, inf)")
 
 
 SECTIONS = {
@@ -343,6 +353,8 @@ def _coerce(key: str, value: Any, annotation) -> Any:
                 return _coerce(key, value, option)
             except ConfigError as exc:
                 errors.append(exc)
+        if len(options) == 1:
+            raise errors[0]
         raise ConfigError(f"config key '{key}' expects "
                           f"{' or '.join(_type_name(o) for o in options)}, got {value!r}")
     if value is None:
@@ -363,13 +375,18 @@ def _coerce(key: str, value: Any, annotation) -> Any:
             except ValueError:
                 pass
     elif annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
+            return number
     elif annotation is str:
         if isinstance(value, str):
             return value
@@ -400,16 +417,12 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
+    """A config file's key: value mapping (empty file: {}). Raises ConfigError, one line naming
+    the file (and line), when it is missing, unreadable, not UTF-8, not YAML or not a mapping."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
-                          f"{getattr(exc, 'problem', exc)}") from None
+    data = fileio.read_yaml(path, "config file", ConfigError)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -460,5 +473,6 @@ def describe_keys() -> str:
         lines.append(f"[{section}]")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else None
-            lines.append(f"  {f.name} (default: {default}): {f.metadata.get('help', '')}")
+            bounds = f" Range: {f.metadata['bounds']}." if "bounds" in f.metadata else ""
+            lines.append(f"  {f.name} (default: {default}): {f.metadata.get('help', '')}{bounds}")
     return "\n".join(lines)

@@ -19,33 +19,9 @@ def validate(cfg: Config) -> None:
             if choices and value is not None and value not in choices:
                 raise ConfigError(f"config key '{f.name}' must be one of "
                                   f"{', '.join(map(str, choices))}; got '{value}'")
-    positive = [("lora_rank", cfg.finetune.lora_rank), ("cutoff_len", cfg.data.cutoff_len),
-                ("per_device_train_batch_size", cfg.train.per_device_train_batch_size),
-                ("per_device_eval_batch_size", cfg.train.per_device_eval_batch_size),
-                ("gradient_accumulation_steps", cfg.train.gradient_accumulation_steps),
-                ("logging_steps", cfg.train.logging_steps), ("save_steps", cfg.train.save_steps),
-                ("max_new_tokens", cfg.generate.max_new_tokens), ("export_size", cfg.export.export_size),
-                ("api_max_batch_size", cfg.serve.api_max_batch_size),
-                ("batch_size", cfg.evaluation.batch_size)]
-    for key, value in positive:
-        if value <= 0:
-            raise ConfigError(f"config key '{key}' must be positive; got {value}")
-    if cfg.evaluation.n_shot < 0:
-        raise ConfigError(f"config key 'n_shot' must be >= 0; got {cfg.evaluation.n_shot}")
-    if cfg.serve.api_port is not None and not 0 < cfg.serve.api_port < 65536:
-        raise ConfigError(f"config key 'api_port' must be a port number (1-65535); got {cfg.serve.api_port}")
-    if cfg.train.eval_steps is not None and cfg.train.eval_steps <= 0:
-        raise ConfigError(f"config key 'eval_steps' must be positive; got {cfg.train.eval_steps}")
-    if cfg.data.val_size < 0:
-        raise ConfigError(f"config key 'val_size' must be >= 0; got {cfg.data.val_size}")
-    if cfg.data.max_samples is not None and cfg.data.max_samples <= 0:
-        raise ConfigError(f"config key 'max_samples' must be positive; got {cfg.data.max_samples}")
-    if not 0.0 <= cfg.finetune.lora_dropout < 1.0:
-        raise ConfigError(f"config key 'lora_dropout' must be in [0, 1); got {cfg.finetune.lora_dropout}")
-    if not 0.0 <= cfg.train.warmup_ratio <= 1.0:
-        raise ConfigError(f"config key 'warmup_ratio' must be in [0, 1]; got {cfg.train.warmup_ratio}")
-    if cfg.train.learning_rate <= 0:
-        raise ConfigError(f"config key 'learning_rate' must be positive; got {cfg.train.learning_rate}")
+            bounds = f.metadata.get("bounds")
+            if bounds and value is not None and not _within(value, bounds):
+                raise ConfigError(f"config key '{f.name}' must be {_describe(bounds)}; got {value}")
     if cfg.data.neat_packing and cfg.data.packing is False:
         raise ConfigError("config key 'neat_packing' is true but packing is false; neat_packing "
                           "is a kind of packing: drop one of them")
@@ -54,6 +30,29 @@ def validate(cfg: Config) -> None:
     if cfg.train.max_steps <= 0 and cfg.train.num_train_epochs <= 0:
         raise ConfigError("set 'num_train_epochs' or 'max_steps' to a positive value")
     _validate_lora_variants(cfg)
+
+
+def _parse_bounds(bounds: str) -> tuple[float, float, bool, bool]:
+    """"(0, inf)" -> (0.0, inf, low closed? False, high closed? False)."""
+    low, high = (float(part) for part in bounds[1:-1].split(","))
+    return low, high, bounds[0] == "[", bounds[-1] == "]"
+
+
+def _within(value: float, bounds: str) -> bool:
+    low, high, low_closed, high_closed = _parse_bounds(bounds)
+    above = value >= low if low_closed else value > low
+    below = value <= high if high_closed else value < high
+    return above and below
+
+
+def _describe(bounds: str) -> str:
+    """Interval in words where it has some: positive, >= 0; else the interval itself."""
+    low, high, low_closed, _ = _parse_bounds(bounds)
+    if low == 0 and high == float("inf"):
+        return ">= 0" if low_closed else "positive"
+    if high == float("inf"):
+        return f">= {low:g}" if low_closed else f"> {low:g}"
+    return f"in {bounds}"
 
 
 def _validate_lora_variants(cfg: Config) -> None:
@@ -81,11 +80,6 @@ def _validate_lora_variants(cfg: Config) -> None:
     if ft.pissa_init and model.quantization_bit is not None:
         raise ConfigError("config key 'pissa_init' rewrites the base weights, which quantization_bit "
                           "freezes in 4/8 bits; use loftq_iter for a quantized base, or drop one")
-    if ft.loftq_iter < 0:
-        raise ConfigError(f"config key 'loftq_iter' must be >= 0; got {ft.loftq_iter}")
     if ft.loftq_iter and model.quantization_bit is None:
         raise ConfigError("config key 'loftq_iter' initialises LoRA for a quantized base; set "
                           "quantization_bit: 4 (or 8) too")
-    if ft.loraplus_lr_embedding <= 0:
-        raise ConfigError(f"config key 'loraplus_lr_embedding' must be positive; "
-                          f"got {ft.loraplus_lr_embedding}")

@@ -67,7 +67,7 @@ def test_malformed_jsonl_reports_the_line(smol, make_args, folder):
     lines = [json.dumps(GOOD)] * 4 + ['{"instruction": "oops"'] + [json.dumps(GOOD)]
     where = folder({"d.jsonl": "\n".join(lines)}, {"d": {"file_name": "d.jsonl"}})
     message = load_error(smol, make_args, dataset="d", dataset_dir=where)
-    assert "d.jsonl line 5" in message and "column" in message
+    assert "d.jsonl': malformed JSON at line 5, column 23" in message and "fix that line" in message
 
 
 def test_json_lines_in_a_json_file_are_accepted(smol, make_args, folder):
@@ -80,17 +80,19 @@ def test_missing_columns_reports_count_and_first_index(smol, make_args, folder):
     where = folder({"d.json": json.dumps(records)}, {"d": {"file_name": "d.json"}})
     message = load_error(smol, make_args, dataset="d", dataset_dir=where)
     assert "2 of 6 records lack the response column 'output'" not in message  # prompt is checked first
-    assert "1 of 6 records lack the prompt column 'instruction' (first: record 5)" in message
+    assert "1 of 6 records lack the prompt column 'instruction' (first: " in message and "d.json record 5)" in message
     where = folder({"e.json": json.dumps(records[:5])}, {"e": {"file_name": "e.json"}})
     message = load_error(smol, make_args, dataset="e", dataset_dir=where)
-    assert "2 of 5 records lack the response column 'output' (first: record 2)" in message and "columns" in message
+    assert "2 of 5 records lack the response column 'output' (first: " in message and "e.json record 2)" in message
+    assert "columns" in message
 
 
 def test_sharegpt_missing_messages_column(smol, make_args, folder):
     where = folder({"s.json": json.dumps([{"conversations": []}, {"messages": []}])},
                    {"s": {"file_name": "s.json", "formatting": "sharegpt"}})
     message = load_error(smol, make_args, dataset="s", dataset_dir=where)
-    assert "1 of 2 records lack the messages column 'conversations' (first: record 1)" in message
+    assert "1 of 2 records lack the messages column 'conversations' (first: " in message
+    assert "s.json record 1)" in message
 
 
 def test_sharegpt_unknown_role_names_the_record_and_tags(smol, make_args, folder):
@@ -169,4 +171,4 @@ def test_bare_text_records_are_pretraining(smol, make_args, folder):
 def test_wrong_column_names_are_not_mistaken_for_pretraining(smol, make_args, folder):
     where = folder({"d.json": json.dumps([{"instruction": "q", "answer": "a"}])}, {"d": {"file_name": "d.json"}})
     message = load_error(smol, make_args, dataset="d", dataset_dir=where)
-    assert "lack the response column 'output' (first: record 0)" in message
+    assert "lack the response column 'output' (first: " in message and "d.json record 0)" in message

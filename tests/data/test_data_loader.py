@@ -120,16 +120,22 @@ def test_named_template_through_load_datasets(smol, make_args, two_datasets):
     assert smol.chat_template.startswith("{%- set ns")  # chat will render with the same template
 
 
-def test_jsonl_and_sharegpt_with_role_content_tags(smol, make_args, tmp_path, spans):
-    lines = [{"messages": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
-                           {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
-                           {"role": "assistant", "content": "goodbye"}, {"role": "user", "content": "dangling"}]}]
+def test_jsonl_and_sharegpt_with_role_content_tags(smol, make_args, tmp_path, spans, caplog):
+    chat = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye"},
+            {"role": "assistant", "content": "goodbye"}]
+    # a conversation ending on a user turn is dropped whole, as LLaMA-Factory does, and said
+    lines = [{"messages": chat}, {"messages": chat + [{"role": "user", "content": "dangling"}]}]
     (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     (tmp_path / "dataset_info.json").write_text(json.dumps({"chat": {
         "file_name": "chat.jsonl", "formatting": "sharegpt", "columns": {"messages": "messages"},
         "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant",
                  "system_tag": "system"}}}))
-    example = load_datasets(make_args(dataset="chat", dataset_dir=str(tmp_path)), smol).train[0]
+    train = load_datasets(make_args(dataset="chat", dataset_dir=str(tmp_path)), smol).train
+    assert len(train) == 1
+    assert "dropped 1 of 2 examples of 'chat': 1 ending on a user turn with no reply (first: " in caplog.text
+    assert "chat.jsonl line 2)" in caplog.text
+    example = train[0]
     text = smol.decode(example["input_ids"])
     assert text.startswith("<|im_start|>system\nBe kind.<|im_end|>") and "dangling" not in text
     assert [smol.decode(s) for s in spans(example)] == ["hello<|im_end|>", "goodbye<|im_end|>"]

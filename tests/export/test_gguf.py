@@ -5,7 +5,6 @@ import torch
 
 from tuneforge.errors import ConfigError
 from tuneforge.export.gguf import write_gguf
-from tuneforge.export.modelfile import render_modelfile, write_modelfile
 
 
 @pytest.fixture(scope="module")
@@ -88,30 +87,6 @@ def test_unsupported_architecture_names_export_format(merged, tmp_path):
             write_gguf(model, tokenizer, tmp_path / "x.gguf")
     finally:
         model.config.model_type = "llama"
-
-
-def test_modelfile_has_from_template_stop_and_system(merged, tmp_path):
-    _, tokenizer = merged
-    text = write_modelfile(tmp_path, "tiny.gguf", tokenizer, system="Be brief.").read_text()
-    assert text.startswith("FROM ./tiny.gguf\n")
-    assert "TEMPLATE" in text and "<|im_start|>{{ .Role }}" in text
-    assert 'PARAMETER stop "<|im_end|>"' in text
-    assert 'SYSTEM """Be brief."""' in text
-    odd = render_modelfile("m.gguf", "{{ messages[0]['content'] }}<odd>")
-    assert "could not" in odd and "\nTEMPLATE " not in odd
-
-
-def test_modelfile_carries_the_templates_own_default_system(merged, tmp_path):
-    """SmolLM2's template adds a system turn when there is none; Ollama only sends SYSTEM."""
-    from tuneforge.data import apply_template
-
-    _, tokenizer = merged
-    text = write_modelfile(tmp_path, "tiny.gguf", tokenizer).read_text()
-    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
-    apply_template(tokenizer, "chatml")  # no default system: none in the Modelfile either
-    assert "SYSTEM" not in write_modelfile(tmp_path, "tiny.gguf", tokenizer).read_text()
-    apply_template(tokenizer, "qwen")
-    assert 'SYSTEM """You are Qwen, created by Alibaba Cloud.' in write_modelfile(tmp_path, "t.gguf", tokenizer).read_text()
 
 
 def test_tuneforge_export_writes_gguf_and_modelfile(tiny_model_dir, tmp_path):

@@ -41,7 +41,7 @@ def encode_conversation(
     if not any(m.get("role") == "assistant" for m in messages):
         raise DataError("the conversation has no assistant message, so there is nothing to learn")
     return encode_conversations(
-        tokenizer, [Conversation(list(messages), tools, "the conversation")],
+        tokenizer, [Conversation(list(messages), tools)],
         cutoff_len=cutoff_len, train_on_prompt=train_on_prompt, mask_history=mask_history,
     )[0]
 

@@ -6,6 +6,7 @@ import logging
 import math
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from tuneforge.errors import ConfigError, DataError
 
 from .encode import IGNORE_INDEX, encode_conversations
 from .formats import Conversation, fill_placeholders, to_conversations
+from .issues import Drops
 from .readers import read_records
 from .registry import get_entry, load_registry, resolve_dataset_dir
 from .templates import apply_template
@@ -31,7 +33,13 @@ def load_datasets(data_args, tokenizer, seed: int = 42) -> DatasetSplits:
     """Read, convert, tokenize, mix and split the datasets named in `data_args`.
 
     Each example is {"input_ids": [...], "labels": [...]} (labels -100 where no loss is taken).
-    Sets the chat template on the tokenizer (see `apply_template`).
+    Sets the chat template on the tokenizer (see `apply_template`). Records that are not a
+    complete conversation, and examples with no reply token left within cutoff_len, are dropped
+    with one warning line per dataset that counts them.
+
+    Raises DataError (one line naming the dataset, file, record or line, and the fix) for a bad
+    registry, an unreadable or malformed data file, a value of the wrong type, or a dataset with
+    nothing left to train on; ConfigError for conflicting or unknown settings.
     """
     names = _names(getattr(data_args, "dataset", None))
     if not names:
@@ -47,8 +55,9 @@ def load_datasets(data_args, tokenizer, seed: int = 42) -> DatasetSplits:
     def load(group: list[str]) -> list[dict]:
         conversations = []
         for name in group:
-            conversations += _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None))
-        return _tokenize(conversations, group, data_args, tokenizer)
+            conversations += _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None),
+                                           random.Random(seed))
+        return _tokenize(conversations, data_args, tokenizer)
 
     train = load(names)
     random.Random(seed).shuffle(train)  # mixes several datasets, and makes the val_size split random
@@ -65,21 +74,24 @@ def _names(value) -> list[str]:
     return [name.strip() for name in str(value or "").split(",") if name.strip()]
 
 
-def _read_dataset(dataset_dir: Path, registry: dict, name: str, max_samples: int | None) -> list[Conversation]:
+def _read_dataset(dataset_dir: Path, registry: dict, name: str, max_samples: int | None,
+                  rng: random.Random) -> list[Conversation]:
     entry = get_entry(dataset_dir, registry, name)
-    records = read_records(entry, max_samples)
+    records = read_records(entry, None if entry.num_samples else max_samples)
     if not records:
         raise DataError(f"dataset {name!r} ({entry.path}) has no records; add some or pick another dataset")
-    conversations = to_conversations(entry, records)
-    if not conversations:
-        raise DataError(
-            f"dataset {name!r} ({entry.path}): none of its {len(records)} records is a usable conversation "
-            "(a user turn followed by a non-empty assistant reply); check the columns/tags in dataset_info.json"
-        )
-    return conversations
+    indices = None
+    if entry.num_samples:  # LLaMA-Factory: a random num_samples of them, repeated when more are asked
+        count = len(records)
+        indices = rng.sample(range(count), min(count, entry.num_samples))
+        indices += rng.choices(range(count), k=entry.num_samples - len(indices))
+        indices = indices[:max_samples] if max_samples is not None else indices
+        logger.info("dataset %r: num_samples=%d of its %d records%s", name, entry.num_samples, count,
+                    " (some repeated)" if entry.num_samples > count else "")
+    return to_conversations(entry, records, indices)
 
 
-def _tokenize(conversations: list[Conversation], names: list[str], data_args, tokenizer) -> list[dict]:
+def _tokenize(conversations: list[Conversation], data_args, tokenizer) -> list[dict]:
     fill_placeholders(conversations, getattr(data_args, "placeholders", None))
     _warn_unfilled(conversations)
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
@@ -90,15 +102,16 @@ def _tokenize(conversations: list[Conversation], names: list[str], data_args, to
         train_on_prompt=getattr(data_args, "train_on_prompt", False),
         mask_history=getattr(data_args, "mask_history", False),
     )
-    kept = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
-    if not kept:
-        raise DataError(
-            f"dataset {','.join(names)}: no example keeps any reply token within cutoff_len={cutoff_len}; "
-            "raise cutoff_len"
-        )
-    if len(kept) < len(examples):
-        logger.warning("dropped %d examples with no reply token left within cutoff_len=%d",
-                       len(examples) - len(kept), cutoff_len)
+    kept, totals, drops = [], Counter(c.dataset for c in conversations), {}
+    for conversation, example in zip(conversations, examples):
+        if any(label != IGNORE_INDEX for label in example["labels"]):
+            kept.append(example)
+        else:  # never trained on as an empty example
+            drops.setdefault(conversation.dataset, Drops(conversation.dataset)).add(
+                "with no reply token left", conversation.where)
+    for name, dropped in drops.items():
+        dropped.report(totals[name], f"none of its {totals[name]} examples keeps a reply token within "
+                       f"cutoff_len={cutoff_len}", f"raise cutoff_len (now {cutoff_len}) to keep them")
     return kept
 
 

@@ -1,14 +1,24 @@
-"""Read a registered data file (or folder of files) into a list of records (dicts)."""
+"""Read a registered data file (or folder of files) into records (dicts) that remember where each
+came from ("data/d.jsonl line 5", "data/d.json record 3"), for messages that name the record.
+
+Every file goes through tuneforge.fileio, so bad bytes, malformed JSON or CSV, nesting too deep
+and OS errors are one DataError line naming the dataset, the file and the line. Members of a
+folder must stay inside dataset_dir (a symbolic link leading out is refused).
+"""
 
 from __future__ import annotations
 
-import csv
+import bisect
 import json
+from array import array
+from collections.abc import Iterable
 from pathlib import Path
 
 from tuneforge.errors import DataError
+from tuneforge.fileio import describe_os_error, parse_json, read_csv_rows, read_json_lines, read_text
 
-from .registry import DatasetEntry
+from .issues import describe_value
+from .registry import DatasetEntry, is_inside
 
 READABLE_SUFFIXES = (".json", ".jsonl", ".csv")
 PRETRAIN_MESSAGE = (
@@ -16,82 +26,139 @@ PRETRAIN_MESSAGE = (
     "which the supervised (sft) data loader does not handle; pick a dataset with instruction/response "
     "(alpaca) or conversations (sharegpt) records"
 )
+_JSON_SPACE = " \t\r\n"
 
 
-def read_records(entry: DatasetEntry, max_samples: int | None = None) -> list[dict]:
-    """All records of `entry`'s file(s), the first `max_samples` of them when that is set."""
-    path = entry.path
-    if not path.exists():
-        raise DataError(
-            f"dataset {entry.name!r}: file {path} not found (file_name in "
-            f"{entry.dataset_dir / 'dataset_info.json'}); put the file there or fix file_name"
-        )
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")) if path.is_dir() else [path]
-    if any(f.suffix == ".txt" for f in files):
-        raise DataError(f"dataset {entry.name!r} ({path.name}) {PRETRAIN_MESSAGE}")
-    unreadable = [f.name for f in files if f.suffix not in READABLE_SUFFIXES]
-    if unreadable or not files:
-        raise DataError(
-            f"dataset {entry.name!r}: cannot read {', '.join(unreadable) or f'empty folder {path}'}; "
-            f"supported files are {', '.join(READABLE_SUFFIXES)} (convert other formats to JSON lines)"
-        )
-    records: list[dict] = []
-    for file in files:
-        records.extend(_read_file(file, None if max_samples is None else max_samples - len(records)))
+class Records:
+    """The records of one dataset, in file order, and where each one is."""
+
+    def __init__(self) -> None:
+        self.items: list[dict] = []
+        self._starts: list[int] = []  # index of each file's first record
+        self._files: list[tuple[str, array | None]] = []  # (path, line of each record or None)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+    def add(self, path: Path, records: list[dict], lines: array | None) -> None:
+        self._starts.append(len(self.items))
+        self._files.append((str(path), lines))
+        self.items.extend(records)
+
+    def where(self, index: int) -> str:
+        """'data/d.jsonl line 5' (JSON lines, CSV) or 'data/d.json record 3' (a JSON list, from 0)."""
+        file = bisect.bisect_right(self._starts, index) - 1
+        path, lines = self._files[file]
+        offset = index - self._starts[file]
+        return f"{path} line {lines[offset]}" if lines is not None else f"{path} record {offset}"
+
+
+def read_records(entry: DatasetEntry, max_samples: int | None = None) -> Records:
+    """All records of `entry`'s file(s), the first `max_samples` of them when that is set.
+
+    Raises DataError (one line naming the dataset and file, and the line or record) when the file
+    is missing or unreadable, not UTF-8, malformed, not a list of JSON objects, of an unsupported
+    type, or leads outside dataset_dir.
+    """
+    records = Records()
+    for file in _data_files(entry):
+        limit = None if max_samples is None else max_samples - len(records)
+        items, lines = _read_file(entry, file, limit)
+        records.add(file, items, lines)
         if max_samples is not None and len(records) >= max_samples:
             break
     return records
 
 
-def _read_file(path: Path, limit: int | None) -> list[dict]:
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, limit)
-    if path.suffix == ".csv":
-        with path.open(encoding="utf-8", newline="") as f:
-            rows = list(csv.DictReader(f))
-        return rows[:limit] if limit is not None else rows
-    text = path.read_text(encoding="utf-8")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        # Like `datasets`, accept JSON lines saved with a .json suffix.
-        if err.msg == "Extra data" and _first_line_is_object(text):
-            return _read_jsonl(path, limit)
+def _data_files(entry: DatasetEntry) -> list[Path]:
+    """The file, or the visible files of the folder, that `entry` names."""
+    path = entry.path
+    if not path.exists():
+        blocker = next((p for p in path.parents if p.is_file()), None)
+        if blocker is not None:
+            raise DataError(f"dataset {entry.name!r}: file_name {entry.file_name!r} goes through {blocker}, "
+                            f"which is a file, not a folder; fix file_name in {entry.registry}")
         raise DataError(
-            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the file"
-        ) from None
+            f"dataset {entry.name!r}: file {path} not found (file_name in {entry.registry}); "
+            "put the file there or fix file_name"
+        )
+    if path.is_dir():
+        try:
+            members = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+            files = [p for p in members if p.is_file()]
+        except OSError as exc:
+            raise DataError(f"dataset {entry.name!r} folder {describe_os_error(exc, 'read')}") from None
+        for member in files:
+            if not is_inside(member, entry.dataset_dir):
+                raise DataError(
+                    f"dataset {entry.name!r}: {member} is a symbolic link leading outside dataset_dir "
+                    f"'{entry.dataset_dir}'; copy the file into {path} instead"
+                )
+    else:
+        files = [path]
+    if any(f.suffix.lower() == ".txt" for f in files):
+        raise DataError(f"dataset {entry.name!r} ({path.name}) {PRETRAIN_MESSAGE}")
+    if not files:
+        raise DataError(f"dataset {entry.name!r}: file_name names the folder {path}, which holds no data "
+                        f"files; put {', '.join(READABLE_SUFFIXES)} files in it or name a file")
+    unreadable = [f.name for f in files if f.suffix.lower() not in READABLE_SUFFIXES]
+    if unreadable:
+        raise DataError(
+            f"dataset {entry.name!r}: cannot read {', '.join(unreadable)}; "
+            f"supported files are {', '.join(READABLE_SUFFIXES)} (convert other formats to JSON lines)"
+        )
+    return files
+
+
+def _read_file(entry: DatasetEntry, path: Path, limit: int | None) -> tuple[list[dict], array | None]:
+    what = f"dataset {entry.name!r} file"
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _numbered(entry, path, read_json_lines(path, what), limit)
+    if suffix == ".csv":
+        return _numbered(entry, path, read_csv_rows(path, what), limit)
+    text = read_text(path, what)
+    if _first_line_is_object(text):  # JSON lines saved as .json: LLaMA-Factory reads them too
+        lines = ((n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip(_JSON_SPACE))
+        parsed = ((n, parse_json(line, path, what, line=n)) for n, line in lines)
+        return _numbered(entry, path, parsed, limit)
+    data = parse_json(text, path, what)
     if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records at the top level, found a {type(data).__name__}")
+        raise DataError(f"dataset {entry.name!r} file '{path}': expected a JSON list of records (or one "
+                        f"JSON object per line), found {describe_value(data)}")
     data = data[:limit] if limit is not None else data
     for index, record in enumerate(data):
         if not isinstance(record, dict):
-            raise DataError(f"{path}: record {index} is a {type(record).__name__}, expected a JSON object")
-    return data
+            raise DataError(f"dataset {entry.name!r} ({path} record {index}): expected a JSON object, "
+                            f"found {describe_value(record)}; each record must be {{\"column\": value, ...}}")
+    return data, None
 
 
-def _read_jsonl(path: Path, limit: int | None) -> list[dict]:
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for line_number, line in enumerate(f, start=1):
-            if limit is not None and len(records) >= limit:
-                break
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path} line {line_number}: malformed JSON at column {err.colno}: {err.msg}; fix that line"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path} line {line_number}: expected a JSON object, found a {type(record).__name__}")
-            records.append(record)
-    return records
+def _numbered(entry: DatasetEntry, path: Path, rows: Iterable[tuple[int, object]],
+              limit: int | None) -> tuple[list[dict], array]:
+    """Records of a line-based file, and the line each starts on."""
+    records, lines = [], array("q")
+    if limit is not None and limit <= 0:
+        return records, lines
+    for number, record in rows:  # a line past the limit is never read, so never refused
+        if not isinstance(record, dict):
+            raise DataError(f"dataset {entry.name!r} ({path} line {number}): expected a JSON object, "
+                            f"found {describe_value(record)}; write one {{\"column\": value, ...}} per line")
+        records.append(record)
+        lines.append(number)
+        if len(records) == limit:
+            break
+    return records, lines
 
 
 def _first_line_is_object(text: str) -> bool:
-    first = next((line for line in text.splitlines() if line.strip()), "")
+    stripped = text.lstrip(_JSON_SPACE)
+    if not stripped.startswith("{"):
+        return False
     try:
-        return isinstance(json.loads(first), dict)
-    except json.JSONDecodeError:
+        return isinstance(json.loads(stripped.split("\n", 1)[0]), dict)
+    except (json.JSONDecodeError, RecursionError):
         return False

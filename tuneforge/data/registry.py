@@ -1,21 +1,33 @@
 """The dataset registry: a folder's `dataset_info.json`, in LLaMA-Factory's schema.
 
 Each entry names a file and says how its records map to a conversation:
-`file_name`, `formatting` (alpaca | sharegpt), `columns`, `tags`, `ranking`, ...
+`file_name`, `formatting` (alpaca | sharegpt), `columns`, `tags`, `ranking`, `num_samples`, ...
+Every value is checked for its type here, before any data file is read, and `file_name` must
+stay inside the registry's folder (no absolute paths, no `..` or symbolic link leading out).
 """
 
 from __future__ import annotations
 
 import difflib
-import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.errors import DataError
+from tuneforge.fileio import read_json
+
+from .issues import describe_value
+
+logger = logging.getLogger(__name__)
 
 REGISTRY_FILE = "dataset_info.json"
 FORMATTINGS = ("alpaca", "sharegpt")
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")
+# LLaMA-Factory's entry keys; subset, split and folder only matter for hub datasets.
+ENTRY_KEYS = ("file_name", "formatting", "ranking", "columns", "tags", "num_samples",
+              "subset", "split", "folder", "cloud_file_name", *HUB_KEYS)
+COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools",
+               "images", "videos", "audios", "chosen", "rejected", "kto_tag")
 
 # LLaMA-Factory's defaults, so a user's existing dataset_info.json means the same here.
 DEFAULT_COLUMNS = {
@@ -31,6 +43,7 @@ DEFAULT_TAGS = {
     "function_tag": "function_call",
     "system_tag": "system",
 }
+ROLE_TAGS = ("user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
 MEDIA_COLUMNS = ("images", "videos", "audios")
 
 
@@ -48,10 +61,15 @@ class DatasetEntry:
     given_columns: frozenset[str] = frozenset()  # the keys the entry set itself, before defaults
     tags: dict[str, str] = field(default_factory=dict)
     hub_url: str | None = None
+    num_samples: int | None = None  # LLaMA-Factory: sample this many records (repeating if more)
 
     @property
     def path(self) -> Path:
         return self.dataset_dir / (self.file_name or "")
+
+    @property
+    def registry(self) -> Path:
+        return self.dataset_dir / REGISTRY_FILE
 
     def column(self, key: str) -> str | None:
         """The record key that holds `key` (prompt, response, messages, ...), or None if unmapped."""
@@ -67,31 +85,41 @@ def default_dataset_dir() -> Path:
 
 
 def resolve_dataset_dir(dataset_dir: str | Path | None) -> Path:
+    """The folder to read datasets from: `dataset_dir` as the user gave it, or the default."""
     return default_dataset_dir() if dataset_dir in (None, "") else Path(dataset_dir).expanduser()
 
 
 def load_registry(dataset_dir: Path) -> dict[str, dict]:
-    """Read `dataset_dir/dataset_info.json` as a dict of raw entries."""
+    """Read `dataset_dir/dataset_info.json` as a dict of raw entries.
+
+    Raises DataError (one line) when dataset_dir is missing or a file, when the registry is
+    missing, a folder, not UTF-8, malformed or nested too deeply, or not a JSON object.
+    """
     path = dataset_dir / REGISTRY_FILE
-    if not path.is_file():
-        where = "does not exist" if not dataset_dir.is_dir() else f"has no {REGISTRY_FILE}"
-        raise DataError(
-            f"dataset_dir {dataset_dir} {where}: set dataset_dir to the folder holding "
-            f"{REGISTRY_FILE} (or leave it unset to use ./data or the shipped demo data)"
-        )
-    try:
-        registry = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}: malformed JSON at line {err.lineno}, column {err.colno}: {err.msg}; fix the file"
-        ) from None
+    fix = (f"set dataset_dir to the folder holding {REGISTRY_FILE} (or leave it unset to use "
+           "./data or the shipped demo data)")
+    if not dataset_dir.is_dir():
+        what = "is a file, not a folder" if dataset_dir.exists() else "does not exist"
+        raise DataError(f"dataset_dir {dataset_dir} {what}: {fix}")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a file: {REGISTRY_FILE} must be the JSON file "
+                        "that registers the datasets")
+    if not path.exists():
+        raise DataError(f"dataset_dir {dataset_dir} has no {REGISTRY_FILE}: {fix}")
+    registry = read_json(path, "dataset registry")
     if not isinstance(registry, dict):
-        raise DataError(f"{path}: expected a JSON object mapping dataset names to entries")
+        raise DataError(f"{path}: expected a JSON object mapping dataset names to entries, found "
+                        f"{describe_value(registry)}; write it as {{\"name\": {{\"file_name\": ...}}}}")
     return registry
 
 
 def get_entry(dataset_dir: Path, registry: dict[str, dict], name: str) -> DatasetEntry:
-    """The entry for `name`, checked for the problems we can report before reading any file."""
+    """The entry for `name`, checked for the problems we can report before reading any file.
+
+    Raises DataError naming the entry and key for an unknown name, a value of the wrong type,
+    a file_name that leaves dataset_dir, and data tuneforge does not train on (preference, KTO,
+    multimodal, hub-only).
+    """
     if name not in registry:
         close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (
@@ -101,27 +129,114 @@ def get_entry(dataset_dir: Path, registry: dict[str, dict], name: str) -> Datase
     raw = registry[name]
     where = f"dataset {name!r} in {dataset_dir / REGISTRY_FILE}"
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: the entry must be a JSON object")
+        raise DataError(f"{where}: the entry must be a JSON object, found {describe_value(raw)}; "
+                        'write it as {"file_name": "<your file>"}')
+    _warn_unknown(where, "", raw, ENTRY_KEYS)
     formatting = raw.get("formatting", "alpaca")
-    if formatting not in FORMATTINGS:
-        raise DataError(f"{where}: formatting {formatting!r} is not one of {', '.join(FORMATTINGS)}")
-    columns, tags = raw.get("columns") or {}, raw.get("tags") or {}
-    if not isinstance(columns, dict) or not isinstance(tags, dict):
-        raise DataError(f"{where}: 'columns' and 'tags' must be JSON objects")
+    if not isinstance(formatting, str) or formatting not in FORMATTINGS:
+        raise DataError(f"{where}: formatting must be \"alpaca\" or \"sharegpt\", found "
+                        f"{describe_value(formatting)}")
+    ranking = raw.get("ranking", False)
+    if not isinstance(ranking, bool):
+        raise DataError(f"{where}: ranking must be true or false, found {describe_value(ranking)}")
+    columns = _names_map(where, "columns", raw.get("columns"), COLUMN_KEYS)
+    tags = _names_map(where, "tags", raw.get("tags"), tuple(DEFAULT_TAGS))
     entry = DatasetEntry(
         name=name,
         dataset_dir=dataset_dir,
-        file_name=raw.get("file_name"),
+        file_name=_file_name(where, dataset_dir, raw.get("file_name")),
         formatting=formatting,
         formatting_given="formatting" in raw,
-        ranking=bool(raw.get("ranking", False)),
+        ranking=ranking,
         columns={**DEFAULT_COLUMNS[formatting], **columns},
         given_columns=frozenset(columns),
         tags={**DEFAULT_TAGS, **tags},
-        hub_url=next((raw[k] for k in HUB_KEYS if raw.get(k)), None),
+        hub_url=next((raw[k] for k in HUB_KEYS if isinstance(raw.get(k), str) and raw[k]), None),
+        num_samples=_num_samples(where, raw.get("num_samples")),
     )
+    _check_tags_distinct(where, entry.tags)
     _check_supported(entry, where)
     return entry
+
+
+def _warn_unknown(where: str, section: str, given: dict, known: tuple[str, ...]) -> None:
+    """Keys LLaMA-Factory does not know are ignored, as there, but said (a typo would otherwise
+    silently fall back to a default)."""
+    unknown = [key for key in given if key not in known]
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+        hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    logger.warning("%s: unknown %skey%s %s ignored; known: %s", where, section,
+                   "s" if len(unknown) > 1 else "", ", ".join(hints), ", ".join(known))
+
+
+def _names_map(where: str, section: str, value, known: tuple[str, ...]) -> dict[str, str]:
+    """`columns` or `tags`: a JSON object whose values are non-empty names (strings)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise DataError(f"{where}: {section} must be a JSON object like {{\"{known[0]}\": \"<name>\"}}, "
+                        f"found {describe_value(value)}")
+    for key, name in value.items():
+        if not isinstance(name, str) or not name.strip():
+            what = "column of your records" if section == "columns" else "key or role in your messages"
+            raise DataError(f"{where}: {section}.{key} must be the name of a {what} (a string), "
+                            f"found {describe_value(name)}")
+    _warn_unknown(where, f"{section} ", value, known)
+    return {key: name for key, name in value.items() if key in known}
+
+
+def _check_tags_distinct(where: str, tags: dict[str, str]) -> None:
+    """Two roles with one tag would silently turn one into the other."""
+    seen: dict[str, str] = {}
+    for key in ROLE_TAGS:
+        if tags[key] in seen:
+            raise DataError(f"{where}: tags.{seen[tags[key]]} and tags.{key} are both "
+                            f"{tags[key]!r}; give each role its own tag")
+        seen[tags[key]] = key
+    if tags["role_tag"] == tags["content_tag"]:
+        raise DataError(f"{where}: tags.role_tag and tags.content_tag are both "
+                        f"{tags['role_tag']!r}; they name two different keys of a message")
+
+
+def _file_name(where: str, dataset_dir: Path, value) -> str | None:
+    """file_name: a path relative to dataset_dir that stays inside it, symbolic links resolved."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise DataError(f"{where}: file_name must be a file or folder name (a string) relative to "
+                        f"{dataset_dir}, found {describe_value(value)}")
+    if not value.strip():
+        return None
+    fix = f"copy the data into '{dataset_dir}' and give its path relative to that folder"
+    if "\x00" in value:
+        raise DataError(f"{where}: file_name {value!r} holds a NUL character; fix the name")
+    if Path(value).is_absolute():
+        raise DataError(f"{where}: file_name {value!r} is an absolute path; {fix}")
+    if not is_inside(dataset_dir / value, dataset_dir):
+        raise DataError(f"{where}: file_name {value!r} leads outside dataset_dir '{dataset_dir}' "
+                        f"(through '..' or a symbolic link); {fix}")
+    return value
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    """Whether `path`, with every symbolic link and '..' resolved, lies in `folder` (resolved too)."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError, ValueError):  # a symlink loop or a NUL leads nowhere safe
+        return False
+
+
+def _num_samples(where: str, value) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"{where}: num_samples must be a whole number of records of 1 or more, "
+                        f"found {describe_value(value)}")
+    return value
 
 
 def _check_supported(entry: DatasetEntry, where: str) -> None:

@@ -36,9 +36,9 @@ def pre_tokenizer_name(spec: dict) -> str:
                       "(gpt-2, smollm, llama-bpe, qwen2 are); use export_format: hf")
 
 
-def add_tokenizer(writer, tokenizer) -> None:
-    import gguf
-
+def tokenizer_spec(tokenizer) -> tuple[dict, str]:
+    """(tokenizer.json as a dict, llama.cpp pre-tokenizer name); ConfigError for a tokenizer a
+    GGUF file cannot describe (not fast, not BPE, an unknown pre-tokenizer)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise ConfigError("export_format 'gguf' needs a fast tokenizer (tokenizer.json); "
@@ -48,7 +48,21 @@ def add_tokenizer(writer, tokenizer) -> None:
     if model.get("type") != "BPE":
         raise ConfigError(f"export_format 'gguf' supports BPE tokenizers only (this one is "
                           f"{model.get('type')!r}); use export_format: hf")
-    pre = pre_tokenizer_name(spec)
+    return spec, pre_tokenizer_name(spec)
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer puts BOS first itself (Llama 3's does, SmolLM2's and Qwen's don't);
+    llama.cpp then adds it too, so a prompt template must not write it."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def add_tokenizer(writer, tokenizer) -> None:
+    import gguf
+
+    spec, pre = tokenizer_spec(tokenizer)
+    model = spec["model"]
     vocab = dict(model["vocab"])
     special = set()
     for tok in spec.get("added_tokens", []):
@@ -72,8 +86,6 @@ def add_tokenizer(writer, tokenizer) -> None:
         value = getattr(tokenizer, key, None)
         if value is not None:
             add(int(value))
-    # as the tokenizer itself does: Llama 3's puts <|begin_of_text|> first, SmolLM2's and Qwen's don't
-    bos = tokenizer.bos_token_id
-    writer.add_add_bos_token(bos is not None and tokenizer("a")["input_ids"][:1] == [bos])
+    writer.add_add_bos_token(adds_bos(tokenizer))
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)

@@ -1,28 +1,156 @@
-"""Ollama Modelfile beside an exported GGUF: FROM, a TEMPLATE in Ollama's Go-template syntax
-converted from the tokenizer's Jinja chat template (the common ChatML / Llama-3 / Llama-2
-families; anything else gets a comment saying so), stop tokens and the default system prompt."""
+"""Ollama Modelfile beside an exported GGUF: FROM, a TEMPLATE in Ollama's Go-template syntax that
+renders a conversation as the tokenizer's chat template does, stop strings and SYSTEM.
+
+How Ollama renders (its template package and chat handler): the Modelfile's SYSTEM is sent as a
+first system message when a request has none; a template that mentions `.Messages` receives
+every message, system ones included, and also `.System`, all system texts joined. So a template
+must render the system text from one of the two, never both: ours loops over `.Messages` only.
+
+The chat template is recognised by rendering probe conversations with it and with each of
+tuneforge's named templates (data/templates.py, which describe a template turn by turn); the
+first that renders every probe alike, once the template's own default system prompt is taken
+out, is written as a Go template. A chat template none of them matches gets a comment instead,
+and Ollama falls back to guessing from the GGUF's chat template.
+"""
 
 from __future__ import annotations
 
-import re
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-# family -> (marker found in the Jinja template, Ollama template, end-of-turn stop strings)
-_FAMILIES = [
-    ("chatml", "<|im_start|>",
-     "{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
-     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
-     "<|im_start|>assistant\n",
-     ["<|im_end|>", "<|im_start|>"]),
-    ("llama3", "<|start_header_id|>",
-     "{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n{{ .System }}<|eot_id|>{{ end }}"
-     "{{- range .Messages }}<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>"
-     "{{ end }}<|start_header_id|>assistant<|end_header_id|>\n\n",
-     ["<|eot_id|>", "<|start_header_id|>"]),
-    ("llama2", "[INST]",
-     "[INST] {{ if .System }}<<SYS>>\n{{ .System }}\n<</SYS>>\n\n{{ end }}{{ .Prompt }} [/INST]",
-     ["[INST]", "[/INST]"]),
+from ..data.templates import TEMPLATES, Template
+from .gguf_vocab import adds_bos
+
+_SYSTEM, _U1, _A1, _U2 = "Sys prompt.\nLine two.", "First question?", "First answer.", "Second question?"
+_PROBES = [
+    [("user", _U1)],
+    [("system", _SYSTEM), ("user", _U1)],
+    [("user", _U1), ("assistant", _A1), ("user", _U2)],
+    [("system", _SYSTEM), ("user", _U1), ("assistant", _A1), ("user", _U2)],
 ]
+_MARK = "\x00system-marker\x00"
+
+
+@dataclass(frozen=True)
+class OllamaTemplate:
+    name: str                    # the tuneforge template it matched
+    template: str                # Go template text
+    stops: tuple[str, ...]
+    default_system: str | None   # what the chat template says when a conversation has no system
+
+
+def _render(tokenizer, messages, chat_template: str | None = None) -> str | None:
+    conversation = [{"role": role, "content": content} for role, content in messages]
+    kwargs = {"chat_template": chat_template} if chat_template is not None else {}
+    try:
+        return str(tokenizer.apply_chat_template(conversation, tokenize=False,
+                                                 add_generation_prompt=True, **kwargs))
+    except Exception:  # a template that refuses a probe (no system role, ...) is not this one
+        return None
+
+
+def _default_system(tokenizer, template: Template) -> str | None:
+    """The system text the tokenizer's template adds to a conversation that has none, if the
+    rest of its rendering is `template`'s; "" when it adds none; None when it is not `template`."""
+    plain = replace(template, default_system="")
+    own = _render(tokenizer, [("user", _U1)])
+    if own is None:
+        return None
+    if own == _render(tokenizer, [("user", _U1)], plain.chat_template):
+        return ""
+    marked = _render(tokenizer, [("system", _MARK), ("user", _U1)], plain.chat_template)
+    if marked is None or marked.count(_MARK) != 1:
+        return None
+    before, after = marked.split(_MARK)
+    if own.startswith(before) and own.endswith(after) and len(own) > len(before) + len(after):
+        return own[len(before):len(own) - len(after)]
+    return None
+
+
+def match_template(tokenizer) -> tuple[Template, str] | None:
+    """(the tuneforge template that renders like the tokenizer's chat template, the chat
+    template's own default system prompt or ""), or None when none does."""
+    if not isinstance(getattr(tokenizer, "chat_template", None), str):
+        return None
+    for template in TEMPLATES.values():
+        default = _default_system(tokenizer, template)
+        if default is None:
+            continue
+        candidate = replace(template, default_system=default).chat_template
+        if all(_render(tokenizer, p) == _render(tokenizer, p, candidate) for p in _PROBES):
+            return template, default
+    return None
+
+
+def _go_text(text: str) -> str:
+    """Literal text inside a Go template: as is, unless it holds an action delimiter."""
+    if "{{" not in text:
+        return text
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}"
+
+
+def _go_format(fmt: str, content: str, bos: str, eos: str) -> str:
+    """A tuneforge format string ({content}, {bos}, {eos}) as Go template text; `content` is
+    already Go template text."""
+    out, rest = [], fmt
+    while rest:
+        hits = [(rest.find(k), k) for k in ("{content}", "{bos}", "{eos}") if k in rest]
+        if not hits:
+            out.append(_go_text(rest))
+            break
+        at, key = min(hits)
+        out.append(_go_text(rest[:at]))
+        out.append(content if key == "{content}" else _go_text(bos if key == "{bos}" else eos))
+        rest = rest[at + len(key):]
+    return "".join(out)
+
+
+def go_template(template: Template, bos: str, eos: str, bos_added: bool) -> str:
+    """Ollama template text for a tuneforge template. `bos_added`: llama.cpp puts BOS first itself
+    (so a leading {bos} is left out). Every message is rendered once, from `.Messages`."""
+    def fmt(f: str, content: str = "{{ .Content }}") -> str:
+        return _go_format(f, content, bos, eos)
+
+    prefix = template.prefix
+    if bos_added and prefix.startswith("{bos}"):
+        prefix = prefix[len("{bos}"):]
+    if template.system_in_user:
+        # the first system text opens the first user turn, as the chat template does
+        system = '{{ if eq $i 0 }}{{ $system = .Content }}{{ else }}' + fmt(template.system) + "{{ end }}"
+        joined = fmt(template.user, '{{ $system }}\n\n{{ .Content }}')
+        user = "{{ if and $system (eq $i 1) }}" + joined + "{{ else }}" + fmt(template.user) + "{{ end }}"
+        start = '{{ $system := "" }}'
+    else:
+        system = "{{ if or .Content (ne $i 0) }}" + fmt(template.system) + "{{ end }}"
+        user = fmt(template.user)
+        start = ""
+    return (fmt(prefix) + start + "{{ range $i, $m := .Messages }}"
+            + '{{ if eq .Role "system" }}' + system
+            + '{{ else if eq .Role "user" }}' + user
+            + '{{ else if eq .Role "assistant" }}' + fmt(template.generation + template.assistant)
+            + '{{ else if eq .Role "tool" }}' + fmt(template.tool)
+            + "{{ end }}{{ end }}" + fmt(template.generation))
+
+
+def ollama_template(tokenizer) -> OllamaTemplate | None:
+    """The tokenizer's chat template as an Ollama template, or None when it cannot be converted."""
+    found = match_template(tokenizer)
+    if found is None:
+        return None
+    template, default = found
+    bos, eos = tokenizer.bos_token or "", tokenizer.eos_token or ""
+    stops = tuple(dict.fromkeys([*template.stop_words, *([eos] if eos else [])]))
+    return OllamaTemplate(template.name, go_template(template, bos, eos, adds_bos(tokenizer)),
+                          stops, default or None)
+
+
+def implicit_system(tokenizer) -> str | None:
+    """The system prompt the chat template inserts when a conversation has none (SmolLM2's and
+    Qwen's do). Ollama only sends SYSTEM, so the Modelfile must carry it to make Ollama prompt
+    the model as transformers and llama.cpp do."""
+    found = match_template(tokenizer)
+    return (found[1] or None) if found else None
 
 
 def _quote(text: str) -> str:
@@ -30,17 +158,16 @@ def _quote(text: str) -> str:
     return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
 
 
-def render_modelfile(gguf_name: str, chat_template: str | None, eos_token: str | None = None,
-                     system: str | None = None) -> str:
+def render_modelfile(gguf_name: str, converted: OllamaTemplate | None, has_chat_template: bool,
+                     eos_token: str | None = None, system: str | None = None) -> str:
     lines = [f"FROM ./{gguf_name}", ""]
-    family = next((f for f in _FAMILIES if chat_template and f[1] in chat_template), None)
     stops: list[str] = []
-    if family is not None:
-        lines += [f"# TEMPLATE converted from the tokenizer's chat template ({family[0]} family)",
-                  f"TEMPLATE {_quote(family[2])}", ""]
-        stops += family[3]
-    elif chat_template:
-        lines += ["# The tokenizer's chat template is not ChatML, Llama-3 or Llama-2 style and could not",
+    if converted is not None:
+        lines += [f"# TEMPLATE converted from the tokenizer's chat template (renders as tuneforge's "
+                  f"{converted.name!r} template)", f"TEMPLATE {_quote(converted.template)}", ""]
+        stops += converted.stops
+    elif has_chat_template:
+        lines += ["# The tokenizer's chat template matches none of tuneforge's templates and could not",
                   "# be converted to Ollama's template syntax: write a TEMPLATE by hand.", ""]
     else:
         lines += ["# The tokenizer has no chat template: Ollama will send raw prompts.", ""]
@@ -52,35 +179,12 @@ def render_modelfile(gguf_name: str, chat_template: str | None, eos_token: str |
     return "\n".join(lines) + "\n"
 
 
-# the system turn in a rendered prompt, per family
-_SYSTEM_TURN = {
-    "chatml": r"<\|im_start\|>system\n(.*?)<\|im_end\|>",
-    "llama3": r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>",
-    "llama2": r"<<SYS>>\n(.*?)\n<</SYS>>",
-}
-
-
-def implicit_system(tokenizer) -> str | None:
-    """The system prompt the chat template inserts when a conversation has none (SmolLM2's and
-    Qwen's do). Ollama's template only sends SYSTEM, so the Modelfile must carry it to make
-    Ollama prompt the model as transformers and llama.cpp do."""
-    template = getattr(tokenizer, "chat_template", None)
-    family = next((f for f in _FAMILIES if template and f[1] in template), None)
-    if family is None:
-        return None
-    try:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
-                                             add_generation_prompt=True)
-    except Exception:  # a template that needs more than one user turn: nothing to learn here
-        return None
-    found = re.search(_SYSTEM_TURN[family[0]], str(text), re.S)  # the only turns: system?, user
-    return found.group(1) if found else None
-
-
 def write_modelfile(directory: Path, gguf_name: str, tokenizer, system: str | None = None) -> Path:
-    """`system`: default_system from the config; without it, the template's own default."""
+    """`system`: default_system from the config; without it, the chat template's own default."""
+    converted = ollama_template(tokenizer)
+    if system is None and converted is not None:
+        system = converted.default_system
     path = Path(directory) / "Modelfile"
-    path.write_text(render_modelfile(gguf_name, getattr(tokenizer, "chat_template", None),
-                                     getattr(tokenizer, "eos_token", None),
-                                     system if system is not None else implicit_system(tokenizer)))
+    path.write_text(render_modelfile(gguf_name, converted, bool(getattr(tokenizer, "chat_template", None)),
+                                     getattr(tokenizer, "eos_token", None), system), encoding="utf-8")
     return path

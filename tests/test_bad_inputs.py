@@ -1,0 +1,88 @@
+"""Every bad input kept in tests/bad_inputs/<area>/<case>/ gets exactly its one-line message.
+
+A case folder holds the files of one bad input and a `case.yaml`:
+
+    argv: [train, cfg.yaml]     # tuneforge's argv, run in-process in a fresh copy of the folder
+    error: "..."                # the exact text after 'tuneforge: error: '
+    exit: 2                     # optional (default 2)
+    tiny_model: model           # optional: copy the tiny random Llama into this subfolder first
+    env: {NAME: value}          # optional environment for the run
+
+`{tiny_model}` and `{shared_data}` in argv, in the case's *.yaml / *.json files and in `error`
+stand for the shared (read-only) tiny model folder and ../shared/data. The run must exit with the
+given code, print exactly one `tuneforge: error:` line, no traceback, and leave every file in the
+folder as it was (nothing added, removed or changed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tuneforge.cli import main
+
+CASES_ROOT = Path(__file__).parent / "bad_inputs"
+CASES = sorted(p.parent for p in CASES_ROOT.glob("*/*/case.yaml"))
+SUBSTITUTED = (".yaml", ".yml", ".json")
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_symlink():
+            out[rel] = "link:" + str(path.readlink())
+        elif path.is_dir():
+            out[rel] = "dir"
+        else:
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def _substitute(text: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{p.parent.name}/{p.name}" for p in CASES])
+def test_bad_input(case, tmp_path, monkeypatch, capsys, tiny_model_dir, shared_data_dir):
+    spec = yaml.safe_load((case / "case.yaml").read_text(encoding="utf-8"))
+    work = tmp_path / case.name
+    shutil.copytree(case, work, symlinks=True, ignore=shutil.ignore_patterns("case.yaml"))
+    values = {"tiny_model": str(tiny_model_dir), "shared_data": str(shared_data_dir)}
+    if spec.get("tiny_model"):
+        shutil.copytree(tiny_model_dir, work / spec["tiny_model"])
+    for path in work.rglob("*"):
+        if path.suffix in SUBSTITUTED and path.is_file() and not path.is_symlink():
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # a deliberately non-UTF-8 file stays as it is
+            if "{" in text:
+                path.write_text(_substitute(text, values), encoding="utf-8")
+    for name, value in (spec.get("env") or {}).items():
+        monkeypatch.setenv(name, _substitute(str(value), values))
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+
+    code = main([_substitute(str(a), values) for a in spec["argv"]])
+    logging.getLogger().handlers.clear()  # the CLI's basicConfig handler holds capsys' stream
+    err = capsys.readouterr().err
+
+    errors = [line for line in err.splitlines() if line.startswith("tuneforge: error:")]
+    assert "Traceback" not in err, err
+    assert errors == [f"tuneforge: error: {_substitute(spec['error'], values)}"], err
+    assert code == spec.get("exit", 2)
+    assert _snapshot(work) == before, "the failed run changed files in its folder"
+
+
+def test_every_area_has_cases():
+    """The folders exist and are read: an empty set would make the test above pass vacuously."""
+    assert len(CASES) >= 10
