@@ -208,12 +208,16 @@ def test_other_contents_without_checkpoints_are_refused_untouched(tmp_path, case
     ("gradient_accumulation_steps", 2, 1, "set gradient_accumulation_steps: 2 to resume"),
     ("world_size", 2, 1, "launch it on 2 processes to resume"),
     ("seed", 42, 7, "set seed: 42 to resume"),
-    ("examples", "abc", "abd", "on other training examples (16 then, 16 now"),
+    ("examples", "abc", "abd", "on other training examples (16 then and now, but their tokens "
+                               "or order differ)"),
+    ("num_examples", 12, 16, "on other training examples (12 examples then, 16 now)"),
 ])
 def test_a_changed_data_position_is_refused_naming_the_key(tmp_path, key, then, now, words):
     saved = {"world_size": 1, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
              "seed": 42, "num_examples": 16, "examples": "abc", key: then}
     current = {**saved, key: now}
+    if key == "num_examples":
+        saved["examples"] = "abd"
     check_data_record(tmp_path, saved, saved)
     with pytest.raises(CheckpointError) as err:
         check_data_record(tmp_path, saved, current)

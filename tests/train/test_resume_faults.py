@@ -132,7 +132,7 @@ REFUSALS = {  # overrides, how the copy is broken, the words of the one line
                      "set gradient_accumulation_steps: 1 to resume"),
     "seed": ({"seed": 7}, lambda out: None, "set seed: 42 to resume"),
     "dataset": ({"max_samples": 30}, lambda out: None,
-                "it was trained on other training examples (40 then, 30 now"),
+                "it was trained on other training examples (40 examples then, 30 now)"),
     "another adapter setup": ({"lora_rank": 8}, lambda out: None, "has shape (4, 128), the model (8, 128): it was made with another fine-tuning setup"),
 }
 
@@ -164,8 +164,8 @@ def test_an_unusable_output_dir_is_refused_before_the_model_is_loaded(
     out, words = {
         "a file": (tmp_path / "notes", "output_dir '{out}' is a file, not a folder"),
         "under a file": (tmp_path / "notes" / "run", "output_dir '{out}' lies under "
-                         f"'{tmp_path / 'notes'}', which is a file, not a folder"),
-        "read-only": (read_only_dir, "output_dir '{out}' cannot be written"),
+                         f"'{tmp_path / 'notes'}', which is a file"),
+        "read-only": (read_only_dir, "output_dir '{out}' is not writable ("),
     }[case]
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tiny_data_dir, out)
     assert refused(capsys, ["train", str(cfg)]).startswith(words.format(out=out))

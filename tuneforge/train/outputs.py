@@ -4,8 +4,9 @@ each thing (temporary `.tmp-*` names renamed into place, deletions renamed to `.
 first), and a full or read-only disk reported as one line instead of a traceback from deep
 inside torch or safetensors.
 
-A small local stand-in for the project's reader/writer layer: when `tuneforge/fileio.py` lands,
-`disk_fault` / `disk_error` can be folded into its error mapping."""
+Beside the project's reader/writer layer (fileio.py): its output-folder check is used as it is;
+the disk-fault mapping here adds what a checkpoint needs (errors without an errno from Rust and
+C++ writers, the free and needed space, how to resume)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+from .. import fileio
 from ..errors import CheckpointError
 
 TMP_PREFIX = ".tmp-"
@@ -31,30 +33,19 @@ LOW_SPACE = 1 << 20
 def check_output_dir(path: str | Path) -> None:
     """Refuse an output_dir that cannot hold a run, before the model is loaded.
 
-    Raises CheckpointError when it is a file, lies under a file, or cannot be written (a probe
-    file is created and removed where it exists; the nearest existing folder above it is asked
-    otherwise)."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"output_dir '{path}' is a file, not a folder; choose another "
-                              "output_dir")
-    existing = path
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CheckpointError(f"output_dir '{path}' lies under '{existing}', which is a file, "
-                              "not a folder; choose another output_dir")
-    if existing == path:
+    Raises CheckpointError when it is a file, lies under a file, or cannot be written: the
+    project's check (fileio.check_output_dir: what the kernel's access() says), then, where the
+    folder exists, a probe file created and removed in it (what access() cannot know: e.g. a
+    read-only network share seen as writable)."""
+    path = fileio.check_output_dir(path, "output_dir", CheckpointError)
+    if path.is_dir():
         probe = path / f"{TMP_PREFIX}probe-{uuid.uuid4().hex}"
         try:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise CheckpointError(f"output_dir '{path}' cannot be written "
-                                  f"({_reason(exc)}); choose another output_dir") from None
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        raise CheckpointError(f"output_dir '{path}' cannot be created: '{existing}' is not "
-                              "writable; choose another output_dir")
+            raise CheckpointError(f"output_dir '{path}' is not writable ({_reason(exc)}); "
+                                  "choose a writable folder or fix its permissions") from None
 
 
 def _reason(exc: OSError) -> str:

@@ -110,14 +110,15 @@ def _fresh(root: Path, config_values: dict) -> ResumePlan:
         previous = yaml.safe_load((root / ARGS_FILE).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         raise CheckpointError(refusal) from None
+    if not isinstance(previous, dict):
+        raise CheckpointError(refusal)
     current = yaml.safe_load(yaml.safe_dump(config_values))
-    if previous != current:
-        changed = sorted(k for k in set(current) | set(previous or {})
-                         if not isinstance(previous, dict) or previous.get(k) != current.get(k))
-        key = f" (key '{changed[0]}' differs)" if changed else ""
+    # keys only one side knows (another tuneforge version) do not count
+    changed = sorted(k for k in previous.keys() & current.keys() if previous[k] != current[k])
+    if changed:
         raise CheckpointError(f"output_dir '{root}' holds the start of a run with another "
-                              f"config{key} and no checkpoint to resume; set "
-                              "overwrite_output_dir: true or choose another output_dir")
+                              f"config (key '{changed[0]}' differs) and no checkpoint to resume; "
+                              "set overwrite_output_dir: true or choose another output_dir")
     return ResumePlan(clear_start=True)  # the same run, killed before its first checkpoint
 
 
@@ -144,8 +145,11 @@ def check_data_record(path: Path, saved: dict | None, current: dict) -> None:
         if then is None or then == now:
             continue
         if key == "examples":
-            what = (f"on other training examples ({saved.get('num_examples', '?')} then, "
-                    f"{current.get('num_examples')} now, or their tokens or order differ)")
+            n_then, n_now = saved.get("num_examples"), current.get("num_examples")
+            what = (f"on other training examples ({n_then} examples then, {n_now} now)"
+                    if n_then != n_now else
+                    f"on other training examples ({n_now} then and now, but their tokens or "
+                    "order differ)")
         else:
             what = f"with {key} {then} and this run has {now}"
         raise CheckpointError(f"cannot resume from '{path}': it was trained {what}, so its data "
