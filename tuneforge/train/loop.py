@@ -167,13 +167,20 @@ class TrainingRun:
         self.last_checkpoint = self.output_dir / f"{ckpt.PREFIX}{self.state.global_step}"
         self.acc.wait_for_everyone()
 
-    def _stop_requested(self, signals: stop.StopSignals) -> bool:
-        """Every process stops at the same step: the request is shared (any one's counts)."""
+    def _stop_if_asked(self, signals: stop.StopSignals, reporter: Reporter) -> None:
+        """After a signal: save a checkpoint at this step boundary (unless one was just saved)
+        and raise. Every process stops at the same step: the request is shared (any one's
+        counts)."""
         asked = signals.received is not None
         if self.acc.num_processes > 1:
             flag = torch.tensor(float(asked), device=self.acc.device)
             asked = bool(self.acc.reduce(flag, "sum") > 0)
-        return asked
+        if not asked:
+            return
+        if self.last_checkpoint != self.output_dir / f"{ckpt.PREFIX}{self.state.global_step}":
+            self.save_checkpoint()
+        reporter.close()
+        raise signals.exception(self.last_checkpoint)
 
     # -- the loop -------------------------------------------------------------------------
     def run(self) -> dict:
@@ -222,10 +229,7 @@ class TrainingRun:
                                        acc.num_processes * window_real / max(seconds, 1e-9))
                     window_loss, window_tokens, window_real = 0.0, 0, 0
                     window_start = time.perf_counter()
-                if self._stop_requested(signals):  # Ctrl-C / SIGTERM: save here, then stop
-                    self.save_checkpoint()
-                    reporter.close()
-                    raise signals.exception(self.last_checkpoint)
+                self._stop_if_asked(signals, reporter)  # Ctrl-C / SIGTERM: no eval first
                 if (has_eval and args.eval_strategy == "steps" and args.eval_steps
                         and step % args.eval_steps == 0 and step < self.total_steps):
                     eval_loss = self.evaluate()
@@ -234,6 +238,7 @@ class TrainingRun:
                 if args.save_strategy == "steps" and step % args.save_steps == 0 \
                         and step < self.total_steps:
                     self.save_checkpoint()
+                self._stop_if_asked(signals, reporter)  # asked during the eval or the save
 
         runtime = time.perf_counter() - started
         if has_eval:

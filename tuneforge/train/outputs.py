@@ -78,6 +78,9 @@ def disk_fault(exc: BaseException, folder: str | Path, errno_only: bool = False)
     None otherwise. Writers in Rust and C++ (tokenizers, safetensors, torch) raise plain
     exceptions without an errno: unless `errno_only`, any failure counts as a full disk when
     almost nothing is left free, so ask before removing what was partly written."""
+    filename = getattr(exc, "filename", None)
+    if filename and not _inside(filename, folder):
+        return None  # another folder's trouble: not this one to explain
     code = getattr(exc, "errno", None)
     if code in NOT_WRITABLE:
         return NOT_WRITABLE[code]
@@ -87,6 +90,13 @@ def disk_fault(exc: BaseException, folder: str | Path, errno_only: bool = False)
         return None
     free = free_bytes(folder)
     return "full" if free is not None and free < LOW_SPACE else None
+
+
+def _inside(path, folder) -> bool:
+    try:
+        return Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+    except (TypeError, ValueError):
+        return False
 
 
 def disk_error(fault: str, folder: str | Path, what: str,

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .outputs import atomic_write_text
+
 LOG_FILE = "trainer_log.jsonl"
 
 
@@ -56,8 +58,8 @@ class Reporter:
         """A resumed run rewrites the steps after its checkpoint, so drop the old ones."""
         path = self.output_dir / LOG_FILE
         kept = [e for e in read_log(self.output_dir) if e.get("current_steps", 0) <= step]
-        if path.exists() or kept:
-            path.write_text("".join(json.dumps(e) + "\n" for e in kept), encoding="utf-8")
+        if path.exists() or kept:  # whole or not at all: a kill here keeps the old log
+            atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
 
     def _timing(self, step: int) -> dict:
         elapsed = time.perf_counter() - self.started
