@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.conftest import arithmetic_records, write_dataset
+from tuneforge.cli import main
 from tuneforge.train.stop import StopSignals
 
 STEPS = 12
@@ -33,17 +34,13 @@ def write_config(path, model_dir, data_dir, out):
     return path
 
 
-def tuneforge(cfg, **kwargs):
-    return subprocess.run([sys.executable, "-m", "tuneforge", "train", str(cfg)],
-                          capture_output=True, text=True, **kwargs)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_model_dir):
+    """The uninterrupted run (in this process: only the interrupted ones need their own)."""
     root = tmp_path_factory.mktemp("uninterrupted")
     data = write_dataset(root / "data", "arith", arithmetic_records(48))
-    done = tuneforge(write_config(root / "cfg.yaml", tiny_model_dir, data, root / "run"))
-    assert done.returncode == 0, done.stderr
+    assert main(["train", str(write_config(root / "cfg.yaml", tiny_model_dir, data,
+                                           root / "run"))]) == 0
     return root
 
 
@@ -58,7 +55,8 @@ def logged_steps(out) -> int:
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
                          ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_at_the_step_boundary_and_the_rerun_ends_equal(reference, tmp_path,
-                                                                      tiny_model_dir, sig, code):
+                                                                      tiny_model_dir, sig, code,
+                                                                      capsys):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, reference / "data", out)
     victim = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg)],
@@ -80,9 +78,9 @@ def test_a_signal_saves_at_the_step_boundary_and_the_rerun_ends_equal(reference,
     assert stderr[-1] == (f"[tuneforge] stopped by {sig.name}; saved {out / saved}; to resume, "
                           f"run the same command again: tuneforge train {cfg}")
 
-    resumed = tuneforge(cfg)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {out / saved} at step {step}" in resumed.stdout
+    capsys.readouterr()
+    assert main(["train", str(cfg)]) == 0  # the same command, run again
+    assert f"resumed from {out / saved} at step {step}" in capsys.readouterr().out
     want, got = load_file(str(reference / "run" / ADAPTER)), load_file(str(out / ADAPTER))
     assert want.keys() == got.keys()
     assert max((want[k] - got[k]).abs().max().item() for k in want) <= 1e-6
