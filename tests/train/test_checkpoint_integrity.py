@@ -66,6 +66,10 @@ DAMAGE = {  # how a file of the newest checkpoint was broken -> the words naming
     "trainer_state.json without global_step": (
         lambda d: (d / "trainer_state.json").write_text(json.dumps({"micro_batches_seen": 3})),
         "trainer_state.json' lacks a valid 'global_step'"),
+    "trainer_state.json with a text epoch": (
+        lambda d: (d / "trainer_state.json").write_text(json.dumps(
+            {"global_step": 3, "micro_batches_seen": 3, "epoch": "one"})),
+        "trainer_state.json' has an invalid 'epoch' (str)"),
     "trainer_state.json a list": (lambda d: (d / "trainer_state.json").write_text("[1, 2]"),
                                   "does not hold a JSON object"),
     "truncated weights": (lambda d: truncate(d / ckpt.WEIGHTS), "trainable_state.safetensors' is truncated"),
@@ -78,6 +82,11 @@ DAMAGE = {  # how a file of the newest checkpoint was broken -> the words naming
     "missing weights": (lambda d: (d / ckpt.WEIGHTS).unlink(), "lacks trainable_state.safetensors"),
     "missing trainer_state.json (half deleted)": (lambda d: (d / "trainer_state.json").unlink(),
                                                   "lacks trainer_state.json"),
+    "trainer_state.json is a folder": (lambda d: ((d / "trainer_state.json").unlink(),
+                                                  (d / "trainer_state.json").mkdir()),
+                                       "lacks trainer_state.json"),
+    "optimizer.pt is a folder": (lambda d: ((d / "optimizer.pt").unlink(), (d / "optimizer.pt").mkdir()),
+                                 "lacks optimizer.pt"),
     "only the folder is left": (lambda d: [p.unlink() for p in d.iterdir()], "lacks trainer_state.json"),
 }
 

@@ -159,6 +159,8 @@ def _load(path: Path, reader):
 
 
 def read_state(path: str | Path) -> TrainerState:
+    """The trainer_state.json of checkpoint folder `path`; raises CheckpointError naming the
+    file when it cannot be read."""
     return TrainerState.from_dict(_load(Path(path) / STATE, lambda p: json.loads(p.read_text())))
 
 

@@ -16,6 +16,9 @@ from .checkpoint import STATE, TRAINING_FILES, WEIGHTS
 
 # fields a resume cannot do without, and the types they must have
 STATE_FIELDS = {"global_step": int, "micro_batches_seen": int}
+# fields that may be missing (older checkpoints), with the types they must have when present
+OPTIONAL_FIELDS = {"total_steps": int, "epoch": (int, float), "seed": int, "data": dict,
+                   "model_only": bool}
 
 
 def _size(path: Path) -> str:
@@ -39,6 +42,11 @@ def _check_state(path: Path) -> tuple[str | None, dict]:
         value = values.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
             return f"'{path}' lacks a valid '{key}'", {}
+    for key, kind in OPTIONAL_FIELDS.items():
+        value = values.get(key)
+        if value is not None and (not isinstance(value, kind) or
+                                  (isinstance(value, bool) and kind is not bool)):
+            return f"'{path}' has an invalid '{key}' ({type(value).__name__})", {}
     return None, values
 
 
@@ -60,8 +68,16 @@ def _check_torch(path: Path) -> str | None:
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
-    """Why checkpoint folder `path` cannot resume training, naming the file; None if it can."""
-    path = Path(path)
+    """Why checkpoint folder `path` cannot resume training, naming the file; None if it can.
+    Raises nothing: a file that cannot even be opened is a problem like any other."""
+    try:
+        return _problem(Path(path))
+    except OSError as exc:
+        where = exc.filename or path
+        return f"'{where}' cannot be read ({exc.strerror or type(exc).__name__})"
+
+
+def _problem(path: Path) -> str | None:
     if not path.is_dir():
         return f"'{path}' is not a folder"
     state_file = path / STATE
