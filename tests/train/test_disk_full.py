@@ -9,7 +9,6 @@ import errno
 import re
 import subprocess
 
-import pytest
 import torch
 import yaml
 

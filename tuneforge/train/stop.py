@@ -60,8 +60,9 @@ class StopSignals:
 
     def _handle(self, signum, frame) -> None:
         if self.received is not None:  # the second one: stop now, save nothing more
-            log.warning("%s again: stopping at once without saving; the next run resumes "
-                        "from the newest checkpoint", signal.Signals(signum).name)
+            log.warning("%s again: stopping at once without saving; the same command run "
+                        "again continues from the newest checkpoint, if any",
+                        signal.Signals(signum).name)
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
         self.received = signum
         log.warning("%s: finishing the current step to save a checkpoint (send it again to "
