@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from tuneforge.errors import CheckpointError, ConfigError, ModelError
+from tuneforge.fileio import read_json
+from tuneforge.weightfiles import load_safetensors
 
 from . import backends
 from .linear import QuantLinear
@@ -138,10 +140,7 @@ def _read_meta(directory: Path) -> dict:
     path = directory / META_NAME
     if not path.is_file():
         raise ModelError(f"'{directory}' has no {META_NAME}: not a model saved by tuneforge.quant.save_quantized")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read JSON ({exc})") from None
+    meta = read_json(path, "quantization record", ModelError)
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise ModelError(f"{path}: format_version {version!r} is not one this tuneforge reads "
@@ -153,15 +152,9 @@ def _read_meta(directory: Path) -> dict:
 
 
 def _read_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
+    if not path.exists():
         raise ModelError(f"'{path.parent}' has no {path.name}")
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as exc:  # truncated or corrupt: safetensors raises its own error types
-        raise ModelError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc}); "
-                         "the file is damaged or incomplete, save the model again") from None
+    return load_safetensors(path, "quantized model file", device=str(device))
 
 
 def _empty_model(directory: Path):
