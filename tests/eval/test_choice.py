@@ -128,7 +128,7 @@ def test_bad_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="needs columns"):
         read_questions(tmp_path / "bad.json")
     (tmp_path / "short.csv").write_text("what?,A\n")
-    with pytest.raises(DataError, match="short.csv line 1"):
+    with pytest.raises(DataError, match="short.csv' line 1"):
         read_questions(tmp_path / "short.csv")
 
 

@@ -7,15 +7,16 @@ display names (the Chinese ones for lang: zh). Nothing is downloaded."""
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from ..fileio import json_kind, one_line, read_json
 
 # a split's folder names; "train" is the few-shot (dev) split, as in LLaMA-Factory's loaders
 SPLIT_FOLDERS = {"test": ("test",), "validation": ("val", "validation"), "val": ("val", "validation"),
@@ -51,8 +52,26 @@ def resolve_task(task: str, task_dir: str | Path, cache: Path) -> Task:
         raise DataError(f"task {task!r}: no '{SPLIT_FOLDERS[split][0]}' folder of CSV files in "
                         f"'{root}' (nor in data/ or {name}.zip there)")
     mapping_file = root / "mapping.json"
-    mapping = json.loads(mapping_file.read_text(encoding="utf-8")) if mapping_file.is_file() else {}
+    mapping = read_mapping(mapping_file) if mapping_file.exists() else {}
     return Task(name, split, questions, _find(bases, SPLIT_FOLDERS["dev"]), mapping)
+
+
+def read_mapping(path: Path) -> dict:
+    """mapping.json: {subject: {"name": display name, "category": category}}. Raises DataError
+    (one line naming the file and subject) when it is unreadable, malformed or of other shapes."""
+    data = read_json(path, "task mapping file", DataError)
+    if not isinstance(data, dict):
+        raise DataError(f"task mapping file '{path}' must hold a JSON object {{subject: {{\"name\": ..., "
+                        f"\"category\": ...}}}}, not {json_kind(data)}")
+    for subject, entry in data.items():
+        if not isinstance(entry, dict):
+            raise DataError(f"task mapping file '{path}': subject '{subject}' must map to an object "
+                            f"with name and category, not {json_kind(entry)}")
+        for key in ("name", "category"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise DataError(f"task mapping file '{path}': '{key}' of subject '{subject}' must be "
+                                f"text, not {json_kind(entry[key])}")
+    return data
 
 
 def _bases(root: Path, name: str, cache: Path) -> list[Path]:
@@ -90,8 +109,10 @@ def _unpack(archive: Path, cache: Path) -> Path:
                     raise DataError(f"{archive}: member {member!r} points outside the archive; not unpacked")
             zf.extractall(tmp)
         tmp.rename(target)
-    except zipfile.BadZipFile:
-        raise DataError(f"{archive} is not a readable zip file") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        # damaged, truncated, encrypted or of a compression Python lacks
+        raise DataError(f"task archive '{archive}' is not a readable zip file ({one_line(exc, 160)}); "
+                        "download or copy it again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
