@@ -40,9 +40,14 @@ def _stat_size(path: Path, what: str, error: type[TuneforgeError]) -> int:
 
 
 def _looks_like(head: bytes) -> str:
+    """What a file that starts with `head` (its first 32 bytes) looks like, as a clause."""
     for magic, name in _MAGICS.items():
         if head.startswith(magic):
             return f"; it looks like {name}"
+    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < SAFETENSORS_MAX_HEADER:
+        return "; it looks like a safetensors file"
+    if head and all(32 <= c < 127 or c in b"\t\r\n" for c in head):
+        return "; it looks like text"
     return ""
 
 
@@ -58,8 +63,9 @@ def check_safetensors(path: str | Path, what: str = "weights file",
     size = _stat_size(path, what, error)
     try:
         with open(path, "rb") as fh:
-            head = fh.read(8)
-            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            head = fh.read(32)
+            length = int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+            fh.seek(8)
             header = fh.read(length) if 0 < length <= min(SAFETENSORS_MAX_HEADER, size - 8) else b""
     except OSError as exc:
         raise error(f"{what} {describe_os_error(exc, 'read')}") from None
@@ -67,7 +73,7 @@ def check_safetensors(path: str | Path, what: str = "weights file",
     if size == 0:
         raise error(f"{where} is empty; {_AGAIN}")
     if size < 8 or length == 0 or length > SAFETENSORS_MAX_HEADER:
-        raise error(f"{where} is not a safetensors file (its first 8 bytes are no header length"
+        raise error(f"{where} is not a safetensors file (it does not start with a safetensors header"
                     f"{_looks_like(head)}); {_AGAIN}")
     if length > size - 8:
         raise error(f"{where} is truncated: its header says the header alone is {length + 8} bytes "
@@ -75,7 +81,7 @@ def check_safetensors(path: str | Path, what: str = "weights file",
     end = _safetensors_end(header)
     if end is None:
         raise error(f"{where} is not a safetensors file (its header is not the JSON table of "
-                    f"tensors safetensors writes{_looks_like(head)}); {_AGAIN}")
+                    f"tensors safetensors writes); {_AGAIN}")
     expected = 8 + length + end
     if size < expected:
         raise error(f"{where} is truncated: its header says {expected} bytes but the file has {size}; "
@@ -144,14 +150,14 @@ def load_torch_file(path: str | Path, what: str = "weights file",
         raise error(f"{where} is empty; {_AGAIN}")
     try:
         with open(path, "rb") as fh:
-            head = fh.read(8)
+            head = fh.read(32)
     except OSError as exc:
         raise error(f"{what} {describe_os_error(exc, 'read')}") from None
     if head.startswith(b"PK\x03\x04") and not zipfile.is_zipfile(path):
         raise error(f"{where} is truncated: its zip directory (the end of a torch.save file) is "
                     f"missing; {_AGAIN}")
     if not head.startswith((b"PK\x03\x04", b"\x80")):
-        raise error(f"{where} is not a PyTorch weights file (it starts with {head!r}"
+        raise error(f"{where} is not a PyTorch weights file (it starts with {head[:8]!r}"
                     f"{_looks_like(head)}); {_AGAIN}")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it then reads anyway
@@ -273,11 +279,11 @@ def check_gguf(path: str | Path, what: str = "model file",
         raise error(f"{where} is empty; {_AGAIN}")
     try:
         with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            head = bytes(buf[:8])
+            head = bytes(buf[:32])
             if not head.startswith(b"GGUF"):
                 raise error(f"{where} is not a GGUF file (it starts with {head[:4]!r}, not b'GGUF'"
                             f"{_looks_like(head)}); give a .gguf file or a Hugging Face model folder")
-            version = int.from_bytes(head[4:8], "little") if len(head) == 8 else None
+            version = int.from_bytes(head[4:8], "little") if len(head) >= 8 else None
             if version is not None and version not in (2, 3):
                 raise error(f"{where} is GGUF version {version}, which tuneforge cannot read (it reads "
                             "versions 2 and 3); convert the model again with a current llama.cpp")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
-from tuneforge.fileio import read_json
+from tuneforge.fileio import json_kind, read_json
 from tuneforge.weightfiles import load_safetensors, load_torch_file
 
 from .config import ALL_LINEAR, LoraConfig
@@ -114,7 +114,7 @@ def config_to_peft(model: nn.Module, name: str, base_model_name_or_path: str | N
 def config_from_peft(raw: dict[str, Any], source: str = CONFIG_NAME) -> LoraConfig:
     """Build a LoraConfig from peft's adapter_config.json; ModelError for what we cannot compute."""
     if not isinstance(raw, dict):
-        raise ModelError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        raise ModelError(f"{source} must hold a JSON object ({{...}}), not {json_kind(raw)}")
     peft_type = raw.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise ModelError(f"{source}: peft_type {peft_type!r} is not supported yet (tuneforge loads LORA adapters)")

@@ -93,12 +93,40 @@ def _find(bases: list[Path], folders: tuple[str, ...]) -> Path | None:
 
 
 def _unpack(archive: Path, cache: Path) -> Path:
-    """Unpack once per archive content; members that would land outside the folder are refused."""
+    """Unpack once per archive content; an archive that is not a readable zip, or with members
+    that would land outside the folder, is refused (DataError) before the cache is touched."""
     stat = archive.stat()
     key = hashlib.sha256(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache / f"{archive.stem}-{key}"
     if target.is_dir():
         return target
+    unreadable = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                parts = Path(member).parts
+                if Path(member).is_absolute() or ".." in parts:
+                    raise DataError(f"{archive}: member {member!r} points outside the archive; not unpacked")
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
+            try:
+                zf.extractall(tmp)
+                tmp.rename(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except unreadable as exc:  # damaged, truncated, encrypted or of a compression Python lacks
+        raise DataError(f"task archive '{archive}' {_zip_trouble(archive, exc)}; download or copy "
+                        "it again") from None
+    return target
+
+
+def _zip_trouble(archive: Path, exc: Exception) -> str:
+    if not isinstance(exc, zipfile.BadZipFile) or "not a zip file" not in str(exc):
+        return f"is damaged ({one_line(exc, 160)})"
+    with open(archive, "rb") as fh:
+        zip_start = fh.read(4) == b"PK\x03\x04"
+    return ("is truncated or damaged (its zip directory is missing)" if zip_start
+            else "is not a zip file")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
     try:
