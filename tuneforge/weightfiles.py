@@ -72,7 +72,8 @@ def check_safetensors(path: str | Path, what: str = "weights file",
     where = f"{what} '{path}'"
     if size == 0:
         raise error(f"{where} is empty; {_AGAIN}")
-    if size < 8 or length == 0 or length > SAFETENSORS_MAX_HEADER:
+    if size < 8 or length == 0 or length > SAFETENSORS_MAX_HEADER or (
+            length > size - 8 and head[8:9] not in (b"{", b"")):  # safetensors headers are JSON objects
         raise error(f"{where} is not a safetensors file (it does not start with a safetensors header"
                     f"{_looks_like(head)}); {_AGAIN}")
     if length > size - 8:
