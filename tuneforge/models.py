@@ -140,10 +140,12 @@ def _not_a_model_folder(path: Path) -> str:
             "Face model folder or a .gguf file")
 
 
-# JSON files transformers reads from a model folder: each must be a readable JSON object
-_MODEL_JSON = ("config.json", "generation_config.json", "tokenizer_config.json", "tokenizer.json",
-               "special_tokens_map.json", "added_tokens.json", "vocab.json", "chat_template.json",
-               "model.safetensors.index.json", "pytorch_model.bin.index.json")
+# JSON files transformers reads from a model folder: each must be a readable JSON object. The big
+# vocabularies are parsed (about 0.1 s per MB) only when the tokenizer fails to load, to say which file
+_MODEL_JSON = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "chat_template.json", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json")
+_VOCAB_JSON = ("tokenizer.json", "vocab.json")
 
 
 def check_model_folder(path: Path) -> list[Path]:
@@ -152,18 +154,22 @@ def check_model_folder(path: Path) -> list[Path]:
     Raises ModelError (one line naming the file) for a JSON file that is unreadable, not UTF-8,
     malformed or not an object, for missing weights or shards, and for a .safetensors file that
     is truncated or not safetensors (headers only: no tensor is read here)."""
-    for name in _MODEL_JSON:
+    _check_json_objects(path, _MODEL_JSON)
+    weights = _weight_files(path)
+    for file in weights:
+        if file.suffix == ".safetensors":
+            check_safetensors(file, "model file")
+    return weights
+
+
+def _check_json_objects(path: Path, names: tuple[str, ...]) -> None:
+    for name in names:
         file = path / name
         if file.exists():
             data = read_json(file, "model file", ModelError)
             if not isinstance(data, dict):
                 raise ModelError(f"model file '{file}' must hold a JSON object ({{...}}), not "
                                  f"{json_kind(data)}; fix or replace it")
-    weights = _weight_files(path)
-    for file in weights:
-        if file.suffix == ".safetensors":
-            check_safetensors(file, "model file")
-    return weights
 
 
 def _weight_files(path: Path) -> list[Path]:
@@ -237,6 +243,7 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(str(model_path),
                                                   trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - the tokenizer files decide; the libraries raise many types
+        _check_json_objects(model_path, _VOCAB_JSON)  # a damaged vocabulary file is named
         raise ModelError(f"cannot load a tokenizer from '{model_path}' ({type(exc).__name__}: "
                          f"{one_line(exc)}); check its tokenizer files") from None
     if tokenizer.pad_token_id is None:
@@ -249,7 +256,11 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
     """(model, tokenizer) for ModelArguments; .gguf paths are converted once and cached.
 
     With `quantization_bit` the Linear layers are quantized after loading (tuneforge.quant);
-    `defer_quantization` leaves that to the caller (LoftQ), recorded on the model."""
+    `defer_quantization` leaves that to the caller (LoftQ), recorded on the model.
+
+    Raises ModelError (one line naming the file) for a path that is no model, a damaged or
+    mislabelled .gguf / .safetensors / JSON file, a pickle holding code (never unpickled), a config
+    transformers cannot use, a tokenizer that cannot be built, and weights that do not fit."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model_args.model_name_or_path, model_args.cache_dir)
@@ -338,7 +349,10 @@ def split_paths(value: str | None) -> list[str]:
 
 def attach_adapters(model, adapter_paths: list[str], trainable: bool):
     """LLaMA-Factory's rule for `adapter_name_or_path: a,b,c`: every adapter but the last is
-    merged into the base weights; the last stays an adapter (trained further if `trainable`)."""
+    merged into the base weights; the last stays an adapter (trained further if `trainable`).
+
+    Every path is checked before the first is merged; ModelError / ConfigError as `load_adapter`
+    raises them (one line naming the file)."""
     from . import adapters
     from .adapters.peft_format import check_adapter_dir
     from .quant.loftq import load_adapter_for_base, refuse_merging

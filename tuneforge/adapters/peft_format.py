@@ -280,7 +280,11 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor],
 def load_adapter(
     model: nn.Module, path: str | Path, name: str = "default", is_trainable: bool = False
 ) -> nn.Module:
-    """Load a peft-format adapter as `name` (injecting it unless it exists) and make it the active one."""
+    """Load a peft-format adapter as `name` (injecting it unless it exists) and make it the active one.
+
+    Raises ModelError (one line naming the file; the model is left as it was) for everything
+    `read_adapter` refuses, a rank that cannot fit in memory, and tensors that do not fit the model.
+    """
     cfg, tensors, weights = read_adapter(path)
     st = get_state(model)
     existed = st is not None and name in st.configs

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import CheckpointError, ConfigError, ModelError
-from tuneforge.fileio import read_json
+from tuneforge.fileio import one_line, read_json
 from tuneforge.weightfiles import load_safetensors
 
 from . import backends
@@ -162,12 +162,22 @@ def _empty_model(directory: Path):
     import transformers
     from accelerate import init_empty_weights
 
-    if not (directory / CONFIG_NAME).is_file():
+    config_file = directory / CONFIG_NAME
+    if not config_file.exists():
         raise ModelError(f"'{directory}' has no {CONFIG_NAME}")
+    if not isinstance(read_json(config_file, "model config", ModelError), dict):
+        raise ModelError(f"model config '{config_file}' must hold a JSON object; save the model again")
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, KeyError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # a value of the wrong type
+
+        errors += (StrictDataclassError,)
+    except ImportError:
+        pass
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{directory / CONFIG_NAME}: cannot read the model config ({exc})") from None
+    except errors as exc:
+        raise ModelError(f"model config '{config_file}' is not usable: {one_line(exc)}") from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     with init_empty_weights():
@@ -218,7 +228,10 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def load_quantized(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model `save_quantized` wrote, on `device`, its Linear layers still quantized."""
+    """The model `save_quantized` wrote, on `device`, its Linear layers still quantized.
+
+    Raises ModelError (one line naming the file) for a missing folder or file, an unreadable or
+    malformed record or config, and weights that are truncated, not safetensors or do not fit."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelError(f"quantized model directory '{directory}' does not exist")
