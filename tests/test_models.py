@@ -241,3 +241,25 @@ def test_model_paths_of_the_wrong_kind(model_copy, tmp_path):
     (model_copy / "model.safetensors").unlink()
     with pytest.raises(ModelError, match="holds no weights"):
         _load(model_copy)
+
+
+@pytest.mark.parametrize("zip_format, match", [
+    (True, "pytorch_model.bin' is truncated: its zip directory .* is missing"),
+    (False, "the weights in .* are (truncated|damaged or truncated)"),
+])
+def test_bin_weights_load_and_their_truncations_are_named(model_copy, zip_format, match):
+    from safetensors.torch import load_file
+
+    state = load_file(str(model_copy / "model.safetensors"))
+    (model_copy / "model.safetensors").unlink()
+    path = model_copy / "pytorch_model.bin"
+    torch.save(state, path, _use_new_zipfile_serialization=zip_format)
+    model, _ = _load(model_copy)  # a .bin of plain tensors loads as before
+    torch.testing.assert_close(model.model.embed_tokens.weight.float(), state["model.embed_tokens.weight"],
+                               atol=1e-2, rtol=1e-2)  # auto dtype: bf16 where the CPU has it
+    data = path.read_bytes()
+    for keep in (0.5, 0.9):
+        path.write_bytes(data[: int(len(data) * keep)])
+        with pytest.raises(ModelError, match=match) as exc:
+            _load(model_copy)
+        assert "\n" not in str(exc.value)

@@ -16,7 +16,7 @@ import torch
 
 from .errors import ModelError
 from .fileio import json_kind, one_line, read_json
-from .weightfiles import check_gguf, check_safetensors, refused_pickle
+from .weightfiles import check_gguf, check_safetensors, check_torch_file, refused_pickle
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +159,8 @@ def check_model_folder(path: Path) -> list[Path]:
     for file in weights:
         if file.suffix == ".safetensors":
             check_safetensors(file, "model file")
+        else:
+            check_torch_file(file, "model file")  # the unpickling itself is torch's weights_only
     return weights
 
 
@@ -280,11 +282,18 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
     except pickle.UnpicklingError as exc:  # torch's weights_only unpickler refused a .bin file
         where = weights[0] if len(weights) == 1 else path
         raise ModelError(refused_pickle(where, "model file", str(exc))) from None
+    except EOFError:  # a legacy (non-zip) torch.save file cut short
+        raise ModelError(f"the weights in '{path}' are truncated (a pickle ends too early); "
+                         "download, copy or save them again") from None
     except RuntimeError as exc:
-        if "mismatched_sizes" not in str(exc):
+        text = str(exc)
+        if "mismatched_sizes" in text:
+            raise ModelError(f"the weights in '{path}' do not fit its config.json (tensor shapes "
+                             "differ): the folder mixes files of different models; copy it again") from None
+        if not any(sign in text for sign in ("PytorchStreamReader", "unexpected EOF", "corrupt")):
             raise
-        raise ModelError(f"the weights in '{path}' do not fit its config.json (tensor shapes "
-                         "differ): the folder mixes files of different models; copy it again") from None
+        raise ModelError(f"the weights in '{path}' are damaged or truncated ({one_line(exc, 160)}); "
+                         "download, copy or save them again") from None
     except _load_errors() as exc:
         raise ModelError(f"cannot load a model from '{path}': {one_line(exc)}") from None
     model.config.use_cache = False

@@ -137,13 +137,10 @@ def refused_pickle(path: str | Path, what: str = "weights file", detail: str = "
             "environment and use that file")
 
 
-def load_torch_file(path: str | Path, what: str = "weights file",
-                    error: type[TuneforgeError] = ModelError):
-    """`torch.load(path, map_location='cpu', weights_only=True)` whose failures are one `error`
-    line naming the file: missing, empty, truncated, not a torch file, or a pickle that would run
-    code or build objects other than tensors (refused; never loaded another way)."""
-    import torch
-
+def check_torch_file(path: str | Path, what: str = "weights file",
+                     error: type[TuneforgeError] = ModelError) -> None:
+    """What can be told of a torch.save file without unpickling it: raises `error` (one line)
+    when it is missing, empty, not a torch.save file, or a zip whose directory is cut off."""
     path = Path(path)
     size = _stat_size(path, what, error)
     where = f"{what} '{path}'"
@@ -160,6 +157,18 @@ def load_torch_file(path: str | Path, what: str = "weights file",
     if not head.startswith((b"PK\x03\x04", b"\x80")):
         raise error(f"{where} is not a PyTorch weights file (it starts with {head[:8]!r}"
                     f"{_looks_like(head)}); {_AGAIN}")
+
+
+def load_torch_file(path: str | Path, what: str = "weights file",
+                    error: type[TuneforgeError] = ModelError):
+    """`torch.load(path, map_location='cpu', weights_only=True)` whose failures are one `error`
+    line naming the file: missing, empty, truncated, not a torch file, or a pickle that would run
+    code or build objects other than tensors (refused; never loaded another way)."""
+    import torch
+
+    path = Path(path)
+    where = f"{what} '{path}'"
+    check_torch_file(path, what, error)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols it then reads anyway
             warnings.simplefilter("ignore", UserWarning)
