@@ -269,3 +269,18 @@ def writing(what: str, error: type[TuneforgeError] = TuneforgeError):
         yield
     except OSError as exc:
         raise error(f"writing {what}: {describe_os_error(exc, 'write')}") from None
+
+
+def json_kind(value: Any) -> str:
+    """A parsed JSON value's type in the words of a JSON file: 'an object', 'a list', 'a string',
+    'a number', 'true/false' or 'null' (for messages such as "must be a list, not a string")."""
+    if isinstance(value, bool):
+        return "true/false"
+    kinds = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """A library exception's message as one line (its lines joined), at most `limit` characters."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
