@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -77,14 +78,16 @@ def _decode(data: bytes, path: Path, what: str, error: type[TuneforgeError], fir
 
 def _all_cjk(data: bytes, encoding: str) -> bool:
     """Every non-ASCII character of `data` read as `encoding` is Chinese/Japanese text or CJK
-    punctuation (a Latin-1 file also decodes as GB18030, into nonsense from all over Unicode)."""
+    punctuation, and some come two or more in a row, as words do. (A Latin-1 file also decodes
+    as GB18030: into nonsense from all over Unicode, or, for one accented letter before an
+    ASCII one as in "Norv\xe8ge", into a single CJK character between Latin letters.)"""
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError:
         return False
     wide = [ch for ch in text if ord(ch) > 127]
-    return bool(wide) and all(0x3000 <= ord(ch) <= 0x9FFF or 0xFF00 <= ord(ch) <= 0xFFEF
-                              for ch in wide)
+    cjk = all(0x3000 <= ord(ch) <= 0x9FFF or 0xFF00 <= ord(ch) <= 0xFFEF for ch in wide)
+    return bool(wide) and cjk and re.search(r"[^\x00-\x7f]{2}", text) is not None
 
 
 def read_text(path: str | Path, what: str = "file", error: type[TuneforgeError] = DataError) -> str:
