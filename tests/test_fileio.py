@@ -25,6 +25,7 @@ def test_utf8_bom_is_read(tmp_path):
     ("数据集", "gb18030", "GBK/GB18030"),
     ("café crème", "latin-1", "Latin-1 or Windows-1252"),
     ("“quoted” – dash", "cp1252", "Latin-1 or Windows-1252"),
+    ("Quelle ville est en Norvège ?", "latin-1", "Latin-1 or Windows-1252"),  # è+g is valid GBK
 ])
 def test_not_utf8_names_line_column_and_guess(tmp_path, text, encoding, guess):
     path = tmp_path / "d.json"

@@ -62,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _take_back_overrides(args) -> None:
+    """`eval --benchmark a.json n_shot=0`: the nargs="+" flags swallow what follows them; a
+    key=value that is not an existing path is an override, as anywhere else on the line."""
+    for flag in ("benchmark", "dev"):
+        items = getattr(args, flag, None)
+        if not items:
+            continue
+        keep = [i for i in items if "=" not in i or os.path.exists(i)]
+        moved = [i for i in items if i not in keep]
+        setattr(args, flag, keep or None)
+        if moved:
+            args.overrides = [*getattr(args, "overrides", []), *moved]
+
+
 def _split_config_arg(args) -> tuple[str | None, list[str]]:
     """`tuneforge chat key=value` has no YAML: the first positional is then an override."""
     config, overrides = getattr(args, "config", None), list(getattr(args, "overrides", []))
@@ -166,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
+    _take_back_overrides(args)
     if args.command == "keys":
         print(describe_keys())
         return 0
@@ -203,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     except TuneforgeError as exc:
         if args.debug:
             raise
-        print(f"tuneforge: error: {exc}", file=sys.stderr)
+        print(f"tuneforge: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return EXIT_USER_ERROR
     except OSError as exc:  # the last net: a file or disk the command met, not a bug to trace
         if args.debug:

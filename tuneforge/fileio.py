@@ -13,6 +13,7 @@ import errno
 import json
 import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -77,14 +78,16 @@ def _decode(data: bytes, path: Path, what: str, error: type[TuneforgeError], fir
 
 def _all_cjk(data: bytes, encoding: str) -> bool:
     """Every non-ASCII character of `data` read as `encoding` is Chinese/Japanese text or CJK
-    punctuation (a Latin-1 file also decodes as GB18030, into nonsense from all over Unicode)."""
+    punctuation, and some come two or more in a row, as words do. (A Latin-1 file also decodes
+    as GB18030: into nonsense from all over Unicode, or, for one accented letter before an
+    ASCII one as in "Norv\xe8ge", into a single CJK character between Latin letters.)"""
     try:
         text = data.decode(encoding)
     except UnicodeDecodeError:
         return False
     wide = [ch for ch in text if ord(ch) > 127]
-    return bool(wide) and all(0x3000 <= ord(ch) <= 0x9FFF or 0xFF00 <= ord(ch) <= 0xFFEF
-                              for ch in wide)
+    cjk = all(0x3000 <= ord(ch) <= 0x9FFF or 0xFF00 <= ord(ch) <= 0xFFEF for ch in wide)
+    return bool(wide) and cjk and re.search(r"[^\x00-\x7f]{2}", text) is not None
 
 
 def read_text(path: str | Path, what: str = "file", error: type[TuneforgeError] = DataError) -> str:
@@ -269,3 +272,18 @@ def writing(what: str, error: type[TuneforgeError] = TuneforgeError):
         yield
     except OSError as exc:
         raise error(f"writing {what}: {describe_os_error(exc, 'write')}") from None
+
+
+def json_kind(value: Any) -> str:
+    """A parsed JSON value's type in the words of a JSON file: 'an object', 'a list', 'a string',
+    'a number', 'true/false' or 'null' (for messages such as "must be a list, not a string")."""
+    if isinstance(value, bool):
+        return "true/false"
+    kinds = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """A library exception's message as one line (its lines joined), at most `limit` characters."""
+    text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

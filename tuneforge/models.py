@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
+from .fileio import json_kind, one_line, read_json
+from .weightfiles import check_gguf, check_safetensors, check_torch_file, refused_pickle
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +61,24 @@ def _strip_gguf_marker(model) -> None:
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
-    """Dequantize a GGUF file into an HF directory (safetensors + tokenizer), atomically."""
+    """Dequantize a GGUF file into an HF directory (safetensors + tokenizer), atomically.
+
+    Raises ModelError (one line naming the file) for a file that is not GGUF, is truncated, or
+    that transformers cannot turn into a model; nothing is written then."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf(gguf_path)  # before anything is created in the cache
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         log.info("converting %s into %s (once)", gguf_path.name, out_dir)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:  # e.g. an architecture transformers lacks
+            raise ModelError(f"model file '{gguf_path}' cannot be converted into a Hugging Face model "
+                             f"({one_line(exc)})") from None
         _strip_gguf_marker(model)
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -90,17 +101,21 @@ def default_model_dir(cache_dir: str | None = None) -> Path:
 
 
 def resolve_model_path(name_or_path: str | None, cache_dir: str | None = None) -> Path:
-    """Turn model_name_or_path into a local HF directory or .gguf file, or explain why not."""
+    """Turn model_name_or_path into a local HF directory or .gguf file, or explain why not
+    (ModelError: a folder without config.json, an adapter folder, a file that is not .gguf, a
+    file inside a model folder, a hub id that is not local, a path that does not exist)."""
     if not name_or_path:
         return default_model_dir(cache_dir)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"model directory '{path}' has no config.json; point "
-                             "model_name_or_path at a Hugging Face model folder or a .gguf file")
+            raise ModelError(_not_a_model_folder(path))
         return path
     if path.is_file():
-        if path.suffix != ".gguf":
+        if path.suffix.lower() != ".gguf":
+            if (path.parent / "config.json").is_file():
+                raise ModelError(f"model path '{path}' is a file inside a model folder; set "
+                                 f"model_name_or_path to the folder '{path.parent}'")
             raise ModelError(f"model file '{path}' is not a .gguf file; give a .gguf file or "
                              "a Hugging Face model folder")
         return path
@@ -112,6 +127,73 @@ def resolve_model_path(name_or_path: str | None, cache_dir: str | None = None) -
                          "download models: download it first and set model_name_or_path to its "
                          "folder, or leave it empty for the default model")
     raise ModelError(f"model path '{name_or_path}' does not exist")
+
+
+def _not_a_model_folder(path: Path) -> str:
+    if path.suffix.lower() == ".gguf":
+        return (f"model path '{path}' is a folder, not a .gguf file; give the .gguf file itself "
+                "or a Hugging Face model folder")
+    if (path / "adapter_config.json").is_file():
+        return (f"'{path}' is an adapter folder (it holds adapter_config.json), not a model: set it "
+                "as adapter_name_or_path (chat: --adapter) and model_name_or_path to its base model")
+    return (f"model directory '{path}' has no config.json; point model_name_or_path at a Hugging "
+            "Face model folder or a .gguf file")
+
+
+# JSON files transformers reads from a model folder: each must be a readable JSON object. The big
+# vocabularies are parsed (about 0.1 s per MB) only when the tokenizer fails to load, to say which file
+_MODEL_JSON = ("config.json", "generation_config.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "chat_template.json", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json")
+_VOCAB_JSON = ("tokenizer.json", "vocab.json")
+
+
+def check_model_folder(path: Path) -> list[Path]:
+    """Check a Hugging Face model folder before transformers reads it; returns its weight files.
+
+    Raises ModelError (one line naming the file) for a JSON file that is unreadable, not UTF-8,
+    malformed or not an object, for missing weights or shards, and for a .safetensors file that
+    is truncated or not safetensors (headers only: no tensor is read here)."""
+    _check_json_objects(path, _MODEL_JSON)
+    weights = _weight_files(path)
+    for file in weights:
+        if file.suffix == ".safetensors":
+            check_safetensors(file, "model file")
+        else:
+            check_torch_file(file, "model file")  # the unpickling itself is torch's weights_only
+    return weights
+
+
+def _check_json_objects(path: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        file = path / name
+        if file.exists():
+            data = read_json(file, "model file", ModelError)
+            if not isinstance(data, dict):
+                raise ModelError(f"model file '{file}' must hold a JSON object ({{...}}), not "
+                                 f"{json_kind(data)}; fix or replace it")
+
+
+def _weight_files(path: Path) -> list[Path]:
+    """The files transformers loads weights from, in its order of preference."""
+    for index, single in (("model.safetensors.index.json", "model.safetensors"),
+                          ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (path / index).is_file():
+            weight_map = read_json(path / index, "model file", ModelError).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ModelError(f"model file '{path / index}' has no 'weight_map' of tensor names "
+                                 "to file names; fix or replace it")
+            shards = [path / name for name in sorted(set(weight_map.values()))]
+            missing = [f.name for f in shards if not f.is_file()]
+            if missing:
+                raise ModelError(f"model folder '{path}' lacks {missing[0]}, which {index} lists"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                                 + "; copy the missing weight files")
+            return shards
+        if (path / single).exists():
+            return [path / single]
+    raise ModelError(f"model folder '{path}' holds no weights (model.safetensors or "
+                     "pytorch_model.bin); copy them next to its config.json")
 
 
 def _gguf_cached_dir(gguf_path: Path, cache_dir: str | None) -> Path:
@@ -155,13 +237,17 @@ def _cpu_flags() -> str:
 
 
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
+    """The folder's tokenizer (pad token = eos when it has none); ModelError when its files
+    cannot make one."""
     from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_path),
                                                   trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a tokenizer from '{model_path}': {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - the tokenizer files decide; the libraries raise many types
+        _check_json_objects(model_path, _VOCAB_JSON)  # a damaged vocabulary file is named
+        raise ModelError(f"cannot load a tokenizer from '{model_path}' ({type(exc).__name__}: "
+                         f"{one_line(exc)}); check its tokenizer files") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked, any id will do
     return tokenizer
@@ -172,12 +258,18 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
     """(model, tokenizer) for ModelArguments; .gguf paths are converted once and cached.
 
     With `quantization_bit` the Linear layers are quantized after loading (tuneforge.quant);
-    `defer_quantization` leaves that to the caller (LoftQ), recorded on the model."""
+    `defer_quantization` leaves that to the caller (LoftQ), recorded on the model.
+
+    Raises ModelError (one line naming the file) for a path that is no model, a damaged or
+    mislabelled .gguf / .safetensors / JSON file, a pickle holding code (never unpickled), a config
+    transformers cannot use, a tokenizer that cannot be built, and weights that do not fit."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model_args.model_name_or_path, model_args.cache_dir)
     if path.is_file():
         path = _gguf_cached_dir(path, model_args.cache_dir)
+    weights = check_model_folder(path)
+    _check_model_config(path, model_args.trust_remote_code)
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
     torch_dtype = resolve_dtype(dtype if dtype is not None else model_args.infer_dtype)
     qcfg = quantization_config(model_args)
@@ -187,8 +279,23 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
         model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype="auto" if qcfg is not None else torch_dtype,
             trust_remote_code=model_args.trust_remote_code)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load a model from '{path}': {exc}") from None
+    except pickle.UnpicklingError as exc:  # torch's weights_only unpickler refused a .bin file
+        where = weights[0] if len(weights) == 1 else path
+        raise ModelError(refused_pickle(where, "model file", str(exc))) from None
+    except EOFError:  # a legacy (non-zip) torch.save file cut short
+        raise ModelError(f"the weights in '{path}' are truncated (a pickle ends too early); "
+                         "download, copy or save them again") from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if "mismatched_sizes" in text:
+            raise ModelError(f"the weights in '{path}' do not fit its config.json (tensor shapes "
+                             "differ): the folder mixes files of different models; copy it again") from None
+        if not any(sign in text for sign in ("PytorchStreamReader", "unexpected EOF", "corrupt")):
+            raise
+        raise ModelError(f"the weights in '{path}' are damaged or truncated ({one_line(exc, 160)}); "
+                         "download, copy or save them again") from None
+    except _load_errors() as exc:
+        raise ModelError(f"cannot load a model from '{path}': {one_line(exc)}") from None
     model.config.use_cache = False
     if qcfg is not None:
         from .quant import quantize_model
@@ -201,6 +308,35 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
             quantize_model(model, config=qcfg)
             cast_unquantized(model, torch_dtype)  # the layers left in full precision
     return model, tokenizer
+
+
+def _load_errors() -> tuple[type[BaseException], ...]:
+    """What transformers and safetensors raise for files they cannot use."""
+    errors: list[type[BaseException]] = [OSError, ValueError]
+    try:
+        from safetensors import SafetensorError
+
+        errors.append(SafetensorError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _check_model_config(path: Path, trust_remote_code: bool) -> None:
+    """transformers' own reading of config.json: missing model_type, values of the wrong type."""
+    from transformers import AutoConfig
+
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, KeyError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+
+        errors += (StrictDataclassError,)
+    except ImportError:
+        pass
+    try:
+        AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except errors as exc:
+        raise ModelError(f"model config '{path / 'config.json'}' is not usable: {one_line(exc)}") from None
 
 
 def quantization_config(model_args):
@@ -222,14 +358,17 @@ def split_paths(value: str | None) -> list[str]:
 
 def attach_adapters(model, adapter_paths: list[str], trainable: bool):
     """LLaMA-Factory's rule for `adapter_name_or_path: a,b,c`: every adapter but the last is
-    merged into the base weights; the last stays an adapter (trained further if `trainable`)."""
+    merged into the base weights; the last stays an adapter (trained further if `trainable`).
+
+    Every path is checked before the first is merged; ModelError / ConfigError as `load_adapter`
+    raises them (one line naming the file)."""
     from . import adapters
+    from .adapters.peft_format import check_adapter_dir
     from .quant.loftq import load_adapter_for_base, refuse_merging
     from .quant.provenance import check_base
 
     for path in adapter_paths:
-        if not Path(path).is_dir():
-            raise ModelError(f"adapter path '{path}' does not exist")
+        check_adapter_dir(path)  # every path, before the first is merged
     for path in adapter_paths:
         check_base(model, path)  # says so when the adapter was trained on another base
     for i, path in enumerate(adapter_paths[:-1]):

@@ -128,7 +128,7 @@ def test_bad_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="needs columns"):
         read_questions(tmp_path / "bad.json")
     (tmp_path / "short.csv").write_text("what?,A\n")
-    with pytest.raises(DataError, match="short.csv line 1"):
+    with pytest.raises(DataError, match="short.csv' line 1"):
         read_questions(tmp_path / "short.csv")
 
 
@@ -146,3 +146,65 @@ def test_cli_benchmark(tiny_model_dir, tmp_path, capsys):
     assert main(["eval", f"model_name_or_path={tiny_model_dir}", "--benchmark",
                  str(tmp_path / "missing.json")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---- malformed benchmark files: one DataError line naming the file and line (issue 13) ----------
+GOOD = {"question": "1 + 1 = ?", "A": "1", "B": "2", "C": "3", "D": "4", "answer": "B"}
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("q.json", b'[{"question": "x",', r"q.json': malformed JSON at line 1, column 19"),
+    ("q.json", json.dumps(GOOD).encode(), r"must hold a JSON list of questions .*not an object"),
+    ("q.json", b'"questions"', "not a string"),
+    ("q.json", b"[]", "holds no questions"),
+    ("q.json", json.dumps([GOOD, [1, 2]]).encode(), "item 2: a question must be an object .*not a list"),
+    ("q.json", json.dumps([{**GOOD, "answer": "E"}]).encode(), r"item 1: the answer 'E' is not one of its options \(A, B, C, D\)"),
+    ("q.json", json.dumps([{**GOOD, "answer": 2}]).encode(), "the answer 2 is not one of its options"),
+    ("q.json", json.dumps([{**GOOD, "answer": None}]).encode(), r"needs columns .*\(missing or empty: answer\)"),
+    ("q.json", json.dumps([{**GOOD, "question": ""}]).encode(), r"missing or empty: question"),
+    ("q.json", json.dumps([{"question": "x", "A": "y", "answer": "A"}]).encode(), "missing or empty: B"),
+    ("q.json", json.dumps([{**GOOD, "B": ["2"]}]).encode(), "'B' must be text, not a list"),
+    ("q.json", json.dumps([{**GOOD, "question": True}]).encode(), "'question' must be text, not true/false"),
+    ("q.json", json.dumps([{**GOOD, "subject": {"a": 1}}]).encode(), "'subject' must be text, not an object"),
+    ("q.json", "[{\"question\": \"Où ?\"}]".encode("cp1252"), "is not UTF-8 text .*Latin-1"),
+    ("q.jsonl", (json.dumps(GOOD) + "\n\n{oops}\n").encode(), "q.jsonl' line 3: malformed JSON at column 2"),
+    ("q.jsonl", (json.dumps(GOOD) + "\n" + json.dumps([GOOD]) + "\n").encode(), "line 2: a question must be an object"),
+    ("q.jsonl", b"\n\n", "holds no questions"),
+    ("q.jsonl", ("[" * 100_000 + "\n").encode(), "line 1: JSON nested too deeply"),
+    ("q.csv", b"question,A,B,answer\nx,1,2,C\n", r"q.csv' line 2: the answer 'C' is not one of its options \(A, B\)"),
+    ("q.csv", b"question,A,B,C\nx,1,2,3\n", "line 1: the header has no answer column"),
+    ("q.csv", b"question,answer\nx,A\n", "line 1: the header has no A, B column"),
+    ("q.csv", b"question,A,B,answer\nx,1,2,A\ny,1,2\n", "line 3: 3 values, but the header names 4 columns"),
+    ("q.csv", b'question,A,B,answer\n"multi\nline",1,2,A\nz,1,2,A,extra\n', "line 4: 5 values"),
+    ("q.csv", b"x,1,2,A\ny,1\n", "line 2: a file without a header needs question"),
+    ("q.csv", b"", "holds no questions"),
+    ("q.csv", "question,A,B,answer\n问题,甲,乙,A\n".encode("gbk"), "is not UTF-8 text .*GBK"),
+    ("q.csv", "question,A,B,answer\nx,1,2,A\n".encode("utf-16"), "is not UTF-8 text .*UTF-16"),
+    ("q.txt", b"question,A,B,answer\n", "is not a .csv, .json or .jsonl file"),
+])
+def test_malformed_benchmarks_are_one_line(tmp_path, name, content, match):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=match) as exc:
+        read_questions(tmp_path / name)
+    assert "\n" not in str(exc.value) and f"benchmark file '{tmp_path / name}'" in str(exc.value)
+
+
+def test_benchmark_paths_of_the_wrong_kind(tmp_path):
+    with pytest.raises(DataError, match="'n_shot=0' does not exist; key=value settings go before --benchmark"):
+        read_benchmark(["n_shot=0"])
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(DataError, match="folder.json' holds no .csv, .json or .jsonl file"):
+        read_benchmark([tmp_path / "folder.json"])
+
+
+def test_what_real_benchmarks_hold_still_reads(tmp_path):
+    """Lower-case answers, numbers as options, blank CSV lines, empty subjects, a U+2028 inside a
+    JSONL string (a line break for str.splitlines, not for JSON)."""
+    (tmp_path / "nums.json").write_text(json.dumps([{"question": "1 + 1", "A": 2, "B": 3.5, "answer": " a ",
+                                                     "subject": ""}]))
+    (row,) = read_questions(tmp_path / "nums.json")
+    assert row["subject"] == "nums" and row["A"] == 2
+    (tmp_path / "s.jsonl").write_text(json.dumps({**GOOD, "question": "a\u2028b"}, ensure_ascii=False) + "\n")
+    assert read_questions(tmp_path / "s.jsonl")[0]["question"] == "a\u2028b"
+    (tmp_path / "blank.csv").write_text("question,A,B,answer\n\nx,1,2,b\n\n")
+    assert [r["answer"] for r in read_questions(tmp_path / "blank.csv")] == ["b"]

@@ -105,3 +105,35 @@ def test_llama_factory_eval_yaml_runs(tiny_model_dir, tmp_path, monkeypatch, cap
                  "--dev", str(unpacked / "dev"), "--n_shot", "1"]) == 0
     direct = json.loads((tmp_path / "direct" / "benchmark_results.json").read_text())
     assert direct == {k: v for k, v in saved.items() if k != "STEM"}
+
+
+# ---- mapping.json and archives that cannot be used (issue 13) ---------------------------------------
+@pytest.mark.parametrize("content, match", [
+    (b'{"astronomy": ', "mapping.json': malformed JSON at line 1"),
+    (b'[{"astronomy": "STEM"}]', r"must hold a JSON object \{subject: .*not a list"),
+    (b'{"astronomy": "STEM"}', "subject 'astronomy' must map to an object with name and category, not a string"),
+    (b'{"astronomy": {"name": ["x"]}}', "'name' of subject 'astronomy' must be text, not a list"),
+    (b'{"astronomy": {"category": 3}}', "'category' of subject 'astronomy' must be text, not a number"),
+    ('{"astronomy": {"name": "天文学"}}'.encode("gbk"), "mapping.json' is not UTF-8 text .*GBK"),
+])
+def test_a_broken_mapping_is_one_line(tmp_path, content, match):
+    root = tmp_path / "mmlu" / "test"
+    root.mkdir(parents=True)
+    (root / "astronomy_test.csv").write_text('"Red planet?",Venus,Mars,Io,Moon,B\n')
+    (tmp_path / "mmlu" / "mapping.json").write_bytes(content)
+    with pytest.raises(DataError, match=match) as exc:
+        resolve_task("mmlu_test", tmp_path, tmp_path / "cache")
+    assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda data: data[:-30], r"is truncated or damaged \(its zip directory is missing\)"),
+    (lambda data: b"<html>rate limited</html>", "is not a zip file"),
+])
+def test_a_damaged_archive_leaves_the_cache_alone(tmp_path, damage, match):
+    root = _mmlu_zip(tmp_path / "tasks")
+    archive = root / "mmlu.zip"
+    archive.write_bytes(damage(archive.read_bytes()))
+    with pytest.raises(DataError, match=f"task archive '{archive}' {match}; download or copy it again"):
+        resolve_task("mmlu_test", tmp_path / "tasks", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()

@@ -25,6 +25,7 @@ from .inits import restore_base
 from .lora import LoraLayer
 from .modules_to_save import ModulesToSave, make_modules_to_save
 from .registry import adapter_class_for, supported_base_types
+from .sizes import check_adapter_size
 from .targets import candidate_modules, pattern_value, resolve_targets
 
 STATE_ATTR = "_tuneforge_adapters"
@@ -77,7 +78,11 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 # ---- add ---------------------------------------------------------------------------------------
 def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Module:
-    """Inject adapter `name` in place, freeze the base, make `name` the active, trainable adapter."""
+    """Inject adapter `name` in place, freeze the base, make `name` the active, trainable adapter.
+
+    Raises ConfigError, before any module changes, for targets LoRA cannot adapt and for a rank
+    whose A and B matrices cannot fit in memory (a rank above a layer's min(in, out) only warns).
+    """
     if not isinstance(cfg, LoraConfig):
         raise ConfigError(f"add_adapter expects a LoraConfig, got {type(cfg).__name__}")
     _check_name(name)
@@ -92,6 +97,7 @@ def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.
     cfg = copy.deepcopy(cfg)  # the model's record must not change when the caller edits theirs
     targets = _plan_targets(model, cfg)
     to_save = _plan_modules_to_save(model, cfg, {p for p, _ in targets})
+    check_adapter_size(targets, {p: pattern_value(cfg.rank_pattern, p, cfg.r) for p, _ in targets})
 
     _warn_shared_weights(model, [p for p, _ in targets])
     if st is None:

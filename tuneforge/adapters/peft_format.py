@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
+from tuneforge.fileio import json_kind, read_json
+from tuneforge.weightfiles import load_safetensors, load_torch_file
 
 from .config import ALL_LINEAR, LoraConfig
 from .core import (
@@ -112,7 +114,7 @@ def config_to_peft(model: nn.Module, name: str, base_model_name_or_path: str | N
 def config_from_peft(raw: dict[str, Any], source: str = CONFIG_NAME) -> LoraConfig:
     """Build a LoraConfig from peft's adapter_config.json; ModelError for what we cannot compute."""
     if not isinstance(raw, dict):
-        raise ModelError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        raise ModelError(f"{source} must hold a JSON object ({{...}}), not {json_kind(raw)}")
     peft_type = raw.get("peft_type", "LORA")
     if str(peft_type).upper() != "LORA":
         raise ModelError(f"{source}: peft_type {peft_type!r} is not supported yet (tuneforge loads LORA adapters)")
@@ -230,34 +232,47 @@ def save_adapter(
 
 
 # ---- load -----------------------------------------------------------------------------------------
-def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:
-    """Read and check an adapter directory: (config, tensors without the 'base_model.model.' prefix, file)."""
+def check_adapter_dir(path: str | Path) -> Path:
+    """`path` as an adapter folder; ModelError (one line) when it does not exist, is a file, is a
+    model folder, or holds no adapter_config.json."""
     directory = Path(path)
-    cfg_file = directory / CONFIG_NAME
+    if directory.is_file():
+        inside = directory.name in (CONFIG_NAME, WEIGHTS_NAME, LEGACY_WEIGHTS_NAME) or (
+            directory.parent / CONFIG_NAME).is_file()
+        hint = f"give its folder '{directory.parent}'" if inside else f"give the folder holding {CONFIG_NAME}"
+        raise ModelError(f"adapter path '{directory}' is a file, not an adapter folder; {hint}")
     if not directory.is_dir():
-        raise ModelError(f"adapter directory {str(directory)!r} does not exist")
-    if not cfg_file.is_file():
-        raise ModelError(f"{str(directory)!r} has no {CONFIG_NAME}; is it a peft/tuneforge adapter directory?")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{cfg_file}: cannot read JSON ({e})") from None
-    cfg = config_from_peft(raw, str(cfg_file))
-    weights = directory / WEIGHTS_NAME
-    try:
-        if weights.is_file():
-            from safetensors.torch import load_file
+        raise ModelError(f"adapter path '{directory}' does not exist")
+    if not (directory / CONFIG_NAME).exists():
+        if (directory / "config.json").is_file():
+            raise ModelError(f"'{directory}' is a model folder (it holds config.json), not an adapter: set "
+                             f"it as model_name_or_path, or give an adapter folder (holding {CONFIG_NAME})")
+        raise ModelError(f"adapter folder '{directory}' has no {CONFIG_NAME}; is it a peft/tuneforge adapter folder?")
+    return directory
 
-            tensors = load_file(str(weights))
-        elif (directory / LEGACY_WEIGHTS_NAME).is_file():
-            weights = directory / LEGACY_WEIGHTS_NAME
-            tensors = torch.load(weights, map_location="cpu", weights_only=True)
-        else:
-            raise ModelError(f"{str(directory)!r} has no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME})")
-    except ModelError:
-        raise
-    except Exception as e:  # corrupt or truncated file: safetensors / pickle raise various types
-        raise ModelError(f"{weights}: cannot read adapter weights ({type(e).__name__}: {e})") from None
+
+def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:
+    """Read and check an adapter directory: (config, tensors without the 'base_model.model.' prefix, file).
+
+    Raises ModelError (one line naming the file) for a missing, unreadable, malformed or wrongly
+    typed adapter_config.json, and for weights that are missing, truncated, not safetensors, or a
+    pickle holding more than tensors (loaded with torch's weights_only unpickler only).
+    """
+    directory = check_adapter_dir(path)
+    cfg_file = directory / CONFIG_NAME
+    cfg = config_from_peft(read_json(cfg_file, "adapter config", ModelError), f"adapter config '{cfg_file}'")
+    weights = directory / WEIGHTS_NAME
+    if weights.exists():
+        tensors = load_safetensors(weights, "adapter file")
+    elif (directory / LEGACY_WEIGHTS_NAME).exists():
+        weights = directory / LEGACY_WEIGHTS_NAME
+        tensors = load_torch_file(weights, "adapter file")
+        if not isinstance(tensors, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+        ):
+            raise ModelError(f"adapter file '{weights}' holds no table of named tensors; save the adapter again")
+    else:
+        raise ModelError(f"adapter folder '{directory}' has no {WEIGHTS_NAME} (nor {LEGACY_WEIGHTS_NAME})")
     tensors = {k.removeprefix(PREFIX): v for k, v in tensors.items()}
     return cfg, tensors, weights
 
@@ -265,7 +280,11 @@ def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor],
 def load_adapter(
     model: nn.Module, path: str | Path, name: str = "default", is_trainable: bool = False
 ) -> nn.Module:
-    """Load a peft-format adapter as `name` (injecting it unless it exists) and make it the active one."""
+    """Load a peft-format adapter as `name` (injecting it unless it exists) and make it the active one.
+
+    Raises ModelError (one line naming the file; the model is left as it was) for everything
+    `read_adapter` refuses, a rank that cannot fit in memory, and tensors that do not fit the model.
+    """
     cfg, tensors, weights = read_adapter(path)
     st = get_state(model)
     existed = st is not None and name in st.configs

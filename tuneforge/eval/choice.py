@@ -9,6 +9,7 @@ generation prompt. The model's choice is the option letter with the highest next
 from __future__ import annotations
 
 import csv
+import io
 import json
 import string
 from collections import defaultdict
@@ -18,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..fileio import json_kind, parse_json, read_text
 from ..infer.generation import pad_id
 from .predict import left_pad
 
@@ -44,11 +46,12 @@ def subject_of(path: Path) -> str:
 
 def read_benchmark(paths) -> list[dict]:
     """Questions of every file given; a folder stands for its .csv/.json/.jsonl files (MMLU's
-    data/test, C-Eval's val), read in name order."""
+    data/test, C-Eval's val), read in name order. Raises DataError (one line naming the file and
+    line) as `read_questions` does, and for a folder without such files."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix in READABLE)
+            found = sorted(p for p in path.iterdir() if p.suffix in READABLE and p.is_file())
             if not found:
                 raise DataError(f"benchmark folder '{path}' holds no .csv, .json or .jsonl file")
             files += found
@@ -57,45 +60,112 @@ def read_benchmark(paths) -> list[dict]:
     return [row for path in files for row in read_questions(path)]
 
 
-def _read_csv(path: Path) -> list[dict]:
+def _read_csv(text: str, path: Path) -> list[tuple[str, object]]:
     """With a header (C-Eval: id,question,A,B,C,D,answer,...) or without one, as MMLU's own
-    files are: question, the options, then the answer letter."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        table = list(csv.reader(fh))
+    files are: question, the options, then the answer letter. Blank lines are skipped."""
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        table = [(reader.line_num, values) for values in reader if values]
+    except csv.Error as exc:
+        raise DataError(f"benchmark file '{path}' line {reader.line_num}: not valid CSV ({exc}); "
+                        "fix the line") from None
     if not table:
         return []
     # CMMLU capitalises Question and Answer; the option letters stay as they are
-    header = [h.strip().lower() if h.strip().lower() in NAMED_COLUMNS else h.strip() for h in table[0]]
+    header = [h.strip().lower() if h.strip().lower() in NAMED_COLUMNS else h.strip() for h in table[0][1]]
     if "question" in header:
-        return [dict(zip(header, values)) for values in table[1:]]
+        missing = [c for c in ("A", "B", "answer") if c not in header]
+        if missing:
+            raise DataError(f"benchmark file '{path}' line {table[0][0]}: the header has no "
+                            f"{', '.join(missing)} column; name the columns question, A, B, ... and answer")
+        rows = []
+        for line, values in table[1:]:
+            if len(values) != len(header):
+                raise DataError(f"benchmark file '{path}' line {line}: {len(values)} values, but the "
+                                f"header names {len(header)} columns; fix the line")
+            rows.append((f"line {line}", dict(zip(header, values))))
+        return rows
     rows = []
-    for line, values in enumerate(table, 1):
+    for line, values in table:
         if len(values) < 4:
-            raise DataError(f"{path} line {line}: a file without a header needs question, at least "
-                            "two options and the answer letter")
+            raise DataError(f"benchmark file '{path}' line {line}: a file without a header needs "
+                            "question, at least two options and the answer letter")
         *options, answer = values[1:]
-        rows.append({"question": values[0], "answer": answer,
-                     **dict(zip(string.ascii_uppercase, options))})
+        rows.append((f"line {line}", {"question": values[0], "answer": answer,
+                                      **dict(zip(string.ascii_uppercase, options))}))
+    return rows
+
+
+def _read_jsonl(text: str, path: Path) -> list[tuple[str, object]]:
+    rows = []
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON text may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            rows.append((f"line {number}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise DataError(f"benchmark file '{path}' line {number}: malformed JSON at column "
+                            f"{err.colno}: {err.msg}; fix the line") from None
+        except RecursionError:
+            raise DataError(f"benchmark file '{path}' line {number}: JSON nested too deeply to "
+                            "read; flatten it") from None
     return rows
 
 
 def read_questions(path: str | Path) -> list[dict]:
-    """Rows of a .json (a list), .jsonl or .csv file; subject defaults to the file's name
-    without a split suffix (_test, _dev, _val)."""
+    """Rows of a .json (a list of objects), .jsonl (an object per line) or .csv file; subject
+    defaults to the file's name without a split suffix (_test, _dev, _val).
+
+    Raises DataError (one line naming the file, and the line or item) for a missing, unreadable
+    or non-UTF-8 file, malformed JSON or CSV, a file without questions, a question without
+    question / A / B / answer, a value that is not text, and an answer that is not the letter
+    of one of its options."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"benchmark file '{path}' does not exist")
+    if not path.exists():
+        hint = ("; key=value settings go before --benchmark, which takes every path after it"
+                if "=" in path.name else "")
+        raise DataError(f"benchmark file '{path}' does not exist{hint}")
+    if path.suffix not in READABLE and not path.is_dir():
+        raise DataError(f"benchmark file '{path}' is not a .csv, .json or .jsonl file; give one of "
+                        "those (or a folder of them)")
+    text = read_text(path, "benchmark file", DataError)
     if path.suffix == ".csv":
-        rows = _read_csv(path)
+        rows = _read_csv(text, path)
     elif path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = _read_jsonl(text, path)
     else:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    for i, row in enumerate(rows):
-        if "question" not in row or "answer" not in row or "A" not in row:
-            raise DataError(f"{path} row {i}: needs columns question, A, B, ... and answer")
-        row.setdefault("subject", subject_of(path))
-    return rows
+        data = parse_json(text, path, "benchmark file", DataError)
+        if not isinstance(data, list):
+            raise DataError(f"benchmark file '{path}' must hold a JSON list of questions "
+                            f"([{{\"question\": ..., \"A\": ..., \"B\": ..., \"answer\": \"A\"}}, ...]), "
+                            f"not {json_kind(data)}")
+        rows = [(f"item {i}", row) for i, row in enumerate(data, 1)]
+    if not rows:
+        raise DataError(f"benchmark file '{path}' holds no questions")
+    for where, row in rows:
+        _check_question(row, f"benchmark file '{path}' {where}")
+        if row.get("subject") in (None, ""):
+            row["subject"] = subject_of(path)
+    return [row for _, row in rows]
+
+
+def _check_question(row, where: str) -> None:
+    """One question as scoring needs it; DataError naming `where` otherwise."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: a question must be an object with question, A, B, ... and "
+                        f"answer, not {json_kind(row)}")
+    missing = [c for c in ("question", "A", "B", "answer") if row.get(c) in (None, "")]
+    if missing:
+        raise DataError(f"{where}: needs columns question, A, B, ... and answer (missing or empty: "
+                        f"{', '.join(missing)})")
+    for key, value in row.items():
+        if (key in ("question", "answer", "subject") or key in string.ascii_uppercase) and not (
+                value is None or isinstance(value, (str, int, float)) and not isinstance(value, bool)):
+            raise DataError(f"{where}: '{key}' must be text, not {json_kind(value)}")
+    options = letters(row)
+    if str(row["answer"]).strip().upper() not in options:
+        raise DataError(f"{where}: the answer {row['answer']!r} is not one of its options "
+                        f"({', '.join(options)}); write the letter of the right option")
 
 
 def letters(row: dict) -> list[str]:

@@ -7,15 +7,16 @@ display names (the Chinese ones for lang: zh). Nothing is downloaded."""
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 import zipfile
+import zlib
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ConfigError, DataError
+from ..fileio import json_kind, one_line, read_json
 
 # a split's folder names; "train" is the few-shot (dev) split, as in LLaMA-Factory's loaders
 SPLIT_FOLDERS = {"test": ("test",), "validation": ("val", "validation"), "val": ("val", "validation"),
@@ -51,8 +52,26 @@ def resolve_task(task: str, task_dir: str | Path, cache: Path) -> Task:
         raise DataError(f"task {task!r}: no '{SPLIT_FOLDERS[split][0]}' folder of CSV files in "
                         f"'{root}' (nor in data/ or {name}.zip there)")
     mapping_file = root / "mapping.json"
-    mapping = json.loads(mapping_file.read_text(encoding="utf-8")) if mapping_file.is_file() else {}
+    mapping = read_mapping(mapping_file) if mapping_file.exists() else {}
     return Task(name, split, questions, _find(bases, SPLIT_FOLDERS["dev"]), mapping)
+
+
+def read_mapping(path: Path) -> dict:
+    """mapping.json: {subject: {"name": display name, "category": category}}. Raises DataError
+    (one line naming the file and subject) when it is unreadable, malformed or of other shapes."""
+    data = read_json(path, "task mapping file", DataError)
+    if not isinstance(data, dict):
+        raise DataError(f"task mapping file '{path}' must hold a JSON object {{subject: {{\"name\": ..., "
+                        f"\"category\": ...}}}}, not {json_kind(data)}")
+    for subject, entry in data.items():
+        if not isinstance(entry, dict):
+            raise DataError(f"task mapping file '{path}': subject '{subject}' must map to an object "
+                            f"with name and category, not {json_kind(entry)}")
+        for key in ("name", "category"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise DataError(f"task mapping file '{path}': '{key}' of subject '{subject}' must be "
+                                f"text, not {json_kind(entry[key])}")
+    return data
 
 
 def _bases(root: Path, name: str, cache: Path) -> list[Path]:
@@ -74,12 +93,40 @@ def _find(bases: list[Path], folders: tuple[str, ...]) -> Path | None:
 
 
 def _unpack(archive: Path, cache: Path) -> Path:
-    """Unpack once per archive content; members that would land outside the folder are refused."""
+    """Unpack once per archive content; an archive that is not a readable zip, or with members
+    that would land outside the folder, is refused (DataError) before the cache is touched."""
     stat = archive.stat()
     key = hashlib.sha256(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache / f"{archive.stem}-{key}"
     if target.is_dir():
         return target
+    unreadable = (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError)
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                parts = Path(member).parts
+                if Path(member).is_absolute() or ".." in parts:
+                    raise DataError(f"{archive}: member {member!r} points outside the archive; not unpacked")
+            cache.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
+            try:
+                zf.extractall(tmp)
+                tmp.rename(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except unreadable as exc:  # damaged, truncated, encrypted or of a compression Python lacks
+        raise DataError(f"task archive '{archive}' {_zip_trouble(archive, exc)}; download or copy "
+                        "it again") from None
+    return target
+
+
+def _zip_trouble(archive: Path, exc: Exception) -> str:
+    if not isinstance(exc, zipfile.BadZipFile) or "not a zip file" not in str(exc):
+        return f"is damaged ({one_line(exc, 160)})"
+    with open(archive, "rb") as fh:
+        zip_start = fh.read(4) == b"PK\x03\x04"
+    return ("is truncated or damaged (its zip directory is missing)" if zip_start
+            else "is not a zip file")
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
     try:
@@ -90,8 +137,10 @@ def _unpack(archive: Path, cache: Path) -> Path:
                     raise DataError(f"{archive}: member {member!r} points outside the archive; not unpacked")
             zf.extractall(tmp)
         tmp.rename(target)
-    except zipfile.BadZipFile:
-        raise DataError(f"{archive} is not a readable zip file") from None
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        # damaged, truncated, encrypted or of a compression Python lacks
+        raise DataError(f"task archive '{archive}' is not a readable zip file ({one_line(exc, 160)}); "
+                        "download or copy it again") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target

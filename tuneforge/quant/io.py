@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from tuneforge.errors import CheckpointError, ConfigError, ModelError
+from tuneforge.fileio import one_line, read_json
+from tuneforge.weightfiles import load_safetensors
 
 from . import backends
 from .linear import QuantLinear
@@ -138,10 +140,7 @@ def _read_meta(directory: Path) -> dict:
     path = directory / META_NAME
     if not path.is_file():
         raise ModelError(f"'{directory}' has no {META_NAME}: not a model saved by tuneforge.quant.save_quantized")
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{path}: cannot read JSON ({exc})") from None
+    meta = read_json(path, "quantization record", ModelError)
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
         raise ModelError(f"{path}: format_version {version!r} is not one this tuneforge reads "
@@ -153,15 +152,9 @@ def _read_meta(directory: Path) -> dict:
 
 
 def _read_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
+    if not path.exists():
         raise ModelError(f"'{path.parent}' has no {path.name}")
-    try:
-        return load_file(str(path), device=str(device))
-    except Exception as exc:  # truncated or corrupt: safetensors raises its own error types
-        raise ModelError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc}); "
-                         "the file is damaged or incomplete, save the model again") from None
+    return load_safetensors(path, "quantized model file", device=str(device))
 
 
 def _empty_model(directory: Path):
@@ -169,12 +162,22 @@ def _empty_model(directory: Path):
     import transformers
     from accelerate import init_empty_weights
 
-    if not (directory / CONFIG_NAME).is_file():
+    config_file = directory / CONFIG_NAME
+    if not config_file.exists():
         raise ModelError(f"'{directory}' has no {CONFIG_NAME}")
+    if not isinstance(read_json(config_file, "model config", ModelError), dict):
+        raise ModelError(f"model config '{config_file}' must hold a JSON object; save the model again")
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, KeyError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # a value of the wrong type
+
+        errors += (StrictDataclassError,)
+    except ImportError:
+        pass
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{directory / CONFIG_NAME}: cannot read the model config ({exc})") from None
+    except errors as exc:
+        raise ModelError(f"model config '{config_file}' is not usable: {one_line(exc)}") from None
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     with init_empty_weights():
@@ -225,7 +228,10 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 
 def load_quantized(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The model `save_quantized` wrote, on `device`, its Linear layers still quantized."""
+    """The model `save_quantized` wrote, on `device`, its Linear layers still quantized.
+
+    Raises ModelError (one line naming the file) for a missing folder or file, an unreadable or
+    malformed record or config, and weights that are truncated, not safetensors or do not fit."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ModelError(f"quantized model directory '{directory}' does not exist")

@@ -22,14 +22,14 @@ peft loads the file as a plain adapter and, on the base `dequantize_model` gives
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tuneforge.errors import ConfigError
+from tuneforge.errors import ConfigError, ModelError
+from tuneforge.fileio import read_json
 
 from . import backends
 from .blockwise import Quant4bit, dequantize_4bit
@@ -179,8 +179,8 @@ def finish_pending(model: nn.Module, pending, adapter_name: str | None = None, i
 def loftq_record(adapter_path: str | Path) -> dict:
     """The `loftq_config` of a saved adapter ({} for an adapter that did not start from LoftQ)."""
     try:
-        raw = json.loads((Path(adapter_path) / "adapter_config.json").read_text())
-    except (OSError, ValueError):
+        raw = read_json(Path(adapter_path) / "adapter_config.json", "adapter config", ModelError)
+    except ModelError:
         return {}  # load_adapter reports unreadable directories in its own words
     if not isinstance(raw, dict) or not isinstance(raw.get("loftq_config"), dict):
         return {}

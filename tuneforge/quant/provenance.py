@@ -10,6 +10,8 @@ from pathlib import Path
 
 from torch import nn
 
+from ..errors import TuneforgeError
+from ..fileio import read_json
 from .model import quantization_of
 
 log = logging.getLogger("tuneforge")
@@ -36,9 +38,13 @@ def check_base(model: nn.Module, adapter_dir: str | Path) -> None:
     if not path.is_file():
         return
     try:
-        trained = json.loads(path.read_text())
-    except (OSError, ValueError):
-        log.warning("%s is unreadable; cannot tell which base the adapter was trained on", path)
+        trained = read_json(path, "base record")
+    except TuneforgeError as exc:  # only a warning: the record is advice, not needed to load
+        log.warning("%s; cannot tell which base the adapter was trained on", exc)
+        return
+    if not isinstance(trained, dict):
+        log.warning("base record '%s' is not a JSON object; cannot tell which base the adapter was "
+                    "trained on", path)
         return
     current = _current(model)
     if current is None:
