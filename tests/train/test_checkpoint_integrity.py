@@ -6,6 +6,7 @@ transformers model: fast."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -56,9 +57,12 @@ DAMAGE = {  # how a file of the newest checkpoint was broken -> the words naming
     "truncated optimizer.pt": (lambda d: truncate(d / "optimizer.pt"), "optimizer.pt' is truncated"),
     "optimizer.pt cut by one byte": (lambda d: truncate(d / "optimizer.pt", keep=0.9999),
                                      "optimizer.pt' is truncated"),
+    "rng_state.pt holding a Python object": (
+        lambda d: torch.save({"when": datetime.datetime(2024, 1, 1)}, d / "rng_state.pt"),
+        "rng_state.pt' holds code or Python objects besides tensors (it asks for datetime"),
     "truncated scheduler.pt": (lambda d: truncate(d / "scheduler.pt"), "scheduler.pt' is truncated"),
     "empty rng_state.pt": (lambda d: (d / "rng_state.pt").write_bytes(b""),
-                           "rng_state.pt' is empty (0 bytes)"),
+                           "rng_state.pt' is empty"),
     "truncated trainer_state.json": (lambda d: truncate(d / "trainer_state.json"),
                                      "trainer_state.json' is not valid JSON"),
     "empty trainer_state.json": (lambda d: (d / "trainer_state.json").write_text(""),
@@ -75,7 +79,7 @@ DAMAGE = {  # how a file of the newest checkpoint was broken -> the words naming
     "truncated weights": (lambda d: truncate(d / ckpt.WEIGHTS), "trainable_state.safetensors' is truncated"),
     "weights with bytes appended": (
         lambda d: (d / ckpt.WEIGHTS).write_bytes((d / ckpt.WEIGHTS).read_bytes() + b"\0" * 7),
-        "trainable_state.safetensors' is truncated or corrupt"),
+        "trainable_state.safetensors' is damaged: its header says"),
     "weights header only": (lambda d: truncate(d / ckpt.WEIGHTS, keep=0.0001),
                             "trainable_state.safetensors' is"),
     "missing optimizer.pt": (lambda d: (d / "optimizer.pt").unlink(), "lacks optimizer.pt"),
@@ -130,7 +134,8 @@ def test_an_explicit_damaged_checkpoint_is_refused_not_replaced(tmp_path):
     make_run(tmp_path)
     truncate(tmp_path / "checkpoint-2" / ckpt.WEIGHTS)
     with pytest.raises(CheckpointError, match=r"resume_from_checkpoint '.*checkpoint-2' cannot "
-                       r"resume training: '.*checkpoint-2/trainable_state.safetensors' is truncated"):
+                       r"resume training: checkpoint file '.*checkpoint-2/trainable_state.safetensors' is "
+                       r"truncated: its header says \d+ bytes but the file has \d+; point it at"):
         plan_resume(tmp_path, str(tmp_path / "checkpoint-2"), False, CONFIG)
     # an intact explicit one is taken even if a newer one exists
     assert plan_resume(tmp_path, str(tmp_path / "checkpoint-1"), False, CONFIG).checkpoint \

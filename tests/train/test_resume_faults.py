@@ -93,7 +93,8 @@ def test_a_damaged_newest_checkpoint_is_passed_over_and_the_run_ends_equal(
         assert main(["train", str(cfg)]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert f"'{out / 'checkpoint-3' / 'optimizer.pt'}' is truncated or corrupt" in warnings[0]
+    assert (f"checkpoint file '{out / 'checkpoint-3' / 'optimizer.pt'}' is truncated: its zip "
+            "directory (the end of a torch.save file) is missing") in warnings[0]
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
     assert_same_adapter(finished / "run", out)
 
@@ -118,12 +119,13 @@ def _damage_all(out):
 
 REFUSALS = {  # overrides, how the copy is broken, the words of the one line
     "no intact checkpoint": ({}, _damage_all, "no checkpoint in output_dir '{out}' can resume "
-                             "training: '{out}/checkpoint-2/rng_state.pt' is empty (0 bytes) (and "
+                             "training: checkpoint file '{out}/checkpoint-2/rng_state.pt' is empty (and "
                              "the 1 older checkpoint(s) cannot either)"),
     "explicit damaged path": ({"resume_from_checkpoint": "{out}/checkpoint-2"},
                               lambda out: (out / "checkpoint-2" / "trainer_state.json").write_text('{"glo'),
                               "resume_from_checkpoint '{out}/checkpoint-2' cannot resume training: "
-                              "'{out}/checkpoint-2/trainer_state.json' is not valid JSON"),
+                              "checkpoint file '{out}/checkpoint-2/trainer_state.json' is not "
+                              "valid JSON"),
     "batch size": ({"per_device_train_batch_size": 2, "max_steps": 8}, lambda out: None,
                    "it was trained with per_device_train_batch_size 4 and this run has 2, so its "
                    "data position would skip or repeat examples; set per_device_train_batch_size: "

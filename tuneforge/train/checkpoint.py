@@ -16,8 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from .. import weightfiles
 from ..errors import CheckpointError
 from . import outputs
 
@@ -148,8 +149,8 @@ def _estimate(root: Path, final: Path, weights: dict, weights_only: bool) -> int
 
 
 def _load(path: Path, reader):
-    """Read one file of a checkpoint; a failure names the file (integrity.py checked it, so
-    this is rare: a file damaged in between, or a corruption its check cannot see)."""
+    """Read trainer_state.json; a failure names the file (integrity.py checked it, so this is
+    rare: a file damaged in between)."""
     try:
         return reader(path)
     except Exception as exc:  # noqa: BLE001 - every reader's failure means the same to the user
@@ -172,7 +173,7 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[Trai
     Raises CheckpointError when it does not fit the model (another fine-tuning setup)."""
     path = Path(path)
     state = read_state(path)
-    weights = _load(path / WEIGHTS, lambda p: load_file(str(p)))
+    weights = weightfiles.load_safetensors(path / WEIGHTS, "checkpoint file", CheckpointError)
     params = dict(model.named_parameters())
     other_setup = ("it was made with another fine-tuning setup (finetuning_type, lora_rank, "
                    f"lora_target, ...): use that setup to resume, or {START_OVER}")
@@ -188,10 +189,9 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[Trai
             raise CheckpointError(f"checkpoint '{path}': '{name}' has shape "
                                   f"{tuple(tensor.shape)}, the model {tuple(params[name].shape)}: "
                                   f"{other_setup}")
-    torch_load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
-    optimizer_state = _load(path / OPTIMIZER, torch_load)
-    scheduler_state = _load(path / SCHEDULER, torch_load)
-    rng = _load(path / RNG, torch_load)
+    optimizer_state, scheduler_state, rng = (
+        weightfiles.load_torch_file(path / name, "checkpoint file", CheckpointError)
+        for name in (OPTIMIZER, SCHEDULER, RNG))
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)

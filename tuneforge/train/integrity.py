@@ -1,18 +1,26 @@
-"""Can a checkpoint resume training? Every file a resume reads is opened the cheap way before
-anything is loaded or written: trainer_state.json parses and has its fields, each safetensors
-header matches its file's size, and each torch file unpickles with weights_only=True from a
-memory map (a truncated zip has lost its central directory, so this reads no tensor data).
-A checkpoint-N folder that fails is "damaged"; the answer names the file and what is wrong."""
+"""Can a checkpoint resume training? Every file a resume reads is checked the cheap way before
+anything is loaded or written: trainer_state.json parses and has its fields with their types,
+each safetensors header matches its file's size and each torch file's zip directory is whole
+(weightfiles.py, the project's checks for weight files), and each torch file unpickles with
+weights_only=True from a memory map (no tensor data is read). A checkpoint-N folder that fails
+is "damaged"; the answer names the file and what is wrong."""
 
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
+from .. import weightfiles
+from ..errors import CheckpointError
+from ..fileio import one_line
 from .checkpoint import STATE, TRAINING_FILES, WEIGHTS
+
+WHAT = "checkpoint file"
+# weightfiles' advice for a downloaded file; a checkpoint is not downloaded again
+_REDO = "; download, copy or save it again"
 
 # fields a resume cannot do without, and the types they must have
 STATE_FIELDS = {"global_step": int, "micro_batches_seen": int}
@@ -21,49 +29,48 @@ OPTIONAL_FIELDS = {"total_steps": int, "epoch": (int, float), "seed": int, "data
                    "model_only": bool}
 
 
-def _size(path: Path) -> str:
-    size = path.stat().st_size
-    return "is empty (0 bytes)" if size == 0 else f"is truncated or corrupt ({size:,} bytes)"
-
-
 def _check_state(path: Path) -> tuple[str | None, dict]:
     try:
         values = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
-        return f"'{path}' is not text (corrupt)", {}
+        return f"{WHAT} '{path}' is not text (corrupt)", {}
     except json.JSONDecodeError as exc:
         if not path.stat().st_size:
-            return f"'{path}' is empty (0 bytes)", {}
-        return f"'{path}' is not valid JSON (line {exc.lineno}, column {exc.colno}: " \
+            return f"{WHAT} '{path}' is empty", {}
+        return f"{WHAT} '{path}' is not valid JSON (line {exc.lineno}, column {exc.colno}: " \
                f"truncated or corrupt)", {}
     if not isinstance(values, dict):
-        return f"'{path}' does not hold a JSON object", {}
+        return f"{WHAT} '{path}' does not hold a JSON object", {}
     for key, kind in STATE_FIELDS.items():
         value = values.get(key)
         if not isinstance(value, kind) or isinstance(value, bool) or value < 0:
-            return f"'{path}' lacks a valid '{key}'", {}
+            return f"{WHAT} '{path}' lacks a valid '{key}'", {}
     for key, kind in OPTIONAL_FIELDS.items():
         value = values.get(key)
         if value is not None and (not isinstance(value, kind) or
                                   (isinstance(value, bool) and kind is not bool)):
-            return f"'{path}' has an invalid '{key}' ({type(value).__name__})", {}
+            return f"{WHAT} '{path}' has an invalid '{key}' ({type(value).__name__})", {}
     return None, values
 
 
-def _check_safetensors(path: Path) -> str | None:
+def _weights_check(check, path: Path) -> str | None:
     try:
-        with safe_open(str(path), framework="pt") as f:
-            f.keys()
-    except Exception:  # noqa: BLE001 - safetensors raises its own error type for every damage
-        return f"'{path}' {_size(path)}"
+        check(path, WHAT, CheckpointError)
+    except CheckpointError as exc:
+        return str(exc).removesuffix(_REDO)
     return None
 
 
 def _check_torch(path: Path) -> str | None:
-    try:
+    problem = _weights_check(weightfiles.check_torch_file, path)
+    if problem:
+        return problem
+    try:  # unpickle the small part; the storages stay on disk (memory map)
         torch.load(path, weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - zip, pickle and OS errors all mean the file is damaged
-        return f"'{path}' {_size(path)}"
+    except pickle.UnpicklingError as exc:
+        return weightfiles.refused_pickle(path, WHAT, str(exc))
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and OS errors all mean a damaged file
+        return f"{WHAT} '{path}' is damaged or truncated ({one_line(exc, 160)})"
     return None
 
 
@@ -94,7 +101,7 @@ def _problem(path: Path) -> str | None:
         if not (path / name).is_file():
             return f"'{path}' lacks {name} (saved with save_only_model?)"
     for file in sorted(path.glob("*.safetensors")):  # the weights, and e.g. PiSSA's initial state
-        problem = _check_safetensors(file)
+        problem = _weights_check(weightfiles.check_safetensors, file)
         if problem:
             return problem
     for name in TRAINING_FILES:
