@@ -19,3 +19,7 @@ class ModelError(TuneforgeError):
 
 class CheckpointError(TuneforgeError):
     """A checkpoint or output directory is unusable."""
+
+
+class TrainingDiverged(TuneforgeError):
+    """The loss or the weights became NaN or inf; nothing of that step was saved."""

@@ -144,12 +144,12 @@ class TrainingRun:
         return loss_global / max(step_tokens, 1), step_tokens, real
 
     def _check_finite(self, what: str, value: float) -> None:
-        """Before the step is applied: a NaN/inf stops the run (stop.TrainingDiverged)."""
+        """Before the step is applied: a NaN/inf stops the run (errors.TrainingDiverged)."""
         stop.check_finite(what, value, self.state.global_step + 1, self.args.learning_rate,
                           self.last_checkpoint)
 
     def check_weights(self) -> None:
-        """Raises stop.TrainingDiverged if a trainable weight is NaN or inf (on every process,
+        """Raises errors.TrainingDiverged if a trainable weight is NaN or inf (on every process,
         so that all of them stop)."""
         stop.check_weights(self.acc.unwrap_model(self.model), self.state.global_step,
                            self.args.learning_rate, self.last_checkpoint)
@@ -186,7 +186,7 @@ class TrainingRun:
     def run(self) -> dict:
         """Train to the last step, evaluate, checkpoint; returns the metrics.
 
-        Raises stop.TrainingDiverged on a NaN/inf loss or weight, stop.Interrupted (Ctrl-C) or
+        Raises errors.TrainingDiverged on a NaN/inf loss or weight, stop.Interrupted (Ctrl-C) or
         stop.Terminated (SIGTERM) after saving a checkpoint, CheckpointError on a full disk."""
         if self._rng_state is not None:  # last, so that nothing before training consumes them
             ckpt.set_rng_state(self._rng_state)

@@ -16,13 +16,9 @@ import threading
 
 import torch
 
-from ..errors import TuneforgeError
+from ..errors import TrainingDiverged
 
 log = logging.getLogger("tuneforge")
-
-
-class TrainingDiverged(TuneforgeError):
-    """The loss or the weights became NaN or inf; nothing of that step was saved."""
 
 
 class Interrupted(KeyboardInterrupt):
