@@ -162,7 +162,7 @@ def test_every_bounded_key_refuses_values_outside(key, bounds):
     low, high, low_closed, high_closed = _parse_bounds(bounds)
     kind = next(f.type for cls in SECTIONS.values() for f in dataclasses.fields(cls) if f.name == key)
     step = 1 if "int" in str(kind) else 1e-3
-    above = high + max(step, abs(high) * 1e-6)  # a step that still counts at 1e10
+    above = high + (step if step == 1 else max(step, abs(high) * 1e-6))  # still counts at 1e10
     outside = [v for v in (low - step if low_closed else low, above if high_closed else high)
                if v not in (float("inf"), float("-inf"))]
     for value in outside:
