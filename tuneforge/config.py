@@ -163,7 +163,7 @@ class TrainingArguments:
     per_device_eval_batch_size: int = _f(8, "Examples per evaluation batch per device.", bounds="(0, inf)")
     gradient_accumulation_steps: int = _f(
         8, "Micro-batches per optimizer step; the loss is averaged over all their label tokens.", bounds="(0, inf)")
-    learning_rate: float = _f(1e-4, "Peak learning rate of AdamW.", bounds="(0, 1e10]")
+    learning_rate: float = _f(1e-4, "Peak learning rate of AdamW.", bounds="(0, 1e30]")
     num_train_epochs: float = _f(3.0, "Passes over the training data (ignored if max_steps > 0).", bounds="[0, inf)")
     max_steps: int = _f(-1, "Total optimizer steps; overrides num_train_epochs when > 0.")
     lr_scheduler_type: str = _f(
