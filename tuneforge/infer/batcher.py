@@ -84,6 +84,7 @@ class Batcher:
         self.lock = threading.Lock()  # held while a step runs
         self.largest_batch = 0        # for tests and logs
         self.joined_running = 0       # requests that joined a batch already generating
+        self.admitted = 0             # requests prefilled into the batch
         self.counts = {"finished": 0, "stopped": 0, "failed": 0}
         self.stop_lag_max = 0.0       # longest time from a Job.stop() to its row leaving, seconds
         self._queue: queue.Queue[tuple[Job, ...]] = queue.Queue()
@@ -111,11 +112,14 @@ class Batcher:
         return len(jobs)
 
     def stats(self) -> dict:
-        """Counters for logs, tests and benchmarks: requests in flight (`live`), rows in the batch,
-        requests ended by kind, and the longest stop-to-leave lag."""
+        """Counters for logs, tests and benchmarks: requests in flight (`live`; `stopping`: asked
+        to stop, not yet gone), rows in the batch, requests ever prefilled (`admitted`), requests
+        ended by kind, and the longest stop-to-leave lag."""
         with self._jobs_lock:
             live = len(self._jobs)
-        return {"live": live, "rows": len(self._rows), "cache": self._cache is not None,
+            stopping = sum(job.cancel.is_set() for job in self._jobs)
+        return {"live": live, "stopping": stopping, "rows": len(self._rows),
+                "cache": self._cache is not None, "admitted": self.admitted,
                 "largest_batch": self.largest_batch, "joined_running": self.joined_running,
                 **self.counts, "stop_lag_max_s": round(self.stop_lag_max, 4)}
 
@@ -213,6 +217,7 @@ class Batcher:
         else:
             self._cache, self._mask = cache, mask
         self._rows += rows
+        self.admitted += len(rows)
         self.largest_batch = max(self.largest_batch, len(self._rows))
         for row, row_logits in zip(rows, logits):
             self._emit(row, row_logits)
