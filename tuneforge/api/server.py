@@ -58,7 +58,10 @@ def resolve_drain_timeout() -> float:
     return value
 
 
-def _server(engine, host: str, port: int, api_key: str | None, drain_timeout: float, log_level: str):
+def make_server(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
+                drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, log_level: str = "info"):
+    """A uvicorn.Server for `engine` that drains on shutdown (see the module); its FastAPI app is
+    `.config.app` (routes may be added before it runs)."""
     import uvicorn
 
     from .app import create_app
@@ -82,7 +85,7 @@ def serve(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: s
     API_DRAIN_TIMEOUT (resolve_drain_timeout: ConfigError for a bad value)."""
     if drain_timeout is None:
         drain_timeout = resolve_drain_timeout()
-    _server(engine, host, port, api_key, drain_timeout, "info").run()
+    make_server(engine, host, port, api_key, drain_timeout, "info").run()
 
 
 class BackgroundServer:
@@ -91,7 +94,7 @@ class BackgroundServer:
 
     def __init__(self, engine, host: str = DEFAULT_HOST, port: int = 0, api_key: str | None = None,
                  drain_timeout: float = 0.0):
-        self.server = _server(engine, host, port, api_key, drain_timeout, "warning")
+        self.server = make_server(engine, host, port, api_key, drain_timeout, "warning")
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> str:

@@ -86,7 +86,8 @@ class Batcher:
         self.joined_running = 0       # requests that joined a batch already generating
         self.admitted = 0             # requests prefilled into the batch
         self.counts = {"finished": 0, "stopped": 0, "failed": 0}
-        self.stop_lag_max = 0.0       # longest time from a Job.stop() to its row leaving, seconds
+        self.stopped_by: collections.Counter[str] = collections.Counter()  # by Job.reason
+        self.stop_lag_max = 0.0       # longest time from a Job.stop() to its running row leaving, s
         self._queue: queue.Queue[tuple[Job, ...]] = queue.Queue()
         self._pending: collections.deque[Job] = collections.deque()  # taken from the queue, not admitted
         self._jobs: set[Job] = set()  # submitted and not yet ended
@@ -114,14 +115,15 @@ class Batcher:
     def stats(self) -> dict:
         """Counters for logs, tests and benchmarks: requests in flight (`live`; `stopping`: asked
         to stop, not yet gone), rows in the batch, requests ever prefilled (`admitted`), requests
-        ended by kind, and the longest stop-to-leave lag."""
+        ended by kind, and the longest stop-to-leave lag of a running request."""
         with self._jobs_lock:
             live = len(self._jobs)
             stopping = sum(job.cancel.is_set() for job in self._jobs)
         return {"live": live, "stopping": stopping, "rows": len(self._rows),
                 "cache": self._cache is not None, "admitted": self.admitted,
                 "largest_batch": self.largest_batch, "joined_running": self.joined_running,
-                **self.counts, "stop_lag_max_s": round(self.stop_lag_max, 4)}
+                **self.counts, "stopped_by": dict(self.stopped_by),
+                "stop_lag_max_s": round(self.stop_lag_max, 4)}
 
     # ---- the loop ------------------------------------------------------------------------------
     def _work(self) -> None:
@@ -145,15 +147,16 @@ class Batcher:
                             self._end(row.job, exc)
                     self._rows, self._cache, self._mask = [], None, None
 
-    def _end(self, job: Job, item) -> None:
-        """Send a job its last item (END or an exception) and forget it."""
+    def _end(self, job: Job, item, running: bool = False) -> None:
+        """Send a job its last item (END or an exception) and forget it; `running`: it had a row."""
         if job.ended:
             return
         if isinstance(item, BaseException):
             self.counts["failed"] += 1
         elif job.cancel.is_set():
             self.counts["stopped"] += 1
-            if job.stopped_at is not None:
+            self.stopped_by[job.reason] += 1
+            if running and job.stopped_at is not None:
                 self.stop_lag_max = max(self.stop_lag_max, time.monotonic() - job.stopped_at)
         else:
             self.counts["finished"] += 1
@@ -241,7 +244,7 @@ class Batcher:
         for row in self._rows:  # stopped since the last step: leave now, before any more work
             if not row.done and row.job.cancel.is_set():
                 row.done = True
-                self._end(row.job, END)
+                self._end(row.job, END, running=True)
         live = [i for i, r in enumerate(self._rows) if not r.done]
         if len(live) < len(self._rows) and can_reshape(self._cache):
             self._cache, self._mask = keep_rows(self._cache, self._mask, live)
@@ -284,7 +287,7 @@ class Batcher:
         job = row.job
         if job.cancel.is_set():
             row.done = True
-            self._end(job, END)
+            self._end(job, END, running=True)
             return
         try:
             token = next_token(logits, row.history, row.sampling, row.generator)

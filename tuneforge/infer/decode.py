@@ -41,12 +41,13 @@ def processed_logits(logits: torch.Tensor, history: list[int], s: Sampling) -> t
     if 0 < s.top_k < logits.numel():
         kth = torch.topk(logits, s.top_k).values[-1]
         logits[logits < kth] = float("-inf")
-    if s.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=True)
+    if s.top_p < 1.0:  # sorted: only what top-k left (a sort of the whole vocabulary is slow)
+        kept = (logits != float("-inf")).nonzero().squeeze(-1)
+        ordered, order = torch.sort(logits[kept], descending=True)
         probs = torch.softmax(ordered, -1)
         drop = probs.cumsum(-1) - probs >= s.top_p  # keep the smallest prefix reaching top_p
         drop[0] = False                             # and always the likeliest token (top_p 0 too)
-        logits[order[drop]] = float("-inf")
+        logits[kept[order[drop]]] = float("-inf")
     return logits
 
 
