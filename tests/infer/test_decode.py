@@ -89,3 +89,11 @@ def test_joined_and_dropped_rows_step_like_single_runs():
     logits, _, _ = _step(model, cache, mask, [11, 11], [len(a), len(b)])
     torch.testing.assert_close(logits[0], alone["a"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[1], alone["b"], atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_keeping_no_rows_empties_the_cache():
+    model = _tiny()
+    cache, mask = _prefill(model, [[5, 9, 2], [4, 4]])
+    cache, mask = keep_rows(cache, mask, [])
+    assert mask.shape[0] == 0 and cache.layers[0].keys.shape[0] == 0

@@ -3,6 +3,8 @@ its exception while the requests batched with it answer exactly as they do alone
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tuneforge.adapters.routing import BASE
@@ -98,3 +100,30 @@ def test_a_failed_batch_step_fails_its_rows_and_the_worker_lives_on(engine, monk
     monkeypatch.undo()
     assert engine.batcher.stats()["cache"] is False
     assert len("".join(engine.generate("alpha", ASK, temperature=0, max_tokens=3))) > 0
+
+
+def test_the_kv_cache_is_freed_before_memory_is_given_back(engine, monkeypatch):
+    """When the batch empties its cache is gone (no frame or traceback keeps it) by the time
+    malloc_trim returns the memory to the system."""
+    import weakref
+
+    from tuneforge.infer import batcher
+
+    caches, alive_at_trim = [], []
+    forward = engine.batcher._forward
+
+    def spy(*args):
+        logits, cache = forward(*args)
+        caches.append(weakref.ref(cache))
+        return logits, cache
+
+    monkeypatch.setattr(engine.batcher, "_forward", spy)
+    monkeypatch.setattr(batcher, "_TRIM", lambda pad: alive_at_trim.append(
+        sum(ref() is not None for ref in caches)))
+    for limit in (1, 4):  # ends in the prefill, or in a later step
+        "".join(engine.generate("alpha", ASK, temperature=0, max_tokens=limit))
+        while engine.batcher.stats()["cache"]:  # the step after the last token empties the batch
+            time.sleep(0.001)
+        with engine.batcher.lock:  # ... and trims in the same step
+            pass
+    assert caches and alive_at_trim == [0, 0]

@@ -31,6 +31,20 @@ from .decode import Sampling, can_reshape, join, keep_rows, next_token
 END = object()
 
 
+def _malloc_trim():
+    """glibc's malloc_trim, or None elsewhere: freed KV caches go back to the system, not just to
+    the allocator (which would keep a long prompt's gigabyte in the process for good)."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_TRIM = _malloc_trim()
+
+
 @dataclass(eq=False)  # identity: `in` on a list of jobs must not compare tensors
 class Job:
     input_ids: torch.Tensor          # (1, prompt_len)
@@ -145,7 +159,15 @@ class Batcher:
                     for row in self._rows:
                         if not row.done:
                             self._end(row.job, exc)
-                    self._rows, self._cache, self._mask = [], None, None
+                    self._rows = []
+                if not self._rows and self._cache is not None:
+                    self._idle()  # here, not in the handler: its traceback would keep the cache
+
+    def _idle(self) -> None:
+        """The batch is empty: drop its cache and give the memory back."""
+        self._rows, self._cache, self._mask = [], None, None
+        if _TRIM is not None and self.model.device.type == "cpu":
+            _TRIM(0)
 
     def _end(self, job: Job, item, running: bool = False) -> None:
         """Send a job its last item (END or an exception) and forget it; `running`: it had a row."""
@@ -246,12 +268,12 @@ class Batcher:
                 row.done = True
                 self._end(row.job, END, running=True)
         live = [i for i, r in enumerate(self._rows) if not r.done]
+        if not live:
+            self._idle()
+            return
         if len(live) < len(self._rows) and can_reshape(self._cache):
             self._cache, self._mask = keep_rows(self._cache, self._mask, live)
             self._rows = [self._rows[i] for i in live]
-        if all(r.done for r in self._rows):
-            self._rows, self._cache, self._mask = [], None, None
-            return
         device = self._mask.device
         ids = torch.tensor([[self.pad if r.done else r.pending] for r in self._rows], device=device)
         positions = torch.tensor([[r.length] for r in self._rows], device=device)

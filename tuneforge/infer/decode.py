@@ -94,7 +94,7 @@ def join(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor):
 
 def keep_rows(cache, mask: torch.Tensor, keep: list[int]):
     """Only rows `keep`, and without the leading columns that are padding in all of them."""
-    index = torch.tensor(keep, device=mask.device)
+    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
     mask = mask[index]
     used = mask.any(0).nonzero()
     start = int(used[0]) if len(used) else mask.shape[1]
