@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import threading
 import time
 
@@ -24,17 +25,41 @@ log = logging.getLogger("tuneforge")
 
 
 def resolve_address(serve_args, host: str | None = None, port: int | None = None) -> tuple[str, int]:
-    """Command-line value, then config key (api_host/api_port), then API_HOST/API_PORT, then default."""
+    """Command-line value, then config key (api_host/api_port), then API_HOST/API_PORT, then default.
+    Raises ConfigError for a port outside 1-65535, naming where it came from."""
     host = host or serve_args.api_host or os.environ.get("API_HOST") or DEFAULT_HOST
+    where = "--port"
     if port is None:
-        port = serve_args.api_port
+        port, where = serve_args.api_port, "config key 'api_port'"
     if port is None:
-        env = os.environ.get("API_PORT")
+        env, where = os.environ.get("API_PORT"), "environment variable API_PORT"
         try:
             port = int(env) if env else DEFAULT_PORT
         except ValueError:
             raise ConfigError(f"environment variable API_PORT must be a port number; got {env!r}") from None
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where} must be a port number (1-65535); got {port}")
     return host, port
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on host:port, opened before the model loads so that an address in use
+    (or unknown, or not allowed) is one line at once. Raises ConfigError."""
+    hint = "pick another --host / --port (api_host / api_port)"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: unknown host ({exc}); {hint}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; {hint}") from None
+    return sock
 
 
 def resolve_api_key(serve_args) -> str | None:
@@ -80,12 +105,17 @@ def make_server(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_
 
 
 def serve(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
-          drain_timeout: float | None = None) -> None:
+          drain_timeout: float | None = None, sock: socket.socket | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (see the module). drain_timeout None reads
-    API_DRAIN_TIMEOUT (resolve_drain_timeout: ConfigError for a bad value)."""
+    API_DRAIN_TIMEOUT; sock: a socket from listen(host, port), else one is opened here. Raises
+    ConfigError for a bad API_DRAIN_TIMEOUT or an address it cannot listen on."""
     if drain_timeout is None:
         drain_timeout = resolve_drain_timeout()
-    make_server(engine, host, port, api_key, drain_timeout, "info").run()
+    sock = sock or listen(host, port)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving %s on http://%s:%d/v1 (SIGTERM or Ctrl+C: drain for up to %gs, then stop)",
+             ", ".join(engine.model_ids()), shown, port, drain_timeout)
+    make_server(engine, host, port, api_key, drain_timeout, "info").run(sockets=[sock])
 
 
 class BackgroundServer:

@@ -47,7 +47,9 @@ class Engine:
     @classmethod
     def from_config(cls, cfg) -> "Engine":
         """Base from model_name_or_path; every folder in adapter_name_or_path (comma-separated)
-        becomes a servable model named after the folder (not merged, unlike `tuneforge chat`)."""
+        becomes a servable model named after the folder (not merged, unlike `tuneforge chat`).
+        Raises ModelError for an adapter path that is missing or a file, ConfigError for two
+        adapter folders of one name, and what loading the model or an adapter raises."""
         from .. import adapters as engine
         from ..data import apply_template
         from ..models import load_model_and_tokenizer, split_paths
@@ -56,6 +58,9 @@ class Engine:
         paths = split_paths(cfg.model.adapter_name_or_path)
         names = [Path(p).name for p in paths]
         for path in paths:
+            if Path(path).is_file():
+                raise ModelError(f"adapter path '{path}' is a file; give the adapter's folder "
+                                 "(the one holding adapter_config.json)")
             if not Path(path).is_dir():
                 raise ModelError(f"adapter path '{path}' does not exist")
         dupes = sorted({n for n in names if names.count(n) > 1})
