@@ -143,3 +143,34 @@ def test_body_not_sent_as_json_is_refused_with_the_header_to_send(served):
     assert status == 400
     assert json.loads(raw)["error"]["message"] == (
         "the body must be JSON, sent with 'Content-Type: application/json'")
+
+
+@pytest.mark.parametrize("body", [
+    b'{"model": "tiny", "messages": [{"role": "user", "content": "\xff\xfe"}]}',   # not UTF-8
+    b'{"model": "tiny", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",  # nested too deep
+    b'{"model": "tiny", "messages": [], "max_tokens": ' + b"9" * 5000 + b"}",    # a huge number
+], ids=["not utf-8", "nested", "huge number"])
+def test_body_that_cannot_be_parsed_is_a_400(served, body):
+    engine, url = served
+    status, raw = _send(url, "POST", "/v1/chat/completions", body)
+    assert status == 400
+    assert json.loads(raw)["error"]["message"] == (
+        "the body could not be read as JSON (not UTF-8, nested too deep, or a number too long)")
+
+
+def test_messages_the_chat_template_refuses_are_a_400(served):
+    """Many templates (Llama 2, Mistral, Gemma) raise for roles that do not alternate."""
+    engine, url = served
+    template = engine.tokenizer.chat_template
+    engine.tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    try:
+        status, raw = _send(url, "POST", "/v1/chat/completions", json.dumps(
+            {**BASE, "messages": [{"role": "system", "content": "be brief"},
+                                  {"role": "user", "content": "hi"}]}).encode())
+    finally:
+        engine.tokenizer.chat_template = template
+    error = json.loads(raw)["error"]
+    assert (status, error["param"]) == (400, "messages")
+    assert error["message"] == "this model's chat template refuses the messages: System role not supported"

@@ -110,7 +110,11 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
-        return APIError(exc.status_code, str(exc.detail)).response()
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's
+            message = ("the body could not be read as JSON (not UTF-8, nested too deep, or a number "
+                       "too long)")
+        return APIError(exc.status_code, message).response()
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):

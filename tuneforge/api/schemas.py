@@ -6,7 +6,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from .errors import describe
@@ -16,10 +16,22 @@ MAX_CHOICES = 16
 SEED_RANGE = (-2**63, 2**63 - 1)  # OpenAI's: a signed 64-bit integer
 
 
+def _well_formed(text: str) -> str:
+    """JSON may carry half of a UTF-16 pair (\\ud800) that no tokenizer can take: refused here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "unpaired_surrogate", "holds an unpaired surrogate ({code}) at character {at}; send "
+            "the character itself or a complete surrogate pair",
+            {"code": f"\\u{ord(text[exc.start]):04x}", "at": exc.start}) from None
+    return text
+
+
 def _as_parts(value):
     """content: a string is one text part; an array must hold parts; anything else is refused."""
     if isinstance(value, str):
-        return [{"type": "text", "text": value}]
+        return [{"type": "text", "text": _well_formed(value)}]
     if isinstance(value, list):
         if not value:
             raise PydanticCustomError("empty_content", "an empty array holds no text; send a string "
@@ -27,6 +39,9 @@ def _as_parts(value):
         return value
     raise PydanticCustomError("content_type", "expected a string or an array of text parts, got "
                               "{got}", {"got": describe(value)})
+
+
+Text = Annotated[str, AfterValidator(_well_formed)]
 
 
 def _as_stops(value):
@@ -43,7 +58,7 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # other part types carry other keys
 
     type: str
-    text: Optional[str] = None
+    text: Optional[Text] = None
 
     @model_validator(mode="after")
     def _text_only(self):
@@ -87,7 +102,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: Optional[float] = Field(None, ge=0, le=1)
     max_tokens: Optional[int] = Field(None, ge=1)  # capped to what the context leaves
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name for max_tokens
-    stop: Annotated[list[str], BeforeValidator(_as_stops), Field(max_length=MAX_STOPS)] = []
+    stop: Annotated[list[Text], BeforeValidator(_as_stops), Field(max_length=MAX_STOPS)] = []
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices; they share one generation batch
