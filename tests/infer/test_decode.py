@@ -54,6 +54,13 @@ def _tiny():
     return LlamaForCausalLM(config).eval()
 
 
+def _cache_arg(model) -> str:
+    """transformers renamed past_key_values to cache (the batcher asks the same way)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def _prefill(model, rows):
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
@@ -63,14 +70,14 @@ def _prefill(model, rows):
         mask[i, width - len(r):] = 1
     out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                 use_cache=True)
-    return out.past_key_values, mask
+    return getattr(out, _cache_arg(model)), mask
 
 
 def _step(model, cache, mask, tokens, positions):
     mask = torch.cat([mask, mask.new_ones(len(tokens), 1)], 1)
     out = model(input_ids=torch.tensor(tokens)[:, None], attention_mask=mask,
-                position_ids=torch.tensor(positions)[:, None], past_key_values=cache, use_cache=True)
-    return out.logits[:, -1], out.past_key_values, mask
+                position_ids=torch.tensor(positions)[:, None], use_cache=True, **{_cache_arg(model): cache})
+    return out.logits[:, -1], getattr(out, _cache_arg(model)), mask
 
 
 @torch.inference_mode()
@@ -89,3 +96,11 @@ def test_joined_and_dropped_rows_step_like_single_runs():
     logits, _, _ = _step(model, cache, mask, [11, 11], [len(a), len(b)])
     torch.testing.assert_close(logits[0], alone["a"], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(logits[1], alone["b"], atol=1e-5, rtol=1e-5)
+
+
+@torch.inference_mode()
+def test_keeping_no_rows_empties_the_cache():
+    model = _tiny()
+    cache, mask = _prefill(model, [[5, 9, 2], [4, 4]])
+    cache, mask = keep_rows(cache, mask, [])
+    assert mask.shape[0] == 0 and cache.layers[0].keys.shape[0] == 0

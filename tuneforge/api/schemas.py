@@ -4,40 +4,113 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
+
+from .errors import describe
+
+MAX_STOPS = 4  # as OpenAI's API
+MAX_CHOICES = 16
+SEED_RANGE = (-2**63, 2**63 - 1)  # OpenAI's: a signed 64-bit integer
+
+
+def _well_formed(text: str) -> str:
+    """JSON may carry half of a UTF-16 pair (\\ud800) that no tokenizer can take: refused here."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "unpaired_surrogate", "holds an unpaired surrogate ({code}) at character {at}; send "
+            "the character itself or a complete surrogate pair",
+            {"code": f"\\u{ord(text[exc.start]):04x}", "at": exc.start}) from None
+    return text
+
+
+def _as_parts(value):
+    """content: a string is one text part; an array must hold parts; anything else is refused."""
+    if isinstance(value, str):
+        return [{"type": "text", "text": _well_formed(value)}]
+    if isinstance(value, list):
+        if not value:
+            raise PydanticCustomError("empty_content", "an empty array holds no text; send a string "
+                                      "or text parts")
+        return value
+    raise PydanticCustomError("content_type", "expected a string or an array of text parts, got "
+                              "{got}", {"got": describe(value)})
+
+
+Text = Annotated[str, AfterValidator(_well_formed)]
+
+
+def _as_stops(value):
+    """stop: a string, an array of strings, or null."""
+    if value is None or isinstance(value, list):
+        return value or []
+    if isinstance(value, str):
+        return [value]
+    raise PydanticCustomError("stop_type", "expected a string or an array of strings, got {got}",
+                              {"got": describe(value)})
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # other part types carry other keys
+
+    type: str
+    text: Optional[Text] = None
+
+    @model_validator(mode="after")
+    def _text_only(self):
+        if self.type != "text":
+            raise PydanticCustomError(
+                "unsupported_part", "{kind} parts are not supported: this model reads text only; "
+                "send the content as text", {"kind": repr(self.type)})
+        if self.text is None:
+            raise PydanticCustomError("missing_text", "a text part needs a 'text' string")
+        return self
 
 
 class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: Union[str, list[dict]]  # a list of {"type": "text", "text": ...} parts is accepted too
+    model_config = ConfigDict(strict=True, extra="ignore")  # name, ... are ignored
+
+    # developer is OpenAI's newer name for system
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[list[ContentPart], BeforeValidator(_as_parts)]
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "".join(part.get("text", "") for part in self.content if part.get("type") == "text")
+        return "".join(part.text for part in self.content)
+
+    def as_dict(self) -> dict:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = False  # a last chunk with usage only
 
 
 class ChatCompletionRequest(BaseModel):
-    # unknown fields (user, metadata, store, ...) are ignored rather than refused, as clients send them
-    model_config = ConfigDict(extra="ignore")
+    # unknown fields (user, metadata, store, ...) are ignored rather than refused, as clients send
+    # them; the known ones are strict: "1" is not a number, 2.0 not an integer, 1 not a boolean
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
+    top_p: Optional[float] = Field(None, ge=0, le=1)
+    max_tokens: Optional[int] = Field(None, ge=1)  # capped to what the context leaves
     max_completion_tokens: Optional[int] = Field(None, ge=1)  # the newer name for max_tokens
-    stop: Optional[Union[str, list[str]]] = None
+    stop: Annotated[list[Text], BeforeValidator(_as_stops), Field(max_length=MAX_STOPS)] = []
     stream: bool = False
-    stream_options: Optional[dict] = None  # {"include_usage": true}: a last chunk with usage only
-    n: int = Field(1, ge=1, le=16)  # choices; they share one generation batch
-    seed: Optional[int] = None
+    stream_options: Optional[StreamOptions] = None
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices; they share one generation batch
+    seed: Optional[int] = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1])
     # fields that would change the answer in ways tuneforge does not implement: refused when set
     # (unsupported_field), never silently ignored
     tools: Optional[list] = None
-    tool_choice: Optional[Union[str, dict]] = None
+    tool_choice: Any = None
     response_format: Optional[dict] = None
     logprobs: Optional[bool] = None
     top_logprobs: Optional[int] = None
@@ -60,8 +133,13 @@ class ChatCompletionRequest(BaseModel):
         return next((name for name, on in asked.items() if on), None)
 
     def stop_list(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return [s for s in stops if s]
+        return [s for s in self.stop if s]
+
+    def answer_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
 
 
 class Usage(BaseModel):

@@ -41,21 +41,29 @@ def processed_logits(logits: torch.Tensor, history: list[int], s: Sampling) -> t
     if 0 < s.top_k < logits.numel():
         kth = torch.topk(logits, s.top_k).values[-1]
         logits[logits < kth] = float("-inf")
-    if s.top_p < 1.0:
-        ordered, order = torch.sort(logits, descending=True)
+    if s.top_p < 1.0:  # sorted: only what top-k left (a sort of the whole vocabulary is slow)
+        kept = (logits != float("-inf")).nonzero().squeeze(-1)
+        ordered, order = torch.sort(logits[kept], descending=True)
         probs = torch.softmax(ordered, -1)
-        drop = probs.cumsum(-1) - probs >= s.top_p  # keep the smallest prefix reaching top_p (>= 1 token)
-        logits[order[drop]] = float("-inf")
+        drop = probs.cumsum(-1) - probs >= s.top_p  # keep the smallest prefix reaching top_p
+        drop[0] = False                             # and always the likeliest token (top_p 0 too)
+        logits[kept[order[drop]]] = float("-inf")
     return logits
 
 
 def next_token(logits: torch.Tensor, history: list[int], s: Sampling,
                generator: torch.Generator | None) -> int:
-    """Greedy, or one draw from `generator` (the row's own: a seeded row repeats in any batch)."""
-    logits = processed_logits(logits, history, s)
+    """Greedy, or one draw from `generator` (the row's own: a seeded row repeats in any batch).
+    A temperature so small that the scaled logits overflow picks the likeliest token, the limit
+    sampling approaches as the temperature falls to 0."""
+    scaled = processed_logits(logits, history, s)
     if not s.do_sample:
-        return int(logits.argmax())
-    return int(torch.multinomial(torch.softmax(logits, -1).cpu(), 1, generator=generator))
+        return int(scaled.argmax())
+    probs = torch.softmax(scaled, -1).cpu()
+    if not bool(torch.isfinite(probs).all()):  # overflowed: several tokens may be at +inf
+        greedy = Sampling(repetition_penalty=s.repetition_penalty)
+        return int(processed_logits(logits, history, greedy).argmax())
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def can_reshape(cache) -> bool:
@@ -86,7 +94,7 @@ def join(cache, mask: torch.Tensor, new_cache, new_mask: torch.Tensor):
 
 def keep_rows(cache, mask: torch.Tensor, keep: list[int]):
     """Only rows `keep`, and without the leading columns that are padding in all of them."""
-    index = torch.tensor(keep, device=mask.device)
+    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
     mask = mask[index]
     used = mask.any(0).nonzero()
     start = int(used[0]) if len(used) else mask.shape[1]

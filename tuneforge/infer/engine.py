@@ -6,40 +6,25 @@ adapter" is switched and nobody waits for another request to finish."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import threading
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from ..errors import ConfigError, ModelError
-from .generation import chat_input_ids, generation_kwargs, pad_id
+from .generation import chat_input_ids, context_length, generation_kwargs, pad_id
+from .stream import Generation, GenerationResult, RequestError, Unavailable
 
-
-@dataclass
-class GenerationResult:
-    """Filled in once a Generation has been iterated to its end."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    finish_reason: str = "stop"
-    text: str = ""
-
-
-@dataclass
-class Generation:
-    """Iterate for the answer's text pieces; `result` holds counts once iteration ends."""
-    pieces: Iterator[str]
-    result: GenerationResult = field(default_factory=GenerationResult)
-
-    def __iter__(self) -> Iterator[str]:
-        return self.pieces
+__all__ = ["Engine", "Generation", "GenerationResult", "RequestError", "Unavailable"]
 
 
 class Engine:
     def __init__(self, model, tokenizer, adapters: dict[str, str] | None = None,
                  base_name: str = "base", gen_defaults=None, default_system: str | None = None,
-                 max_batch_size: int = 8):
-        """adapters: public model id -> adapter name inside `model` (loaded with tuneforge.adapters)."""
+                 max_batch_size: int = 8, context: int | None = None):
+        """adapters: public model id -> adapter name inside `model` (loaded with tuneforge.adapters).
+        context: most tokens a prompt and its answer may hold together; None reads the model's
+        own (max_position_embeddings, ...). Raises ConfigError for an adapter named as the base."""
         from ..config import GeneratingArguments
 
         self.model = model.eval()
@@ -50,15 +35,21 @@ class Engine:
             raise ConfigError(f"adapter name {base_name!r} is also the base model's name; rename its folder")
         self.gen = gen_defaults or GeneratingArguments()
         self.default_system = default_system
+        self.context = context if context is not None else context_length(model, tokenizer)
+        self.accepting = True
+        self._encode_lock = threading.Lock()  # one tokenizer, requests arriving on many threads
         from .batcher import Batcher
 
-        self.batcher = Batcher(self.model, pad_id(tokenizer), _ids(tokenizer.eos_token_id),
+        self.eos_ids = _ids(tokenizer.eos_token_id)
+        self.batcher = Batcher(self.model, pad_id(tokenizer), self.eos_ids,
                                routed=bool(self.adapters), max_batch_size=max_batch_size)
 
     @classmethod
     def from_config(cls, cfg) -> "Engine":
         """Base from model_name_or_path; every folder in adapter_name_or_path (comma-separated)
-        becomes a servable model named after the folder (not merged, unlike `tuneforge chat`)."""
+        becomes a servable model named after the folder (not merged, unlike `tuneforge chat`).
+        Raises ModelError for an adapter path that is missing or a file, ConfigError for two
+        adapter folders of one name, and what loading the model or an adapter raises."""
         from .. import adapters as engine
         from ..data import apply_template
         from ..models import load_model_and_tokenizer, split_paths
@@ -67,6 +58,9 @@ class Engine:
         paths = split_paths(cfg.model.adapter_name_or_path)
         names = [Path(p).name for p in paths]
         for path in paths:
+            if Path(path).is_file():
+                raise ModelError(f"adapter path '{path}' is a file; give the adapter's folder "
+                                 "(the one holding adapter_config.json)")
             if not Path(path).is_dir():
                 raise ModelError(f"adapter path '{path}' does not exist")
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -94,72 +88,77 @@ class Engine:
 
     # ---- generation ----------------------------------------------------------------------------
     def encode(self, messages: list[dict]) -> torch.Tensor:
-        return chat_input_ids(self.tokenizer, messages, self.default_system, self.model.device)
+        """The prompt's token ids. Raises RequestError when the model's chat template refuses the
+        messages (many raise for roles that do not alternate, or for a system turn)."""
+        from jinja2 import TemplateError
+
+        try:
+            with self._encode_lock:
+                return chat_input_ids(self.tokenizer, messages, self.default_system, self.model.device)
+        except TemplateError as exc:
+            raise RequestError(f"this model's chat template refuses the messages: {exc}",
+                               param="messages") from None
 
     def generation_kwargs(self, temperature=None, top_p=None, max_tokens=None) -> dict:
         """Request values first, the config's generation keys for what the request leaves out."""
         return generation_kwargs(self.gen, self.tokenizer, temperature, top_p, max_tokens)
 
+    def answer_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+        """Most tokens the answer may have: max_tokens capped to what the context leaves after
+        the prompt (the answer then ends with finish_reason "length", as OpenAI's API does);
+        no max_tokens: all the context leaves. Raises RequestError (param "messages") for a
+        prompt that leaves no room."""
+        if self.context is None:  # a model that names no context length
+            return max_tokens or self.gen.max_new_tokens
+        room = self.context - prompt_tokens
+        if room < 1:
+            raise RequestError(
+                f"the prompt is {prompt_tokens} tokens but this model's context is {self.context} "
+                "tokens, which must also hold at least one answer token; shorten the messages",
+                param="messages")
+        return room if max_tokens is None else min(max_tokens, room)
+
     def generate(self, model_name: str, messages: list[dict], stop: list[str] | None = None,
                  seed: int | None = None, **sampling) -> Generation:
-        """Queue the request for adapter `model_name` (or the base) and stream its answer. Stop
-        strings end the answer and are not part of it; text that might begin a stop string is
-        held back until it is known not to."""
-        from ..adapters.routing import BASE
-        from .batcher import END, Job
+        """One answer; see generate_choices."""
+        return self.generate_choices(model_name, messages, 1, stop, seed, **sampling)[0]
 
+    def generate_choices(self, model_name: str, messages: list[dict], n: int = 1,
+                         stop: list[str] | None = None, seed: int | None = None,
+                         temperature: float | None = None, top_p: float | None = None,
+                         max_tokens: int | None = None) -> list[Generation]:
+        """Queue n answers to one prompt for adapter `model_name` (or the base); they share the
+        batch, choice i seeded with seed + i. Stop strings end an answer and are not part of it.
+        Raises KeyError for an unknown model, RequestError for a prompt the context cannot hold,
+        Unavailable once the server is shutting down."""
+        from ..adapters.routing import BASE
+        from .batcher import Job
+        from .textstream import TextAssembler
+
+        if not self.accepting:
+            raise Unavailable("the server is shutting down and takes no new requests; retry later")
         if not self.has_model(model_name):
             raise KeyError(model_name)
         input_ids = self.encode(messages)
-        kwargs = self.generation_kwargs(**sampling)
-        job = self.batcher.submit(Job(input_ids, self.adapters.get(model_name, BASE), kwargs, seed))
-        result = GenerationResult(prompt_tokens=input_ids.shape[1])
+        prompt_tokens = input_ids.shape[1]
+        kwargs = self.generation_kwargs(temperature, top_p, self.answer_budget(prompt_tokens, max_tokens))
+        adapter = self.adapters.get(model_name, BASE)
+        generations = []
+        for i in range(n):
+            job = Job(input_ids, adapter, kwargs, None if seed is None else seed + i)
+            generations.append(Generation(job, TextAssembler(self.tokenizer, stop),
+                                          self.eos_ids, prompt_tokens))
+        self.batcher.submit(*(g.job for g in generations))
+        return generations
 
-        def tokens():
-            while (item := job.out.get()) is not END:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+    # ---- shutting down -------------------------------------------------------------------------
+    def stop_accepting(self) -> None:
+        """New requests raise Unavailable from now on; running ones go on."""
+        self.accepting = False
 
-        def pieces() -> Iterator[str]:
-            stops = stop or []
-            hold = max((len(s) for s in stops), default=1) - 1
-            ids: list[int] = []
-            text, sent, stopped = "", 0, False
-            try:
-                for tok in tokens():
-                    ids.append(tok)
-                    if stopped:
-                        continue  # drain until the batch notices the cancel flag
-                    decoded = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    if decoded.endswith("\ufffd") or not decoded.startswith(text):
-                        continue  # half a character, or a merge that rewrites the tail: wait
-                    text = decoded
-                    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                    if cut >= 0:
-                        text, stopped = text[:cut], True
-                        job.cancel.set()
-                    safe = len(text) if stopped else max(sent, len(text) - hold)
-                    if safe > sent:
-                        yield text[sent:safe]
-                        sent = safe
-                if not stopped:
-                    final = self.tokenizer.decode(ids, skip_special_tokens=True)
-                    text = final if final.startswith(text[:sent]) else text
-                    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-                    if cut >= 0:
-                        text, stopped = text[:cut], True
-                if sent < len(text):
-                    yield text[sent:]
-            finally:
-                job.cancel.set()  # also when the client went away mid-stream
-            result.completion_tokens = len(ids)
-            result.text = text
-            ended_by_eos = bool(ids) and ids[-1] in _ids(kwargs["eos_token_id"])
-            result.finish_reason = ("length" if not stopped and not ended_by_eos
-                                    and len(ids) >= kwargs["max_new_tokens"] else "stop")
-
-        return Generation(pieces(), result)
+    def stop_all(self) -> int:
+        """Stop every running and queued request (their readers get Unavailable); returns how many."""
+        return self.batcher.stop_all("shutdown")
 
 
 def _ids(value) -> set[int]:

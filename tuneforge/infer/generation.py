@@ -35,3 +35,20 @@ def generation_kwargs(gen, tokenizer, temperature: float | None = None, top_p: f
     else:  # greedy: unset the model's sampling defaults so transformers does not warn
         kwargs.update(temperature=None, top_p=None, top_k=None)
     return kwargs
+
+
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(model, tokenizer=None) -> int | None:
+    """Most tokens the model attends over (prompt and answer together): its config's
+    max_position_embeddings (or the older names for it), lowered to the tokenizer's
+    model_max_length when that is a real limit. None when neither names one."""
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limits = [getattr(text_config, key, None) for key in _CONTEXT_KEYS]
+    found = next((int(v) for v in limits if isinstance(v, int) and v > 0), None)
+    tokenizer_limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 10**7:  # "no limit" is ~1e30
+        found = tokenizer_limit if found is None else min(found, tokenizer_limit)
+    return found
