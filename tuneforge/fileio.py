@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -287,3 +288,21 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     """A library exception's message as one line (its lines joined), at most `limit` characters."""
     text = " ".join(part.strip() for part in str(exc).splitlines() if part.strip()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def replace_folder(new: Path, place: Path) -> None:
+    """Rename the complete folder `new` to `place`, in the same parent. An existing `place` is
+    renamed aside first (to `<new>-old`) and removed only once `new` is in; if the rename fails,
+    it is put back. Raises the OSError of a rename that failed."""
+    aside = None
+    if place.exists():
+        aside = new.with_name(new.name + "-old")
+        place.rename(aside)
+    try:
+        new.rename(place)
+    except OSError:
+        if aside is not None:
+            aside.rename(place)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

@@ -16,7 +16,8 @@ import torch
 
 from .errors import ModelError
 from .fileio import json_kind, one_line, read_json
-from .weightfiles import check_gguf, check_safetensors, check_torch_file, refused_pickle
+from .weightfiles import (check_gguf, check_safetensors, check_torch_file, load_model_config,
+                          refused_pickle)
 
 log = logging.getLogger(__name__)
 
@@ -269,7 +270,7 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
     if path.is_file():
         path = _gguf_cached_dir(path, model_args.cache_dir)
     weights = check_model_folder(path)
-    _check_model_config(path, model_args.trust_remote_code)
+    load_model_config(path, model_args.trust_remote_code)  # transformers' reading, one line
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
     torch_dtype = resolve_dtype(dtype if dtype is not None else model_args.infer_dtype)
     qcfg = quantization_config(model_args)
@@ -320,23 +321,6 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     return tuple(errors)
-
-
-def _check_model_config(path: Path, trust_remote_code: bool) -> None:
-    """transformers' own reading of config.json: missing model_type, values of the wrong type."""
-    from transformers import AutoConfig
-
-    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, KeyError)
-    try:
-        from huggingface_hub.errors import StrictDataclassError
-
-        errors += (StrictDataclassError,)
-    except ImportError:
-        pass
-    try:
-        AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except errors as exc:
-        raise ModelError(f"model config '{path / 'config.json'}' is not usable: {one_line(exc)}") from None
 
 
 def quantization_config(model_args):

@@ -19,7 +19,7 @@ import zipfile
 from pathlib import Path
 
 from .errors import ModelError, TuneforgeError
-from .fileio import describe_os_error, one_line
+from .fileio import describe_os_error, one_line, read_json
 
 SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library refuses larger headers too
 _MAGICS = {  # what a file that is not the expected format most likely is instead
@@ -310,3 +310,28 @@ def check_gguf(path: str | Path, what: str = "model file",
     if size < expected:
         raise error(f"{where} is truncated: its header says {expected} bytes but the file has {size}; "
                     f"{_AGAIN}")
+
+
+def load_model_config(directory: Path, trust_remote_code: bool = False):
+    """transformers' `AutoConfig` of a model folder. Raises ModelError (one line naming
+    config.json) when it is missing, not a JSON object, or not usable by transformers (no
+    model_type, a value of the wrong type)."""
+    import transformers
+
+    config_file = Path(directory) / "config.json"
+    if not config_file.exists():
+        raise ModelError(f"'{directory}' has no config.json")
+    if not isinstance(read_json(config_file, "model config", ModelError), dict):
+        raise ModelError(f"model config '{config_file}' must hold a JSON object; save the model again")
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, KeyError)
+    try:
+        from huggingface_hub.errors import StrictDataclassError  # a value of the wrong type
+
+        errors += (StrictDataclassError,)
+    except ImportError:
+        pass
+    try:
+        return transformers.AutoConfig.from_pretrained(str(directory),
+                                                       trust_remote_code=trust_remote_code)
+    except errors as exc:
+        raise ModelError(f"model config '{config_file}' is not usable: {one_line(exc)}") from None

@@ -225,7 +225,7 @@ def _from_sharegpt(entry: DatasetEntry, record: dict, where: str) -> Conversatio
 def _message(entry: DatasetEntry, raw, number: int, kinds: dict, where: str) -> dict[str, str]:
     """One sharegpt message, its types checked: {"tag", "role", "content"}."""
     role_tag, content_tag = entry.tags["role_tag"], entry.tags["content_tag"]
-    tags_fix = (f'set "tags": {{"role_tag": ..., "content_tag": ...}} in dataset_info.json to match '
+    tags_fix = ('set "tags": {"role_tag": ..., "content_tag": ...} in dataset_info.json to match '
                 "your data")
     if not isinstance(raw, dict):
         raise _refuse(entry, where, f"message {number} is {describe_value(raw)}, not an object with the "

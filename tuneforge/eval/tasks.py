@@ -127,23 +127,6 @@ def _zip_trouble(archive: Path, exc: Exception) -> str:
         zip_start = fh.read(4) == b"PK\x03\x04"
     return ("is truncated or damaged (its zip directory is missing)" if zip_start
             else "is not a zip file")
-    cache.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=cache))
-    try:
-        with zipfile.ZipFile(archive) as zf:
-            for member in zf.namelist():
-                dest = (tmp / member).resolve()
-                if not dest.is_relative_to(tmp.resolve()):
-                    raise DataError(f"{archive}: member {member!r} points outside the archive; not unpacked")
-            zf.extractall(tmp)
-        tmp.rename(target)
-    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
-        # damaged, truncated, encrypted or of a compression Python lacks
-        raise DataError(f"task archive '{archive}' is not a readable zip file ({one_line(exc, 160)}); "
-                        "download or copy it again") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def category_accuracy(rows: list[dict], choices: list[str], mapping: dict) -> dict[str, float]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import CheckpointError, ConfigError
-from ..fileio import check_output_dir, describe_os_error
+from ..fileio import check_output_dir, describe_os_error, replace_folder
 
 log = logging.getLogger("tuneforge")
 
@@ -207,22 +207,6 @@ def _os_error_of(exc: BaseException) -> OSError | None:
     return None
 
 
-def _swap_into_place(staging: Path, real: Path) -> None:
-    """Rename `staging` to `real`; an existing `real` is moved aside first, removed only after."""
-    old = None
-    if real.exists():
-        old = staging.with_name(staging.name + "-old")
-        real.rename(old)
-    try:
-        staging.rename(real)
-    except OSError:
-        if old is not None:
-            old.rename(real)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 @contextmanager
 def staged(target: ExportTarget, export_format: str) -> Iterator[Path]:
     """Yield an empty folder beside export_dir to write the export into. When the block ends
@@ -242,7 +226,7 @@ def staged(target: ExportTarget, export_format: str) -> Iterator[Path]:
         _readable_like_new_files(staging)
         if real.exists() and any(real.iterdir()):
             verify_previous_export(real, target.shown)  # nothing of the user's arrived meanwhile
-        _swap_into_place(staging, real)
+        replace_folder(staging, real)
         staging = None
     except BaseException as exc:
         if staging is not None:

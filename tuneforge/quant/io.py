@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from tuneforge.errors import CheckpointError, ConfigError, ModelError
-from tuneforge.fileio import one_line, read_json
-from tuneforge.weightfiles import load_safetensors
+from tuneforge.fileio import read_json, replace_folder
+from tuneforge.weightfiles import load_model_config, load_safetensors
 
 from . import backends
 from .linear import QuantLinear
@@ -113,26 +113,10 @@ def save_quantized(model: nn.Module, directory: str | Path, tokenizer=None) -> P
             tokenizer.save_pretrained(tmp)
         # the metadata goes last: a directory that has it is complete
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
-        _swap_into_place(tmp, out)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    """Rename `tmp` to `out`; an existing `out` is moved aside first and removed only after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- load -----------------------------------------------------------------------------------------
@@ -162,22 +146,7 @@ def _empty_model(directory: Path):
     import transformers
     from accelerate import init_empty_weights
 
-    config_file = directory / CONFIG_NAME
-    if not config_file.exists():
-        raise ModelError(f"'{directory}' has no {CONFIG_NAME}")
-    if not isinstance(read_json(config_file, "model config", ModelError), dict):
-        raise ModelError(f"model config '{config_file}' must hold a JSON object; save the model again")
-    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, KeyError)
-    try:
-        from huggingface_hub.errors import StrictDataclassError  # a value of the wrong type
-
-        errors += (StrictDataclassError,)
-    except ImportError:
-        pass
-    try:
-        config = transformers.AutoConfig.from_pretrained(directory)
-    except errors as exc:
-        raise ModelError(f"model config '{config_file}' is not usable: {one_line(exc)}") from None
+    config = load_model_config(directory)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     with init_empty_weights():
