@@ -117,3 +117,25 @@ def test_every_command_is_on_the_command_line():
     parser = _parser()
     for argv in (["train", "c.yaml"], ["chat"], ["eval"], ["export", "c.yaml"], ["api"], ["keys"], ["env"]):
         assert parser.parse_args(argv).command == argv[0]
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`tuneforge keys | head -1`: the reader is gone before we write; no traceback, 141."""
+    code = ("import sys, time; time.sleep(0.3); from tuneforge.cli import main; "
+            "sys.exit(main(['keys']))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader leaves at once
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "export"])
+def test_a_command_without_any_config_says_what_it_needs(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"nothing to {command}: give a YAML config (tuneforge {command} cfg.yaml" in err
+    assert "overrides" not in err.splitlines()[-1]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -184,3 +185,48 @@ def test_seed_outside_numpy_range():
     for seed in (-1, 2**32):
         with pytest.raises(ConfigError, match=r"config key 'seed' must be in \[0, 4294967295\]"):
             load_config(None, {"seed": seed})
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("output_dir=on", "on"),                  # YAML would read a bool
+    ("output_dir=2024", "2024"),              # or a number
+    ("output_dir=/tmp/a\nb", "/tmp/a\nb"),    # or fold the newline into a space
+    ("output_dir=null", None),                # null still unsets
+    ("template=123", "123"),
+])
+def test_text_keys_keep_the_text_as_typed(override, expected):
+    key = override.split("=", 1)[0]
+    cfg = load_config(None, [override])
+    section = "train" if key == "output_dir" else "data"
+    assert getattr(getattr(cfg, section), key) == expected
+
+
+def test_a_yaml_bool_for_a_text_key_says_to_quote_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("output_dir: on\n")
+    with pytest.raises(ConfigError, match=r"expects a string, got True \(YAML reads on/off/yes/no"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("value, kind", [(["a", "b"], "a list"), ({"x": 1}, "a dict"),
+                                         (None, "nothing (null)"), (True, "a bool")])
+def test_placeholders_must_be_text(value, kind):
+    with pytest.raises(ConfigError, match=f"the value of .name. must be text .* got {re.escape(kind)}"):
+        load_config(None, {"placeholders": {"name": value}})
+    assert load_config(None, {"placeholders": {"name": "Ember", "year": 2026}})
+
+
+def test_an_adapter_listed_twice_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="lists 'a' twice; it would be applied twice"):
+        load_config(None, ["adapter_name_or_path=a,b,a"])
+    (tmp_path / "ad").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "ad")
+    with pytest.raises(ConfigError, match=r"lists '.*link' twice \(as '.*ad'\)"):
+        load_config(None, {"adapter_name_or_path": f"{tmp_path / 'ad'},{tmp_path / 'link'}"})
+
+
+def test_export_quantization_belongs_to_gguf():
+    with pytest.raises(ConfigError, match="'export_quantization' is for export_format: gguf"):
+        load_config(None, ["export_quantization=q4_0"])
+    load_config(None, ["export_quantization=q4_0", "export_format=gguf"])
+    load_config(None, ["export_format=hf"])  # the default export_quantization conflicts with nothing

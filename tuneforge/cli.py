@@ -25,8 +25,9 @@ def _parser() -> argparse.ArgumentParser:
 
     def command(name: str, help: str, config_required: bool = True):
         p = sub.add_parser(name, help=help, description=help)
-        p.add_argument("config", nargs="?" if not config_required else None,
-                       help="YAML config file")
+        p.add_argument("config", nargs="?", help="YAML config file"
+                       + ("" if config_required else " (optional)"))
+        p.set_defaults(needs_config=config_required, subparser=p)
         p.add_argument("overrides", nargs="*", help="key=value pairs that override the YAML")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
         return p
@@ -172,6 +173,18 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # the reader went away (`tuneforge keys | head -3`): stop quietly
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so that the exit's flush cannot fail again
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 128 + 13  # as a process killed by SIGPIPE
+
+
+def _main(argv: list[str] | None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     # key=value after a flag (`chat --prompt hi max_new_tokens=8`) lands here: keep it
@@ -181,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     if extra:
         args.overrides = [*getattr(args, "overrides", []), *extra]
     _take_back_overrides(args)
+    if getattr(args, "needs_config", False) and not args.config and not args.overrides:
+        args.subparser.error(f"nothing to {args.command}: give a YAML config (tuneforge "
+                             f"{args.command} cfg.yaml [key=value ...]) or key=value settings")
     if args.command == "keys":
         print(describe_keys())
         return 0
@@ -220,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tuneforge: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
         return EXIT_USER_ERROR
+    except BrokenPipeError:
+        raise
     except OSError as exc:  # the last net: a file or disk the command met, not a bug to trace
         if args.debug:
             raise

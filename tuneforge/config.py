@@ -399,21 +399,47 @@ def _coerce(key: str, value: Any, annotation) -> Any:
             return {str(k): v for k, v in value.items()}
     else:
         return value
-    raise ConfigError(f"config key '{key}' expects {_type_name(annotation)}, got {value!r}")
+    hint = ""
+    if annotation is str and isinstance(value, bool):
+        hint = (" (YAML reads on/off/yes/no/true/false as true or false; quote the name, e.g. "
+                "'on')")
+    raise ConfigError(f"config key '{key}' expects {_type_name(annotation)}, got {value!r}{hint}")
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """`key=value` strings from the command line; values are parsed as YAML scalars."""
+    """`key=value` strings from the command line; values are parsed as YAML scalars, except that
+    a text key keeps the text as typed (`output_dir=on` is the folder "on", not true, and a
+    newline in it is kept rather than folded by YAML)."""
+    known = all_fields()
     out = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key=value")
         key, raw = item.split("=", 1)
+        key = key.strip()
+        if raw == "":
+            out[key] = None
+            continue
+        text_key = key in known and _is_text(known[key][1].type)
+        if text_key and "\n" in raw:
+            out[key] = raw
+            continue
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw != "" else None
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
-            out[key.strip()] = raw
+            value = raw
+        if text_key and value is not None and not isinstance(value, (str, list)):
+            value = raw  # a name that YAML reads as a bool or a number (null still unsets)
+        out[key] = value
     return out
+
+
+def _is_text(annotation) -> bool:
+    """str or Optional[str] (not a union that also takes bool, such as resume_from_checkpoint)."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {**typing.__dict__, **globals()})  # noqa: S307 - our own annotations
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return options == [str]
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -444,7 +470,7 @@ def build_config(values: dict) -> Config:
     cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
     from .config_checks import validate  # it needs the sections above
 
-    validate(cfg)
+    validate(cfg, given=set(values))
     return cfg
 
 

@@ -4,13 +4,15 @@ key in one ConfigError line. Run by config.build_config on every config it makes
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from .config import SECTIONS, Config
 from .errors import ConfigError
 
 
-def validate(cfg: Config) -> None:
-    """Value checks and combinations that cannot be right, named by key."""
+def validate(cfg: Config, given: set[str] | frozenset[str] = frozenset()) -> None:
+    """Value checks and combinations that cannot be right, named by key. `given`: the keys the
+    user set (a key left at its default cannot conflict). Raises ConfigError."""
     for section in SECTIONS:
         obj = getattr(cfg, section)
         for f in dataclasses.fields(obj):
@@ -30,6 +32,33 @@ def validate(cfg: Config) -> None:
     if cfg.train.max_steps <= 0 and cfg.train.num_train_epochs <= 0:
         raise ConfigError("set 'num_train_epochs' or 'max_steps' to a positive value")
     _validate_lora_variants(cfg)
+    _validate_placeholders(cfg.data.placeholders)
+    _validate_adapter_list(cfg.model.adapter_name_or_path)
+    if "export_quantization" in given and cfg.export.export_format != "gguf":
+        raise ConfigError(f"config key 'export_quantization' is for export_format: gguf (got "
+                          f"{cfg.export.export_format}); a Hugging Face export takes export_dtype "
+                          "or export_quantization_bit instead")
+
+
+def _validate_placeholders(placeholders: dict | None) -> None:
+    """{{key}} in the data is replaced by text: a list or mapping there is a mistake."""
+    for key, value in (placeholders or {}).items():
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            kind = "nothing (null)" if value is None else f"a {type(value).__name__}"
+            raise ConfigError(f"config key 'placeholders': the value of '{key}' must be text (it "
+                              f"replaces {{{{{key}}}}} in the data); got {kind}")
+
+
+def _validate_adapter_list(paths: str | None) -> None:
+    """Each adapter is merged or loaded once per listing: a path listed twice would apply twice."""
+    seen: dict[str, str] = {}
+    for path in (p.strip() for p in (paths or "").split(",") if p.strip()):
+        real = os.path.realpath(os.path.expanduser(path))
+        if real in seen:
+            same = "" if seen[real] == path else f" (as '{seen[real]}')"
+            raise ConfigError(f"config key 'adapter_name_or_path' lists '{path}' twice{same}; it "
+                              "would be applied twice: list each adapter once")
+        seen[real] = path
 
 
 def _parse_bounds(bounds: str) -> tuple[float, float, bool, bool]:
