@@ -139,3 +139,18 @@ def test_a_command_without_any_config_says_what_it_needs(command, capsys):
     err = capsys.readouterr().err
     assert f"nothing to {command}: give a YAML config (tuneforge {command} cfg.yaml" in err
     assert "overrides" not in err.splitlines()[-1]
+
+
+def test_python_warnings_print_as_one_tuneforge_line(monkeypatch, caplog):
+    import logging
+    import warnings
+
+    from tuneforge import cli
+
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored afterwards
+    cli._quiet_libraries()
+    with caplog.at_level(logging.WARNING, logger="tuneforge"), warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = cli._warning_as_log_line  # catch_warnings saved the original
+        warnings.warn("the head is tied\n  to the embedding", UserWarning)
+    assert [r.getMessage() for r in caplog.records] == ["the head is tied to the embedding"]

@@ -230,3 +230,17 @@ def test_export_quantization_belongs_to_gguf():
         load_config(None, ["export_quantization=q4_0"])
     load_config(None, ["export_quantization=q4_0", "export_format=gguf"])
     load_config(None, ["export_format=hf"])  # the default export_quantization conflicts with nothing
+
+
+@pytest.mark.parametrize("alias, key", [("lr", "learning_rate"), ("epochs", "num_train_epochs"),
+                                        ("modules_to_save", "additional_target"), ("r", "lora_rank")])
+def test_other_tools_names_suggest_ours(alias, key):
+    with pytest.raises(ConfigError, match=f"unknown config key '{alias}'; did you mean '{key}'"):
+        load_config(None, {alias: 1})
+
+
+def test_every_alias_names_a_real_key():
+    from tuneforge.config import KEY_ALIASES, all_fields
+
+    assert set(KEY_ALIASES.values()) <= set(all_fields())
+    assert not set(KEY_ALIASES) & set(all_fields())

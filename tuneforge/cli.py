@@ -7,6 +7,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from . import __version__
 from .config import describe_keys, load_config, parse_overrides
@@ -170,6 +171,13 @@ def _quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    warnings.showwarning = _warning_as_log_line
+
+
+def _warning_as_log_line(message, category, filename, lineno, file=None, line=None) -> None:
+    """A Python warning (ours or a library's) is one `[tuneforge]` line like every other, not
+    a file:line report with the source line under it."""
+    logging.getLogger("tuneforge").warning("%s", " ".join(str(message).split()))
 
 
 def main(argv: list[str] | None = None) -> int:

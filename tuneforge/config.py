@@ -323,9 +323,24 @@ def all_fields() -> dict[str, tuple[str, dataclasses.Field]]:
     return out
 
 
+# Names users type for a key, from other tools or habit, that no spelling distance finds.
+KEY_ALIASES = {
+    "lr": "learning_rate", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
+    "rank": "lora_rank", "r": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
+    "target_modules": "lora_target", "modules_to_save": "additional_target",
+    "model": "model_name_or_path", "model_path": "model_name_or_path",
+    "adapter": "adapter_name_or_path", "max_length": "cutoff_len", "max_seq_length": "cutoff_len",
+    "train_batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+    "gradient_accumulation": "gradient_accumulation_steps", "output": "output_dir",
+    "data": "dataset", "data_dir": "dataset_dir", "warmup": "warmup_ratio",
+}
+
+
 def _unknown_key(key: str, known) -> ConfigError:
     if key in NOT_YET_SUPPORTED:
         return ConfigError(f"config key '{key}' is not supported by tuneforge yet; remove it")
+    if KEY_ALIASES.get(key) in known:
+        return ConfigError(f"unknown config key '{key}'; did you mean '{KEY_ALIASES[key]}'?")
     close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return ConfigError(f"unknown config key '{key}'{hint}")

@@ -29,6 +29,15 @@ _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _NO_ACCESS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
+def human_size(n: float) -> str:
+    """Bytes as people read them: 512 bytes, 4.4 MB, 7.5 TB (binary units, one decimal)."""
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
 def describe_os_error(exc: OSError, action: str = "access") -> str:
     """One readable clause for an OSError: what happened to which file, and what to do.
 

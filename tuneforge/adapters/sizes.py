@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ConfigError
+from tuneforge.fileio import human_size
 
 log = logging.getLogger("tuneforge")
 _CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
@@ -53,14 +54,6 @@ def device_memory(device: torch.device) -> int | None:
     return total
 
 
-def _human(n: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
-
-
 def check_adapter_size(targets: list[tuple[str, nn.Module]], ranks: dict[str, int]) -> None:
     """Refuse (ConfigError) ranks whose fp32 A and B matrices exceed the memory of their device;
     warn once when a rank is larger than some layer's min(in, out)."""
@@ -83,7 +76,7 @@ def check_adapter_size(targets: list[tuple[str, nn.Module]], ranks: dict[str, in
             where = "this machine's memory" if device.type == "cpu" else f"the memory of {device}"
             raise ConfigError(
                 f"LoRA rank {max(ranks.values())} does not fit in memory: the adapter's A and B "
-                f"matrices for {layers[device]} layers would take {_human(nbytes)}, more than "
+                f"matrices for {layers[device]} layers would take {human_size(nbytes)}, more than "
                 f"{where}; lower lora_rank (r in adapter_config.json)"
             )
     if over:

@@ -183,7 +183,7 @@ def build_messages(row: dict, shots: list[dict], lang: str = "en", names: dict |
     messages = [{"role": "system", "content": PROMPTS[lang][0].format(subject=subject)}]
     for shot in shots:
         messages += [{"role": "user", "content": format_question(shot, lang)},
-                     {"role": "assistant", "content": str(shot["answer"]).strip()}]
+                     {"role": "assistant", "content": str(shot["answer"]).strip().upper()}]
     return messages + [{"role": "user", "content": format_question(row, lang)}]
 
 

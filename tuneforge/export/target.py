@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import CheckpointError, ConfigError
-from ..fileio import check_output_dir, describe_os_error, replace_folder
+from ..fileio import check_output_dir, describe_os_error, human_size, replace_folder
 
 log = logging.getLogger("tuneforge")
 
@@ -146,8 +146,8 @@ def check_free_space(target: ExportTarget, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise ConfigError(f"export_dir '{target.shown}': the export needs about {needed / 1e9:.2f} GB "
-                          f"and its disk has {free / 1e9:.2f} GB free; free some space or choose "
+        raise ConfigError(f"export_dir '{target.shown}': the export needs about {human_size(needed)} "
+                          f"and its disk has {human_size(free)} free; free some space or choose "
                           "another disk")
 
 
