@@ -64,8 +64,8 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_model_d
             fail_writes_into(monkeypatch, ".tmp-checkpoint-2")
         line = run_refused(capsys, cfg)
         assert re.fullmatch(rf"disk full while writing checkpoint-2 in '{out}' \([\d.]+ MB free, "
-                            r"it needs about [\d.]+ MB\); free some space \(or lower "
-                            r"save_total_limit\) and run the same command again to resume", line)
+                            r"it needs about [\d.]+ MB\); free some space and run the same "
+                            r"command again to resume", line)
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
         assert checkpoint_problem(out / "checkpoint-1") is None
         assert not leftovers(out) and not (out / "adapter_model.safetensors").exists()
