@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, save_config
-from .errors import CheckpointError, ConfigError, ModelError
+from .errors import CheckpointError, ConfigError
 from .fileio import check_output_dir, check_outside
 
 log = logging.getLogger("tuneforge")
@@ -23,10 +23,9 @@ def train(cfg: Config) -> dict:
     before output_dir is touched. Raises ConfigError, DataError, ModelError, CheckpointError
     (an output_dir that is a file, the model's or an adapter's folder or inside one; a
     checkpoint that is damaged, past the run's last step or does not fit; a full or read-only
-    disk, with the last checkpoint kept), TrainingDiverged (a
-    NaN/inf loss or weight: nothing of it is saved), and after Ctrl-C or SIGTERM, once a
-    checkpoint is saved, KeyboardInterrupt (train.stop.Interrupted) or SystemExit(143)
-    (train.stop.Terminated)."""
+    disk, with the last checkpoint kept), TrainingDiverged (a NaN/inf loss or weight: nothing
+    of it is saved), and after Ctrl-C or SIGTERM, once a checkpoint is saved,
+    KeyboardInterrupt (train.stop.Interrupted) or SystemExit(143) (train.stop.Terminated)."""
     from transformers import set_seed
 
     from .config import SECRET_KEYS
@@ -101,16 +100,14 @@ def train(cfg: Config) -> dict:
 
 
 def _read_folders(cfg: Config) -> list[tuple[str, Path]]:
-    """The folders training reads, by config key: the model's (when it resolves; a model that
-    does not is reported when it is loaded) and each adapter's."""
-    from .models import resolve_model_path, split_paths
+    """The folders training reads, by config key: the model's (the default model's place in
+    the cache, not converted here; a .gguf file has no folder of its own) and each adapter's."""
+    from .models import DEFAULT_MODEL_NAME, cache_root, split_paths
 
-    found = []
-    try:
-        model = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
-        found.append(("model_name_or_path", model if model.is_dir() else model.parent))
-    except ModelError:
-        pass
+    name = cfg.model.model_name_or_path
+    model = Path(name).expanduser() if name else \
+        cache_root(cfg.model.cache_dir) / "models" / DEFAULT_MODEL_NAME
+    found = [] if model.is_file() else [("model_name_or_path", model)]
     found += [("adapter_name_or_path", Path(p)) for p in split_paths(cfg.model.adapter_name_or_path)]
     return found
 

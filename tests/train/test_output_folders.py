@@ -79,3 +79,25 @@ def test_eval_checks_its_output_dir_before_the_model_loads(tmp_path, tiny_model_
                              f"dataset_dir={tiny_data_dir}", "val_size=2", "do_predict=true",
                              f"output_dir={tmp_path / 'notes'}"])
     assert line == f"output_dir '{tmp_path / 'notes'}' is a file, not a folder; choose a folder path"
+
+
+def test_the_folders_training_reads(tmp_path, monkeypatch):
+    from tuneforge.config import load_config
+    from tuneforge.workflows import _read_folders
+
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    (tmp_path / "m").mkdir()
+    cfg = load_config(None, {"model_name_or_path": str(tmp_path / "m"),
+                             "adapter_name_or_path": "a1, a2", "output_dir": "out"})
+    assert _read_folders(cfg) == [("model_name_or_path", tmp_path / "m"),
+                                  ("adapter_name_or_path", Path("a1")),
+                                  ("adapter_name_or_path", Path("a2"))]
+    # a .gguf file is no folder: a run beside it (in its folder) is fine
+    cfg = load_config(None, {"model_name_or_path": str(tmp_path / "model.gguf"), "output_dir": "out"})
+    assert _read_folders(cfg) == []
+    # the default model: its place in the cache, found without converting it
+    monkeypatch.setenv("TUNEFORGE_HOME", str(tmp_path / "home"))
+    cfg = load_config(None, {"output_dir": "out"})
+    assert _read_folders(cfg) == [("model_name_or_path",
+                                   tmp_path / "home" / "models" / "SmolLM2-135M-Instruct")]
+    assert not (tmp_path / "home").exists()

@@ -85,7 +85,8 @@ class TrainingRun:
         """Load a checkpoint (integrity.py accepted it) into the model and optimizer, before
         output_dir is touched, and move this run's schedule to its step: the current config's
         learning rates, weight decay, betas, eps and schedule apply from there (one warning
-        line says what changed). Its RNG states are set when `run` starts.
+        line says what changed, when a step is left to train). Its RNG states are set when
+        `run` starts.
 
         Raises CheckpointError when it is past this run's last step (nothing to train), when its
         data position means other examples in this run (`resume.check_data_record`), or when its
@@ -98,7 +99,7 @@ class TrainingRun:
             path, self.acc.unwrap_model(self.model), self.optimizer)
         schedule.move_to(self.scheduler, state.global_step)
         changed = schedule.changes(then_groups, now_groups, state, self.state)
-        if changed and self.acc.is_main_process:
+        if changed and state.global_step < self.total_steps and self.acc.is_main_process:
             log.warning("resuming from %s with changed settings (%s): this run's schedule "
                         "applies, so step %d runs at learning rate %.4g", path, ", ".join(changed),
                         state.global_step + 1, self.optimizer.param_groups[0]["lr"])
