@@ -274,6 +274,23 @@ def check_output_dir(path: str | Path, key: str, error: type[TuneforgeError] = C
     return path
 
 
+def check_outside(path: str | Path, key: str, sources: list[tuple[str, Path]], reader: str,
+                  error: type[TuneforgeError] = ConfigError) -> None:
+    """Refuse an output folder `path` (config key `key`) that is, or lies inside, a folder that
+    `reader` ("the export", "training") reads: `sources` are (config key, folder) pairs, e.g. the
+    model's and each adapter's folder. Symlinks are resolved on both sides; nothing needs to
+    exist. Raises `error`, one line naming both keys."""
+    real = Path(path).expanduser().resolve()
+    for source_key, source in sources:
+        source = Path(source).expanduser().resolve()
+        if real == source:
+            raise error(f"{key} '{path}' is the folder of {source_key}, which {reader} reads; "
+                        "choose another folder")
+        if source in real.parents:
+            raise error(f"{key} '{path}' lies inside the folder of {source_key}, which {reader} "
+                        "reads; choose a folder outside it")
+
+
 @contextmanager
 def writing(what: str, error: type[TuneforgeError] = TuneforgeError):
     """Turn an OSError raised inside the block (disk full, permission denied, ...) into one

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 from .config import Config, save_config
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
+from .fileio import check_output_dir, check_outside
 
 log = logging.getLogger("tuneforge")
 
@@ -20,10 +21,11 @@ def train(cfg: Config) -> dict:
 
     Everything that can fail on bad input (config, output_dir, checkpoints, model, data) fails
     before output_dir is touched. Raises ConfigError, DataError, ModelError, CheckpointError
-    (also for a full or read-only disk, with the last checkpoint kept), TrainingDiverged (a
-    NaN/inf loss or weight: nothing of it is saved), and after Ctrl-C or SIGTERM, once a
-    checkpoint is saved, KeyboardInterrupt (train.stop.Interrupted) or SystemExit(143)
-    (train.stop.Terminated)."""
+    (an output_dir that is a file, the model's or an adapter's folder or inside one; a
+    checkpoint that is damaged, past the run's last step or does not fit; a full or read-only
+    disk, with the last checkpoint kept), TrainingDiverged (a NaN/inf loss or weight: nothing
+    of it is saved), and after Ctrl-C or SIGTERM, once a checkpoint is saved,
+    KeyboardInterrupt (train.stop.Interrupted) or SystemExit(143) (train.stop.Terminated)."""
     from transformers import set_seed
 
     from .config import SECRET_KEYS
@@ -42,6 +44,8 @@ def train(cfg: Config) -> dict:
         raise ConfigError("do_train is false: nothing to do for `tuneforge train`")
     out = Path(args.output_dir)
     outputs.check_output_dir(out)
+    # the model's or an adapter's folder, even with overwrite_output_dir (the export's rule)
+    check_outside(out, "output_dir", _read_folders(cfg), "training", CheckpointError)
     config_values = {k: v for k, v in cfg.to_dict().items() if k not in SECRET_KEYS}
     plan = plan_resume(out, args.resume_from_checkpoint, args.overwrite_output_dir, config_values)
 
@@ -49,6 +53,9 @@ def train(cfg: Config) -> dict:
     precision = mixed_precision(args, device_type, bf16_is_fast(device_type))
     if args.bf16 and precision != "bf16":
         log.warning("bf16 requested but this %s has no fast bf16; training in fp32", device_type)
+    if args.fp16 and precision != "fp16":
+        log.warning("fp16 requested but fp16 training needs a CUDA GPU and this is a %s; "
+                    "training in %s", device_type, "bf16" if precision == "bf16" else "fp32")
     accelerator = _accelerator(precision)
     set_seed(args.seed)
 
@@ -69,12 +76,12 @@ def train(cfg: Config) -> dict:
         log.info("train examples: %d, eval examples: %d", len(splits.train),
                  len(splits.eval or []))
     run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator)
+    if plan.warning() and accelerator.is_main_process:
+        log.warning("%s", plan.warning())
     if plan.checkpoint is not None:
         run.restore(plan.checkpoint)  # refuses a changed batch size, dataset, ...
 
     if accelerator.is_main_process:  # the first write
-        if plan.warning():
-            log.warning("%s", plan.warning())
         prepare_output_dir(out, plan, lambda path: save_config(cfg, path))
         if setup.save_initial is not None:  # e.g. PiSSA's initial adapter (pissa_convert)
             with outputs.disk_errors(out, "the initial adapter", errno_only=False):
@@ -90,6 +97,19 @@ def train(cfg: Config) -> dict:
         _save_outputs(run, setup, out, results, args.plot_loss)
     accelerator.end_training()
     return results
+
+
+def _read_folders(cfg: Config) -> list[tuple[str, Path]]:
+    """The folders training reads, by config key: the model's (the default model's place in
+    the cache, not converted here; a .gguf file has no folder of its own) and each adapter's."""
+    from .models import DEFAULT_MODEL_NAME, cache_root, split_paths
+
+    name = cfg.model.model_name_or_path
+    model = Path(name).expanduser() if name else \
+        cache_root(cfg.model.cache_dir) / "models" / DEFAULT_MODEL_NAME
+    found = [] if model.is_file() else [("model_name_or_path", model)]
+    found += [("adapter_name_or_path", Path(p)) for p in split_paths(cfg.model.adapter_name_or_path)]
+    return found
 
 
 def _save_outputs(run, setup, out: Path, results: dict, plot: bool) -> None:
@@ -152,7 +172,10 @@ def _has_accelerator() -> bool:
 def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> dict:
     """Eval loss and perplexity on the eval split (eval_dataset, or the val_size hold-out of
     dataset, split as `train` splits it); with do_predict also generated answers scored with
-    ROUGE/BLEU. `limit` keeps the first examples only. Results go to output_dir when set."""
+    ROUGE/BLEU. `limit` keeps the first examples only. Results go to output_dir when set.
+
+    Raises ConfigError (no eval data, a bad limit, an output_dir that cannot be a folder: checked
+    before the model loads), DataError, ModelError."""
     import dataclasses
 
     from .data import load_datasets
@@ -166,6 +189,8 @@ def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> di
                           "or dataset: <names> with val_size: <fraction or count>")
     if limit is not None and limit <= 0:
         raise ConfigError(f"--max_samples must be positive; got {limit}")
+    if cfg.train.output_dir:  # before the model loads and the work is done
+        check_output_dir(cfg.train.output_dir, "output_dir")
     chat = ChatModel(cfg)  # model + adapters + template, as chat uses them
     # the reference is the last reply; the loss is taken on that reply only
     data = dataclasses.replace(data, dataset=data.dataset or data.eval_dataset,
@@ -188,7 +213,10 @@ def evaluate_benchmark(cfg: Config, files: list[str] | None = None, n_shot: int 
     folders, or, without files, on the config's `task` in `task_dir` (eval/tasks.py), with
     per-category accuracy where the task has a mapping.json. `dev`: files or folders the n-shot
     examples come from (a task's dev split by default). n_shot None: the config's n_shot.
-    Written to <save_dir or output_dir>/benchmark_results.json when either is set."""
+    Written to <save_dir or output_dir>/benchmark_results.json when either is set.
+
+    Raises ConfigError (nothing to evaluate, a bad n_shot, a save_dir / output_dir that cannot be
+    a folder: checked before the model loads), DataError, ModelError."""
     from .eval.choice import evaluate_choices, read_benchmark
     from .eval.tasks import category_accuracy, resolve_task
     from .infer import ChatModel
@@ -198,6 +226,9 @@ def evaluate_benchmark(cfg: Config, files: list[str] | None = None, n_shot: int 
     n_shot = ev.n_shot if n_shot is None else n_shot
     if n_shot < 0:
         raise ConfigError(f"--n_shot must be >= 0; got {n_shot}")
+    out_dir = ev.save_dir or cfg.train.output_dir
+    if out_dir:  # before the model loads and the benchmark runs
+        check_output_dir(out_dir, "save_dir" if ev.save_dir else "output_dir")
     task = None
     if not files:
         if not ev.task:
@@ -216,7 +247,6 @@ def evaluate_benchmark(cfg: Config, files: list[str] | None = None, n_shot: int 
     accuracy = result["accuracy"]
     if mapping:
         accuracy = {**accuracy, **category_accuracy(rows, result["choices"], mapping)}
-    out_dir = ev.save_dir or cfg.train.output_dir
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

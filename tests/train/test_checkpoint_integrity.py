@@ -48,6 +48,32 @@ def make_run(root, steps=(1, 2, 3), total_limit=None, model_only=False):
     return root
 
 
+def _edit_state(folder, **values):
+    path = folder / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+
+
+def _poison_weights(folder, value):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(folder / ckpt.WEIGHTS))
+    weights["weight"].view(-1)[5] = value
+    save_file(weights, str(folder / ckpt.WEIGHTS))
+
+
+def _poison_optimizer(folder):
+    state = torch.load(folder / "optimizer.pt", weights_only=True)
+    state["state"][0]["exp_avg_sq"].view(-1)[:2] = float("inf")
+    torch.save(state, folder / "optimizer.pt")
+
+
+def _foreign_optimizer(folder, model):
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+
+
 def truncate(path, keep=0.5):
     data = path.read_bytes()
     path.write_bytes(data[:int(len(data) * keep)])
@@ -92,6 +118,33 @@ DAMAGE = {  # how a file of the newest checkpoint was broken -> the words naming
     "optimizer.pt is a folder": (lambda d: ((d / "optimizer.pt").unlink(), (d / "optimizer.pt").mkdir()),
                                  "lacks optimizer.pt"),
     "only the folder is left": (lambda d: [p.unlink() for p in d.iterdir()], "lacks trainer_state.json"),
+    "global_step edited": (lambda d: _edit_state(d, global_step=999),
+                           "checkpoint-3' is named for step 3 but its trainer_state.json records "
+                           "global_step 999 (renamed, or the file edited)"),
+    "global_step past its total_steps": (lambda d: _edit_state(d, total_steps=2),
+                                         "trainer_state.json' records global_step 3, past its "
+                                         "total_steps 2"),
+    "micro_batches_seen edited": (
+        lambda d: _edit_state(d, micro_batches_seen=7, data={"gradient_accumulation_steps": 1}),
+        "trainer_state.json' records global_step 3 but micro_batches_seen 7, which with "
+        "gradient_accumulation_steps 1 means step 7"),
+    "a NaN weight": (lambda d: _poison_weights(d, float("nan")),
+                     "trainable_state.safetensors' holds 1 NaN or inf value(s) in 'weight'"),
+    "an inf weight": (lambda d: _poison_weights(d, float("-inf")),
+                      "trainable_state.safetensors' holds 1 NaN or inf value(s) in 'weight'"),
+    "an inf Adam moment": (lambda d: _poison_optimizer(d), "optimizer.pt' holds 2 NaN or inf "
+                           "value(s) in '0.exp_avg_sq'"),
+    "optimizer.pt of another model (other shapes)": (
+        lambda d: _foreign_optimizer(d, torch.nn.Linear(8, 2)),
+        "optimizer.pt' holds optimizer state of shape (2, 8), which no weight in "
+        "trainable_state.safetensors beside it has (from another run?)"),
+    "optimizer.pt of another model (more parameters)": (
+        lambda d: _foreign_optimizer(d, torch.nn.Sequential(torch.nn.Linear(8, 4),
+                                                            torch.nn.Linear(4, 4))),
+        "optimizer.pt' is the optimizer state of 4 parameter(s) but "
+        "trainable_state.safetensors beside it holds 2 (from another run?)"),
+    "optimizer.pt holding no optimizer state": (lambda d: torch.save({"a": 1}, d / "optimizer.pt"),
+                                                "optimizer.pt' is not an optimizer state"),
 }
 
 
@@ -277,3 +330,51 @@ def test_several_damaged_checkpoints_make_one_warning_line(tmp_path):
     assert "\n" not in warning
     assert "checkpoint-3/optimizer.pt' is truncated" in warning
     assert "checkpoint-2/rng_state.pt' is truncated" in warning
+
+
+def test_a_renamed_copy_is_passed_over_and_never_taken_for_a_newer_step(tmp_path):
+    """`cp -a checkpoint-1 checkpoint-007`: by its name the newest, by its trainer_state.json
+    step 1; the intact newest (checkpoint-3) is resumed and nothing is overwritten."""
+    make_run(tmp_path)
+    shutil.copytree(tmp_path / "checkpoint-1", tmp_path / "checkpoint-007")
+    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / "checkpoint-0005")
+    plan = plan_resume(tmp_path, None, False, CONFIG)
+    assert plan.checkpoint == tmp_path / "checkpoint-3"
+    warning = plan.warning()
+    assert warning.startswith("passing over 2 checkpoint(s) that cannot resume: ")
+    assert (f"'{tmp_path / 'checkpoint-007'}' is named for step 7 but its trainer_state.json "
+            "records global_step 1") in warning
+    assert (f"'{tmp_path / 'checkpoint-0005'}' is named for step 5 but its trainer_state.json "
+            "records global_step 2") in warning
+
+
+def test_an_explicit_checkpoint_must_be_named_for_its_step(tmp_path):
+    make_run(tmp_path)
+    shutil.copytree(tmp_path / "checkpoint-3", tmp_path / "checkpoint-03")
+    with pytest.raises(CheckpointError) as err:
+        plan_resume(tmp_path, str(tmp_path / "checkpoint-03"), False, CONFIG)
+    assert str(err.value) == (
+        f"resume_from_checkpoint '{tmp_path / 'checkpoint-03'}' cannot resume training: "
+        f"'{tmp_path / 'checkpoint-03'}' is not named as tuneforge names the checkpoint of step 3 "
+        "(checkpoint-3); point it at another checkpoint-N folder, set it to true for the newest "
+        "one that can, or start over with overwrite_output_dir: true")
+    # a folder named otherwise (a user's copy, "best") is taken as what its state says
+    shutil.copytree(tmp_path / "checkpoint-2", tmp_path / "best")
+    assert plan_resume(tmp_path, str(tmp_path / "best"), False, CONFIG).checkpoint == tmp_path / "best"
+
+
+def test_save_total_limit_removes_only_older_checkpoints_of_tuneforge_names(tmp_path):
+    """Rotation never removes the checkpoint just saved, one beyond it (passed over as damaged)
+    or a folder tuneforge did not name."""
+    make_run(tmp_path, steps=(1, 2))
+    shutil.copytree(tmp_path / "checkpoint-1", tmp_path / "checkpoint-9")
+    shutil.copytree(tmp_path / "checkpoint-1", tmp_path / "checkpoint-01")
+    model, optimizer, scheduler = _parts()
+    ckpt.save_checkpoint(tmp_path, ckpt.TrainerState(global_step=3, micro_batches_seen=3), model,
+                         optimizer, scheduler, total_limit=2)
+    assert sorted(p.name for p in ckpt.list_checkpoints(tmp_path)) == [
+        "checkpoint-01", "checkpoint-2", "checkpoint-3", "checkpoint-9"]
+    ckpt.save_checkpoint(tmp_path, ckpt.TrainerState(global_step=4, micro_batches_seen=4), model,
+                         optimizer, scheduler, total_limit=1)
+    assert sorted(p.name for p in ckpt.list_checkpoints(tmp_path)) == [
+        "checkpoint-01", "checkpoint-4", "checkpoint-9"]

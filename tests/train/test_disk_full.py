@@ -64,8 +64,8 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_model_d
             fail_writes_into(monkeypatch, ".tmp-checkpoint-2")
         line = run_refused(capsys, cfg)
         assert re.fullmatch(rf"disk full while writing checkpoint-2 in '{out}' \([\d.]+ MB free, "
-                            r"it needs about [\d.]+ MB\); free some space \(or lower "
-                            r"save_total_limit\) and run the same command again to resume", line)
+                            r"it needs about [\d.]+ MB\); free some space and run the same "
+                            r"command again to resume", line)
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
         assert checkpoint_problem(out / "checkpoint-1") is None
         assert not leftovers(out) and not (out / "adapter_model.safetensors").exists()
@@ -96,3 +96,31 @@ def test_disk_full_at_the_final_save_leaves_no_half_adapter(tmp_path, tiny_model
         assert re.fullmatch(rf"disk full while writing the final model in '{out}' \([\d.]+ MB "
                             r"free\); free some space .*", line), line
         assert sorted(p.name for p in out.iterdir()) == ["trainer_log.jsonl", "training_args.yaml"]
+
+
+def test_the_advice_for_a_full_disk_is_only_what_can_help(tmp_path):
+    """With only the newest checkpoint there (save_total_limit: 1 already, or the first save),
+    nothing of the run can go: deleting older checkpoints or lowering save_total_limit is not
+    suggested. With older ones, they are named with their size."""
+    from tuneforge.train.outputs import disk_error
+
+    out = tmp_path / "run"
+    (out / "checkpoint-2").mkdir(parents=True)
+    (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"\0" * MB)
+    line = str(disk_error("full", out, "checkpoint-3", needed=MB))
+    assert re.fullmatch(rf"disk full while writing checkpoint-3 in '{out}' \([\d.]+ MB free, it "
+                        r"needs about 1.0 MB\); free some space and run the same command again "
+                        "to resume", line), line
+    assert "save_total_limit" not in line
+    (out / "checkpoint-1").mkdir()
+    (out / "checkpoint-1" / "optimizer.pt").write_bytes(b"\0" * (MB // 2))
+    assert "free some space (checkpoint-1, older than checkpoint-2, takes 0.5 MB and is not " \
+           "needed to resume; save_total_limit: 1 keeps only the newest) and run the same " \
+           "command again to resume" in str(disk_error("full", out, "checkpoint-3"))
+    (out / "checkpoint-0").mkdir()
+    assert "free some space (the 2 checkpoints older than checkpoint-2 (checkpoint-0 .. " \
+           "checkpoint-1) take 0.5 MB and are not needed to resume; " in \
+           str(disk_error("full", out, "the final model"))
+    assert str(disk_error("read-only file system", out, "checkpoint-3")) == (
+        f"cannot write checkpoint-3 in '{out}' (read-only file system); make the folder writable "
+        "or choose another output_dir")

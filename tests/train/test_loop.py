@@ -158,3 +158,22 @@ def test_activation_checkpointing_is_switched_on(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     _enable_activation_checkpointing(model)
     assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+
+
+def test_fp16_where_it_cannot_run_says_so(tiny_model_dir, tiny_data_dir, tmp_path, caplog):
+    """C29: fp16 mixed precision needs a CUDA GPU; elsewhere one warning line says what the run
+    trains in instead (as for bf16)."""
+    import logging
+
+    from tuneforge.models import bf16_is_fast
+
+    with caplog.at_level(logging.WARNING, logger="tuneforge"):
+        train(tiny_cfg(tiny_model_dir, tiny_data_dir, tmp_path / "fp16", fp16=True, bf16=None,
+                       max_steps=1, eval_on_start=False))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if torch.cuda.is_available():  # fp16 runs: nothing to say
+        assert not [w for w in warnings if "fp16" in w]
+    else:
+        instead = "bf16" if bf16_is_fast("cpu") else "fp32"
+        assert warnings == ["fp16 requested but fp16 training needs a CUDA GPU and this is a "
+                            f"cpu; training in {instead}"]

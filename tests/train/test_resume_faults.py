@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import arithmetic_records, write_dataset
 from tuneforge.cli import main
@@ -83,20 +84,115 @@ def assert_same_adapter(want_dir, got_dir):
     assert worst <= 1e-6, worst
 
 
-def test_a_damaged_newest_checkpoint_is_passed_over_and_the_run_ends_equal(
-        finished, tmp_path, tiny_model_dir, caplog, capsys):
-    out, cfg = copy_run(finished, tmp_path, tiny_model_dir)
-    killed_after(out, 3)
+def _truncate_optimizer(out):
     data = (out / "checkpoint-3" / "optimizer.pt").read_bytes()
     (out / "checkpoint-3" / "optimizer.pt").write_bytes(data[:len(data) // 3])
+
+
+def _nan_in_weights(out):
+    """R15: a NaN in the checkpoint's weights (the adapter beside them too)."""
+    for name in (ADAPTER, "trainable_state.safetensors"):
+        weights = load_file(str(out / "checkpoint-3" / name))
+        next(iter(weights.values())).view(-1)[0] = float("nan")
+        save_file(weights, str(out / "checkpoint-3" / name))
+
+
+def _edit_global_step(out):
+    """R01: trainer_state.json's global_step edited."""
+    path = out / "checkpoint-3" / "trainer_state.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "global_step": 999}))
+
+
+def _foreign_optimizer_state(out):
+    """R14: an optimizer.pt whose moments have other shapes (as another lora_rank's do)."""
+    path = out / "checkpoint-3" / "optimizer.pt"
+    state = torch.load(path, weights_only=True)
+    state["state"][0] = {k: v.t().contiguous() if v.ndim else v for k, v in state["state"][0].items()}
+    torch.save(state, path)
+
+
+PASSED_OVER = {  # how the newest checkpoint (3) was damaged -> the words naming it
+    "truncated optimizer.pt": (_truncate_optimizer, "checkpoint file '{ckpt}/optimizer.pt' is "
+                               "truncated: its zip directory (the end of a torch.save file) is "
+                               "missing"),
+    "NaN weights": (_nan_in_weights, "checkpoint file '{ckpt}/adapter_model.safetensors' holds 1 "
+                    "NaN or inf value(s) in '"),
+    "edited global_step": (_edit_global_step, "'{ckpt}' is named for step 3 but its "
+                           "trainer_state.json records global_step 999"),
+    "optimizer state of other shapes": (_foreign_optimizer_state, "checkpoint file "
+                                        "'{ckpt}/optimizer.pt' holds optimizer state of shape"),
+}
+
+
+@pytest.mark.parametrize("damage", PASSED_OVER)
+def test_a_damaged_newest_checkpoint_is_passed_over_and_the_run_ends_equal(
+        finished, tmp_path, tiny_model_dir, caplog, capsys, damage):
+    out, cfg = copy_run(finished, tmp_path, tiny_model_dir)
+    killed_after(out, 3)
+    breaker, words = PASSED_OVER[damage]
+    breaker(out)
     with caplog.at_level(logging.WARNING, logger="tuneforge"):
         assert main(["train", str(cfg)]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
-    assert (f"checkpoint file '{out / 'checkpoint-3' / 'optimizer.pt'}' is truncated: its zip "
-            "directory (the end of a torch.save file) is missing") in warnings[0]
+    assert words.format(ckpt=out / "checkpoint-3") in warnings[0]
     assert f"resumed from {out / 'checkpoint-2'} at step 2" in capsys.readouterr().out
     assert_same_adapter(finished / "run", out)
+
+
+def test_a_renamed_copy_is_not_taken_for_a_newer_step_and_nothing_is_overwritten(
+        finished, tmp_path, tiny_model_dir, caplog, capsys):
+    """R08: `cp -a checkpoint-1 checkpoint-007` beside intact checkpoints 1..3."""
+    out, cfg = copy_run(finished, tmp_path, tiny_model_dir)
+    killed_after(out, 3)
+    shutil.copytree(out / "checkpoint-1", out / "checkpoint-007")
+    kept = {name: snapshot(out / name) for name in ("checkpoint-1", "checkpoint-2",
+                                                    "checkpoint-3", "checkpoint-007")}
+    with caplog.at_level(logging.WARNING, logger="tuneforge"):
+        assert main(["train", str(cfg)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and (f"'{out / 'checkpoint-007'}' is named for step 7 but its "
+                                   "trainer_state.json records global_step 1") in warnings[0]
+    assert f"resumed from {out / 'checkpoint-3'} at step 3" in capsys.readouterr().out
+    assert {name: snapshot(out / name) for name in kept} == kept
+    assert_same_adapter(finished / "run", out)
+
+
+def test_a_finished_run_run_again_rewrites_no_checkpoint(finished, tmp_path, tiny_model_dir,
+                                                         caplog, capsys):
+    out, cfg = copy_run(finished, tmp_path, tiny_model_dir)
+    checkpoints = {p.name: snapshot(p) for p in out.glob("checkpoint-*")}
+    with caplog.at_level(logging.WARNING, logger="tuneforge"):
+        assert main(["train", str(cfg)]) == 0
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert (f"resumed from {out / 'checkpoint-4'} at step 4; nothing left to train"
+            in capsys.readouterr().out)
+    assert {p.name: snapshot(p) for p in out.glob("checkpoint-*")} == checkpoints
+    assert_same_adapter(finished / "run", out)
+
+
+def test_a_changed_learning_rate_and_length_apply_on_resume(finished, tmp_path, tiny_model_dir,
+                                                            caplog, capsys):
+    """R13: a finished cosine run (its learning rate ended at 0) extended with another
+    learning_rate trains on at the new schedule's rate, and one warning line says so."""
+    out, cfg = copy_run(finished, tmp_path, tiny_model_dir, max_steps=6, learning_rate=1e-2)
+    with caplog.at_level(logging.WARNING, logger="tuneforge"):
+        assert main(["train", str(cfg)]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    # cosine over 6 steps, no warmup, at step 4: 1e-2 * (1 + cos(pi * 4 / 6)) / 2 = 2.5e-3
+    assert warnings == [f"resuming from {out / 'checkpoint-4'} with changed settings "
+                        "(learning_rate 0.005 -> 0.01, total steps 4 -> 6): this run's schedule "
+                        "applies, so step 5 runs at learning rate 0.0025"]
+    log = {e["current_steps"]: e for e in map(json.loads, (out / "trainer_log.jsonl")
+                                              .read_text().splitlines()) if "loss" in e}
+    # the logged lr is the one after the step's scheduler step, as transformers logs it
+    assert log[5]["lr"] == pytest.approx(1e-2 * (1 + math.cos(math.pi * 5 / 6)) / 2, rel=1e-9)
+    before = load_file(str(out / "checkpoint-4" / ADAPTER))
+    after = load_file(str(out / "checkpoint-5" / ADAPTER))
+    assert max((before[k] - after[k]).abs().max().item() for k in before) > 1e-5
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["total_steps"] == 6 and state["schedule"] == {"lr_scheduler_type": "cosine",
+                                                               "warmup_steps": 0}
 
 
 def test_a_checkpoint_from_before_the_data_record_still_resumes(finished, tmp_path,
@@ -136,6 +232,17 @@ REFUSALS = {  # overrides, how the copy is broken, the words of the one line
     "dataset": ({"max_samples": 30}, lambda out: None,
                 "it was trained on other training examples (40 examples then, 30 now)"),
     "another adapter setup": ({"lora_rank": 8}, lambda out: None, "has shape (4, 128), the model (8, 128): it was made with another fine-tuning setup"),
+    "past max_steps": ({"max_steps": 1}, lambda out: None,
+                       "checkpoint '{out}/checkpoint-2' is at step 2, past this run's max_steps 1: "
+                       "nothing to train; raise max_steps to continue it, or start over with "
+                       "overwrite_output_dir: true (or choose another output_dir)"),
+    "past num_train_epochs": ({"max_steps": -1, "num_train_epochs": 0.1}, lambda out: None,
+                              "checkpoint '{out}/checkpoint-2' is at step 2, past this run's "
+                              "num_train_epochs 0.1 (1 step): nothing to train; raise "
+                              "num_train_epochs to continue it"),
+    "LoRA+ switched on": ({"loraplus_lr_ratio": 16.0}, lambda out: None,
+                          "checkpoint '{out}/checkpoint-2/optimizer.pt' does not fit this run's "
+                          "optimizer ("),
 }
 
 
@@ -172,6 +279,47 @@ def test_an_unusable_output_dir_is_refused_before_the_model_is_loaded(
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, tiny_data_dir, out)
     assert refused(capsys, ["train", str(cfg)]).startswith(words.format(out=out))
     assert (tmp_path / "notes").read_text() == "mine"
+
+
+FOLDERS_READ = {  # R16, R17, R19: output_dir -> the words of the one line
+    "the model's folder": (lambda model, adapter: model, {}, "is the folder of "
+                           "model_name_or_path, which training reads; choose another folder"),
+    "the model's folder with overwrite_output_dir": (
+        lambda model, adapter: model, {"overwrite_output_dir": True},
+        "is the folder of model_name_or_path, which training reads"),
+    "inside the model's folder": (lambda model, adapter: model / "run", {},
+                                  "lies inside the folder of model_name_or_path, which training "
+                                  "reads; choose a folder outside it"),
+    "the model's folder by a symlink": (lambda model, adapter: model.parent / "link", {},
+                                        "is the folder of model_name_or_path"),
+    "an adapter's folder": (lambda model, adapter: adapter, {"overwrite_output_dir": True},
+                            "is the folder of adapter_name_or_path, which training reads"),
+    "inside an adapter's folder": (lambda model, adapter: adapter / "more", {},
+                                   "lies inside the folder of adapter_name_or_path"),
+}
+
+
+@pytest.mark.parametrize("case", FOLDERS_READ)
+def test_output_dir_is_never_a_folder_training_reads(finished, tmp_path, tiny_model_dir,
+                                                     tiny_data_dir, capsys, monkeypatch, case):
+    import tuneforge.models
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before output_dir was checked")
+
+    monkeypatch.setattr(tuneforge.models, "load_model_and_tokenizer", no_loading)
+    model = tmp_path / "models" / "tiny"
+    shutil.copytree(tiny_model_dir, model)
+    (tmp_path / "models" / "link").symlink_to(model)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(finished / "run", adapter)
+    where, overrides, words = FOLDERS_READ[case]
+    out = where(model, adapter)
+    cfg = write_config(tmp_path / "cfg.yaml", model, tiny_data_dir, out,
+                       adapter_name_or_path=str(adapter), **overrides)
+    before = snapshot(tmp_path)
+    assert refused(capsys, ["train", str(cfg)]).startswith(f"output_dir '{out}' {words}")
+    assert snapshot(tmp_path) == before
 
 
 def _non_finite(directory):

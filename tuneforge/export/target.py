@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import CheckpointError, ConfigError
-from ..fileio import check_output_dir, describe_os_error, human_size, replace_folder
+from ..fileio import (check_output_dir, check_outside, describe_os_error, human_size,
+                      replace_folder)
 
 log = logging.getLogger("tuneforge")
 
@@ -61,15 +62,8 @@ def check_export_dir(export_dir: str | None, sources: list[tuple[str, Path]]) ->
         raise ConfigError("config key 'export_dir' is required for `tuneforge export`")
     shown = Path(export_dir).expanduser()
     check_output_dir(shown, "export_dir")  # a file, under a file, not writable
+    check_outside(shown, "export_dir", sources, "the export")  # never writes what it reads
     real = shown.resolve()
-    for key, source in sources:
-        source = source.resolve()
-        if real == source:
-            raise ConfigError(f"export_dir '{shown}' is the folder of {key}, which the export "
-                              "reads; choose another folder")
-        if source in real.parents:
-            raise ConfigError(f"export_dir '{shown}' lies inside the folder of {key}, which the "
-                              "export reads; choose a folder outside it")
     if not real.exists():
         return ExportTarget(shown, real, replaces=False)
     if os.path.ismount(real):

@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import random
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,8 +20,10 @@ from safetensors.torch import save_file
 from .. import weightfiles
 from ..errors import CheckpointError
 from . import outputs
+from .optim import restore_state
+from .outputs import list_checkpoints, step_of  # the checkpoint API, named here too
 
-PREFIX = "checkpoint-"
+PREFIX = outputs.CHECKPOINT_PREFIX
 TMP_PREFIX = outputs.TMP_PREFIX + PREFIX
 WEIGHTS = "trainable_state.safetensors"
 STATE = "trainer_state.json"
@@ -42,26 +43,14 @@ class TrainerState:
     # None in checkpoints written before it was recorded
     data: dict | None = None
     model_only: bool = False  # save_only_model: no optimizer, scheduler or RNG state
+    # the learning-rate schedule (lr_scheduler_type, warmup_steps; total_steps is above), so a
+    # resume can say what changed; None in checkpoints written before it was recorded
+    schedule: dict | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainerState":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
-
-
-def step_of(path: Path) -> int | None:
-    match = re.fullmatch(PREFIX + r"(\d+)", path.name)
-    return int(match.group(1)) if match else None
-
-
-def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Every checkpoint-N folder, oldest first, whole or damaged (see integrity.py)."""
-    root = Path(output_dir)
-    if not root.is_dir():
-        return []
-    found = [(step_of(child), child) for child in root.iterdir()]
-    return [path for step, path in sorted((s, p) for s, p in found if s is not None)
-            if path.is_dir()]
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -129,13 +118,22 @@ def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimize
             raise outputs.disk_error(fault, root, f"checkpoint-{state.global_step}",
                                      _estimate(root, final, weights, weights_only)) from None
         raise
-    outputs.discard(final)  # the same step saved again (a resumed run that had finished)
+    outputs.discard(final)  # a damaged checkpoint of this step, passed over by the resume
     os.replace(tmp, final)
     outputs.fsync_tree(root)
     if total_limit:
-        for old in list_checkpoints(root)[:-total_limit]:
-            outputs.discard(old)
+        _rotate(root, state.global_step, total_limit)
     return final
+
+
+def _rotate(root: Path, step: int, total_limit: int) -> None:
+    """save_total_limit: keep the newest `total_limit` checkpoints up to `step` (the one just
+    saved among them). Only tuneforge's own names are removed, and none beyond `step` (a
+    damaged one passed over, or a folder someone named checkpoint-N): they are not this run's."""
+    older = [p for p in list_checkpoints(root)
+             if step_of(p) < step and p.name == f"{PREFIX}{step_of(p)}"]
+    for old in older[:max(0, len(older) - (total_limit - 1))]:
+        outputs.discard(old)
 
 
 def _estimate(root: Path, final: Path, weights: dict, weights_only: bool) -> int | None:
@@ -165,18 +163,22 @@ def read_state(path: str | Path) -> TrainerState:
     return TrainerState.from_dict(_load(Path(path) / STATE, lambda p: json.loads(p.read_text())))
 
 
-def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[TrainerState, dict]:
-    """Restore weights, optimizer and scheduler from a checkpoint that integrity.py accepted.
-    Returns its state and its RNG states, which the caller sets last (`set_rng_state`), right
-    before training, so that nothing in between consumes random numbers.
+def load_checkpoint(path: str | Path, model, optimizer) -> tuple[TrainerState, dict, list[dict]]:
+    """Restore the weights and the optimizer's state from a checkpoint that integrity.py
+    accepted; the optimizer keeps this run's hyper-parameters (learning rates, weight decay,
+    betas, eps), and the caller positions this run's schedule (schedule.py). Returns the
+    checkpoint's state, its RNG states, which the caller sets last (`set_rng_state`), right
+    before training, so that nothing in between consumes random numbers, and the saved
+    optimizer groups' hyper-parameters (to say what changed).
 
     Raises CheckpointError when it does not fit the model (another fine-tuning setup)."""
     path = Path(path)
     state = read_state(path)
     weights = weightfiles.load_safetensors(path / WEIGHTS, "checkpoint file", CheckpointError)
     params = dict(model.named_parameters())
-    other_setup = ("it was made with another fine-tuning setup (finetuning_type, lora_rank, "
-                   f"lora_target, ...): use that setup to resume, or {START_OVER}")
+    other_setup = ("it was made with another fine-tuning setup (model_name_or_path, "
+                   "finetuning_type, lora_rank, lora_target, ...): use that setup to resume, or "
+                   f"{START_OVER}")
     missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
     if missing:
         raise CheckpointError(f"checkpoint '{path}' has no weights for {missing[0]} (and "
@@ -189,16 +191,11 @@ def load_checkpoint(path: str | Path, model, optimizer, scheduler) -> tuple[Trai
             raise CheckpointError(f"checkpoint '{path}': '{name}' has shape "
                                   f"{tuple(tensor.shape)}, the model {tuple(params[name].shape)}: "
                                   f"{other_setup}")
-    optimizer_state, scheduler_state, rng = (
+    optimizer_state, rng = (
         weightfiles.load_torch_file(path / name, "checkpoint file", CheckpointError)
-        for name in (OPTIMIZER, SCHEDULER, RNG))
+        for name in (OPTIMIZER, RNG))
+    saved_groups = restore_state(optimizer, optimizer_state, path / OPTIMIZER)  # checks first
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
-    try:
-        optimizer.load_state_dict(optimizer_state)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CheckpointError(f"checkpoint '{path / OPTIMIZER}' does not fit this run's optimizer "
-                              f"({str(exc).splitlines()[0]}): {other_setup}") from None
-    scheduler.load_state_dict(scheduler_state)
-    return state, rng
+    return state, rng, saved_groups

@@ -1,14 +1,18 @@
-"""Can a checkpoint resume training? Every file a resume reads is checked the cheap way before
-anything is loaded or written: trainer_state.json parses and has its fields with their types,
-each safetensors header matches its file's size and each torch file's zip directory is whole
-(weightfiles.py, the project's checks for weight files), and each torch file unpickles with
-weights_only=True from a memory map (no tensor data is read). A checkpoint-N folder that fails
-is "damaged"; the answer names the file and what is wrong."""
+"""Can a checkpoint resume training? Every file a resume reads is checked before anything is
+loaded or written: trainer_state.json parses, has its fields with their types and agrees with
+itself and with the folder's name (checkpoint-<global_step>, no leading zeros; global_step within
+its total_steps and matching micro_batches_seen), each safetensors header matches its file's
+size and each torch file's zip directory is whole (weightfiles.py, the project's checks for
+weight files), each torch file unpickles with weights_only=True from a memory map, every
+tensor of the weights and the optimizer state is finite, and the optimizer state is for the
+weights beside it (as many parameters, of their shapes). A checkpoint-N folder that fails is
+"damaged"; the answer names the file and what is wrong."""
 
 from __future__ import annotations
 
 import json
 import pickle
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -16,7 +20,7 @@ import torch
 from .. import weightfiles
 from ..errors import CheckpointError
 from ..fileio import one_line
-from .checkpoint import STATE, TRAINING_FILES, WEIGHTS
+from .checkpoint import OPTIMIZER, PREFIX, STATE, TRAINING_FILES, WEIGHTS, step_of
 
 WHAT = "checkpoint file"
 # weightfiles' advice for a downloaded file; a checkpoint is not downloaded again
@@ -26,7 +30,7 @@ _REDO = "; download, copy or save it again"
 STATE_FIELDS = {"global_step": int, "micro_batches_seen": int}
 # fields that may be missing (older checkpoints), with the types they must have when present
 OPTIONAL_FIELDS = {"total_steps": int, "epoch": (int, float), "seed": int, "data": dict,
-                   "model_only": bool}
+                   "model_only": bool, "schedule": dict}
 
 
 def _check_state(path: Path) -> tuple[str | None, dict]:
@@ -53,6 +57,86 @@ def _check_state(path: Path) -> tuple[str | None, dict]:
     return None, values
 
 
+def _check_numbers(path: Path, values: dict) -> str | None:
+    """trainer_state.json against the folder's name and itself: a copy renamed checkpoint-007
+    or an edited global_step would otherwise be taken for another step."""
+    step, where = values["global_step"], path / STATE
+    named = step_of(path)
+    if named is not None and named != step:
+        return (f"'{path}' is named for step {named} but its {STATE} records global_step "
+                f"{step} (renamed, or the file edited)")
+    if named is not None and path.name != f"{PREFIX}{step}":
+        return f"'{path}' is not named as tuneforge names the checkpoint of step {step} " \
+               f"({PREFIX}{step})"
+    total = values.get("total_steps")
+    if total and step > total:
+        return f"{WHAT} '{where}' records global_step {step}, past its total_steps {total} (edited?)"
+    accumulation = (values.get("data") or {}).get("gradient_accumulation_steps")
+    seen = values["micro_batches_seen"]
+    if isinstance(accumulation, int) and accumulation > 0 and seen != step * accumulation:
+        return (f"{WHAT} '{where}' records global_step {step} but micro_batches_seen {seen}, "
+                f"which with gradient_accumulation_steps {accumulation} means step "
+                f"{seen / accumulation:g} (edited?)")
+    return None
+
+
+def _non_finite(tensors, where: Path) -> str | None:
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            return f"{WHAT} '{where}' holds {bad:,} NaN or inf value(s) in '{name}'"
+    return None
+
+
+def _check_weights_content(path: Path) -> tuple[str | None, list]:
+    """Every tensor finite, read one at a time; returns the tensors' shapes."""
+    from safetensors import safe_open
+
+    shapes = []
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 - a safetensors file, not a dict
+                tensor = f.get_tensor(name)
+                shapes.append(tuple(tensor.shape))
+                problem = _non_finite([(name, tensor)], path)
+                if problem:
+                    return problem, shapes
+    except Exception as exc:  # noqa: BLE001 - the library's errors for a bad table mean damage
+        return f"{WHAT} '{path}' is damaged ({one_line(exc, 160)})", shapes
+    return None, shapes
+
+
+def _check_optimizer(path: Path, state, weight_shapes: list) -> str | None:
+    """The optimizer state belongs to the weights beside it: one entry per weight tensor,
+    each moment of a weight's shape, every value finite."""
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    entries = state.get("state") if isinstance(state, dict) else None
+    if not isinstance(groups, list) or not isinstance(entries, dict) or not all(
+            isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
+        return f"{WHAT} '{path}' is not an optimizer state (no param_groups / state)"
+    count = sum(len(g["params"]) for g in groups)
+    if count != len(weight_shapes):
+        return (f"{WHAT} '{path}' is the optimizer state of {count} parameter(s) but "
+                f"{WEIGHTS} beside it holds {len(weight_shapes)} (from another run?)")
+    moments = Counter()
+    for index, entry in entries.items():
+        tensors = [(f"{index}.{k}", v) for k, v in (entry.items() if isinstance(entry, dict)
+                                                    else ()) if isinstance(v, torch.Tensor)]
+        shapes = {tuple(v.shape) for _, v in tensors if v.ndim}
+        if len(shapes) > 1:
+            return f"{WHAT} '{path}' holds moments of different shapes for one parameter"
+        moments.update(shapes)
+        problem = _non_finite(tensors, path)
+        if problem:
+            return problem
+    extra = moments - Counter(weight_shapes)
+    if extra:
+        shape = next(iter(extra))
+        return (f"{WHAT} '{path}' holds optimizer state of shape {shape}, which no weight in "
+                f"{WEIGHTS} beside it has (from another run?)")
+    return None
+
+
 def _weights_check(check, path: Path) -> str | None:
     try:
         check(path, WHAT, CheckpointError)
@@ -61,17 +145,17 @@ def _weights_check(check, path: Path) -> str | None:
     return None
 
 
-def _check_torch(path: Path) -> str | None:
+def _check_torch(path: Path) -> tuple[str | None, object]:
+    """(problem, the unpickled object, whose storages stay on disk: a memory map)."""
     problem = _weights_check(weightfiles.check_torch_file, path)
     if problem:
-        return problem
-    try:  # unpickle the small part; the storages stay on disk (memory map)
-        torch.load(path, weights_only=True, mmap=True)
+        return problem, None
+    try:
+        return None, torch.load(path, weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
-        return weightfiles.refused_pickle(path, WHAT, str(exc))
+        return weightfiles.refused_pickle(path, WHAT, str(exc)), None
     except Exception as exc:  # noqa: BLE001 - zip, pickle and OS errors all mean a damaged file
-        return f"{WHAT} '{path}' is damaged or truncated ({one_line(exc, 160)})"
-    return None
+        return f"{WHAT} '{path}' is damaged or truncated ({one_line(exc, 160)})", None
 
 
 def checkpoint_problem(path: str | Path) -> str | None:
@@ -93,6 +177,9 @@ def _problem(path: Path) -> str | None:
     problem, values = _check_state(state_file)
     if problem:
         return problem
+    problem = _check_numbers(path, values)
+    if problem:
+        return problem
     if values.get("model_only"):
         return f"'{path}' was saved with save_only_model: true and has no optimizer state"
     if not (path / WEIGHTS).is_file():
@@ -100,13 +187,21 @@ def _problem(path: Path) -> str | None:
     for name in TRAINING_FILES:
         if not (path / name).is_file():
             return f"'{path}' lacks {name} (saved with save_only_model?)"
-    for file in sorted(path.glob("*.safetensors")):  # the weights, and e.g. PiSSA's initial state
+    files = sorted(path.glob("*.safetensors"))  # the weights, the adapter, PiSSA's initial state
+    for file in files:
         problem = _weights_check(weightfiles.check_safetensors, file)
         if problem:
             return problem
+    loaded = {}
     for name in TRAINING_FILES:
-        problem = _check_torch(path / name)
+        problem, loaded[name] = _check_torch(path / name)
         if problem:
             return problem
-    return None
+    shapes = []
+    for file in files:
+        problem, found = _check_weights_content(file)
+        if problem:
+            return problem
+        shapes = found if file.name == WEIGHTS else shapes
+    return _check_optimizer(path / OPTIMIZER, loaded[OPTIMIZER], shapes)
 

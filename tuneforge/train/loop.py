@@ -7,6 +7,7 @@ checkpoint (stop.py)."""
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import nullcontext
@@ -14,17 +15,17 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from transformers import get_scheduler
 
 from . import checkpoint as ckpt
-from . import stop
+from . import schedule, stop
 from .batches import MicroBatchStream, eval_batches, fingerprint
-from .optim import build_optimizer
+from .optim import build_optimizer, hyper_parameters
 from .reporting import Reporter
-from .resume import check_data_record
+from .resume import check_data_record, check_not_past_the_end
 from .token_loss import TokenLoss
 
 IGNORE = -100
+log = logging.getLogger("tuneforge")
 
 
 def real_tokens(batch: dict) -> int:
@@ -60,10 +61,9 @@ class TrainingRun:
                                        collate, self.args.seed, accelerator.process_index,
                                        accelerator.num_processes)
         self.total_steps = count_steps(self.stream.per_epoch, self.args)
-        warmup = self.args.warmup_steps or math.ceil(self.args.warmup_ratio * self.total_steps)
         optimizer = build_optimizer(model, self.args, cfg.finetune)  # weight decay / LoRA+ groups
-        self.scheduler = get_scheduler(self.args.lr_scheduler_type, optimizer,
-                                       num_warmup_steps=warmup, num_training_steps=self.total_steps)
+        self.scheduler, schedule_record = schedule.build_scheduler(optimizer, self.args,
+                                                                   self.total_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.token_loss = TokenLoss.choose(self.model, accelerator.unwrap_model(self.model),
                                            self.stream.get(0), self.args.fused_cross_entropy,
@@ -76,21 +76,35 @@ class TrainingRun:
             "examples": fingerprint(train_examples),
         }
         self.state = ckpt.TrainerState(total_steps=self.total_steps, seed=self.args.seed,
-                                       data=self.data_record)
+                                       data=self.data_record, schedule=schedule_record)
         self.resume_from: Path | None = None
         self.last_checkpoint: Path | None = None
         self._rng_state: dict | None = None
 
     def restore(self, path: Path) -> None:
-        """Load a checkpoint (integrity.py accepted it) into the model, optimizer and scheduler,
-        before output_dir is touched; its RNG states are set when `run` starts.
+        """Load a checkpoint (integrity.py accepted it) into the model and optimizer, before
+        output_dir is touched, and move this run's schedule to its step: the current config's
+        learning rates, weight decay, betas, eps and schedule apply from there (one warning
+        line says what changed, when a step is left to train). Its RNG states are set when
+        `run` starts.
 
-        Raises CheckpointError when its data position means other examples in this run
-        (`resume.check_data_record`) or its weights do not fit the model."""
-        check_data_record(path, ckpt.read_state(path).data, self.data_record)
-        state, self._rng_state = ckpt.load_checkpoint(
-            path, self.acc.unwrap_model(self.model), self.optimizer, self.scheduler)
+        Raises CheckpointError when it is past this run's last step (nothing to train), when its
+        data position means other examples in this run (`resume.check_data_record`), or when its
+        weights or optimizer state do not fit the model."""
+        saved = ckpt.read_state(path)
+        check_not_past_the_end(path, saved.global_step, self.total_steps, self.args)
+        check_data_record(path, saved.data, self.data_record)
+        now_groups = hyper_parameters(self.optimizer.param_groups)
+        state, self._rng_state, then_groups = ckpt.load_checkpoint(
+            path, self.acc.unwrap_model(self.model), self.optimizer)
+        schedule.move_to(self.scheduler, state.global_step)
+        changed = schedule.changes(then_groups, now_groups, state, self.state)
+        if changed and state.global_step < self.total_steps and self.acc.is_main_process:
+            log.warning("resuming from %s with changed settings (%s): this run's schedule "
+                        "applies, so step %d runs at learning rate %.4g", path, ", ".join(changed),
+                        state.global_step + 1, self.optimizer.param_groups[0]["lr"])
         state.total_steps, state.data = self.total_steps, self.data_record
+        state.schedule = self.state.schedule
         self.state, self.resume_from, self.last_checkpoint = state, path, path
 
     # -- pieces -------------------------------------------------------------------------
@@ -167,6 +181,12 @@ class TrainingRun:
         self.last_checkpoint = self.output_dir / f"{ckpt.PREFIX}{self.state.global_step}"
         self.acc.wait_for_everyone()
 
+    def _saved_in_output_dir(self) -> bool:
+        """This step's checkpoint is in output_dir already (just saved, or the one a finished
+        run resumed from): a checkpoint is never written twice."""
+        here = self.output_dir / f"{ckpt.PREFIX}{self.state.global_step}"
+        return self.last_checkpoint is not None and self.last_checkpoint.resolve() == here.resolve()
+
     def _stop_if_asked(self, signals: stop.StopSignals, reporter: Reporter) -> None:
         """After a signal: save a checkpoint at this step boundary (unless one was just saved)
         and raise. Every process stops at the same step: the request is shared (any one's
@@ -177,7 +197,7 @@ class TrainingRun:
             asked = bool(self.acc.reduce(flag, "sum") > 0)
         if not asked:
             return
-        if self.last_checkpoint != self.output_dir / f"{ckpt.PREFIX}{self.state.global_step}":
+        if not self._saved_in_output_dir():
             self.save_checkpoint()
         reporter.close()
         raise signals.exception(self.last_checkpoint)
@@ -204,7 +224,9 @@ class TrainingRun:
         has_eval = bool(self.eval_examples)
         results: dict = {}
         if self.resume_from is not None:
-            reporter.message(f"resumed from {self.resume_from} at step {self.state.global_step}")
+            done = "; nothing left to train" if self.state.global_step >= self.total_steps else ""
+            reporter.message(f"resumed from {self.resume_from} at step {self.state.global_step}"
+                             f"{done}")
         elif has_eval and args.eval_on_start:
             results["eval_loss_before"] = self.evaluate()
             reporter.message(f"eval_loss before training: {results['eval_loss_before']:.4f}")
@@ -246,7 +268,7 @@ class TrainingRun:
             results["perplexity"] = math.exp(min(results["eval_loss"], 50))
             reporter.log_eval(self.state.global_step, results["eval_loss"], self.state.epoch)
             reporter.message(f"eval_loss after training: {results['eval_loss']:.4f}")
-        if args.save_strategy == "steps":
+        if args.save_strategy == "steps" and not self._saved_in_output_dir():
             self.save_checkpoint()  # the last step is always resumable / inspectable
         reporter.close()
         logged = [e["loss"] for e in _read_train_losses(self.output_dir)] if acc.is_main_process else []

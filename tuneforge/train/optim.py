@@ -7,13 +7,19 @@ parameter (biases, DoRA magnitudes) learns at `learning_rate * loraplus_lr_ratio
 an embedding LoRA learns at `loraplus_lr_embedding`; everything else (LoRA A, modules_to_save
 weights) at `learning_rate`. The first group always runs at `learning_rate`, so the logged learning
 rate is the base one.
+
+On resume (`restore_state`) the optimizer takes a checkpoint's state (Adam's moments and step
+counts) but keeps the hyper-parameters this run's config gives its groups.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from ..adapters import LoraLayer
+from ..errors import CheckpointError
 
 
 def _lora_b_tensors(model) -> tuple[set[int], set[int]]:
@@ -62,3 +68,57 @@ def build_optimizer(model, args, finetune=None) -> torch.optim.Optimizer:
     """AdamW over `param_groups`; `args` are the training arguments, `finetune` the fine-tuning ones."""
     return torch.optim.AdamW(param_groups(model, args, finetune), lr=args.learning_rate,
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def hyper_parameters(groups: list[dict]) -> list[dict]:
+    """Each parameter group's settings (lr, initial_lr, weight_decay, betas, eps, ...), without
+    its parameters."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in groups]
+
+
+def _misfit(optimizer, saved: dict) -> str | None:
+    """How a saved optimizer state does not fit this optimizer's parameters, or None. torch's
+    load_state_dict compares the groups' sizes but not the tensors' shapes, which otherwise
+    fail only inside the first step."""
+    groups, saved_groups = optimizer.param_groups, saved.get("param_groups")
+    states = saved.get("state")
+    if not isinstance(saved_groups, list) or not isinstance(states, dict):
+        return "it is not an optimizer state"
+    if len(saved_groups) != len(groups):
+        return f"{len(saved_groups)} parameter group(s) there, {len(groups)} here"
+    for i, (group, then) in enumerate(zip(groups, saved_groups)):
+        indices = then.get("params") if isinstance(then, dict) else None
+        if not isinstance(indices, list) or len(indices) != len(group["params"]):
+            count = len(indices) if isinstance(indices, list) else "no"
+            return f"parameter group {i} has {count} parameter(s) there, {len(group['params'])} here"
+        for index, param in zip(indices, group["params"]):
+            entry = states.get(index, {})
+            for key, value in (entry.items() if isinstance(entry, dict) else ()):
+                if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                    return (f"its '{key}' for a parameter of group {i} has shape "
+                            f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
+    return None
+
+
+def restore_state(optimizer, saved: dict, where: Path) -> list[dict]:
+    """Load a checkpoint's optimizer state (file `where`) into `optimizer`, keeping the
+    hyper-parameters its groups have now (this run's config). Returns the saved groups'
+    hyper-parameters.
+
+    Raises CheckpointError (naming the file) when the state does not fit the parameters: other
+    groups (loraplus_lr_ratio), other counts or shapes (another fine-tuning setup)."""
+    problem = _misfit(optimizer, saved) if isinstance(saved, dict) else "it is not an optimizer state"
+    if problem is None:
+        current = hyper_parameters(optimizer.param_groups)
+        try:
+            optimizer.load_state_dict(saved)
+        except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        else:
+            for group, settings in zip(optimizer.param_groups, current):
+                group.update(settings)
+            return hyper_parameters(saved["param_groups"])
+    raise CheckpointError(f"checkpoint '{where}' does not fit this run's optimizer ({problem}): "
+                          "it was made with another fine-tuning setup (finetuning_type, lora_rank, "
+                          "lora_target, loraplus_lr_ratio, ...): use that setup to resume, or start "
+                          "over with overwrite_output_dir: true")

@@ -1,8 +1,8 @@
 """The output folder of a run: checked before anything is loaded (a file, under a file, not
-writable), written so that a kill at any moment leaves either the old or the new version of
-each thing (temporary `.tmp-*` names renamed into place, deletions renamed to `.trash-*`
-first), and a full or read-only disk reported as one line instead of a traceback from deep
-inside torch or safetensors.
+writable), its checkpoint-N folders listed by the number in their names, written so that a
+kill at any moment leaves either the old or the new version of each thing (temporary `.tmp-*`
+names renamed into place, deletions renamed to `.trash-*` first), and a full or read-only disk
+reported as one line instead of a traceback from deep inside torch or safetensors.
 
 Beside the project's reader/writer layer (fileio.py): its output-folder check is used as it is;
 the disk-fault mapping here adds what a checkpoint needs (errors without an errno from Rust and
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -22,12 +23,30 @@ from ..errors import CheckpointError
 
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+CHECKPOINT_PREFIX = "checkpoint-"
 DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
 NOT_WRITABLE = {errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
                 errno.EPERM: "permission denied"}
 # torch, safetensors and tokenizers report a failed write without an errno; with less than
 # this left on the disk right after the failure, the disk was full
 LOW_SPACE = 1 << 20
+
+
+def step_of(path: Path) -> int | None:
+    """The step number in a checkpoint-N folder's name (None for other names)."""
+    match = re.fullmatch(CHECKPOINT_PREFIX + r"(\d+)", path.name)
+    return int(match.group(1)) if match else None
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Every checkpoint-N folder, by the number in its name, oldest first, whole or damaged
+    (integrity.py tells which; it also refuses a name that disagrees with the step inside)."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    found = [(step_of(child), child) for child in root.iterdir()]
+    return [path for step, path in sorted((s, p) for s, p in found if s is not None)
+            if path.is_dir()]
 
 
 def check_output_dir(path: str | Path) -> None:
@@ -101,16 +120,37 @@ def _inside(path, folder) -> bool:
 
 def disk_error(fault: str, folder: str | Path, what: str,
                needed: int | None = None) -> CheckpointError:
-    """The one line for a `disk_fault`; the free space is measured now (after cleaning up)."""
+    """The one line for a `disk_fault`; the free space is measured now (after cleaning up).
+    The advice is only what can help: checkpoints older than the newest (which a resume needs)
+    can go, and save_total_limit: 1 keeps them from piling up again; with none such, only
+    freeing space elsewhere helps (the old checkpoint goes only once the new one is written)."""
     if fault != "full":
         return CheckpointError(f"cannot write {what} in '{folder}' ({fault}); make the folder "
                                "writable or choose another output_dir")
     free = free_bytes(folder)
     need = f", it needs about {_mb(needed)}" if needed else ""
     have = f" ({_mb(free)} free{need})" if free is not None else ""
+    advice = _older_checkpoints(folder)
     return CheckpointError(f"disk full while writing {what} in '{folder}'{have}; free some "
-                           "space (or lower save_total_limit) and run the same command again "
-                           "to resume")
+                           f"space{advice} and run the same command again to resume")
+
+
+def _older_checkpoints(folder: str | Path) -> str:
+    """The advice on the checkpoints older than the newest, e.g. ' (checkpoint-1, older than
+    checkpoint-2, takes 3.7 MB and is not needed to resume; ...)'; '' when there are none (or
+    they cannot be listed)."""
+    try:
+        found = list_checkpoints(folder)
+        older = found[:-1]
+        size = _mb(sum(tree_size(p) for p in older))
+    except OSError:
+        return ""
+    if not older:
+        return ""
+    which = (f"{older[0].name}, older than {found[-1].name}, takes {size} and is" if
+             len(older) == 1 else f"the {len(older)} checkpoints older than {found[-1].name} "
+             f"({older[0].name} .. {older[-1].name}) take {size} and are")
+    return f" ({which} not needed to resume; save_total_limit: 1 keeps only the newest)"
 
 
 @contextmanager

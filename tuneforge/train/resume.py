@@ -7,8 +7,9 @@ when none can resume, the run is refused naming the file. An output_dir holding 
 same config's run writes before its first checkpoint (killed early) starts afresh; other
 contents are refused rather than silently mixed into.
 
-Then, once the data are loaded, `check_data_record` refuses a checkpoint whose data position
-would mean other examples with this run's setup; and `prepare_output_dir` is the first write."""
+Then, once the data are loaded, `check_not_past_the_end` refuses a checkpoint beyond this run's
+last step and `check_data_record` one whose data position would mean other examples with this
+run's setup; and `prepare_output_dir` is the first write."""
 
 from __future__ import annotations
 
@@ -155,6 +156,24 @@ def check_data_record(path: Path, saved: dict | None, current: dict) -> None:
         raise CheckpointError(f"cannot resume from '{path}': it was trained {what}, so its data "
                               f"position would skip or repeat examples; {fix.format(then=then)} "
                               f"to resume, or {START_OVER}")
+
+
+def check_not_past_the_end(path: Path, step: int, total_steps: int, args) -> None:
+    """Refuse a checkpoint beyond this run's last step: resuming it would train nothing and
+    rewrite the finished run's outputs with the older config's numbers. (At the last step
+    exactly, a run killed before its final save writes its final outputs.)
+
+    Raises CheckpointError naming the checkpoint and the key that sets the length."""
+    if step <= total_steps:
+        return
+    if args.max_steps > 0:
+        limit, key = f"max_steps {args.max_steps}", "max_steps"
+    else:
+        steps = f"{total_steps} step" + ("s" if total_steps != 1 else "")
+        limit, key = f"num_train_epochs {args.num_train_epochs:g} ({steps})", "num_train_epochs"
+    raise CheckpointError(f"checkpoint '{path}' is at step {step}, past this run's {limit}: "
+                          f"nothing to train; raise {key} to continue it, or {START_OVER} "
+                          "(or choose another output_dir)")
 
 
 def prepare_output_dir(root: Path, plan: ResumePlan, write_args) -> None:

@@ -102,8 +102,10 @@ def check_weights(model, step: int, learning_rate: float, last_checkpoint) -> No
 
 
 def _aftermath(learning_rate: float, last_checkpoint) -> str:
-    kept = f"the last good checkpoint, {last_checkpoint}, is kept" if last_checkpoint \
-        else "no checkpoint was written"
-    return (f"nothing was saved for it and {kept}; lower learning_rate (now {learning_rate:g}) "
-            "and start over with overwrite_output_dir: true (a resumed run would keep the old "
-            "learning rate)")
+    if not last_checkpoint:
+        return (f"nothing was saved for it and no checkpoint was written; lower learning_rate "
+                f"(now {learning_rate:g}) and start over with overwrite_output_dir: true")
+    return (f"nothing was saved for it and the last good checkpoint, {last_checkpoint}, is kept; "
+            f"lower learning_rate (now {learning_rate:g}) and start over with "
+            "overwrite_output_dir: true, or run again to continue from that checkpoint at the "
+            "lower rate")
