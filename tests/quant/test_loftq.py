@@ -215,8 +215,11 @@ def test_loftq_run_trains_and_reloads_onto_the_same_base(tiny_model_dir, tiny_da
         ChatModel(_cfg(tiny_model_dir, tiny_data_dir, out, adapter_name_or_path=str(out), loftq_iter=0))
     with pytest.raises(ConfigError, match="LoftQ base of 4-bit nf4.*asks for 8-bit"):
         ChatModel(_cfg(tiny_model_dir, tiny_data_dir, out, adapter_name_or_path=str(out), quantization_bit=8))
+    # a copy of the LoftQ adapter listed before it would be merged into the original weights
+    first = tmp_path / "first"
+    shutil.copytree(out, first)
     with pytest.raises(ConfigError, match="only be the last entry"):
-        ChatModel(_cfg(tiny_model_dir, tiny_data_dir, out, adapter_name_or_path=f"{out},{out}"))
+        ChatModel(_cfg(tiny_model_dir, tiny_data_dir, out, adapter_name_or_path=f"{first},{out}"))
 
 
 def test_resuming_a_loftq_run_rebuilds_the_same_base(tiny_model_dir, tiny_data_dir, tmp_path):

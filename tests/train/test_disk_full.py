@@ -108,18 +108,18 @@ def test_the_advice_for_a_full_disk_is_only_what_can_help(tmp_path):
     (out / "checkpoint-2").mkdir(parents=True)
     (out / "checkpoint-2" / "optimizer.pt").write_bytes(b"\0" * MB)
     line = str(disk_error("full", out, "checkpoint-3", needed=MB))
-    assert re.fullmatch(rf"disk full while writing checkpoint-3 in '{out}' \([\d.]+ MB free, it "
+    assert re.fullmatch(rf"disk full while writing checkpoint-3 in '{out}' \([\d.]+ [KMGT]?B free, it "
                         r"needs about 1.0 MB\); free some space and run the same command again "
                         "to resume", line), line
     assert "save_total_limit" not in line
     (out / "checkpoint-1").mkdir()
     (out / "checkpoint-1" / "optimizer.pt").write_bytes(b"\0" * (MB // 2))
-    assert "free some space (checkpoint-1, older than checkpoint-2, takes 0.5 MB and is not " \
+    assert "free some space (checkpoint-1, older than checkpoint-2, takes 512.0 KB and is not " \
            "needed to resume; save_total_limit: 1 keeps only the newest) and run the same " \
            "command again to resume" in str(disk_error("full", out, "checkpoint-3"))
     (out / "checkpoint-0").mkdir()
     assert "free some space (the 2 checkpoints older than checkpoint-2 (checkpoint-0 .. " \
-           "checkpoint-1) take 0.5 MB and are not needed to resume; " in \
+           "checkpoint-1) take 512.0 KB and are not needed to resume; " in \
            str(disk_error("full", out, "the final model"))
     assert str(disk_error("read-only file system", out, "checkpoint-3")) == (
         f"cannot write checkpoint-3 in '{out}' (read-only file system); make the folder writable "

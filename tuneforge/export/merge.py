@@ -27,7 +27,9 @@ from .tying import settle_tying, untie_adapted_embeddings
 def _sources(cfg) -> list[tuple[str, Path]]:
     """The folders the export reads, by config key: it must write none of them."""
     model = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
-    found = [("model_name_or_path", model if model.is_dir() else model.parent)]
+    # a .gguf file's folder is not the model's: only the file is read, and a non-empty
+    # export_dir (that folder itself) is refused anyway
+    found = [("model_name_or_path", model)] if model.is_dir() else []
     found += [("adapter_name_or_path", Path(p).expanduser()) for p in split_paths(cfg.model.adapter_name_or_path)]
     return found
 

@@ -88,10 +88,6 @@ def tree_size(path: str | Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
 
-def _mb(n: int) -> str:
-    return f"{n / 2**20:.1f} MB"
-
-
 def disk_fault(exc: BaseException, folder: str | Path, errno_only: bool = False) -> str | None:
     """"full", or why the folder cannot be written, when a failed write was the disk's fault;
     None otherwise. Writers in Rust and C++ (tokenizers, safetensors, torch) raise plain
@@ -128,8 +124,8 @@ def disk_error(fault: str, folder: str | Path, what: str,
         return CheckpointError(f"cannot write {what} in '{folder}' ({fault}); make the folder "
                                "writable or choose another output_dir")
     free = free_bytes(folder)
-    need = f", it needs about {_mb(needed)}" if needed else ""
-    have = f" ({_mb(free)} free{need})" if free is not None else ""
+    need = f", it needs about {fileio.human_size(needed)}" if needed else ""
+    have = f" ({fileio.human_size(free)} free{need})" if free is not None else ""
     advice = _older_checkpoints(folder)
     return CheckpointError(f"disk full while writing {what} in '{folder}'{have}; free some "
                            f"space{advice} and run the same command again to resume")
@@ -142,7 +138,7 @@ def _older_checkpoints(folder: str | Path) -> str:
     try:
         found = list_checkpoints(folder)
         older = found[:-1]
-        size = _mb(sum(tree_size(p) for p in older))
+        size = fileio.human_size(sum(tree_size(p) for p in older))
     except OSError:
         return ""
     if not older:
