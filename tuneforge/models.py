@@ -330,9 +330,13 @@ def _load_failure(path: Path, weights: list[Path], exc: Exception,
 
 
 def _named_tensors(model):
-    """The model's parameters and floating-point buffers, each once (tied weights share one)."""
+    """What the model read from its weight files: its parameters (tied ones once) and persistent
+    buffers (non-persistent ones, such as rotary frequencies, come from config.json instead)."""
     yield from model.named_parameters()
-    yield from model.named_buffers()
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                yield (f"{module_name}.{name}" if module_name else name), buffer
 
 
 def _weights_place(path: Path, weights: list[Path]) -> str:
