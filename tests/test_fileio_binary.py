@@ -105,10 +105,12 @@ def test_bytes_with_no_magic_that_are_not_text_are_called_binary(tmp_path):
         message = str(err.value)
         assert message.startswith(f"dataset file '{path}' is not text (byte 0x")
         assert message.endswith("it looks like a binary file); give the text file it should be")
-    # text in another encoding is still that, not "binary"
-    path.write_bytes("Quelle ville est en Norvège ? Ça dépend.".encode("latin-1"))
-    with pytest.raises(DataError, match="it may be Latin-1 or Windows-1252"):
-        fileio.read_text(path)
+    # text in a one-byte encoding is still text in another encoding, not "binary"
+    for text, encoding in (("Quelle ville est en Norvège ? Ça dépend.", "latin-1"),
+                           ("Привет, мир! Как дела? Хорошо, спасибо.", "cp1251"), ("Γειά σου κόσμε", "iso-8859-7")):
+        path.write_bytes(text.encode(encoding))
+        with pytest.raises(DataError, match=r"is not UTF-8 text \(byte 0x.. at line 1, column \d+; it may be"):
+            fileio.read_text(path)
 
 
 def test_paths_in_messages_are_quoted_so_stray_characters_show(tmp_path):
