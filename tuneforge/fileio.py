@@ -17,7 +17,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import yaml
 
@@ -43,7 +43,7 @@ def describe_os_error(exc: OSError, action: str = "access") -> str:
 
     The clause never includes a traceback or errno number; `action` is a verb ("read", "write").
     """
-    name = f" '{exc.filename}'" if exc.filename else ""
+    name = f" {quoted(exc.filename)}" if exc.filename else ""
     if exc.errno in _DISK_FULL:
         return f"the disk is full: could not {action}{name}; free some space and run again"
     if exc.errno in _NO_ACCESS:
@@ -57,20 +57,110 @@ def describe_os_error(exc: OSError, action: str = "access") -> str:
     return f"could not {action}{name}: {exc.strerror or exc}"
 
 
-def _not_utf8(data: bytes, start: int, first_line: int = 1) -> str:
-    """Where the first non-UTF-8 (or NUL) byte is, and what the file probably is instead.
-    `data` starts on line `first_line` of the file (a streamed line, or the whole file)."""
-    line = data.count(b"\n", 0, start) + first_line
-    column = start - (data.rfind(b"\n", 0, start) + 1) + 1
-    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) and first_line == 1:
-        guess = "; it is UTF-16"
-    elif data[start] == 0:
-        guess = "; it looks like UTF-16 without a byte-order mark, or not text at all"
+def quoted(path: str | Path) -> str:
+    """A path as messages show it: in quotes, repr-style, so a stray space or a control
+    character in it is visible ('d.json ', 'a\\nb')."""
+    return repr(str(path))
+
+
+class Signature(NamedTuple):
+    """What a file's first bytes say it is: `name` reads after "is"/"looks like"; `advice` says
+    what to do when a text file was expected (None: give the right file); `binary`: not text."""
+
+    name: str
+    advice: str | None = None
+    binary: bool = True
+
+
+_DECOMPRESS, _UNPACK, _CONVERT = "decompress it first", "unpack it first", "convert it to JSON lines first"
+_SIGNATURES = (  # (magic, what it is); checked in order, at the start of the file
+    (b"\x1f\x8b", Signature("gzip-compressed data", _DECOMPRESS + " (gunzip)")),
+    (b"\xfd7zXZ\x00", Signature("xz-compressed data", _DECOMPRESS + " (unxz)")),
+    (b"(\xb5/\xfd", Signature("zstd-compressed data", _DECOMPRESS + " (unzstd)")),
+    (b"PK\x03\x04", Signature("a zip archive", _UNPACK + " (unzip)")),
+    (b"PK\x05\x06", Signature("an empty zip archive", _UNPACK + " (unzip)")),
+    (b"7z\xbc\xaf\x27\x1c", Signature("a 7-Zip archive", _UNPACK)),
+    (b"PAR1", Signature("a Parquet file", _CONVERT)),
+    (b"ARROW1", Signature("an Arrow file", _CONVERT)),
+    (b"\xff\xff\xff\xff", Signature("an Arrow stream (a datasets cache file?)", _CONVERT)),
+    (b"GGUF", Signature("a GGUF file")),
+    (b"\x93NUMPY", Signature("a NumPy array file")),
+    (b"\x89HDF", Signature("an HDF5 file")),  # the rest of these magics holds a line break
+    (b"SQLite format 3\x00", Signature("an SQLite database")),
+    (b"\x7fELF", Signature("an executable (ELF) file")),
+    (b"%PDF-", Signature("a PDF document")),
+    (b"\x89PNG", Signature("a PNG image")),
+    (b"\xff\xd8\xff", Signature("a JPEG image")),
+    (b"version https://git-lfs", Signature("a Git LFS pointer (run `git lfs pull`)", binary=False)),
+    (b"{", Signature("JSON text", binary=False)),
+    (b"<", Signature("HTML or XML text", binary=False)),
+)
+SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library refuses larger headers too
+
+
+def sniff(head: bytes, binary_only: bool = False) -> Signature | None:
+    """What a file starting with `head` (its first 32 bytes or more) is, by its magic bytes:
+    compressed data, an archive, a Parquet/Arrow/NumPy/HDF5/GGUF/safetensors file, a pickle, an
+    executable, ...; with `binary_only` False also JSON, HTML and Git LFS pointer text. None when
+    the bytes say nothing. (Text files are recognised by what fails to decode, not here.)"""
+    for magic, signature in _SIGNATURES:
+        if head.startswith(magic) and (signature.binary or not binary_only):
+            return signature
+    if head[:3] == b"BZh" and head[3:4].isdigit() and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
+        return Signature("bzip2-compressed data", _DECOMPRESS + " (bunzip2)")
+    if len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5:  # PROTO opcode, protocols 2-5
+        return Signature("a Python pickle")
+    if head[8:10] in (b'{"', b"{}") and 0 < int.from_bytes(head[:8], "little") < SAFETENSORS_MAX_HEADER:
+        return Signature("a safetensors file")
+    return None
+
+
+def _place(data: bytes, at: int, first_line: int) -> str:
+    """'line L, column C' of byte `at` of `data`, which starts on line `first_line` of its file."""
+    line = data.count(b"\n", 0, at) + first_line
+    column = at - (data.rfind(b"\n", 0, at) + 1) + 1
+    return f"line {line}, column {column}"
+
+
+def _looks_utf16(data: bytes) -> bool:
+    """NUL bytes in (nearly) every other byte, as ASCII text saved as UTF-16 has them."""
+    sample = data[:4096]
+    halves = (sample[0::2], sample[1::2])
+    return any(len(half) and half.count(0) * 2 >= len(half) for half in halves)
+
+
+def _looks_binary(data: bytes) -> bool:
+    """Control bytes (besides tab, line ends and form feed) in one byte of twenty or more: a
+    binary file. Text in any encoding has next to none (undecodable bytes are not counted: a
+    Cyrillic or Greek file in a one-byte encoding is all of them), a stray NUL is one."""
+    sample = data[:4096]
+    controls = sum(1 for byte in sample if byte < 32 and byte not in b"\t\n\r\x0c") + sample.count(0x7F)
+    return controls >= 4 and controls * 20 >= len(sample)
+
+
+def _not_text(data: bytes, bad: int, first_line: int = 1) -> str:
+    """Why `data` (the whole file, or one streamed line starting on line `first_line`) is not
+    UTF-8 text, `bad` being its first undecodable or NUL byte: a clause after the file's name."""
+    signature = sniff(data[:32], binary_only=True) if first_line == 1 else None
+    if signature is not None:
+        return f"is {signature.name}, not text: {signature.advice or 'give the text file it should be'}"
+    nul = data.find(0, 0, bad + 1)  # a NUL before the bad byte is the better clue
+    bad = bad if nul < 0 else nul
+    if first_line == 1 and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        guess = "it is UTF-16"
+    elif nul >= 0 and _looks_utf16(data):
+        guess = "it looks like UTF-16 without a byte-order mark"
     elif _all_cjk(data, "gb18030"):
-        guess = "; it looks like GBK/GB18030"
+        guess = "it looks like GBK/GB18030"
+    elif _looks_binary(data):
+        return (f"is not text (byte 0x{data[bad]:02x} at {_place(data, bad, first_line)}, among many "
+                "control bytes: it looks like a binary file); give the text file it should be")
+    elif nul >= 0:
+        return (f"holds a NUL byte (0x00) at {_place(data, nul, first_line)}, which is not text: "
+                "remove it (in JSON, write it as \\u0000)")
     else:
-        guess = "; it may be Latin-1 or Windows-1252"
-    return f"is not UTF-8 text (byte 0x{data[start]:02x} at line {line}, column {column}{guess}): re-save it as UTF-8"
+        guess = "it may be Latin-1 or Windows-1252"
+    return f"is not UTF-8 text (byte 0x{data[bad]:02x} at {_place(data, bad, first_line)}; {guess}): re-save it as UTF-8"
 
 
 def _decode(data: bytes, path: Path, what: str, error: type[TuneforgeError], first_line: int = 1) -> str:
@@ -79,10 +169,9 @@ def _decode(data: bytes, path: Path, what: str, error: type[TuneforgeError], fir
     try:
         text = data.decode("utf-8-sig" if first_line == 1 else "utf-8")
     except UnicodeDecodeError as err:
-        nul = data.find(0, 0, err.start)  # a NUL before the bad byte is the better clue
-        raise error(f"{what} '{path}' {_not_utf8(data, err.start if nul < 0 else nul, first_line)}") from None
+        raise error(f"{what} {quoted(path)} {_not_text(data, err.start, first_line)}") from None
     if "\x00" in text:
-        raise error(f"{what} '{path}' {_not_utf8(data, data.index(0), first_line)}")
+        raise error(f"{what} {quoted(path)} {_not_text(data, data.index(0), first_line)}")
     return text
 
 
@@ -161,7 +250,7 @@ def read_csv_rows(path: str | Path, what: str = "file",
             return
         twice = sorted({name for name in header if header.count(name) > 1})
         if twice:
-            raise error(f"{what} '{path}' line 1: the header names {', '.join(map(repr, twice))} "
+            raise error(f"{what} {quoted(path)} line 1: the header names {', '.join(map(repr, twice))} "
                         "more than once; give each column its own name")
         end = reader.line_num
         for row in reader:
@@ -169,11 +258,11 @@ def read_csv_rows(path: str | Path, what: str = "file",
             if not row:
                 continue
             if len(row) > len(header):
-                raise error(f"{what} '{path}' line {start}: {len(row)} fields but the header has "
+                raise error(f"{what} {quoted(path)} line {start}: {len(row)} fields but the header has "
                             f"{len(header)}; quote fields that hold commas (\"a, b\")")
             yield start, dict(zip(header, row + [None] * (len(header) - len(row))))
     except csv.Error as exc:
-        raise error(f"{what} '{path}' line {end + 1}: not valid CSV ({exc}); fix the row that "
+        raise error(f"{what} {quoted(path)} line {end + 1}: not valid CSV ({exc}); fix the row that "
                     "starts there") from None
 
 
@@ -186,11 +275,11 @@ def parse_json(text: str, path: str | Path, what: str = "file",
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise error(f"{what} '{path}': malformed JSON at line {err.lineno + first - 1}, column "
+        raise error(f"{what} {quoted(path)}: malformed JSON at line {err.lineno + first - 1}, column "
                     f"{err.colno}: {err.msg}; fix {scope}") from None
     except RecursionError:
         where = "" if line is None else f" at line {line}"
-        raise error(f"{what} '{path}': JSON nested too deeply to read{where} (more than about "
+        raise error(f"{what} {quoted(path)}: JSON nested too deeply to read{where} (more than about "
                     f"{_nesting_limit()} levels); flatten {scope}") from None
 
 
@@ -239,18 +328,18 @@ def read_yaml(path: str | Path, what: str = "config file",
     too deep to read; warns when a key is set twice."""
     text = read_text(path, what, error)
     loader = _UserYamlLoader(text)
-    loader.source = f"{what} '{path}'"
+    loader.source = f"{what} {quoted(path)}"
     try:
         return loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise error(f"{what} '{path}' is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
+        raise error(f"{what} {quoted(path)} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}"
                     ) from None
     except _BadKey as exc:
-        raise error(f"{what} '{path}' {exc}") from None
+        raise error(f"{what} {quoted(path)} {exc}") from None
     except RecursionError:
-        raise error(f"{what} '{path}' is nested too deeply to read; flatten it") from None
+        raise error(f"{what} {quoted(path)} is nested too deeply to read; flatten it") from None
     finally:
         loader.dispose()
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from .errors import ModelError
-from .fileio import json_kind, one_line, read_json
+from .fileio import json_kind, one_line, quoted, read_json
+from .loadcheck import check_causal_lm, check_finite, check_loaded_weights, config_fault
 from .weightfiles import (check_gguf, check_safetensors, check_torch_file, load_model_config,
                           refused_pickle)
 
@@ -245,7 +246,7 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_path),
                                                   trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - the tokenizer files decide; the libraries raise many types
+    except Exception as exc:
         _check_json_objects(model_path, _VOCAB_JSON)  # a damaged vocabulary file is named
         raise ModelError(f"cannot load a tokenizer from '{model_path}' ({type(exc).__name__}: "
                          f"{one_line(exc)}); check its tokenizer files") from None
@@ -270,33 +271,25 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
     if path.is_file():
         path = _gguf_cached_dir(path, model_args.cache_dir)
     weights = check_model_folder(path)
-    load_model_config(path, model_args.trust_remote_code)  # transformers' reading, one line
+    check_causal_lm(load_model_config(path, model_args.trust_remote_code), path)  # one line each
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
     torch_dtype = resolve_dtype(dtype if dtype is not None else model_args.infer_dtype)
     qcfg = quantization_config(model_args)
     try:
         # a quantized base is quantized from the checkpoint's own weights, whatever dtype the run
-        # computes in, so training, chat and export all see the same codes
-        model = AutoModelForCausalLM.from_pretrained(
+        # computes in, so training, chat and export all see the same codes; mismatched shapes are
+        # reported with the missing and unexpected weights (check_loaded_weights), not raised
+        model, loading_info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype="auto" if qcfg is not None else torch_dtype,
-            trust_remote_code=model_args.trust_remote_code)
-    except pickle.UnpicklingError as exc:  # torch's weights_only unpickler refused a .bin file
-        where = weights[0] if len(weights) == 1 else path
-        raise ModelError(refused_pickle(where, "model file", str(exc))) from None
-    except EOFError:  # a legacy (non-zip) torch.save file cut short
-        raise ModelError(f"the weights in '{path}' are truncated (a pickle ends too early); "
-                         "download, copy or save them again") from None
-    except RuntimeError as exc:
-        text = str(exc)
-        if "mismatched_sizes" in text:
-            raise ModelError(f"the weights in '{path}' do not fit its config.json (tensor shapes "
-                             "differ): the folder mixes files of different models; copy it again") from None
-        if not any(sign in text for sign in ("PytorchStreamReader", "unexpected EOF", "corrupt")):
+            trust_remote_code=model_args.trust_remote_code, output_loading_info=True,
+            ignore_mismatched_sizes=True)
+    except Exception as exc:
+        error = _load_failure(path, weights, exc, model_args.trust_remote_code)
+        if error is None:
             raise
-        raise ModelError(f"the weights in '{path}' are damaged or truncated ({one_line(exc, 160)}); "
-                         "download, copy or save them again") from None
-    except _load_errors() as exc:
-        raise ModelError(f"cannot load a model from '{path}': {one_line(exc)}") from None
+        raise error from exc  # the cause stays visible with --debug
+    check_loaded_weights(model, loading_info, path)
+    check_finite(_named_tensors(model), _weights_place(path, weights), ModelError)
     model.config.use_cache = False
     if qcfg is not None:
         from .quant import quantize_model
@@ -309,6 +302,48 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
             quantize_model(model, config=qcfg)
             cast_unquantized(model, torch_dtype)  # the layers left in full precision
     return model, tokenizer
+
+
+def _load_failure(path: Path, weights: list[Path], exc: Exception,
+                  trust_remote_code: bool) -> ModelError | None:
+    """The one line for an exception transformers raised while loading the model from `path`, or
+    None when it is not one a bad file explains (it is then raised as it was: a bug to trace)."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError):  # torch's weights_only unpickler refused a .bin file
+        return ModelError(refused_pickle(weights[0] if len(weights) == 1 else path, "model file", text))
+    if isinstance(exc, EOFError):  # a legacy (non-zip) torch.save file cut short
+        return ModelError(f"the weights in {quoted(path)} are truncated (a pickle ends too early); "
+                          "download, copy or save them again")
+    if isinstance(exc, RuntimeError) and any(sign in text for sign in ("size mismatch", "mismatched_sizes")):
+        return ModelError(f"the weights in {quoted(path)} do not fit its config.json (tensor shapes "
+                          "differ): the folder mixes files of different models; copy it again")
+    if isinstance(exc, RuntimeError) and any(sign in text for sign in
+                                             ("PytorchStreamReader", "unexpected EOF", "corrupt")):
+        return ModelError(f"the weights in {quoted(path)} are damaged or truncated ({one_line(exc, 160)}); "
+                          "download, copy or save them again")
+    fault = config_fault(path, trust_remote_code)  # does config.json alone fail to build a model?
+    if fault is not None:
+        return fault
+    if isinstance(exc, _load_errors()):
+        return ModelError(f"cannot load a model from {quoted(path)}: {one_line(exc)}")
+    return None
+
+
+def _named_tensors(model):
+    """What the model read from its weight files: its parameters (tied ones once) and persistent
+    buffers (non-persistent ones, such as rotary frequencies, come from config.json instead)."""
+    yield from model.named_parameters()
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                yield (f"{module_name}.{name}" if module_name else name), buffer
+
+
+def _weights_place(path: Path, weights: list[Path]) -> str:
+    """How to name where the weights came from: the one weight file, or the model folder."""
+    if len(weights) == 1:
+        return f"model file {quoted(weights[0])}"
+    return f"the weights in {quoted(path)}"
 
 
 def _load_errors() -> tuple[type[BaseException], ...]:

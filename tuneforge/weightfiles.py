@@ -19,14 +19,8 @@ import zipfile
 from pathlib import Path
 
 from .errors import ModelError, TuneforgeError
-from .fileio import describe_os_error, one_line, read_json
+from .fileio import SAFETENSORS_MAX_HEADER, describe_os_error, one_line, quoted, read_json, sniff
 
-SAFETENSORS_MAX_HEADER = 100 * 2**20  # the safetensors library refuses larger headers too
-_MAGICS = {  # what a file that is not the expected format most likely is instead
-    b"PK\x03\x04": "a zip archive (a torch.save file?)", b"GGUF": "a GGUF file",
-    b"\x80": "a Python pickle (a torch.save file?)", b"{": "JSON text", b"<": "HTML or XML text",
-    b"version https://git-lfs": "a Git LFS pointer (run `git lfs pull`)",
-}
 _AGAIN = "download, copy or save it again"
 
 
@@ -41,11 +35,9 @@ def _stat_size(path: Path, what: str, error: type[TuneforgeError]) -> int:
 
 def _looks_like(head: bytes) -> str:
     """What a file that starts with `head` (its first 32 bytes) looks like, as a clause."""
-    for magic, name in _MAGICS.items():
-        if head.startswith(magic):
-            return f"; it looks like {name}"
-    if head[8:9] == b"{" and int.from_bytes(head[:8], "little") < SAFETENSORS_MAX_HEADER:
-        return "; it looks like a safetensors file"
+    signature = sniff(head)
+    if signature is not None:
+        return f"; it looks like {signature.name}"
     if head and all(32 <= c < 127 or c in b"\t\r\n" for c in head):
         return "; it looks like text"
     return ""
@@ -312,18 +304,50 @@ def check_gguf(path: str | Path, what: str = "model file",
                     f"{_AGAIN}")
 
 
+_DTYPE_KEYS = ("dtype", "torch_dtype")
+# sizes a model cannot have below 1; transformers accepts some (num_hidden_layers -1 builds a model
+# with no layers) and fails on others deep inside (ZeroDivisionError for num_attention_heads 0)
+_SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "max_position_embeddings", "n_embd", "n_layer", "n_head",
+              "n_positions", "d_model")
+
+
+def _check_values(config: dict, config_file: Path, depth: int = 0) -> None:
+    """Every dtype / torch_dtype in config.json (and its sub-configs) names a torch dtype (else
+    transformers fails with an AttributeError), and every size that is a number is at least 1."""
+    import torch
+
+    for key, value in config.items():
+        if key in _DTYPE_KEYS and value is not None:
+            if not isinstance(value, str) or not isinstance(getattr(torch, value, None), torch.dtype):
+                shown = repr(value) if isinstance(value, str) else json.dumps(value)
+                raise ModelError(f"model config {quoted(config_file)}: {key} {shown} is not a torch dtype; "
+                                 "use float32, bfloat16 or float16 (or remove the key)")
+        elif key in _SIZE_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 1:
+            raise ModelError(f"model config {quoted(config_file)}: {key} must be at least 1, got {value}; "
+                             "fix config.json (or copy the model again)")
+        elif isinstance(value, dict) and depth < 4:
+            _check_values(value, config_file, depth + 1)
+
+
 def load_model_config(directory: Path, trust_remote_code: bool = False):
     """transformers' `AutoConfig` of a model folder. Raises ModelError (one line naming
-    config.json) when it is missing, not a JSON object, or not usable by transformers (no
-    model_type, a value of the wrong type)."""
+    config.json) when it is missing, not a JSON object, names a dtype torch lacks or a size
+    below 1, or is not usable by transformers (no model_type, a value of the wrong type, values
+    it cannot work with)."""
     import transformers
 
     config_file = Path(directory) / "config.json"
     if not config_file.exists():
         raise ModelError(f"'{directory}' has no config.json")
-    if not isinstance(read_json(config_file, "model config", ModelError), dict):
+    config = read_json(config_file, "model config", ModelError)
+    if not isinstance(config, dict):
         raise ModelError(f"model config '{config_file}' must hold a JSON object; save the model again")
-    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, KeyError)
+    _check_values(config, config_file)
+    # what the config classes raise for values they cannot use (e.g. ZeroDivisionError for
+    # num_attention_heads 0); the cause stays attached for --debug
+    errors: tuple[type[BaseException], ...] = (OSError, ValueError, TypeError, KeyError, AttributeError,
+                                               ArithmeticError, AssertionError)
     try:
         from huggingface_hub.errors import StrictDataclassError  # a value of the wrong type
 
@@ -334,4 +358,4 @@ def load_model_config(directory: Path, trust_remote_code: bool = False):
         return transformers.AutoConfig.from_pretrained(str(directory),
                                                        trust_remote_code=trust_remote_code)
     except errors as exc:
-        raise ModelError(f"model config '{config_file}' is not usable: {one_line(exc)}") from None
+        raise ModelError(f"model config '{config_file}' is not usable: {one_line(exc)}") from exc

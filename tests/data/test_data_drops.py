@@ -51,7 +51,7 @@ WRONG = [(5, "a number (5)"), (2.5, "a number (2.5)"), (True, "a boolean (true)"
 def test_alpaca_text_of_the_wrong_type(smol, make_args, tmp_path, column, value, shown):
     folder = register(tmp_path, [GOOD, GOOD, {**GOOD, column: value}], columns={"system": "system"})
     message = refused(smol, make_args, folder)
-    assert message.startswith(f"dataset 'd' ({tmp_path / 'd.json'} record 2): column {column!r} holds {shown}, "
+    assert message.startswith(f"dataset 'd' ('{tmp_path / 'd.json'}' record 2): column {column!r} holds {shown}, "
                               "not text; write it as a JSON string")
 
 
@@ -76,7 +76,7 @@ def test_sharegpt_content_of_the_wrong_type(smol, make_args, tmp_path, value, sh
     folder = register(tmp_path, [{"conversations": [HI, HELLO]}, {"conversations": [HI, {**HELLO, "value": value}]}],
                       formatting="sharegpt")
     message = refused(smol, make_args, folder)
-    assert f"d.json record 1): message 1 ('gpt') holds {shown} as its 'value', not text" in message
+    assert f"d.json' record 1): message 1 ('gpt') holds {shown} as its 'value', not text" in message
 
 
 @pytest.mark.parametrize("role,shown", [("user", "'user'"), ("assistant", "'assistant'"), (0, "a number (0)"),
@@ -118,9 +118,9 @@ def test_alpaca_drops_are_counted_in_one_warning(smol, make_args, tmp_path, capl
     assert len(train) == 3
     path = tmp_path / "d.json"
     assert warnings == [
-        f"dropped 6 of 9 examples of 'd': 3 with an empty reply (first: {path} record 1), "
-        f"2 with no instruction or input text (first: {path} record 5), "
-        f"1 with an empty turn in 'history' (first: {path} record 7); "
+        f"dropped 6 of 9 examples of 'd': 3 with an empty reply (first: '{path}' record 1), "
+        f"2 with no instruction or input text (first: '{path}' record 5), "
+        f"1 with an empty turn in 'history' (first: '{path}' record 7); "
         "fix or remove those records (or check columns/tags in dataset_info.json)"]
 
 
@@ -144,9 +144,9 @@ def test_sharegpt_drops_follow_llamafactory_and_are_counted(smol, make_args, tmp
     assert len(train) == 2
     path = tmp_path / "d.json"
     assert warnings == [
-        f"dropped 10 of 12 examples of 'd': 2 ending on a user turn with no reply (first: {path} record 2), "
-        f"3 with roles out of order (first: {path} record 4), 2 with no messages (first: {path} record 7), "
-        f"3 with an empty reply or user turn (first: {path} record 9); "
+        f"dropped 10 of 12 examples of 'd': 2 ending on a user turn with no reply (first: '{path}' record 2), "
+        f"3 with roles out of order (first: '{path}' record 4), 2 with no messages (first: '{path}' record 7), "
+        f"3 with an empty reply or user turn (first: '{path}' record 9); "
         "fix or remove those records (or check columns/tags in dataset_info.json)"]
 
 
@@ -154,7 +154,7 @@ def test_jsonl_drops_name_the_line(smol, make_args, tmp_path, caplog):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in [GOOD, GOOD, {**GOOD, "output": ""}]) + "\n\n")
     (tmp_path / "dataset_info.json").write_text(json.dumps({"d": {"file_name": "d.jsonl"}}))
     train, warnings = load(smol, make_args, str(tmp_path), caplog)
-    assert len(train) == 2 and f"1 with an empty reply (first: {tmp_path / 'd.jsonl'} line 3)" in warnings[0]
+    assert len(train) == 2 and f"1 with an empty reply (first: '{tmp_path / 'd.jsonl'}' line 3)" in warnings[0]
 
 
 def test_nothing_usable_is_one_error_with_the_counts(smol, make_args, tmp_path):
@@ -162,8 +162,8 @@ def test_nothing_usable_is_one_error_with_the_counts(smol, make_args, tmp_path):
     message = refused(smol, make_args, folder)
     assert message == (
         f"dataset 'd': none of its 2 records is a usable conversation (a user turn followed by a non-empty "
-        f"assistant reply): 1 ending on a user turn with no reply (first: {tmp_path / 'd.json'} record 0), "
-        f"1 with roles out of order (first: {tmp_path / 'd.json'} record 1); "
+        f"assistant reply): 1 ending on a user turn with no reply (first: '{tmp_path / 'd.json'}' record 0), "
+        f"1 with roles out of order (first: '{tmp_path / 'd.json'}' record 1); "
         "fix or remove those records (or check columns/tags in dataset_info.json)")
 
 
@@ -181,7 +181,7 @@ def test_examples_with_no_reply_left_after_cutoff_are_dropped_and_said(smol, mak
     folder = register(tmp_path, [SHORT, LONG, SHORT, LONG, LONG])
     train, warnings = load(smol, make_args, folder, caplog, cutoff_len=16)
     assert len(train) == 2 and all(any(label != -100 for label in e["labels"]) for e in train)
-    assert warnings == [f"dropped 3 of 5 examples of 'd': 3 with no reply token left (first: {tmp_path / 'd.json'} "
+    assert warnings == [f"dropped 3 of 5 examples of 'd': 3 with no reply token left (first: '{tmp_path / 'd.json'}' "
                         "record 1); raise cutoff_len (now 16) to keep them"]
 
 

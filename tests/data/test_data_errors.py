@@ -34,7 +34,7 @@ def load_error(smol, make_args, exc=DataError, **args) -> str:
 def test_missing_dataset_file(smol, make_args, folder):
     where = folder({}, {"mine": {"file_name": "mine.json"}})
     message = load_error(smol, make_args, dataset="mine", dataset_dir=where)
-    assert "mine.json not found" in message and "file_name" in message
+    assert "mine.json' not found" in message and "file_name" in message
 
 
 def test_unknown_dataset_name_suggests_close_names(smol, make_args, folder):
@@ -80,10 +80,10 @@ def test_missing_columns_reports_count_and_first_index(smol, make_args, folder):
     where = folder({"d.json": json.dumps(records)}, {"d": {"file_name": "d.json"}})
     message = load_error(smol, make_args, dataset="d", dataset_dir=where)
     assert "2 of 6 records lack the response column 'output'" not in message  # prompt is checked first
-    assert "1 of 6 records lack the prompt column 'instruction' (first: " in message and "d.json record 5)" in message
+    assert "1 of 6 records lack the prompt column 'instruction' (first: " in message and "d.json' record 5)" in message
     where = folder({"e.json": json.dumps(records[:5])}, {"e": {"file_name": "e.json"}})
     message = load_error(smol, make_args, dataset="e", dataset_dir=where)
-    assert "2 of 5 records lack the response column 'output' (first: " in message and "e.json record 2)" in message
+    assert "2 of 5 records lack the response column 'output' (first: " in message and "e.json' record 2)" in message
     assert "columns" in message
 
 
@@ -92,7 +92,7 @@ def test_sharegpt_missing_messages_column(smol, make_args, folder):
                    {"s": {"file_name": "s.json", "formatting": "sharegpt"}})
     message = load_error(smol, make_args, dataset="s", dataset_dir=where)
     assert "1 of 2 records lack the messages column 'conversations' (first: " in message
-    assert "s.json record 1)" in message
+    assert "s.json' record 1)" in message
 
 
 def test_sharegpt_unknown_role_names_the_record_and_tags(smol, make_args, folder):
@@ -171,4 +171,4 @@ def test_bare_text_records_are_pretraining(smol, make_args, folder):
 def test_wrong_column_names_are_not_mistaken_for_pretraining(smol, make_args, folder):
     where = folder({"d.json": json.dumps([{"instruction": "q", "answer": "a"}])}, {"d": {"file_name": "d.json"}})
     message = load_error(smol, make_args, dataset="d", dataset_dir=where)
-    assert "lack the response column 'output' (first: " in message and "d.json record 0)" in message
+    assert "lack the response column 'output' (first: " in message and "d.json' record 0)" in message

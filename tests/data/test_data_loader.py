@@ -134,7 +134,7 @@ def test_jsonl_and_sharegpt_with_role_content_tags(smol, make_args, tmp_path, sp
     train = load_datasets(make_args(dataset="chat", dataset_dir=str(tmp_path)), smol).train
     assert len(train) == 1
     assert "dropped 1 of 2 examples of 'chat': 1 ending on a user turn with no reply (first: " in caplog.text
-    assert "chat.jsonl line 2)" in caplog.text
+    assert "chat.jsonl' line 2)" in caplog.text
     example = train[0]
     text = smol.decode(example["input_ids"])
     assert text.startswith("<|im_start|>system\nBe kind.<|im_end|>") and "dangling" not in text

@@ -91,8 +91,8 @@ def test_registry_not_utf8_or_too_deep(smol, make_args, tmp_path):
     ("d.json", json.dumps(GOOD) + "\n\n" + json.dumps(GOOD) + '\n{"instruction": }\n',
      "d.json': malformed JSON at line 4, column 17"),  # JSON lines saved as .json
     ("d.json", '{\n "rows": []\n}', "expected a JSON list of records (or one JSON object per line), found an object"),
-    ("d.json", json.dumps([GOOD, [1]]), "d.json record 1): expected a JSON object, found a list"),
-    ("d.jsonl", json.dumps(GOOD) + "\n\n7\n", "d.jsonl line 3): expected a JSON object, found a number (7)"),
+    ("d.json", json.dumps([GOOD, [1]]), "d.json' record 1): expected a JSON object, found a list"),
+    ("d.jsonl", json.dumps(GOOD) + "\n\n7\n", "d.jsonl' line 3): expected a JSON object, found a number (7)"),
 ])
 def test_malformed_or_nested_data_names_the_line(smol, make_args, tmp_path, name, text, expected):
     write(tmp_path, {name: text}, {"d": {"file_name": name}})
@@ -124,7 +124,7 @@ def test_file_name_that_is_not_a_string(smol, make_args, tmp_path, value):
 def test_columns_and_tags_values_must_be_names(smol, make_args, tmp_path, section, key, value):
     write(tmp_path, {"d.json": "[]"}, {"d": {"file_name": "d.json", "formatting": "sharegpt", section: {key: value}}})
     message = error(smol, make_args, tmp_path)
-    assert f"dataset 'd' in {tmp_path / 'dataset_info.json'}: {section}.{key} must be the name of a" in message
+    assert f"dataset 'd' in '{tmp_path / 'dataset_info.json'}': {section}.{key} must be the name of a" in message
 
 
 @pytest.mark.parametrize("entry,expected", [
@@ -171,19 +171,19 @@ def test_unknown_registry_keys_are_said_with_a_guess(smol, make_args, tmp_path, 
 def test_dataset_dir_is_a_file_or_missing(smol, make_args, tmp_path):
     file = tmp_path / "data.json"
     file.write_text("{}")
-    assert f"dataset_dir {file} is a file, not a folder" in error(smol, make_args, file)
+    assert f"dataset_dir '{file}' is a file, not a folder" in error(smol, make_args, file)
     assert "does not exist" in error(smol, make_args, tmp_path / "nowhere")
 
 
 def test_registry_is_a_folder(smol, make_args, tmp_path):
     (tmp_path / "dataset_info.json").mkdir()
-    assert "dataset_info.json is a folder, not a file" in error(smol, make_args, tmp_path)
+    assert "dataset_info.json' is a folder, not a file" in error(smol, make_args, tmp_path)
 
 
 def test_data_file_is_an_empty_folder_or_under_a_file(smol, make_args, tmp_path):
     write(tmp_path, {"d.json": json.dumps([GOOD]), "e/.hidden": "x"},
           {"d": {"file_name": "d.json/inner.json"}, "e": {"file_name": "e"}})
-    assert f"goes through {tmp_path / 'd.json'}, which is a file, not a folder" in error(smol, make_args, tmp_path)
+    assert f"goes through '{tmp_path / 'd.json'}', which is a file, not a folder" in error(smol, make_args, tmp_path)
     assert "file_name names the folder" in error(smol, make_args, tmp_path, dataset="e")
 
 
@@ -224,7 +224,7 @@ def test_symbolic_links_leaving_dataset_dir(smol, make_args, outside):
     for name in ("file_link.json", "folder_link", "chain"):
         assert "leads outside dataset_dir" in error(smol, make_args, outside, dataset=name)
     message = error(smol, make_args, outside, dataset="parts")
-    assert f"{outside / 'parts' / 'b.json'} is a symbolic link leading outside dataset_dir" in message
+    assert f"'{outside / 'parts' / 'b.json'}' is a symbolic link leading outside dataset_dir" in message
 
 
 def test_links_and_dotdot_that_stay_inside_are_fine(smol, make_args, outside, tmp_path):

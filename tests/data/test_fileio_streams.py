@@ -21,7 +21,6 @@ def test_read_lines_numbers_lines_and_drops_a_bom_once(tmp_path):
     ("ok\n数据\n".encode("gbk"), 2, 1, "GBK/GB18030"),
     ("ok".encode("utf-16"), 1, 1, "it is UTF-16"),
     ("ok\nok".encode("utf-16-le"), 1, 2, "UTF-16 without a byte-order mark"),
-    (b"ok\nbin\x00ary\n", 2, 4, "not text at all"),
 ])
 def test_read_lines_names_the_bad_line(tmp_path, raw, line, column, guess):
     path = tmp_path / "d.jsonl"
@@ -31,6 +30,15 @@ def test_read_lines_names_the_bad_line(tmp_path, raw, line, column, guess):
     message = str(err.value)
     assert message.startswith(f"dataset file '{path}' is not UTF-8 text (byte ")
     assert f"at line {line}, column {column}" in message and guess in message and "\n" not in message
+
+
+def test_read_lines_names_a_stray_nul_byte_without_calling_it_an_encoding(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"ok\nbin\x00ary\n")
+    with pytest.raises(DataError) as err:
+        list(fileio.read_lines(path, "dataset file"))
+    assert str(err.value) == (f"dataset file '{path}' holds a NUL byte (0x00) at line 2, column 4, which "
+                              "is not text: remove it (in JSON, write it as \\u0000)")
 
 
 def test_read_text_refuses_nul_bytes_too(tmp_path):

@@ -11,15 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import jinja2
-
 from tuneforge.errors import DataError
 
 from .formats import Conversation
-from .templates import TEMPLATES, template_label, template_text
+from .templates import TEMPLATES, TemplateRefused, render_chat, template_label, template_text
 
 IGNORE_INDEX = -100
-_RENDER_ERRORS = (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError)
 
 
 @dataclass
@@ -174,11 +171,9 @@ def _add_tools(messages: list[dict], tools: list[dict] | None, tools_in_template
 
 def _render(tokenizer, messages, tools, add_generation_prompt: bool, source: str) -> str:
     try:
-        return tokenizer.apply_chat_template(
-            messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except _RENDER_ERRORS as err:
+        return render_chat(tokenizer, messages, tools, add_generation_prompt, source)
+    except TemplateRefused as err:  # the record may be the cause here: say so
         raise DataError(
-            f"{template_label(tokenizer)} cannot render {source}: {err}; "
+            f"{template_label(tokenizer)} cannot render {source}: {err.reason}; "
             f"fix the record or set template: to one of {', '.join(TEMPLATES)}"
         ) from None

@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from tuneforge.errors import DataError
+from tuneforge.fileio import quoted
 
 from .issues import Drops, describe_value
 from .readers import PRETRAIN_MESSAGE, Records
@@ -89,7 +90,7 @@ def _check_alpaca_columns(entry: DatasetEntry, records: Records) -> None:
     only_prompt_mapped = entry.given_columns == {"prompt"} and not entry.formatting_given
     bare_text = all(prompt not in r and "text" in r for r in items)
     if no_response and (only_prompt_mapped or bare_text):
-        raise DataError(f"dataset {entry.name!r} ({entry.file_name}) {PRETRAIN_MESSAGE}")
+        raise DataError(f"dataset {entry.name!r} ({quoted(entry.file_name)}) {PRETRAIN_MESSAGE}")
     _check_columns(entry, records, ["prompt", "response"])
 
 
@@ -110,12 +111,28 @@ def _refuse(entry: DatasetEntry, where: str, problem: str, fix: str) -> DataErro
     return DataError(f"dataset {entry.name!r} ({where}): {problem}; {fix}")
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(entry: DatasetEntry, where: str, text: str, what: str, place: bool = True) -> str:
+    """`text`, refused when it holds a lone surrogate: JSON lets "\\ud800" through, but it is
+    half of a character, which no tokenizer (nor UTF-8) can encode. `place`: say at which
+    character (not for text made from the record, such as the tools column's JSON)."""
+    found = _SURROGATE.search(text)
+    if found is None:
+        return text
+    at = f" (at character {found.start()})" if place else ""
+    raise _refuse(entry, where, f"{what} holds a lone surrogate \\u{ord(found.group()):04x}{at}, half of a "
+                  "character and not text",
+                  "fix its \\u escape: a character beyond \\uffff is written as a pair, like \\ud83d\\ude00")
+
+
 def _text(entry: DatasetEntry, record: dict, key: str, where: str) -> str:
     """The string in the column mapped to `key`; a missing column or null means empty."""
     column = entry.column(key)
     value = record.get(column) if column else None
     if value is None or isinstance(value, str):
-        return value or ""
+        return _unicode(entry, where, value or "", f"column {column!r}")
     raise _refuse(entry, where, f"column {column!r} holds {describe_value(value)}, not text",
                   "write it as a JSON string (in quotes) or fix the record")
 
@@ -138,6 +155,7 @@ def _tools(entry: DatasetEntry, record: dict, where: str) -> list[dict] | None:
     tools = [value] if isinstance(value, dict) else value
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise _refuse(entry, where, f"column {column!r} holds {describe_value(value)} of other things", fix)
+    _unicode(entry, where, json.dumps(tools, ensure_ascii=False), f"column {column!r}", place=False)
     return tools or None
 
 
@@ -181,6 +199,8 @@ def _history(entry: DatasetEntry, record: dict, where: str) -> list[dict[str, st
         if not isinstance(wrong, str):
             raise _refuse(entry, where, f"column {column!r} item {number} holds {describe_value(wrong)}, "
                           "not text", fix)
+        for text in turn:
+            _unicode(entry, where, text, f"column {column!r} item {number}")
         if _blank(turn[0]) or _blank(turn[1]):
             raise _Dropped(f"with an empty turn in {column!r}")
         messages += [{"role": "user", "content": turn[0]}, {"role": "assistant", "content": turn[1]}]
@@ -243,4 +263,5 @@ def _message(entry: DatasetEntry, raw, number: int, kinds: dict, where: str) -> 
     if not isinstance(content, str):
         raise _refuse(entry, where, f"message {number} ({tag!r}) holds {describe_value(content)} as its "
                       f"{content_tag!r}, not text", "write it as a JSON string (in quotes) or fix the record")
+    _unicode(entry, where, content, f"the {content_tag!r} of message {number} ({tag!r})")
     return {"tag": tag, "role": kinds[tag][0], "content": content}

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.errors import ConfigError, DataError
+from tuneforge.fileio import quoted
 
 from .encode import IGNORE_INDEX, encode_conversations
 from .formats import Conversation, fill_placeholders, to_conversations
@@ -79,7 +80,7 @@ def _read_dataset(dataset_dir: Path, registry: dict, name: str, max_samples: int
     entry = get_entry(dataset_dir, registry, name)
     records = read_records(entry, None if entry.num_samples else max_samples)
     if not records:
-        raise DataError(f"dataset {name!r} ({entry.path}) has no records; add some or pick another dataset")
+        raise DataError(f"dataset {name!r} ({quoted(entry.path)}) has no records; add some or pick another dataset")
     indices = None
     if entry.num_samples:  # LLaMA-Factory: a random num_samples of them, repeated when more are asked
         count = len(records)

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tuneforge.errors import DataError
-from tuneforge.fileio import describe_os_error, parse_json, read_csv_rows, read_json_lines, read_text
+from tuneforge.fileio import describe_os_error, parse_json, quoted, read_csv_rows, read_json_lines, read_text
 
 from .issues import describe_value
 from .registry import DatasetEntry, is_inside
@@ -53,7 +53,7 @@ class Records:
         file = bisect.bisect_right(self._starts, index) - 1
         path, lines = self._files[file]
         offset = index - self._starts[file]
-        return f"{path} line {lines[offset]}" if lines is not None else f"{path} record {offset}"
+        return f"{quoted(path)} line {lines[offset]}" if lines is not None else f"{quoted(path)} record {offset}"
 
 
 def read_records(entry: DatasetEntry, max_samples: int | None = None) -> Records:
@@ -79,11 +79,13 @@ def _data_files(entry: DatasetEntry) -> list[Path]:
     if not path.exists():
         blocker = next((p for p in path.parents if p.is_file()), None)
         if blocker is not None:
-            raise DataError(f"dataset {entry.name!r}: file_name {entry.file_name!r} goes through {blocker}, "
-                            f"which is a file, not a folder; fix file_name in {entry.registry}")
+            raise DataError(f"dataset {entry.name!r}: file_name {entry.file_name!r} goes through {quoted(blocker)}, "
+                            f"which is a file, not a folder; fix file_name in {quoted(entry.registry)}")
+        trimmed = entry.dataset_dir / (entry.file_name or "").strip()
+        fix = (f"file_name has spaces around it, and {quoted(trimmed.name)} does exist: remove them"
+               if trimmed != path and trimmed.exists() else "put the file there or fix file_name")
         raise DataError(
-            f"dataset {entry.name!r}: file {path} not found (file_name in {entry.registry}); "
-            "put the file there or fix file_name"
+            f"dataset {entry.name!r}: file {quoted(path)} not found (file_name in {quoted(entry.registry)}); {fix}"
         )
     if path.is_dir():
         try:
@@ -94,15 +96,15 @@ def _data_files(entry: DatasetEntry) -> list[Path]:
         for member in files:
             if not is_inside(member, entry.dataset_dir):
                 raise DataError(
-                    f"dataset {entry.name!r}: {member} is a symbolic link leading outside dataset_dir "
-                    f"'{entry.dataset_dir}'; copy the file into {path} instead"
+                    f"dataset {entry.name!r}: {quoted(member)} is a symbolic link leading outside dataset_dir "
+                    f"{quoted(entry.dataset_dir)}; copy the file into {quoted(path)} instead"
                 )
     else:
         files = [path]
     if any(f.suffix.lower() == ".txt" for f in files):
-        raise DataError(f"dataset {entry.name!r} ({path.name}) {PRETRAIN_MESSAGE}")
+        raise DataError(f"dataset {entry.name!r} ({quoted(path.name)}) {PRETRAIN_MESSAGE}")
     if not files:
-        raise DataError(f"dataset {entry.name!r}: file_name names the folder {path}, which holds no data "
+        raise DataError(f"dataset {entry.name!r}: file_name names the folder {quoted(path)}, which holds no data "
                         f"files; put {', '.join(READABLE_SUFFIXES)} files in it or name a file")
     unreadable = [f.name for f in files if f.suffix.lower() not in READABLE_SUFFIXES]
     if unreadable:
@@ -127,12 +129,12 @@ def _read_file(entry: DatasetEntry, path: Path, limit: int | None) -> tuple[list
         return _numbered(entry, path, parsed, limit)
     data = parse_json(text, path, what)
     if not isinstance(data, list):
-        raise DataError(f"dataset {entry.name!r} file '{path}': expected a JSON list of records (or one "
+        raise DataError(f"dataset {entry.name!r} file {quoted(path)}: expected a JSON list of records (or one "
                         f"JSON object per line), found {describe_value(data)}")
     data = data[:limit] if limit is not None else data
     for index, record in enumerate(data):
         if not isinstance(record, dict):
-            raise DataError(f"dataset {entry.name!r} ({path} record {index}): expected a JSON object, "
+            raise DataError(f"dataset {entry.name!r} ({quoted(path)} record {index}): expected a JSON object, "
                             f"found {describe_value(record)}; each record must be {{\"column\": value, ...}}")
     return data, None
 
@@ -145,7 +147,7 @@ def _numbered(entry: DatasetEntry, path: Path, rows: Iterable[tuple[int, object]
         return records, lines
     for number, record in rows:  # a line past the limit is never read, so never refused
         if not isinstance(record, dict):
-            raise DataError(f"dataset {entry.name!r} ({path} line {number}): expected a JSON object, "
+            raise DataError(f"dataset {entry.name!r} ({quoted(path)} line {number}): expected a JSON object, "
                             f"found {describe_value(record)}; write one {{\"column\": value, ...}} per line")
         records.append(record)
         lines.append(number)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.errors import DataError
-from tuneforge.fileio import read_json
+from tuneforge.fileio import quoted, read_json
 
 from .issues import describe_value
 
@@ -100,15 +100,15 @@ def load_registry(dataset_dir: Path) -> dict[str, dict]:
            "./data or the shipped demo data)")
     if not dataset_dir.is_dir():
         what = "is a file, not a folder" if dataset_dir.exists() else "does not exist"
-        raise DataError(f"dataset_dir {dataset_dir} {what}: {fix}")
+        raise DataError(f"dataset_dir {quoted(dataset_dir)} {what}: {fix}")
     if path.is_dir():
-        raise DataError(f"{path} is a folder, not a file: {REGISTRY_FILE} must be the JSON file "
+        raise DataError(f"{quoted(path)} is a folder, not a file: {REGISTRY_FILE} must be the JSON file "
                         "that registers the datasets")
     if not path.exists():
-        raise DataError(f"dataset_dir {dataset_dir} has no {REGISTRY_FILE}: {fix}")
+        raise DataError(f"dataset_dir {quoted(dataset_dir)} has no {REGISTRY_FILE}: {fix}")
     registry = read_json(path, "dataset registry")
     if not isinstance(registry, dict):
-        raise DataError(f"{path}: expected a JSON object mapping dataset names to entries, found "
+        raise DataError(f"{quoted(path)}: expected a JSON object mapping dataset names to entries, found "
                         f"{describe_value(registry)}; write it as {{\"name\": {{\"file_name\": ...}}}}")
     return registry
 
@@ -125,9 +125,9 @@ def get_entry(dataset_dir: Path, registry: dict[str, dict], name: str) -> Datase
         hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (
             f"; add it there (known: {', '.join(sorted(registry)[:12])}{', ...' if len(registry) > 12 else ''})"
         )
-        raise DataError(f"dataset {name!r} is not in {dataset_dir / REGISTRY_FILE}{hint}")
+        raise DataError(f"dataset {name!r} is not in {quoted(dataset_dir / REGISTRY_FILE)}{hint}")
     raw = registry[name]
-    where = f"dataset {name!r} in {dataset_dir / REGISTRY_FILE}"
+    where = f"dataset {name!r} in {quoted(dataset_dir / REGISTRY_FILE)}"
     if not isinstance(raw, dict):
         raise DataError(f"{where}: the entry must be a JSON object, found {describe_value(raw)}; "
                         'write it as {"file_name": "<your file>"}')
@@ -208,16 +208,16 @@ def _file_name(where: str, dataset_dir: Path, value) -> str | None:
         return None
     if not isinstance(value, str):
         raise DataError(f"{where}: file_name must be a file or folder name (a string) relative to "
-                        f"{dataset_dir}, found {describe_value(value)}")
+                        f"{quoted(dataset_dir)}, found {describe_value(value)}")
     if not value.strip():
         return None
-    fix = f"copy the data into '{dataset_dir}' and give its path relative to that folder"
+    fix = f"copy the data into {quoted(dataset_dir)} and give its path relative to that folder"
     if "\x00" in value:
         raise DataError(f"{where}: file_name {value!r} holds a NUL character; fix the name")
     if Path(value).is_absolute():
         raise DataError(f"{where}: file_name {value!r} is an absolute path; {fix}")
     if not is_inside(dataset_dir / value, dataset_dir):
-        raise DataError(f"{where}: file_name {value!r} leads outside dataset_dir '{dataset_dir}' "
+        raise DataError(f"{where}: file_name {value!r} leads outside dataset_dir {quoted(dataset_dir)} "
                         f"(through '..' or a symbolic link); {fix}")
     return value
 
@@ -258,6 +258,6 @@ def _check_supported(entry: DatasetEntry, where: str) -> None:
         if entry.hub_url:
             raise DataError(
                 f"{where} lives on a hub ({entry.hub_url}) and tuneforge works offline: download it, "
-                f"save it as .json or .jsonl in {entry.dataset_dir}, and register it with file_name"
+                f"save it as .json or .jsonl in {quoted(entry.dataset_dir)}, and register it with file_name"
             )
-        raise DataError(f"{where} has no file_name: add the data file's name relative to {entry.dataset_dir}")
+        raise DataError(f"{where} has no file_name: add the data file's name relative to {quoted(entry.dataset_dir)}")

@@ -8,8 +8,12 @@ Format strings use `{content}`, `{bos}` and `{eos}`; bos/eos are the tokenizer's
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
-from tuneforge.errors import ConfigError
+import jinja2
+
+from tuneforge.errors import ConfigError, ModelError
+from tuneforge.fileio import quoted
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,9 @@ def get_template(name: str) -> Template:
 def apply_template(tokenizer, name: str | None) -> str:
     """Make `tokenizer.chat_template` the template training and chat will use, and return its text.
 
-    None keeps the tokenizer's own template (ConfigError if it has none).
+    None keeps the tokenizer's own template (ConfigError if it has none). The template must
+    render one user message with the generation prompt: TemplateRefused (a ModelError naming
+    the template's file) for a syntax error or a template that raises on it.
     """
     if name in (None, ""):
         if not tokenizer.chat_template:
@@ -97,9 +103,12 @@ def apply_template(tokenizer, name: str | None) -> str:
                 "the tokenizer has no chat template: set template: to one of "
                 f"{', '.join(TEMPLATES)}"
             )
-        return template_text(tokenizer)
-    tokenizer.chat_template = get_template(name).chat_template
-    return tokenizer.chat_template
+        text = template_text(tokenizer)
+    else:
+        tokenizer.chat_template = text = get_template(name).chat_template
+    render_chat(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                what="a single user message")
+    return text
 
 
 def template_text(tokenizer, tools: list | None = None) -> str:
@@ -110,13 +119,61 @@ def template_text(tokenizer, tools: list | None = None) -> str:
         raise ConfigError(f"the tokenizer's chat templates are ambiguous ({err}); set template:") from None
 
 
+# what apply_chat_template raises for a template that is broken or refuses the messages
+RENDER_ERRORS = (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError)
+
+
+class TemplateRefused(ModelError):
+    """The chat template failed on some messages: a syntax error, or an error it raised itself
+    (many raise for roles they do not support). `reason` is the template's own words."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def render_chat(tokenizer, messages: list[dict], tools: list | None = None,
+                add_generation_prompt: bool = False, what: str = "these messages") -> str:
+    """The chat template's text for `messages`: the one place templates are rendered, for
+    training (data/encode.py), chat, the API and eval (infer/generation.py).
+
+    Raises TemplateRefused naming the template (and its file) and `what` it could not render."""
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except RENDER_ERRORS as err:
+        reason = _reason(err)
+        raise TemplateRefused(f"{template_label(tokenizer)} cannot render {what}: {reason}; fix it or "
+                              f"set template: to one of {', '.join(TEMPLATES)}", reason) from None
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, jinja2.TemplateSyntaxError):
+        return f"{err.message} (a syntax error at line {err.lineno} of the template)"
+    return str(err) or type(err).__name__
+
+
 def template_label(tokenizer) -> str:
-    """How to name the tokenizer's current template in messages: its name if it is one of ours."""
+    """How to name the tokenizer's current template in messages: its name if it is one of ours,
+    else the tokenizer's own, with the file it came from when that is known."""
     text = tokenizer.chat_template
     for name, template in TEMPLATES.items():
         if text == template.chat_template:
             return f"template {name!r}"
-    return "the tokenizer's own chat template"
+    origin = template_file(tokenizer)
+    return "the tokenizer's own chat template" + (f" ({quoted(origin)})" if origin else "")
+
+
+def template_file(tokenizer) -> Path | None:
+    """The file the tokenizer's own template was read from: chat_template.jinja, which
+    transformers prefers, else tokenizer_config.json; None when not loaded from a folder."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or ""))
+    if not str(folder) or not folder.is_dir():
+        return None
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
 
 
 def _expr(fmt: str, content: str = "message['content']") -> str:

@@ -90,13 +90,13 @@ class Engine:
     def encode(self, messages: list[dict]) -> torch.Tensor:
         """The prompt's token ids. Raises RequestError when the model's chat template refuses the
         messages (many raise for roles that do not alternate, or for a system turn)."""
-        from jinja2 import TemplateError
+        from ..data.templates import TemplateRefused
 
         try:
             with self._encode_lock:
                 return chat_input_ids(self.tokenizer, messages, self.default_system, self.model.device)
-        except TemplateError as exc:
-            raise RequestError(f"this model's chat template refuses the messages: {exc}",
+        except TemplateRefused as exc:
+            raise RequestError(f"this model's chat template refuses the messages: {exc.reason}",
                                param="messages") from None
 
     def generation_kwargs(self, temperature=None, top_p=None, max_tokens=None) -> dict:

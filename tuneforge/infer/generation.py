@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..data.templates import render_chat
+
 
 def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -13,10 +15,11 @@ def pad_id(tokenizer) -> int:
 def chat_input_ids(tokenizer, messages: list[dict], system: str | None = None,
                    device=None) -> torch.Tensor:
     """(1, n) prompt ids for `messages` with the generation prompt appended; `system` is put
-    first unless the messages already start with a system turn."""
+    first unless the messages already start with a system turn. Raises TemplateRefused (a
+    ModelError, data/templates.py) when the chat template fails on them."""
     if system and not (messages and messages[0]["role"] == "system"):
         messages = [{"role": "system", "content": system}, *messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    text = render_chat(tokenizer, messages, add_generation_prompt=True)
     ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
     return ids.to(device) if device is not None else ids
 
