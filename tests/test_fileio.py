@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 
@@ -71,6 +72,26 @@ def test_yaml_duplicate_key_warns_and_last_wins(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tuneforge"):
         assert fileio.read_yaml(path)["lora_rank"] == 16
     assert "sets 'lora_rank' twice (lines 1 and 3): the last one wins" in caplog.text
+
+
+def test_json_duplicate_key_warns_once_and_last_wins(tmp_path, caplog):
+    """D13: a dataset defined twice in dataset_info.json is named, not silently replaced."""
+    path = tmp_path / "dataset_info.json"
+    path.write_text('{"d": {"file_name": "a.json"}, "e": {}, "d": {"file_name": "b.json"}}')
+    with caplog.at_level(logging.WARNING, logger="tuneforge"):
+        assert fileio.read_json(path, "dataset registry")["d"] == {"file_name": "b.json"}
+    assert caplog.text.count("sets 'd' twice in one object: the last one wins") == 1
+    assert "dataset registry" in caplog.text and "'e'" not in caplog.text
+    caplog.clear()
+    # records of a JSON array repeating a key: one line per key, not one per record
+    path.write_text(json.dumps([{"a": 1}] * 3).replace('{"a": 1}', '{"a": 1, "a": 2}'))
+    with caplog.at_level(logging.WARNING, logger="tuneforge"):
+        assert fileio.read_json(path) == [{"a": 2}] * 3
+    assert caplog.text.count("twice") == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tuneforge"):
+        fileio.parse_json('{"x": 1}', path)
+    assert not caplog.text
 
 
 def test_yaml_merge_keys_still_work(tmp_path):

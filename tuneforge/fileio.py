@@ -269,11 +269,24 @@ def read_csv_rows(path: str | Path, what: str = "file",
 def parse_json(text: str, path: str | Path, what: str = "file",
                error: type[TuneforgeError] = DataError, line: int | None = None) -> Any:
     """`json.loads` whose failures name the file, line and column; nesting too deep for Python's
-    parser (RecursionError) is one line as well. `line`: the file line `text` starts on, when
+    parser (RecursionError) is one line as well; a key set twice in one object is warned (the last
+    wins, as in every JSON reader). `line`: the file line `text` starts on, when
     it is one line of a JSON-lines file (messages then name that line and say "fix that line")."""
     first, scope = (1, "the file") if line is None else (line, "that line")
+    warned: set[str] = set()
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(items)
+        if len(out) < len(items):
+            keys = [key for key, _ in items]
+            for key in sorted({k for k in keys if keys.count(k) > 1} - warned):
+                warned.add(key)
+                log.warning("%s %s sets '%s' twice in one object: the last one wins", what,
+                            quoted(path) if line is None else f"{quoted(path)} line {line}", key)
+        return out
+
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=pairs)
     except json.JSONDecodeError as err:
         raise error(f"{what} {quoted(path)}: malformed JSON at line {err.lineno + first - 1}, column "
                     f"{err.colno}: {err.msg}; fix {scope}") from None

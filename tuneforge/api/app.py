@@ -7,7 +7,8 @@ served as sent is refused before any generation starts; one request's failure ne
 another's. Limits: max_tokens (or max_completion_tokens) is capped to what the model's context
 leaves after the prompt, the answer then ending with finish_reason "length", as OpenAI's API
 does; left out, the answer may run to the end of the context. A prompt the context cannot hold
-with one answer token is a 400 naming the limit. Generation stops when the client disconnects,
+with one answer token is a 400 naming the limit. A body over API_MAX_BODY_MB (16) is a 413, one
+that stalls for API_BODY_TIMEOUT seconds (30) a 408 (limits.py). Generation stops when the client disconnects,
 streamed or not, for every choice of n."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..infer.engine import RequestError, Unavailable
 from .errors import APIError, install_handlers, internal, shutting_down
+from .limits import BodyLimits, body_limits
 from .schemas import (AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, ModelCard,
                       ModelList, Usage, completion_id)
 from .streaming import ClientGone, EventStream, sse_events, unless_disconnected
@@ -32,10 +34,12 @@ log = logging.getLogger("tuneforge")
 
 def create_app(engine, api_key: str | None = None) -> FastAPI:
     """api_key: required bearer token; None reads the API_KEY environment variable (unset or
-    empty: no authentication)."""
+    empty: no authentication). Request bodies are limited by API_MAX_BODY_MB and API_BODY_TIMEOUT
+    (limits.py). Raises ConfigError for a malformed limit in the environment."""
     api_key = api_key if api_key is not None else os.environ.get("API_KEY") or None
     expected = api_key.encode("utf-8") if api_key is not None else None
     app = FastAPI(title="tuneforge", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyLimits, **body_limits())
     install_handlers(app)
 
     def authorize(request: Request) -> None:

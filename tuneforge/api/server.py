@@ -15,6 +15,7 @@ import threading
 import time
 
 from ..errors import ConfigError
+from .limits import env_number
 
 DEFAULT_HOST = "127.0.0.1"  # local only unless --host says otherwise
 DEFAULT_PORT = 8000
@@ -70,17 +71,7 @@ def resolve_api_key(serve_args) -> str | None:
 def resolve_drain_timeout() -> float:
     """API_DRAIN_TIMEOUT (seconds, >= 0) from the environment, else DEFAULT_DRAIN_TIMEOUT.
     Raises ConfigError for a value that is not a non-negative number."""
-    env = os.environ.get("API_DRAIN_TIMEOUT")
-    if not env:
-        return DEFAULT_DRAIN_TIMEOUT
-    try:
-        value = float(env)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise ConfigError(f"environment variable API_DRAIN_TIMEOUT must be a number of seconds >= 0; "
-                          f"got {env!r}")
-    return value
+    return env_number("API_DRAIN_TIMEOUT", DEFAULT_DRAIN_TIMEOUT, "seconds", positive=False)
 
 
 def make_server(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_key: str | None = None,
