@@ -8,4 +8,5 @@ torch. It imports nothing.
 
 METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
+    "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
 }
