@@ -29,7 +29,11 @@ from typing import Callable
 import torch
 
 from . import models
+from .adapters.peft_format import check_adapter_dir
+from .data import apply_template
 from .errors import ConfigError, ModelError
+from .quant.loftq import load_adapter_for_base, loftq_record
+from .quant.provenance import check_base
 
 
 @dataclass(frozen=True)
@@ -69,20 +73,18 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
     cannot be loaded, ConfigError for adapters that cannot be attached as configured (two served
     under one folder name, a LoftQ adapter merged or served beside others or without its
     quantization_bit / loftq_iter), and what data.apply_template raises for the chat template."""
-    from .adapters.peft_format import check_adapter_dir
-
     use = PURPOSES[purpose]
     paths = models.split_paths(cfg.model.adapter_name_or_path)
     names = _served_names(paths) if use.adapters == "beside" else []
     if use.adapters != "none":
         for path in paths:  # every path before the model loads
             check_adapter_dir(path)
+    if use.adapters == "beside":
+        _refuse_shared_loftq(paths)
     loftq = bool(cfg.finetune.loftq_iter) and (bool(paths) or use.adapters == "none")
     model, tokenizer = models.load_model_and_tokenizer(  # a module attribute: tests stub it
         cfg.model, dtype=dtype if dtype is not None else use.dtype, defer_quantization=loftq)
     if use.template:
-        from .data import apply_template
-
         apply_template(tokenizer, cfg.data.template)
     if before_adapters is not None:
         model = before_adapters(model, tokenizer)
@@ -114,23 +116,24 @@ def _served_names(paths: list[str]) -> list[str]:
     return names
 
 
-def _load_beside(model, paths: list[str], names: list[str]) -> dict[str, str]:
-    """Load every adapter under its own name, none merged; a LoftQ adapter rebuilds its quantized
-    base, which the others cannot share, so it must be the only one."""
-    from .quant.loftq import load_adapter_for_base, loftq_record
-    from .quant.provenance import check_base
-
+def _refuse_shared_loftq(paths: list[str]) -> None:
+    """A LoftQ adapter runs on the quantized base rebuilt for it, which differs from the plain
+    quantized base (and from another LoftQ adapter's): it is served alone (ConfigError)."""
     loftq = [p for p in paths if loftq_record(p)]
     if loftq and len(paths) > 1:
         raise ConfigError(f"adapter '{loftq[0]}' was trained on a LoftQ base built for it alone, "
                           "which the base model and the other adapters cannot share; serve it by "
                           "itself (adapter_name_or_path: that folder only)")
+
+
+def _load_beside(model, paths: list[str], names: list[str]) -> dict[str, str]:
+    """Load every adapter under its own name, none merged; public model id -> adapter name."""
     for path in paths:
         check_base(model, path)  # says so when the adapter was trained on another base
     served = {}
     for i, (name, path) in enumerate(zip(names, paths)):
         served[name] = f"serve_{i}"  # folder names may hold characters adapter names may not
-        # with deferred quantization (loftq_iter), the first adapter settles the base: LoftQ's
-        # when it is a LoftQ adapter, else plain quantization
+        # with deferred quantization (loftq_iter) the first adapter settles the base: rebuilt by
+        # LoftQ for a LoftQ adapter (then the only one), else quantized plainly
         load_adapter_for_base(model, path, name=served[name], trainable=False)
     return served
