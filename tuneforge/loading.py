@@ -72,7 +72,10 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
     model loads. Raises ModelError (one line naming the file) for a model or an adapter that
     cannot be loaded, ConfigError for adapters that cannot be attached as configured (two served
     under one folder name, a LoftQ adapter merged or served beside others or without its
-    quantization_bit / loftq_iter), and what data.apply_template raises for the chat template."""
+    quantization_bit / loftq_iter), what data.apply_template raises for the chat template, and
+    ValueError for an unknown purpose."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"unknown purpose {purpose!r}; one of {', '.join(PURPOSES)}")
     use = PURPOSES[purpose]
     paths = models.split_paths(cfg.model.adapter_name_or_path)
     names = _served_names(paths) if use.adapters == "beside" else []
