@@ -14,10 +14,15 @@ from pathlib import Path
 
 import torch
 
-from . import dtypes
+from . import adapters, dtypes
+from .adapters.loftq import load_adapter_for_base, refuse_merging
+from .adapters.peft_format import check_adapter_dir
 from .errors import ModelError
 from .fileio import json_kind, one_line, quoted, read_json
 from .loadcheck import check_causal_lm, check_finite, check_loaded_weights, config_fault
+from .quant import QuantizationConfig, quantize_model
+from .quant.model import cast_unquantized
+from .quant.provenance import check_base
 from .weightfiles import (check_gguf, check_safetensors, check_torch_file, load_model_config,
                           refused_pickle)
 
@@ -275,9 +280,6 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
     check_finite(_named_tensors(model), _weights_place(path, weights), ModelError)
     model.config.use_cache = False
     if qcfg is not None:
-        from .quant import quantize_model
-        from .quant.model import cast_unquantized
-
         if defer_quantization:  # LoftQ quantizes each adapted layer with its adapter, then casts
             model.tuneforge_pending_quantization = qcfg
             model.tuneforge_pending_dtype = torch_dtype
@@ -345,8 +347,6 @@ def quantization_config(model_args):
     """The QuantizationConfig that ModelArguments ask for, or None without quantization_bit."""
     if getattr(model_args, "quantization_bit", None) is None:
         return None
-    from .quant import QuantizationConfig
-
     return QuantizationConfig(
         bits=model_args.quantization_bit, quant_type=model_args.quantization_type,
         double_quant=model_args.double_quantization, compute_dtype=model_args.compute_dtype,
@@ -364,11 +364,6 @@ def attach_adapters(model, adapter_paths: list[str], trainable: bool):
 
     Every path is checked before the first is merged; ModelError / ConfigError as `load_adapter`
     raises them (one line naming the file)."""
-    from . import adapters
-    from .adapters.peft_format import check_adapter_dir
-    from .adapters.loftq import load_adapter_for_base, refuse_merging
-    from .quant.provenance import check_base
-
     for path in adapter_paths:
         check_adapter_dir(path)  # every path, before the first is merged
     for path in adapter_paths:
