@@ -1,8 +1,9 @@
 """LoRA as a registered method: its layer table, its adapter_config.json fields, its YAML keys.
 
 The layers live in lora.py (Linear, Conv1D), lora_embedding.py, lora_conv2d.py and
-lora_quant.py (a quantized base); the variants (DoRA, rsLoRA, PiSSA / OLoRA) in dora.py and
-inits.py; LoftQ in loftq.py.
+lora_quant.py (a quantized base); the variants (DoRA, rsLoRA, PiSSA / OLoRA, the random inits) are
+objects picked per adapter (variants.py, lora_variants.py; their maths in dora.py and inits.py);
+LoftQ's start in loftq.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .lora import LoraConv1D, LoraLayer, LoraLinear
 from .lora_conv2d import LoraConv2d
 from .lora_embedding import LoraEmbedding
 from .lora_quant import LoraQuantLinear, QuantLinear
+from .lora_variants import Dora, RandomInit, RsLora, WeightInit  # noqa: F401 - registers LoRA's variants
 from .methods import AdapterMethod, register_method
 from .peft_config import HARMLESS, non_empty, warn_unknown_fields
 from .sizes import check_adapter_size
