@@ -147,7 +147,7 @@ class LoraLayer(AdapterLayer):
     def add_adapters(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """`out` plus adapters `names` in order: plain LoRA maths here (`_add_lora`, per layer type),
         a group holding adapters of a variant that owns its maths (DoRA) computed by that variant."""
-        owners = {id(v): v for n in names for v in self.lora_variants.get(n, ()) if v.owns_maths}
+        owners = {id(v): v for n in names for v in self.lora_variants.get(n, ()) if v.owns_forward}
         if not owners:
             return self._add_lora(x, out, names)
         if len({type(v) for v in owners.values()}) == 1:
@@ -156,10 +156,11 @@ class LoraLayer(AdapterLayer):
             out = self.add_adapters(x, out, (n,))
         return out
 
-    def _maths_variant(self, names) -> LoraVariant | None:
+    def _merge_variant(self, names) -> LoraVariant | None:
+        """The variant that merges the stack when one of `names` merges other than by adding (DoRA)."""
         for n in names:
             for v in self.lora_variants.get(n, ()):
-                if v.owns_maths:
+                if not v.additive:
                     return v
         return None
 
@@ -310,7 +311,7 @@ class LoraLayer(AdapterLayer):
     @torch.no_grad()
     def merge_is_finite(self, names: list[str]) -> bool:
         todo = [n for n in names if n in self.lora_A and n not in self.lora_merged]
-        owner = self._maths_variant(todo)
+        owner = self._merge_variant(todo)
         if owner is not None:
             return bool(torch.isfinite(owner.merged_weight(self, todo)[0]).all())
         new = self.weight.detach().float()
@@ -326,7 +327,7 @@ class LoraLayer(AdapterLayer):
             return []
         w = self.weight
         done = None
-        owner = self._maths_variant(todo)
+        owner = self._merge_variant(todo)
         if owner is not None:  # e.g. DoRA rescales rows: f * (W + s B A)
             new, done = owner.merged_weight(self, todo)
         else:
@@ -349,7 +350,7 @@ class LoraLayer(AdapterLayer):
         if not todo:
             return []
         w = self.weight
-        owner = self._maths_variant(self.lora_merged)
+        owner = self._merge_variant(self.lora_merged)
         if owner is not None:  # e.g. merged DoRA adapters do not commute: the variant undoes the stack
             new, todo = owner.unmerged_weight(self, names)
         else:
@@ -420,7 +421,7 @@ class LoraLayer(AdapterLayer):
         parts = [
             f"{n}: r={self.lora_r[n]}, scaling={self.lora_scaling[n]:g}"
             + "".join(f", {v.describe}" for v in self.lora_variants.get(n, ()) if v.describe)
-            for n in self.lora_A.keys()
+            for n in self.lora_A
         ]
         state = []
         if self.lora_merged:

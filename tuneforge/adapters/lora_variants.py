@@ -24,7 +24,7 @@ from .variants import LoraVariant, register_variant
 
 class Dora(LoraVariant):
     key, kind, describe = "dora", "maths", "dora"
-    owns_maths = True
+    owns_forward, additive = True, False
     param_dicts = ("lora_magnitude_vector",)  # per-row magnitude (fp32), peft's key
     state_attrs = ("_dora_cache", "_dora_factors")
 

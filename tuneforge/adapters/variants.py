@@ -12,11 +12,16 @@ The generic LoRA code (lora.py and the layer types) calls their hooks and names 
                                      wins: PiSSA / OLoRA, or the random inits, which come last)
     after_init(layer, name)          once A, B and the scaling exist (DoRA's magnitude)
     release(layer, name)             the adapter leaves the layer unmerged (PiSSA gives the weight back)
-    delta(layer, name, delta)        the adapter's additive weight update `s B A`, transformed
+    delta(layer, name, delta)        the adapter's weight update `s B A`, transformed (what merging
+                                     adds, and what DoRA normalises)
     extra_tensors(layer, name)       the variant's own tensors of adapter `name`, by peft key suffix
-    owns_maths / add_adapters / merged_weight / unmerged_weight
-                                     variants whose forward is not `out + s B A x` (DoRA): they
-                                     compute groups of adapters holding at least one of theirs
+    owns_forward: add_adapters(layer, x, out, names)
+                                     a forward that is not `out + s B A x`: `out` plus a group of
+                                     adapters holding at least one of this variant's (one such
+                                     variant per adapter; adapters of different ones run one by one)
+    additive = False: merged_weight(layer, todo) / unmerged_weight(layer, names)
+                                     merging is not adding `delta` (DoRA rescales rows): the variant
+                                     merges and unmerges the whole stack (others by their `delta`)
 
 Class-level declarations: `param_dicts` (nn.ParameterDict attributes the variant adds to every LoRA
 layer, keyed by adapter name, e.g. DoRA's `lora_magnitude_vector`), `state_attrs` (per-layer caches
@@ -44,7 +49,8 @@ class LoraVariant:
     describe = ""  # a word for the layer's repr ('' shows nothing)
     param_dicts: tuple[str, ...] = ()
     state_attrs: tuple[str, ...] = ()
-    owns_maths = False
+    owns_forward = False
+    additive = True
     last = False
 
     @classmethod
@@ -80,13 +86,14 @@ class LoraVariant:
     def extra_tensors(self, layer, name: str) -> dict[str, torch.Tensor]:
         return {}
 
-    # ---- only for `owns_maths` variants ---------------------------------------------------------
+    # ---- only for variants that own the forward / are not additive -------------------------------
     def add_adapters(self, layer, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """`out` (the running output for input `x`) plus adapters `names`, in order."""
         raise NotImplementedError
 
-    def merged_weight(self, layer, todo: list[str]) -> torch.Tensor:
-        """The fp32 weight with adapters `todo` merged on top of the current one (keeps what unmerge needs)."""
+    def merged_weight(self, layer, todo: list[str]) -> tuple[torch.Tensor, Any]:
+        """(fp32 weight with adapters `todo` merged on top of the current one, a callable that keeps
+        what unmerging will need; it is called once the weight is written)."""
         raise NotImplementedError
 
     def unmerged_weight(self, layer, names: list[str] | None) -> tuple[torch.Tensor, list[str]]:
@@ -124,9 +131,9 @@ def registered_variants() -> list[type[LoraVariant]]:
 
 
 def select_variants(cfg: Any) -> tuple[LoraVariant, ...]:
-    """The variant objects adapter config `cfg` asks for; ConfigError when two would own the maths."""
+    """The variant objects adapter config `cfg` asks for; ConfigError when two would own the forward."""
     chosen = tuple(v for v in (cls.select(cfg) for cls in registered_variants()) if v is not None)
-    maths = [v.key for v in chosen if v.owns_maths]
+    maths = [v.key for v in chosen if v.owns_forward]
     if len(maths) > 1:
         raise ConfigError(f"LoRA variants {maths} each change the adapter's forward; an adapter can use one of them")
     return chosen
