@@ -16,6 +16,7 @@ from tuneforge.adapters import (
     LoraConfig,
     LoraVariant,
     add_adapter,
+    combine_adapters,
     delete_adapter,
     list_adapters,
     merge_adapters,
@@ -212,6 +213,25 @@ def test_two_forward_variants_on_one_adapter_are_refused(registry):
     with pytest.raises(ConfigError, match=r"LoRA variants \['gated', 'twin'\] each change the adapter's forward"):
         add_adapter(net, GatedConfig(r=2, target_modules=["0"], gate=1.0))
     assert list_adapters(net) == {}
+
+
+def test_combine_asks_the_variants(registry):
+    """combine_adapters refuses sources whose variant it cannot combine (the variant says why);
+    rsLoRA sources combine (their scaling is folded into A and B)."""
+    register_variant(Gated)
+    net = _net()
+    add_adapter(net, GatedConfig(r=2, target_modules=["0"], gate=1.0), name="a")
+    add_adapter(net, LoraConfig(r=2, target_modules=["0"], use_rslora=True), name="b")
+    add_adapter(net, LoraConfig(r=2, target_modules=["0"], use_dora=True), name="c")
+    for sources, why in (
+        (["b", "a"], r"adapters \['a'\] use the LoRA variant 'gated', which combine_adapters cannot combine"),
+        (["c", "a"], r"adapters \['c'\] use DoRA, whose magnitude vectors have no weighted combination"),
+    ):
+        with pytest.raises(ConfigError, match=why):
+            combine_adapters(net, sources, [0.5, 0.5], name="ab")
+    assert sorted(list_adapters(net)) == ["a", "b", "c"]
+    combine_adapters(net, ["b"], [2.0], name="b2")
+    assert _keys(net[0], "b2") == ["random_init"]
 
 
 def test_register_variant_rejects_what_is_not_a_variant(registry):

@@ -67,6 +67,12 @@ class Dora(LoraVariant):
             return dora.add_adapters_conv2d(layer, x, out, names)
         return dora.add_adapters(layer, x, out, names)
 
+    def combine_refusal(self, names):
+        return (
+            f"adapters {names} use DoRA, whose magnitude vectors have no weighted combination; "
+            "combine plain LoRA adapters only"
+        )
+
     def merged_weight(self, layer, todo):
         w, factors = dora.merged_weight(layer, todo)
         return w, lambda: layer._dora_factors.update(factors)
@@ -119,6 +125,14 @@ class WeightInit(LoraVariant):
 
     def release(self, layer, name: str) -> None:
         inits.restore_base(layer, name)  # the start it took out of the weight
+
+    def combine_refusal(self, names):
+        # A, B are not an update of the base, and re-running the init would change the base again
+        return (
+            f"adapters {names} were initialised from the base weights (init_lora_weights={self.init_name!r}); "
+            "save them with save_adapter(..., convert_pissa=True), load those plain LoRAs on the original base "
+            "and combine them"
+        )
 
 
 class RandomInit(LoraVariant):

@@ -15,6 +15,9 @@ The generic LoRA code (lora.py and the layer types) calls their hooks and names 
     delta(layer, name, delta)        the adapter's weight update `s B A`, transformed (what merging
                                      adds, and what DoRA normalises)
     extra_tensors(layer, name)       the variant's own tensors of adapter `name`, by peft key suffix
+    combine_refusal(names)           why combine_adapters cannot combine adapters `names` of this
+                                     variant, or None (default: None for variants that change
+                                     neither the forward, the merge nor `delta`)
     owns_forward: add_adapters(layer, x, out, names)
                                      a forward that is not `out + s B A x`: `out` plus a group of
                                      adapters holding at least one of this variant's (one such
@@ -85,6 +88,12 @@ class LoraVariant:
 
     def extra_tensors(self, layer, name: str) -> dict[str, torch.Tensor]:
         return {}
+
+    def combine_refusal(self, names: list[str]) -> str | None:
+        plain = self.additive and not self.owns_forward and type(self).delta is LoraVariant.delta
+        if plain:
+            return None
+        return f"adapters {names} use the LoRA variant {self.key!r}, which combine_adapters cannot combine"
 
     # ---- only for variants that own the forward / are not additive -------------------------------
     def add_adapters(self, layer, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
