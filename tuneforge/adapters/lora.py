@@ -145,14 +145,14 @@ class LoraLayer(AdapterLayer):
         return self.unmerge_lora(names)
 
     def add_adapters(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-        """`out` plus adapters `names` in order: plain LoRA maths here (`_add_lora`, per layer type),
-        a group holding adapters of a variant that owns its maths (DoRA) computed by that variant."""
-        owners = {id(v): v for n in names for v in self.lora_variants.get(n, ()) if v.owns_forward}
+        """`out` plus adapters `names` in order: plain LoRA maths here (`_add_lora`, per layer type);
+        a group holding adapters of a variant that owns the forward (DoRA) is computed by that variant."""
+        owners = [v for n in names for v in self.lora_variants.get(n, ()) if v.owns_forward]
         if not owners:
             return self._add_lora(x, out, names)
-        if len({type(v) for v in owners.values()}) == 1:
-            return next(iter(owners.values())).add_adapters(self, x, out, names)
-        for n in names:  # adapters of different maths variants: one at a time, in order
+        if all(type(v) is type(owners[0]) for v in owners):
+            return owners[0].add_adapters(self, x, out, names)
+        for n in names:  # adapters of different forward-owning variants: one at a time, in order
             out = self.add_adapters(x, out, (n,))
         return out
 
