@@ -85,6 +85,11 @@ def config_from_peft(raw: dict[str, Any], source: str) -> LoraConfig:
         if non_empty(raw.get(key)):
             raise ModelError(f"{source}: {key}={raw[key]!r} is not supported yet; this adapter cannot be loaded")
     init = raw.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)):
+        raise ModelError(
+            f"{source}: init_lora_weights must be true, false or the name of an init such as 'gaussian', "
+            f"'pissa' or 'olora', got {init!r}"
+        )
     if isinstance(init, str) and init.lower() == "olora":  # peft compares it case-insensitively
         init = "olora"
     if isinstance(init, str) and init.startswith("pissa_niter_"):
