@@ -234,6 +234,25 @@ def test_combine_asks_the_variants(registry):
     assert _keys(net[0], "b2") == ["random_init"]
 
 
+def test_loftq_becomes_the_adapters_init_object():
+    """apply_loftq swaps the adapter's init object for LoftQ's and restarts its other variants on
+    the quantized base (DoRA's magnitude: ||dequant(Q) + s B A|| per row, still trainable)."""
+    from tuneforge.adapters.loftq import LoftqInit, apply_loftq
+    from tuneforge.quant import QuantizationConfig
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32))
+    add_adapter(net, LoraConfig(r=2, target_modules=["0"], use_dora=True, use_rslora=True))
+    apply_loftq(net, "default", QuantizationConfig(bits=4, compute_dtype="float32"), 1)
+    layer = net[0]
+    assert layer.quantized_base and _keys(layer) == ["loftq", "dora", "rslora"]
+    assert isinstance(layer.lora_variants["default"][0], LoftqInit)
+    s = layer.lora_scaling["default"]
+    want = (layer.dequantize(torch.float32) + s * layer.lora_B["default"] @ layer.lora_A["default"]).norm(dim=1)
+    torch.testing.assert_close(layer.lora_magnitude_vector["default"].detach(), want, atol=1e-5, rtol=1e-5)
+    assert layer.lora_magnitude_vector["default"].requires_grad
+
+
 def test_register_variant_rejects_what_is_not_a_variant(registry):
     class NoKey(LoraVariant):
         pass
