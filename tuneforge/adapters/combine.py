@@ -57,8 +57,8 @@ from .core import (
     set_trainable,
 )
 from .lora import LoraLayer
-from .variants import registered_variants, select_variants
 from .targets import candidate_modules, minimal_suffixes
+from .variants import registered_variants, select_variants
 
 ELEMENTWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
