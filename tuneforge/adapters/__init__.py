@@ -39,6 +39,7 @@ from .methods import AdapterMethod, all_methods, method_named, method_names, reg
 from .peft_format import load_adapter, save_adapter
 from .registry import register_layer
 from .routing import route_adapters
+from .variants import LoraVariant, register_variant
 
 for _module, _help in METHODS.values():
     import_module(f"{__name__}.{_module}")  # its last statement registers the method
@@ -58,6 +59,7 @@ __all__ = [
     "LoraConv2d",
     "LoraEmbedding",
     "LoraLayer",
+    "LoraVariant",
     "active_adapters",
     "add_adapter",
     "combine_adapters",
@@ -70,6 +72,7 @@ __all__ = [
     "method_names",
     "register_layer",
     "register_method",
+    "register_variant",
     "route_adapters",
     "save_adapter",
     "set_active_adapters",

@@ -58,6 +58,7 @@ from .core import (
 )
 from .lora import LoraLayer
 from .targets import candidate_modules, minimal_suffixes
+from .variants import registered_variants, select_variants
 
 ELEMENTWISE = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 SVD = ("svd", "ties_svd", "dare_linear_svd", "dare_ties_svd", "magnitude_prune_svd")
@@ -159,22 +160,7 @@ def _check_args(st: AdapterState, adapters, weights, name, method, density, sign
         )
     if method not in METHODS:
         raise ConfigError(f"method={method!r} is not one of {list(METHODS)}")
-    dora = [a for a in adapters if getattr(st.configs[a], "use_dora", False)]
-    if dora:
-        raise ConfigError(
-            f"adapters {dora} use DoRA, whose magnitude vectors have no weighted combination; "
-            "combine plain LoRA adapters only"
-        )
-    # string inits other than 'gaussian' (pissa, olora, ...) moved part of the base weight into the
-    # adapter: its A, B are not an update of the base, and re-running the init would change the base again
-    from_weight = [a for a in adapters if isinstance(st.configs[a].init_lora_weights, str)
-                   and st.configs[a].init_lora_weights != "gaussian"]  # fmt: skip
-    if from_weight:
-        raise ConfigError(
-            f"adapters {from_weight} were initialised from the base weights "
-            f"(init_lora_weights={st.configs[from_weight[0]].init_lora_weights!r}); save them with "
-            "save_adapter(..., convert_pissa=True), load those plain LoRAs on the original base and combine them"
-        )
+    _check_variants(st, adapters)
     pruning = method.removesuffix("_svd") in _PRUNING
     if pruning:
         if density is None:
@@ -199,6 +185,17 @@ def _check_args(st: AdapterState, adapters, weights, name, method, density, sign
     if driver not in _SVD_DRIVERS:
         raise ConfigError(f"svd_driver must be one of {list(_SVD_DRIVERS)}, got {driver!r}")
     return adapters, [float(w) for w in weights]
+
+
+def _check_variants(st, adapters: list[str]) -> None:
+    """ConfigError when a source's LoRA variant cannot be combined (DoRA's magnitudes, PiSSA's start)."""
+    chosen = {a: select_variants(st.configs[a]) for a in adapters}
+    for cls in registered_variants():
+        users = [(a, v) for a in adapters for v in chosen[a] if type(v) is cls]
+        if users:
+            why = users[0][1].combine_refusal([a for a, _ in users])
+            if why:
+                raise ConfigError(why)
 
 
 def _plan_rank(st, layers, adapters, kind, method, svd_rank) -> tuple[int, dict[str, int]]:

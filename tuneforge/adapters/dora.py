@@ -140,11 +140,6 @@ def scale_factor(layer, name: str, base_w: torch.Tensor | None = None) -> torch.
 
 
 # ---- forward ------------------------------------------------------------------------------------
-def is_dora(layer, names) -> bool:
-    mags = layer.lora_magnitude_vector
-    return bool(mags) and any(n in mags for n in names)
-
-
 def add_adapters(layer, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
     """`out` plus the adapters `names` in order, some of them DoRA (peft's sequential rule)."""
     autocast = torch.is_autocast_enabled(x.device.type)
@@ -187,6 +182,46 @@ def add_adapters(layer, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ..
     if acc.dtype != out.dtype:
         acc = acc.to(out.dtype)
     return acc.view(out_shape)
+
+
+def add_adapters_conv2d(layer, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """peft's DoraConv2dLayer rule on a LoRA Conv2d: `y + (f - 1)(y - b) + f s B(A(x))` per DoRA
+    adapter, `f` shaped (1, out, 1, 1); with dropout in training the base conv of the dropped input
+    replaces `y - b`. Plain adapters among them add `s B(A(x))`."""
+    out_dtype = out.dtype
+    mags = layer.lora_magnitude_vector
+    base_w = base_weight(layer) if layer.lora_merged else None  # the norm is of the base weight
+    for name in names:
+        h, lora = layer._lora_conv(x, name)
+        if name not in mags:
+            out = out + lora * layer.lora_scaling[name]
+            continue
+        f = scale_factor(layer, name, base_w)  # (1, out, 1, 1)
+        if layer.lora_dropout[name] > 0.0 and layer.training:  # peft: base conv of the dropped input
+            base_out = layer._base_conv(h, base_w)
+        else:
+            base_out = out if layer.bias is None else out - layer.bias.view(1, -1, 1, 1)
+        out = out + (f - 1) * base_out + f * lora * layer.lora_scaling[name]
+    return out.to(out_dtype)
+
+
+def add_adapters_embedding(layer, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+    """peft's DoraEmbeddingLayer rule on a LoRA Embedding: no bias, no dropout, so a DoRA adapter turns
+    `y` into `f * y + f * s * A.T[ids] B^T` (the adapter part times embed_scale), `f` per dimension."""
+    out_dtype = out.dtype
+    scale = layer._embed_scale()
+    mags = layer.lora_magnitude_vector
+    base_w = base_weight(layer) if layer.lora_merged else None
+    for name in names:
+        delta = layer._lora_rows(x, name)
+        if name in mags:
+            f = scale_factor(layer, name, base_w)
+            delta = f * delta
+            out = f * out
+        if scale is not None:
+            delta = delta * scale.to(delta.dtype)
+        out = out + delta
+    return out.to(out_dtype)
 
 
 def _base_product(layer, h: torch.Tensor, base_w: torch.Tensor | None) -> torch.Tensor:

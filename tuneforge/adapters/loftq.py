@@ -43,9 +43,9 @@ from tuneforge.quant.model import (
     quantize_model,
 )
 
-from . import dora
 from .core import lora_layers, refresh_trainable, require_state
 from .peft_format import load_adapter
+from .variants import LoraVariant
 
 log = logging.getLogger("tuneforge")
 
@@ -102,6 +102,31 @@ def loftq_decompose(
     return q, A, B
 
 
+# ---- the init object -----------------------------------------------------------------------------
+class LoftqInit(LoraVariant):
+    """LoftQ's start of an adapter (an init variant, variants.py): `fit` fills A and B from the
+    layer's full-precision weight and returns the tensor whose codes the quantized layer must hold.
+    `apply_loftq` builds that layer and makes this the adapter's init (`LoraLayer.restart_adapter`)."""
+
+    key, kind = "loftq", "init"
+
+    def __init__(self, qcfg: QuantizationConfig, iters: int) -> None:
+        self.qcfg, self.iters = qcfg, iters
+
+    @torch.no_grad()
+    def fit(self, layer, name: str) -> torch.Tensor:
+        W = layer.weight.detach()
+        backend = backends.resolve(self.qcfg.backend, W.device, self.qcfg.bits)
+        _, A, B, target = _decompose(W, layer.lora_r[name], layer.lora_scaling[name], self.qcfg, self.iters, backend)
+        layer.lora_A[name].copy_(A)
+        layer.lora_B[name].copy_(B)
+        return target
+
+    def init(self, layer, name: str) -> bool:
+        self.fit(layer, name)
+        return True
+
+
 # ---- model --------------------------------------------------------------------------------------
 def _loftq_layers(model: nn.Module, name: str, qcfg: QuantizationConfig):
     """LoRA layers over a plain nn.Linear carrying adapter `name` that quantize_model would quantize."""
@@ -120,24 +145,18 @@ def _loftq_layers(model: nn.Module, name: str, qcfg: QuantizationConfig):
 def apply_loftq(model: nn.Module, adapter_name: str, qcfg: QuantizationConfig, iters: int) -> nn.Module:
     """Quantize `model` (in place) with adapter `adapter_name` initialised by LoftQ; returns it.
 
-    Every adapted nn.Linear gets its LoftQ codes and (A, B) (DoRA magnitudes are re-initialised
-    on the new base); every other Linear is quantized as quantize_model does.
+    Every adapted nn.Linear gets its LoftQ codes and (A, B), and LoftQ becomes the adapter's init
+    (its other variants start again on the new base: DoRA's magnitude is ||dequant(Q) + s B A||);
+    every other Linear is quantized as quantize_model does.
     """
     if iters < 0:
         raise ConfigError(f"loftq_iter must be >= 0, got {iters}")
     st = require_state(model, adapter_name)
+    start = LoftqInit(qcfg, iters)
     for path, layer in _loftq_layers(model, adapter_name, qcfg) if iters else []:
-        W = layer.weight.detach()
-        backend = backends.resolve(qcfg.backend, W.device, qcfg.bits)
-        _, A, B, target = _decompose(W, layer.lora_r[adapter_name], layer.lora_scaling[adapter_name],
-                                     qcfg, iters, backend)
-        layer.lora_A[adapter_name].copy_(A)
-        layer.lora_B[adapter_name].copy_(B)
+        target = start.fit(layer, adapter_name)
         new = quantize_linear(layer, qcfg, weight=target)  # quantizes `target` again: the same codes
-        if adapter_name in new.lora_magnitude_vector:  # DoRA: m = ||dequant(Q) + s B A|| per row
-            trainable = new.lora_magnitude_vector[adapter_name].requires_grad
-            dora.init_magnitude(new, adapter_name)
-            new.lora_magnitude_vector[adapter_name].requires_grad_(trainable)
+        new.restart_adapter(adapter_name, start)
         _replace(model, path, new)
     quantize_model(model, config=qcfg)
     refresh_trainable(model)  # quantize_linear gives biases new (frozen) Parameters

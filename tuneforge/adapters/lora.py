@@ -4,13 +4,17 @@ A LoRA layer is the base module itself with its class swapped to a subclass (`Lo
 `nn.Linear`, `LoraConv1D` for transformers' `Conv1D`). The module keeps its own `weight` / `bias`,
 so the base's state_dict keys do not change; each adapter adds two fp32 parameters beside them,
 `<module>.lora_A.<adapter>` (r, in) and `<module>.lora_B.<adapter>` (out, r). Unloading swaps the
-class back. Maths and initialisation follow peft exactly. DoRA adapters (`use_dora`) add a magnitude
-`<module>.lora_magnitude_vector.<adapter>`; their maths lives in dora.py.
+class back. Maths and initialisation follow peft exactly.
+
+What differs between LoRA adapters (DoRA, rsLoRA, PiSSA / OLoRA / LoftQ and the random inits) is a
+tuple of variant objects per adapter (`lora_variants[name]`, variants.py), picked once from its
+config; this code calls their hooks and names none of them.
 """
 
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -19,9 +23,16 @@ from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
 
-from . import dora, inits
 from .layer import AdapterLayer, Conv1D
 from .targets import pattern_value
+from .variants import (
+    LoraVariant,
+    RegistryTuple,
+    registered_variants,
+    select_variants,
+    variant_param_dicts,
+    variant_state_attrs,
+)
 
 # per-instance attributes a LoRA layer adds (removed again by `strip`)
 _STATE_ATTRS = (
@@ -35,9 +46,8 @@ _STATE_ATTRS = (
     "_lora_run",
     "_lora_base_class",
     "_lora_route",
-    "_dora_cache",
-    "_dora_factors",
-    "lora_initial",  # (A0, B0) of adapters initialised from the weight (inits.py)
+    "lora_variants",  # adapter name -> its variant objects (variants.py)
+    "param_dicts",  # this layer's ParameterDicts: A, B and those of the variants it has set up
 )
 
 
@@ -50,25 +60,27 @@ class LoraLayer(AdapterLayer):
     """
 
     method_name = "lora"
-    param_dicts = ("lora_A", "lora_B", "lora_magnitude_vector")
-    state_attrs = _STATE_ATTRS
+    # class level: A, B and every registered variant's dicts; an instance keeps the ones it made
+    param_dicts = RegistryTuple(("lora_A", "lora_B"), variant_param_dicts)
+    state_attrs = RegistryTuple(_STATE_ATTRS, variant_state_attrs)
     base_class_attr = "_lora_base_class"
     route_attr = "_lora_route"
     fan_in_fan_out = False
     inplace_add = False
-    supports_dora = False  # layer types whose DoRA maths exists (dora.py) set this
+    weight_inits = True  # False: inits that read the weight (PiSSA / OLoRA) give the default start
+    quantized_base = False  # True: the base weight is codes, which no init may rewrite
     _lora_route = None  # set per instance by route_adapters (routing.py): one adapter per sample
 
     lora_A: nn.ParameterDict
     lora_B: nn.ParameterDict
-    lora_magnitude_vector: nn.ParameterDict  # DoRA's per-row magnitude, only for DoRA adapters
 
     # ---- life cycle -------------------------------------------------------------------------
     def lora_setup(self, base_class: type) -> None:
         self._lora_base_class = base_class
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
-        self.lora_magnitude_vector = nn.ParameterDict()
+        self.param_dicts = ("lora_A", "lora_B")
+        self.lora_variants: dict[str, tuple[LoraVariant, ...]] = {}
         self.lora_r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.lora_scaling: dict[str, float] = {}
@@ -77,8 +89,18 @@ class LoraLayer(AdapterLayer):
         self.lora_merged: list[str] = []
         self.lora_disabled = False
         self._lora_run: tuple[str, ...] = ()
-        self._dora_cache: dict = {}  # ||W||^2 per row, keyed on the weight's version (dora.py)
-        self._dora_factors: dict[str, torch.Tensor] = {}  # per-row factor of each merged DoRA adapter
+        self._variant_storage()
+
+    def _variant_storage(self) -> None:
+        """Give this layer the ParameterDicts and state of every registered variant it lacks
+        (at setup, and again for a variant registered since)."""
+        for cls in registered_variants():
+            for d in cls.param_dicts:
+                if d not in self.param_dicts:
+                    setattr(self, d, nn.ParameterDict())
+                    self.param_dicts = (*self.param_dicts, d)
+            if any(a not in self.__dict__ for a in cls.state_attrs):
+                cls.setup_layer(self)
 
     # ---- the adapter-layer protocol (layer.py) -------------------------------------------------
     def setup(self, base_class: type) -> None:
@@ -87,13 +109,13 @@ class LoraLayer(AdapterLayer):
     @classmethod
     def check_config(cls, module: nn.Module, path: str, cfg) -> None:
         cls.check_target(module, path, pattern_value(cfg.rank_pattern, path, cfg.r))
-        if cfg.use_dora:
-            cls.check_dora(module, path)
+        for v in select_variants(cfg):
+            v.check(cls, module, path)
 
     def add_from_config(self, name: str, cfg, path: str) -> None:
         r = pattern_value(cfg.rank_pattern, path, cfg.r)
         alpha = pattern_value(cfg.alpha_pattern, path, cfg.lora_alpha)
-        self.add_lora(name, r, alpha, cfg.lora_dropout, cfg.use_rslora, cfg.init_lora_weights, cfg.use_dora)
+        self.add_variant_lora(name, r, alpha, cfg.lora_dropout, select_variants(cfg))
 
     @property
     def adapters_disabled(self) -> bool:
@@ -113,7 +135,8 @@ class LoraLayer(AdapterLayer):
         self.delete_lora(name)
 
     def release_adapter(self, name: str) -> None:
-        inits.restore_base(self, name)  # PiSSA / OLoRA: the start they took out of the weight
+        for v in self.lora_variants.get(name, ()):
+            v.release(self, name)  # e.g. PiSSA / OLoRA: the start they took out of the weight
 
     def merge(self, names: list[str], safe_merge: bool = False) -> list[str]:
         return self.merge_lora(names, safe_merge=safe_merge)
@@ -122,10 +145,28 @@ class LoraLayer(AdapterLayer):
         return self.unmerge_lora(names)
 
     def add_adapters(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-        return self._add_lora(x, out, names)
+        """`out` plus adapters `names` in order: plain LoRA maths here (`_add_lora`, per layer type);
+        a group holding adapters of a variant that owns the forward (DoRA) is computed by that variant."""
+        owners = [v for n in names for v in self.lora_variants.get(n, ()) if v.owns_forward]
+        if not owners:
+            return self._add_lora(x, out, names)
+        if all(type(v) is type(owners[0]) for v in owners):
+            return owners[0].add_adapters(self, x, out, names)
+        for n in names:  # adapters of different forward-owning variants: one at a time, in order
+            out = self.add_adapters(x, out, (n,))
+        return out
+
+    def _merge_variant(self, names) -> LoraVariant | None:
+        """The variant that merges the stack when one of `names` merges other than by adding (DoRA)."""
+        for n in names:
+            for v in self.lora_variants.get(n, ()):
+                if not v.additive:
+                    return v
+        return None
 
     def on_new_base(self) -> None:
-        self._dora_cache = {}  # the norms of the old weight
+        for v in {type(v): v for vs in self.lora_variants.values() for v in vs}.values():
+            v.on_new_base(self)
 
     @classmethod
     def check_target(cls, module: nn.Module, path: str, r: int) -> None:
@@ -133,16 +174,6 @@ class LoraLayer(AdapterLayer):
 
         Called before any module is changed, so a refused target leaves the model untouched.
         """
-
-    @classmethod
-    def check_dora(cls, module: nn.Module, path: str) -> None:
-        """Raise ConfigError when `module` cannot take a DoRA adapter (checked before any module changes)."""
-        if not cls.supports_dora:
-            base = getattr(module, "_lora_base_class", type(module)).__name__
-            raise ConfigError(
-                f"use_dora is not supported for {base} layers yet (target {path}); "
-                f"set use_dora=False or leave {path} out of target_modules"
-            )
 
     def in_out_features(self) -> tuple[int, int]:
         w = self.weight
@@ -158,23 +189,54 @@ class LoraLayer(AdapterLayer):
         init: bool | str,
         use_dora: bool = False,
     ) -> None:
+        """Add adapter `name` with LoraConfig's variant options given one by one (ConfigError as add_adapter)."""
+        options = SimpleNamespace(use_rslora=use_rslora, init_lora_weights=init, use_dora=use_dora)
+        self.add_variant_lora(name, r, alpha, dropout, select_variants(options))
+
+    def add_variant_lora(
+        self, name: str, r: int, alpha: float, dropout: float, variants: tuple[LoraVariant, ...]
+    ) -> None:
+        """Add adapter `name` (rank r, lora_alpha, dropout) shaped by its variant objects (variants.py).
+
+        Raises ConfigError when this layer cannot carry one of the variants (nothing is added then).
+        """
         device = self.weight.device
         if device.type == "meta":
             raise ConfigError(f"cannot add LoRA to a module whose weight is on the meta device ({self!r})")
-        if use_dora:
-            self.check_dora(self, repr(self))
+        for v in variants:
+            v.check(type(self), self, repr(self))
+        self._variant_storage()
         A, B = self.new_lora_tensors(r, device)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.lora_r[name] = r
         self.lora_alpha[name] = alpha
-        self.lora_scaling[name] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        scalings = [s for s in (v.scaling(r, alpha) for v in variants) if s is not None]
+        self.lora_scaling[name] = scalings[0] if scalings else alpha / r
         self.lora_dropout[name] = float(dropout)
+        self.lora_variants[name] = tuple(variants)
         # initialisation runs once A, B and the scaling exist: some inits (PiSSA, OLoRA) need them
-        self.init_lora_weights(name, init)
-        if use_dora:  # peft takes the magnitude after the LoRA init: ||W + s B A|| per row
-            dora.init_magnitude(self, name)
+        try:
+            if not any(v.init(self, name) for v in variants):
+                raise ConfigError(f"no LoRA variant of adapter {name!r} initialises its weights {variants}")
+            for v in variants:  # e.g. DoRA's magnitude, taken after the LoRA init
+                v.after_init(self, name)
+        except Exception:
+            self._forget(name)
+            raise
         self._lora_refresh()
+
+    def restart_adapter(self, name: str, init: LoraVariant) -> None:
+        """Adapter `name` now starts from `init` (an init variant that already set A and B, e.g.
+        LoftQ on a rebuilt base): it replaces the adapter's init object, and the other variants'
+        `after_init` runs again (trainability of their tensors kept)."""
+        others = tuple(v for v in self.lora_variants[name] if v.kind != "init")
+        self.lora_variants[name] = (init, *others)
+        trainable = {k: p.requires_grad for k, p in self.adapter_parameters(name).items()}
+        for v in others:
+            v.after_init(self, name)
+        for k, p in self.adapter_parameters(name).items():
+            p.requires_grad_(trainable.get(k, p.requires_grad))
 
     def new_lora_tensors(self, r: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Uninitialised fp32 (A, B) for this layer type: (r, in) and (out, r) for linear layers."""
@@ -184,26 +246,26 @@ class LoraLayer(AdapterLayer):
         return A, B
 
     def init_lora_weights(self, name: str, init: bool | str) -> None:
-        """Fill adapter `name`'s A and B as peft does for this layer type."""
-        if inits.is_weight_init(init):  # PiSSA / OLoRA take A and B out of the weight (inits.py)
-            inits.init_from_weight(self, name, init)
-            return
+        """Fill adapter `name`'s A and B with peft's random start for this layer type (True, False,
+        'gaussian'); ConfigError for other values."""
         init_lora(self.lora_A[name].data, self.lora_B[name].data, self.lora_r[name], init)
 
     def delete_lora(self, name: str) -> None:
         if name in self.lora_merged:
             self.unmerge_lora([name])
-        if "lora_initial" in self.__dict__:  # PiSSA / OLoRA: give the base its original weight back
-            inits.restore_base(self, name)
-        del self.lora_A[name]
-        del self.lora_B[name]
-        if name in self.lora_magnitude_vector:
-            del self.lora_magnitude_vector[name]
-        self._dora_factors.pop(name, None)
-        for d in (self.lora_r, self.lora_alpha, self.lora_scaling, self.lora_dropout):
-            d.pop(name, None)
+        for v in self.lora_variants.get(name, ()):
+            v.release(self, name)  # e.g. PiSSA / OLoRA: give the base its original weight back
+        self._forget(name)
         self.lora_active = tuple(n for n in self.lora_active if n != name)
         self._lora_refresh()
+
+    def _forget(self, name: str) -> None:
+        for attr in self.param_dicts:
+            d = getattr(self, attr)
+            if name in d:
+                del d[name]
+        for d in (self.lora_r, self.lora_alpha, self.lora_scaling, self.lora_dropout, self.lora_variants):
+            d.pop(name, None)
 
     def peft_tensors(self, name: str) -> dict[str, nn.Parameter]:
         """Adapter `name`'s parameters under peft's key suffixes (relative to this module).
@@ -212,8 +274,11 @@ class LoraLayer(AdapterLayer):
         `lora_embedding_A`, DoRA's `lora_magnitude_vector`) only overrides this method.
         """
         out = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
-        if name in self.lora_magnitude_vector:  # peft's file drops the '.weight' of this one
-            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
+        return self._with_variant_tensors(name, out)
+
+    def _with_variant_tensors(self, name: str, out: dict) -> dict:
+        for v in self.lora_variants.get(name, ()):
+            out.update(v.extra_tensors(self, name))  # e.g. DoRA's lora_magnitude_vector
         return out
 
     def set_active(self, names: tuple[str, ...] | list[str]) -> None:
@@ -230,7 +295,15 @@ class LoraLayer(AdapterLayer):
         return None
 
     def delta_weight(self, name: str) -> torch.Tensor:
-        """`scaling * B @ A` in fp32, laid out like `self.weight`."""
+        """Adapter `name`'s additive update in fp32, laid out like `self.weight` (`scaling * B @ A`,
+        as its variants transform it)."""
+        delta = self.lora_update(name)
+        for v in self.lora_variants.get(name, ()):
+            delta = v.delta(self, name, delta)
+        return delta
+
+    def lora_update(self, name: str) -> torch.Tensor:
+        """`scaling * B @ A` in fp32, laid out like `self.weight` (per layer type)."""
         A, B = self.lora_A[name], self.lora_B[name]
         delta = (B.detach().float() @ A.detach().float()) * self.lora_scaling[name]
         return delta.T if self.fan_in_fan_out else delta
@@ -238,8 +311,9 @@ class LoraLayer(AdapterLayer):
     @torch.no_grad()
     def merge_is_finite(self, names: list[str]) -> bool:
         todo = [n for n in names if n in self.lora_A and n not in self.lora_merged]
-        if dora.is_dora(self, todo):
-            return bool(torch.isfinite(dora.merged_weight(self, todo)[0]).all())
+        owner = self._merge_variant(todo)
+        if owner is not None:
+            return bool(torch.isfinite(owner.merged_weight(self, todo)[0]).all())
         new = self.weight.detach().float()
         for n in todo:
             new = new + self.delta_weight(n).to(new.device)
@@ -252,9 +326,10 @@ class LoraLayer(AdapterLayer):
         if not todo:
             return []
         w = self.weight
-        factors = {}
-        if dora.is_dora(self, todo):  # DoRA rescales rows: f * (W + s B A)
-            new, factors = dora.merged_weight(self, todo)
+        done = None
+        owner = self._merge_variant(todo)
+        if owner is not None:  # e.g. DoRA rescales rows: f * (W + s B A)
+            new, done = owner.merged_weight(self, todo)
         else:
             new = w.detach().float()
             for n in todo:
@@ -262,7 +337,8 @@ class LoraLayer(AdapterLayer):
         if safe_merge and not torch.isfinite(new).all():
             raise ModelError(f"merging adapters {todo} would put NaN/inf into {self._get_name()}.weight")
         w.copy_(new.to(w.dtype))
-        self._dora_factors.update(factors)
+        if done is not None:
+            done()
         self.lora_merged.extend(todo)
         self._lora_refresh()
         return todo
@@ -274,15 +350,14 @@ class LoraLayer(AdapterLayer):
         if not todo:
             return []
         w = self.weight
-        if self._dora_factors:  # merged DoRA adapters do not commute: undo the stack (dora.py)
-            new, todo = dora.unmerged_weight(self, names)
+        owner = self._merge_variant(self.lora_merged)
+        if owner is not None:  # e.g. merged DoRA adapters do not commute: the variant undoes the stack
+            new, todo = owner.unmerged_weight(self, names)
         else:
             new = w.detach().float()
             for n in todo:
                 new = new - self.delta_weight(n).to(new.device)
         w.copy_(new.to(w.dtype))
-        for n in todo:
-            self._dora_factors.pop(n, None)
         self.lora_merged = [n for n in self.lora_merged if n not in todo]
         self._lora_refresh()
         return todo
@@ -294,12 +369,10 @@ class LoraLayer(AdapterLayer):
             return self._lora_route.add_lora(self, x, out)
         if self.lora_disabled or not self._lora_run:
             return out
-        return self._add_lora(x, out, self._lora_run)
+        return self.add_adapters(x, out, self._lora_run)
 
     def _add_lora(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-        """`out` (the base output for input `x`) plus the deltas of adapters `names`."""
-        if dora.is_dora(self, names):
-            return dora.add_adapters(self, x, out, names)
+        """`out` (the base output for input `x`) plus the deltas of plain LoRA adapters `names`."""
         if torch.is_autocast_enabled(x.device.type):
             return self._add_lora_autocast(x, out, names)
         out_shape = out.shape
@@ -346,8 +419,9 @@ class LoraLayer(AdapterLayer):
     def extra_repr(self) -> str:
         base = super().extra_repr()
         parts = [
-            f"{n}: r={self.lora_r[n]}, scaling={self.lora_scaling[n]:g}{', dora' * (n in self.lora_magnitude_vector)}"
-            for n in self.lora_A.keys()
+            f"{n}: r={self.lora_r[n]}, scaling={self.lora_scaling[n]:g}"
+            + "".join(f", {v.describe}" for v in self.lora_variants.get(n, ()) if v.describe)
+            for n in self.lora_A
         ]
         state = []
         if self.lora_merged:
@@ -378,7 +452,7 @@ class LoraLinear(LoraLayer, nn.Linear):
     """`nn.Linear` with LoRA adapters (F.linear's output is fresh, so it may be added to in place)."""
 
     inplace_add = True
-    supports_dora = True
+    supports_dora = True  # DoRA (lora_variants.py) has this layer type's maths
 
 
 if Conv1D is not None:

@@ -13,14 +13,8 @@ What peft 0.21 does not really support is refused when the adapter is added:
 - r not divisible by groups (peft refuses too). With groups > 1 the adapter trains and runs, but
   cannot be merged (peft raises as well).
 
-DoRA (peft's DoraConv2dLayer): a magnitude per output channel, stored (1, out, 1, 1) as peft does,
-and `f = m / ||W + s B A||` over each channel's in*kh*kw kernel values (dora.py: the flattened
-kernel is an (out, in*kh*kw) matrix and s B A's flattened delta is B (out, r) @ A (r, in*kh*kw),
-so the Linear expansion applies and the composed kernel is never formed). An adapter turns the
-running output `y` (bias `b`) into `y + (f - 1)(y - b) + f s B(A(x))`; with dropout in training the
-base conv of the dropped input replaces `y - b`, as in peft. DoRA on a grouped conv is refused:
-B then mixes all input channels into each group, so `W + s B A` has no meaning (peft computes its
-norm from a reshape that mixes unrelated values).
+DoRA on a Conv2d (peft's DoraConv2dLayer) is the DoRA variant's (lora_variants.py, maths in
+dora.py); it uses `_lora_conv` and `_base_conv` below. DoRA on a grouped conv is refused.
 """
 
 from __future__ import annotations
@@ -33,7 +27,6 @@ from torch import nn
 
 from tuneforge.errors import ConfigError
 
-from . import dora
 from .lora import LoraLayer
 
 
@@ -42,15 +35,7 @@ class LoraConv2d(LoraLayer, nn.Conv2d):
 
     # the layout is fixed by the layer type; a config's fan_in_fan_out does not apply (as in peft)
     fan_in_fan_out = None
-    supports_dora = True
-
-    @classmethod
-    def check_dora(cls, module: nn.Module, path: str) -> None:
-        if module.groups > 1:
-            raise ConfigError(
-                f"{path} is a Conv2d with groups={module.groups}; DoRA needs groups=1 (its weight norm of "
-                "W + s B A is undefined for grouped kernels); set use_dora=False or leave it out of target_modules"
-            )
+    supports_dora = True  # DoRA (lora_variants.py) has this layer type's maths
 
     @classmethod
     def check_target(cls, module: nn.Module, path: str, r: int) -> None:
@@ -91,7 +76,7 @@ class LoraConv2d(LoraLayer, nn.Conv2d):
             return f"a Conv2d with groups={self.groups} cannot have its LoRA adapter merged (peft neither)"
         return None
 
-    def delta_weight(self, name: str) -> torch.Tensor:
+    def lora_update(self, name: str) -> torch.Tensor:
         why = self.cannot_merge()
         if why:
             raise ConfigError(why)
@@ -107,27 +92,19 @@ class LoraConv2d(LoraLayer, nn.Conv2d):
         # same order of operations as peft (also under autocast): input cast to the adapter dtype,
         # sum kept in the promoted dtype, cast back to the base output dtype at the end
         out_dtype = out.dtype
-        mags = self.lora_magnitude_vector
-        # DoRA's norm is of the base weight: rebuilt when adapters are merged into `weight`
-        base_w = dora.base_weight(self) if self.lora_merged and dora.is_dora(self, names) else None
         for name in names:
-            A, B = self.lora_A[name], self.lora_B[name]
-            h = x if x.dtype == A.dtype else x.to(A.dtype)
-            p = self.lora_dropout[name]
-            dropped = p > 0.0 and self.training
-            if dropped:
-                h = F.dropout(h, p=p, training=True)
-            lora = F.conv2d(F.conv2d(h, A, None, self.stride, self.padding), B, None, 1, 0, 1, self.groups)
-            if name not in mags:
-                out = out + lora * self.lora_scaling[name]
-                continue
-            f = dora.scale_factor(self, name, base_w)  # (1, out, 1, 1)
-            if dropped:  # peft: the base conv of the dropped-out input, without bias
-                base_out = self._base_conv(h, base_w)
-            else:
-                base_out = out if self.bias is None else out - self.bias.view(1, -1, 1, 1)
-            out = out + (f - 1) * base_out + f * lora * self.lora_scaling[name]
+            _, lora = self._lora_conv(x, name)
+            out = out + lora * self.lora_scaling[name]
         return out.to(out_dtype)
+
+    def _lora_conv(self, x: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the adapter's input after dropout, B(A(it))) for adapter `name`."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = x if x.dtype == A.dtype else x.to(A.dtype)
+        p = self.lora_dropout[name]
+        if p > 0.0 and self.training:
+            h = F.dropout(h, p=p, training=True)
+        return h, F.conv2d(F.conv2d(h, A, None, self.stride, self.padding), B, None, 1, 0, 1, self.groups)
 
     def _base_conv(self, h: torch.Tensor, base_w: torch.Tensor | None) -> torch.Tensor:
         """conv(h, W) without bias, in the weight's dtype (as the base computes it), returned in h's dtype."""

@@ -11,10 +11,8 @@ all kept here so checkpoints move both ways:
 - no dropout is applied (peft builds the dropout module but never calls it);
 - an `embed_scale` on the base (e.g. Gemma's scaled embeddings) multiplies the adapter output too.
 
-DoRA (peft's DoraEmbeddingLayer): the magnitude `m` has one value per embedding dimension and the
-norm runs over the vocabulary, `f = m / ||W^T + s B A||_row` (dora.py, never forming W^T + s B A).
-With no bias and no dropout, an adapter turns the running output `y` into `f * y + f * s * A.T[ids] B^T`
-(times embed_scale for the adapter part), so it also rescales the adapters added before it.
+DoRA on an embedding (peft's DoraEmbeddingLayer) is the DoRA variant's (lora_variants.py, maths in
+dora.py); it uses `_lora_rows` and `_embed_scale` below.
 """
 
 from __future__ import annotations
@@ -25,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dora
 from .lora import LoraLayer
 
 
@@ -34,7 +31,8 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
 
     # the layout is fixed by the layer type; a config's fan_in_fan_out does not apply (as in peft)
     fan_in_fan_out = None
-    supports_dora = True
+    supports_dora = True  # DoRA (lora_variants.py) has this layer type's maths
+    weight_inits = False  # peft gives embeddings the default start for PiSSA / OLoRA
 
     def in_out_features(self) -> tuple[int, int]:
         return self.num_embeddings, self.embedding_dim
@@ -53,11 +51,9 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
 
     def peft_tensors(self, name: str) -> dict[str, nn.Parameter]:
         out = {"lora_embedding_A": self.lora_A[name], "lora_embedding_B": self.lora_B[name]}
-        if name in self.lora_magnitude_vector:
-            out["lora_magnitude_vector"] = self.lora_magnitude_vector[name]
-        return out
+        return self._with_variant_tensors(name, out)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
+    def lora_update(self, name: str) -> torch.Tensor:
         A, B = self.lora_A[name].detach().float(), self.lora_B[name].detach().float()
         return (B @ A).T * self.lora_scaling[name]
 
@@ -81,26 +77,23 @@ class LoraEmbedding(LoraLayer, nn.Embedding):
         # matmul runs in the autocast dtype): the sum is kept in the promoted dtype and cast at the end.
         out_dtype = out.dtype
         scale = self._embed_scale()
-        mags = self.lora_magnitude_vector
-        # DoRA's norm is of the base weight: rebuilt when adapters are merged into `weight`
-        base_w = dora.base_weight(self) if self.lora_merged and dora.is_dora(self, names) else None
         for name in names:
-            A, B = self.lora_A[name], self.lora_B[name]
-            rows = F.embedding(
-                x,
-                A.T,
-                padding_idx=self.padding_idx,
-                max_norm=self.max_norm,
-                norm_type=self.norm_type,
-                scale_grad_by_freq=self.scale_grad_by_freq,
-                sparse=self.sparse,
-            )
-            delta = (rows @ B.T) * self.lora_scaling[name]
-            if name in mags:  # DoRA: f * y + f * delta, f per embedding dimension
-                f = dora.scale_factor(self, name, base_w)
-                delta = f * delta
-                out = f * out
+            delta = self._lora_rows(x, name)
             if scale is not None:
                 delta = delta * scale.to(delta.dtype)
             out = out + delta
         return out.to(out_dtype)
+
+    def _lora_rows(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """`scaling * A.T[ids] @ B.T` of adapter `name` for token ids `x` (the base's lookup options)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        rows = F.embedding(
+            x,
+            A.T,
+            padding_idx=self.padding_idx,
+            max_norm=self.max_norm,
+            norm_type=self.norm_type,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            sparse=self.sparse,
+        )
+        return (rows @ B.T) * self.lora_scaling[name]

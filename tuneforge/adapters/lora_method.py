@@ -1,8 +1,9 @@
 """LoRA as a registered method: its layer table, its adapter_config.json fields, its YAML keys.
 
 The layers live in lora.py (Linear, Conv1D), lora_embedding.py, lora_conv2d.py and
-lora_quant.py (a quantized base); the variants (DoRA, rsLoRA, PiSSA / OLoRA) in dora.py and
-inits.py; LoftQ in loftq.py.
+lora_quant.py (a quantized base); the variants (DoRA, rsLoRA, PiSSA / OLoRA, the random inits) are
+objects picked per adapter (variants.py, lora_variants.py; their maths in dora.py and inits.py);
+LoftQ's start in loftq.py.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .lora import LoraConv1D, LoraLayer, LoraLinear
 from .lora_conv2d import LoraConv2d
 from .lora_embedding import LoraEmbedding
 from .lora_quant import LoraQuantLinear, QuantLinear
+from .lora_variants import Dora, RandomInit, RsLora, WeightInit  # noqa: F401 - registers LoRA's variants
 from .methods import AdapterMethod, register_method
 from .peft_config import HARMLESS, non_empty, warn_unknown_fields
 from .sizes import check_adapter_size
@@ -83,6 +85,11 @@ def config_from_peft(raw: dict[str, Any], source: str) -> LoraConfig:
         if non_empty(raw.get(key)):
             raise ModelError(f"{source}: {key}={raw[key]!r} is not supported yet; this adapter cannot be loaded")
     init = raw.get("init_lora_weights", True)
+    if not isinstance(init, (bool, str)):
+        raise ModelError(
+            f"{source}: init_lora_weights must be true, false or the name of an init such as 'gaussian', "
+            f"'pissa' or 'olora', got {init!r}"
+        )
     if isinstance(init, str) and init.lower() == "olora":  # peft compares it case-insensitively
         init = "olora"
     if isinstance(init, str) and init.startswith("pissa_niter_"):

@@ -9,27 +9,18 @@ LoftQ (`tuneforge.adapters.loftq`) is the init that fits a quantized base.
 
 from __future__ import annotations
 
-from tuneforge.errors import ConfigError
 from tuneforge.quant.linear import QuantLinear
 
-from . import inits
 from .lora import LoraLayer
 
 
 class LoraQuantLinear(LoraLayer, QuantLinear):
     inplace_add = True  # the base output is a fresh tensor autograd does not keep
-    supports_dora = True
+    supports_dora = True  # DoRA (lora_variants.py) has this layer type's maths
+    quantized_base = True  # inits that rewrite the weight (PiSSA / OLoRA) are refused (lora_variants.py)
 
     def in_out_features(self) -> tuple[int, int]:
         return self.in_features, self.out_features
-
-    def add_lora(self, name, r, alpha, dropout, use_rslora, init, use_dora=False) -> None:
-        if inits.is_weight_init(init):
-            raise ConfigError(
-                f"init_lora_weights={init!r} rewrites the base weight, which is quantized here; "
-                "use loftq_iter (LoftQ) for a quantized base, or drop quantization_bit"
-            )
-        super().add_lora(name, r, alpha, dropout, use_rslora, init, use_dora)
 
     def cannot_merge(self) -> str | None:
         kind = f"{self.bits}-bit {self.quant_type if self.bits == 4 else 'int8'}"

@@ -273,7 +273,8 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
         label = method_of(model, name).peft_type
         raise ModelError(
             f"{source}: {len(unmatched)} tensor(s) match no module of {type(model).__name__} adapted by "
-            f"{name!r} as a{'n' * (label[:1] in 'AEIOU')} {label} adapter, e.g. {[PREFIX + k for k in unmatched[:4]]}"
+            f"{name!r} as a{'n' * (label[:1] in 'AEIOU')} {label} adapter, e.g. {[PREFIX + k for k in unmatched[:4]]}; "
+            "the file does not match its adapter_config.json or this model"
         )
     expected = list(layer_keys)
     for owner, m in saved.items():
