@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 
 from tuneforge.errors import ConfigError
+from tuneforge.quant.linear import QuantLinear
 
 from .config import ALL_LINEAR, LoraConfig
 
@@ -25,7 +26,6 @@ ADAPTER_CHILD_NAMES = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_
 
 
 def linear_types() -> tuple[type, ...]:
-    from tuneforge.quant.linear import QuantLinear
 
     types: list[type] = [torch.nn.Linear, QuantLinear]
     try:

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from ..adapters.routing import route_adapters
 from .decode import Sampling, can_reshape, join, keep_rows, next_token
 
 END = object()
@@ -294,7 +295,6 @@ class Batcher:
         return _Row(job, Sampling.from_kwargs(job.kwargs), generator, ids, len(ids))
 
     def _forward(self, rows: list[_Row], ids, mask, positions, cache):
-        from ..adapters.routing import route_adapters
 
         route = (route_adapters(self.model, [r.job.adapter for r in rows]) if self.routed
                  else contextlib.nullcontext())

@@ -11,9 +11,15 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.routing import BASE
+from ..config import GeneratingArguments
+from ..data.templates import TemplateRefused
 from ..errors import ConfigError
+from ..loading import load_for_use
+from .batcher import Batcher, Job
 from .generation import chat_input_ids, context_length, generation_kwargs, pad_id
 from .stream import Generation, GenerationResult, RequestError, Unavailable
+from .textstream import TextAssembler
 
 __all__ = ["Engine", "Generation", "GenerationResult", "RequestError", "Unavailable"]
 
@@ -25,7 +31,6 @@ class Engine:
         """adapters: public model id -> adapter name inside `model` (loaded with tuneforge.adapters).
         context: most tokens a prompt and its answer may hold together; None reads the model's
         own (max_position_embeddings, ...). Raises ConfigError for an adapter named as the base."""
-        from ..config import GeneratingArguments
 
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -38,7 +43,6 @@ class Engine:
         self.context = context if context is not None else context_length(model, tokenizer)
         self.accepting = True
         self._encode_lock = threading.Lock()  # one tokenizer, requests arriving on many threads
-        from .batcher import Batcher
 
         self.eos_ids = _ids(tokenizer.eos_token_id)
         self.batcher = Batcher(self.model, pad_id(tokenizer), self.eos_ids,
@@ -51,7 +55,6 @@ class Engine:
         loaded by loading.load_for_use ("serve"). Raises ModelError for an adapter path that is
         missing or a file, ConfigError for two adapter folders of one name and for a LoftQ
         adapter beside others, and what loading the model or an adapter raises."""
-        from ..loading import load_for_use
 
         ready = load_for_use(cfg, "serve")
         model = ready.model
@@ -70,7 +73,6 @@ class Engine:
     def encode(self, messages: list[dict]) -> torch.Tensor:
         """The prompt's token ids. Raises RequestError when the model's chat template refuses the
         messages (many raise for roles that do not alternate, or for a system turn)."""
-        from ..data.templates import TemplateRefused
 
         try:
             with self._encode_lock:
@@ -111,9 +113,6 @@ class Engine:
         batch, choice i seeded with seed + i. Stop strings end an answer and are not part of it.
         Raises KeyError for an unknown model, RequestError for a prompt the context cannot hold,
         Unavailable once the server is shutting down."""
-        from ..adapters.routing import BASE
-        from .batcher import Job
-        from .textstream import TextAssembler
 
         if not self.accepting:
             raise Unavailable("the server is shutting down and takes no new requests; retry later")
