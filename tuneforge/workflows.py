@@ -17,7 +17,8 @@ log = logging.getLogger("tuneforge")
 
 
 def train(cfg: Config) -> dict:
-    """Fine-tune as configured; returns the metrics also written to train_results.json.
+    """Train as configured (the `stage` from train/stages/: its data, batches, objective and
+    head); returns the metrics also written to train_results.json.
 
     Everything that can fail on bad input (config, output_dir, checkpoints, model, data) fails
     before output_dir is touched. Raises ConfigError, DataError, ModelError, CheckpointError
@@ -29,13 +30,13 @@ def train(cfg: Config) -> dict:
     from transformers import set_seed
 
     from .config import SECRET_KEYS
-    from .data import load_datasets
     from .models import bf16_is_fast, load_model_and_tokenizer
     from .train import outputs
+    from .train.heads import prepare_head
     from .train.loop import TrainingRun, mixed_precision
     from .train.methods import describe, prepare_model
-    from .train.packing import choose_collator
     from .train.resume import plan_resume, prepare_output_dir
+    from .train.stages import get_stage
 
     args = cfg.train
     if not args.output_dir:
@@ -64,18 +65,21 @@ def train(cfg: Config) -> dict:
     # LoftQ quantizes the adapted layers together with the adapter (train/methods.py)
     model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype,
                                                 defer_quantization=bool(cfg.finetune.loftq_iter))
-    splits = load_datasets(cfg.data, tokenizer, seed=args.seed)  # also sets the chat template
+    stage = get_stage(cfg.finetune.stage)  # what is trained: records, batches, objective, head
+    splits = stage.encode(cfg.data, tokenizer, args.seed)  # sft: also sets the chat template
     model, setup = prepare_model(model, tokenizer, cfg, resume_from=plan.checkpoint)
+    model, setup = prepare_head(stage.head, model, setup)  # e.g. rm's value head, saved with it
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model)
-    choice = choose_collator(cfg.data, model, tokenizer.pad_token_id)  # padding or packing (probe)
+    choice = stage.collator(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
     if accelerator.is_main_process:
         if choice.note:
             log.info("%s", choice.note)
         log.info("%s", describe(model))
         log.info("train examples: %d, eval examples: %d", len(splits.train),
                  len(splits.eval or []))
-    run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator)
+    run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator,
+                      stage.objective, stage.eval_metrics)
     if plan.warning() and accelerator.is_main_process:
         log.warning("%s", plan.warning())
     if plan.checkpoint is not None:
