@@ -2,7 +2,7 @@
 that `tuneforge train` runs for `stage: name`. Importing this package registers them all."""
 
 from .table import HEADS, RECORD_KINDS, STAGES, Objective, Stage, get_stage, register_stage, stages_help
-from . import pt, sft  # noqa: E402,F401  (each import registers its stage)
+from . import pt, rm, sft  # noqa: E402,F401  (each import registers its stage)
 
 __all__ = ["HEADS", "RECORD_KINDS", "STAGES", "Objective", "Stage", "get_stage", "register_stage",
            "stages_help"]
