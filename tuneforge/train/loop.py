@@ -3,9 +3,8 @@ the optimizer and the schedule, maybe resume, then for each optimizer step run
 `gradient_accumulation_steps` micro-batches whose summed loss is normalised by the objective's
 count over the whole step (label tokens, pairs: so accumulation equals one big batch), clip,
 step, log, evaluate, checkpoint. The objective comes from the stage (train/stages/); the loop
-knows no stage. A NaN/inf loss stops
-the run before its step is applied; Ctrl-C / SIGTERM stop it at a step boundary with a
-checkpoint (stop.py)."""
+knows no stage. A NaN/inf loss stops the run before its step is applied; Ctrl-C / SIGTERM stop
+it at a step boundary with a checkpoint (stop.py)."""
 
 from __future__ import annotations
 
