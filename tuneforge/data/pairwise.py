@@ -19,14 +19,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tuneforge.errors import DataError
-
-from .encode import encode_conversations
+from .encode import render_turns, split_budget
 from .formats import Conversation, _blank, _check_columns, _Dropped, _from_alpaca, _message, _refuse, _text
 from .issues import Drops, describe_value
 from .loader import RecordKind
 from .readers import Records
 from .registry import DatasetEntry
+from .templates import template_text
 
 USABLE = "a prompt ending on a user turn, and a non-empty chosen and rejected reply"
 
@@ -122,20 +121,37 @@ def _pair(prompt: Conversation, chosen: str, rejected: str) -> Pair:
 
 
 def encode_pairs(pairs: list[Pair], data_args, tokenizer) -> list[dict]:
-    """{"chosen_ids": [...], "rejected_ids": [...]}: the prompt and each reply rendered with the
-    chat template (as sft renders a conversation), within cutoff_len."""
-    conversations = []
+    """{"chosen_ids": [...], "rejected_ids": [...]}: the prompt rendered with the chat template
+    up to the reply, then each reply as the template renders it (with EOS where the template
+    does not end replies with it). Within cutoff_len, LLaMA-Factory's rule: the budget is split
+    between the prompt and the longer reply, and both sequences keep the same start of the
+    prompt and the same number of reply tokens, so a pair never becomes two equal sequences."""
+    cutoff_len = getattr(data_args, "cutoff_len", 2048)
+    tools_in_template = "tools" in template_text(tokenizer, tools=[])
+    texts = []
     for pair in pairs:
         for reply in (pair.chosen, pair.rejected):
             messages = [*pair.prompt.messages, {"role": "assistant", "content": reply}]
-            conversations.append(Conversation(messages, pair.prompt.tools, pair.prompt.where,
-                                              pair.prompt.dataset))
-    encoded = encode_conversations(tokenizer, conversations,
-                                   cutoff_len=getattr(data_args, "cutoff_len", 2048))
-    if not encoded:
-        raise DataError("no preference pairs to train on")
-    return [{"chosen_ids": chosen["input_ids"], "rejected_ids": rejected["input_ids"]}
-            for chosen, rejected in zip(encoded[0::2], encoded[1::2])]
+            turns = render_turns(tokenizer, Conversation(messages, pair.prompt.tools, pair.prompt.where,
+                                                         pair.prompt.dataset), tools_in_template)
+            history = "".join(t.prompt + t.answer + t.tail for t in turns[:-1])
+            texts.append((history + turns[-1].prompt, turns[-1].answer, turns[-1].tail))
+    pieces = [piece for text in texts for piece in text]
+    ids = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    examples = []
+    for i in range(0, len(texts), 2):
+        prompt = ids[3 * i]  # the same text for both replies
+        replies = []
+        for j in (i, i + 1):
+            answer, tail = ids[3 * j + 1], ids[3 * j + 2]
+            if eos_id is not None and eos_text and eos_text not in texts[j][1]:
+                answer = answer + [eos_id]
+            replies.append(answer + tail)
+        keep_prompt, keep_reply = split_budget(len(prompt), max(map(len, replies)), cutoff_len)
+        chosen, rejected = (prompt[:keep_prompt] + r[:keep_reply] for r in replies)
+        examples.append({"chosen_ids": chosen, "rejected_ids": rejected})
+    return examples
 
 
 class PairwiseCollator:
