@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from . import fileio
+from .adapter_methods import METHODS as ADAPTER_METHODS
 from .config_checks import validate
 from .errors import ConfigError
 from .train.stages import stages_help
@@ -107,8 +108,9 @@ class DataArguments:
 class FinetuningArguments:
     stage: str = _f("sft", stages_help())  # config_checks: one of the registered stages
     finetuning_type: str = _f(
-        "lora", "lora: train low-rank adapters; freeze: train the last layers; full: all weights.",
-        ("lora", "freeze", "full"))
+        "lora", "; ".join(f"{k}: {h}" for k, (_, h) in ADAPTER_METHODS.items())
+        + "; freeze: train the last layers; full: all weights.",
+        ("lora", "freeze", "full", *(m for m in ADAPTER_METHODS if m != "lora")))  # then newer methods
     lora_rank: int = _f(8, "LoRA rank r.", bounds="(0, inf)")
     lora_alpha: Optional[float] = _f(None, "LoRA alpha; scaling = alpha / r. Empty: 2 x lora_rank.", bounds="(0, inf)")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", bounds="[0, 1)")

@@ -14,9 +14,15 @@ from pathlib import Path
 
 import torch
 
+from . import adapters, dtypes
+from .adapters.loftq import load_adapter_for_base, refuse_merging
+from .adapters.peft_format import check_adapter_dir
 from .errors import ModelError
 from .fileio import json_kind, one_line, quoted, read_json
 from .loadcheck import check_causal_lm, check_finite, check_loaded_weights, config_fault
+from .quant import QuantizationConfig, quantize_model
+from .quant.model import cast_unquantized
+from .quant.provenance import check_base
 from .weightfiles import (check_gguf, check_safetensors, check_torch_file, load_model_config,
                           refused_pickle)
 
@@ -208,34 +214,16 @@ def _gguf_cached_dir(gguf_path: Path, cache_dir: str | None) -> Path:
 
 
 def resolve_dtype(name: str | torch.dtype | None, device: torch.device | str = "cpu") -> torch.dtype:
-    """'auto' means fp32 on CPUs without native bf16 (bf16 matmuls there are ~100x slower) and
-    bf16 on accelerators that support it."""
-    if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "auto"):
-        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if name not in table:
-        raise ModelError(f"unknown dtype '{name}'; use auto, float32, bfloat16 or float16")
-    return table[name]
+    """'auto' means fp32 on CPUs without native bf16 and bf16 on accelerators that support it (dtypes.py)."""
+    return dtypes.resolve_dtype(name, device, _cpu_flags)
 
 
 def bf16_is_fast(device: torch.device | str = "cpu") -> bool:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        flags = _cpu_flags()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
+    return dtypes.bf16_is_fast(device, _cpu_flags)
 
 
 def _cpu_flags() -> str:
-    try:
-        return Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
+    return dtypes.cpu_flags()
 
 
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
@@ -292,9 +280,6 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
     check_finite(_named_tensors(model), _weights_place(path, weights), ModelError)
     model.config.use_cache = False
     if qcfg is not None:
-        from .quant import quantize_model
-        from .quant.model import cast_unquantized
-
         if defer_quantization:  # LoftQ quantizes each adapted layer with its adapter, then casts
             model.tuneforge_pending_quantization = qcfg
             model.tuneforge_pending_dtype = torch_dtype
@@ -362,8 +347,6 @@ def quantization_config(model_args):
     """The QuantizationConfig that ModelArguments ask for, or None without quantization_bit."""
     if getattr(model_args, "quantization_bit", None) is None:
         return None
-    from .quant import QuantizationConfig
-
     return QuantizationConfig(
         bits=model_args.quantization_bit, quant_type=model_args.quantization_type,
         double_quant=model_args.double_quantization, compute_dtype=model_args.compute_dtype,
@@ -381,11 +364,6 @@ def attach_adapters(model, adapter_paths: list[str], trainable: bool):
 
     Every path is checked before the first is merged; ModelError / ConfigError as `load_adapter`
     raises them (one line naming the file)."""
-    from . import adapters
-    from .adapters.peft_format import check_adapter_dir
-    from .quant.loftq import load_adapter_for_base, refuse_merging
-    from .quant.provenance import check_base
-
     for path in adapter_paths:
         check_adapter_dir(path)  # every path, before the first is merged
     for path in adapter_paths:

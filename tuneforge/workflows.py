@@ -30,7 +30,8 @@ def train(cfg: Config) -> dict:
     from transformers import set_seed
 
     from .config import SECRET_KEYS
-    from .models import bf16_is_fast, load_model_and_tokenizer
+    from .loading import load_for_use
+    from .models import bf16_is_fast
     from .train import outputs
     from .train.heads import prepare_head
     from .train.loop import TrainingRun, mixed_precision
@@ -62,9 +63,10 @@ def train(cfg: Config) -> dict:
 
     # everything that can fail on bad input happens before output_dir is touched
     load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    # LoftQ quantizes the adapted layers together with the adapter (train/methods.py)
-    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=load_dtype,
-                                                defer_quantization=bool(cfg.finetune.loftq_iter))
+    # the base only: prepare_model attaches the adapters; with loftq_iter, quantization waits for
+    # the adapter, LoftQ quantizing the adapted layers together with it (train/methods.py)
+    ready = load_for_use(cfg, "train", dtype=load_dtype)
+    model, tokenizer = ready.model, ready.tokenizer
     stage = get_stage(cfg.finetune.stage)  # what is trained: records, batches, objective, head
     splits = stage.encode(cfg.data, tokenizer, args.seed)  # sft: also sets the chat template
     model, setup = prepare_model(model, tokenizer, cfg, resume_from=plan.checkpoint)

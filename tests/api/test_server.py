@@ -217,10 +217,11 @@ def test_requests_for_different_adapters_share_a_batch(setup, client):
     limits = [12, 12, 5, 9]
     alone = [_chat(client, n, max_tokens=m).choices[0].message.content for n, m in zip(names, limits)]
     with engine.batcher.lock:  # the worker waits, so all four are queued before the batch starts
+        engine.batcher.largest_batch = 0  # a running maximum: earlier tests' batches do not count
         gens = [engine.generate(n, MESSAGES, temperature=0, max_tokens=m)
                 for n, m in zip(names, limits)]
     together = ["".join(g) for g in gens]
-    assert engine.batcher.largest_batch == 4
+    assert engine.batcher.largest_batch >= 4  # all four in one batch (a row left by another may join)
     assert together == alone
     assert [g.result.completion_tokens <= m for g, m in zip(gens, limits)] == [True] * 4
     assert gens[2].result.completion_tokens == 5 and gens[2].result.finish_reason == "length"

@@ -126,4 +126,5 @@ def test_the_kv_cache_is_freed_before_memory_is_given_back(engine, monkeypatch):
             time.sleep(0.001)
         with engine.batcher.lock:  # ... and trims in the same step
             pass
-    assert caches and alive_at_trim == [0, 0]
+    # one trim per emptied batch (a batch a previous test left may empty here too, under load)
+    assert caches and len(alive_at_trim) >= 2 and not any(alive_at_trim), alive_at_trim

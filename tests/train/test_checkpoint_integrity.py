@@ -304,7 +304,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(CheckpointError, match=r"^disk full while writing checkpoint-2 in '.*' "
-                       r"\([\d.]+ MB free, it needs about [\d.]+ MB\); free some space"):
+                       r"\([\d.]+ [KMGT]?B free, it needs about [\d.]+ [KMGT]?B\); free some space"):
         ckpt.save_checkpoint(tmp_path, ckpt.TrainerState(global_step=2), model, optimizer, scheduler)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["checkpoint-1"]
     assert checkpoint_problem(tmp_path / "checkpoint-1") is None

@@ -63,8 +63,8 @@ def test_disk_full_at_a_checkpoint_keeps_the_previous_one(tmp_path, tiny_model_d
         if not mounted:
             fail_writes_into(monkeypatch, ".tmp-checkpoint-2")
         line = run_refused(capsys, cfg)
-        assert re.fullmatch(rf"disk full while writing checkpoint-2 in '{out}' \([\d.]+ MB free, "
-                            r"it needs about [\d.]+ MB\); free some space and run the same "
+        assert re.fullmatch(rf"disk full while writing checkpoint-2 in '{out}' \([\d.]+ [KMGT]?B free, "
+                            r"it needs about [\d.]+ [KMGT]?B\); free some space and run the same "
                             r"command again to resume", line)
         assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1"]
         assert checkpoint_problem(out / "checkpoint-1") is None
@@ -93,7 +93,7 @@ def test_disk_full_at_the_final_save_leaves_no_half_adapter(tmp_path, tiny_model
                 raise OSError(errno.ENOSPC, "No space left on device")
             monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
         line = run_refused(capsys, cfg)
-        assert re.fullmatch(rf"disk full while writing the final model in '{out}' \([\d.]+ MB "
+        assert re.fullmatch(rf"disk full while writing the final model in '{out}' \([\d.]+ [KMGT]?B "
                             r"free\); free some space .*", line), line
         assert sorted(p.name for p in out.iterdir()) == ["trainer_log.jsonl", "training_args.yaml"]
 

@@ -45,6 +45,7 @@ from torch import nn
 
 from tuneforge.errors import ConfigError
 
+from .config import LoraConfig
 from .core import (
     AdapterState,
     add_adapter,
@@ -139,6 +140,9 @@ def _check_args(st: AdapterState, adapters, weights, name, method, density, sign
     unknown = [a for a in adapters if a not in st.configs]
     if unknown:
         raise ConfigError(f"unknown adapter(s) {unknown}; this model has {sorted(st.configs)}")
+    other = [a for a in adapters if not isinstance(st.configs[a], LoraConfig)]
+    if other:
+        raise ConfigError(f"combine_adapters combines LoRA adapters; {other} are of another method")
     twice = sorted({a for a in adapters if adapters.count(a) > 1})
     if twice:
         raise ConfigError(f"adapters lists {twice} more than once; give each adapter once with its total weight")

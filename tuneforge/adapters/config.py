@@ -10,6 +10,8 @@ from typing import Any
 
 from tuneforge.errors import ConfigError
 
+from .inits import check_init, is_weight_init
+
 BIAS_MODES = ("none", "all", "lora_only")
 # Values of `init_lora_weights` this version implements ("pissa_niter_<N>" stands for any N >= 1;
 # PiSSA / OLoRA live in inits.py). peft's other inits (loftq, eva, corda, orthogonal, ...) need data
@@ -59,7 +61,7 @@ class LoraConfig:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     """Per-module alpha overrides: {regex matched against the end of the module name: alpha}."""
     loftq_config: dict[str, Any] = field(default_factory=dict)
-    """Set by LoftQ (tuneforge.quant.loftq), not by hand: the quantized base the adapter started on
+    """Set by LoftQ (tuneforge.adapters.loftq), not by hand: the quantized base the adapter started on
     ({'loftq_bits', 'loftq_iter', ...}, peft's field name); empty for any other adapter."""
 
     def __post_init__(self) -> None:
@@ -82,8 +84,6 @@ class LoraConfig:
         init = self.init_lora_weights
         if isinstance(init, str) and init.lower() in ("true", "false", "gaussian", "olora"):
             init = {"true": True, "false": False}.get(init.lower(), init.lower())
-        from .inits import check_init, is_weight_init  # here: inits imports the layer classes
-
         check_init(init)
         if not is_weight_init(init) and not any(
             init is s or (isinstance(s, str) and init == s) for s in SUPPORTED_INITS

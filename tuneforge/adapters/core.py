@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import copy
 import re
-import types
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
 
-from .config import LoraConfig
-from .inits import restore_base
-from .lora import LoraLayer
+from .layer import AdapterLayer, rebind_hooked_forward
+from .methods import AdapterMethod, method_named, method_of_config
 from .modules_to_save import ModulesToSave, make_modules_to_save
 from .registry import adapter_class_for, supported_base_types
-from .sizes import check_adapter_size
-from .targets import candidate_modules, pattern_value, resolve_targets
+from .targets import candidate_modules, resolve_targets
 
 STATE_ATTR = "_tuneforge_adapters"
 _NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")
@@ -34,7 +32,7 @@ _NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")
 
 @dataclass
 class AdapterState:
-    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    configs: dict[str, Any] = field(default_factory=dict)  # adapter name -> its method's config
     active: list[str] = field(default_factory=list)
     trainable: dict[str, bool] = field(default_factory=dict)
     biases: dict[str, list[str]] = field(default_factory=dict)  # base bias parameters each adapter trains
@@ -53,11 +51,24 @@ def require_state(model: nn.Module, name: str | None = None) -> AdapterState:
     return st
 
 
-def lora_layers(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, LoraLayer]]:
-    """(module name, layer) for every LoRA layer, or only those carrying adapter `name`."""
+def adapter_layers(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, AdapterLayer]]:
+    """(module name, layer) for every adapted layer (any method), or only those carrying adapter `name`."""
     for path, m in model.named_modules():
-        if isinstance(m, LoraLayer) and (name is None or name in m.lora_A):
+        if isinstance(m, AdapterLayer) and (name is None or name in m.adapter_names()):
             yield path, m
+
+
+def lora_layers(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, AdapterLayer]]:
+    """(module name, layer) for every LoRA layer, or only those carrying adapter `name`."""
+    cls = method_named("lora").layer_class
+    for path, m in adapter_layers(model, name):
+        if isinstance(m, cls):
+            yield path, m
+
+
+def method_of(model: nn.Module, name: str) -> AdapterMethod:
+    """The method of adapter `name` (ConfigError when the model has no such adapter)."""
+    return method_of_config(require_state(model, name).configs[name])
 
 
 def saved_modules(model: nn.Module, name: str | None = None) -> Iterator[tuple[str, ModulesToSave]]:
@@ -66,7 +77,7 @@ def saved_modules(model: nn.Module, name: str | None = None) -> Iterator[tuple[s
             yield path, m
 
 
-def list_adapters(model: nn.Module) -> dict[str, LoraConfig]:
+def list_adapters(model: nn.Module) -> dict[str, Any]:
     st = get_state(model)
     return dict(st.configs) if st else {}
 
@@ -77,50 +88,57 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 # ---- add ---------------------------------------------------------------------------------------
-def add_adapter(model: nn.Module, cfg: LoraConfig, name: str = "default") -> nn.Module:
+def add_adapter(model: nn.Module, cfg: Any, name: str = "default") -> nn.Module:
     """Inject adapter `name` in place, freeze the base, make `name` the active, trainable adapter.
 
-    Raises ConfigError, before any module changes, for targets LoRA cannot adapt and for a rank
-    whose A and B matrices cannot fit in memory (a rank above a layer's min(in, out) only warns).
+    `cfg` is a registered method's config (LoraConfig, IA3Config, ...); its method does the work.
+    Raises ConfigError, before any module changes, for a config of no registered method, targets
+    the method cannot adapt, and (LoRA) a rank whose A and B matrices cannot fit in memory (a rank
+    above a layer's min(in, out) only warns).
     """
-    if not isinstance(cfg, LoraConfig):
-        raise ConfigError(f"add_adapter expects a LoraConfig, got {type(cfg).__name__}")
+    method = method_of_config(cfg)
     _check_name(name)
     st = get_state(model)
     if st is not None and name in st.configs:
         raise ConfigError(
             f"adapter {name!r} already exists; delete_adapter(model, {name!r}) first or choose another name"
         )
-    merged = sorted({n for _, m in lora_layers(model) for n in m.lora_merged})
+    merged = sorted({n for _, m in adapter_layers(model) for n in m.merged_adapters()})
     if merged:
         raise ConfigError(f"adapters {merged} are merged into the weights; call unmerge_adapters(model) first")
     cfg = copy.deepcopy(cfg)  # the model's record must not change when the caller edits theirs
-    targets = _plan_targets(model, cfg)
-    to_save = _plan_modules_to_save(model, cfg, {p for p, _ in targets})
-    check_adapter_size(targets, {p: pattern_value(cfg.rank_pattern, p, cfg.r) for p, _ in targets})
+    if method.inject is not None:
+        targets, to_save = [], _plan_modules_to_save(model, cfg, set(), method)
+    else:
+        targets = _plan_targets(model, cfg, method)
+        to_save = _plan_modules_to_save(model, cfg, {p for p, _ in targets}, method)
+        if method.check_targets is not None:
+            method.check_targets(targets, cfg)
 
     _warn_shared_weights(model, [p for p, _ in targets])
     if st is None:
         st = AdapterState()
         model.__dict__[STATE_ATTR] = st
+    if method.inject is not None:
+        method.inject(model, cfg, name)
     warned = False
     for path, module in targets:
-        if not isinstance(module, LoraLayer):
+        if not isinstance(module, AdapterLayer):
             base = type(module)
-            module.__class__ = adapter_class_for(module)
-            module.lora_setup(base)
-            _rebind_hooked_forward(module)
+            module.__class__ = adapter_class_for(module, method.name)
+            module.setup(base)
+            rebind_hooked_forward(module)
         # layer types with a fixed layout (Embedding, Conv2d) say None: the config's value does not apply
-        if module.fan_in_fan_out is not None and cfg.fan_in_fan_out != module.fan_in_fan_out and not warned:
+        own = getattr(module, "fan_in_fan_out", None)
+        wanted = getattr(cfg, "fan_in_fan_out", own)
+        if own is not None and wanted != own and not warned:
             warnings.warn(
-                f"fan_in_fan_out={cfg.fan_in_fan_out} but {path} is a {module._lora_base_class.__name__}; "
-                f"using fan_in_fan_out={module.fan_in_fan_out} for it (as peft does)",
+                f"fan_in_fan_out={wanted} but {path} is a {module.base_class.__name__}; "
+                f"using fan_in_fan_out={own} for it (as peft does)",
                 stacklevel=2,
             )
             warned = True
-        r = pattern_value(cfg.rank_pattern, path, cfg.r)
-        alpha = pattern_value(cfg.alpha_pattern, path, cfg.lora_alpha)
-        module.add_lora(name, r, alpha, cfg.lora_dropout, cfg.use_rslora, cfg.init_lora_weights, cfg.use_dora)
+        module.add_from_config(name, cfg, path)
     for path, module in to_save:
         make_modules_to_save(module, path, model).add_copy(name)
 
@@ -140,21 +158,28 @@ def _check_name(name: str) -> None:
         raise ConfigError(f"adapter name {name!r} clashes with a torch attribute; choose another name")
 
 
-def _plan_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Module]]:
-    found = resolve_targets(model, cfg)
-    supported = ", ".join(t.__name__ for t in supported_base_types())
+def _plan_targets(model: nn.Module, cfg: Any, method: AdapterMethod) -> list[tuple[str, nn.Module]]:
+    if method.resolve_targets is not None:
+        found = method.resolve_targets(model, cfg)
+    else:
+        found = resolve_targets(model, cfg)
+    supported = ", ".join(t.__name__ for t in supported_base_types(method.name))
+    label = method.label or method.name
     for path, module in found:
         if isinstance(module, ModulesToSave):
-            raise ConfigError(f"{path} is in modules_to_save of another adapter; it cannot also get LoRA")
-        if not isinstance(module, LoraLayer) and adapter_class_for(module) is None:
+            raise ConfigError(f"{path} is in modules_to_save of another adapter; it cannot also get {label}")
+        if isinstance(module, AdapterLayer) and not isinstance(module, method.layer_class):
             raise ConfigError(
-                f"target {path} is a {type(module).__name__}, which LoRA does not support yet "
+                f"{path} already carries a {module.method_name} adapter; one layer takes adapters of one "
+                f"method only: leave {path} out of target_modules or delete the other adapter"
+            )
+        if not isinstance(module, AdapterLayer) and adapter_class_for(module, method.name) is None:
+            raise ConfigError(
+                f"target {path} is a {type(module).__name__}, which {label} does not support yet "
                 f"(supported: {supported}); narrow target_modules so it matches only those layers"
             )
-        layer_cls = type(module) if isinstance(module, LoraLayer) else adapter_class_for(module)
-        layer_cls.check_target(module, path, pattern_value(cfg.rank_pattern, path, cfg.r))
-        if cfg.use_dora:  # checked before any module is touched
-            layer_cls.check_dora(module, path)
+        layer_cls = type(module) if isinstance(module, AdapterLayer) else adapter_class_for(module, method.name)
+        layer_cls.check_config(module, path, cfg)  # before any module is touched
     for path, _ in found:
         for owner, _m in saved_modules(model):
             if path.startswith(owner + "."):
@@ -162,8 +187,10 @@ def _plan_targets(model: nn.Module, cfg: LoraConfig) -> list[tuple[str, nn.Modul
     return found
 
 
-def _plan_modules_to_save(model: nn.Module, cfg: LoraConfig, targets: set[str]) -> list[tuple[str, nn.Module]]:
-    if not cfg.modules_to_save:
+def _plan_modules_to_save(
+    model: nn.Module, cfg: Any, targets: set[str], method: AdapterMethod
+) -> list[tuple[str, nn.Module]]:
+    if not getattr(cfg, "modules_to_save", None):
         return []
     # peft's rule: a module is saved when its name ends with one of the entries
     found = [(n, m) for n, m in candidate_modules(model) if any(n.endswith(k) for k in cfg.modules_to_save)]
@@ -176,18 +203,25 @@ def _plan_modules_to_save(model: nn.Module, cfg: LoraConfig, targets: set[str]) 
     for path, module in found:
         clash = [t for t in targets if t == path or t.startswith(path + ".")]
         if clash:
-            raise ConfigError(f"{clash[0]} is both a LoRA target and (inside) modules_to_save module {path}")
-        inner = [f"{path}.{n}" if n else path for n, m in module.named_modules() if isinstance(m, LoraLayer)]
+            raise ConfigError(
+                f"{clash[0]} is both a {method.label or method.name} target and (inside) modules_to_save module {path}"
+            )
+        inner = [(f"{path}.{n}" if n else path, m) for n, m in module.named_modules() if isinstance(m, AdapterLayer)]
         if inner:
-            raise ConfigError(f"modules_to_save module {path} contains LoRA layers ({inner[0]}); pick one or the other")
+            what = method_named(inner[0][1].method_name)
+            raise ConfigError(
+                f"modules_to_save module {path} contains {what.label or what.name} layers ({inner[0][0]}); "
+                "pick one or the other"
+            )
     return found
 
 
-def _bias_params(model: nn.Module, cfg: LoraConfig, target_paths: list[str]) -> list[str]:
-    if cfg.bias == "none":
+def _bias_params(model: nn.Module, cfg: Any, target_paths: list[str]) -> list[str]:
+    bias = getattr(cfg, "bias", "none")  # methods without a bias option train none
+    if bias == "none":
         return []
     params = dict(model.named_parameters())
-    if cfg.bias == "lora_only":
+    if bias == "lora_only":
         return [f"{p}.bias" for p in target_paths if f"{p}.bias" in params]
     skip = [f"{p}." for p, _ in saved_modules(model)]
     return [
@@ -213,12 +247,6 @@ def _warn_shared_weights(model: nn.Module, paths: list[str]) -> None:
             )
 
 
-def _rebind_hooked_forward(module: nn.Module) -> None:
-    # accelerate's hooks keep the original bound forward in `_old_forward`; point it at the new class
-    if "_old_forward" in module.__dict__:
-        module._old_forward = types.MethodType(type(module).forward, module)
-
-
 # ---- activation and trainability --------------------------------------------------------------
 def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
     """Activate one or several adapters (their outputs are summed); the others stay loaded but off."""
@@ -227,7 +255,7 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
     unknown = [n for n in names if n not in st.configs]
     if unknown:
         raise ConfigError(f"unknown adapter(s) {unknown}; this model has {sorted(st.configs)}")
-    merged = sorted({n for _, m in lora_layers(model) for n in m.lora_merged} - set(names))
+    merged = sorted({n for _, m in adapter_layers(model) for n in m.merged_adapters()} - set(names))
     if merged:
         raise ConfigError(
             f"adapters {merged} are merged into the weights; call unmerge_adapters(model) before deactivating them"
@@ -241,7 +269,7 @@ def set_active_adapters(model: nn.Module, names: str | list[str]) -> None:
 
 def _activate(model: nn.Module, st: AdapterState, names: list[str]) -> None:
     st.active = list(names)
-    for _, m in lora_layers(model):
+    for _, m in adapter_layers(model):
         m.set_active(names)
     for _, m in saved_modules(model):
         m.set_active(names)
@@ -252,12 +280,10 @@ def refresh_trainable(model: nn.Module) -> None:
     """requires_grad = adapter is active and trainable, for adapter params and the biases they train."""
     st = require_state(model)
     on = {n for n in st.active if st.trainable.get(n)}
-    for _, m in lora_layers(model):
-        for n in m.lora_A.keys():
-            m.lora_A[n].requires_grad_(n in on)
-            m.lora_B[n].requires_grad_(n in on)
-        for n, mag in m.lora_magnitude_vector.items():
-            mag.requires_grad_(n in on)
+    for _, m in adapter_layers(model):
+        for n in m.adapter_names():
+            for p in m.adapter_parameters(n).values():
+                p.requires_grad_(n in on)
     for _, m in saved_modules(model):
         for n, twin in m.modules_to_save.items():
             twin.requires_grad_(n in on)
@@ -283,16 +309,19 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for pn in st.biases.get(name, []):
         if pn in params:
             params[pn].requires_grad_(False)
-    for _, m in list(lora_layers(model, name)):
-        m.delete_lora(name)
-        if not m.lora_A:
+    for _, m in list(adapter_layers(model, name)):
+        m.delete_adapter(name)
+        if not m.adapter_names():
             m.strip()
-            _rebind_hooked_forward(m)
+            rebind_hooked_forward(m)
+    method = method_of_config(st.configs[name])
+    if method.remove is not None:
+        method.remove(model, name)
     for _, m in list(saved_modules(model, name)):
         m.delete_copy(name)
         if not m.modules_to_save:
             m.strip()
-            _rebind_hooked_forward(m)
+            rebind_hooked_forward(m)
     for d in (st.configs, st.trainable, st.biases):
         d.pop(name, None)
     if not st.configs:
@@ -304,27 +333,27 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 @contextmanager
 def disable_adapters(model: nn.Module):
     """`with disable_adapters(model):` runs the base model (merged adapters are unmerged meanwhile)."""
-    layers = [m for _, m in lora_layers(model)]
+    layers = [m for _, m in adapter_layers(model)]
     saved = [m for _, m in saved_modules(model)]
-    prev = [(m, m.lora_disabled) for m in layers] + [(m, m.mts_disabled) for m in saved]
+    prev = [(m, m.adapters_disabled) for m in layers] + [(m, m.mts_disabled) for m in saved]
     remerge = []
     try:
         for m in layers:
-            undone = m.unmerge_lora()
+            undone = m.unmerge()
             if undone:
                 remerge.append((m, list(reversed(undone))))
-            m.lora_disabled = True
+            m.adapters_disabled = True
         for m in saved:
             m.mts_disabled = True
         yield model
     finally:
         for m, flag in prev:
-            if isinstance(m, LoraLayer):
-                m.lora_disabled = flag
+            if isinstance(m, AdapterLayer):
+                m.adapters_disabled = flag
             else:
                 m.mts_disabled = flag
         for m, names in remerge:
-            m.merge_lora(names)
+            m.merge(names)
 
 
 # ---- merge / unload ----------------------------------------------------------------------------
@@ -339,17 +368,17 @@ def merge_adapters(model: nn.Module, names: list[str] | None = None, safe_merge:
     inactive = [n for n in names if n not in st.active]
     if inactive:
         raise ConfigError(f"only active adapters can be merged; {inactive} are not active (active: {st.active})")
-    layers = [m for _, m in lora_layers(model)]
-    if any(m.lora_disabled for m in layers):
+    layers = [m for _, m in adapter_layers(model)]
+    if any(m.adapters_disabled for m in layers):
         raise ConfigError("cannot merge inside disable_adapters(); leave the with-block first")
     _refuse_unmergeable(model, names)
     if safe_merge:
-        for path, m in lora_layers(model):
+        for path, m in adapter_layers(model):
             if not m.merge_is_finite(names):
                 raise ModelError(f"merging {names} would put NaN/inf into {path}.weight; nothing was merged")
     done: set[str] = set()
     for m in layers:
-        done.update(m.merge_lora(names, safe_merge=safe_merge))
+        done.update(m.merge(names, safe_merge=safe_merge))
     if not done and names:
         warnings.warn(f"adapters {names} are already merged; nothing to do", stacklevel=2)
     return sorted(done)
@@ -357,17 +386,17 @@ def merge_adapters(model: nn.Module, names: list[str] | None = None, safe_merge:
 
 def _refuse_unmergeable(model: nn.Module, names: list[str]) -> None:
     # checked for every layer first, so a refused merge leaves no layer half merged
-    for path, m in lora_layers(model):
+    for path, m in adapter_layers(model):
         why = m.cannot_merge()
-        if why and any(n in m.lora_A and n not in m.lora_merged for n in names):
+        if why and any(n in m.adapter_names() and n not in m.merged_adapters() for n in names):
             raise ConfigError(f"cannot merge into {path}: {why}; nothing was merged")
 
 
 def unmerge_adapters(model: nn.Module) -> list[str]:
     """Subtract every merged adapter from the base weights again; returns the names unmerged."""
     done: set[str] = set()
-    for _, m in lora_layers(model):
-        done.update(m.unmerge_lora())
+    for _, m in adapter_layers(model):
+        done.update(m.unmerge())
     return sorted(done)
 
 
@@ -383,25 +412,29 @@ def unload(model: nn.Module, merge: bool = True) -> nn.Module:
         return model
     if merge:
         _refuse_unmergeable(model, list(st.active))
-        for _, m in lora_layers(model):
-            m.merge_lora(list(st.active))
+        for _, m in adapter_layers(model):
+            m.merge(list(st.active))
         for _, m in saved_modules(model):
             if m.mts_active is not None:
                 m.write_back(m.mts_active)
     else:
         unmerge_adapters(model)
     kept = set(st.active) if merge else set()
-    for _, m in lora_layers(model):
-        # PiSSA / OLoRA took their start out of the weight: adapters not folded in give it back
-        for n in list(m.__dict__.get("lora_initial", {})):
+    for _, m in adapter_layers(model):
+        # e.g. PiSSA / OLoRA took their start out of the weight: adapters not folded in give it back
+        for n in m.adapter_names():
             if n not in kept:
-                restore_base(m, n)
-    for _, m in list(lora_layers(model)):
+                m.release_adapter(n)
+    for _, m in list(adapter_layers(model)):
         m.strip()
-        _rebind_hooked_forward(m)
+        rebind_hooked_forward(m)
+    for n, c in list(st.configs.items()):
+        method = method_of_config(c)
+        if method.remove is not None:
+            method.remove(model, n)
     for _, m in list(saved_modules(model)):
         m.strip()
-        _rebind_hooked_forward(m)
+        rebind_hooked_forward(m)
     del model.__dict__[STATE_ATTR]
     return model
 
@@ -419,11 +452,10 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 @torch.no_grad()
 def adapter_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s tensors in our naming (`<module>.lora_A.<name>`, ...), for tests and tools."""
+    """Adapter `name`'s tensors in our naming (`<module>.lora_A.<name>`, `<module>.ia3_l.<name>`, ...),
+    for tests and tools."""
     out = {}
-    for path, m in lora_layers(model, name):
-        out[f"{path}.lora_A.{name}"] = m.lora_A[name]
-        out[f"{path}.lora_B.{name}"] = m.lora_B[name]
-        if name in m.lora_magnitude_vector:
-            out[f"{path}.lora_magnitude_vector.{name}"] = m.lora_magnitude_vector[name]
+    for path, m in adapter_layers(model, name):
+        for attr, p in m.adapter_parameters(name).items():
+            out[f"{path}.{attr}.{name}"] = p
     return out

@@ -22,13 +22,14 @@ import math
 import re
 from contextlib import contextmanager
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from tuneforge.errors import ConfigError
 
-from .lora import Conv1D, LoraLayer
+from .layer import Conv1D
 
 _NITER = re.compile(r"pissa_niter_(\d+)")
 # (A0, B0) per layer object that an init should take instead of decomposing (given_initial_state)
@@ -54,13 +55,13 @@ def check_init(init: object) -> None:
         raise ConfigError("init_lora_weights='pissa_niter_0': N must be >= 1 (or use 'pissa' for the full SVD)")
 
 
-def _linear_like(layer: LoraLayer) -> bool:
+def _linear_like(layer: nn.Module) -> bool:
     base = layer._lora_base_class
     return issubclass(base, nn.Linear) or (Conv1D is not None and issubclass(base, Conv1D))
 
 
 @torch.no_grad()
-def init_from_weight(layer: LoraLayer, name: str, init: str) -> None:
+def init_from_weight(layer: nn.Module, name: str, init: str) -> None:
     """Fill adapter `name` of `layer` by PiSSA / OLoRA and leave the residual in `layer.weight`."""
     if not _linear_like(layer):
         raise ConfigError(
@@ -119,13 +120,13 @@ def _pissa(layer, name, W, r, s, niter) -> tuple[torch.Tensor, torch.Tensor]:
     return root @ Vhr, Ur @ root
 
 
-def initial_weights(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+def initial_weights(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(A0, B0) recorded when adapter `name` of `layer` was initialised from the weight, or None."""
     return layer.__dict__.get("lora_initial", {}).get(name)
 
 
 @torch.no_grad()
-def restore_base(layer: LoraLayer, name: str) -> None:
+def restore_base(layer: nn.Module, name: str) -> None:
     """Add `s * B0 @ A0` back into the weight and forget the record (used when the adapter is deleted)."""
     got = layer.__dict__.get("lora_initial", {}).pop(name, None)
     if got is None:
@@ -141,7 +142,7 @@ def initial_state(model: nn.Module, name: str = "default") -> dict[str, torch.Te
     (empty when the adapter was not initialised from the weights)."""
     out = {}
     for path, m in model.named_modules():
-        got = initial_weights(m, name) if isinstance(m, LoraLayer) else None
+        got = initial_weights(m, name)
         if got is not None:
             out[f"{path}.lora_A.{name}"], out[f"{path}.lora_B.{name}"] = got
     return out
@@ -162,3 +163,54 @@ def given_initial_state(model: nn.Module, name: str, state: dict[str, torch.Tens
         yield
     finally:
         _GIVEN.reset(token)
+
+
+# ---- as a plain LoRA for the original weights (save_adapter(..., convert_pissa=True), convert.py) --
+def check_convertible(cfg: Any, name: str, layers: list[nn.Module]) -> None:
+    """ConfigError unless adapter `name` (config `cfg`, on `layers`) is a PiSSA / OLoRA adapter whose
+    initial (A0, B0) were recorded."""
+    if not is_weight_init(getattr(cfg, "init_lora_weights", None)):
+        raise ConfigError(
+            f"adapter {name!r} was initialised with init_lora_weights={getattr(cfg, 'init_lora_weights', None)!r}; "
+            "only PiSSA / OLoRA adapters ('pissa', 'pissa_niter_N', 'olora') need converting"
+        )
+    if not any(initial_weights(m, name) is not None for m in layers):
+        raise ConfigError(
+            f"adapter {name!r} has no initial PiSSA/OLoRA weights recorded; convert in the process that "
+            "created or loaded the adapter"
+        )
+
+
+def converted_tensors(layer: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The layer's file tensors (peft suffix -> tensor) with A and B replaced by the rank-2r pair.
+
+    A layer the init left alone (an embedding: peft gives it the default init, its base unchanged)
+    gets zeros as (A0, B0): its delta is B A on the original weight already.
+    """
+    A, B = layer.lora_A[name], layer.lora_B[name]
+    got = initial_weights(layer, name)
+    if got is None:
+        A0, B0 = torch.zeros_like(A, dtype=torch.float32), torch.zeros_like(B, dtype=torch.float32)
+    else:
+        A0, B0 = (t.to(device=A.device, dtype=torch.float32) for t in got)
+    out = {}
+    for suffix, t in layer.peft_tensors(name).items():
+        if t is A:
+            out[suffix] = torch.cat([A.detach().float(), A0], dim=0)
+        elif t is B:
+            out[suffix] = torch.cat([B.detach().float(), -B0], dim=1)
+        else:  # e.g. DoRA's magnitude: W_res + s B A equals W + s B' A', so it carries over as is
+            out[suffix] = t
+    return out
+
+
+def converted_config(config: dict[str, Any]) -> dict[str, Any]:
+    """peft's adapter_config.json of the converted adapter (rank doubled, same scaling, plain init)."""
+    out = dict(config)
+    factor = math.sqrt(2) if out.get("use_rslora") else 2  # s = alpha / r, or alpha / sqrt(r) (rsLoRA)
+    out["r"] = 2 * out["r"]
+    out["lora_alpha"] = out["lora_alpha"] * factor
+    out["rank_pattern"] = {k: 2 * v for k, v in (out.get("rank_pattern") or {}).items()}
+    out["alpha_pattern"] = {k: v * factor for k, v in (out.get("alpha_pattern") or {}).items()}
+    out["init_lora_weights"] = True
+    return out

@@ -19,7 +19,9 @@ from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
 
-from . import dora
+from . import dora, inits
+from .layer import AdapterLayer, Conv1D
+from .targets import pattern_value
 
 # per-instance attributes a LoRA layer adds (removed again by `strip`)
 _STATE_ATTRS = (
@@ -39,13 +41,19 @@ _STATE_ATTRS = (
 )
 
 
-class LoraLayer:
+class LoraLayer(AdapterLayer):
     """Mixin placed before the base class (`class LoraLinear(LoraLayer, nn.Linear)`).
 
     Subclasses say how the base stores its weight (`fan_in_fan_out`) and may allow the in-place
-    fused add (`inplace_add`) when the base output is never saved for backward.
+    fused add (`inplace_add`) when the base output is never saved for backward. The adapter-layer
+    protocol (layer.py) maps onto LoRA's own names below.
     """
 
+    method_name = "lora"
+    param_dicts = ("lora_A", "lora_B", "lora_magnitude_vector")
+    state_attrs = _STATE_ATTRS
+    base_class_attr = "_lora_base_class"
+    route_attr = "_lora_route"
     fan_in_fan_out = False
     inplace_add = False
     supports_dora = False  # layer types whose DoRA maths exists (dora.py) set this
@@ -72,15 +80,52 @@ class LoraLayer:
         self._dora_cache: dict = {}  # ||W||^2 per row, keyed on the weight's version (dora.py)
         self._dora_factors: dict[str, torch.Tensor] = {}  # per-row factor of each merged DoRA adapter
 
-    def strip(self) -> None:
-        """Remove every adapter and turn the module back into its base class (weights untouched)."""
-        del self.lora_A
-        del self.lora_B
-        self._modules.pop("lora_magnitude_vector", None)
-        base = self._lora_base_class
-        for attr in _STATE_ATTRS:
-            self.__dict__.pop(attr, None)
-        self.__class__ = base
+    # ---- the adapter-layer protocol (layer.py) -------------------------------------------------
+    def setup(self, base_class: type) -> None:
+        self.lora_setup(base_class)
+
+    @classmethod
+    def check_config(cls, module: nn.Module, path: str, cfg) -> None:
+        cls.check_target(module, path, pattern_value(cfg.rank_pattern, path, cfg.r))
+        if cfg.use_dora:
+            cls.check_dora(module, path)
+
+    def add_from_config(self, name: str, cfg, path: str) -> None:
+        r = pattern_value(cfg.rank_pattern, path, cfg.r)
+        alpha = pattern_value(cfg.alpha_pattern, path, cfg.lora_alpha)
+        self.add_lora(name, r, alpha, cfg.lora_dropout, cfg.use_rslora, cfg.init_lora_weights, cfg.use_dora)
+
+    @property
+    def adapters_disabled(self) -> bool:
+        return self.lora_disabled
+
+    @adapters_disabled.setter
+    def adapters_disabled(self, flag: bool) -> None:
+        self.lora_disabled = flag
+
+    def merged_adapters(self) -> list[str]:
+        return list(self.lora_merged)
+
+    def shape_hint(self, name: str) -> str:
+        return f"r={self.lora_r[name]}"
+
+    def delete_adapter(self, name: str) -> None:
+        self.delete_lora(name)
+
+    def release_adapter(self, name: str) -> None:
+        inits.restore_base(self, name)  # PiSSA / OLoRA: the start they took out of the weight
+
+    def merge(self, names: list[str], safe_merge: bool = False) -> list[str]:
+        return self.merge_lora(names, safe_merge=safe_merge)
+
+    def unmerge(self, names: list[str] | None = None) -> list[str]:
+        return self.unmerge_lora(names)
+
+    def add_adapters(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        return self._add_lora(x, out, names)
+
+    def on_new_base(self) -> None:
+        self._dora_cache = {}  # the norms of the old weight
 
     @classmethod
     def check_target(cls, module: nn.Module, path: str, r: int) -> None:
@@ -140,9 +185,7 @@ class LoraLayer:
 
     def init_lora_weights(self, name: str, init: bool | str) -> None:
         """Fill adapter `name`'s A and B as peft does for this layer type."""
-        from . import inits  # PiSSA / OLoRA take A and B out of the weight (inits.py)
-
-        if inits.is_weight_init(init):
+        if inits.is_weight_init(init):  # PiSSA / OLoRA take A and B out of the weight (inits.py)
             inits.init_from_weight(self, name, init)
             return
         init_lora(self.lora_A[name].data, self.lora_B[name].data, self.lora_r[name], init)
@@ -151,9 +194,7 @@ class LoraLayer:
         if name in self.lora_merged:
             self.unmerge_lora([name])
         if "lora_initial" in self.__dict__:  # PiSSA / OLoRA: give the base its original weight back
-            from .inits import restore_base
-
-            restore_base(self, name)
+            inits.restore_base(self, name)
         del self.lora_A[name]
         del self.lora_B[name]
         if name in self.lora_magnitude_vector:
@@ -163,9 +204,6 @@ class LoraLayer:
             d.pop(name, None)
         self.lora_active = tuple(n for n in self.lora_active if n != name)
         self._lora_refresh()
-
-    def adapter_names(self) -> list[str]:
-        return list(self.lora_A.keys())
 
     def peft_tensors(self, name: str) -> dict[str, nn.Parameter]:
         """Adapter `name`'s parameters under peft's key suffixes (relative to this module).
@@ -342,16 +380,6 @@ class LoraLinear(LoraLayer, nn.Linear):
     inplace_add = True
     supports_dora = True
 
-
-def _conv1d_class():
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
-
-
-Conv1D = _conv1d_class()
 
 if Conv1D is not None:
 

@@ -4,7 +4,7 @@ The adapters train in fp32 exactly as on an nn.Linear; the base stays frozen in 
 Merging is refused, since the sum would have to be requantized and the adapter's update would
 mostly round away; `tuneforge.dequantize_model` (or `tuneforge export`, which does it) turns the
 base into a plain Linear first. Inits that rewrite the weight (PiSSA/OLoRA) are refused too:
-LoftQ (`tuneforge.quant.loftq`) is the init that fits a quantized base.
+LoftQ (`tuneforge.adapters.loftq`) is the init that fits a quantized base.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from tuneforge.errors import ConfigError
 from tuneforge.quant.linear import QuantLinear
 
+from . import inits
 from .lora import LoraLayer
 
 
@@ -23,8 +24,6 @@ class LoraQuantLinear(LoraLayer, QuantLinear):
         return self.in_features, self.out_features
 
     def add_lora(self, name, r, alpha, dropout, use_rslora, init, use_dora=False) -> None:
-        from . import inits
-
         if inits.is_weight_init(init):
             raise ConfigError(
                 f"init_lora_weights={init!r} rewrites the base weight, which is quantized here; "

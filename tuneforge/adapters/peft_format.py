@@ -17,7 +17,6 @@ This is the only file that knows peft's key layout.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,145 +27,51 @@ from tuneforge.errors import ConfigError, ModelError
 from tuneforge.fileio import json_kind, read_json
 from tuneforge.weightfiles import load_safetensors, load_torch_file
 
-from .config import ALL_LINEAR, LoraConfig
+from . import inits
 from .core import (
+    adapter_layers,
     add_adapter,
     delete_adapter,
     get_state,
-    lora_layers,
+    method_of,
     require_state,
     saved_modules,
     set_active_adapters,
     set_trainable,
 )
-from .targets import candidate_modules, minimal_suffixes
+from .methods import method_names, method_of_peft_type
+from .peft_config import common_fields
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
-_OUR_FIELDS = (
-    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "modules_to_save", "bias",
-    "use_rslora", "use_dora", "init_lora_weights", "fan_in_fan_out", "layers_to_transform", "layers_pattern",
-    "rank_pattern", "alpha_pattern", "loftq_config",
-)  # fmt: skip
-# peft fields that never change what a loaded adapter computes
-_HARMLESS = {
-    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
-    "peft_version", "megatron_config", "megatron_core", "eva_config", "corda_config",
-    "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
-}  # fmt: skip
-# peft fields that change the maths; any non-empty value is refused until tuneforge implements it
-_UNSUPPORTED = (
-    "lora_bias", "layer_replication", "use_qalora", "alora_invocation_tokens", "arrow_config",
-    "velora_config", "monteclora_config", "kasa_config", "use_bdlora", "trainable_token_indices",
-    "target_parameters", "modules_to_tie", "target_modules_to_tie",
-)  # fmt: skip
 # tensor names of peft features not implemented yet (a file holding them cannot be computed)
 _UNSUPPORTED_KEYS = (".lora_B.bias", "lora_E")
-# inits that only decide the starting A/B (overwritten by the loaded weights), and PiSSA / OLoRA,
-# which alter the base deterministically: loading re-runs them on the base, then copies the file's
-# A/B in (as peft does). 'pissa_niter_N' (randomised SVD) cannot be redone: refused in config_from_peft
-_LOAD_SAFE_INITS = (True, False, "gaussian", "eva", "true", "false", "pissa", "olora")
 
 
 # ---- config ---------------------------------------------------------------------------------------
 def config_to_peft(model: nn.Module, name: str, base_model_name_or_path: str | None) -> dict[str, Any]:
-    cfg: LoraConfig = require_state(model, name).configs[name]
-    layers = list(lora_layers(model, name))
-    targets = cfg.target_modules
-    if targets == ALL_LINEAR:  # write the resolved names, as peft does
-        targets = minimal_suffixes([p for p, _ in layers], [n for n, _ in candidate_modules(model)])
-    if base_model_name_or_path is None:
-        base_model_name_or_path = _name_or_path(model)
-    return {
-        "peft_type": "LORA",
-        "task_type": _task_type(model),
-        "base_model_name_or_path": base_model_name_or_path,
-        "revision": None,
-        "inference_mode": True,
-        "r": cfg.r,
-        "lora_alpha": cfg.lora_alpha,
-        "lora_dropout": cfg.lora_dropout,
-        "target_modules": targets,
-        "exclude_modules": cfg.exclude_modules,
-        "modules_to_save": cfg.modules_to_save,
-        "bias": cfg.bias,
-        "use_rslora": cfg.use_rslora,
-        "use_dora": cfg.use_dora,
-        "lora_bias": False,
-        "init_lora_weights": cfg.init_lora_weights,
-        "fan_in_fan_out": any(m.fan_in_fan_out for _, m in layers),
-        "layers_to_transform": cfg.layers_to_transform,
-        "layers_pattern": cfg.layers_pattern,
-        "rank_pattern": dict(cfg.rank_pattern),
-        "alpha_pattern": dict(cfg.alpha_pattern),
-        "layer_replication": None,
-        "megatron_config": None,
-        "megatron_core": "megatron.core",
-        # tuneforge's LoftQ record (quant/loftq.py); init_lora_weights stays true, as peft's 'loftq'
-        # would re-run peft's own LoftQ at load (peft warns that it ignores this field)
-        "loftq_config": dict(cfg.loftq_config),
-    }
+    """adapter_config.json of adapter `name`: peft's common fields, then its method's own."""
+    cfg = require_state(model, name).configs[name]
+    method = method_of(model, name)
+    layers = list(adapter_layers(model, name))
+    out = common_fields(model, method.peft_type, base_model_name_or_path)
+    out.update(method.config_to_peft(model, name, cfg, layers))
+    return out
 
 
-def config_from_peft(raw: dict[str, Any], source: str = CONFIG_NAME) -> LoraConfig:
-    """Build a LoraConfig from peft's adapter_config.json; ModelError for what we cannot compute."""
+def config_from_peft(raw: dict[str, Any], source: str = CONFIG_NAME) -> Any:
+    """The config of a peft adapter_config.json, by its peft_type; ModelError for what we cannot compute."""
     if not isinstance(raw, dict):
         raise ModelError(f"{source} must hold a JSON object ({{...}}), not {json_kind(raw)}")
     peft_type = raw.get("peft_type", "LORA")
-    if str(peft_type).upper() != "LORA":
-        raise ModelError(f"{source}: peft_type {peft_type!r} is not supported yet (tuneforge loads LORA adapters)")
-    for key in _UNSUPPORTED:
-        if _non_empty(raw.get(key)):
-            raise ModelError(f"{source}: {key}={raw[key]!r} is not supported yet; this adapter cannot be loaded")
-    init = raw.get("init_lora_weights", True)
-    if isinstance(init, str) and init.lower() == "olora":  # peft compares it case-insensitively
-        init = "olora"
-    if isinstance(init, str) and init.startswith("pissa_niter_"):
-        raise ModelError(
-            f"{source}: init_lora_weights={init!r} (PiSSA by randomised SVD) left a residual base that cannot "
-            "be rebuilt exactly; load the converted adapter instead (pissa_convert: true writes it, or peft's "
-            "save_pretrained with path_initial_model_for_weight_conversion)"
-        )
-    if not any(init is s or (isinstance(s, str) and init == s) for s in _LOAD_SAFE_INITS):
-        raise ModelError(
-            f"{source}: init_lora_weights={init!r} is not supported yet (it changes the base weights); "
-            "save the adapter from peft with path_initial_model_for_weight_conversion to get a plain LoRA"
-        )
-    unknown = sorted(k for k in raw if k not in _OUR_FIELDS and k not in _HARMLESS and k not in _UNSUPPORTED)
-    ignored = [k for k in unknown if _non_empty(raw[k])]
-    if ignored:
-        warnings.warn(f"{source}: ignoring fields tuneforge does not know: {ignored}", stacklevel=3)
-    kwargs = {k: raw[k] for k in _OUR_FIELDS if k in raw and raw[k] is not None}
-    kwargs["init_lora_weights"] = init if init in (True, False, "gaussian", "pissa", "olora") else True
-    try:
-        return LoraConfig(**kwargs)
-    except ConfigError as e:
-        raise ModelError(f"{source}: {e}") from None
-
-
-def _non_empty(v: Any) -> bool:
-    return v not in (None, False, "", 0) and v != {} and v != []
-
-
-def _name_or_path(model: nn.Module) -> str | None:
-    path = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
-    return path or None
-
-
-def _task_type(model: nn.Module) -> str | None:
-    """peft's task_type for transformers generative models; None for anything else."""
-    try:
-        from transformers import GenerationMixin
-    except ImportError:
-        return None
-    if not isinstance(model, GenerationMixin):
-        return None
-    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        return "SEQ_2_SEQ_LM"
-    return "CAUSAL_LM"
+    method = method_of_peft_type(peft_type)
+    if method is None or method.config_from_peft is None:
+        known = ", ".join(n.upper() for n in method_names())
+        raise ModelError(f"{source}: peft_type {peft_type!r} is not supported yet (tuneforge loads {known} adapters)")
+    return method.config_from_peft(raw, source)
 
 
 # ---- save -----------------------------------------------------------------------------------------
@@ -175,7 +80,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     st = require_state(model, name)
     out: dict[str, torch.Tensor] = {}
     adapted = set()
-    for path, m in lora_layers(model, name):
+    for path, m in adapter_layers(model, name):
         for suffix, t in m.peft_tensors(name).items():
             out[f"{PREFIX}{path}.{suffix}"] = _to_file(t)
         adapted.add(path)
@@ -218,12 +123,11 @@ def save_adapter(
     config = config_to_peft(model, name, base_model_name_or_path)
     tensors = adapter_state_dict(model, name)
     if convert_pissa:
-        from .convert import check_convertible, converted_config, converted_tensors
-
-        check_convertible(model, name)
-        config = converted_config(config)
-        for path_, m in lora_layers(model, name):
-            for suffix, t in converted_tensors(m, name).items():
+        layers = list(adapter_layers(model, name))
+        inits.check_convertible(require_state(model, name).configs[name], name, [m for _, m in layers])
+        config = inits.converted_config(config)
+        for path_, m in layers:
+            for suffix, t in inits.converted_tensors(m, name).items():
                 tensors[f"{PREFIX}{path_}.{suffix}"] = _to_file(t)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -251,7 +155,7 @@ def check_adapter_dir(path: str | Path) -> Path:
     return directory
 
 
-def read_adapter(path: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor], Path]:
+def read_adapter(path: str | Path) -> tuple[Any, dict[str, torch.Tensor], Path]:
     """Read and check an adapter directory: (config, tensors without the 'base_model.model.' prefix, file).
 
     Raises ModelError (one line naming the file) for a missing, unreadable, malformed or wrongly
@@ -310,10 +214,11 @@ def load_adapter(
 def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path):
     """(destination, source) pairs for every tensor in the file; ModelError for anything off."""
     layer_keys: dict[str, tuple[torch.Tensor, str]] = {}
-    adapted = dict(lora_layers(model, name))
+    adapted = dict(adapter_layers(model, name))
     for path, layer in adapted.items():
         for suffix, dst in layer.peft_tensors(name).items():
-            layer_keys[f"{path}.{suffix}"] = (dst, f" ({path}: r={layer.lora_r[name]})")
+            hint = layer.shape_hint(name)
+            layer_keys[f"{path}.{suffix}"] = (dst, f" ({path}: {hint})" if hint else f" ({path})")
     saved = dict(saved_modules(model, name))
     params = dict(model.named_parameters())
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -338,7 +243,7 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
         if base_of != key and base_of in adapted:
             # peft saves the base weight of a targeted embedding / lm_head beside its LoRA and loads it
             # back into the base layer (it matters after a vocabulary resize); so do we
-            if adapted[base_of].lora_merged:
+            if adapted[base_of].merged_adapters():
                 raise ModelError(f"{source}: {key} would overwrite merged weights; unmerge_adapters(model) first")
             add(key, adapted[base_of].weight, src)
             continue
@@ -365,9 +270,10 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
             continue
         unmatched.append(key)
     if unmatched:
+        label = method_of(model, name).peft_type
         raise ModelError(
             f"{source}: {len(unmatched)} tensor(s) match no module of {type(model).__name__} adapted by "
-            f"{name!r}, e.g. {[PREFIX + k for k in unmatched[:4]]}"
+            f"{name!r} as a{'n' * (label[:1] in 'AEIOU')} {label} adapter, e.g. {[PREFIX + k for k in unmatched[:4]]}"
         )
     expected = list(layer_keys)
     for owner, m in saved.items():

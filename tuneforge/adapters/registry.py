@@ -1,9 +1,12 @@
-"""Which adapter layer class serves which base module type.
+"""Which adapter layer class serves which base module type, per method.
 
-`register_layer(nn.Linear, LoraLinear)` is the one line a new layer type needs. Lookup walks the
-registrations in order and takes the first whose base type the module is an instance of. For a
-subclass of a registered base (e.g. a model's own `MyLinear(nn.Linear)`), a combined class
-`LoraMyLinear(LoraLinear, MyLinear)` is made once, so the module keeps its own forward.
+`register_layer(nn.Linear, LoraLinear)` (method "lora" by default) is the one line a new layer
+type needs; `register_method` (methods.py) makes these calls for a method's whole layer table.
+Lookup is keyed by (method, base type), so a second method for nn.Linear does not evict LoRA:
+it walks the method's registrations in order and takes the first whose base type the module is
+an instance of. For a subclass of a registered base (e.g. a model's own `MyLinear(nn.Linear)`),
+a combined class `LoraMyLinear(LoraLinear, MyLinear)` is made once, so the module keeps its
+own forward.
 """
 
 from __future__ import annotations
@@ -12,31 +15,39 @@ import sys
 
 from torch import nn
 
-_LAYERS: list[tuple[type, type]] = []
+# (method, base type, adapter class), in registration order
+_LAYERS: list[tuple[str, type, type, str | None]] = []
 _DERIVED: dict[tuple[type, type], type] = {}
+DEFAULT_METHOD = "lora"
 
 
-def register_layer(base_cls: type, adapter_cls: type) -> None:
-    """Adapt modules of type `base_cls` (and subclasses) with `adapter_cls` (a subclass of it)."""
+def register_layer(base_cls: type, adapter_cls: type, method: str = DEFAULT_METHOD, prefix: str | None = None) -> None:
+    """Adapt modules of type `base_cls` (and subclasses) with `adapter_cls` (a subclass of it) for
+    `method`. `prefix` names derived classes for subclasses of `base_cls` ('Lora' -> LoraMyLinear)."""
     if not issubclass(adapter_cls, base_cls):
         raise TypeError(f"{adapter_cls.__name__} must subclass {base_cls.__name__}")
-    _LAYERS[:] = [(b, a) for b, a in _LAYERS if b is not base_cls]
-    _LAYERS.append((base_cls, adapter_cls))
+    _LAYERS[:] = [e for e in _LAYERS if not (e[0] == method and e[1] is base_cls)]
+    _LAYERS.append((method, base_cls, adapter_cls, prefix))
 
 
-def supported_base_types() -> list[type]:
-    return [b for b, _ in _LAYERS]
+def _entries(method: str):
+    return [e for e in _LAYERS if e[0] == method]
 
 
-def adapter_class_for(module: nn.Module) -> type | None:
-    """The adapter class to swap a plain `module` to, or None when its type is not supported."""
+def supported_base_types(method: str = DEFAULT_METHOD) -> list[type]:
+    return [b for _, b, _, _ in _entries(method)]
+
+
+def adapter_class_for(module: nn.Module, method: str = DEFAULT_METHOD) -> type | None:
+    """The class of `method` to swap a plain `module` to, or None when its type is not supported."""
     cls = type(module)
-    for base_cls, adapter_cls in _LAYERS:
+    for _, base_cls, adapter_cls, prefix in _entries(method):
         if cls is base_cls:
             return adapter_cls
         if issubclass(cls, base_cls):
             # the subclass's forward may save its output for backward: no in-place add
-            return derived_class("Lora", adapter_cls, cls, inplace_add=False)
+            name = prefix or method.capitalize()
+            return derived_class(name, adapter_cls, cls, inplace_add=False)
     return None
 
 

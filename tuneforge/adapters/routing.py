@@ -5,9 +5,10 @@
         seqs = model.generate(input_ids, num_beams=4)
 
 Any loaded adapter may be named, active or not (as with peft); "__base__" runs no adapter.
-Each LoRA layer groups the rows of its input by adapter and adds that adapter's delta to those
-rows only, through the layer's own `_add_lora(x, out, names)` on the sub-batch, so every layer
-type and variant (Linear, Conv1D, Embedding, Conv2d, DoRA) routes the same way. A
+Each adapted layer groups the rows of its input by adapter and applies that adapter to those
+rows only, through the layer's own `add_adapters(x, out, names)` (the adapter-layer protocol,
+layer.py) on the sub-batch, so every method, layer type and variant (LoRA on Linear, Conv1D,
+Embedding, Conv2d, DoRA; IA3) routes the same way. A
 modules_to_save module runs each adapter's copy on its rows (the original for "__base__" and for
 adapters without a copy). Rows are the first dimension of each layer's input; when it is a multiple
 k of len(names) (generate's num_beams / num_return_sequences expansion, which repeats each
@@ -31,7 +32,8 @@ from torch import nn
 
 from tuneforge.errors import ConfigError
 
-from .core import lora_layers, require_state, saved_modules
+from .core import adapter_layers, require_state, saved_modules
+from .layer import AdapterLayer
 
 BASE = "__base__"
 _ROUTE_ATTR = "_tuneforge_route"
@@ -74,25 +76,28 @@ class Route:
         where = self._paths.get(id(module), type(module).__name__)
         if module.training:
             raise ConfigError(f"route_adapters needs eval mode, but {where} is training; call model.eval()")
-        if getattr(module, "lora_merged", None):
+        merged = module.merged_adapters() if isinstance(module, AdapterLayer) else []
+        if merged:
             raise ConfigError(
-                f"{where} has adapters {module.lora_merged} merged into its weight while routing; "
+                f"{where} has adapters {merged} merged into its weight while routing; "
                 "call unmerge_adapters(model) first"
             )
 
     # ---- called from the layers' forward -----------------------------------------------------------
-    def add_lora(self, layer: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """A LoRA layer's output with each row's adapter added (`out` is the base output for `x`)."""
+    def add_lora(self, layer: AdapterLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """An adapted layer's output with each row's adapter applied (`out` is the base output for `x`)."""
         self._check(layer)
-        todo = [(name, ix) for name, ix in self.groups(layer, x.shape[0], x.device) if name in layer.lora_A]
+        own = layer.adapter_names()
+        todo = [(name, ix) for name, ix in self.groups(layer, x.shape[0], x.device) if name in own]
         if not todo:
             return out
         if todo[0][1] is None:
-            return layer._add_lora(x, out, (todo[0][0],))
+            return layer.add_adapters(x, out, (todo[0][0],))
         # rows of different groups are disjoint; without autograd the fresh base output can be reused
-        result = out if layer.inplace_add and not torch.is_grad_enabled() else out.clone()
+        inplace = getattr(layer, "inplace_add", False)
+        result = out if inplace and not torch.is_grad_enabled() else out.clone()
         for name, ix in todo:
-            result[ix] = layer._add_lora(x[ix], out[ix], (name,))
+            result[ix] = layer.add_adapters(x[ix], out[ix], (name,))
         return result
 
     def run_saved(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -150,24 +155,24 @@ def route_adapters(model: nn.Module, names: Sequence[str]) -> Iterator[nn.Module
         raise ConfigError("route_adapters is already active on this model; nesting is not supported")
     if model.training:
         raise ConfigError("route_adapters needs eval mode (per-sample adapters are for inference); call model.eval()")
-    layers = list(lora_layers(model))
+    layers = list(adapter_layers(model))
     saved = list(saved_modules(model))
-    merged = sorted({n for _, m in layers for n in m.lora_merged})
+    merged = sorted({n for _, m in layers for n in m.merged_adapters()})
     if merged:
         raise ConfigError(f"adapters {merged} are merged into the weights; call unmerge_adapters(model) before routing")
-    if any(m.lora_disabled for _, m in layers) or any(m.mts_disabled for _, m in saved):
+    if any(m.adapters_disabled for _, m in layers) or any(m.mts_disabled for _, m in saved):
         raise ConfigError("route_adapters cannot be used inside disable_adapters(); leave that with-block first")
     route = Route(names, {id(m): p for p, m in layers + saved})
     model.__dict__[_ROUTE_ATTR] = route
     try:
         for _, m in layers:
-            m._lora_route = route
+            setattr(m, m.route_attr, route)
         for _, m in saved:
             m._mts_route = route
         yield model
     finally:
         for _, m in layers:
-            m.__dict__.pop("_lora_route", None)
+            m.__dict__.pop(m.route_attr, None)
         for _, m in saved:
             m.__dict__.pop("_mts_route", None)
         model.__dict__.pop(_ROUTE_ATTR, None)

@@ -19,7 +19,8 @@ from tuneforge.errors import ConfigError
 
 from .config import ALL_LINEAR, LoraConfig
 
-# children that adapters add to a module; nothing below them is ever a target
+# children that adapters add to a module (beside each adapter layer's own `param_dicts`); nothing
+# below them is ever a target
 ADAPTER_CHILD_NAMES = ("lora_A", "lora_B", "lora_magnitude_vector", "modules_to_save")
 
 
@@ -42,7 +43,8 @@ def candidate_modules(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Mo
     for name, module in model.named_modules():
         if not name or any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        skip.extend(f"{name}.{c}" for c in ADAPTER_CHILD_NAMES if c in module._modules)
+        children = (*ADAPTER_CHILD_NAMES, *getattr(type(module), "param_dicts", ()))
+        skip.extend(f"{name}.{c}" for c in children if c in module._modules)
         yield name, module
 
 

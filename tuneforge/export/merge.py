@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from .. import adapters
-from ..data import apply_template
 from ..errors import ConfigError
-from ..models import attach_adapters, load_model_and_tokenizer, resolve_dtype, resolve_model_path, split_paths
+from ..loading import load_for_use
+from ..models import resolve_dtype, resolve_model_path, split_paths
 from ..quant.model import cast_unquantized
 from .quantized import dequantize_before_merge, requantize
 from .target import ExportTarget, check_export_dir, check_free_space, staged
@@ -50,27 +50,31 @@ def export_model(cfg) -> Path:
     target = check_export_dir(cfg.export.export_dir, _sources(cfg))
     qcfg = _requantization(cfg)  # its own checks, before the work
     paths = split_paths(cfg.model.adapter_name_or_path)
-    # merge in fp32, so the merged weights are exact before the final cast
-    # loftq_iter: quantization waits for the adapter, whose LoftQ base is rebuilt from the fp weights
-    model, tokenizer = load_model_and_tokenizer(
-        cfg.model, dtype=torch.float32, defer_quantization=bool(cfg.finetune.loftq_iter and paths))
-    apply_template(tokenizer, cfg.data.template)
-    dtype = _export_dtype(cfg, model)
-    if gguf:
-        from .gguf import check_gguf, gguf_size
+    dtype = None
 
-        check_gguf(model, tokenizer, cfg.export.export_quantization)
-        check_free_space(target, gguf_size(model, cfg.export.export_quantization))
-    else:
-        bits = cfg.export.export_quantization_bit
-        per_value = bits / 8 if bits else torch.empty(0, dtype=dtype).element_size()
-        check_free_space(target, int(sum(p.numel() for p in model.parameters()) * per_value))
+    def before_adapters(model, tokenizer):
+        """The format's limits and the disk space, checked on the base before any merge."""
+        nonlocal dtype
+        dtype = _export_dtype(cfg, model)
+        if gguf:
+            from .gguf import check_gguf, gguf_size
 
-    # a quantized base cannot take a merge: back to fp32 first (every adapter then merges as usual)
-    model = dequantize_before_merge(model)
+            check_gguf(model, tokenizer, cfg.export.export_quantization)
+            check_free_space(target, gguf_size(model, cfg.export.export_quantization))
+        else:
+            bits = cfg.export.export_quantization_bit
+            per_value = bits / 8 if bits else torch.empty(0, dtype=dtype).element_size()
+            check_free_space(target, int(sum(p.numel() for p in model.parameters()) * per_value))
+        # a quantized base cannot take a merge: back to fp32 first (every adapter then merges as usual)
+        model = dequantize_before_merge(model)
+        on_gpu = paths and cfg.export.export_device == "auto" and torch.cuda.is_available()
+        return model.to("cuda") if on_gpu else model
+
+    # merged in fp32, so the merged weights are exact before the final cast; with loftq_iter, a
+    # LoftQ adapter's base is rebuilt from the fp weights (quantization waits for the adapter)
+    ready = load_for_use(cfg, "export", before_adapters=before_adapters)
+    model, tokenizer = ready.model, ready.tokenizer
     if paths:
-        on_gpu = cfg.export.export_device == "auto" and torch.cuda.is_available()
-        model = attach_adapters(model.to("cuda") if on_gpu else model, paths, trainable=False)
         model = dequantize_before_merge(model)  # the LoftQ base attach_adapters built, if any
         untied = untie_adapted_embeddings(model)
         model = adapters.unload(model, merge=True).to("cpu")

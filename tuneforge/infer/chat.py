@@ -7,24 +7,18 @@ from typing import Iterator
 
 import torch
 
-from ..data import apply_template
-from ..models import attach_adapters, load_model_and_tokenizer, split_paths
+from ..loading import load_for_use
 from .generation import chat_input_ids, generation_kwargs
 
 
 class ChatModel:
     def __init__(self, cfg):
+        """The model, adapters and template `cfg` describes (loading.load_for_use, "chat"):
+        raises what that raises."""
         self.cfg = cfg
-        adapters = split_paths(cfg.model.adapter_name_or_path)
-        # loftq_iter: the adapter's quantized base is rebuilt from the fp weights (quant/loftq.py)
-        model, tokenizer = load_model_and_tokenizer(
-            cfg.model, defer_quantization=bool(cfg.finetune.loftq_iter and adapters))
-        if adapters:
-            model = attach_adapters(model, adapters, trainable=False)
-        apply_template(tokenizer, cfg.data.template)
-        model.config.use_cache = True
-        self.model = model.eval()
-        self.tokenizer = tokenizer
+        ready = load_for_use(cfg, "chat")
+        self.model = ready.model
+        self.tokenizer = ready.tokenizer
 
     def _inputs(self, messages: list[dict], system: str | None) -> dict:
         system = system if system is not None else self.cfg.generate.default_system

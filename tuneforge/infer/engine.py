@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ConfigError, ModelError
+from ..errors import ConfigError
 from .generation import chat_input_ids, context_length, generation_kwargs, pad_id
 from .stream import Generation, GenerationResult, RequestError, Unavailable
 
@@ -47,36 +47,16 @@ class Engine:
     @classmethod
     def from_config(cls, cfg) -> "Engine":
         """Base from model_name_or_path; every folder in adapter_name_or_path (comma-separated)
-        becomes a servable model named after the folder (not merged, unlike `tuneforge chat`).
-        Raises ModelError for an adapter path that is missing or a file, ConfigError for two
-        adapter folders of one name, and what loading the model or an adapter raises."""
-        from .. import adapters as engine
-        from ..data import apply_template
-        from ..models import load_model_and_tokenizer, split_paths
-        from ..quant.provenance import check_base
+        becomes a servable model named after the folder (not merged, unlike `tuneforge chat`),
+        loaded by loading.load_for_use ("serve"). Raises ModelError for an adapter path that is
+        missing or a file, ConfigError for two adapter folders of one name and for a LoftQ
+        adapter beside others, and what loading the model or an adapter raises."""
+        from ..loading import load_for_use
 
-        paths = split_paths(cfg.model.adapter_name_or_path)
-        names = [Path(p).name for p in paths]
-        for path in paths:
-            if Path(path).is_file():
-                raise ModelError(f"adapter path '{path}' is a file; give the adapter's folder "
-                                 "(the one holding adapter_config.json)")
-            if not Path(path).is_dir():
-                raise ModelError(f"adapter path '{path}' does not exist")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ConfigError(f"adapter_name_or_path: several adapter folders are named {dupes}; "
-                              "the served model ids are folder names, so rename them")
-        model, tokenizer = load_model_and_tokenizer(cfg.model)
-        apply_template(tokenizer, cfg.data.template)
-        internal = {}
-        for i, (name, path) in enumerate(zip(names, paths)):
-            check_base(model, path)
-            internal[name] = f"serve_{i}"  # folder names may hold characters adapter names may not
-            engine.load_adapter(model, path, name=internal[name])
-        model.config.use_cache = True
+        ready = load_for_use(cfg, "serve")
+        model = ready.model
         base = Path(str(getattr(model, "name_or_path", "") or "base").rstrip("/")).name or "base"
-        return cls(model, tokenizer, internal, base_name=base, gen_defaults=cfg.generate,
+        return cls(model, ready.tokenizer, ready.served, base_name=base, gen_defaults=cfg.generate,
                    default_system=cfg.generate.default_system,
                    max_batch_size=cfg.serve.api_max_batch_size)
 

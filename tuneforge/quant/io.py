@@ -78,9 +78,7 @@ def save_quantized(model: nn.Module, directory: str | Path, tokenizer=None) -> P
     """
     from safetensors.torch import save_file
 
-    from tuneforge.adapters.core import get_state
-
-    if get_state(model) is not None:
+    if any(callable(getattr(m, "adapter_names", None)) for m in model.modules()):
         raise ModelError("save_quantized: the model carries adapters; save them with save_adapter "
                          "(or merge them after dequantize_model) and save the base alone")
     if not hasattr(model, "config") or not hasattr(model.config, "to_dict"):

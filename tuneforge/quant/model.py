@@ -1,9 +1,15 @@
 """Quantize a model's frozen Linear layers in place, and turn them back into plain Linears.
 
 `quantize_model(model, bits=4)` replaces every nn.Linear (except the output head and layers the
-caller skips) by a `QuantLinear` holding NF4 / FP4 / int8 codes. LoRA layers already on the model
-keep their adapters: their base is quantized under them. `dequantize_model` is the way back, for
-merging and export: it gives each layer an fp weight equal to what the quantized layer computed.
+caller skips) by a `QuantLinear` holding NF4 / FP4 / int8 codes. `dequantize_model` is the way
+back, for merging and export: it gives each layer an fp weight equal to what the quantized layer
+computed.
+
+This package knows quantized weights and nothing of adapters. A layer that holds trained state
+over its base (an adapter layer) keeps it through either swap by two duck-typed methods:
+`layer.carry_onto(new_base)` returns `new_base` carrying that state (called with the new
+QuantLinear / Linear), and `layer.fp32_parameters()` lists the parameters `cast_unquantized`
+leaves alone.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from tuneforge.dtypes import resolve_dtype
 from tuneforge.errors import ConfigError
 
 from . import backends
@@ -62,8 +69,6 @@ class QuantizationConfig:
 
 
 def _compute_dtype(name: str | torch.dtype, device: torch.device | str) -> torch.dtype:
-    from tuneforge.models import resolve_dtype
-
     try:
         return resolve_dtype(name, device)
     except Exception as exc:  # resolve_dtype raises ModelError; this is a config problem
@@ -121,35 +126,22 @@ def quantize_model(
 
 
 def quantize_linear(linear: nn.Linear, cfg: QuantizationConfig, weight: torch.Tensor | None = None) -> QuantLinear:
-    """`linear` as a QuantLinear; a LoRA layer stays a LoRA layer over the quantized base."""
-    from tuneforge.adapters.lora import LoraLayer
-
+    """`linear` as a QuantLinear; a layer with state over its base (`carry_onto`) keeps it over the
+    quantized base."""
     device = linear.weight.device
     backend = backends.resolve(cfg.backend, device, cfg.bits)
     q = QuantLinear.from_linear(
         linear, cfg.bits, cfg.quant_type, cfg.blocksize, cfg.double_quant,
         _compute_dtype(cfg.compute_dtype, device), backend, weight=weight,
     )
-    if isinstance(linear, LoraLayer):
-        from tuneforge.adapters.lora_quant import LoraQuantLinear
-
-        if linear.lora_merged:
-            raise ConfigError("unmerge the adapters before quantizing: merged weights cannot be quantized back")
-        _carry_adapters(linear, q, LoraQuantLinear, QuantLinear)
+    q = _carried(linear, q)
     q.train(linear.training)
     return q
 
 
-def _carry_adapters(src: nn.Module, dst: nn.Module, adapter_cls: type, base_cls: type) -> None:
-    """Make `dst` (a new base layer) the LoRA layer `src` was: same adapters, same state."""
-    dst.__class__ = adapter_cls
-    for key, value in vars(src).items():
-        if key not in ("_parameters", "_buffers", "_modules", "training") and key not in vars(dst):
-            setattr(dst, key, value)
-    for key in ("lora_A", "lora_B", "lora_magnitude_vector"):
-        dst._modules[key] = src._modules[key]
-    dst._lora_base_class = base_cls
-    dst._dora_cache = {}  # the norms of the old weight
+def _carried(old: nn.Module, new: nn.Module) -> nn.Module:
+    carry = getattr(old, "carry_onto", None)
+    return carry(new) if callable(carry) else new
 
 
 def _shared_weights(model: nn.Module) -> set[int]:
@@ -169,17 +161,15 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
 def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Every QuantLinear back to an nn.Linear whose weight is its dequantized codes (in place).
 
-    LoRA layers keep their adapters (and become plain LoRA Linear layers, so they can merge).
+    Layers with state over their base (`carry_onto`: adapters) keep it over the plain Linear,
+    where they can merge.
     """
-    from tuneforge.adapters.lora import LoraLayer, LoraLinear
-
     for path, m in [(p, m) for p, m in model.named_modules() if isinstance(m, QuantLinear)]:
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta", dtype=dtype)
         lin.weight = nn.Parameter(m.dequantize(dtype), requires_grad=False)
         if m.bias is not None:
             lin.bias = nn.Parameter(m.bias.detach().to(dtype), requires_grad=m.bias.requires_grad)
-        if isinstance(m, LoraLayer):
-            _carry_adapters(m, lin, LoraLinear, nn.Linear)
+        lin = _carried(m, lin)
         lin.train(m.training)
         _replace(model, path, lin)
     if hasattr(model, "tuneforge_quantization"):
@@ -209,17 +199,15 @@ def quantized_bytes(model: nn.Module) -> tuple[int, int]:
 
 def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the parameters outside QuantLinear layers and adapters (model.to(dtype) would cast
-    their scales too).
+    their scales too; adapter layers list theirs by `fp32_parameters()`).
 
     Each gets its own memory even when the dtype is already right: transformers leaves weights
     in a memory map of the checkpoint file, and one remaining tensor keeps the whole map (all
     the fp weights just quantized) resident.
     """
-    from tuneforge.adapters.lora import LoraLayer
-
     # adapter tensors are left alone: they train in fp32 whatever the base computes in
-    seen = {id(p) for m in model.modules() if isinstance(m, LoraLayer)
-            for d in (m.lora_A, m.lora_B, m.lora_magnitude_vector) for p in d.values()}
+    seen = {id(p) for m in model.modules() if callable(getattr(m, "fp32_parameters", None))
+            for p in m.fp32_parameters()}
     for m in model.modules():
         if isinstance(m, QuantLinear):
             continue

@@ -14,6 +14,7 @@ import torch
 from .. import adapters
 from ..adapters import inits
 from ..adapters.convert import save_initial_adapter
+from ..adapters.loftq import finish_pending, take_pending
 from ..errors import CheckpointError, ConfigError
 from ..models import attach_adapters, split_paths
 
@@ -30,28 +31,6 @@ class TrainableSetup:
     save_final: Callable  # (model, directory) -> None: the artefact users load afterwards
     save_in_checkpoint: Callable | None  # extra user-facing files inside each checkpoint
     save_initial: Callable | None = None  # (model, output_dir) -> None, once before training
-
-
-def lora_config(finetune) -> adapters.LoraConfig:
-    target = finetune.lora_target.strip()
-    targets = "all-linear" if target in ("all", "all-linear") else split_paths(target)
-    return adapters.LoraConfig(
-        r=finetune.lora_rank,
-        lora_alpha=finetune.lora_alpha if finetune.lora_alpha is not None else 2 * finetune.lora_rank,
-        lora_dropout=finetune.lora_dropout,
-        target_modules=targets,
-        modules_to_save=split_paths(finetune.additional_target) or None,
-        use_rslora=finetune.use_rslora,
-        use_dora=finetune.use_dora,
-        init_lora_weights=pissa_init_name(finetune),
-    )
-
-
-def pissa_init_name(finetune) -> bool | str:
-    """LLaMA-Factory's pissa_init / pissa_iter as peft's init_lora_weights."""
-    if not finetune.pissa_init:
-        return True
-    return "pissa" if finetune.pissa_iter == -1 else f"pissa_niter_{finetune.pissa_iter}"
 
 
 def _decoder_layers(model) -> torch.nn.ModuleList:
@@ -95,17 +74,16 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
         m.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
 
-    if finetune.finetuning_type == "lora":
+    if finetune.finetuning_type in adapters.method_names():  # lora, ia3, ...: the method's adapter
         paths = split_paths(model_args.adapter_name_or_path)
         if paths and not finetune.create_new_adapter:
             model = attach_adapters(model, paths, trainable=True)
         else:
-            from ..quant.loftq import finish_pending, take_pending
-
             pending = take_pending(model)  # deferred (LoftQ): the base is quantized with the new adapter
             if paths:  # create_new_adapter: merge every listed adapter, then train a fresh one
                 model = adapters.unload(attach_adapters(model, paths, trainable=False), merge=True)
-            _add_new_adapter(model, lora_config(finetune), resume_from)
+            method = adapters.method_named(finetune.finetuning_type)
+            _add_new_adapter(model, method.from_finetune_args(finetune), resume_from)
             if pending is not None:  # deterministic: a resumed run rebuilds the same base
                 finish_pending(model, pending, "default", finetune.loftq_iter)
         for p in model.parameters():  # adapters train in fp32 even on a bf16 base
@@ -127,13 +105,14 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
 def _add_new_adapter(model, config, resume_from: Path | None) -> None:
     """add_adapter; a PiSSA/OLoRA adapter resuming a run takes the run's initial (A0, B0)."""
     state = None
-    if inits.is_weight_init(config.init_lora_weights) and resume_from is not None:
+    init = getattr(config, "init_lora_weights", True)  # LoRA's option; other methods have none
+    if inits.is_weight_init(init) and resume_from is not None:
         from safetensors.torch import load_file
 
         path = Path(resume_from) / INITIAL_STATE
         if path.is_file():
             state = load_file(str(path))
-        elif inits.pissa_niter(config.init_lora_weights) is not None:
+        elif inits.pissa_niter(init) is not None:
             raise CheckpointError(
                 f"checkpoint '{resume_from}' has no {INITIAL_STATE}: the randomised SVD of that run's "
                 "PiSSA init (pissa_iter) cannot be redone, so its residual weights are lost; start "
@@ -148,7 +127,7 @@ def _lora_setup(model, tokenizer, finetune, base_id: str) -> TrainableSetup:
     at the start; at the end output_dir/pissa_backup (the raw PiSSA adapter, for the residual
     base), output_dir/pissa_converted, and output_dir itself holding the converted adapter (a plain
     LoRA for the original model), as do the checkpoints."""
-    init = adapters.list_adapters(model)["default"].init_lora_weights
+    init = getattr(adapters.list_adapters(model)["default"], "init_lora_weights", True)
     weight_init, convert = inits.is_weight_init(init), finetune.pissa_convert
     if inits.pissa_niter(init) is not None and not convert:
         log.warning("pissa_iter: %d without pissa_convert: the adapter in output_dir fits only the "
@@ -182,7 +161,7 @@ def _lora_setup(model, tokenizer, finetune, base_id: str) -> TrainableSetup:
     def save_initial(m, directory):
         save_initial_adapter(m, Path(directory) / "pissa_init", "default", base_id)
 
-    return TrainableSetup("lora", save_final, save_in_checkpoint, save_initial if convert else None)
+    return TrainableSetup(finetune.finetuning_type, save_final, save_in_checkpoint, save_initial if convert else None)
 
 
 def describe(model) -> str:

@@ -1,0 +1,111 @@
+"""The method registry: one `AdapterMethod` record per adapter method, registered with one call.
+
+A method's own file ends with
+
+    register_method(AdapterMethod(
+        name="ia3", peft_type="IA3", config_class=IA3Config, layer_class=IA3Layer,
+        layers={nn.Linear: IA3Linear, Conv1D: IA3Conv1D},
+        config_to_peft=..., config_from_peft=..., from_finetune_args=..., keys=(...),
+    ))
+
+`name` is the `finetuning_type` of the YAML config and, upper-cased as peft spells it, the
+`peft_type` of adapter_config.json. `layers` maps base-layer types to the method's layer classes
+(each a subclass of `layer_class`, which implements the adapter-layer protocol in layer.py); a
+method that changes the model rather than its layers (prefix / prompt tuning) gives
+`inject(model, config, name)` instead. `add_adapter(model, cfg)` dispatches on the config's class,
+`load_adapter` on the file's peft_type.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from tuneforge.errors import ConfigError
+
+from .registry import register_layer
+
+
+@dataclass(frozen=True)
+class AdapterMethod:
+    name: str
+    """finetuning_type in YAML configs (lower case), e.g. 'lora', 'ia3'."""
+    peft_type: str
+    """peft's `peft_type` in adapter_config.json, e.g. 'LORA', 'IA3'."""
+    config_class: type
+    """The method's config dataclass (peft's field names)."""
+    layer_class: type | None = None
+    """The method's AdapterLayer mixin: every adapted layer of this method is an instance of it."""
+    layers: dict[type, type] = field(default_factory=dict)
+    """Base-layer type -> adapter layer class (a subclass of both)."""
+    inject: Callable[[Any, Any, str], None] | None = None
+    """Model-level hook (model, config, name) for methods without per-layer wrappers."""
+    config_to_peft: Callable[[Any, str, Any, list], dict] | None = None
+    """(model, adapter name, config, [(path, layer)]) -> the method's fields of adapter_config.json."""
+    config_from_peft: Callable[[dict, str], Any] | None = None
+    """(adapter_config.json as a dict, source for messages) -> config; ModelError for what cannot load."""
+    from_finetune_args: Callable[[Any], Any] | None = None
+    """The YAML config's `finetune` section -> the method's config (`tuneforge train`)."""
+    keys: tuple[str, ...] = ()
+    """Keys of the YAML config's finetune section this method reads (their help: config.py's key table)."""
+    prefix: str = ""
+    """Class-name prefix of derived layer classes ('Lora' -> LoraMyLinear); default: name capitalised."""
+    label: str = ""
+    """The method's name in messages ('LoRA', 'IA3'); default: `name`."""
+    resolve_targets: Callable[[Any, Any], list] | None = None
+    """(model, config) -> [(path, module)] to adapt; default: targets.resolve_targets (peft's rules)."""
+    check_targets: Callable[[list, Any], None] | None = None
+    """([(path, module)], config) -> None: ConfigError for a plan that cannot work (e.g. LoRA's memory check)."""
+    remove: Callable[[Any, str], None] | None = None
+    """(model, adapter name): undo `inject` when the adapter is deleted or unloaded."""
+
+
+_METHODS: dict[str, AdapterMethod] = {}
+
+
+def register_method(method: AdapterMethod) -> AdapterMethod:
+    """Make `method` known to add_adapter / load_adapter / the YAML config (one call per method)."""
+    if not method.layers and method.inject is None:
+        raise TypeError(f"method {method.name!r} needs layer classes or an inject hook")
+    _METHODS[method.name] = method
+    for base_cls, layer_cls in method.layers.items():
+        if base_cls is not None and layer_cls is not None:
+            register_layer(base_cls, layer_cls, method.name, method.prefix or method.name.capitalize())
+    return method
+
+
+def method_names() -> list[str]:
+    return list(_METHODS)
+
+
+def all_methods() -> list[AdapterMethod]:
+    return list(_METHODS.values())
+
+
+def method_named(name: str) -> AdapterMethod:
+    """The method whose finetuning_type is `name`; ConfigError naming the known ones otherwise."""
+    got = _METHODS.get(str(name).lower())
+    if got is None:
+        raise ConfigError(f"unknown adapter method {name!r}; known: {', '.join(_METHODS)}")
+    return got
+
+
+def method_of_config(cfg: Any) -> AdapterMethod:
+    """The method whose config class `cfg` is; ConfigError for anything else."""
+    for m in _METHODS.values():
+        if type(cfg) is m.config_class:
+            return m
+    for m in _METHODS.values():
+        if isinstance(cfg, m.config_class):
+            return m
+    known = ", ".join(m.config_class.__name__ for m in _METHODS.values())
+    raise ConfigError(f"add_adapter expects an adapter config ({known}), got {type(cfg).__name__}")
+
+
+def method_of_peft_type(peft_type: Any) -> AdapterMethod | None:
+    """The method peft calls `peft_type` ('LORA', 'IA3', ...), or None when none is registered."""
+    for m in _METHODS.values():
+        if str(peft_type).upper() == m.peft_type.upper():
+            return m
+    return None

@@ -1,0 +1,61 @@
+"""The parts of peft's adapter_config.json every method shares: the common fields written first,
+the fields that never change what an adapter computes, and the warning for fields nobody knows.
+Each method's own fields are read and written by its record (methods.py)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+
+# peft fields that never change what a loaded adapter computes
+HARMLESS = {
+    "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
+    "peft_version", "megatron_config", "megatron_core", "eva_config", "corda_config",
+    "lora_ga_config", "qalora_group_size", "runtime_config", "ensure_weight_tying",
+}  # fmt: skip
+
+
+def non_empty(v: Any) -> bool:
+    return v not in (None, False, "", 0) and v != {} and v != []
+
+
+def warn_unknown_fields(raw: dict, known: Iterable[str], source: str) -> None:
+    """One warning naming the set fields of `raw` that are neither `known` nor harmless."""
+    known = set(known) | HARMLESS
+    ignored = [k for k in sorted(raw) if k not in known and non_empty(raw[k])]
+    if ignored:
+        warnings.warn(f"{source}: ignoring fields tuneforge does not know: {ignored}", stacklevel=4)
+
+
+def common_fields(model: nn.Module, peft_type: str, base_model_name_or_path: str | None) -> dict[str, Any]:
+    """The fields peft writes for every method."""
+    if base_model_name_or_path is None:
+        base_model_name_or_path = name_or_path(model)
+    return {
+        "peft_type": peft_type,
+        "task_type": task_type(model),
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+    }
+
+
+def name_or_path(model: nn.Module) -> str | None:
+    path = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    return path or None
+
+
+def task_type(model: nn.Module) -> str | None:
+    """peft's task_type for transformers generative models; None for anything else."""
+    try:
+        from transformers import GenerationMixin
+    except ImportError:
+        return None
+    if not isinstance(model, GenerationMixin):
+        return None
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return "CAUSAL_LM"
