@@ -13,13 +13,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import ModelArguments
+from ..config import load_config
 from ..data.encode import encode_conversations
 from ..data.formats import Conversation
 from ..data.pairwise import pad_rows
-from ..data.templates import apply_template
 from ..errors import CheckpointError
-from ..models import attach_adapters, load_model_and_tokenizer
+from ..loading import load_for_use
 from .heads import load_value_head, value_scores
 
 
@@ -27,23 +26,24 @@ def load_reward_model(directory: str | Path, model_name_or_path: str | None = No
                       template: str | None = None, cache_dir: str | None = None):
     """(model, tokenizer) of the reward model trained into `directory`: a LoRA adapter folder
     (its base is `model_name_or_path`, else the default model) or a full model folder, with
-    value_head.safetensors beside it. The tokenizer gets `template` (None: the chat template
-    saved with the run, else the tokenizer's own). The model is in eval mode, frozen.
+    value_head.safetensors beside it, loaded by the one road to a model (loading.load_for_use,
+    as chat loads it) in fp32. The tokenizer gets `template` (None: the chat template saved with
+    the run, else the tokenizer's own). The model is in eval mode, frozen.
 
-    Raises CheckpointError (no or a damaged value head), ModelError (no model there),
-    ConfigError (no chat template)."""
+    Raises CheckpointError (no or a damaged value head), ModelError (no model or adapter
+    there), ConfigError (no chat template)."""
     directory = Path(directory)
     is_adapter = (directory / "adapter_config.json").is_file()
-    base = model_name_or_path if is_adapter else str(directory)
-    model, tokenizer = load_model_and_tokenizer(
-        ModelArguments(model_name_or_path=base, cache_dir=cache_dir), dtype=torch.float32)
-    if is_adapter:
-        model = attach_adapters(model, [str(directory)], trainable=False)
+    cfg = load_config(None, {
+        "model_name_or_path": model_name_or_path if is_adapter else str(directory),
+        "adapter_name_or_path": str(directory) if is_adapter else None,
+        "template": template, "cache_dir": cache_dir})
+    ready = load_for_use(cfg, "chat", dtype=torch.float32)
+    model, tokenizer = ready.model, ready.tokenizer
     load_value_head(model, directory)
     saved = _saved_template(directory)
     if template is None and saved:
         tokenizer.chat_template = saved
-    apply_template(tokenizer, template)
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer
