@@ -19,7 +19,9 @@ import yaml
 
 from . import fileio
 from .adapter_methods import METHODS as ADAPTER_METHODS
+from .config_checks import validate
 from .errors import ConfigError
+from .train.stages import stages_help
 
 
 def _f(default: Any = None, help: str = "", choices: tuple | None = None, factory=None,
@@ -104,7 +106,7 @@ class DataArguments:
 
 @dataclass
 class FinetuningArguments:
-    stage: str = _f("sft", "Training stage.", ("sft",))
+    stage: str = _f("sft", stages_help())  # config_checks: one of the registered stages
     finetuning_type: str = _f(
         "lora", "; ".join(f"{k}: {h}" for k, (_, h) in ADAPTER_METHODS.items())
         + "; freeze: train the last layers; full: all weights.",
@@ -485,8 +487,6 @@ def build_config(values: dict) -> Config:
             value = "no" if value is False else value  # YAML 1.1 reads `save_strategy: no` as false
         per_section[section][key] = _coerce(key, value, f.type)
     cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
-    from .config_checks import validate  # it needs the sections above
-
     validate(cfg, given=set(values))
     return cfg
 

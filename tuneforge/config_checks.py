@@ -6,15 +6,16 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .config import SECTIONS, Config
 from .errors import ConfigError
+from .train.stages import STAGES
 
 
-def validate(cfg: Config, given: set[str] | frozenset[str] = frozenset()) -> None:
-    """Value checks and combinations that cannot be right, named by key. `given`: the keys the
-    user set (a key left at its default cannot conflict). Raises ConfigError."""
-    for section in SECTIONS:
-        obj = getattr(cfg, section)
+def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
+    """Value checks and combinations that cannot be right, named by key, on a config.Config
+    (whose sections are dataclasses whose fields carry `choices` and `bounds`). `given`: the
+    keys the user set (a key left at its default cannot conflict). Raises ConfigError."""
+    for section in dataclasses.fields(cfg):
+        obj = getattr(cfg, section.name)
         for f in dataclasses.fields(obj):
             choices = f.metadata.get("choices")
             value = getattr(obj, f.name)
@@ -24,6 +25,7 @@ def validate(cfg: Config, given: set[str] | frozenset[str] = frozenset()) -> Non
             bounds = f.metadata.get("bounds")
             if bounds and value is not None and not _within(value, bounds):
                 raise ConfigError(f"config key '{f.name}' must be {_describe(bounds)}; got {value}")
+    _validate_stage(cfg)
     if cfg.data.neat_packing and cfg.data.packing is False:
         raise ConfigError("config key 'neat_packing' is true but packing is false; neat_packing "
                           "is a kind of packing: drop one of them")
@@ -38,6 +40,21 @@ def validate(cfg: Config, given: set[str] | frozenset[str] = frozenset()) -> Non
         raise ConfigError(f"config key 'export_quantization' is for export_format: gguf (got "
                           f"{cfg.export.export_format}); a Hugging Face export takes export_dtype "
                           "or export_quantization_bit instead")
+
+
+def _validate_stage(cfg) -> None:
+    """`stage` names a registered stage (train/stages/), and asks nothing it cannot do:
+    packed rows for a stage that scores whole sequences."""
+    if cfg.finetune.stage not in STAGES:  # the table as it is now: stages may register later
+        raise ConfigError(f"config key 'stage' must be one of {', '.join(STAGES)}; "
+                          f"got '{cfg.finetune.stage}'")
+    stage = STAGES[cfg.finetune.stage]
+    if not stage.packing:
+        for key in ("packing", "neat_packing"):
+            if getattr(cfg.data, key):
+                raise ConfigError(f"config key '{key}' is true, but stage: {stage.name} scores "
+                                  "whole sequences and pads its batches; drop it or set it to "
+                                  "false")
 
 
 def _validate_placeholders(placeholders: dict | None) -> None:

@@ -17,7 +17,8 @@ log = logging.getLogger("tuneforge")
 
 
 def train(cfg: Config) -> dict:
-    """Fine-tune as configured; returns the metrics also written to train_results.json.
+    """Train as configured (the `stage` from train/stages/: its data, batches, objective and
+    head); returns the metrics also written to train_results.json.
 
     Everything that can fail on bad input (config, output_dir, checkpoints, model, data) fails
     before output_dir is touched. Raises ConfigError, DataError, ModelError, CheckpointError
@@ -29,14 +30,14 @@ def train(cfg: Config) -> dict:
     from transformers import set_seed
 
     from .config import SECRET_KEYS
-    from .data import load_datasets
     from .loading import load_for_use
     from .models import bf16_is_fast
     from .train import outputs
+    from .train.heads import prepare_head
     from .train.loop import TrainingRun, mixed_precision
     from .train.methods import describe, prepare_model
-    from .train.packing import choose_collator
     from .train.resume import plan_resume, prepare_output_dir
+    from .train.stages import get_stage
 
     args = cfg.train
     if not args.output_dir:
@@ -66,18 +67,21 @@ def train(cfg: Config) -> dict:
     # the adapter, LoftQ quantizing the adapted layers together with it (train/methods.py)
     ready = load_for_use(cfg, "train", dtype=load_dtype)
     model, tokenizer = ready.model, ready.tokenizer
-    splits = load_datasets(cfg.data, tokenizer, seed=args.seed)  # also sets the chat template
+    stage = get_stage(cfg.finetune.stage)  # what is trained: records, batches, objective, head
+    splits = stage.encode(cfg.data, tokenizer, args.seed)  # sft: also sets the chat template
     model, setup = prepare_model(model, tokenizer, cfg, resume_from=plan.checkpoint)
+    model, setup = prepare_head(stage.head, model, setup)  # e.g. rm's value head, saved with it
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model)
-    choice = choose_collator(cfg.data, model, tokenizer.pad_token_id)  # padding or packing (probe)
+    choice = stage.collator(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
     if accelerator.is_main_process:
         if choice.note:
             log.info("%s", choice.note)
         log.info("%s", describe(model))
         log.info("train examples: %d, eval examples: %d", len(splits.train),
                  len(splits.eval or []))
-    run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator)
+    run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator,
+                      stage.objective, stage.eval_metrics)
     if plan.warning() and accelerator.is_main_process:
         log.warning("%s", plan.warning())
     if plan.checkpoint is not None:

@@ -7,6 +7,7 @@ import math
 import random
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,18 +31,37 @@ class DatasetSplits:
     eval: list[dict] | None = None
 
 
-def load_datasets(data_args, tokenizer, seed: int = 42) -> DatasetSplits:
-    """Read, convert, tokenize, mix and split the datasets named in `data_args`.
+@dataclass(frozen=True)
+class RecordKind:
+    """How one kind of record (train.stages.table.RECORD_KINDS) is read and tokenized.
 
-    Each example is {"input_ids": [...], "labels": [...]} (labels -100 where no loss is taken).
-    Sets the chat template on the tokenizer (see `apply_template`). Records that are not a
-    complete conversation, and examples with no reply token left within cutoff_len, are dropped
-    with one warning line per dataset that counts them.
+    convert(entry, records, indices) -> items of one dataset (drops counted and warned);
+    tokenize(items, data_args, tokenizer) -> examples (dicts of token id lists) of a group of
+    datasets; chat_template: whether the chat template is set on the tokenizer first
+    (templates.apply_template) or only when `template` is given."""
+
+    name: str
+    convert: Callable
+    tokenize: Callable
+    chat_template: bool = True
+
+
+def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None = None) -> DatasetSplits:
+    """Read, convert, tokenize, mix and split the datasets named in `data_args`, as records of
+    `kind` (default: conversations, for sft).
+
+    A conversation example is {"input_ids": [...], "labels": [...]} (labels -100 where no loss
+    is taken); other kinds say what theirs hold (data/text.py, data/pairwise.py). Sets the chat
+    template on the tokenizer (see `apply_template`). Records that are not a complete
+    conversation, and examples with no reply token left within cutoff_len, are dropped with one
+    warning line per dataset that counts them.
 
     Raises DataError (one line naming the dataset, file, record or line, and the fix) for a bad
-    registry, an unreadable or malformed data file, a value of the wrong type, or a dataset with
-    nothing left to train on; ConfigError for conflicting or unknown settings.
+    registry, an unreadable or malformed data file, a value of the wrong type, data of another
+    kind (preference data for sft, ...), or a dataset with nothing left to train on; ConfigError
+    for conflicting or unknown settings.
     """
+    kind = kind or CONVERSATIONS
     names = _names(getattr(data_args, "dataset", None))
     if not names:
         raise DataError("no dataset given: set dataset: to one or more names from dataset_info.json, e.g. identity")
@@ -51,14 +71,16 @@ def load_datasets(data_args, tokenizer, seed: int = 42) -> DatasetSplits:
         raise ConfigError("set either eval_dataset or val_size, not both")
     dataset_dir = resolve_dataset_dir(getattr(data_args, "dataset_dir", None))
     registry = load_registry(dataset_dir)
-    apply_template(tokenizer, getattr(data_args, "template", None))
+    template = getattr(data_args, "template", None)
+    if kind.chat_template or template:
+        apply_template(tokenizer, template)
 
     def load(group: list[str]) -> list[dict]:
-        conversations = []
+        items = []
         for name in group:
-            conversations += _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None),
-                                           random.Random(seed))
-        return _tokenize(conversations, data_args, tokenizer)
+            items += _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None),
+                                   random.Random(seed), kind)
+        return kind.tokenize(items, data_args, tokenizer)
 
     train = load(names)
     random.Random(seed).shuffle(train)  # mixes several datasets, and makes the val_size split random
@@ -76,9 +98,10 @@ def _names(value) -> list[str]:
 
 
 def _read_dataset(dataset_dir: Path, registry: dict, name: str, max_samples: int | None,
-                  rng: random.Random) -> list[Conversation]:
-    entry = get_entry(dataset_dir, registry, name)
-    records = read_records(entry, None if entry.num_samples else max_samples)
+                  rng: random.Random, kind: RecordKind) -> list:
+    entry = get_entry(dataset_dir, registry, name, kind.name)
+    records = read_records(entry, None if entry.num_samples else max_samples,
+                           text_lines=kind.name == "text")
     if not records:
         raise DataError(f"dataset {name!r} ({quoted(entry.path)}) has no records; add some or pick another dataset")
     indices = None
@@ -89,7 +112,7 @@ def _read_dataset(dataset_dir: Path, registry: dict, name: str, max_samples: int
         indices = indices[:max_samples] if max_samples is not None else indices
         logger.info("dataset %r: num_samples=%d of its %d records%s", name, entry.num_samples, count,
                     " (some repeated)" if entry.num_samples > count else "")
-    return to_conversations(entry, records, indices)
+    return kind.convert(entry, records, indices)
 
 
 def _tokenize(conversations: list[Conversation], data_args, tokenizer) -> list[dict]:
@@ -135,3 +158,6 @@ def _split(examples: list[dict], val_size: float) -> DatasetSplits:
             "lower val_size"
         )
     return DatasetSplits(examples[count:], examples[:count])
+
+
+CONVERSATIONS = RecordKind("conversations", to_conversations, _tokenize)

@@ -23,7 +23,7 @@ from .registry import DatasetEntry, is_inside
 READABLE_SUFFIXES = (".json", ".jsonl", ".csv")
 PRETRAIN_MESSAGE = (
     "is plain text for pretraining: pretraining datasets need stage: pt, "
-    "which the supervised (sft) data loader does not handle; pick a dataset with instruction/response "
+    "not the supervised (sft) data loader; set stage: pt, or pick a dataset with instruction/response "
     "(alpaca) or conversations (sharegpt) records"
 )
 _JSON_SPACE = " \t\r\n"
@@ -56,15 +56,17 @@ class Records:
         return f"{quoted(path)} line {lines[offset]}" if lines is not None else f"{quoted(path)} record {offset}"
 
 
-def read_records(entry: DatasetEntry, max_samples: int | None = None) -> Records:
+def read_records(entry: DatasetEntry, max_samples: int | None = None, text_lines: bool = False) -> Records:
     """All records of `entry`'s file(s), the first `max_samples` of them when that is set.
+    `text_lines`: plain text is wanted (stage: pt), so a .txt file is read too, each line a
+    record {<the prompt column>: line} (LLaMA-Factory's reading of .txt).
 
     Raises DataError (one line naming the dataset and file, and the line or record) when the file
     is missing or unreadable, not UTF-8, malformed, not a list of JSON objects, of an unsupported
     type, or leads outside dataset_dir.
     """
     records = Records()
-    for file in _data_files(entry):
+    for file in _data_files(entry, text_lines):
         limit = None if max_samples is None else max_samples - len(records)
         items, lines = _read_file(entry, file, limit)
         records.add(file, items, lines)
@@ -73,7 +75,7 @@ def read_records(entry: DatasetEntry, max_samples: int | None = None) -> Records
     return records
 
 
-def _data_files(entry: DatasetEntry) -> list[Path]:
+def _data_files(entry: DatasetEntry, text_lines: bool = False) -> list[Path]:
     """The file, or the visible files of the folder, that `entry` names."""
     path = entry.path
     if not path.exists():
@@ -101,16 +103,17 @@ def _data_files(entry: DatasetEntry) -> list[Path]:
                 )
     else:
         files = [path]
-    if any(f.suffix.lower() == ".txt" for f in files):
+    if not text_lines and any(f.suffix.lower() == ".txt" for f in files):
         raise DataError(f"dataset {entry.name!r} ({quoted(path.name)}) {PRETRAIN_MESSAGE}")
+    readable = READABLE_SUFFIXES + ((".txt",) if text_lines else ())
     if not files:
         raise DataError(f"dataset {entry.name!r}: file_name names the folder {quoted(path)}, which holds no data "
-                        f"files; put {', '.join(READABLE_SUFFIXES)} files in it or name a file")
-    unreadable = [f.name for f in files if f.suffix.lower() not in READABLE_SUFFIXES]
+                        f"files; put {', '.join(readable)} files in it or name a file")
+    unreadable = [f.name for f in files if f.suffix.lower() not in readable]
     if unreadable:
         raise DataError(
             f"dataset {entry.name!r}: cannot read {', '.join(unreadable)}; "
-            f"supported files are {', '.join(READABLE_SUFFIXES)} (convert other formats to JSON lines)"
+            f"supported files are {', '.join(readable)} (convert other formats to JSON lines)"
         )
     return files
 
@@ -123,6 +126,10 @@ def _read_file(entry: DatasetEntry, path: Path, limit: int | None) -> tuple[list
     if suffix == ".csv":
         return _numbered(entry, path, read_csv_rows(path, what), limit)
     text = read_text(path, what)
+    if suffix == ".txt":  # plain text (text_lines): one record per line
+        column = entry.column("prompt")
+        return _numbered(entry, path, ((n, {column: line}) for n, line in enumerate(text.splitlines(), 1)),
+                         limit)
     if _first_line_is_object(text):  # JSON lines saved as .json: LLaMA-Factory reads them too
         lines = ((n, line) for n, line in enumerate(text.split("\n"), start=1) if line.strip(_JSON_SPACE))
         parsed = ((n, parse_json(line, path, what, line=n)) for n, line in lines)

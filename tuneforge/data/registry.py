@@ -113,12 +113,14 @@ def load_registry(dataset_dir: Path) -> dict[str, dict]:
     return registry
 
 
-def get_entry(dataset_dir: Path, registry: dict[str, dict], name: str) -> DatasetEntry:
-    """The entry for `name`, checked for the problems we can report before reading any file.
+def get_entry(dataset_dir: Path, registry: dict[str, dict], name: str,
+              records: str = "conversations") -> DatasetEntry:
+    """The entry for `name`, checked for the problems we can report before reading any file,
+    for a stage that reads `records` (conversations, text or pairwise: train.stages.table).
 
     Raises DataError naming the entry and key for an unknown name, a value of the wrong type,
-    a file_name that leaves dataset_dir, and data tuneforge does not train on (preference, KTO,
-    multimodal, hub-only).
+    a file_name that leaves dataset_dir, and data that stage does not train on (preference data
+    but for pairwise, other data for pairwise, KTO, multimodal, hub-only).
     """
     if name not in registry:
         close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.6)
@@ -155,7 +157,7 @@ def get_entry(dataset_dir: Path, registry: dict[str, dict], name: str) -> Datase
         num_samples=_num_samples(where, raw.get("num_samples")),
     )
     _check_tags_distinct(where, entry.tags)
-    _check_supported(entry, where)
+    _check_supported(entry, where, records)
     return entry
 
 
@@ -239,12 +241,20 @@ def _num_samples(where: str, value) -> int | None:
     return value
 
 
-def _check_supported(entry: DatasetEntry, where: str) -> None:
-    """Reject, with the reason, entries this loader cannot turn into SFT conversations."""
-    if entry.ranking:
+OTHER_DATASET = {"conversations": "an SFT dataset", "text": "a plain-text dataset"}
+
+
+def _check_supported(entry: DatasetEntry, where: str, records: str) -> None:
+    """Reject, with the reason, entries a stage reading `records` cannot train on."""
+    if entry.ranking and records != "pairwise":
         raise DataError(
-            f"{where} is preference data (ranking: true): it needs stage: rm or dpo, "
-            "which tuneforge does not support yet; pick an SFT dataset"
+            f"{where} is preference data (ranking: true): it needs stage: rm or dpo (tuneforge "
+            f"has rm); set stage: rm, or pick {OTHER_DATASET.get(records, 'another dataset')}"
+        )
+    if records == "pairwise" and not entry.ranking:
+        raise DataError(
+            f"{where} is not preference data (no \"ranking\": true): this stage needs records with a "
+            "chosen and a rejected reply; pick such a dataset (e.g. dpo_en_demo) or set stage: sft"
         )
     if entry.column("kto_tag"):
         raise DataError(

@@ -1,9 +1,10 @@
-"""The one training loop, on accelerate. Readable top to bottom: build the optimizer and the
-schedule, maybe resume, then for each optimizer step run `gradient_accumulation_steps`
-micro-batches whose loss is normalised by the number of label tokens in the whole step (so
-accumulation equals one big batch), clip, step, log, evaluate, checkpoint. A NaN/inf loss stops
-the run before its step is applied; Ctrl-C / SIGTERM stop it at a step boundary with a
-checkpoint (stop.py)."""
+"""The one training loop, on accelerate, shared by every stage. Readable top to bottom: build
+the optimizer and the schedule, maybe resume, then for each optimizer step run
+`gradient_accumulation_steps` micro-batches whose summed loss is normalised by the objective's
+count over the whole step (label tokens, pairs: so accumulation equals one big batch), clip,
+step, log, evaluate, checkpoint. The objective comes from the stage (train/stages/); the loop
+knows no stage. A NaN/inf loss stops the run before its step is applied; Ctrl-C / SIGTERM stop
+it at a step boundary with a checkpoint (stop.py)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ from .batches import MicroBatchStream, eval_batches, fingerprint
 from .optim import build_optimizer, hyper_parameters
 from .reporting import Reporter
 from .resume import check_data_record, check_not_past_the_end
-from .token_loss import TokenLoss
+from .stages.table import Objective
 
-IGNORE = -100
 log = logging.getLogger("tuneforge")
 
 
@@ -48,9 +48,17 @@ def mixed_precision(args, device_type: str, bf16_fast: bool) -> str:
     return "bf16" if wants_bf16 and bf16_fast else "no"
 
 
+def _no_extra_metrics(means: dict) -> dict:
+    return {}
+
+
 class TrainingRun:
+    """One run of the loop. `objective(model, unwrapped, sample_batch, train_args, autocast)`
+    makes the Objective this run minimises (a Stage's `objective`); `eval_metrics(means)` adds
+    results computed from the eval means (a Stage's `eval_metrics`, e.g. perplexity)."""
+
     def __init__(self, cfg, model, train_examples, eval_examples, collate, setup,
-                 accelerator: Accelerator):
+                 accelerator: Accelerator, objective, eval_metrics=_no_extra_metrics):
         self.cfg, self.args = cfg, cfg.train
         self.acc = accelerator
         self.setup = setup
@@ -65,9 +73,9 @@ class TrainingRun:
         self.scheduler, schedule_record = schedule.build_scheduler(optimizer, self.args,
                                                                    self.total_steps)
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.token_loss = TokenLoss.choose(self.model, accelerator.unwrap_model(self.model),
-                                           self.stream.get(0), self.args.fused_cross_entropy,
-                                           accelerator.autocast)
+        self.objective: Objective = objective(self.model, accelerator.unwrap_model(self.model),
+                                              self.stream.get(0), self.args, accelerator.autocast)
+        self.eval_metrics = eval_metrics
         self.data_record = {
             "world_size": accelerator.num_processes,
             "per_device_train_batch_size": self.args.per_device_train_batch_size,
@@ -109,27 +117,32 @@ class TrainingRun:
 
     # -- pieces -------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self) -> dict:
+        """Eval means over the whole eval split: {"loss": ..., <each objective metric>: ...}."""
         self.model.eval()
-        total = torch.zeros(2, device=self.acc.device, dtype=torch.float64)
+        names = self.objective.metrics
+        total = torch.zeros(2 + len(names), device=self.acc.device, dtype=torch.float64)
         for batch in eval_batches(self.eval_examples, self.args.per_device_eval_batch_size,
                                   self.collate, self.acc.process_index, self.acc.num_processes):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
             with self.acc.autocast():
-                loss_sum, n = self.token_loss(batch)
-            total += torch.tensor([loss_sum.item(), n], device=self.acc.device, dtype=torch.float64)
+                loss_sum, n, metrics = self.objective.loss(self.model, batch)
+            total += torch.tensor([loss_sum.item(), n, *(float(metrics[k]) for k in names)],
+                                  device=self.acc.device, dtype=torch.float64)
         total = self.acc.reduce(total, "sum")
         self.model.train()
-        return (total[0] / total[1].clamp(min=1)).item()
+        count = total[1].clamp(min=1)
+        return {"loss": (total[0] / count).item(),
+                **{k: (total[2 + i] / count).item() for i, k in enumerate(names)}}
 
     def train_step(self) -> tuple[float, int, int]:
-        """One optimizer step; returns (mean token loss, label tokens, real tokens)."""
+        """One optimizer step; returns (mean loss, its normaliser over the step (label tokens,
+        pairs), real tokens)."""
         gas = self.args.gradient_accumulation_steps
         first = self.state.micro_batches_seen
         micro = [{k: v.to(self.acc.device) for k, v in self.stream.get(j).items()}
                  for j in range(first, first + gas)]
-        local = torch.tensor(sum(int((m["labels"][:, 1:] != IGNORE).sum()) for m in micro),
-                             device=self.acc.device)
+        local = torch.tensor(sum(self.objective.count(m) for m in micro), device=self.acc.device)
         step_tokens = int(self.acc.reduce(local, "sum"))
         # gradients are averaged over processes by DDP, so scale by world size
         scale = self.acc.num_processes / max(step_tokens, 1)
@@ -137,7 +150,7 @@ class TrainingRun:
         for i, batch in enumerate(micro):
             sync = nullcontext() if i == gas - 1 else self.acc.no_sync(self.model)
             with sync, self.acc.autocast():
-                loss_sum, _ = self.token_loss(batch)
+                loss_sum, _, _ = self.objective.loss(self.model, batch)
                 self.acc.backward(loss_sum * scale)
             loss_total += loss_sum.item()
         loss_global = float(self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), "sum"))
@@ -228,9 +241,10 @@ class TrainingRun:
             reporter.message(f"resumed from {self.resume_from} at step {self.state.global_step}"
                              f"{done}")
         elif has_eval and args.eval_on_start:
-            results["eval_loss_before"] = self.evaluate()
-            reporter.message(f"eval_loss before training: {results['eval_loss_before']:.4f}")
-            reporter.log_eval(0, results["eval_loss_before"], 0.0)
+            means = self.evaluate()
+            results.update(_eval_results(means, "_before"))
+            reporter.message(f"eval_loss before training: {_eval_text(means)}")
+            reporter.log_eval(0, means["loss"], 0.0, _metrics(means))
 
         self.model.train()
         window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
@@ -254,9 +268,9 @@ class TrainingRun:
                 self._stop_if_asked(signals, reporter)  # Ctrl-C / SIGTERM: no eval first
                 if (has_eval and args.eval_strategy == "steps" and args.eval_steps
                         and step % args.eval_steps == 0 and step < self.total_steps):
-                    eval_loss = self.evaluate()
-                    reporter.log_eval(step, eval_loss, self.state.epoch)
-                    reporter.message(f"step {step}: eval_loss {eval_loss:.4f}")
+                    means = self.evaluate()
+                    reporter.log_eval(step, means["loss"], self.state.epoch, _metrics(means))
+                    reporter.message(f"step {step}: eval_loss {_eval_text(means)}")
                 if args.save_strategy == "steps" and step % args.save_steps == 0 \
                         and step < self.total_steps:
                     self.save_checkpoint()
@@ -264,10 +278,12 @@ class TrainingRun:
 
         runtime = time.perf_counter() - started
         if has_eval:
-            results["eval_loss"] = self.evaluate()
-            results["perplexity"] = math.exp(min(results["eval_loss"], 50))
-            reporter.log_eval(self.state.global_step, results["eval_loss"], self.state.epoch)
-            reporter.message(f"eval_loss after training: {results['eval_loss']:.4f}")
+            means = self.evaluate()
+            results.update(_eval_results(means, ""))
+            results.update(self.eval_metrics(means))
+            reporter.log_eval(self.state.global_step, means["loss"], self.state.epoch,
+                              _metrics(means))
+            reporter.message(f"eval_loss after training: {_eval_text(means)}")
         if args.save_strategy == "steps" and not self._saved_in_output_dir():
             self.save_checkpoint()  # the last step is always resumable / inspectable
         reporter.close()
@@ -285,6 +301,21 @@ class TrainingRun:
         if self.args.report_to in ("tensorboard", "all"):
             return self.args.logging_dir or str(self.output_dir / "runs")
         return None
+
+
+def _metrics(means: dict) -> dict:
+    """The eval means besides the loss, named as logged: {"eval_accuracy": ...}."""
+    return {f"eval_{k}": v for k, v in means.items() if k != "loss"}
+
+
+def _eval_results(means: dict, suffix: str) -> dict:
+    return {f"eval_loss{suffix}": means["loss"],
+            **{f"{k}{suffix}": v for k, v in _metrics(means).items()}}
+
+
+def _eval_text(means: dict) -> str:
+    """"0.6931" for a loss alone (sft's log lines), "0.6931, eval_accuracy 0.5000" with metrics."""
+    return ", ".join([f"{means['loss']:.4f}", *(f"{k} {v:.4f}" for k, v in _metrics(means).items())])
 
 
 def _read_train_losses(output_dir: Path) -> list[dict]:

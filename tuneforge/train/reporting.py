@@ -94,14 +94,19 @@ class Reporter:
             if grad_norm is not None:
                 self.writer.add_scalar("train/grad_norm", grad_norm, step)
 
-    def log_eval(self, step: int, eval_loss: float, epoch: float) -> None:
+    def log_eval(self, step: int, eval_loss: float, epoch: float,
+                 metrics: dict[str, float] | None = None) -> None:
+        """`metrics`: further eval means by logged name, e.g. {"eval_accuracy": 0.75}."""
         if not self.enabled:
             return
+        extra = {name: round(value, 6) for name, value in (metrics or {}).items()}
         self._write({"current_steps": step, "total_steps": self.total_steps,
-                     "eval_loss": round(eval_loss, 6), "epoch": round(epoch, 4),
+                     "eval_loss": round(eval_loss, 6), **extra, "epoch": round(epoch, 4),
                      "percentage": round(100 * step / self.total_steps, 2), **self._timing(step)})
         if self.writer is not None:
             self.writer.add_scalar("eval/loss", eval_loss, step)
+            for name, value in extra.items():
+                self.writer.add_scalar(f"eval/{name.removeprefix('eval_')}", value, step)
 
     def message(self, text: str) -> None:
         if self.enabled:

@@ -29,6 +29,11 @@ def model_inputs(batch: dict) -> dict:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def label_count(batch: dict) -> int:
+    """Positions whose next token is labelled: what a token loss of `batch` is a sum over."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
 def _accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 

@@ -1,0 +1,184 @@
+"""Preference records (LLaMA-Factory's `ranking: true`) for stage: rm: a prompt with a chosen
+and a rejected reply, each pair encoded twice with the chat template (prompt + chosen, prompt +
+rejected) and batched as chosen rows then rejected rows.
+
+- sharegpt: the messages column holds the prompt turns (an optional leading system message,
+  then user/assistant turns ending on a user turn); `chosen` and `rejected` each hold one
+  assistant message ({"from": "gpt", "value": ...} with the entry's tags).
+- alpaca: instruction (+ input, history, system) is the prompt; the `chosen` and `rejected`
+  columns hold the replies as text (columns default to "chosen" and "rejected").
+
+A well-typed record that is no usable pair (the prompt does not end on a user turn, roles out of
+order, an empty reply) is dropped and counted in one warning line; a value of the wrong type is
+refused with one DataError line naming the record and column."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from .encode import render_turns, split_budget
+from .formats import Conversation, _blank, _check_columns, _Dropped, _from_alpaca, _message, _refuse, _text
+from .issues import Drops, describe_value
+from .loader import RecordKind
+from .readers import Records
+from .registry import DatasetEntry
+from .templates import template_text
+
+USABLE = "a prompt ending on a user turn, and a non-empty chosen and rejected reply"
+
+
+@dataclass
+class Pair:
+    prompt: Conversation  # ends on a user turn
+    chosen: str
+    rejected: str
+
+
+def to_pairs(entry: DatasetEntry, records: Records, indices: list[int] | None = None) -> list[Pair]:
+    """The records (those at `indices`, in that order, when given) as preference pairs.
+
+    Raises DataError for a missing column, a value of the wrong type, or when no record is a
+    usable pair."""
+    chosen_column = entry.column("chosen") or "chosen"
+    rejected_column = entry.column("rejected") or "rejected"
+    columns = {**entry.columns, "chosen": chosen_column, "rejected": rejected_column}
+    entry = dataclasses.replace(entry, columns=columns)
+    required = ["prompt"] if entry.formatting == "alpaca" else ["messages"]
+    _check_columns(entry, records, [*required, "chosen", "rejected"])
+    convert = _alpaca_pair if entry.formatting == "alpaca" else _sharegpt_pair
+    indices = range(len(records)) if indices is None else indices
+    drops, kept = Drops(entry.name), []
+    for index in indices:
+        where = records.where(index)
+        try:
+            kept.append(convert(entry, records[index], where))
+        except _Dropped as dropped:
+            drops.add(dropped.reason, where)
+    drops.report(len(indices), f"none of its {len(indices)} records is a usable pair ({USABLE})",
+                 "fix or remove those records (or check columns/tags in dataset_info.json)")
+    return kept
+
+
+def _alpaca_pair(entry: DatasetEntry, record: dict, where: str) -> Pair:
+    chosen = _text(entry, record, "chosen", where)
+    rejected = _text(entry, record, "rejected", where)
+    # the prompt as an SFT record would make it, with a placeholder reply taken off again
+    conversation = _from_alpaca(entry, {**record, entry.column("response"): "-"}, where)
+    conversation.messages.pop()
+    return _pair(conversation, chosen, rejected)
+
+
+def _sharegpt_pair(entry: DatasetEntry, record: dict, where: str) -> Pair:
+    tags = entry.tags
+    kinds = {
+        tags["user_tag"]: ("user", 0),
+        tags["observation_tag"]: ("tool", 0),
+        tags["assistant_tag"]: ("assistant", 1),
+        tags["function_tag"]: ("assistant", 1),
+        tags["system_tag"]: ("system", None),
+    }
+    column = entry.column("messages")
+    raw = record[column]
+    if not isinstance(raw, list):
+        raise _refuse(entry, where, f"column {column!r} holds {describe_value(raw)}",
+                      "it must be the list of prompt messages")
+    turns = [_message(entry, message, number, kinds, where) for number, message in enumerate(raw)]
+    system = _text(entry, record, "system", where)
+    if turns and turns[0]["role"] == "system":
+        system = turns.pop(0)["content"]
+    if not turns:
+        raise _Dropped("with no prompt messages")
+    if any(kinds[t["tag"]][1] != position % 2 for position, t in enumerate(turns)):
+        raise _Dropped("with roles out of order")
+    if len(turns) % 2 == 0:
+        raise _Dropped("with a prompt that does not end on a user turn")
+    if any(_blank(t["content"]) for t in turns if t["role"] in ("user", "assistant")):
+        raise _Dropped("with an empty user or assistant turn")
+    replies = []
+    for key in ("chosen", "rejected"):
+        reply_column = entry.column(key)
+        value = record[reply_column]
+        if isinstance(value, list) and len(value) == 1:  # a one-message list, as some exports write it
+            value = value[0]
+        message = _message(entry, value, 0, kinds, f"{where} column {reply_column!r}")
+        if message["role"] != "assistant":
+            raise _refuse(entry, where, f"column {reply_column!r} is a {message['tag']!r} message, not a "
+                          f"reply ({tags['assistant_tag']!r})", "fix the record or its tags")
+        replies.append(message["content"])
+    messages = [{"role": t["role"], "content": t["content"]} for t in turns]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
+    return _pair(Conversation(messages, None, where, entry.name), *replies)
+
+
+def _pair(prompt: Conversation, chosen: str, rejected: str) -> Pair:
+    if _blank(chosen) or _blank(rejected):
+        raise _Dropped("with an empty chosen or rejected reply")
+    return Pair(prompt, chosen, rejected)
+
+
+def encode_pairs(pairs: list[Pair], data_args, tokenizer) -> list[dict]:
+    """{"chosen_ids": [...], "rejected_ids": [...]}: the prompt rendered with the chat template
+    up to the reply, then each reply as the template renders it (with EOS where the template
+    does not end replies with it). Within cutoff_len, LLaMA-Factory's rule: the budget is split
+    between the prompt and the longer reply, and both sequences keep the same start of the
+    prompt and the same number of reply tokens, so a pair never becomes two equal sequences."""
+    cutoff_len = getattr(data_args, "cutoff_len", 2048)
+    tools_in_template = "tools" in template_text(tokenizer, tools=[])
+    texts = []
+    for pair in pairs:
+        for reply in (pair.chosen, pair.rejected):
+            messages = [*pair.prompt.messages, {"role": "assistant", "content": reply}]
+            turns = render_turns(tokenizer, Conversation(messages, pair.prompt.tools, pair.prompt.where,
+                                                         pair.prompt.dataset), tools_in_template)
+            history = "".join(t.prompt + t.answer + t.tail for t in turns[:-1])
+            texts.append((history + turns[-1].prompt, turns[-1].answer, turns[-1].tail))
+    pieces = [piece for text in texts for piece in text]
+    ids = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    examples = []
+    for i in range(0, len(texts), 2):
+        prompt = ids[3 * i]  # the same text for both replies
+        replies = []
+        for j in (i, i + 1):
+            answer, tail = ids[3 * j + 1], ids[3 * j + 2]
+            if eos_id is not None and eos_text and eos_text not in texts[j][1]:
+                answer = answer + [eos_id]
+            replies.append(answer + tail)
+        keep_prompt, keep_reply = split_budget(len(prompt), max(map(len, replies)), cutoff_len)
+        chosen, rejected = (prompt[:keep_prompt] + r[:keep_reply] for r in replies)
+        examples.append({"chosen_ids": chosen, "rejected_ids": rejected})
+    return examples
+
+
+class PairwiseCollator:
+    """Pairs -> one right-padded batch: rows 0..n-1 the chosen sequences, rows n..2n-1 the
+    rejected ones (input_ids, attention_mask; no labels)."""
+
+    def __init__(self, pad_token_id: int):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None: give the tokenizer a pad token (e.g. its eos token)")
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        rows = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
+        return pad_rows(rows, self.pad_token_id)
+
+
+def pad_rows(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Token id lists -> right-padded input_ids and attention_mask."""
+    length = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, :len(row)] = torch.as_tensor(row, dtype=torch.long)
+        attention_mask[i, :len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+PAIRWISE = RecordKind("pairwise", to_pairs, encode_pairs)

@@ -1,0 +1,8 @@
+"""Training stages, one file each, in one table (table.py): `STAGES[name]` is the Stage record
+that `tuneforge train` runs for `stage: name`. Importing this package registers them all."""
+
+from .table import HEADS, RECORD_KINDS, STAGES, Objective, Stage, get_stage, register_stage, stages_help
+from . import pt, rm, sft  # noqa: E402,F401  (each import registers its stage)
+
+__all__ = ["HEADS", "RECORD_KINDS", "STAGES", "Objective", "Stage", "get_stage", "register_stage",
+           "stages_help"]
