@@ -101,7 +101,7 @@ def _describe(bounds: str) -> str:
     return f"in {bounds}"
 
 
-def _validate_lora_variants(cfg: Config) -> None:
+def _validate_lora_variants(cfg) -> None:
     ft, model = cfg.finetune, cfg.model
     if ft.finetuning_type != "lora":
         for key in ("use_dora", "pissa_init", "pissa_convert", "create_new_adapter", "loraplus_lr_ratio"):
