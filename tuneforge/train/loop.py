@@ -21,7 +21,7 @@ from . import checkpoint as ckpt
 from . import schedule, stop
 from .batches import MicroBatchStream, eval_batches, fingerprint
 from .optim import build_optimizer, hyper_parameters
-from .reporting import Reporter
+from .reporting import Reporter, read_log
 from .resume import check_data_record, check_not_past_the_end
 from .stages.table import Objective
 
@@ -319,6 +319,5 @@ def _eval_text(means: dict) -> str:
 
 
 def _read_train_losses(output_dir: Path) -> list[dict]:
-    from .reporting import read_log
 
     return [e for e in read_log(output_dir) if "loss" in e]

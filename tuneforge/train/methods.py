@@ -17,6 +17,8 @@ from ..adapters.convert import save_initial_adapter
 from ..adapters.loftq import finish_pending, take_pending
 from ..errors import CheckpointError, ConfigError
 from ..models import attach_adapters, split_paths
+from ..quant import QuantLinear
+from ..quant.provenance import record_base
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # in each checkpoint of a PiSSA run: the adapter's initial (A0, B0), so a resume rebuilds the
@@ -135,7 +137,6 @@ def _lora_setup(model, tokenizer, finetune, base_id: str) -> TrainableSetup:
                     "pissa_convert: true, or pissa_iter: -1", finetune.pissa_iter)
 
     def save(m, directory, converted=convert):
-        from ..quant.provenance import record_base
 
         adapters.save_adapter(m, directory, name="default", base_model_name_or_path=base_id,
                               convert_pissa=converted)
@@ -167,8 +168,7 @@ def _lora_setup(model, tokenizer, finetune, base_id: str) -> TrainableSetup:
 def describe(model) -> str:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    from ..quant import QuantLinear  # quantized weights are buffers, but they are parameters too
-
+    # quantized weights are buffers, but they are parameters of the model too
     quantized = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     total += quantized
     text = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
