@@ -78,7 +78,7 @@ def make_server(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, api_
                 drain_timeout: float = DEFAULT_DRAIN_TIMEOUT, log_level: str = "info"):
     """A uvicorn.Server for `engine` that drains on shutdown (see the module); its FastAPI app is
     `.config.app` (routes may be added before it runs)."""
-    import uvicorn
+    import uvicorn  # the server's libraries load when a server starts, not with this module
 
     from .app import create_app
 

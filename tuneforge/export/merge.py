@@ -18,7 +18,10 @@ from .. import adapters
 from ..errors import ConfigError
 from ..loading import load_for_use
 from ..models import resolve_dtype, resolve_model_path, split_paths
+from ..quant import QuantizationConfig, save_quantized
 from ..quant.model import cast_unquantized
+from .gguf import check_gguf, gguf_size, write_gguf
+from .modelfile import write_modelfile
 from .quantized import dequantize_before_merge, requantize
 from .target import ExportTarget, check_export_dir, check_free_space, staged
 from .tying import settle_tying, untie_adapted_embeddings
@@ -57,7 +60,6 @@ def export_model(cfg) -> Path:
         nonlocal dtype
         dtype = _export_dtype(cfg, model)
         if gguf:
-            from .gguf import check_gguf, gguf_size
 
             check_gguf(model, tokenizer, cfg.export.export_quantization)
             check_free_space(target, gguf_size(model, cfg.export.export_quantization))
@@ -102,7 +104,6 @@ def _requantization(cfg):
     """The QuantizationConfig export_quantization_bit asks for, or None."""
     if not cfg.export.export_quantization_bit:
         return None
-    from ..quant import QuantizationConfig
 
     m = cfg.model
     return QuantizationConfig(
@@ -113,8 +114,6 @@ def _requantization(cfg):
 
 def _export_gguf(cfg, model, tokenizer, target: ExportTarget) -> Path:
     """export_format gguf: <export_dir>/<name>.<quantization>.gguf plus an Ollama Modelfile."""
-    from .gguf import write_gguf
-    from .modelfile import write_modelfile
 
     quantization = cfg.export.export_quantization
     name = f"{target.real.name}.{quantization}.gguf"
@@ -127,7 +126,6 @@ def _export_gguf(cfg, model, tokenizer, target: ExportTarget) -> Path:
 def _export_quantized(model, tokenizer, dtype: torch.dtype, qcfg, target: ExportTarget) -> Path:
     """export_quantization_bit: quantize the merged fp32 weights (not a cast of them) and write
     tuneforge's quantized format (tuneforge.quant.load_quantized reads it)."""
-    from ..quant import save_quantized
 
     requantize(model, qcfg)
     cast_unquantized(model, dtype)
