@@ -109,3 +109,43 @@ def test_the_first_signal_asks_the_second_stops_at_once():
             for _ in range(100):
                 pass
         assert stopped.value.code == 143
+
+
+def test_with_overwrite_output_dir_the_advice_keeps_the_checkpoint(reference, tmp_path, tiny_model_dir,
+                                                                   capsys):
+    """overwrite_output_dir: true would start over and delete the saved checkpoint: the line says
+    to run the command with overwrite_output_dir=false, and that command resumes from it."""
+    out = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, reference / "data", out)
+    victim = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg),
+                               "overwrite_output_dir=true"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while logged_steps(out) < 3:
+        assert victim.poll() is None, f"run ended before the signal: {victim.stderr.read()}"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    victim.send_signal(signal.SIGTERM)
+    assert victim.wait() == 143
+    (saved,) = [p.name for p in out.glob("checkpoint-*")]
+    last = victim.stderr.read().splitlines()[-1]
+    assert last == (f"[tuneforge] stopped by SIGTERM; saved {out / saved}; to resume, run the same "
+                    "command with overwrite_output_dir=false (with true it starts over and deletes "
+                    f"the checkpoints): tuneforge train {cfg} overwrite_output_dir=true "
+                    "overwrite_output_dir=false")
+    capsys.readouterr()
+    assert main(last.split(": tuneforge ")[-1].split()) == 0  # the command the line gives
+    assert f"resumed from {out / saved}" in capsys.readouterr().out
+
+
+def test_a_diverged_run_with_overwrite_output_dir_is_told_how_to_continue():
+    from tuneforge.errors import TrainingDiverged
+    from tuneforge.train.stop import check_finite
+
+    with pytest.raises(TrainingDiverged) as info:
+        check_finite("loss", float("nan"), 7, 1e6, "out/checkpoint-5", overwrite=True)
+    assert str(info.value).endswith("or run again with overwrite_output_dir=false to continue from "
+                                    "that checkpoint at the lower rate")
+    with pytest.raises(TrainingDiverged) as info:
+        check_finite("loss", float("nan"), 7, 1e6, "out/checkpoint-5")
+    assert str(info.value).endswith("or run again to continue from that checkpoint at the lower rate")

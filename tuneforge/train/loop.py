@@ -173,13 +173,14 @@ class TrainingRun:
     def _check_finite(self, what: str, value: float) -> None:
         """Before the step is applied: a NaN/inf stops the run (errors.TrainingDiverged)."""
         stop.check_finite(what, value, self.state.global_step + 1, self.args.learning_rate,
-                          self.last_checkpoint)
+                          self.last_checkpoint, self.args.overwrite_output_dir)
 
     def check_weights(self) -> None:
         """Raises errors.TrainingDiverged if a trainable weight is NaN or inf (on every process,
         so that all of them stop)."""
         stop.check_weights(self.acc.unwrap_model(self.model), self.state.global_step,
-                           self.args.learning_rate, self.last_checkpoint)
+                           self.args.learning_rate, self.last_checkpoint,
+                           self.args.overwrite_output_dir)
 
     def save_checkpoint(self) -> None:
         self.check_weights()
@@ -249,7 +250,7 @@ class TrainingRun:
         self.model.train()
         window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
         start_step, started = self.state.global_step, time.perf_counter()
-        with stop.StopSignals() as signals:
+        with stop.StopSignals(self.args.overwrite_output_dir) as signals:
             while self.state.global_step < self.total_steps:
                 loss, tokens, real = self.train_step()
                 step = self.state.global_step

@@ -39,8 +39,10 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self):
+    def __init__(self, overwrite: bool = False):
+        """overwrite: the run has overwrite_output_dir, so the same command would start over."""
         self.received: int | None = None
+        self.overwrite = overwrite
         self._previous: dict = {}
 
     def __enter__(self) -> "StopSignals":
@@ -67,45 +69,56 @@ class StopSignals:
     def exception(self, checkpoint) -> BaseException:
         """What the run raises after saving `checkpoint`, with the line saying how to resume."""
         name = signal.Signals(self.received).name
-        log.warning("stopped by %s; saved %s; to resume, run the same command again%s", name,
-                    checkpoint, _command())
+        log.warning("stopped by %s; saved %s; %s", name, checkpoint, resume_advice(self.overwrite))
         return Interrupted() if self.received == signal.SIGINT else Terminated()
 
 
-def _command() -> str:
-    """': tuneforge train cfg.yaml' when this process is the CLI, else ''."""
+def resume_advice(overwrite: bool) -> str:
+    """How to continue from the newest checkpoint: the same command, or, when the run has
+    overwrite_output_dir (which would start over and delete the checkpoints), the same command
+    with overwrite_output_dir=false."""
+    if not overwrite:
+        return "to resume, run the same command again" + _command()
+    return ("to resume, run the same command with overwrite_output_dir=false (with true it starts "
+            "over and deletes the checkpoints)" + _command("overwrite_output_dir=false"))
+
+
+def _command(*extra: str) -> str:
+    """': tuneforge train cfg.yaml [extra ...]' when this process is the CLI, else ''."""
     argv = sys.argv
     if len(argv) > 1 and argv[1] == "train" and \
             os.path.basename(argv[0]) in ("tuneforge", "__main__.py"):
-        return ": " + shlex.join(["tuneforge", *argv[1:]])
+        return ": " + shlex.join(["tuneforge", *argv[1:], *extra])
     return ""
 
 
 def check_finite(what: str, value: float, step: int, learning_rate: float,
-                 last_checkpoint) -> None:
+                 last_checkpoint, overwrite: bool = False) -> None:
     """Raises TrainingDiverged when `what` (the loss, the gradient norm) of `step` is NaN or
     inf; called before the step is applied."""
     if math.isfinite(value):
         return
     raise TrainingDiverged(f"training diverged: the {what} is {value} at step {step}; "
-                           f"{_aftermath(learning_rate, last_checkpoint)}")
+                           f"{_aftermath(learning_rate, last_checkpoint, overwrite)}")
 
 
-def check_weights(model, step: int, learning_rate: float, last_checkpoint) -> None:
+def check_weights(model, step: int, learning_rate: float, last_checkpoint,
+                  overwrite: bool = False) -> None:
     """Raises TrainingDiverged when a trainable weight is NaN or inf (before saving it)."""
     for name, param in model.named_parameters():
         if param.requires_grad and not bool(torch.isfinite(param).all()):
             bad = int((~torch.isfinite(param)).sum())
             raise TrainingDiverged(f"training diverged: {bad:,} values of '{name}' are NaN or "
                                    f"inf after step {step}; "
-                                   f"{_aftermath(learning_rate, last_checkpoint)}")
+                                   f"{_aftermath(learning_rate, last_checkpoint, overwrite)}")
 
 
-def _aftermath(learning_rate: float, last_checkpoint) -> str:
+def _aftermath(learning_rate: float, last_checkpoint, overwrite: bool = False) -> str:
     if not last_checkpoint:
         return (f"nothing was saved for it and no checkpoint was written; lower learning_rate "
                 f"(now {learning_rate:g}) and start over with overwrite_output_dir: true")
     return (f"nothing was saved for it and the last good checkpoint, {last_checkpoint}, is kept; "
             f"lower learning_rate (now {learning_rate:g}) and start over with "
-            "overwrite_output_dir: true, or run again to continue from that checkpoint at the "
-            "lower rate")
+            "overwrite_output_dir: true, or run again" + (" with overwrite_output_dir=false" if overwrite
+                                                          else "") +
+            " to continue from that checkpoint at the lower rate")
