@@ -41,6 +41,9 @@ def test_lora_training_lowers_eval_loss_and_writes_outputs(tiny_model_dir, tiny_
     assert train_entries[-1]["loss"] < train_entries[0]["loss"]
     assert {e["current_steps"] for e in log if "eval_loss" in e} == {0, 6, 12, 16}
     assert all(e["tokens_per_second"] > 0 for e in train_entries)
+    # the eval before the first step has no rate to project a remaining time from
+    assert [("remaining_time" in e) for e in log if e["current_steps"] == 0] == [False]
+    assert all("remaining_time" in e for e in log if e["current_steps"] > 0)
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
 

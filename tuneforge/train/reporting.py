@@ -63,9 +63,11 @@ class Reporter:
 
     def _timing(self, step: int) -> dict:
         elapsed = time.perf_counter() - self.started
-        done = max(step - self.start_step, 1e-9)
-        remaining = elapsed / done * (self.total_steps - step)
-        return {"elapsed_time": _fmt_seconds(elapsed), "remaining_time": _fmt_seconds(remaining)}
+        timing = {"elapsed_time": _fmt_seconds(elapsed)}
+        done = step - self.start_step
+        if done > 0:  # before the first step (the eval before training) there is no rate yet
+            timing["remaining_time"] = _fmt_seconds(elapsed / done * (self.total_steps - step))
+        return timing
 
     def _write(self, entry: dict) -> None:
         with open(self.output_dir / LOG_FILE, "a", encoding="utf-8") as f:
