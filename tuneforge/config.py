@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -20,6 +17,7 @@ import yaml
 from . import fileio
 from .adapter_methods import METHODS as ADAPTER_METHODS
 from .config_checks import validate
+from .config_values import coerce, is_text
 from .errors import ConfigError
 from .train.stages import stages_help
 
@@ -350,81 +348,6 @@ def _unknown_key(key: str, known) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
-def _type_name(tp) -> str:
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
-             dict: "a mapping"}
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(key: str, value: Any, annotation) -> Any:
-    """Check `value` against the field's type; accept the conversions YAML users expect
-    (1 for 1.0, the string "1e-4" that YAML leaves unparsed, "true")."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {**typing.__dict__, **globals()})  # noqa: S307 - our own annotations
-    origin = typing.get_origin(annotation)
-    if origin in (Union, types.UnionType):
-        options = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if value is None:
-            return None
-        errors = []
-        for option in sorted(options, key=lambda t: t is str):  # try str last
-            try:
-                return _coerce(key, value, option)
-            except ConfigError as exc:
-                errors.append(exc)
-        if len(options) == 1:
-            raise errors[0]
-        raise ConfigError(f"config key '{key}' expects "
-                          f"{' or '.join(_type_name(o) for o in options)}, got {value!r}")
-    if value is None:
-        raise ConfigError(f"config key '{key}' expects {_type_name(annotation)}, got null")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                pass
-    elif annotation is float:
-        number = None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                pass
-        if number is not None:
-            if not math.isfinite(number):
-                raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
-            return number
-    elif annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
-            return ",".join(value)  # `dataset: [a, b]` means `dataset: a,b`
-    elif annotation is dict:
-        if isinstance(value, dict):
-            return {str(k): v for k, v in value.items()}
-    else:
-        return value
-    hint = ""
-    if annotation is str and isinstance(value, bool):
-        hint = (" (YAML reads on/off/yes/no/true/false as true or false; quote the name, e.g. "
-                "'on')")
-    raise ConfigError(f"config key '{key}' expects {_type_name(annotation)}, got {value!r}{hint}")
-
-
 def parse_overrides(items: list[str]) -> dict:
     """`key=value` strings from the command line; values are parsed as YAML scalars, except that
     a text key keeps the text as typed (`output_dir=on` is the folder "on", not true, and a
@@ -439,7 +362,7 @@ def parse_overrides(items: list[str]) -> dict:
         if raw == "":
             out[key] = None
             continue
-        text_key = key in known and _is_text(known[key][1].type)
+        text_key = key in known and is_text(known[key][1].type)
         if text_key and "\n" in raw:
             out[key] = raw
             continue
@@ -451,14 +374,6 @@ def parse_overrides(items: list[str]) -> dict:
             value = raw  # a name that YAML reads as a bool or a number (null still unsets)
         out[key] = value
     return out
-
-
-def _is_text(annotation) -> bool:
-    """str or Optional[str] (not a union that also takes bool, such as resume_from_checkpoint)."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {**typing.__dict__, **globals()})  # noqa: S307 - our own annotations
-    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-    return options == [str]
 
 
 def read_yaml(path: str | Path) -> dict:
@@ -485,7 +400,7 @@ def build_config(values: dict) -> Config:
         section, f = known[key]
         if isinstance(value, bool) and "no" in f.metadata.get("choices", ()):
             value = "no" if value is False else value  # YAML 1.1 reads `save_strategy: no` as false
-        per_section[section][key] = _coerce(key, value, f.type)
+        per_section[section][key] = coerce(key, value, f.type)
     cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
     validate(cfg, given=set(values))
     return cfg
