@@ -52,6 +52,18 @@ def logged_steps(out) -> int:
     return sum(1 for line in lines if line.endswith("}") and '"loss"' in line)
 
 
+def start_and_wait_for_steps(args, out, steps=3) -> subprocess.Popen:
+    """Start `tuneforge train ARGS` in a child process; return it once `steps` steps are logged."""
+    victim = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while logged_steps(out) < steps:
+        assert victim.poll() is None, f"run ended before the signal: {victim.stderr.read()}"
+        assert time.time() < deadline
+        time.sleep(0.01)
+    return victim
+
+
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
                          ids=["SIGTERM", "SIGINT"])
 def test_a_signal_saves_at_the_step_boundary_and_the_rerun_ends_equal(reference, tmp_path,
@@ -59,13 +71,7 @@ def test_a_signal_saves_at_the_step_boundary_and_the_rerun_ends_equal(reference,
                                                                       capsys):
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, reference / "data", out)
-    victim = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while logged_steps(out) < 3:
-        assert victim.poll() is None, f"run ended before the signal: {victim.stderr.read()}"
-        assert time.time() < deadline
-        time.sleep(0.01)
+    victim = start_and_wait_for_steps([str(cfg)], out)
     victim.send_signal(sig)
     assert victim.wait() == code
     stderr = victim.stderr.read().splitlines()
@@ -117,14 +123,7 @@ def test_with_overwrite_output_dir_the_advice_keeps_the_checkpoint(reference, tm
     to run the command with overwrite_output_dir=false, and that command resumes from it."""
     out = tmp_path / "run"
     cfg = write_config(tmp_path / "cfg.yaml", tiny_model_dir, reference / "data", out)
-    victim = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(cfg),
-                               "overwrite_output_dir=true"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 600
-    while logged_steps(out) < 3:
-        assert victim.poll() is None, f"run ended before the signal: {victim.stderr.read()}"
-        assert time.time() < deadline
-        time.sleep(0.01)
+    victim = start_and_wait_for_steps([str(cfg), "overwrite_output_dir=true"], out)
     victim.send_signal(signal.SIGTERM)
     assert victim.wait() == 143
     (saved,) = [p.name for p in out.glob("checkpoint-*")]
