@@ -58,6 +58,13 @@ def to_conversations(entry: DatasetEntry, records: Records, indices: list[int] |
     else:
         _check_columns(entry, records, ["messages"])
         convert = _from_sharegpt
+    return convert_records(entry, records, indices, convert, f"conversation ({USABLE})")
+
+
+def convert_records(entry: DatasetEntry, records: Records, indices, convert, usable: str) -> list:
+    """`convert(entry, record, where)` on each record (those at `indices` when given); records it
+    drops are counted in one warning line. Raises DataError when none is usable ("none of its N
+    records is a usable <usable>")."""
     indices = range(len(records)) if indices is None else indices
     drops, kept = Drops(entry.name), []
     for index in indices:
@@ -66,7 +73,7 @@ def to_conversations(entry: DatasetEntry, records: Records, indices: list[int] |
             kept.append(convert(entry, records[index], where))
         except _Dropped as dropped:
             drops.add(dropped.reason, where)
-    drops.report(len(indices), f"none of its {len(indices)} records is a usable conversation ({USABLE})",
+    drops.report(len(indices), f"none of its {len(indices)} records is a usable {usable}",
                  "fix or remove those records (or check columns/tags in dataset_info.json)")
     return kept
 
@@ -207,31 +214,44 @@ def _history(entry: DatasetEntry, record: dict, where: str) -> list[dict[str, st
     return messages
 
 
-def _from_sharegpt(entry: DatasetEntry, record: dict, where: str) -> Conversation:
-    tags = entry.tags
-    # tag -> (role, side): LLaMA-Factory's rule is user/observation turns at even positions and
-    # assistant/function turns at odd ones, after an optional leading system message.
-    kinds = {
+def role_kinds(tags: dict) -> dict[str, tuple[str, int | None]]:
+    """tag -> (role, side): LLaMA-Factory's rule is user/observation turns at even positions and
+    assistant/function turns at odd ones, after an optional leading system message."""
+    return {
         tags["user_tag"]: ("user", 0),
         tags["observation_tag"]: ("tool", 0),
         tags["assistant_tag"]: ("assistant", 1),
         tags["function_tag"]: ("assistant", 1),
         tags["system_tag"]: ("system", None),
     }
+
+
+def sharegpt_turns(entry: DatasetEntry, record: dict, where: str, fix: str) -> tuple[str, list[dict]]:
+    """(system, turns) of a sharegpt record: each turn {"tag", "role", "content"}, a leading
+    system message taken out (it wins over the system column, as in LLaMA-Factory). Raises
+    DataError (with `fix`) when the messages column is not a list; drops a record with no turns
+    or with roles out of order."""
+    kinds = role_kinds(entry.tags)
     column = entry.column("messages")
     raw_messages = record[column]
     if not isinstance(raw_messages, list):
-        raise _refuse(entry, where, f"column {column!r} holds {describe_value(raw_messages)}",
-                      f'it must be a list of messages, like [{{"{tags["role_tag"]}": "{tags["user_tag"]}", '
-                      f'"{tags["content_tag"]}": "Hi"}}, ...]')
+        raise _refuse(entry, where, f"column {column!r} holds {describe_value(raw_messages)}", fix)
     turns = [_message(entry, raw, number, kinds, where) for number, raw in enumerate(raw_messages)]
     system = _text(entry, record, "system", where)
     if turns and turns[0]["role"] == "system":
-        system = turns.pop(0)["content"]  # LLaMA-Factory: a leading system message wins
+        system = turns.pop(0)["content"]
     if not turns:
         raise _Dropped("with no messages")
     if any(kinds[t["tag"]][1] != position % 2 for position, t in enumerate(turns)):
         raise _Dropped("with roles out of order")
+    return system, turns
+
+
+def _from_sharegpt(entry: DatasetEntry, record: dict, where: str) -> Conversation:
+    tags = entry.tags
+    system, turns = sharegpt_turns(entry, record, where,
+                                   f'it must be a list of messages, like [{{"{tags["role_tag"]}": '
+                                   f'"{tags["user_tag"]}", "{tags["content_tag"]}": "Hi"}}, ...]')
     if len(turns) % 2:
         raise _Dropped("ending on a user turn with no reply")
     if any(_blank(t["content"]) for t in turns if t["role"] in ("user", "assistant")):

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from .encode import render_turns, split_budget
-from .formats import Conversation, _blank, _check_columns, _Dropped, _from_alpaca, _message, _refuse, _text
-from .issues import Drops, describe_value
+from .formats import (Conversation, _blank, _check_columns, _Dropped, _from_alpaca, _message, _refuse, _text,
+                      convert_records, role_kinds, sharegpt_turns)
 from .loader import RecordKind
 from .readers import Records
 from .registry import DatasetEntry
@@ -49,17 +49,7 @@ def to_pairs(entry: DatasetEntry, records: Records, indices: list[int] | None = 
     required = ["prompt"] if entry.formatting == "alpaca" else ["messages"]
     _check_columns(entry, records, [*required, "chosen", "rejected"])
     convert = _alpaca_pair if entry.formatting == "alpaca" else _sharegpt_pair
-    indices = range(len(records)) if indices is None else indices
-    drops, kept = Drops(entry.name), []
-    for index in indices:
-        where = records.where(index)
-        try:
-            kept.append(convert(entry, records[index], where))
-        except _Dropped as dropped:
-            drops.add(dropped.reason, where)
-    drops.report(len(indices), f"none of its {len(indices)} records is a usable pair ({USABLE})",
-                 "fix or remove those records (or check columns/tags in dataset_info.json)")
-    return kept
+    return convert_records(entry, records, indices, convert, f"pair ({USABLE})")
 
 
 def _alpaca_pair(entry: DatasetEntry, record: dict, where: str) -> Pair:
@@ -73,26 +63,8 @@ def _alpaca_pair(entry: DatasetEntry, record: dict, where: str) -> Pair:
 
 def _sharegpt_pair(entry: DatasetEntry, record: dict, where: str) -> Pair:
     tags = entry.tags
-    kinds = {
-        tags["user_tag"]: ("user", 0),
-        tags["observation_tag"]: ("tool", 0),
-        tags["assistant_tag"]: ("assistant", 1),
-        tags["function_tag"]: ("assistant", 1),
-        tags["system_tag"]: ("system", None),
-    }
-    column = entry.column("messages")
-    raw = record[column]
-    if not isinstance(raw, list):
-        raise _refuse(entry, where, f"column {column!r} holds {describe_value(raw)}",
-                      "it must be the list of prompt messages")
-    turns = [_message(entry, message, number, kinds, where) for number, message in enumerate(raw)]
-    system = _text(entry, record, "system", where)
-    if turns and turns[0]["role"] == "system":
-        system = turns.pop(0)["content"]
-    if not turns:
-        raise _Dropped("with no prompt messages")
-    if any(kinds[t["tag"]][1] != position % 2 for position, t in enumerate(turns)):
-        raise _Dropped("with roles out of order")
+    kinds = role_kinds(tags)
+    system, turns = sharegpt_turns(entry, record, where, "it must be the list of prompt messages")
     if len(turns) % 2 == 0:
         raise _Dropped("with a prompt that does not end on a user turn")
     if any(_blank(t["content"]) for t in turns if t["role"] in ("user", "assistant")):
