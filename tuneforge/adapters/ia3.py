@@ -31,7 +31,7 @@ from tuneforge.errors import ConfigError, ModelError
 from .config import ALL_LINEAR, _names_or_regex
 from .layer import AdapterLayer, Conv1D
 from .methods import AdapterMethod, register_method
-from .peft_config import warn_unknown_fields
+from .peft_config import config_from_raw, warn_unknown_fields, yaml_targets
 from .targets import candidate_modules, minimal_suffixes, resolve_targets
 
 # peft's defaults per model type: (target_modules, feedforward_modules)
@@ -309,21 +309,12 @@ def _to_peft(model: nn.Module, name: str, cfg: IA3Config, layers: list) -> dict[
 
 def _from_peft(raw: dict[str, Any], source: str) -> IA3Config:
     warn_unknown_fields(raw, FIELDS, source)
-    kwargs = {k: raw[k] for k in FIELDS if k in raw and raw[k] is not None}
-    try:
-        return IA3Config(**kwargs)
-    except ConfigError as e:
-        raise ModelError(f"{source}: {e}") from None
+    return config_from_raw(IA3Config, raw, FIELDS, source)
 
 
 def _from_finetune_args(finetune) -> IA3Config:
-    target = finetune.lora_target.strip()
-    names = [p.strip() for p in target.split(",") if p.strip()]
-    extra = [p.strip() for p in (finetune.additional_target or "").split(",") if p.strip()]
-    return IA3Config(
-        target_modules=ALL_LINEAR if target in ("all", "all-linear") else names,
-        modules_to_save=extra or None,
-    )
+    targets, extra = yaml_targets(finetune)
+    return IA3Config(target_modules=targets, modules_to_save=extra)
 
 
 register_method(AdapterMethod(

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from tuneforge.errors import ConfigError, ModelError
+from tuneforge.errors import ModelError
 
 from .config import ALL_LINEAR, LoraConfig
 from .layer import Conv1D
@@ -22,7 +22,7 @@ from .lora_embedding import LoraEmbedding
 from .lora_quant import LoraQuantLinear, QuantLinear
 from .lora_variants import Dora, RandomInit, RsLora, WeightInit  # noqa: F401 - registers LoRA's variants
 from .methods import AdapterMethod, register_method
-from .peft_config import HARMLESS, non_empty, warn_unknown_fields
+from .peft_config import HARMLESS, config_from_raw, non_empty, warn_unknown_fields, yaml_targets
 from .sizes import check_adapter_size
 from .targets import candidate_modules, minimal_suffixes, pattern_value
 
@@ -104,24 +104,19 @@ def config_from_peft(raw: dict[str, Any], source: str) -> LoraConfig:
             "save the adapter from peft with path_initial_model_for_weight_conversion to get a plain LoRA"
         )
     warn_unknown_fields(raw, (*FIELDS, *HARMLESS, *UNSUPPORTED), source)
-    kwargs = {k: raw[k] for k in FIELDS if k in raw and raw[k] is not None}
-    kwargs["init_lora_weights"] = init if init in (True, False, "gaussian", "pissa", "olora") else True
-    try:
-        return LoraConfig(**kwargs)
-    except ConfigError as e:
-        raise ModelError(f"{source}: {e}") from None
+    return config_from_raw(LoraConfig, raw, FIELDS, source,
+                           init_lora_weights=init if init in (True, False, "gaussian", "pissa", "olora") else True)
 
 
 def from_finetune_args(finetune) -> LoraConfig:
     """The LoraConfig a YAML config's finetune section asks for (LLaMA-Factory's key names)."""
-    target = finetune.lora_target.strip()
-    targets = "all-linear" if target in ("all", "all-linear") else split_names(target)
+    targets, extra = yaml_targets(finetune)
     return LoraConfig(
         r=finetune.lora_rank,
         lora_alpha=finetune.lora_alpha if finetune.lora_alpha is not None else 2 * finetune.lora_rank,
         lora_dropout=finetune.lora_dropout,
         target_modules=targets,
-        modules_to_save=split_names(finetune.additional_target) or None,
+        modules_to_save=extra,
         use_rslora=finetune.use_rslora,
         use_dora=finetune.use_dora,
         init_lora_weights=pissa_init_name(finetune),
@@ -133,11 +128,6 @@ def pissa_init_name(finetune) -> bool | str:
     if not finetune.pissa_init:
         return True
     return "pissa" if finetune.pissa_iter == -1 else f"pissa_niter_{finetune.pissa_iter}"
-
-
-def split_names(value: str | None) -> list[str]:
-    """'a, b,c' -> ['a', 'b', 'c'] (LLaMA-Factory's comma-separated module lists)."""
-    return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
 def _check_targets(targets: list, cfg: LoraConfig) -> None:

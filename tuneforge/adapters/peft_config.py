@@ -10,6 +10,8 @@ from typing import Any
 
 from torch import nn
 
+from tuneforge.errors import ConfigError, ModelError
+
 # peft fields that never change what a loaded adapter computes
 HARMLESS = {
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping",
@@ -28,6 +30,30 @@ def warn_unknown_fields(raw: dict, known: Iterable[str], source: str) -> None:
     ignored = [k for k in sorted(raw) if k not in known and non_empty(raw[k])]
     if ignored:
         warnings.warn(f"{source}: ignoring fields tuneforge does not know: {ignored}", stacklevel=4)
+
+
+def config_from_raw(config_class: type, raw: dict, fields: Iterable[str], source: str, **fixed: Any):
+    """`config_class(**fields of raw that are set, **fixed)`, its ConfigError raised again as a
+    ModelError naming `source` (the adapter_config.json being read)."""
+    kwargs = {k: raw[k] for k in fields if k in raw and raw[k] is not None}
+    kwargs.update(fixed)
+    try:
+        return config_class(**kwargs)
+    except ConfigError as e:
+        raise ModelError(f"{source}: {e}") from None
+
+
+def split_names(value: str | None) -> list[str]:
+    """'a, b,c' -> ['a', 'b', 'c'] (LLaMA-Factory's comma-separated module lists)."""
+    return [part.strip() for part in (value or "").split(",") if part.strip()]
+
+
+def yaml_targets(finetune) -> tuple[str | list[str], list[str] | None]:
+    """(target_modules, modules_to_save) from LLaMA-Factory's lora_target and additional_target
+    keys: lora_target "all" (or "all-linear") is peft's "all-linear"."""
+    target = finetune.lora_target.strip()
+    targets = "all-linear" if target in ("all", "all-linear") else split_names(target)
+    return targets, split_names(finetune.additional_target) or None
 
 
 def common_fields(model: nn.Module, peft_type: str, base_model_name_or_path: str | None) -> dict[str, Any]:
