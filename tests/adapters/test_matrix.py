@@ -184,6 +184,20 @@ def gradients_in_file_layout(model: nn.Module, kind: str, is_peft: bool) -> dict
     return {k: before[k] - after[k] for k in before if not any(s in k for s in skip)}
 
 
+def assert_same_as_peft(ours: nn.Module, theirs: nn.Module, kind: str, base: torch.Tensor) -> dict:
+    """Our adapted model and peft's (same weights) give the same outputs, which differ from the
+    base model's `base`, and the same gradients; returns ours, keyed as in the adapter file."""
+    got, expected = evaluate(ours, kind), evaluate(theirs, kind)
+    assert (got - base).abs().max() > 1e-3, "the adapter changes nothing; the case proves nothing"
+    assert (got - expected).abs().max().item() <= TOL
+    g_ours = gradients_in_file_layout(ours, kind, is_peft=False)
+    g_peft = gradients_in_file_layout(theirs, kind, is_peft=True)
+    assert sorted(g_ours) == sorted(g_peft)
+    for key in g_ours:
+        torch.testing.assert_close(g_ours[key], g_peft[key], atol=1e-5, rtol=1e-4, msg=key)
+    return g_ours
+
+
 @pytest.mark.parametrize("kind,variant", CASES, ids=[f"{k}-{v}" for k, v in CASES])
 def test_matrix(tmp_path, kind, variant):
     kw = config(kind, variant)
@@ -191,15 +205,8 @@ def test_matrix(tmp_path, kind, variant):
     # 1. same weights: same outputs and gradients
     ours, theirs = pair(kind, kw)
     base = evaluate(build(kind), kind)
-    got, expected = evaluate(ours, kind), evaluate(theirs, kind)
-    assert (got - base).abs().max() > 1e-3, "the adapter changes nothing; the case proves nothing"
-    assert (got - expected).abs().max().item() <= TOL
-    g_ours = gradients_in_file_layout(ours, kind, is_peft=False)
-    g_peft = gradients_in_file_layout(theirs, kind, is_peft=True)
-    assert sorted(g_ours) == sorted(g_peft)
+    g_ours = assert_same_as_peft(ours, theirs, kind, base)
     assert any(g.abs().max() > 0 for g in g_ours.values())
-    for key in g_ours:
-        torch.testing.assert_close(g_ours[key], g_peft[key], atol=1e-5, rtol=1e-4, msg=key)
 
     # 2. tuneforge trains and saves; peft loads the file
     ours = add_adapter(build(kind), LoraConfig(**kw))
