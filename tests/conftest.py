@@ -73,3 +73,26 @@ def arithmetic_records(n: int = 48) -> list[dict]:
 @pytest.fixture
 def tiny_data_dir(tmp_path) -> Path:
     return write_dataset(tmp_path / "data", "arith", arithmetic_records())
+
+
+def save_moved_adapter(model_dir, out, config, seed: int, scale: float = 0.5, moved=("lora_B", "ia3_l"),
+                       prepare=None) -> Path:
+    """Save an adapter of `config` on the model in `model_dir` whose `moved` tensors have random
+    noise (std `scale`, from `seed`) added, so it changes the output like a trained one would;
+    `prepare(model)` runs after the adapter is added (a LoftQ start, say). Returns `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.adapters import add_adapter, save_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    add_adapter(model, config)
+    if prepare is not None:
+        prepare(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if any(key in name for key in moved):
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    save_adapter(model, out)
+    return out

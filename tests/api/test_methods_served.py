@@ -10,6 +10,7 @@ import urllib.request
 import pytest
 import torch
 
+from tests.conftest import save_moved_adapter
 from tuneforge.adapters.routing import route_adapters
 from tuneforge.api.server import BackgroundServer
 from tuneforge.config import load_config
@@ -23,31 +24,14 @@ LORA_TARGETS = ["q_proj", "o_proj", "gate_proj", "up_proj"]
 IDS = torch.tensor([[1, 520, 33, 4077, 17, 902, 3, 88, 250, 7]])
 
 
-def _adapter(model_dir, out, config, seed):
-    """An adapter whose weights are moved off their identity start, so it changes the output."""
-    from transformers import AutoModelForCausalLM
-
-    from tuneforge.adapters import add_adapter, save_adapter
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    add_adapter(model, config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "ia3_l" in name or "lora_B" in name:
-                p.add_(torch.randn(p.shape, generator=gen) * 0.5)
-    save_adapter(model, out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
     from tuneforge import IA3Config
     from tuneforge.adapters import LoraConfig
 
     root = tmp_path_factory.mktemp("methods")
-    return {"ia3": _adapter(tiny_model_dir, root / "ia3", IA3Config(), 1),
-            "lora": _adapter(tiny_model_dir, root / "lora",
+    return {"ia3": save_moved_adapter(tiny_model_dir, root / "ia3", IA3Config(), 1),
+            "lora": save_moved_adapter(tiny_model_dir, root / "lora",
                              LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), 2)}
 
 

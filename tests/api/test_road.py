@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.conftest import save_moved_adapter
 from tuneforge.adapters.routing import route_adapters
 from tuneforge.config import load_config
 from tuneforge.errors import ConfigError
@@ -22,23 +23,16 @@ TOL = 1e-5
 def _adapter(model_dir, out, seed, loftq_iter=0):
     """A LoRA adapter with random B (so it changes the output); with loftq_iter, started by LoftQ
     on a 4-bit nf4 base (two iterations and more give a base that plain quantization does not)."""
-    from transformers import AutoModelForCausalLM
-
-    from tuneforge.adapters import LoraConfig, add_adapter, save_adapter
-    from tuneforge.quant import QuantizationConfig
+    from tuneforge.adapters import LoraConfig
     from tuneforge.adapters.loftq import apply_loftq
+    from tuneforge.quant import QuantizationConfig
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    if loftq_iter:
-        apply_loftq(model, "default", QuantizationConfig(bits=4, compute_dtype="float32"), loftq_iter)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # a "trained" adapter: its own B on top of the start
-                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-    save_adapter(model, out)
-    return out
+    def loftq(model):
+        if loftq_iter:
+            apply_loftq(model, "default", QuantizationConfig(bits=4, compute_dtype="float32"), loftq_iter)
+
+    return save_moved_adapter(model_dir, out, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), seed,
+                              scale=0.05, moved=("lora_B",), prepare=loftq)
 
 
 def _cfg(model_dir, adapters, **values):

@@ -8,8 +8,8 @@ import urllib.request
 
 import openai
 import pytest
-import torch
 
+from tests.conftest import save_moved_adapter
 from tuneforge.api.server import BackgroundServer
 from tuneforge.config import load_config
 from tuneforge.infer import ChatModel
@@ -20,19 +20,9 @@ MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
 def _make_adapter(model_dir, out, seed):
-    from transformers import AutoModelForCausalLM
+    from tuneforge.adapters import LoraConfig
 
-    from tuneforge.adapters import LoraConfig, add_adapter, save_adapter
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    add_adapter(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:  # non-zero B: the adapter changes the output
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    save_adapter(model, out)
-    return out
+    return save_moved_adapter(model_dir, out, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), seed)
 
 
 @pytest.fixture(scope="module")
