@@ -39,11 +39,16 @@ def test_not_utf8_names_line_column_and_guess(tmp_path, text, encoding, guess):
     assert "at line 3, column" in message
 
 
-def test_utf16_file(tmp_path):
+@pytest.mark.parametrize("encoding, read, match", [
+    ("utf-16", fileio.read_json, r"\(byte 0xff at line 1, column 1; it is UTF-16\)"),
+    # no BOM: read_text refuses the NUL bytes too
+    ("utf-16-le", fileio.read_text, r"byte 0x00 at line 1, column 2; it looks like UTF-16 without"),
+], ids=["with-bom", "without-bom"])
+def test_utf16_file(tmp_path, encoding, read, match):
     path = tmp_path / "d.json"
-    path.write_bytes('["a"]'.encode("utf-16"))
-    with pytest.raises(DataError, match=r"\(byte 0xff at line 1, column 1; it is UTF-16\)"):
-        fileio.read_json(path)
+    path.write_bytes('["a"]'.encode(encoding))
+    with pytest.raises(DataError, match=match):
+        read(path)
 
 
 def test_json_too_deep_and_malformed(tmp_path):

@@ -109,19 +109,23 @@ def test_sharegpt_system_column_of_the_wrong_type(smol, make_args, tmp_path):
 
 # --- incomplete conversations are dropped, counted, said ------------------------------------
 
+def assert_dropped(smol, make_args, folder, caplog, kept: int, counts: str) -> None:
+    """Loading `folder` keeps `kept` examples and warns once: `counts` and the standard advice."""
+    train, warnings = load(smol, make_args, folder, caplog)
+    assert len(train) == kept
+    assert warnings == [f"{counts}; fix or remove those records (or check columns/tags in dataset_info.json)"]
+
+
 def test_alpaca_drops_are_counted_in_one_warning(smol, make_args, tmp_path, caplog):
     records = [GOOD, {**GOOD, "output": ""}, GOOD, {**GOOD, "output": "  \n"}, {**GOOD, "output": None},
                {"instruction": "", "input": " ", "output": "x"}, {"instruction": None, "output": "x"},
                {**GOOD, "history": [["Hi", ""]]}, GOOD]
     folder = register(tmp_path, records, columns={"history": "history"})
-    train, warnings = load(smol, make_args, folder, caplog)
-    assert len(train) == 3
     path = tmp_path / "d.json"
-    assert warnings == [
+    assert_dropped(smol, make_args, folder, caplog, kept=3, counts=(
         f"dropped 6 of 9 examples of 'd': 3 with an empty reply (first: '{path}' record 1), "
         f"2 with no instruction or input text (first: '{path}' record 5), "
-        f"1 with an empty turn in 'history' (first: '{path}' record 7); "
-        "fix or remove those records (or check columns/tags in dataset_info.json)"]
+        f"1 with an empty turn in 'history' (first: '{path}' record 7)"))
 
 
 def test_sharegpt_drops_follow_llamafactory_and_are_counted(smol, make_args, tmp_path, caplog):
@@ -140,14 +144,11 @@ def test_sharegpt_drops_follow_llamafactory_and_are_counted(smol, make_args, tmp
         [HI, HELLO, HI, {**HELLO, "value": ""}],  # a blank later reply
     ]
     folder = register(tmp_path, [{"conversations": c} for c in convos], formatting="sharegpt")
-    train, warnings = load(smol, make_args, folder, caplog)
-    assert len(train) == 2
     path = tmp_path / "d.json"
-    assert warnings == [
+    assert_dropped(smol, make_args, folder, caplog, kept=2, counts=(
         f"dropped 10 of 12 examples of 'd': 2 ending on a user turn with no reply (first: '{path}' record 2), "
         f"3 with roles out of order (first: '{path}' record 4), 2 with no messages (first: '{path}' record 7), "
-        f"3 with an empty reply or user turn (first: '{path}' record 9); "
-        "fix or remove those records (or check columns/tags in dataset_info.json)"]
+        f"3 with an empty reply or user turn (first: '{path}' record 9)"))
 
 
 def test_jsonl_drops_name_the_line(smol, make_args, tmp_path, caplog):

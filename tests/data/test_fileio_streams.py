@@ -41,13 +41,6 @@ def test_read_lines_names_a_stray_nul_byte_without_calling_it_an_encoding(tmp_pa
                               "is not text: remove it (in JSON, write it as \\u0000)")
 
 
-def test_read_text_refuses_nul_bytes_too(tmp_path):
-    path = tmp_path / "d.json"
-    path.write_bytes('["a"]'.encode("utf-16-le"))
-    with pytest.raises(DataError, match=r"byte 0x00 at line 1, column 2; it looks like UTF-16 without"):
-        fileio.read_text(path)
-
-
 def test_read_json_lines(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"a": 1}\r\n\n  \n[2]\n"x"\n')
