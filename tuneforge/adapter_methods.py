@@ -1,12 +1,37 @@
-"""The adapter methods tuneforge ships, one line each: finetuning_type -> (the module of
-tuneforge.adapters whose last statement registers the method, one line of help).
+"""The adapter methods tuneforge ships, and the YAML keys they read.
 
-This list is the whole registration: tuneforge.adapters imports each module (which calls
-`register_method`), and the YAML config's `finetuning_type` accepts these names without importing
-torch. It imports nothing.
+`METHODS`, one line per method: finetuning_type -> (the module of tuneforge.adapters whose last
+statement registers the method, one line of help). This list is the whole registration:
+tuneforge.adapters imports each module (which calls `register_method`), and the YAML config's
+`finetuning_type` accepts these names without importing torch.
+
+`METHOD_KEYS`: the YAML keys a method adds (LLaMA-Factory's or peft's names), each declared once
+with `key(...)`, naming the methods that read it. config.py makes them keys of the finetune
+section (so `tuneforge keys`, validation and the web UI see them with their help), and a key set
+in a config whose finetuning_type does not read it is refused. Keys every method shares
+(lora_target, additional_target) stay in config.py.
+
+It imports nothing.
 """
 
 METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
+}
+
+
+def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
+        choices: tuple | None = None, bounds: str | None = None) -> dict:
+    """One method key: its default, help text, the methods (finetuning_type names) that read it,
+    its type as an annotation string ("int", "Optional[str]"; default: the default's type), and
+    optionally its allowed values or numeric interval (config.py's `_f` conventions)."""
+    if type is None:
+        if default is None:
+            raise TypeError("a key whose default is None needs type='Optional[...]'")
+        type = default.__class__.__name__
+    return {"default": default, "help": help, "methods": tuple(methods), "type": type,
+            "choices": choices, "bounds": bounds}
+
+
+METHOD_KEYS: dict[str, dict] = {
 }

@@ -15,6 +15,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from . import fileio
+from .adapter_methods import METHOD_KEYS
 from .adapter_methods import METHODS as ADAPTER_METHODS
 from .config_checks import validate
 from .config_values import coerce, is_text
@@ -103,7 +104,7 @@ class DataArguments:
 
 
 @dataclass
-class FinetuningArguments:
+class _FinetuningKeys:
     stage: str = _f("sft", stages_help())  # config_checks: one of the registered stages
     finetuning_type: str = _f(
         "lora", "; ".join(f"{k}: {h}" for k, (_, h) in ADAPTER_METHODS.items())
@@ -146,6 +147,15 @@ class FinetuningArguments:
         2, "freeze: number of last (positive) or first (negative) decoder layers to train.")
     freeze_trainable_modules: str = _f(
         "all", "freeze: comma list of module names inside those layers to train, or 'all'.")
+
+
+# the finetune section: the keys above, then each method's own keys (adapter_methods.METHOD_KEYS)
+FinetuningArguments = dataclasses.make_dataclass(
+    "FinetuningArguments",
+    [(name, spec["type"], _f(spec["default"], spec["help"], spec["choices"], bounds=spec["bounds"]))
+     for name, spec in METHOD_KEYS.items()],
+    bases=(_FinetuningKeys,))
+FinetuningArguments.__module__ = __name__
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
+from .adapter_methods import METHOD_KEYS
 from .errors import ConfigError
 from .train.stages import STAGES
 
@@ -34,6 +35,7 @@ def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
     if cfg.train.max_steps <= 0 and cfg.train.num_train_epochs <= 0:
         raise ConfigError("set 'num_train_epochs' or 'max_steps' to a positive value")
     _validate_lora_variants(cfg)
+    _validate_method_keys(cfg, given)
     _validate_placeholders(cfg.data.placeholders)
     _validate_adapter_list(cfg.model.adapter_name_or_path)
     if "export_quantization" in given and cfg.export.export_format != "gguf":
@@ -99,6 +101,17 @@ def _describe(bounds: str) -> str:
     if high == float("inf"):
         return f">= {low:g}" if low_closed else f"> {low:g}"
     return f"in {bounds}"
+
+
+def _validate_method_keys(cfg, given) -> None:
+    """A method's own key (adapter_methods.METHOD_KEYS) set for a method that does not read it."""
+    method = cfg.finetune.finetuning_type
+    for key, spec in METHOD_KEYS.items():
+        if key in given and getattr(cfg.finetune, key) is not None and method not in spec["methods"]:
+            names = list(spec["methods"])
+            readers = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+            raise ConfigError(f"config key '{key}' needs finetuning_type: {readers} "
+                              f"(got finetuning_type: {method})")
 
 
 def _validate_lora_variants(cfg) -> None:
