@@ -17,7 +17,14 @@ It imports nothing.
 METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
+    "oft": ("oft", "train block-diagonal orthogonal rotations (Cayley) of each adapted layer's input (OFT)"),
+    "boft": ("boft", "train butterfly-factorised orthogonal rotations of each adapted layer's input and a "
+                     "scale per output (BOFT)"),
 }
+
+# the methods whose layers take a quantized base (tuneforge.quant.QuantLinear in their layer table):
+# quantization_bit may train them (config_checks.py); the others are refused at config load
+QUANTIZED_BASE = ("lora", "oft", "boft")
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
@@ -34,4 +41,21 @@ def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None
 
 
 METHOD_KEYS: dict[str, dict] = {
+    "oft_rank": key(0, "OFT: blocks per adapted layer (in_features = oft_rank x oft_block_size); 0: set by "
+                    "oft_block_size. Set exactly one of the two non-zero (oft_rank alone: oft_block_size is "
+                    "taken as 0).", ("oft",), bounds="[0, inf)"),
+    "oft_block_size": key(32, "OFT: size of each orthogonal block; 0: set by oft_rank. A size that does not "
+                          "divide a layer's width moves to the nearest divisor (as peft).", ("oft",),
+                          bounds="[0, inf)"),
+    "module_dropout": key(0.0, "OFT: fraction of each layer's blocks that act as identity while training.",
+                          ("oft",), bounds="[0, 1)"),
+    "oft_target": key(None, "OFT: modules that get OFT: 'all' (every linear layer but the output head) or a "
+                      "comma list of module names; empty: lora_target.", ("oft",), type="Optional[str]"),
+    "boft_block_size": key(4, "BOFT: size of each orthogonal block; 0: set by boft_block_num. Set exactly one of "
+                           "the two non-zero (boft_block_num alone: boft_block_size is taken as 0).", ("boft",),
+                           bounds="[0, inf)"),
+    "boft_block_num": key(0, "BOFT: blocks per butterfly factor (in_features = boft_block_num x boft_block_size); "
+                          "0: set by boft_block_size.", ("boft",), bounds="[0, inf)"),
+    "boft_n_butterfly_factor": key(1, "BOFT: butterfly factors of each rotation (1: one block-diagonal rotation).",
+                                   ("boft",), bounds="[1, inf)"),
 }

@@ -221,7 +221,7 @@ def _bias_params(model: nn.Module, cfg: Any, target_paths: list[str]) -> list[st
     if bias == "none":
         return []
     params = dict(model.named_parameters())
-    if bias == "lora_only":
+    if bias.endswith("_only"):  # 'lora_only', 'oft_only', ...: the biases of the adapted layers (peft's rule)
         return [f"{p}.bias" for p in target_paths if f"{p}.bias" in params]
     skip = [f"{p}." for p, _ in saved_modules(model)]
     return [
