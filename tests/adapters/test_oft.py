@@ -1,5 +1,5 @@
 """OFT through the method seams, checked against peft four ways (as test_matrix.py does for LoRA):
-tiny Llama, Qwen2 (q/k/v biases) and BERT (classifier in modules_to_save), in three configurations
+tiny Llama (with its embedding), Qwen2 (q/k/v biases) and BERT (classifier in modules_to_save), in three configurations
 (block size + Neumann series; rank + exact Cayley with peft's fit of a rank that does not divide
 in_features; one shared block + COFT + trained biases).
 1. same weights -> same outputs and the same gradients as peft (compared in peft's file layout);
@@ -44,7 +44,7 @@ from tuneforge.errors import ConfigError, ModelError
 
 TOL = 1e-5
 TARGETS = {
-    "llama": ["q_proj", "v_proj", "down_proj"],
+    "llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
     "qwen2": ["q_proj", "k_proj", "o_proj"],
     "bert": ["query", "value", "output.dense"],
 }
@@ -92,7 +92,8 @@ def test_oft_matches_peft(tmp_path, kind, variant):
     }
     base = evaluate(build(kind), kind)
     g_ours = assert_same_as_peft(ours, theirs, kind, base)
-    assert all(g.abs().max() > 0 for k, g in g_ours.items() if k.endswith(".oft_R.weight"))
+    assert all(g.abs().max() > 0 for k, g in g_ours.items() if k.endswith("_R.weight"))
+    assert any(k.endswith("embed_tokens.oft_embedding_R.weight") for k in g_ours) == (kind == "llama")
     assert any(k.endswith(".base_layer.bias") for k in g_ours) == (variant == "share-coft-bias" and kind != "llama")
 
     # 2. tuneforge trains and saves; peft loads the file
@@ -152,7 +153,7 @@ def test_oft_two_adapters_merge_route_and_beside_lora():
     add_adapter(model, LoraConfig(r=2, target_modules=["k_proj"], init_lora_weights=False), "lora")
     lora_only = evaluate(model, "llama")
     for name, seed in (("a", 1), ("b", 2)):
-        add_adapter(model, OFTConfig(oft_block_size=8, target_modules=["q_proj", "down_proj"],
+        add_adapter(model, OFTConfig(oft_block_size=8, target_modules=["q_proj", "down_proj", "embed_tokens"],
                                      init_weights=False), name)
         with torch.no_grad():
             for _, m in adapter_layers(model, name):

@@ -20,13 +20,15 @@ rotation back out (exact up to rounding also for the approximate Neumann rotatio
 module_dropout: while training, int(p * r) random blocks act as identity (peft 0.21.2 builds this
 layer but its forward never calls it; tuneforge applies it as the field is documented).
 
-Layers: nn.Linear and a quantized base (tuneforge.quant.QuantLinear, merge refused). peft's OFT
-has no layer for transformers' Conv1D (GPT-2), so neither has tuneforge: such targets are refused
-in one line; OFT on Embedding / Conv2d is not implemented yet (refused the same way).
+Layers: nn.Linear, nn.Embedding (its output vectors are rotated; file key oft_embedding_R.weight)
+and a quantized base (tuneforge.quant.QuantLinear, merge refused). peft's OFT has no layer for
+transformers' Conv1D (GPT-2), so neither has tuneforge: such targets are refused in one line; OFT
+on Conv2d is not implemented yet (refused the same way).
 
 An `oft_block_size` that does not divide a layer's in_features (or an r that does not) is moved
 to the nearest divisor for that layer with a warning, peft's rule, so peft's files load.
-Files hold `base_model.model.<module>.oft_R.weight`, peft_type "OFT".
+Files hold `base_model.model.<module>.oft_R.weight` (`.oft_embedding_R.weight` for an embedding),
+peft_type "OFT".
 
 YAML (LLaMA-Factory's keys): `finetuning_type: oft`, `oft_rank` (r) or `oft_block_size` (one of
 them non-zero; oft_rank > 0 with oft_block_size left at its default 32 means oft_block_size 0),
@@ -352,6 +354,49 @@ class OFTLinear(OFTLayer, nn.Linear):
     """`nn.Linear` with OFT adapters."""
 
 
+class OFTEmbedding(OFTLayer, nn.Embedding):
+    """`nn.Embedding` with OFT adapters (peft's `oft_embedding_R`): each looked-up vector e (the
+    embedding_dim = r * oft_block_size wide output) becomes e R; merging writes W R."""
+
+    @property
+    def in_features(self) -> int:  # the rotated width
+        return self.embedding_dim
+
+    def peft_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        return {"oft_embedding_R.weight": self.oft_R[name]}
+
+    def _to_merge(self, names: list[str]) -> list[str]:
+        return [n for n in self.oft_active if n in names and n not in self.oft_merged]  # e R_a R_b = e (W R_a R_b)
+
+    def _rotated_weight(self, names: list[str], undo: bool = False) -> torch.Tensor:
+        w = self.weight.detach()
+        out = w.to(torch.float32)
+        for n in names:
+            blocks = self.rotation(n).detach().to(out.device)
+            k = self.oft_spec[n].block_size
+            if blocks.shape[0] == 1:
+                blocks = blocks.expand(w.shape[1] // k, k, k)
+            if undo:  # W_old R = W, block by block
+                parts = out.reshape(w.shape[0], -1, k).transpose(0, 1)
+                out = torch.linalg.solve(blocks, parts, left=False).transpose(0, 1).reshape(w.shape)
+            else:
+                out = rotate_blocks(out, blocks)
+        return out.to(w.dtype)
+
+    def add_adapters(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
+        return self._rotate_output(out, names)
+
+    def _run(self, x: torch.Tensor, names, args, kwargs) -> torch.Tensor:
+        return self._rotate_output(nn.Embedding.forward(self, x, *args, **kwargs), names)
+
+    def _rotate_output(self, out: torch.Tensor, names) -> torch.Tensor:
+        dtype = out.dtype
+        for n in names:
+            blocks = self.rotation(n, dropout=self.training)
+            out = rotate_blocks(out.to(blocks.dtype), blocks)
+        return out.to(dtype)
+
+
 class OFTQuantLinear(OFTLayer, QuantLinear):
     """A quantized base (QLoRA-style): the input is rotated, the codes stay frozen; no merge."""
 
@@ -402,7 +447,7 @@ def _from_finetune_args(finetune) -> OFTConfig:
 
 register_method(AdapterMethod(
     name="oft", peft_type="OFT", label="OFT", prefix="OFT", config_class=OFTConfig, layer_class=OFTLayer,
-    layers={nn.Linear: OFTLinear, QuantLinear: OFTQuantLinear},
+    layers={nn.Linear: OFTLinear, nn.Embedding: OFTEmbedding, QuantLinear: OFTQuantLinear},
     config_to_peft=_to_peft, config_from_peft=_from_peft, from_finetune_args=_from_finetune_args,
     keys=("lora_target", "additional_target", "oft_rank", "oft_block_size", "module_dropout", "oft_target"),
 ))  # fmt: skip
