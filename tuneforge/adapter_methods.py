@@ -17,6 +17,8 @@ It imports nothing.
 METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
+    "loha": ("loha", "train low-rank Hadamard-product updates (LyCORIS LoHa, peft LoHaConfig)"),
+    "lokr": ("lokr", "train Kronecker-product updates (LyCORIS LoKr, peft LoKrConfig)"),
 }
 
 
@@ -34,4 +36,14 @@ def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None
 
 
 METHOD_KEYS: dict[str, dict] = {
+    "rank_dropout": key(0.0, "loha / lokr: while training, zero each output row of the weight update "
+                        "with this probability (peft's rank_dropout).", ("loha", "lokr"), bounds="[0, 1)"),
+    "module_dropout": key(0.0, "loha / lokr: while training, skip the whole adapter of a layer for a "
+                          "step with this probability (peft's module_dropout).", ("loha", "lokr"), bounds="[0, 1)"),
+    "rank_dropout_scale": key(False, "lokr: rescale the rows rank_dropout keeps by 1 / (fraction kept) "
+                              "(loha always does).", ("lokr",)),
+    "decompose_both": key(False, "lokr: also write the small Kronecker factor as a rank-lora_rank "
+                          "product.", ("lokr",)),
+    "decompose_factor": key(-1, "lokr: split each weight dimension as (factor, dim / factor); -1: "
+                            "factors as near square as possible.", ("lokr",), bounds="[-1, inf)"),
 }
