@@ -1,5 +1,5 @@
-"""`tuneforge api` serves adapters of different methods side by side: an IA3 adapter next to a
-LoRA adapter on one base, each request answered as `tuneforge chat` answers with that adapter
+"""`tuneforge api` serves adapters of different methods side by side: an IA3 (LoHa, LoKr, ...)
+adapter next to a LoRA adapter on one base, each request answered as `tuneforge chat` answers with that adapter
 alone, over the real HTTP server, in one shared batch."""
 
 from __future__ import annotations
@@ -24,13 +24,25 @@ LORA_TARGETS = ["q_proj", "o_proj", "gate_proj", "up_proj"]
 IDS = torch.tensor([[1, 520, 33, 4077, 17, 902, 3, 88, 250, 7]])
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tmp_path_factory):
-    from tuneforge import IA3Config
+OTHERS = ["k_proj", "v_proj", "down_proj"]  # what IA3 takes by default; LoRA has the rest
+# method served beside LoRA -> its adapter config (tuneforge's config classes by name)
+SERVED = {
+    "ia3": ("IA3Config", {}),
+    "loha": ("LoHaConfig", {"r": 4, "target_modules": OTHERS}),
+    "lokr": ("LoKrConfig", {"r": 4, "target_modules": OTHERS}),
+}
+MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1")  # the tensors that start at zero / one
+
+
+@pytest.fixture(scope="module", params=list(SERVED))
+def adapters(request, tiny_model_dir, tmp_path_factory):
+    import tuneforge
     from tuneforge.adapters import LoraConfig
 
+    method = request.param
+    config = getattr(tuneforge, SERVED[method][0])(**SERVED[method][1])
     root = tmp_path_factory.mktemp("methods")
-    return {"ia3": save_moved_adapter(tiny_model_dir, root / "ia3", IA3Config(), 1),
+    return {method: save_moved_adapter(tiny_model_dir, root / method, config, 1, moved=MOVED),
             "lora": save_moved_adapter(tiny_model_dir, root / "lora",
                              LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), 2)}
 
@@ -48,7 +60,8 @@ def _post(url, model):
         return json.loads(response.read())["choices"][0]["message"]["content"]
 
 
-def test_ia3_is_served_next_to_lora_as_chat_answers(tiny_model_dir, adapters):
+def test_method_is_served_next_to_lora_as_chat_answers(tiny_model_dir, adapters):
+    method = next(name for name in adapters if name != "lora")
     chats = {name: ChatModel(_cfg(tiny_model_dir, str(path))) for name, path in adapters.items()}
     alone = {name: chat.answer(MESSAGES, max_new_tokens=12) for name, chat in chats.items()}
     base_chat = ChatModel(_cfg(tiny_model_dir, None))
@@ -56,23 +69,23 @@ def test_ia3_is_served_next_to_lora_as_chat_answers(tiny_model_dir, adapters):
     with torch.no_grad():  # each adapter changes the model's output
         want = {name: chat.model(IDS, use_cache=False).logits for name, chat in chats.items()}
         plain = base_chat.model(IDS, use_cache=False).logits
-    outputs = [want["ia3"], want["lora"], plain]
+    outputs = [want[method], want["lora"], plain]
     assert min((outputs[i] - outputs[j]).abs().max().item() for i, j in ((0, 1), (0, 2), (1, 2))) > 1e-2
 
-    engine = Engine.from_config(_cfg(tiny_model_dir, f"{adapters['ia3']},{adapters['lora']}"))
-    assert engine.model_ids() == [engine.base_name, "ia3", "lora"]
-    for name in ("ia3", "lora"):  # the served model computes what chat computes with that adapter
+    engine = Engine.from_config(_cfg(tiny_model_dir, f"{adapters[method]},{adapters['lora']}"))
+    assert engine.model_ids() == [engine.base_name, method, "lora"]
+    for name in (method, "lora"):  # the served model computes what chat computes with that adapter
         with torch.no_grad(), route_adapters(engine.model, [engine.adapters[name]]):
             got = engine.model(IDS, use_cache=False).logits
         assert (got - want[name]).abs().max().item() <= 1e-5
     with BackgroundServer(engine) as url:
-        assert {name: _post(url, name) for name in ("ia3", "lora")} == alone
+        assert {name: _post(url, name) for name in (method, "lora")} == alone
         assert _post(url, engine.base_name) == base
         # queued together, they share one batch and still answer as alone
         with engine.batcher.lock:
             engine.batcher.largest_batch = 0
             gens = {name: engine.generate(name, MESSAGES, temperature=0, max_tokens=12)
-                    for name in ("ia3", "lora", engine.base_name)}
+                    for name in (method, "lora", engine.base_name)}
         together = {name: "".join(gen) for name, gen in gens.items()}
     assert engine.batcher.largest_batch >= 3
     assert together == {**alone, engine.base_name: base}
