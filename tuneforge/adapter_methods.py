@@ -11,6 +11,8 @@ section (so `tuneforge keys`, validation and the web UI see them with their help
 in a config whose finetuning_type does not read it is refused. Keys every method shares
 (lora_target, additional_target) stay in config.py.
 
+`QUANTIZED_BASE`: the methods whose layers run over a quantized base (`quantization_bit`).
+
 It imports nothing.
 """
 
@@ -20,6 +22,10 @@ METHODS = {
     "loha": ("loha", "train low-rank Hadamard-product updates (LyCORIS LoHa, peft LoHaConfig)"),
     "lokr": ("lokr", "train Kronecker-product updates (LyCORIS LoKr, peft LoKrConfig)"),
 }
+
+# the methods with a layer over a quantized base (tuneforge.quant.QuantLinear in their layer table):
+# `quantization_bit` trains them on a frozen 4/8-bit base; config_checks refuses it for the others
+QUANTIZED_BASE = ("lora", "loha", "lokr")
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,

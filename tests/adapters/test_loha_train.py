@@ -1,6 +1,6 @@
-"""`finetuning_type: loha` / `lokr` from a YAML config: the run trains the adapter only, its own keys
-reach adapter_config.json, peft loads the saved adapter to the same outputs, and `chat`'s loader
-attaches it again."""
+"""`finetuning_type: loha` / `lokr` from a YAML config (also on a 4-bit base): the run trains the
+adapter only, its own keys reach adapter_config.json, peft loads the saved adapter to the same
+outputs, and `chat`'s loader attaches it again."""
 
 from __future__ import annotations
 
@@ -20,12 +20,14 @@ RUNS = {
              {"r": 4, "alpha": 4, "rank_dropout": 0.1, "module_dropout": 0.05}),
     "lokr": ("LOKR", LoKrConfig, "lora_alpha: 8\ndecompose_both: true\ndecompose_factor: 4\nrank_dropout_scale: true\n",
              {"r": 4, "alpha": 8, "decompose_both": True, "decompose_factor": 4, "rank_dropout_scale": True}),
+    "loha-4bit": ("LOHA", LoHaConfig, "quantization_bit: 4\n", {"r": 4}),  # trained on a frozen NF4 base
 }  # fmt: skip
 
 
 @pytest.mark.parametrize("method", list(RUNS))
 def test_lycoris_trains_from_yaml_and_peft_loads_it(tiny_model_dir, tiny_data_dir, tmp_path, method):
     peft_type, config_class, keys, written = RUNS[method]
+    method = method.split("-")[0]
     out = tmp_path / "run"
     cfg = tmp_path / f"{method}.yaml"
     cfg.write_text(
