@@ -1,6 +1,6 @@
 """`finetuning_type: loha` / `lokr` from a YAML config (also on a 4-bit base): the run trains the
 adapter only, its own keys reach adapter_config.json, peft loads the saved adapter to the same
-outputs, and `chat`'s loader attaches it again."""
+outputs, `chat`'s loader attaches it again, and `tuneforge export` merges it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from tuneforge.adapters import LoHaConfig, LoKrConfig, list_adapters, load_adapter
 from tuneforge.config import load_config
-from tuneforge.workflows import train
+from tuneforge.workflows import export, train
 
 RUNS = {
     "loha": ("LOHA", LoHaConfig, "rank_dropout: 0.1\nmodule_dropout: 0.05\n",
@@ -53,3 +53,10 @@ def test_lycoris_trains_from_yaml_and_peft_loads_it(tiny_model_dir, tiny_data_di
         got, expected, plain = ours(ids).logits, theirs(ids).logits, base(ids).logits
     assert (got - plain).abs().max() > 1e-4, "the trained adapter changes nothing"
     assert (got - expected).abs().max().item() <= 1e-5
+    if method == "loha":  # `tuneforge export` merges it: the exported model computes what the adapter did
+        merged = tmp_path / "merged"
+        export(load_config(None, {"model_name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(out),
+                                  "export_dir": str(merged), "export_dtype": "float32"}))
+        with torch.no_grad():
+            exported = AutoModelForCausalLM.from_pretrained(merged).eval()(ids).logits
+        assert (exported - got).abs().max().item() <= 1e-4
