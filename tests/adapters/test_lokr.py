@@ -6,6 +6,7 @@ in modules_to_save), a CNN (Conv2d with low-rank, full and Tucker w2) and a Conv
 from __future__ import annotations
 
 import pytest
+import torch
 from peft import LoKrConfig as PeftLoKrConfig
 from peft.tuners.lokr.layer import factorization as peft_factorization
 from test_loha import CNN, check_against_peft
@@ -76,3 +77,17 @@ def test_lokr_refuses_conv1d_and_is_exported():
     with pytest.raises(ConfigError, match="c_fc is a Conv1D, which LoKr does not support yet"):
         add_adapter(build("gpt2"), LoKrConfig(target_modules=["c_fc"]))
     assert tuneforge.LoKrConfig is LoKrConfig
+
+
+@pytest.mark.parametrize("scale", [False, True])
+def test_lokr_rank_dropout_rescales_only_with_rank_dropout_scale(scale):
+    model = add_adapter(build("llama"), LoKrConfig(r=4, target_modules=["q_proj"], init_weights=False,
+                                                    rank_dropout=0.5, rank_dropout_scale=scale))
+    layer = dict(adapter_layers(model))["model.layers.0.self_attn.q_proj"]
+    full = layer.delta_weight("default").detach()  # eval / merge: no dropout
+    torch.manual_seed(0)
+    rows = layer.delta_weight("default", rank_dropout=True).detach()
+    kept = rows.abs().sum(1) > 0
+    assert 0 < kept.sum() < rows.shape[0]
+    factor = rows.shape[0] / kept.sum() if scale else 1.0
+    torch.testing.assert_close(rows[kept], full[kept] * factor, rtol=1e-5, atol=1e-7)
