@@ -17,6 +17,7 @@ It imports nothing.
 METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
+    "ln_tuning": ("ln_tuning", "train a copy of the norm layers only (LN tuning)"),
 }
 
 
