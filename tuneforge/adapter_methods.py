@@ -18,6 +18,7 @@ METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
     "ln_tuning": ("ln_tuning", "train a copy of the norm layers only (LN tuning)"),
+    "vera": ("vera", "train two scaling vectors per layer around frozen random projections shared by all layers (VeRA)"),
 }
 
 
@@ -35,4 +36,9 @@ def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None
 
 
 METHOD_KEYS: dict[str, dict] = {
+    "vera_rank": key(256, "VeRA: rank r of the shared random projections (peft's default 256; VeRA trains "
+                     "r + out values per layer, so ranks far above LoRA's are cheap).", ("vera",), bounds="(0, inf)"),
+    "vera_d_initial": key(0.1, "VeRA: start value of the lambda_d vectors (lambda_b starts at 0).", ("vera",)),
+    "vera_dropout": key(0.0, "VeRA: dropout on the adapter's input while training.", ("vera",), bounds="[0, 1)"),
+    "vera_projection_prng_key": key(0, "VeRA: seed of the shared random projections.", ("vera",)),
 }
