@@ -19,6 +19,7 @@ METHODS = {
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
     "ln_tuning": ("ln_tuning", "train a copy of the norm layers only (LN tuning)"),
     "vera": ("vera", "train two scaling vectors per layer around frozen random projections shared by all layers (VeRA)"),
+    "bitfit": ("bitfit", "train only bias terms (BitFit); layers without a bias get a zero one"),
 }
 
 
@@ -41,4 +42,7 @@ METHOD_KEYS: dict[str, dict] = {
     "vera_d_initial": key(0.1, "VeRA: start value of the lambda_d vectors (lambda_b starts at 0).", ("vera",)),
     "vera_dropout": key(0.0, "VeRA: dropout on the adapter's input while training.", ("vera",), bounds="[0, 1)"),
     "vera_projection_prng_key": key(0, "VeRA: seed of the shared random projections.", ("vera",)),
+    "bitfit_target": key("all", "BitFit: whose biases train: 'all' (every linear layer but the output head, and "
+                         "every LayerNorm), 'attention', 'mlp', or a comma list of module names such as "
+                         "q_proj,v_proj. Layers without a bias get a zero one.", ("bitfit",)),
 }
