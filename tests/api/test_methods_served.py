@@ -18,19 +18,31 @@ from tuneforge.infer import ChatModel
 from tuneforge.infer.engine import Engine
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
-# IA3 takes its defaults for Llama (k_proj, v_proj, down_proj); one layer holds adapters of one
-# method, so the LoRA adapter takes the other linear layers
+# one layer holds adapters of one method, so the LoRA adapter takes linear layers the other
+# method leaves alone (IA3's defaults for Llama: k_proj, v_proj, down_proj)
 LORA_TARGETS = ["q_proj", "o_proj", "gate_proj", "up_proj"]
 IDS = torch.tensor([[1, 520, 33, 4077, 17, 902, 3, 88, 250, 7]])
 
 
-@pytest.fixture(scope="module")
-def adapters(tiny_model_dir, tmp_path_factory):
-    from tuneforge import IA3Config
+def _method(name):
+    """(the adapter config of finetuning_type `name`, the tensors moved so that it changes the output)"""
+    import tuneforge
+
+    return {
+        "ia3": lambda: (tuneforge.IA3Config(), ("ia3_l",)),
+        "ln_tuning": lambda: (tuneforge.LNTuningConfig(), ("ln_tuning_layers",)),
+        "vera": lambda: (tuneforge.VeraConfig(r=16, target_modules=["k_proj", "v_proj"]), ("vera_lambda_b",)),
+        "bitfit": lambda: (tuneforge.BitFitConfig(target_modules=["k_proj", "down_proj"]), ("bitfit_bias",)),
+    }[name]()
+
+
+@pytest.fixture(scope="module", params=["ia3", "ln_tuning", "vera", "bitfit"])
+def adapters(request, tiny_model_dir, tmp_path_factory):
     from tuneforge.adapters import LoraConfig
 
     root = tmp_path_factory.mktemp("methods")
-    return {"ia3": save_moved_adapter(tiny_model_dir, root / "ia3", IA3Config(), 1),
+    config, moved = _method(request.param)
+    return {"method": save_moved_adapter(tiny_model_dir, root / request.param, config, 1, moved=moved),
             "lora": save_moved_adapter(tiny_model_dir, root / "lora",
                              LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), 2)}
 
@@ -48,7 +60,7 @@ def _post(url, model):
         return json.loads(response.read())["choices"][0]["message"]["content"]
 
 
-def test_ia3_is_served_next_to_lora_as_chat_answers(tiny_model_dir, adapters):
+def test_a_method_is_served_next_to_lora_as_chat_answers(tiny_model_dir, adapters):
     chats = {name: ChatModel(_cfg(tiny_model_dir, str(path))) for name, path in adapters.items()}
     alone = {name: chat.answer(MESSAGES, max_new_tokens=12) for name, chat in chats.items()}
     base_chat = ChatModel(_cfg(tiny_model_dir, None))
@@ -56,23 +68,24 @@ def test_ia3_is_served_next_to_lora_as_chat_answers(tiny_model_dir, adapters):
     with torch.no_grad():  # each adapter changes the model's output
         want = {name: chat.model(IDS, use_cache=False).logits for name, chat in chats.items()}
         plain = base_chat.model(IDS, use_cache=False).logits
-    outputs = [want["ia3"], want["lora"], plain]
+    outputs = [want["method"], want["lora"], plain]
     assert min((outputs[i] - outputs[j]).abs().max().item() for i, j in ((0, 1), (0, 2), (1, 2))) > 1e-2
 
-    engine = Engine.from_config(_cfg(tiny_model_dir, f"{adapters['ia3']},{adapters['lora']}"))
-    assert engine.model_ids() == [engine.base_name, "ia3", "lora"]
-    for name in ("ia3", "lora"):  # the served model computes what chat computes with that adapter
-        with torch.no_grad(), route_adapters(engine.model, [engine.adapters[name]]):
+    engine = Engine.from_config(_cfg(tiny_model_dir, f"{adapters['method']},{adapters['lora']}"))
+    assert engine.model_ids() == [engine.base_name, adapters["method"].name, "lora"]
+    for name in ("method", "lora"):  # the served model computes what chat computes with that adapter
+        with torch.no_grad(), route_adapters(engine.model, [engine.adapters[adapters[name].name]]):
             got = engine.model(IDS, use_cache=False).logits
         assert (got - want[name]).abs().max().item() <= 1e-5
     with BackgroundServer(engine) as url:
-        assert {name: _post(url, name) for name in ("ia3", "lora")} == alone
+        assert {name: _post(url, adapters[name].name) for name in ("method", "lora")} == alone
         assert _post(url, engine.base_name) == base
         # queued together, they share one batch and still answer as alone
         with engine.batcher.lock:
             engine.batcher.largest_batch = 0
-            gens = {name: engine.generate(name, MESSAGES, temperature=0, max_tokens=12)
-                    for name in ("ia3", "lora", engine.base_name)}
+            gens = {name: engine.generate(adapters[name].name if name in adapters else name, MESSAGES,
+                                          temperature=0, max_tokens=12)
+                    for name in ("method", "lora", engine.base_name)}
         together = {name: "".join(gen) for name, gen in gens.items()}
     assert engine.batcher.largest_batch >= 3
     assert together == {**alone, engine.base_name: base}
