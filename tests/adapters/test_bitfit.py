@@ -138,6 +138,19 @@ def test_bitfit_trains_and_says_once_that_biases_were_added(caplog):
     assert (evaluate(model, "llama") - before).abs().max() > 1e-4
 
 
+def test_bitfit_on_a_half_precision_base():
+    """Added biases take the weight's dtype; the deltas train in fp32; the output keeps the base dtype."""
+    model = add_adapter(build("llama").to(torch.bfloat16), BitFitConfig(target_modules="mlp"))
+    deltas = [p for n, p in model.named_parameters() if ".bitfit_bias." in n]
+    assert deltas and all(p.dtype == torch.float32 and p.requires_grad for p in deltas)
+    assert all(m.bias.dtype == torch.bfloat16 for _, m in adapter_layers(model))
+    ids = batch("llama", 1)["input_ids"]
+    out = model(input_ids=ids).logits
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in deltas)
+
+
 def test_bitfit_two_adapters_beside_lora_route_and_delete():
     model = build("qwen2")
     add_adapter(model, LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False), "lora")

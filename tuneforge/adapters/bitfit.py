@@ -111,13 +111,12 @@ class BitFitLayer(AdapterLayer):
         """The shape of the layer's bias (and of each adapter's delta)."""
         raise NotImplementedError
 
-    def _device(self) -> torch.device:
-        own = (*self.parameters(recurse=False), *self.buffers(recurse=False))
-        return own[0].device if own else torch.device("cpu")
-
     def add_from_config(self, name: str, cfg: BitFitConfig, path: str) -> None:
-        if self.bias is None:  # a frozen zero bias, so that merging has somewhere to go
-            self.bias = nn.Parameter(torch.zeros(self.bias_shape(), device=self._device()), requires_grad=False)
+        if self.bias is None:  # a frozen zero bias in the weight's dtype, so that merging has somewhere to go
+            own = [t for t in (*self.parameters(recurse=False), *self.buffers(recurse=False))]
+            device = own[0].device if own else torch.device("cpu")
+            dtype = next((t.dtype for t in self.parameters(recurse=False) if t.is_floating_point()), torch.float32)
+            self.bias = nn.Parameter(torch.zeros(self.bias_shape(), device=device, dtype=dtype), requires_grad=False)
             self.bitfit_added_bias = True
         self.bitfit_bias[name] = nn.Parameter(torch.zeros(self.bias_shape(), device=self.bias.device))
         self._refresh()
