@@ -13,9 +13,10 @@ gives the base model back:
 
 Where a targeted layer has no bias (Llama's projections), a frozen zero bias is added to it (one
 log line per adapter says how many); it is removed again when the layer loses its last adapter
-unmerged. Merging is exact: bias += delta (a merged model keeps the added biases, so its
-state_dict has keys the base did not have: a model config that declares no biases, such as
-Llama's attention_bias / mlp_bias false, drops them when reloaded from a saved merged model).
+unmerged. Merging is exact: bias += delta. A merged model keeps the added biases, so its
+state_dict has keys the base did not have; a config that declares no biases (Llama's
+attention_bias / mlp_bias false) would drop them on reload, so `tuneforge export` refuses such a
+merge (export/merge.py), and the adapter is served unmerged (chat / api) instead.
 
 `target_modules` takes "all" (every Linear / Conv1D but the output head, and every LayerNorm: the
 paper's "all bias terms"), "attention" / "mlp" (the linear layers inside a numbered block whose
@@ -275,7 +276,7 @@ def _note_added_biases(targets: list, cfg: BitFitConfig) -> None:
     bare = [p for p, m in targets if getattr(m, "bias", None) is None and not isinstance(m, BitFitLayer)]
     if bare:
         log.warning("BitFit: %d of %d targeted layers have no bias (e.g. %s); a frozen zero bias is added to "
-                    "each, and its trained delta is what the adapter saves", len(bare), len(targets), bare[0])
+                    "each, and the adapter's deltas are added to it", len(bare), len(targets), bare[0])
 
 
 def _to_peft(model: nn.Module, name: str, cfg: BitFitConfig, layers: list) -> dict[str, Any]:
