@@ -23,6 +23,12 @@ METHODS = {
 }
 
 
+# the finetuning types that train on a quantized base (quantization_bit): each adapts
+# tuneforge.quant.QuantLinear layers (LoRA, VeRA, BitFit) or adapts no quantized layer at all (LN
+# tuning: the norms stay unquantized). config_checks refuses quantization_bit for the others.
+QUANTIZED_BASE = ("lora", "ln_tuning", "vera", "bitfit")
+
+
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
         choices: tuple | None = None, bounds: str | None = None) -> dict:
     """One method key: its default, help text, the methods (finetuning_type names) that read it,
