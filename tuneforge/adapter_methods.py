@@ -19,7 +19,7 @@ METHODS = {
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
     "ln_tuning": ("ln_tuning", "train a copy of the norm layers only (LN tuning)"),
     "vera": ("vera", "train two scaling vectors per layer around frozen random projections shared by all layers (VeRA)"),
-    "bitfit": ("bitfit", "train only bias terms (BitFit); layers without a bias get a zero one"),
+    "bitfit": ("bitfit", "train only bias terms (BitFit), adding a zero bias where a layer has none"),
 }
 
 
