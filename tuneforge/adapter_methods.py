@@ -21,11 +21,16 @@ METHODS = {
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
     "loha": ("loha", "train low-rank Hadamard-product updates (LyCORIS LoHa, peft LoHaConfig)"),
     "lokr": ("lokr", "train Kronecker-product updates (LyCORIS LoKr, peft LoKrConfig)"),
+    "ln_tuning": ("ln_tuning", "train a copy of the norm layers only (LN tuning)"),
+    "vera": ("vera", "train two scaling vectors per layer around frozen random projections shared by all layers (VeRA)"),
+    "bitfit": ("bitfit", "train only bias terms (BitFit), adding a zero bias where a layer has none"),
 }
 
-# the methods with a layer over a quantized base (tuneforge.quant.QuantLinear in their layer table):
-# `quantization_bit` trains them on a frozen 4/8-bit base; config_checks refuses it for the others
-QUANTIZED_BASE = ("lora", "loha", "lokr")
+
+# the finetuning types that train on a quantized base (quantization_bit): each adapts
+# tuneforge.quant.QuantLinear layers (LoRA, LoHa, LoKr, VeRA, BitFit) or adapts no quantized layer at
+# all (LN tuning: the norms stay unquantized). config_checks refuses quantization_bit for the others.
+QUANTIZED_BASE = ("lora", "loha", "lokr", "ln_tuning", "vera", "bitfit")
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
@@ -52,4 +57,12 @@ METHOD_KEYS: dict[str, dict] = {
                           "product.", ("lokr",)),
     "decompose_factor": key(-1, "lokr: split each weight dimension as (factor, dim / factor); -1: "
                             "factors as near square as possible.", ("lokr",), bounds="[-1, inf)"),
+    "vera_rank": key(256, "VeRA: rank r of the shared random projections (peft's default 256; VeRA trains "
+                     "r + out values per layer, so ranks far above LoRA's are cheap).", ("vera",), bounds="(0, inf)"),
+    "vera_d_initial": key(0.1, "VeRA: start value of the lambda_d vectors (lambda_b starts at 0).", ("vera",)),
+    "vera_dropout": key(0.0, "VeRA: dropout on the adapter's input while training.", ("vera",), bounds="[0, 1)"),
+    "vera_projection_prng_key": key(0, "VeRA: seed of the shared random projections.", ("vera",)),
+    "bitfit_target": key("all", "BitFit: whose biases train: 'all' (every linear layer but the output head, and "
+                         "every LayerNorm), 'attention', 'mlp', or a comma list of module names such as "
+                         "q_proj,v_proj. Layers without a bias get a zero one.", ("bitfit",)),
 }

@@ -18,8 +18,8 @@ from tuneforge.infer import ChatModel
 from tuneforge.infer.engine import Engine
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
-# IA3 takes its defaults for Llama (k_proj, v_proj, down_proj); one layer holds adapters of one
-# method, so the LoRA adapter takes the other linear layers
+# one layer holds adapters of one method, so the LoRA adapter takes linear layers the other
+# method leaves alone (IA3's defaults for Llama: k_proj, v_proj, down_proj)
 LORA_TARGETS = ["q_proj", "o_proj", "gate_proj", "up_proj"]
 IDS = torch.tensor([[1, 520, 33, 4077, 17, 902, 3, 88, 250, 7]])
 
@@ -30,8 +30,12 @@ SERVED = {
     "ia3": ("IA3Config", {}),
     "loha": ("LoHaConfig", {"r": 4, "target_modules": OTHERS}),
     "lokr": ("LoKrConfig", {"r": 4, "target_modules": OTHERS}),
+    "ln_tuning": ("LNTuningConfig", {}),
+    "vera": ("VeraConfig", {"r": 16, "target_modules": ["k_proj", "v_proj"]}),
+    "bitfit": ("BitFitConfig", {"target_modules": ["k_proj", "down_proj"]}),
 }
-MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1")  # the tensors that start at zero / one
+# the tensors that start at zero / one (or a copy of the base)
+MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1", "ln_tuning_layers", "vera_lambda_b", "bitfit_bias")
 
 
 @pytest.fixture(scope="module", params=list(SERVED))
