@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from tuneforge.adapter_methods import METHOD_KEYS
 from tuneforge.config import SECTIONS, load_config
 from tuneforge.errors import ConfigError
 
@@ -166,13 +167,12 @@ def test_every_bounded_key_refuses_values_outside(key, bounds):
     above = high + (step if step == 1 else max(step, abs(high) * 1e-6))  # still counts at 1e10
     outside = [v for v in (low - step if low_closed else low, above if high_closed else high)
                if v not in (float("inf"), float("-inf"))]
+    # a method's own key is read with its method only
+    method = {"finetuning_type": METHOD_KEYS[key]["methods"][0]} if key in METHOD_KEYS else {}
     for value in outside:
         with pytest.raises(ConfigError, match=f"config key '{key}' must be "):
-            load_config(None, {key: value})
-    if low_closed:  # a method's own key is read with its method (adapter_methods.METHOD_KEYS)
-        from tuneforge.adapter_methods import METHOD_KEYS
-
-        method = {"finetuning_type": METHOD_KEYS[key]["methods"][0]} if key in METHOD_KEYS else {}
+            load_config(None, {key: value, **method})
+    if low_closed:
         load_config(None, {key: low, "max_steps": 1, **method})
 
 

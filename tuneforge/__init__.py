@@ -24,8 +24,10 @@ _quiet_bitsandbytes()
 _EXPORTS = {
     "LoraConfig": "adapters", "add_adapter": "adapters", "delete_adapter": "adapters",
     "IA3Config": "adapters.ia3",
-    "OFTConfig": "adapters.oft",
-    "BOFTConfig": "adapters.boft",
+    "LoHaConfig": "adapters.loha", "LoKrConfig": "adapters.lokr",
+    "LNTuningConfig": "adapters.ln_tuning", "VeraConfig": "adapters.vera",
+    "BitFitConfig": "adapters.bitfit",
+    "OFTConfig": "adapters.oft", "BOFTConfig": "adapters.boft",
     "disable_adapters": "adapters", "load_adapter": "adapters", "merge_adapters": "adapters",
     "save_adapter": "adapters", "set_active_adapters": "adapters",
     "trainable_parameters": "adapters", "unload": "adapters", "unmerge_adapters": "adapters",

@@ -11,20 +11,29 @@ section (so `tuneforge keys`, validation and the web UI see them with their help
 in a config whose finetuning_type does not read it is refused. Keys every method shares
 (lora_target, additional_target) stay in config.py.
 
+`QUANTIZED_BASE`: the methods whose layers run over a quantized base (`quantization_bit`).
+
 It imports nothing.
 """
 
 METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
+    "loha": ("loha", "train low-rank Hadamard-product updates (LyCORIS LoHa, peft LoHaConfig)"),
+    "lokr": ("lokr", "train Kronecker-product updates (LyCORIS LoKr, peft LoKrConfig)"),
+    "ln_tuning": ("ln_tuning", "train a copy of the norm layers only (LN tuning)"),
+    "vera": ("vera", "train two scaling vectors per layer around frozen random projections shared by all layers (VeRA)"),
+    "bitfit": ("bitfit", "train only bias terms (BitFit), adding a zero bias where a layer has none"),
     "oft": ("oft", "train block-diagonal orthogonal rotations (Cayley) of each adapted layer's input (OFT)"),
     "boft": ("boft", "train butterfly-factorised orthogonal rotations of each adapted layer's input and a "
                      "scale per output (BOFT)"),
 }
 
-# the methods whose layers take a quantized base (tuneforge.quant.QuantLinear in their layer table):
-# quantization_bit may train them (config_checks.py); the others are refused at config load
-QUANTIZED_BASE = ("lora", "oft", "boft")
+
+# the finetuning types that train on a quantized base (quantization_bit): each adapts
+# tuneforge.quant.QuantLinear layers (LoRA, LoHa, LoKr, VeRA, BitFit, OFT, BOFT) or adapts no quantized
+# layer at all (LN tuning: the norms stay unquantized). config_checks refuses quantization_bit for the others.
+QUANTIZED_BASE = ("lora", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft")
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
@@ -41,14 +50,32 @@ def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None
 
 
 METHOD_KEYS: dict[str, dict] = {
+    "rank_dropout": key(0.0, "loha / lokr: while training, zero each output row of the weight update "
+                        "with this probability (peft's rank_dropout).", ("loha", "lokr"), bounds="[0, 1)"),
+    "module_dropout": key(0.0, "loha / lokr: while training, skip the whole adapter of a layer for a "
+                          "step with this probability (peft's module_dropout); oft: the fraction of each "
+                          "layer's blocks that act as identity while training.", ("loha", "lokr", "oft"),
+                          bounds="[0, 1)"),
+    "rank_dropout_scale": key(False, "lokr: rescale the rows rank_dropout keeps by 1 / (fraction kept) "
+                              "(loha always does).", ("lokr",)),
+    "decompose_both": key(False, "lokr: also write the small Kronecker factor as a rank-lora_rank "
+                          "product.", ("lokr",)),
+    "decompose_factor": key(-1, "lokr: split each weight dimension as (factor, dim / factor); -1: "
+                            "factors as near square as possible.", ("lokr",), bounds="[-1, inf)"),
+    "vera_rank": key(256, "VeRA: rank r of the shared random projections (peft's default 256; VeRA trains "
+                     "r + out values per layer, so ranks far above LoRA's are cheap).", ("vera",), bounds="(0, inf)"),
+    "vera_d_initial": key(0.1, "VeRA: start value of the lambda_d vectors (lambda_b starts at 0).", ("vera",)),
+    "vera_dropout": key(0.0, "VeRA: dropout on the adapter's input while training.", ("vera",), bounds="[0, 1)"),
+    "vera_projection_prng_key": key(0, "VeRA: seed of the shared random projections.", ("vera",)),
+    "bitfit_target": key("all", "BitFit: whose biases train: 'all' (every linear layer but the output head, and "
+                         "every LayerNorm), 'attention', 'mlp', or a comma list of module names such as "
+                         "q_proj,v_proj. Layers without a bias get a zero one.", ("bitfit",)),
     "oft_rank": key(0, "OFT: blocks per adapted layer (in_features = oft_rank x oft_block_size); 0: set by "
                     "oft_block_size. Set exactly one of the two non-zero (oft_rank alone: oft_block_size is "
                     "taken as 0).", ("oft",), bounds="[0, inf)"),
     "oft_block_size": key(32, "OFT: size of each orthogonal block; 0: set by oft_rank. A size that does not "
                           "divide a layer's width moves to the nearest divisor (as peft).", ("oft",),
                           bounds="[0, inf)"),
-    "module_dropout": key(0.0, "OFT: fraction of each layer's blocks that act as identity while training.",
-                          ("oft",), bounds="[0, 1)"),
     "oft_target": key(None, "OFT: modules that get OFT: 'all' (every linear layer but the output head) or a "
                       "comma list of module names; empty: lora_target.", ("oft",), type="Optional[str]"),
     "boft_block_size": key(4, "BOFT: size of each orthogonal block; 0: set by boft_block_num. Set exactly one of "

@@ -110,8 +110,10 @@ class _FinetuningKeys:
         "lora", "; ".join(f"{k}: {h}" for k, (_, h) in ADAPTER_METHODS.items())
         + "; freeze: train the last layers; full: all weights.",
         ("lora", "freeze", "full", *(m for m in ADAPTER_METHODS if m != "lora")))  # then newer methods
-    lora_rank: int = _f(8, "LoRA rank r.", bounds="(0, inf)")
-    lora_alpha: Optional[float] = _f(None, "LoRA alpha; scaling = alpha / r. Empty: 2 x lora_rank.", bounds="(0, inf)")
+    lora_rank: int = _f(8, "LoRA rank r (loha / lokr: their rank r).", bounds="(0, inf)")
+    lora_alpha: Optional[float] = _f(
+        None, "LoRA alpha; scaling = alpha / r. Empty: 2 x lora_rank (loha / lokr: lora_rank, peft's "
+        "default).", bounds="(0, inf)")
     lora_dropout: float = _f(0.0, "Dropout on the LoRA input.", bounds="[0, 1)")
     lora_target: str = _f(
         "all", "Modules that get LoRA: 'all' (every linear layer but the output head) or a comma "

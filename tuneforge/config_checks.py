@@ -134,10 +134,9 @@ def _validate_lora_variants(cfg) -> None:
         raise ConfigError(f"config key 'loraplus_lr_ratio' must be positive (e.g. 16); "
                           f"got {ft.loraplus_lr_ratio}")
     if model.quantization_bit is not None and ft.finetuning_type not in QUANTIZED_BASE:
-        readers = " or ".join([", ".join(QUANTIZED_BASE[:-1]), QUANTIZED_BASE[-1]] if len(QUANTIZED_BASE) > 1
-                              else QUANTIZED_BASE)
-        raise ConfigError(f"config key 'quantization_bit' trains an adapter on a frozen quantized base; it needs "
-                          f"finetuning_type: {readers} (got {ft.finetuning_type})")
+        names = ", ".join(QUANTIZED_BASE[:-1]) + " or " + QUANTIZED_BASE[-1]
+        raise ConfigError(f"config key 'quantization_bit' trains an adapter on a frozen quantized base; it "
+                          f"needs finetuning_type: {names} (got {ft.finetuning_type})")
     if ft.pissa_init and model.quantization_bit is not None:
         raise ConfigError("config key 'pissa_init' rewrites the base weights, which quantization_bit "
                           "freezes in 4/8 bits; use loftq_iter for a quantized base, or drop one")

@@ -1,5 +1,5 @@
-"""`tuneforge api` serves adapters of different methods side by side: an IA3 / OFT / BOFT adapter
-next to a LoRA adapter on one base, each request answered as `tuneforge chat` answers with that adapter
+"""`tuneforge api` serves adapters of different methods side by side: an IA3 (LoHa, LoKr, ...)
+adapter next to a LoRA adapter on one base, each request answered as `tuneforge chat` answers with that adapter
 alone, over the real HTTP server, in one shared batch."""
 
 from __future__ import annotations
@@ -18,38 +18,40 @@ from tuneforge.infer import ChatModel
 from tuneforge.infer.engine import Engine
 
 MESSAGES = [{"role": "user", "content": "Hello there, how are you?"}]
-# IA3 takes its defaults for Llama (k_proj, v_proj, down_proj); one layer holds adapters of one
-# method, so the LoRA adapter takes the other linear layers
+# one layer holds adapters of one method, so the LoRA adapter takes linear layers the other
+# method leaves alone (IA3's defaults for Llama: k_proj, v_proj, down_proj)
 LORA_TARGETS = ["q_proj", "o_proj", "gate_proj", "up_proj"]
 IDS = torch.tensor([[1, 520, 33, 4077, 17, 902, 3, 88, 250, 7]])
 
 
-# the methods served next to LoRA: (config, the tensors save_moved_adapter moves); each takes
-# k_proj, v_proj, down_proj (IA3's defaults for Llama)
-METHODS = {
-    "ia3": (lambda tf: tf.IA3Config(), ("ia3_l",)),
-    "oft": (lambda tf: tf.OFTConfig(oft_block_size=16, target_modules=["k_proj", "v_proj", "down_proj"]), ("oft_R",)),
-    "boft": (lambda tf: tf.BOFTConfig(boft_block_size=8, boft_n_butterfly_factor=2,
-                                      target_modules=["k_proj", "v_proj", "down_proj"]), ("boft_R", "boft_s")),
+OTHERS = ["k_proj", "v_proj", "down_proj"]  # what IA3 takes by default; LoRA has the rest
+# method served beside LoRA -> its adapter config (tuneforge's config classes by name)
+SERVED = {
+    "ia3": ("IA3Config", {}),
+    "loha": ("LoHaConfig", {"r": 4, "target_modules": OTHERS}),
+    "lokr": ("LoKrConfig", {"r": 4, "target_modules": OTHERS}),
+    "ln_tuning": ("LNTuningConfig", {}),
+    "vera": ("VeraConfig", {"r": 16, "target_modules": ["k_proj", "v_proj"]}),
+    "bitfit": ("BitFitConfig", {"target_modules": ["k_proj", "down_proj"]}),
+    "oft": ("OFTConfig", {"oft_block_size": 16, "target_modules": OTHERS}),
+    "boft": ("BOFTConfig", {"boft_block_size": 8, "boft_n_butterfly_factor": 2, "target_modules": OTHERS}),
 }
+# the tensors that start at zero / one (or a copy of the base)
+MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1", "ln_tuning_layers", "vera_lambda_b", "bitfit_bias", "oft_R",
+         "boft_R", "boft_s")
 
 
-@pytest.fixture(scope="module")
-def lora_adapter(tiny_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=list(SERVED))
+def adapters(request, tiny_model_dir, tmp_path_factory):
+    import tuneforge
     from tuneforge.adapters import LoraConfig
 
-    return save_moved_adapter(tiny_model_dir, tmp_path_factory.mktemp("methods") / "lora",
-                              LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), 2)
-
-
-@pytest.fixture(params=list(METHODS))
-def adapters(request, tiny_model_dir, lora_adapter, tmp_path):
-    import tuneforge
-
-    config, moved = METHODS[request.param]
-    return {request.param: save_moved_adapter(tiny_model_dir, tmp_path / request.param, config(tuneforge), 1,
-                                              moved=moved),
-            "lora": lora_adapter}
+    method = request.param
+    config = getattr(tuneforge, SERVED[method][0])(**SERVED[method][1])
+    root = tmp_path_factory.mktemp("methods")
+    return {method: save_moved_adapter(tiny_model_dir, root / method, config, 1, moved=MOVED),
+            "lora": save_moved_adapter(tiny_model_dir, root / "lora",
+                             LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), 2)}
 
 
 def _cfg(model_dir, adapters):
@@ -66,7 +68,7 @@ def _post(url, model):
 
 
 def test_method_is_served_next_to_lora_as_chat_answers(tiny_model_dir, adapters):
-    method = next(iter(adapters))
+    method = next(name for name in adapters if name != "lora")
     chats = {name: ChatModel(_cfg(tiny_model_dir, str(path))) for name, path in adapters.items()}
     alone = {name: chat.answer(MESSAGES, max_new_tokens=12) for name, chat in chats.items()}
     base_chat = ChatModel(_cfg(tiny_model_dir, None))

@@ -121,6 +121,7 @@ def add_adapter(model: nn.Module, cfg: Any, name: str = "default") -> nn.Module:
         model.__dict__[STATE_ATTR] = st
     if method.inject is not None:
         method.inject(model, cfg, name)
+    shared = {} if method.shared is None else {"shared": method.shared(model, cfg, name, targets)}
     warned = False
     for path, module in targets:
         if not isinstance(module, AdapterLayer):
@@ -138,7 +139,7 @@ def add_adapter(model: nn.Module, cfg: Any, name: str = "default") -> nn.Module:
                 stacklevel=2,
             )
             warned = True
-        module.add_from_config(name, cfg, path)
+        module.add_from_config(name, cfg, path, **shared)
     for path, module in to_save:
         make_modules_to_save(module, path, model).add_copy(name)
 
@@ -221,7 +222,7 @@ def _bias_params(model: nn.Module, cfg: Any, target_paths: list[str]) -> list[st
     if bias == "none":
         return []
     params = dict(model.named_parameters())
-    if bias.endswith("_only"):  # 'lora_only', 'oft_only', ...: the biases of the adapted layers (peft's rule)
+    if bias.endswith("_only"):  # the biases of the adapted layers ('lora_only', 'vera_only')
         return [f"{p}.bias" for p in target_paths if f"{p}.bias" in params]
     skip = [f"{p}." for p, _ in saved_modules(model)]
     return [

@@ -8,7 +8,8 @@ talks to these methods only and never names a method's tensors:
     adapter_names()            names of the adapters this layer carries
     adapter_parameters(name)   {attribute: Parameter} of adapter `name` (trainability, dtype, tools)
     peft_tensors(name)         {peft key suffix: tensor} of adapter `name`, as peft files name them
-    add_from_config(name, cfg, path)   inject adapter `name` as `cfg` says for the module at `path`
+    add_from_config(name, cfg, path[, shared])   inject adapter `name` as `cfg` says for the module at
+                               `path` (`shared`: what the method's `shared` hook made for the adapter)
     check_config(module, path, cfg)    (classmethod) refuse a target before any module changes
     delete_adapter(name)       remove one adapter (unmerging it first)
     release_adapter(name)      the adapter is dropped unmerged: give back what its init took
@@ -42,6 +43,8 @@ class AdapterLayer:
 
     method_name: str = ""  # the AdapterMethod's name (set by each method's mixin)
     param_dicts: tuple[str, ...] = ()  # nn.ParameterDict attributes keyed by adapter name
+    extra_children: tuple[str, ...] = ()  # other child modules the method adds (no adapter parameters,
+    # e.g. VeRA's shared projections): never targets, removed by strip, kept by carry_onto
     state_attrs: tuple[str, ...] = ()  # per-instance attributes the method adds (removed by strip)
     base_class_attr = "_adapter_base_class"
     route_attr = "_route"  # attribute route_adapters (routing.py) sets per instance while routing
@@ -113,7 +116,7 @@ class AdapterLayer:
 
     def strip(self) -> None:
         """Remove every adapter and turn the module back into its base class (weights untouched)."""
-        for attr in self.param_dicts:
+        for attr in (*self.param_dicts, *self.extra_children):
             self._modules.pop(attr, None)
         base = self.base_class
         for attr in (*self.state_attrs, self.base_class_attr):
@@ -132,7 +135,7 @@ class AdapterLayer:
         for key, value in vars(self).items():
             if key not in ("_parameters", "_buffers", "_modules", "training") and key not in vars(new_base):
                 setattr(new_base, key, value)
-        for key in self.param_dicts:
+        for key in (*self.param_dicts, *self.extra_children):
             new_base._modules[key] = self._modules[key]
         new_base.__dict__[self.base_class_attr] = base_cls
         new_base.on_new_base()

@@ -59,6 +59,14 @@ class AdapterMethod:
     """([(path, module)], config) -> None: ConfigError for a plan that cannot work (e.g. LoRA's memory check)."""
     remove: Callable[[Any, str], None] | None = None
     """(model, adapter name): undo `inject` when the adapter is deleted or unloaded."""
+    shared: Callable[[Any, Any, str, list], Any] | None = None
+    """(model, config, adapter name, [(path, module)] targets) -> state every layer of the adapter
+    shares (VeRA's frozen random projections), made once by add_adapter after the plan is checked and
+    before any layer changes; each layer then gets `add_from_config(name, cfg, path, shared=<it>)`."""
+    extra_tensors: Callable[[Any, str, Any, list], dict] | None = None
+    """(model, adapter name, config, [(path, layer)]) -> {key in the adapter file: tensor} for tensors
+    the adapter keeps outside its layers' `peft_tensors` (VeRA's `base_model.vera_A`): save_adapter
+    writes them, load_adapter copies the file's into them in place (a missing one is an error)."""
 
 
 _METHODS: dict[str, AdapterMethod] = {}

@@ -11,6 +11,7 @@ On disk (as peft writes them, no adapter name in the keys):
                                                (save_embedding_layers='auto'); loaded into the base, never written
   base_model.model.<module>.bias               bias of another module (bias='all')
   base_model.model.<module>.<param>            modules_to_save copy (ours: <module>.modules_to_save.<adapter>.<param>)
+  other keys a method keeps outside its layers (its record's `extra_tensors`, e.g. VeRA's base_model.vera_A)
 This is the only file that knows peft's key layout.
 """
 
@@ -92,7 +93,18 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     for path, m in saved_modules(model, name):
         for k, t in m.modules_to_save[name].state_dict().items():
             out[f"{PREFIX}{path}.{k}"] = _to_file(t)
+    for key, t in _extra_tensors(model, name).items():
+        out[key] = _to_file(t)
     return out
+
+
+def _extra_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """{file key: tensor} adapter `name`'s method keeps outside its layers (AdapterMethod.extra_tensors)."""
+    method = method_of(model, name)
+    if method.extra_tensors is None:
+        return {}
+    cfg = require_state(model, name).configs[name]
+    return method.extra_tensors(model, name, cfg, list(adapter_layers(model, name)))
 
 
 def _to_file(t: torch.Tensor) -> torch.Tensor:
@@ -211,6 +223,11 @@ def load_adapter(
     return model
 
 
+def _shown(key: str) -> str:
+    """A key of read_adapter's table as the file spells it (keys outside PREFIX were left as they are)."""
+    return key if key.startswith("base_model.") else PREFIX + key
+
+
 def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path):
     """(destination, source) pairs for every tensor in the file; ModelError for anything off."""
     layer_keys: dict[str, tuple[torch.Tensor, str]] = {}
@@ -219,6 +236,8 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
         for suffix, dst in layer.peft_tensors(name).items():
             hint = layer.shape_hint(name)
             layer_keys[f"{path}.{suffix}"] = (dst, f" ({path}: {hint})" if hint else f" ({path})")
+    for key, dst in _extra_tensors(model, name).items():  # read_adapter left keys outside PREFIX as they are
+        layer_keys[key.removeprefix(PREFIX)] = (dst, "")
     saved = dict(saved_modules(model, name))
     params = dict(model.named_parameters())
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -228,7 +247,7 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
     def add(key: str, dst: torch.Tensor, src: torch.Tensor, hint: str = "") -> None:
         if tuple(src.shape) != tuple(dst.shape):
             raise ModelError(
-                f"{source}: {PREFIX}{key} has shape {tuple(src.shape)} but the model expects "
+                f"{source}: {_shown(key)} has shape {tuple(src.shape)} but the model expects "
                 f"{tuple(dst.shape)}{hint}; was the adapter trained for another base model or rank?"
             )
         plan.append((dst, src))
@@ -273,7 +292,7 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
         label = method_of(model, name).peft_type
         raise ModelError(
             f"{source}: {len(unmatched)} tensor(s) match no module of {type(model).__name__} adapted by "
-            f"{name!r} as a{'n' * (label[:1] in 'AEIOU')} {label} adapter, e.g. {[PREFIX + k for k in unmatched[:4]]}; "
+            f"{name!r} as a{'n' * (label[:1] in 'AEIOU')} {label} adapter, e.g. {[_shown(k) for k in unmatched[:4]]}; "
             "the file does not match its adapter_config.json or this model"
         )
     expected = list(layer_keys)
@@ -282,7 +301,7 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
     missing = [k for k in expected if k not in seen]
     if missing:
         raise ModelError(
-            f"{source}: {len(missing)} adapter tensor(s) are missing, e.g. {[PREFIX + k for k in missing[:4]]}; "
+            f"{source}: {len(missing)} adapter tensor(s) are missing, e.g. {[_shown(k) for k in missing[:4]]}; "
             "the file does not match its adapter_config.json or this model"
         )
     return plan

@@ -43,7 +43,8 @@ def candidate_modules(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Mo
     for name, module in model.named_modules():
         if not name or any(name == s or name.startswith(s + ".") for s in skip):
             continue
-        children = (*ADAPTER_CHILD_NAMES, *getattr(type(module), "param_dicts", ()))
+        children = (*ADAPTER_CHILD_NAMES, *getattr(type(module), "param_dicts", ()),
+                    *getattr(type(module), "extra_children", ()))
         skip.extend(f"{name}.{c}" for c in children if c in module._modules)
         yield name, module
 

@@ -81,6 +81,7 @@ def export_model(cfg) -> Path:
         untied = untie_adapted_embeddings(model)
         model = adapters.unload(model, merge=True).to("cpu")
         settle_tying(model, untied)
+        _check_declared(model)
     model.config.use_cache = True
     if gguf:
         return _export_gguf(cfg, model, tokenizer, target)
@@ -91,6 +92,26 @@ def export_model(cfg) -> Path:
         model.save_pretrained(folder, max_shard_size=int(cfg.export.export_size * 10**9))
         tokenizer.save_pretrained(folder)
     return target.shown
+
+
+def _check_declared(model) -> None:
+    """ConfigError (before anything is written) when the merged model has parameters that a model
+    built from its config lacks, e.g. a bias an adapter method added to a layer without one: the
+    written folder would load without them and compute something else."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(type(model), "config_class"):
+        return
+    try:
+        with torch.device("meta"):
+            declared = set(type(model)(config).state_dict())
+    except Exception:  # a model class that cannot be rebuilt from its config: nothing to compare
+        return
+    extra = [k for k in model.state_dict() if k not in declared]
+    if extra:
+        raise ConfigError(
+            f"the merged model has {len(extra)} parameter(s) its config does not declare (e.g. {extra[0]}; "
+            "BitFit adds a bias to layers that have none), which a saved model would lose; serve the "
+            "adapter unmerged (tuneforge chat / api load it) or train it on layers that have biases")
 
 
 def _export_dtype(cfg, model) -> torch.dtype:
