@@ -17,6 +17,10 @@ It imports nothing.
 METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
+    "prompt": ("prompt_tuning", "train soft-prompt embeddings put before the input (prompt tuning)"),
+    "prefix": ("prefix_tuning", "train key/value prefixes of every attention layer (prefix tuning)"),
+    "ptuning_v2": ("prefix_tuning", "train key/value prefixes of every layer without reparametrisation"),
+    "ptuning": ("p_tuning", "train a prompt encoder (MLP or LSTM) whose output is put before the input"),
 }
 
 
@@ -34,4 +38,20 @@ def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None
 
 
 METHOD_KEYS: dict[str, dict] = {
+    "num_virtual_tokens": key(20, "Virtual tokens the adapter puts before every input (prompt) or in front "
+                          "of every attention layer (prefix).", ("prompt", "prefix", "ptuning_v2", "ptuning"),
+                          type="int", bounds="(0, inf)"),
+    "prompt_tuning_init": key("random", "How the prompt starts: random, sample_vocab (embeddings of random "
+                          "tokens) or text (the embeddings of prompt_tuning_init_text).", ("prompt",),
+                          choices=("random", "sample_vocab", "text")),
+    "prompt_tuning_init_text": key(None, "The text whose token embeddings start the prompt "
+                                   "(prompt_tuning_init: text), repeated or cut to num_virtual_tokens.",
+                                   ("prompt",), type="Optional[str]"),
+    "prefix_projection": key(True, "Train the prefix through an MLP (folded into the prefix when saved); "
+                             "finetuning_type: ptuning_v2 is prefix tuning without it.", ("prefix",)),
+    "encoder_hidden_size": key(None, "Hidden size of the prefix MLP / the P-tuning prompt encoder; empty: "
+                               "the model's (key/value) width.", ("prefix", "ptuning"), type="Optional[int]",
+                               bounds="(0, inf)"),
+    "encoder_reparameterization_type": key("MLP", "P-tuning's prompt encoder: MLP or LSTM.", ("ptuning",),
+                                           choices=("MLP", "LSTM")),
 }

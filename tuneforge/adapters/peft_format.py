@@ -82,7 +82,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     adapted = set()
     for path, m in adapter_layers(model, name):
         for suffix, t in m.peft_tensors(name).items():
-            out[f"{PREFIX}{path}.{suffix}"] = _to_file(t)
+            out[file_key(m, path, suffix)] = _to_file(t)
         adapted.add(path)
     params = dict(model.named_parameters())
     for pn in st.biases.get(name, []):
@@ -93,6 +93,12 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         for k, t in m.modules_to_save[name].state_dict().items():
             out[f"{PREFIX}{path}.{k}"] = _to_file(t)
     return out
+
+
+def file_key(layer, path: str, suffix: str) -> str:
+    """A layer's tensor key in the file: `base_model.model.<module>.<suffix>`, or `<suffix>` alone for
+    a layer whose `peft_keys_at_root` is true (peft's prompt learning: `prompt_embeddings`)."""
+    return suffix if getattr(layer, "peft_keys_at_root", False) else f"{PREFIX}{path}.{suffix}"
 
 
 def _to_file(t: torch.Tensor) -> torch.Tensor:
@@ -218,7 +224,8 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
     for path, layer in adapted.items():
         for suffix, dst in layer.peft_tensors(name).items():
             hint = layer.shape_hint(name)
-            layer_keys[f"{path}.{suffix}"] = (dst, f" ({path}: {hint})" if hint else f" ({path})")
+            key = file_key(layer, path, suffix).removeprefix(PREFIX)
+            layer_keys[key] = (dst, f" ({path}: {hint})" if hint else f" ({path})")
     saved = dict(saved_modules(model, name))
     params = dict(model.named_parameters())
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
