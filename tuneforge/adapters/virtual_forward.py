@@ -118,7 +118,7 @@ def _packed(position_ids: torch.Tensor) -> bool:
     return position_ids.dim() == 2 and position_ids.shape[1] > 1 and bool((position_ids.diff(dim=1) < 0).any())
 
 
-def _rewrite(model: nn.Module, vt, kwargs: dict) -> int | None:
+def _rewrite(model: nn.Module, vt, kwargs: dict, cache_name: str) -> int | None:
     """Rewrite `kwargs` in place; returns the number of real tokens when outputs must be trimmed."""
     ids, embeds = kwargs.get("input_ids"), kwargs.get("inputs_embeds")
     x = ids if ids is not None else embeds
@@ -130,7 +130,7 @@ def _rewrite(model: nn.Module, vt, kwargs: dict) -> int | None:
         return None
     device = x.device
     plan = layout(vt, rows, device)
-    cache_key = "cache" if "cache" in kwargs else "past_key_values"
+    cache_key = next((k for k in ("cache", "past_key_values") if kwargs.get(k) is not None), cache_name)
     cache = kwargs.get(cache_key)
     past = _cache_length(cache)
     mask, pos = kwargs.get("attention_mask"), kwargs.get("position_ids")
@@ -194,6 +194,7 @@ def _rewrite(model: nn.Module, vt, kwargs: dict) -> int | None:
 def install(model: nn.Module, vt) -> None:
     """Put the hooks on `model` (their handles are kept by `vt`, whose strip() removes them)."""
     params = list(inspect.signature(model.forward).parameters)
+    cache_name = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
 
     def pre(module, args, kwargs):
         if args:  # positional arguments by name, so that the rewrite sees them
@@ -201,7 +202,7 @@ def install(model: nn.Module, vt) -> None:
             args = ()
         kwargs = dict(kwargs)
         vt.calls.append(None)  # popped by `post`, also when the forward raises (always_call)
-        vt.calls[-1] = _rewrite(module, vt, kwargs)
+        vt.calls[-1] = _rewrite(module, vt, kwargs, cache_name)
         return args, kwargs
 
     def post(module, args, kwargs, output):

@@ -1,0 +1,54 @@
+"""Prefix tuning and P-tuning v2 against peft's PrefixTuningConfig (tiny Llama with grouped-query
+attention, Qwen2, GPT-2): outputs, gradients, generation, files both ways, no merge
+(test_prompt.assert_matches_peft); the prefix_projection MLP folded into the saved prefix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PrefixTuningConfig as PeftPrefixTuningConfig
+from test_matrix import build
+from test_prompt import KINDS, assert_matches_peft
+
+from tuneforge.adapters import PrefixTuningConfig, add_adapter, load_adapter, save_adapter
+from tuneforge.adapters.virtual_tokens import HOLDER
+from tuneforge.errors import ConfigError
+
+WHY = "prefix tuning adds key/value prefixes, which no weight can hold"
+
+
+@pytest.mark.parametrize("projection", [True, False], ids=["projection", "ptuning_v2"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_prefix_tuning_matches_peft(tmp_path, kind, projection):
+    extra = {"encoder_hidden_size": 24} if projection else {}
+    assert_matches_peft(
+        tmp_path, kind, PrefixTuningConfig(num_virtual_tokens=4, prefix_projection=projection, **extra),
+        PeftPrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prefix_projection=projection, **extra),
+        WHY,
+    )
+
+
+def test_projection_is_folded_when_saved(tmp_path):
+    """The file holds the MLP's output; loaded back, the plain prefix gives the same logits."""
+    model = add_adapter(build("llama"), PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=True)).eval()
+    enc = getattr(model, HOLDER).encoders["default"]
+    with torch.no_grad():
+        enc.transform[2].weight.normal_(std=0.2)
+    ids = torch.randint(0, 256, (2, 7))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    save_adapter(model, tmp_path)
+    back = load_adapter(build("llama"), tmp_path, is_trainable=True)
+    loaded = getattr(back, HOLDER).encoders["default"]
+    # llama tiny: 2 layers, 2 key/value heads of 16 -> token_dim 32; 2 * 2 * 32 = 128 per virtual token
+    assert [n for n, _ in loaded.named_parameters()] == ["embedding.weight"]
+    assert loaded.embedding.weight.shape == (3, 128) and loaded.embedding.weight.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(back.eval()(input_ids=ids).logits, want)
+
+
+def test_prefix_config_errors():
+    with pytest.raises(ConfigError, match="prefix_projection must be true or false"):
+        PrefixTuningConfig(prefix_projection="yes")
+    with pytest.raises(ConfigError, match="encoder_hidden_size must be a positive integer"):
+        PrefixTuningConfig(encoder_hidden_size=0)
