@@ -39,7 +39,7 @@ from .core import (
     set_active_adapters,
     set_trainable,
 )
-from .methods import method_names, method_of_peft_type
+from .methods import all_methods, method_of_peft_type
 from .peft_config import common_fields
 
 CONFIG_NAME = "adapter_config.json"
@@ -69,7 +69,7 @@ def config_from_peft(raw: dict[str, Any], source: str = CONFIG_NAME) -> Any:
     peft_type = raw.get("peft_type", "LORA")
     method = method_of_peft_type(peft_type)
     if method is None or method.config_from_peft is None:
-        known = ", ".join(n.upper() for n in method_names())
+        known = ", ".join(dict.fromkeys(m.peft_type for m in all_methods()))
         raise ModelError(f"{source}: peft_type {peft_type!r} is not supported yet (tuneforge loads {known} adapters)")
     return method.config_from_peft(raw, source)
 
@@ -220,12 +220,15 @@ def load_adapter(
 def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path):
     """(destination, source) pairs for every tensor in the file; ModelError for anything off."""
     layer_keys: dict[str, tuple[torch.Tensor, str]] = {}
+    at_root: set[str] = set()  # keys the file holds without 'base_model.model.'
     adapted = dict(adapter_layers(model, name))
     for path, layer in adapted.items():
         for suffix, dst in layer.peft_tensors(name).items():
             hint = layer.shape_hint(name)
             key = file_key(layer, path, suffix).removeprefix(PREFIX)
             layer_keys[key] = (dst, f" ({path}: {hint})" if hint else f" ({path})")
+            if layer.peft_keys_at_root:
+                at_root.add(key)
     saved = dict(saved_modules(model, name))
     params = dict(model.named_parameters())
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -235,7 +238,7 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
     def add(key: str, dst: torch.Tensor, src: torch.Tensor, hint: str = "") -> None:
         if tuple(src.shape) != tuple(dst.shape):
             raise ModelError(
-                f"{source}: {PREFIX}{key} has shape {tuple(src.shape)} but the model expects "
+                f"{source}: {'' if key in at_root else PREFIX}{key} has shape {tuple(src.shape)} but the model expects "
                 f"{tuple(dst.shape)}{hint}; was the adapter trained for another base model or rank?"
             )
         plan.append((dst, src))

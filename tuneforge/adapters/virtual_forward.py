@@ -138,8 +138,8 @@ def _rewrite(model: nn.Module, vt, kwargs: dict, cache_name: str) -> int | None:
         raise ConfigError("virtual-token adapters need a 2D attention mask (batch, length), not a 4D one")
     if pos is not None and mask is None and _packed(pos):
         raise ConfigError(
-            "virtual tokens (prompt / prefix tuning) come once per row, so packed rows would share them; "
-            "set packing: false"
+            "virtual tokens (prompt / prefix tuning) come once per row, so a row packed with several "
+            "sequences cannot give each its own (pad the batch instead)"
         )
     prefill = past == 0
     if prefill:
