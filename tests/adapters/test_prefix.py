@@ -52,3 +52,21 @@ def test_prefix_config_errors():
         PrefixTuningConfig(prefix_projection="yes")
     with pytest.raises(ConfigError, match="encoder_hidden_size must be a positive integer"):
         PrefixTuningConfig(encoder_hidden_size=0)
+
+
+
+def test_prefix_trains_with_gradient_checkpointing_paused(caplog):
+    """transformers' checkpointed layers drop the cache, and with it the prefix: checkpointing is
+    paused during the forward (said once), and the gradients are those without it."""
+    grads = []
+    for checkpointing in (False, True):
+        model = add_adapter(build("llama"), PrefixTuningConfig(num_virtual_tokens=3))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(0))
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append(getattr(model, HOLDER).encoders["default"].embedding.weight.grad)
+    assert "gradient_checkpointing is off while a prefix-tuning adapter trains" in caplog.text
+    assert model.model.layers[0].gradient_checkpointing  # on again after the forward
+    torch.testing.assert_close(grads[1], grads[0])

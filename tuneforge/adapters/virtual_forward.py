@@ -21,12 +21,15 @@ the whole sequence. Virtual token j of a row has position j, its real tokens fol
 prompt tuning runs positions 0..N+T-1, prefix tuning N..N+T-1).
 
 Packed rows (position ids that restart within a row, no attention mask) are refused: the virtual
-tokens would come once per row, not once per sequence.
+tokens would come once per row, not once per sequence. A training forward with key/value prefixes
+runs without activation checkpointing (transformers' checkpointed layers drop the cache, and the
+prefix with it); it is paused for that call and said once in the log.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +38,7 @@ from torch import nn
 from tuneforge.errors import ConfigError
 
 IGNORE = -100
+log = logging.getLogger("tuneforge")
 
 
 @dataclass
@@ -114,6 +118,21 @@ def _cache_length(cache) -> int:
     return int(cache.get_seq_length())
 
 
+def _pause_checkpointing(model: nn.Module, vt) -> None:
+    """transformers' checkpointed layers drop the cache in training, and the prefix with it: this
+    forward runs without activation checkpointing (turned on again by the forward hook; said once)."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    if not layers:
+        return
+    if not vt.warned_checkpointing:
+        log.warning("gradient_checkpointing is off while a prefix-tuning adapter trains: transformers' "
+                    "checkpointed layers drop the cache, which holds the prefix")
+        vt.warned_checkpointing = True
+    for m in layers:
+        m.gradient_checkpointing = False
+    vt.paused.extend(layers)
+
+
 def _packed(position_ids: torch.Tensor) -> bool:
     return position_ids.dim() == 2 and position_ids.shape[1] > 1 and bool((position_ids.diff(dim=1) < 0).any())
 
@@ -141,6 +160,8 @@ def _rewrite(model: nn.Module, vt, kwargs: dict, cache_name: str) -> int | None:
             "virtual tokens (prompt / prefix tuning) come once per row, so a row packed with several "
             "sequences cannot give each its own (pad the batch instead)"
         )
+    if plan.kv_width and model.training:
+        _pause_checkpointing(model, vt)
     prefill = past == 0
     if prefill:
         whole = mask is not None and mask.shape[1] == plan.width + t
@@ -207,6 +228,10 @@ def install(model: nn.Module, vt) -> None:
 
     def post(module, args, kwargs, output):
         t = vt.calls.pop() if vt.calls else None
+        if vt.paused and not vt.calls:  # checkpointing back on after the outermost call
+            for m in vt.paused:
+                m.gradient_checkpointing = True
+            vt.paused.clear()
         if t is None or not hasattr(output, "keys"):
             return output
         logits = output.get("logits")

@@ -102,6 +102,8 @@ class VirtualTokens(AdapterLayer, nn.Module):
         self.calls: list[int] = []  # per running forward: real tokens to keep (output trimming)
         self._model = weakref.ref(model)
         self._hooks: list[Any] = []
+        self.paused: list[nn.Module] = []  # layers whose activation checkpointing this forward paused
+        self.warned_checkpointing = False
 
     # ---- the adapter-layer protocol ---------------------------------------------------------
     def adapter_names(self) -> list[str]:
