@@ -211,3 +211,28 @@ def test_refusals():
         unload(model, merge=True)
     plain = unload(model, merge=False)
     assert HOLDER not in dict(plain.named_modules()) and not plain._forward_pre_hooks
+
+
+def test_generate_left_padded_batch_and_deep_copy():
+    """generate() on a left-padded batch gives each row its answer alone (prompt and prefix), and a
+    deep copy of the model runs its own adapters."""
+    import copy
+
+    for cfg in (PromptTuningConfig(num_virtual_tokens=3), PrefixTuningConfig(num_virtual_tokens=4)):
+        model = add_adapter(build("llama"), cfg).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.mul_(3)
+        g = torch.Generator().manual_seed(11)
+        a, b = torch.randint(1, 256, (7,), generator=g), torch.randint(1, 256, (4,), generator=g)
+        ids = torch.stack([a, torch.cat([torch.zeros(3, dtype=torch.long), b])])
+        mask = (torch.arange(7) >= torch.tensor([[0], [3]])).long()
+        kw = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+        with torch.no_grad():
+            both = model.generate(input_ids=ids, attention_mask=mask, **kw)[:, 7:]
+            one = [model.generate(input_ids=s[None], **kw)[0, len(s):] for s in (a, b)]
+            twin = copy.deepcopy(model)
+            with disable_adapters(model):  # the copy's adapter is its own
+                assert torch.equal(twin.generate(input_ids=a[None], **kw)[0, 7:], one[0])
+        assert both.tolist() == [t.tolist() for t in one]

@@ -38,6 +38,8 @@ from torch import nn
 from tuneforge.errors import ConfigError
 
 IGNORE = -100
+HOLDER = "tuneforge_virtual_tokens"  # the model's attribute holding the virtual-token adapters
+
 log = logging.getLogger("tuneforge")
 
 
@@ -213,11 +215,15 @@ def _rewrite(model: nn.Module, vt, kwargs: dict, cache_name: str) -> int | None:
 
 
 def install(model: nn.Module, vt) -> None:
-    """Put the hooks on `model` (their handles are kept by `vt`, whose strip() removes them)."""
+    """Put the hooks on `model` (their handles are kept by `vt`, whose strip() removes them); they
+    act through the model's `tuneforge_virtual_tokens` module."""
     params = list(inspect.signature(model.forward).parameters)
     cache_name = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
 
     def pre(module, args, kwargs):
+        vt = module._modules.get(HOLDER)  # looked up per call: a deep copy of the model uses its own
+        if vt is None:
+            return None
         if args:  # positional arguments by name, so that the rewrite sees them
             kwargs = {**dict(zip(params, args)), **kwargs}
             args = ()
@@ -227,6 +233,9 @@ def install(model: nn.Module, vt) -> None:
         return args, kwargs
 
     def post(module, args, kwargs, output):
+        vt = module._modules.get(HOLDER)
+        if vt is None:
+            return output
         t = vt.calls.pop() if vt.calls else None
         if vt.paused and not vt.calls:  # checkpointing back on after the outermost call
             for m in vt.paused:

@@ -35,8 +35,7 @@ from torch import nn
 from tuneforge.errors import ConfigError
 
 from .layer import AdapterLayer
-
-HOLDER = "tuneforge_virtual_tokens"
+from .virtual_forward import HOLDER, install, layout
 # peft's fields of every prompt-learning adapter_config.json
 PROMPT_FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
                  "num_layers", "modules_to_save")  # fmt: skip
@@ -188,8 +187,6 @@ def holder(model: nn.Module) -> VirtualTokens | None:
 
 def attach(model: nn.Module, name: str, encoder: nn.Module, why_no_merge: str) -> None:
     """Add `encoder` as virtual-token adapter `name` (the AdapterMethod's inject step)."""
-    from .virtual_forward import install
-
     vt = holder(model)
     if vt is None:
         if HOLDER in model._modules:
@@ -218,8 +215,6 @@ def virtual_mask(model: nn.Module, names: list[str]) -> torch.Tensor | None:
     routed to adapters `names` (routing's names, '__base__' included) when it prefills them; None
     when none of them adds virtual tokens. A caller that keeps one mask over the whole cache (the
     continuous batcher) prepends these columns and passes the longer mask."""
-    from .virtual_forward import layout
-
     vt = holder(model)
     if vt is None:
         return None
