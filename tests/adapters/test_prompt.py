@@ -236,3 +236,17 @@ def test_generate_left_padded_batch_and_deep_copy():
             with disable_adapters(model):  # the copy's adapter is its own
                 assert torch.equal(twin.generate(input_ids=a[None], **kw)[0, 7:], one[0])
         assert both.tolist() == [t.tolist() for t in one]
+
+
+def test_logits_to_keep_and_hidden_states_are_the_real_tokens():
+    """The training loop's sparse loss asks for some positions' logits (logits_to_keep); hidden
+    states come back for the real tokens too."""
+    model = add_adapter(build("llama"), PromptTuningConfig(num_virtual_tokens=3)).eval()
+    ids = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        full = model(input_ids=ids, output_hidden_states=True)
+        some = model(input_ids=ids, logits_to_keep=torch.tensor([1, 4, 7])).logits
+        last = model(input_ids=ids, logits_to_keep=1).logits
+    torch.testing.assert_close(some, full.logits[:, [1, 4, 7]])
+    torch.testing.assert_close(last, full.logits[:, -1:])
+    assert all(h.shape[1] == 8 for h in full.hidden_states)
