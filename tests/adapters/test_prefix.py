@@ -70,3 +70,13 @@ def test_prefix_trains_with_gradient_checkpointing_paused(caplog):
     assert "gradient_checkpointing is off while a prefix-tuning adapter trains" in caplog.text
     assert model.model.layers[0].gradient_checkpointing  # on again after the forward
     torch.testing.assert_close(grads[1], grads[0])
+
+
+@pytest.mark.parametrize("projection", [True, False])
+def test_zero_init_starts_at_zero_keys_and_values(projection):
+    model = add_adapter(build("gpt2"), PrefixTuningConfig(num_virtual_tokens=3, prefix_projection=projection,
+                                                          init_weights="zero"))
+    prefix = getattr(model, HOLDER).encoders["default"].saved()
+    assert prefix.shape == (3, 2 * 2 * 64) and not prefix.any()
+    with pytest.raises(ConfigError, match="init_weights must be empty"):
+        PrefixTuningConfig(init_weights="normal")

@@ -14,8 +14,10 @@ the real tokens start at num_virtual_tokens), see virtual_tokens.py.
 
 With `prefix_projection` (training only) the prefix is reparametrised: an (N, token_dim) embedding
 through Linear(token_dim, encoder_hidden_size), tanh, Linear(encoder_hidden_size, num_layers * 2 *
-token_dim). Files hold the folded prefix (`prompt_embeddings`, what the MLP outputs), as peft saves
-it; a loaded adapter holds that tensor directly. Without projection the prefix is the embedding
+token_dim). `init_weights="zero"` (YAML `prefix_init: zero`, the default there) starts the
+prefix at zero keys and values; peft's default (None) is random. Files hold the folded prefix
+(`prompt_embeddings`, what the MLP outputs), as peft saves it; a loaded adapter holds that tensor
+directly. Without projection the prefix is the embedding
 itself: `finetuning_type: ptuning_v2` (same peft_type). Merging is refused.
 """
 
@@ -34,7 +36,7 @@ from .methods import AdapterMethod, register_method
 from .peft_config import config_from_raw, warn_unknown_fields
 from .virtual_tokens import PROMPT_FIELDS, attach, check_common, detach, model_dims
 
-FIELDS = (*PROMPT_FIELDS, "encoder_hidden_size", "prefix_projection")
+FIELDS = (*PROMPT_FIELDS, "encoder_hidden_size", "prefix_projection", "init_weights")
 WHY = "prefix tuning adds key/value prefixes, which no weight can hold"
 
 
@@ -48,6 +50,9 @@ class PrefixTuningConfig:
     """Hidden size of the prefix_projection MLP; empty: token_dim."""
     prefix_projection: bool = False
     """Train the prefix through an MLP (folded into the prefix for saving)."""
+    init_weights: str | None = None
+    """None: random start (N(0, 1) embedding, as peft); "zero": the prefix starts at zero keys and values
+    (the MLP's last layer at zero with prefix_projection)."""
     inference_mode: bool = False
     """True: the prefix is the plain (N, num_layers * 2 * token_dim) tensor (loaded adapters)."""
     token_dim: int | None = None
@@ -64,6 +69,8 @@ class PrefixTuningConfig:
         h = self.encoder_hidden_size
         if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
             raise ConfigError(f"encoder_hidden_size must be a positive integer or empty, got {h!r}")
+        if self.init_weights not in (None, "zero"):
+            raise ConfigError(f"init_weights must be empty (random) or 'zero', got {self.init_weights!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -84,8 +91,13 @@ class PrefixEncoder(nn.Module):
             self.embedding = nn.Embedding(cfg.num_virtual_tokens, cfg.token_dim)
             self.transform = nn.Sequential(
                 nn.Linear(cfg.token_dim, cfg.encoder_hidden_size), nn.Tanh(), nn.Linear(cfg.encoder_hidden_size, out))
+            if cfg.init_weights == "zero":
+                nn.init.zeros_(self.transform[2].weight)
+                nn.init.zeros_(self.transform[2].bias)
         else:
             self.embedding = nn.Embedding(cfg.num_virtual_tokens, out)
+            if cfg.init_weights == "zero":
+                nn.init.zeros_(self.embedding.weight)
 
     def prompt(self) -> torch.Tensor:
         """(num_virtual_tokens, num_layers * 2 * token_dim)."""
@@ -107,7 +119,8 @@ def _inject(model: nn.Module, cfg: PrefixTuningConfig, name: str) -> None:
 
 def _to_peft(model: nn.Module, name: str, cfg: PrefixTuningConfig, layers: list) -> dict[str, Any]:
     out = {k: getattr(cfg, k) for k in PROMPT_FIELDS}
-    out.update(encoder_hidden_size=cfg.encoder_hidden_size, prefix_projection=cfg.prefix_projection)
+    out.update(encoder_hidden_size=cfg.encoder_hidden_size, prefix_projection=cfg.prefix_projection,
+               init_weights=cfg.init_weights)
     return out
 
 
@@ -117,18 +130,20 @@ def _from_peft(raw: dict[str, Any], source: str) -> PrefixTuningConfig:
 
 
 def _from_finetune_args(finetune, projection: bool) -> PrefixTuningConfig:
+    init = None if finetune.prefix_init == "random" else finetune.prefix_init
     return PrefixTuningConfig(num_virtual_tokens=finetune.num_virtual_tokens, prefix_projection=projection,
-                              encoder_hidden_size=finetune.encoder_hidden_size if projection else None)
+                              encoder_hidden_size=finetune.encoder_hidden_size if projection else None,
+                              init_weights=init)
 
 
 register_method(AdapterMethod(
     name="prefix", peft_type="PREFIX_TUNING", label="prefix tuning", config_class=PrefixTuningConfig,
     inject=_inject, remove=detach, config_to_peft=_to_peft, config_from_peft=_from_peft,
     from_finetune_args=lambda ft: _from_finetune_args(ft, ft.prefix_projection),
-    keys=("num_virtual_tokens", "encoder_hidden_size", "prefix_projection"),
+    keys=("num_virtual_tokens", "encoder_hidden_size", "prefix_projection", "prefix_init"),
 ))  # fmt: skip
 register_method(AdapterMethod(
     name="ptuning_v2", peft_type="PREFIX_TUNING", label="P-tuning v2", config_class=PrefixTuningConfig,
     inject=_inject, remove=detach, config_to_peft=_to_peft, config_from_peft=_from_peft,
-    from_finetune_args=lambda ft: _from_finetune_args(ft, False), keys=("num_virtual_tokens",),
+    from_finetune_args=lambda ft: _from_finetune_args(ft, False), keys=("num_virtual_tokens", "prefix_init"),
 ))  # fmt: skip
