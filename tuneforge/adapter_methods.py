@@ -49,8 +49,8 @@ METHOD_KEYS: dict[str, dict] = {
                                    ("prompt",), type="Optional[str]"),
     "prefix_projection": key(True, "Train the prefix through an MLP (folded into the prefix when saved); "
                              "finetuning_type: ptuning_v2 is prefix tuning without it.", ("prefix",)),
-    "prefix_init": key("zero", "How the prefix starts: zero (zero keys and values: the model starts as the base "
-                       "model, nearly) or random (peft's default).", ("prefix", "ptuning_v2"),
+    "prefix_init": key("zero", "How the prefix starts: zero (zero keys and values) or random (peft's default, "
+                       "N(0, 1): far from the base model at the start).", ("prefix", "ptuning_v2"),
                        choices=("zero", "random")),
     "encoder_hidden_size": key(None, "Hidden size of the prefix MLP / the P-tuning prompt encoder; empty: "
                                "the model's (key/value) width.", ("prefix", "ptuning"), type="Optional[int]",
