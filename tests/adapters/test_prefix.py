@@ -80,3 +80,20 @@ def test_zero_init_starts_at_zero_keys_and_values(projection):
     assert prefix.shape == (3, 2 * 2 * 64) and not prefix.any()
     with pytest.raises(ConfigError, match="init_weights must be empty"):
         PrefixTuningConfig(init_weights="normal")
+
+
+def test_prefix_on_a_quantized_base():
+    """A 4-bit base takes a prefix (the Python API; nothing of the base changes): the same logits
+    as the dequantized weights with the same prefix, and gradients reach the prefix."""
+    from tuneforge import dequantize_model, quantize_model
+
+    base = quantize_model(build("llama"), 4, compute_dtype=torch.float32)
+    model = add_adapter(base, PrefixTuningConfig(num_virtual_tokens=3)).eval()
+    ids = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        got = model(input_ids=ids).logits
+        plain = dequantize_model(model)
+        torch.testing.assert_close(plain(input_ids=ids).logits, got, atol=1e-4, rtol=1e-4)
+    plain.train()
+    plain(input_ids=ids, labels=ids).loss.backward()
+    assert getattr(plain, HOLDER).encoders["default"].embedding.weight.grad.abs().sum() > 0
