@@ -27,3 +27,14 @@ def test_ptuning_config_errors():
         PromptEncoderConfig(encoder_reparameterization_type="gru")
     with pytest.raises(ConfigError, match="encoder_dropout must be in"):
         PromptEncoderConfig(encoder_dropout=1.5)
+
+
+def test_only_decoder_language_models():
+    from test_matrix import build
+
+    from tuneforge.adapters import add_adapter, list_adapters
+
+    bert = build("bert")
+    with pytest.raises(ConfigError, match="need a decoder-only language model"):
+        add_adapter(bert, PromptEncoderConfig())
+    assert list_adapters(bert) == {} and not bert._forward_pre_hooks

@@ -35,6 +35,7 @@ from torch import nn
 from tuneforge.errors import ConfigError
 
 from .layer import AdapterLayer
+from .peft_config import task_type
 from .virtual_forward import HOLDER, install, layout
 # peft's fields of every prompt-learning adapter_config.json
 PROMPT_FIELDS = ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
@@ -45,7 +46,12 @@ def model_dims(model: nn.Module, kv: bool) -> dict[str, int]:
     """peft's token_dim / num_attention_heads / num_layers for `model` (its config). For key/value
     prefixes of a grouped-query model, token_dim is head_dim * num_key_value_heads and
     num_attention_heads the number of key/value heads (as peft computes them).
-    Raises ConfigError for a model without a transformers config naming them."""
+    Raises ConfigError for a model that is not a decoder-only transformers language model."""
+    if task_type(model) != "CAUSAL_LM":
+        raise ConfigError(
+            f"virtual-token methods (prompt / prefix tuning, P-tuning) need a decoder-only language model "
+            f"(transformers' GenerationMixin), not a {type(model).__name__}"
+        )
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "get_text_config"):
         config = config.get_text_config()
