@@ -23,6 +23,10 @@ METHODS = {
     "ptuning": ("p_tuning", "train a prompt encoder (MLP or LSTM) whose output is put before the input"),
 }
 
+# finetuning types that train over a frozen quantized base (quantization_bit): the adapter's
+# parameters are its own and the base's quantized weights are only read
+QUANTIZED_BASE = ("lora", "prompt", "prefix", "ptuning_v2", "ptuning")
+
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
         choices: tuple | None = None, bounds: str | None = None) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .adapter_methods import METHOD_KEYS
+from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE
 from .errors import ConfigError
 from .train.stages import STAGES
 
@@ -133,9 +133,13 @@ def _validate_lora_variants(cfg) -> None:
     if ft.loraplus_lr_ratio is not None and ft.loraplus_lr_ratio <= 0:
         raise ConfigError(f"config key 'loraplus_lr_ratio' must be positive (e.g. 16); "
                           f"got {ft.loraplus_lr_ratio}")
-    if model.quantization_bit is not None and ft.finetuning_type != "lora":
-        raise ConfigError(f"config key 'quantization_bit' trains LoRA on a frozen quantized base; it needs "
-                          f"finetuning_type: lora (got {ft.finetuning_type})")
+    if model.quantization_bit is not None and ft.finetuning_type not in QUANTIZED_BASE:
+        readers = ", ".join(QUANTIZED_BASE[:-1]) + " or " + QUANTIZED_BASE[-1]
+        raise ConfigError(f"config key 'quantization_bit' trains adapters on a frozen quantized base; it needs "
+                          f"finetuning_type: {readers} (got {ft.finetuning_type})")
+    if ft.loftq_iter and ft.finetuning_type != "lora":
+        raise ConfigError(f"config key 'loftq_iter' initialises LoRA; it needs finetuning_type: lora "
+                          f"(got finetuning_type: {ft.finetuning_type})")
     if ft.pissa_init and model.quantization_bit is not None:
         raise ConfigError("config key 'pissa_init' rewrites the base weights, which quantization_bit "
                           "freezes in 4/8 bits; use loftq_iter for a quantized base, or drop one")
