@@ -104,15 +104,16 @@ def test_yaml_trains_a_prefix_on_a_4bit_base(tiny_model_dir, shared_data_dir, tm
     frozen in 4 bits) and saves a peft prefix file."""
     import json
 
-    import tuneforge
+    from tuneforge.config import load_config
+    from tuneforge.workflows import train
 
     out = tmp_path / "out"
-    result = tuneforge.train({
+    result = train(load_config(None, {
         "model_name_or_path": str(tiny_model_dir), "dataset": "identity", "dataset_dir": str(shared_data_dir),
         "cutoff_len": 32, "max_samples": 8, "output_dir": str(out), "finetuning_type": "ptuning_v2",
         "num_virtual_tokens": 2, "quantization_bit": 4, "max_steps": 2, "per_device_train_batch_size": 2,
         "learning_rate": 1e-2, "report_to": "none",
-    })
+    }))
     assert result["global_step"] == 2 and result["train_loss"] == result["train_loss"]  # finite
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "PREFIX_TUNING" and not config["prefix_projection"]
