@@ -28,6 +28,8 @@ _EXPORTS = {
     "LNTuningConfig": "adapters.ln_tuning", "VeraConfig": "adapters.vera",
     "BitFitConfig": "adapters.bitfit",
     "OFTConfig": "adapters.oft", "BOFTConfig": "adapters.boft",
+    "PromptTuningConfig": "adapters.prompt_tuning", "PrefixTuningConfig": "adapters.prefix_tuning",
+    "PromptEncoderConfig": "adapters.p_tuning",
     "disable_adapters": "adapters", "load_adapter": "adapters", "merge_adapters": "adapters",
     "save_adapter": "adapters", "set_active_adapters": "adapters",
     "trainable_parameters": "adapters", "unload": "adapters", "unmerge_adapters": "adapters",

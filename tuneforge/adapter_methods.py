@@ -27,13 +27,19 @@ METHODS = {
     "oft": ("oft", "train block-diagonal orthogonal rotations (Cayley) of each adapted layer's input (OFT)"),
     "boft": ("boft", "train butterfly-factorised orthogonal rotations of each adapted layer's input and a "
                      "scale per output (BOFT)"),
+    "prompt": ("prompt_tuning", "train soft-prompt embeddings put before the input (prompt tuning)"),
+    "prefix": ("prefix_tuning", "train key/value prefixes of every attention layer (prefix tuning)"),
+    "ptuning_v2": ("prefix_tuning", "train key/value prefixes of every layer without reparametrisation"),
+    "ptuning": ("p_tuning", "train a prompt encoder (MLP or LSTM) whose output is put before the input"),
 }
 
 
 # the finetuning types that train on a quantized base (quantization_bit): each adapts
 # tuneforge.quant.QuantLinear layers (LoRA, LoHa, LoKr, VeRA, BitFit, OFT, BOFT) or adapts no quantized
-# layer at all (LN tuning: the norms stay unquantized). config_checks refuses quantization_bit for the others.
-QUANTIZED_BASE = ("lora", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft")
+# layer at all (LN tuning: the norms stay unquantized; prompt / prefix / P-tuning: virtual tokens that
+# only read the base). config_checks refuses quantization_bit for the others.
+QUANTIZED_BASE = ("lora", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
+                  "prompt", "prefix", "ptuning_v2", "ptuning")
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
@@ -85,4 +91,23 @@ METHOD_KEYS: dict[str, dict] = {
                           "0: set by boft_block_size.", ("boft",), bounds="[0, inf)"),
     "boft_n_butterfly_factor": key(1, "BOFT: butterfly factors of each rotation (1: one block-diagonal rotation).",
                                    ("boft",), bounds="[1, inf)"),
+    "num_virtual_tokens": key(20, "Virtual tokens the adapter puts before every input (prompt) or in front "
+                          "of every attention layer (prefix).", ("prompt", "prefix", "ptuning_v2", "ptuning"),
+                          type="int", bounds="(0, inf)"),
+    "prompt_tuning_init": key("random", "How the prompt starts: random, sample_vocab (embeddings of random "
+                          "tokens) or text (the embeddings of prompt_tuning_init_text).", ("prompt",),
+                          choices=("random", "sample_vocab", "text")),
+    "prompt_tuning_init_text": key(None, "The text whose token embeddings start the prompt "
+                                   "(prompt_tuning_init: text), repeated or cut to num_virtual_tokens.",
+                                   ("prompt",), type="Optional[str]"),
+    "prefix_projection": key(True, "Train the prefix through an MLP (folded into the prefix when saved); "
+                             "finetuning_type: ptuning_v2 is prefix tuning without it.", ("prefix",)),
+    "prefix_init": key("zero", "How the prefix starts: zero (zero keys and values) or random (peft's default, "
+                       "N(0, 1): far from the base model at the start).", ("prefix", "ptuning_v2"),
+                       choices=("zero", "random")),
+    "encoder_hidden_size": key(None, "Hidden size of the prefix MLP / the P-tuning prompt encoder; empty: "
+                               "the model's (key/value) width.", ("prefix", "ptuning"), type="Optional[int]",
+                               bounds="(0, inf)"),
+    "encoder_reparameterization_type": key("MLP", "P-tuning's prompt encoder: MLP or LSTM.", ("ptuning",),
+                                           choices=("MLP", "LSTM")),
 }

@@ -137,6 +137,9 @@ def _validate_lora_variants(cfg) -> None:
         names = ", ".join(QUANTIZED_BASE[:-1]) + " or " + QUANTIZED_BASE[-1]
         raise ConfigError(f"config key 'quantization_bit' trains an adapter on a frozen quantized base; it "
                           f"needs finetuning_type: {names} (got {ft.finetuning_type})")
+    if ft.loftq_iter and ft.finetuning_type != "lora":
+        raise ConfigError(f"config key 'loftq_iter' initialises LoRA; it needs finetuning_type: lora "
+                          f"(got finetuning_type: {ft.finetuning_type})")
     if ft.pissa_init and model.quantization_bit is not None:
         raise ConfigError("config key 'pissa_init' rewrites the base weights, which quantization_bit "
                           "freezes in 4/8 bits; use loftq_iter for a quantized base, or drop one")

@@ -211,7 +211,7 @@ def _rewrite_config(saved, **changes):
     ("alpha_pattern", {"q_proj": None}, "alpha_pattern"),
     ("layers_to_transform", "first", "layers_to_transform"),
     ("init_lora_weights", [1], "init_lora_weights"),
-    ("peft_type", "PREFIX_TUNING", "peft_type 'PREFIX_TUNING' is not supported"),
+    ("peft_type", "POLY", "peft_type 'POLY' is not supported"),
 ])
 def test_wrong_types_in_adapter_config(saved, key, value, match):
     _rewrite_config(saved, **{key: value})

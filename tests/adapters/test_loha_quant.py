@@ -71,9 +71,9 @@ def test_quantize_after_adding_loha_keeps_the_adapter():
 def test_quantized_base_table_lists_the_methods_with_a_quantized_layer():
     """adapter_methods.QUANTIZED_BASE (read by config validation without torch) names every
     registered method whose layer table has QuantLinear, and otherwise only methods that adapt no
-    Linear layer (LN tuning: the norms are never quantized)."""
+    Linear layer (LN tuning: the norms are never quantized; prompt / prefix: virtual tokens)."""
     from tuneforge.adapter_methods import QUANTIZED_BASE
 
     with_quant = {m.name for m in A.all_methods() if QuantLinear in m.layers}
-    no_linear = {m.name for m in A.all_methods() if m.layers and nn.Linear not in m.layers}
+    no_linear = {m.name for m in A.all_methods() if nn.Linear not in m.layers}
     assert with_quant <= set(QUANTIZED_BASE) <= with_quant | no_linear

@@ -1,6 +1,6 @@
-"""`tuneforge api` serves adapters of different methods side by side: an IA3 (LoHa, LoKr, ...)
-adapter next to a LoRA adapter on one base, each request answered as `tuneforge chat` answers with that adapter
-alone, over the real HTTP server, in one shared batch."""
+"""`tuneforge api` serves adapters of different methods side by side: each method (IA3, LoHa, ..., a
+prefix-tuning adapter with an IA3 one too) next to a LoRA adapter on one base, each request answered as
+`tuneforge chat` answers with that adapter alone, over the real HTTP server, in one shared batch."""
 
 from __future__ import annotations
 
@@ -25,33 +25,45 @@ IDS = torch.tensor([[1, 520, 33, 4077, 17, 902, 3, 88, 250, 7]])
 
 
 OTHERS = ["k_proj", "v_proj", "down_proj"]  # what IA3 takes by default; LoRA has the rest
-# method served beside LoRA -> its adapter config (tuneforge's config classes by name)
+# method served beside LoRA -> (its adapter config: tuneforge's config class by name and fields,
+# the std of the noise that moves its start)
 SERVED = {
-    "ia3": ("IA3Config", {}),
-    "loha": ("LoHaConfig", {"r": 4, "target_modules": OTHERS}),
-    "lokr": ("LoKrConfig", {"r": 4, "target_modules": OTHERS}),
-    "ln_tuning": ("LNTuningConfig", {}),
-    "vera": ("VeraConfig", {"r": 16, "target_modules": ["k_proj", "v_proj"]}),
-    "bitfit": ("BitFitConfig", {"target_modules": ["k_proj", "down_proj"]}),
-    "oft": ("OFTConfig", {"oft_block_size": 16, "target_modules": OTHERS}),
-    "boft": ("BOFTConfig", {"boft_block_size": 8, "boft_n_butterfly_factor": 2, "target_modules": OTHERS}),
+    "ia3": ("IA3Config", {}, 0.5),
+    "loha": ("LoHaConfig", {"r": 4, "target_modules": OTHERS}, 0.5),
+    "lokr": ("LoKrConfig", {"r": 4, "target_modules": OTHERS}, 0.5),
+    "ln_tuning": ("LNTuningConfig", {}, 0.5),
+    "vera": ("VeraConfig", {"r": 16, "target_modules": ["k_proj", "v_proj"]}, 0.5),
+    "bitfit": ("BitFitConfig", {"target_modules": ["k_proj", "down_proj"]}, 0.5),
+    "oft": ("OFTConfig", {"oft_block_size": 16, "target_modules": OTHERS}, 0.5),
+    "boft": ("BOFTConfig", {"boft_block_size": 8, "boft_n_butterfly_factor": 2, "target_modules": OTHERS}, 0.5),
+    "prefix": ("PrefixTuningConfig", {"num_virtual_tokens": 6}, 4.0),
 }
 # the tensors that start at zero / one (or a copy of the base)
 MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1", "ln_tuning_layers", "vera_lambda_b", "bitfit_bias", "oft_R",
-         "boft_R", "boft_s")
+         "boft_R", "boft_s", "encoders")
+ALSO = {"prefix": "ia3"}  # a third adapter in the same server: a layer method beside the prefix one
+
+
+def _save(model_dir, root, method, seed):
+    import tuneforge
+
+    class_name, fields, scale = SERVED[method]
+    config = getattr(tuneforge, class_name)(**fields)
+    return save_moved_adapter(model_dir, root / method, config, seed, scale=scale, moved=MOVED)
 
 
 @pytest.fixture(scope="module", params=list(SERVED))
 def adapters(request, tiny_model_dir, tmp_path_factory):
-    import tuneforge
     from tuneforge.adapters import LoraConfig
 
     method = request.param
-    config = getattr(tuneforge, SERVED[method][0])(**SERVED[method][1])
     root = tmp_path_factory.mktemp("methods")
-    return {method: save_moved_adapter(tiny_model_dir, root / method, config, 1, moved=MOVED),
-            "lora": save_moved_adapter(tiny_model_dir, root / "lora",
-                             LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), 2)}
+    served = {method: _save(tiny_model_dir, root, method, 1),
+              "lora": save_moved_adapter(tiny_model_dir, root / "lora",
+                                         LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), 2)}
+    if method in ALSO:
+        served[ALSO[method]] = _save(tiny_model_dir, root, ALSO[method], 3)
+    return served
 
 
 def _cfg(model_dir, adapters):
@@ -68,7 +80,6 @@ def _post(url, model):
 
 
 def test_method_is_served_next_to_lora_as_chat_answers(tiny_model_dir, adapters):
-    method = next(name for name in adapters if name != "lora")
     chats = {name: ChatModel(_cfg(tiny_model_dir, str(path))) for name, path in adapters.items()}
     alone = {name: chat.answer(MESSAGES, max_new_tokens=12) for name, chat in chats.items()}
     base_chat = ChatModel(_cfg(tiny_model_dir, None))
@@ -76,23 +87,23 @@ def test_method_is_served_next_to_lora_as_chat_answers(tiny_model_dir, adapters)
     with torch.no_grad():  # each adapter changes the model's output
         want = {name: chat.model(IDS, use_cache=False).logits for name, chat in chats.items()}
         plain = base_chat.model(IDS, use_cache=False).logits
-    outputs = [want[method], want["lora"], plain]
-    assert min((outputs[i] - outputs[j]).abs().max().item() for i, j in ((0, 1), (0, 2), (1, 2))) > 1e-2
+    outputs = [*want.values(), plain]
+    assert min((a - b).abs().max().item() for i, a in enumerate(outputs) for b in outputs[i + 1:]) > 1e-2
 
-    engine = Engine.from_config(_cfg(tiny_model_dir, f"{adapters[method]},{adapters['lora']}"))
-    assert engine.model_ids() == [engine.base_name, method, "lora"]
-    for name in (method, "lora"):  # the served model computes what chat computes with that adapter
+    engine = Engine.from_config(_cfg(tiny_model_dir, ",".join(str(p) for p in adapters.values())))
+    assert engine.model_ids() == [engine.base_name, *adapters]
+    for name in adapters:  # the served model computes what chat computes with that adapter
         with torch.no_grad(), route_adapters(engine.model, [engine.adapters[name]]):
             got = engine.model(IDS, use_cache=False).logits
         assert (got - want[name]).abs().max().item() <= 1e-5
     with BackgroundServer(engine) as url:
-        assert {name: _post(url, name) for name in (method, "lora")} == alone
+        assert {name: _post(url, name) for name in adapters} == alone
         assert _post(url, engine.base_name) == base
         # queued together, they share one batch and still answer as alone
         with engine.batcher.lock:
             engine.batcher.largest_batch = 0
             gens = {name: engine.generate(name, MESSAGES, temperature=0, max_tokens=12)
-                    for name in (method, "lora", engine.base_name)}
+                    for name in (*adapters, engine.base_name)}
         together = {name: "".join(gen) for name, gen in gens.items()}
-    assert engine.batcher.largest_batch >= 3
+    assert engine.batcher.largest_batch >= len(adapters) + 1
     assert together == {**alone, engine.base_name: base}

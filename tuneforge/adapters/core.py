@@ -120,7 +120,12 @@ def add_adapter(model: nn.Module, cfg: Any, name: str = "default") -> nn.Module:
         st = AdapterState()
         model.__dict__[STATE_ATTR] = st
     if method.inject is not None:
-        method.inject(model, cfg, name)
+        try:
+            method.inject(model, cfg, name)
+        except Exception:
+            if not st.configs:  # a refused first adapter leaves no (empty) adapter state behind
+                del model.__dict__[STATE_ATTR]
+            raise
     shared = {} if method.shared is None else {"shared": method.shared(model, cfg, name, targets)}
     warned = False
     for path, module in targets:

@@ -48,6 +48,7 @@ class AdapterLayer:
     state_attrs: tuple[str, ...] = ()  # per-instance attributes the method adds (removed by strip)
     base_class_attr = "_adapter_base_class"
     route_attr = "_route"  # attribute route_adapters (routing.py) sets per instance while routing
+    peft_keys_at_root = False  # True: peft_tensors' keys are whole file keys (no 'base_model.model.<path>.')
 
     # ---- what every method provides --------------------------------------------------------
     @classmethod

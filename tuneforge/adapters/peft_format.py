@@ -40,7 +40,7 @@ from .core import (
     set_active_adapters,
     set_trainable,
 )
-from .methods import method_names, method_of_peft_type
+from .methods import all_methods, method_of_peft_type
 from .peft_config import common_fields
 
 CONFIG_NAME = "adapter_config.json"
@@ -70,7 +70,7 @@ def config_from_peft(raw: dict[str, Any], source: str = CONFIG_NAME) -> Any:
     peft_type = raw.get("peft_type", "LORA")
     method = method_of_peft_type(peft_type)
     if method is None or method.config_from_peft is None:
-        known = ", ".join(n.upper() for n in method_names())
+        known = ", ".join(dict.fromkeys(m.peft_type for m in all_methods()))
         raise ModelError(f"{source}: peft_type {peft_type!r} is not supported yet (tuneforge loads {known} adapters)")
     return method.config_from_peft(raw, source)
 
@@ -83,7 +83,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     adapted = set()
     for path, m in adapter_layers(model, name):
         for suffix, t in m.peft_tensors(name).items():
-            out[f"{PREFIX}{path}.{suffix}"] = _to_file(t)
+            out[file_key(m, path, suffix)] = _to_file(t)
         adapted.add(path)
     params = dict(model.named_parameters())
     for pn in st.biases.get(name, []):
@@ -105,6 +105,12 @@ def _extra_tensors(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         return {}
     cfg = require_state(model, name).configs[name]
     return method.extra_tensors(model, name, cfg, list(adapter_layers(model, name)))
+
+
+def file_key(layer, path: str, suffix: str) -> str:
+    """A layer's tensor key in the file: `base_model.model.<module>.<suffix>`, or `<suffix>` alone for
+    a layer whose `peft_keys_at_root` is true (peft's prompt learning: `prompt_embeddings`)."""
+    return suffix if getattr(layer, "peft_keys_at_root", False) else f"{PREFIX}{path}.{suffix}"
 
 
 def _to_file(t: torch.Tensor) -> torch.Tensor:
@@ -223,19 +229,24 @@ def load_adapter(
     return model
 
 
-def _shown(key: str) -> str:
-    """A key of read_adapter's table as the file spells it (keys outside PREFIX were left as they are)."""
-    return key if key.startswith("base_model.") else PREFIX + key
+def _shown(key: str, at_root: set[str] | frozenset[str] = frozenset()) -> str:
+    """A key of read_adapter's table as the file spells it (keys outside PREFIX were left as they are;
+    `at_root`: keys of layers whose file keys have no prefix at all)."""
+    return key if key.startswith("base_model.") or key in at_root else PREFIX + key
 
 
 def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], source: Path):
     """(destination, source) pairs for every tensor in the file; ModelError for anything off."""
     layer_keys: dict[str, tuple[torch.Tensor, str]] = {}
+    at_root: set[str] = set()  # keys the file holds without 'base_model.model.'
     adapted = dict(adapter_layers(model, name))
     for path, layer in adapted.items():
         for suffix, dst in layer.peft_tensors(name).items():
             hint = layer.shape_hint(name)
-            layer_keys[f"{path}.{suffix}"] = (dst, f" ({path}: {hint})" if hint else f" ({path})")
+            key = file_key(layer, path, suffix).removeprefix(PREFIX)
+            layer_keys[key] = (dst, f" ({path}: {hint})" if hint else f" ({path})")
+            if layer.peft_keys_at_root:
+                at_root.add(key)
     for key, dst in _extra_tensors(model, name).items():  # read_adapter left keys outside PREFIX as they are
         layer_keys[key.removeprefix(PREFIX)] = (dst, "")
     saved = dict(saved_modules(model, name))
@@ -247,7 +258,7 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
     def add(key: str, dst: torch.Tensor, src: torch.Tensor, hint: str = "") -> None:
         if tuple(src.shape) != tuple(dst.shape):
             raise ModelError(
-                f"{source}: {_shown(key)} has shape {tuple(src.shape)} but the model expects "
+                f"{source}: {_shown(key, at_root)} has shape {tuple(src.shape)} but the model expects "
                 f"{tuple(dst.shape)}{hint}; was the adapter trained for another base model or rank?"
             )
         plan.append((dst, src))
@@ -292,7 +303,7 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
         label = method_of(model, name).peft_type
         raise ModelError(
             f"{source}: {len(unmatched)} tensor(s) match no module of {type(model).__name__} adapted by "
-            f"{name!r} as a{'n' * (label[:1] in 'AEIOU')} {label} adapter, e.g. {[_shown(k) for k in unmatched[:4]]}; "
+            f"{name!r} as a{'n' * (label[:1] in 'AEIOU')} {label} adapter, e.g. {[_shown(k, at_root) for k in unmatched[:4]]}; "
             "the file does not match its adapter_config.json or this model"
         )
     expected = list(layer_keys)
@@ -301,7 +312,7 @@ def _plan_copy(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], so
     missing = [k for k in expected if k not in seen]
     if missing:
         raise ModelError(
-            f"{source}: {len(missing)} adapter tensor(s) are missing, e.g. {[_shown(k) for k in missing[:4]]}; "
+            f"{source}: {len(missing)} adapter tensor(s) are missing, e.g. {[_shown(k, at_root) for k in missing[:4]]}; "
             "the file does not match its adapter_config.json or this model"
         )
     return plan

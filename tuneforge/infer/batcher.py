@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 
 from ..adapters.routing import route_adapters
+from ..adapters.virtual_tokens import virtual_mask
 from .decode import Sampling, can_reshape, join, keep_rows, next_token
 
 END = object()
@@ -258,7 +259,12 @@ class Batcher:
             n = job.input_ids.shape[1]
             ids[i, width - n:] = job.input_ids[0].to(device)
             mask[i, width - n:] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        # virtual tokens (prompt / prefix tuning) of the rows' adapters: their columns join the mask,
+        # which then covers the whole cache the model returns (virtual_tokens.virtual_mask)
+        virtual = virtual_mask(self.model, [j.adapter for j in jobs]) if self.routed else None
+        if virtual is not None:
+            mask = torch.cat([virtual.to(mask), mask], dim=1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
         logits, cache = self._forward(rows, ids, mask, positions, None)
         return logits, cache, mask
 
@@ -277,7 +283,7 @@ class Batcher:
             self._rows = [self._rows[i] for i in live]
         device = self._mask.device
         ids = torch.tensor([[self.pad if r.done else r.pending] for r in self._rows], device=device)
-        positions = torch.tensor([[r.length] for r in self._rows], device=device)
+        positions = self._mask.sum(-1, keepdim=True)  # tokens in each row's cache (virtual ones too)
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self._rows), 1)], dim=1)
         logits, self._cache = self._forward(self._rows, ids, self._mask, positions, self._cache)
         for row, row_logits in zip(self._rows, logits):
