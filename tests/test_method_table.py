@@ -1,0 +1,33 @@
+"""The torch-free method table (tuneforge/adapter_methods.py) agrees with the method registry, and
+each method's own YAML keys (METHOD_KEYS) load with a method that reads them and are refused, in one
+line, for a method that does not."""
+
+from __future__ import annotations
+
+import pytest
+
+from tuneforge.adapter_methods import METHOD_KEYS, METHODS
+from tuneforge.config import describe_keys, load_config
+from tuneforge.errors import ConfigError
+
+
+def test_the_table_lists_exactly_the_registered_methods():
+    from tuneforge.adapters.methods import method_names
+
+    assert method_names() == list(METHODS)
+
+
+@pytest.mark.parametrize("key", list(METHOD_KEYS))
+def test_a_method_key_belongs_to_its_methods(key):
+    spec = METHOD_KEYS[key]
+    assert spec["methods"] and set(spec["methods"]) <= set(METHODS), spec["methods"]
+    assert f"  {key} (default: " in describe_keys()
+    for method in spec["methods"]:  # the default loads with every method that reads the key
+        cfg = load_config(None, {"finetuning_type": method, key: spec["default"]})
+        assert getattr(cfg.finetune, key) == spec["default"]
+    other = next(m for m in ("lora", "ia3", "loha") if m not in spec["methods"])
+    value = spec["default"] if spec["default"] is not None else ("x" if "str" in spec["type"] else 1)
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, {"finetuning_type": other, key: value})
+    assert str(refused.value).startswith(f"config key '{key}' needs finetuning_type: ")
+    assert str(refused.value).endswith(f"(got finetuning_type: {other})")
