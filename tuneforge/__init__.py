@@ -24,6 +24,7 @@ _quiet_bitsandbytes()
 _EXPORTS = {
     "LoraConfig": "adapters", "add_adapter": "adapters", "delete_adapter": "adapters",
     "IA3Config": "adapters.ia3",
+    "BottleneckConfig": "adapters.bottleneck",
     "disable_adapters": "adapters", "load_adapter": "adapters", "merge_adapters": "adapters",
     "save_adapter": "adapters", "set_active_adapters": "adapters",
     "trainable_parameters": "adapters", "unload": "adapters", "unmerge_adapters": "adapters",

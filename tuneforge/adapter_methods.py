@@ -17,6 +17,8 @@ It imports nothing.
 METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
+    "bottleneck": ("bottleneck", "train bottleneck adapters (down-project, nonlinearity, up-project) after "
+                   "or beside layers: adapter_type houlsby / pfeiffer / parallel"),
 }
 
 
@@ -34,4 +36,15 @@ def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None
 
 
 METHOD_KEYS: dict[str, dict] = {
+    "adapter_type": key(
+        "houlsby", "Where bottleneck adapters go: houlsby (after the attention output projection and "
+        "after the feed-forward block), pfeiffer (after the feed-forward block only), parallel (beside "
+        "the feed-forward block, on its input, scaled by adapter_scaling). lora_target other than 'all' "
+        "names the modules instead.", ("bottleneck",), choices=("houlsby", "pfeiffer", "parallel")),
+    "adapter_size": key(64, "Bottleneck width: the adapter projects the hidden size down to this.",
+                        ("bottleneck",), bounds="(0, inf)"),
+    "adapter_act": key("relu", "Nonlinearity between the adapter's projections.", ("bottleneck",),
+                       choices=("relu", "gelu", "silu", "tanh")),
+    "adapter_scaling": key(1.0, "Factor on the adapter's output (He et al. use 4 for parallel adapters; "
+                           "houlsby and pfeiffer use 1).", ("bottleneck",), bounds="(0, inf)"),
 }

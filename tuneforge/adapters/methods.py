@@ -59,6 +59,10 @@ class AdapterMethod:
     """([(path, module)], config) -> None: ConfigError for a plan that cannot work (e.g. LoRA's memory check)."""
     remove: Callable[[Any, str], None] | None = None
     """(model, adapter name): undo `inject` when the adapter is deleted or unloaded."""
+    cannot_merge: Callable[[Any], str | None] | None = None
+    """(config) -> why adapters of this method can never be merged into the weights (a nonlinearity,
+    extra tokens), or None. `tuneforge export` asks it before loading anything; a layer's own
+    `cannot_merge()` (layer.py) covers what depends on the layer (a quantized base)."""
 
 
 _METHODS: dict[str, AdapterMethod] = {}
