@@ -209,7 +209,8 @@ def test_quantized_base(tmp_path):
     (dict(adapter_type="serial"), "adapter_type must be one of houlsby, pfeiffer, parallel, got 'serial'"),
     (dict(adapter_act="swish"), "adapter_act must be one of relu, gelu, silu, tanh, got 'swish'"),
     (dict(adapter_size=0), "adapter_size must be a positive whole number, got 0"),
-    (dict(adapter_scaling=float("nan")), "adapter_scaling must be a finite number"),
+    (dict(adapter_scaling=float("nan")), "adapter_scaling must be a positive number"),
+    (dict(adapter_scaling=0), r"adapter_scaling must be a positive number \(e.g. 1, or 4 for parallel\), got 0"),
     (dict(init_bottleneck_weights="yes"), "init_bottleneck_weights must be true or false"),
 ])
 def test_config_errors(kw, match):

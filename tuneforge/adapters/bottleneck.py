@@ -106,8 +106,8 @@ class BottleneckConfig:
         if isinstance(self.adapter_size, bool) or not isinstance(self.adapter_size, int) or self.adapter_size < 1:
             raise ConfigError(f"adapter_size must be a positive whole number, got {self.adapter_size!r}")
         scaling = self.adapter_scaling
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not torch.isfinite(torch.tensor(scaling)):
-            raise ConfigError(f"adapter_scaling must be a finite number, got {scaling!r}")
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not 0 < scaling < float("inf"):
+            raise ConfigError(f"adapter_scaling must be a positive number (e.g. 1, or 4 for parallel), got {scaling!r}")
         self.adapter_scaling = float(scaling)
         for key in ("target_modules", "exclude_modules"):
             setattr(self, key, _names_or_regex(key, getattr(self, key)))
