@@ -50,7 +50,6 @@ from .targets import candidate_modules, minimal_suffixes, resolve_targets
 
 ADAPTER_TYPES = ("houlsby", "pfeiffer", "parallel")
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-SEQUENTIAL = ("houlsby", "pfeiffer")
 
 
 def _decoder(attn_out: str, ffn_out: str, ffn: str) -> dict[str, list[str]]:
