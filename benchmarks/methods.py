@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch", type=int, default=2, help="examples per step")
     ap.add_argument("--cutoff", type=int, default=256, help="cutoff_len")
     ap.add_argument("--eval", type=int, default=8, help="held-out examples for the eval loss")
-    ap.add_argument("--new-tokens", type=int, default=16, help="generated tokens per latency measurement")
+    ap.add_argument("--new-tokens", type=int, default=32, help="generated tokens per latency measurement")
     ap.add_argument("--rounds", type=int, default=3, help="latency repetitions (the best counts)")
     ap.add_argument("--data", default=str(DATA), help="dataset_dir holding alpaca_en_demo")
     ap.add_argument("--json", help="also write the raw results here")
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         results.append(run_arm(name, args))
         r = results[-1]
-        done = r.get("error") or f"{r['run_s']:.0f} s, settings from {r['settings']}"
+        done = r.get("error") or f"{r['run_s']:.0f} s, settings from {r['settings']}: {json.dumps(r)}"
         print(f"[bench] {name}: {done}", file=sys.stderr, flush=True)
     ok = [r for r in results if "error" not in r]
     import torch
@@ -195,6 +195,7 @@ def arm(name: str, args) -> dict:
             "dataset": "alpaca_en_demo", "dataset_dir": args.data, "cutoff_len": args.cutoff,
             "val_size": args.eval, "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1,
             "per_device_eval_batch_size": args.eval, "max_steps": args.steps, "lr_scheduler_type": "constant",
+            "max_samples": args.steps * args.batch + args.eval,  # the same first records for every method
             "output_dir": out, "save_steps": 10**6, "logging_steps": 1, "bf16": False, "seed": 42,
             "disable_tqdm": True, **settings,
         }
@@ -211,8 +212,10 @@ def arm(name: str, args) -> dict:
 
 
 def measure_latency(adapter_dir: str, args) -> dict:
-    """Per-token decode latency with the adapter attached, merged in place (where it merges), and
-    of the merged plain model (unmerged methods: the plain base), best of --rounds."""
+    """Per-token decode latency of the plain base (what the merged model costs), the model with the
+    adapter attached, and (where it merges) merged in place; the three are measured in turn within
+    each of --rounds rounds, so a machine that gets busier or idler affects them alike. Per-token:
+    (best time for 1 + n new tokens - best time for 1) / n."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -224,31 +227,35 @@ def measure_latency(adapter_dir: str, args) -> dict:
     path = str(default_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(path)
     ids = tokenizer.apply_chat_template(PROMPT, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     model = adapters.load_adapter(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), adapter_dir).eval()
-
-    def per_token() -> float:
-        def timed(n: int) -> float:
-            began = time.perf_counter()
-            with torch.no_grad():
-                model.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-            return time.perf_counter() - began
-        timed(2)  # warm-up
-        return min((timed(1 + args.new_tokens) - timed(1)) / args.new_tokens for _ in range(args.rounds))
-
-    out = {"latency": per_token(), "latency_merged": None}
     try:
         refuse_unmergeable_files([adapter_dir])
         refuse_unmergeable_layers(model)
         merges = True
     except ConfigError as e:
         merges = str(e).split(": ", 1)[-1].split("; export it")[0]
-    out["merges"] = merges
-    if merges is True:
-        adapters.merge_adapters(model)
-        out["latency_merged"] = per_token()
-    model = adapters.unload(model, merge=merges is True)
-    out["latency_base"] = per_token()
-    return out
+
+    def timed(m, n: int) -> float:
+        began = time.perf_counter()
+        with torch.no_grad():
+            m.generate(**ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - began
+
+    setups = ["base", "adapter"] + (["merged"] * (merges is True))
+    times: dict[str, tuple[list, list]] = {s: ([], []) for s in setups}
+    for _ in range(args.rounds + 1):  # the first round warms up and is dropped
+        for setup in setups:
+            m = base if setup == "base" else model
+            if setup == "merged":
+                adapters.merge_adapters(model)
+            times[setup][0].append(timed(m, 1))
+            times[setup][1].append(timed(m, 1 + args.new_tokens))
+            if setup == "merged":
+                adapters.unmerge_adapters(model)
+    best = {s: (min(long[1:]) - min(short[1:])) / args.new_tokens for s, (short, long) in times.items()}
+    return {"latency": best["adapter"], "latency_merged": best.get("merged"), "latency_base": best["base"],
+            "merges": merges}
 
 
 if __name__ == "__main__":
