@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tuneforge-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench bench-quick bench-qlora bench-gguf clean
+.PHONY: install demo test test-fast bench bench-quick bench-qlora bench-gguf bench-methods clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ bench-qlora: $(STAMP)
 bench-gguf: $(STAMP)
 	@$(PY) -c "import llama_cpp" 2>/dev/null || $(PIP) -e ".[llamacpp]"
 	$(PY) benchmarks/gguf_llamacpp.py $(if $(ADAPTER),--adapter $(ADAPTER))
+
+# Every adapter method trained alike on alpaca_en_demo, one markdown table: trainable parameters,
+# step time and peak RSS against LoRA, eval loss, latency per token against the merged base, merges
+# (benchmarks/methods.py; METHODS=lora,ia3 STEPS=20 narrow or lengthen it)
+bench-methods: $(STAMP)
+	$(PY) benchmarks/methods.py $(if $(METHODS),--methods $(METHODS)) $(if $(STEPS),--steps $(STEPS))
 
 clean:
 	rm -rf $(VENV) saves .pytest_cache

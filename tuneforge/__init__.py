@@ -30,6 +30,7 @@ _EXPORTS = {
     "OFTConfig": "adapters.oft", "BOFTConfig": "adapters.boft",
     "PromptTuningConfig": "adapters.prompt_tuning", "PrefixTuningConfig": "adapters.prefix_tuning",
     "PromptEncoderConfig": "adapters.p_tuning",
+    "BottleneckConfig": "adapters.bottleneck",
     "disable_adapters": "adapters", "load_adapter": "adapters", "merge_adapters": "adapters",
     "save_adapter": "adapters", "set_active_adapters": "adapters",
     "trainable_parameters": "adapters", "unload": "adapters", "unmerge_adapters": "adapters",

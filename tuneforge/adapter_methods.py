@@ -31,15 +31,18 @@ METHODS = {
     "prefix": ("prefix_tuning", "train key/value prefixes of every attention layer (prefix tuning)"),
     "ptuning_v2": ("prefix_tuning", "train key/value prefixes of every layer without reparametrisation"),
     "ptuning": ("p_tuning", "train a prompt encoder (MLP or LSTM) whose output is put before the input"),
+    "bottleneck": ("bottleneck", "train bottleneck adapters (down-project, nonlinearity, up-project) after "
+                   "or beside layers: adapter_type houlsby / pfeiffer / parallel"),
 }
 
 
 # the finetuning types that train on a quantized base (quantization_bit): each adapts
 # tuneforge.quant.QuantLinear layers (LoRA, LoHa, LoKr, VeRA, BitFit, OFT, BOFT) or adapts no quantized
 # layer at all (LN tuning: the norms stay unquantized; prompt / prefix / P-tuning: virtual tokens that
-# only read the base). config_checks refuses quantization_bit for the others.
+# only read the base; bottleneck: its own small projections after or beside a block).
+# config_checks refuses quantization_bit for the others.
 QUANTIZED_BASE = ("lora", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
-                  "prompt", "prefix", "ptuning_v2", "ptuning")
+                  "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck")
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
@@ -110,4 +113,15 @@ METHOD_KEYS: dict[str, dict] = {
                                bounds="(0, inf)"),
     "encoder_reparameterization_type": key("MLP", "P-tuning's prompt encoder: MLP or LSTM.", ("ptuning",),
                                            choices=("MLP", "LSTM")),
+    "adapter_type": key(
+        "houlsby", "Where bottleneck adapters go: houlsby (after the attention output projection and "
+        "after the feed-forward block), pfeiffer (after the feed-forward block only), parallel (beside "
+        "the feed-forward block, on its input, scaled by adapter_scaling). lora_target other than 'all' "
+        "names the modules instead.", ("bottleneck",), choices=("houlsby", "pfeiffer", "parallel")),
+    "adapter_size": key(64, "Bottleneck width: the adapter projects the hidden size down to this.",
+                        ("bottleneck",), bounds="(0, inf)"),
+    "adapter_act": key("relu", "Nonlinearity between the adapter's projections.", ("bottleneck",),
+                       choices=("relu", "gelu", "silu", "tanh")),
+    "adapter_scaling": key(1.0, "Factor on the adapter's output (He et al. use 4 for parallel adapters; "
+                           "houlsby and pfeiffer use 1).", ("bottleneck",), bounds="(0, inf)"),
 }

@@ -257,7 +257,9 @@ class ExportArguments:
         "quantized format (load with tuneforge.quant.load_quantized); the error is printed.", (4, 8))
     export_format: str = _f(
         "hf", "hf: a Hugging Face folder; gguf: one .gguf file for llama.cpp / Ollama (Llama, Mistral, "
-        "Qwen2, Qwen3) with an Ollama Modelfile beside it, in export_dir.", ("hf", "gguf"))
+        "Qwen2, Qwen3) with an Ollama Modelfile beside it, in export_dir; adapter: the adapters of "
+        "adapter_name_or_path unmerged, in peft's format (for methods that cannot merge).",
+        ("hf", "gguf", "adapter"))
     export_quantization: str = _f(
         "f16", "Weight type of a gguf export (norms and biases stay f32).", ("f16", "q8_0", "q4_0"))
 

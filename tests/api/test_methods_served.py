@@ -37,11 +37,13 @@ SERVED = {
     "oft": ("OFTConfig", {"oft_block_size": 16, "target_modules": OTHERS}, 0.5),
     "boft": ("BOFTConfig", {"boft_block_size": 8, "boft_n_butterfly_factor": 2, "target_modules": OTHERS}, 0.5),
     "prefix": ("PrefixTuningConfig", {"num_virtual_tokens": 6}, 4.0),
+    "bottleneck": ("BottleneckConfig", {"adapter_type": "parallel", "adapter_size": 8}, 0.5),  # beside each mlp
 }
 # the tensors that start at zero / one (or a copy of the base)
 MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1", "ln_tuning_layers", "vera_lambda_b", "bitfit_bias", "oft_R",
-         "boft_R", "boft_s", "encoders")
-ALSO = {"prefix": "ia3"}  # a third adapter in the same server: a layer method beside the prefix one
+         "boft_R", "boft_s", "encoders", "adapter_up")
+# a third adapter in the same server: a layer method beside a prefix / a module-level adapter
+ALSO = {"prefix": "ia3", "bottleneck": "ia3"}
 
 
 def _save(model_dir, root, method, seed):

@@ -243,7 +243,9 @@ def _warn_shared_weights(model: nn.Module, paths: list[str]) -> None:
         for p in m.parameters(recurse=False):
             owners.setdefault(id(p), []).append(name)
     for path in paths:
-        weight = model.get_submodule(path).weight
+        weight = getattr(model.get_submodule(path), "weight", None)  # None: a block (bottleneck's mlp)
+        if weight is None:
+            continue
         others = [n for n in owners.get(id(weight), []) if n != path]
         if others:
             warnings.warn(

@@ -67,6 +67,10 @@ class AdapterMethod:
     """(model, adapter name, config, [(path, layer)]) -> {key in the adapter file: tensor} for tensors
     the adapter keeps outside its layers' `peft_tensors` (VeRA's `base_model.vera_A`): save_adapter
     writes them, load_adapter copies the file's into them in place (a missing one is an error)."""
+    cannot_merge: Callable[[Any], str | None] | None = None
+    """(config) -> why adapters of this method can never be merged into the weights (a nonlinearity,
+    extra tokens), or None. `tuneforge export` asks it before loading anything; a layer's own
+    `cannot_merge()` (layer.py) covers what depends on the layer (a quantized base)."""
 
 
 _METHODS: dict[str, AdapterMethod] = {}

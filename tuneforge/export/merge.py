@@ -1,5 +1,7 @@
 """Merge the adapters into the base weights and write a plain HF directory (safetensors +
 tokenizer) that `AutoModelForCausalLM.from_pretrained` loads with no tuneforge installed.
+Adapters that cannot be merged are refused before the work, offering export_format: adapter,
+which writes the adapters themselves in peft's format (adapter.py).
 A quantized base (quantization_bit) is dequantized first; export_quantization_bit requantizes the
 merged weights and writes tuneforge's quantized format instead (quantized.py).
 
@@ -20,6 +22,7 @@ from ..loading import load_for_use
 from ..models import resolve_dtype, resolve_model_path, split_paths
 from ..quant import QuantizationConfig, save_quantized
 from ..quant.model import cast_unquantized
+from .adapter import export_adapters, refuse_unmergeable_files, refuse_unmergeable_layers
 from .gguf import check_gguf, gguf_size, write_gguf
 from .modelfile import write_modelfile
 from .quantized import dequantize_before_merge, requantize
@@ -51,8 +54,11 @@ def export_model(cfg) -> Path:
     if not cfg.export.export_dir:
         raise ConfigError("config key 'export_dir' is required for `tuneforge export`")
     target = check_export_dir(cfg.export.export_dir, _sources(cfg))
+    if cfg.export.export_format == "adapter":
+        return export_adapters(cfg, target)
     qcfg = _requantization(cfg)  # its own checks, before the work
     paths = split_paths(cfg.model.adapter_name_or_path)
+    refuse_unmergeable_files(paths)  # a method that can never merge, before anything loads
     dtype = None
 
     def before_adapters(model, tokenizer):
@@ -78,6 +84,7 @@ def export_model(cfg) -> Path:
     model, tokenizer = ready.model, ready.tokenizer
     if paths:
         model = dequantize_before_merge(model)  # the LoftQ base attach_adapters built, if any
+        refuse_unmergeable_layers(model)
         untied = untie_adapted_embeddings(model)
         model = adapters.unload(model, merge=True).to("cpu")
         settle_tying(model, untied)
