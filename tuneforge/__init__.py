@@ -49,32 +49,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'tuneforge' has no attribute '{name}'")
 
 
-def _as_config(config):
-    from .config import Config, load_config
-
-    if isinstance(config, Config):
-        return config
-    if isinstance(config, dict):
-        return load_config(None, config)
-    return load_config(config)
-
-
-def train(config) -> dict:
-    """Fine-tune from a Config, a YAML path or a dict of keys; returns the metrics."""
-    from .workflows import train as _train
-
-    return _train(_as_config(config))
-
-
-def evaluate(config, limit: int | None = None) -> dict:
-    """Eval loss/perplexity (and with do_predict, generated answers scored by ROUGE/BLEU)."""
-    from .workflows import evaluate as _evaluate
-
-    return _evaluate(_as_config(config), limit=limit)
-
-
-def export(config):
-    """Merge adapters and write a Hugging Face model folder; returns its path."""
-    from .workflows import export as _export
-
-    return _export(_as_config(config))
+from .entry import evaluate, export, train  # noqa: E402 - after the lazy table; torch-free
