@@ -31,3 +31,12 @@ def test_a_method_key_belongs_to_its_methods(key):
         load_config(None, {"finetuning_type": other, key: value})
     assert str(refused.value).startswith(f"config key '{key}' needs finetuning_type: ")
     assert str(refused.value).endswith(f"(got finetuning_type: {other})")
+
+
+def test_a_method_key_is_read_by_exactly_the_methods_it_names():
+    """METHOD_KEYS (torch-free, read by config validation) and each method's `keys` (read by
+    train.methods.refuse_unread_keys) say the same."""
+    from tuneforge.adapters.methods import all_methods
+
+    for key, spec in METHOD_KEYS.items():
+        assert set(spec["methods"]) == {m.name for m in all_methods() if key in m.keys}, key

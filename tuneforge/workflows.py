@@ -35,7 +35,7 @@ def train(cfg: Config) -> dict:
     from .train import outputs
     from .train.heads import prepare_head
     from .train.loop import TrainingRun, mixed_precision
-    from .train.methods import describe, prepare_model
+    from .train.methods import describe, prepare_model, refuse_unread_keys
     from .train.resume import plan_resume, prepare_output_dir
     from .train.stages import get_stage
 
@@ -44,6 +44,7 @@ def train(cfg: Config) -> dict:
         raise ConfigError("config key 'output_dir' is required for `tuneforge train`")
     if not args.do_train:
         raise ConfigError("do_train is false: nothing to do for `tuneforge train`")
+    refuse_unread_keys(cfg.finetune)
     out = Path(args.output_dir)
     outputs.check_output_dir(out)
     # the model's or an adapter's folder, even with overwrite_output_dir (the export's rule)
