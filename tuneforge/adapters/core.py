@@ -107,7 +107,7 @@ def add_adapter(model: nn.Module, cfg: Any, name: str = "default") -> nn.Module:
     if merged:
         raise ConfigError(f"adapters {merged} are merged into the weights; call unmerge_adapters(model) first")
     cfg = copy.deepcopy(cfg)  # the model's record must not change when the caller edits theirs
-    if method.inject is not None:
+    if method.inject is not None and not method.layers:  # a method with both (MAM) also adapts layers
         targets, to_save = [], _plan_modules_to_save(model, cfg, set(), method)
     else:
         targets = _plan_targets(model, cfg, method)

@@ -40,7 +40,9 @@ class AdapterMethod:
     layers: dict[type, type] = field(default_factory=dict)
     """Base-layer type -> adapter layer class (a subclass of both)."""
     inject: Callable[[Any, Any, str], None] | None = None
-    """Model-level hook (model, config, name) for methods without per-layer wrappers."""
+    """Model-level hook (model, config, name) for methods without per-layer wrappers; a method that
+    gives both `inject` and `layers` (MAM: a prefix plus bottleneck layers) is injected first, then its
+    layers are adapted as usual (targets planned and checked before either step changes the model)."""
     config_to_peft: Callable[[Any, str, Any, list], dict] | None = None
     """(model, adapter name, config, [(path, layer)]) -> the method's fields of adapter_config.json."""
     config_from_peft: Callable[[dict, str], Any] | None = None

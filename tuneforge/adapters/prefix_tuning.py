@@ -108,13 +108,15 @@ class PrefixEncoder(nn.Module):
         return self.prompt().detach() if self.projection else self.embedding.weight
 
 
-def _inject(model: nn.Module, cfg: PrefixTuningConfig, name: str) -> None:
+def _inject(model: nn.Module, cfg: PrefixTuningConfig, name: str, why: str = WHY) -> None:
+    """Fill in cfg's model dimensions and attach its PrefixEncoder as virtual-token adapter `name`
+    (`why`: its cannot-merge reason; MAM passes its own)."""
     for key, value in model_dims(model, kv=True).items():
         setattr(cfg, key, value)
     cfg.num_transformer_submodules = 1
     if cfg.encoder_hidden_size is None:
         cfg.encoder_hidden_size = cfg.token_dim
-    attach(model, name, PrefixEncoder(cfg), WHY)
+    attach(model, name, PrefixEncoder(cfg), why)
 
 
 def _to_peft(model: nn.Module, name: str, cfg: PrefixTuningConfig, layers: list) -> dict[str, Any]:
