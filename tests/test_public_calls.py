@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import tuneforge
 
 
 def test_train_and_export_stay_callable_after_their_packages_are_imported(tiny_model_dir, tiny_data_dir,
