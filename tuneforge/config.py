@@ -50,7 +50,8 @@ class ModelArguments:
     trust_remote_code: bool = _f(
         False, "Allow model code from the model directory to run. Off unless you trust the source.")
     infer_dtype: str = _f(
-        "auto", "Weights dtype for chat/inference: auto (fp32 on CPU, bf16 on GPUs that have it), "
+        "auto", "Weights dtype for chat/inference: auto (bf16 where the CPU or GPU computes it fast, "
+        "else fp32; detected on each machine), "
         "float32, bfloat16 or float16.", ("auto", "float32", "bfloat16", "float16"))
     quantization_bit: Optional[int] = _f(
         None, "Store the frozen base Linear weights in 4 or 8 bits (QLoRA). Empty: no quantization.",

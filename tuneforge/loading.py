@@ -22,6 +22,7 @@ alone and chat never merges it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,9 @@ from .data import apply_template
 from .errors import ConfigError, ModelError
 from .adapters.loftq import load_adapter_for_base, loftq_record
 from .quant.provenance import check_base
+from .train.heads import VALUE_HEAD_FILE
+
+log = logging.getLogger("tuneforge")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,10 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
     if use.adapters != "none":
         for path in paths:  # every path before the model loads
             check_adapter_dir(path)
+            if (Path(path) / VALUE_HEAD_FILE).is_file():
+                log.warning("adapter '%s' is a reward model's (stage: rm): %s uses its adapter and ignores its "
+                            "value head (%s); to score texts use tuneforge.train.reward.load_reward_model",
+                            path, purpose, VALUE_HEAD_FILE)
     if use.adapters == "beside":
         _refuse_shared_loftq(paths)
     loftq = bool(cfg.finetune.loftq_iter) and (bool(paths) or use.adapters == "none")

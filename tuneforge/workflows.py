@@ -181,8 +181,8 @@ def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> di
     dataset, split as `train` splits it); with do_predict also generated answers scored with
     ROUGE/BLEU. `limit` keeps the first examples only. Results go to output_dir when set.
 
-    Raises ConfigError (no eval data, a bad limit, an output_dir that cannot be a folder: checked
-    before the model loads), DataError, ModelError."""
+    Raises ConfigError (a stage other than sft, no eval data, a bad limit, an output_dir that cannot
+    be a folder: checked before the model loads), DataError, ModelError."""
     import dataclasses
 
     from .data import load_datasets
@@ -190,6 +190,11 @@ def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> di
     from .eval.predict import run_predict
     from .infer import ChatModel
 
+    stage = cfg.finetune.stage
+    if stage != "sft":
+        raise ConfigError(f"`tuneforge eval` scores supervised (stage: sft) data; a stage: {stage} run is "
+                          "evaluated by `tuneforge train` itself on its held-out split (set val_size or "
+                          "eval_dataset there), or set stage: sft to score chat data with this model")
     data = cfg.data
     if not data.eval_dataset and not data.val_size:
         raise ConfigError("`tuneforge eval` needs eval data: set eval_dataset: <names> "

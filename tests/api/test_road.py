@@ -108,3 +108,20 @@ def test_plain_adapters_side_by_side_on_a_quantized_base_answer_as_chat(tiny_mod
         assert _served(engine, name) == chat.answer(MESSAGES, max_new_tokens=12)
     base = ChatModel(_cfg(tiny_model_dir, None, quantization_bit=4))
     assert (_logits(engine.model, "__base__") - _logits(base.model)).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("purpose", ["chat", "export", "serve"])
+def test_a_reward_models_adapter_is_used_with_a_warning_about_its_value_head(tiny_model_dir, tmp_path, caplog,
+                                                                          purpose):
+    from safetensors.torch import save_file
+
+    from tuneforge.loading import load_for_use
+
+    path = _adapter(tiny_model_dir, tmp_path / "rm", 5)
+    save_file({"v_head.summary.weight": torch.zeros(1, 8), "v_head.summary.bias": torch.zeros(1)},
+              str(path / "value_head.safetensors"))
+    with caplog.at_level("WARNING", logger="tuneforge"):
+        load_for_use(_cfg(tiny_model_dir, str(path)), purpose)
+    assert [r.getMessage() for r in caplog.records if "value head" in r.getMessage()] == [
+        f"adapter '{path}' is a reward model's (stage: rm): {purpose} uses its adapter and ignores its value head "
+        "(value_head.safetensors); to score texts use tuneforge.train.reward.load_reward_model"]
