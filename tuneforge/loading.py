@@ -146,5 +146,11 @@ def _load_beside(model, paths: list[str], names: list[str]) -> dict[str, str]:
         served[name] = f"serve_{i}"  # folder names may hold characters adapter names may not
         # with deferred quantization (loftq_iter) the first adapter settles the base: rebuilt by
         # LoftQ for a LoftQ adapter (then the only one), else quantized plainly
-        load_adapter_for_base(model, path, name=served[name], trainable=False)
+        try:
+            load_adapter_for_base(model, path, name=served[name], trainable=False)
+        except ModelError as e:  # name the adapters already loaded by their folders, not their inner names
+            message = str(e)
+            for j in range(i):
+                message = message.replace(repr(f"serve_{j}"), repr(str(paths[j])))
+            raise ModelError(message) from None
     return served

@@ -281,7 +281,7 @@ def test_the_memory_check_is_exact_at_its_limit(monkeypatch):
 
 def test_an_absurd_rank_in_adapter_config_is_refused(saved):
     _rewrite_config(saved, r=10**9)
-    _load_fails(saved, "does not fit LlamaForCausalLM: LoRA rank 1000000000 does not fit in memory")
+    _load_fails(saved, "cannot be added to LlamaForCausalLM: LoRA rank 1000000000 does not fit in memory")
 
 
 def test_a_rank_above_the_layer_dims_warns_once_and_still_works(saved, caplog):

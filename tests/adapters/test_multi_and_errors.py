@@ -221,7 +221,7 @@ def test_config_fields(saved, recwarn):
 
 
 def test_adapter_for_another_model(saved):
-    with pytest.raises(ModelError, match="does not fit GPT2LMHeadModel"):
+    with pytest.raises(ModelError, match="cannot be added to GPT2LMHeadModel"):
         load_adapter(make_model("gpt2"), saved)
 
 

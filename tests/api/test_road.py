@@ -125,3 +125,18 @@ def test_a_reward_models_adapter_is_used_with_a_warning_about_its_value_head(tin
     assert [r.getMessage() for r in caplog.records if "value head" in r.getMessage()] == [
         f"adapter '{path}' is a reward model's (stage: rm): {purpose} uses its adapter and ignores its value head "
         "(value_head.safetensors); to score texts use tuneforge.train.reward.load_reward_model"]
+
+
+def test_two_adapters_of_different_methods_on_one_layer_are_refused_as_a_clash(tiny_model_dir, tmp_path):
+    """one layer takes adapters of one method: the line names the clash, not a model mismatch"""
+    import tuneforge
+    from tuneforge.errors import ModelError
+    from tuneforge.loading import load_for_use
+
+    lora = _adapter(tiny_model_dir, tmp_path / "lora", 6)
+    ia3 = save_moved_adapter(tiny_model_dir, tmp_path / "ia3", tuneforge.IA3Config(), 7)
+    with pytest.raises(ModelError) as refused:
+        load_for_use(_cfg(tiny_model_dir, f"{lora},{ia3}"), "serve")
+    assert str(refused.value).startswith(f"adapter '{ia3}' cannot be added to LlamaForCausalLM beside the "
+                                         f"adapter(s) '{lora}' already on it: ")
+    assert "already carries a lora adapter" in str(refused.value)

@@ -214,7 +214,9 @@ def load_adapter(
         try:
             add_adapter(model, cfg, name)
         except ConfigError as e:
-            raise ModelError(f"adapter {str(path)!r} does not fit {type(model).__name__}: {e}") from None
+            others = list(st.configs) if st is not None else []
+            beside = f" beside the adapter(s) {', '.join(map(repr, others))} already on it" if others else ""
+            raise ModelError(f"adapter {str(path)!r} cannot be added to {type(model).__name__}{beside}: {e}") from None
     try:
         plan = _plan_copy(model, name, tensors, weights)
     except ModelError:
