@@ -48,7 +48,9 @@ def refuse_unmergeable_files(paths: list[str]) -> None:
         method = method_of_config(cfg)
         why = method.cannot_merge(cfg) if method.cannot_merge is not None else None
         if why:
-            raise ConfigError(f"adapter '{path}' is a {method.label or method.name} adapter, which cannot be "
+            label = method.label or method.name
+            article = "an" if label[:1] in "AEIOU" else "a"
+            raise ConfigError(f"adapter '{path}' is {article} {label} adapter, which cannot be "
                               f"merged into the model: {why}; {OFFER}")
 
 
