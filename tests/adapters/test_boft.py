@@ -17,7 +17,7 @@ import pytest
 import torch
 from peft import BOFTConfig as PeftBOFTConfig
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
-from test_matrix import assert_same_as_peft, build, evaluate, train
+from test_matrix import assert_peft_file_loads, assert_same_as_peft, build, evaluate, train
 
 import tuneforge
 from tuneforge.adapters import (
@@ -25,7 +25,6 @@ from tuneforge.adapters import (
     add_adapter,
     disable_adapters,
     list_adapters,
-    load_adapter,
     merge_adapters,
     save_adapter,
     set_active_adapters,
@@ -120,11 +119,7 @@ def test_boft_matches_peft(tmp_path, peft_backend, kind, variant):
 
     # 3. peft trains and saves; tuneforge loads the file
     theirs = get_peft_model(build(kind), PeftBOFTConfig(**kw))
-    train(theirs, kind)
-    theirs.save_pretrained(str(tmp_path / "peft"))
-    mine = load_adapter(build(kind), tmp_path / "peft")
-    assert isinstance(list_adapters(mine)["default"], BOFTConfig)
-    assert (evaluate(mine, kind) - evaluate(theirs, kind)).abs().max().item() <= TOL
+    assert_peft_file_loads(theirs, kind, BOFTConfig, tmp_path)
 
     # 4. merge == unmerged; unmerge restores the base; disable == base
     weights = {k: v.clone() for k, v in ours.state_dict().items() if "boft_" not in k and "modules_to_save" not in k}

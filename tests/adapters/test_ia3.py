@@ -19,7 +19,7 @@ from peft import (
     get_peft_model,
     set_peft_model_state_dict,
 )
-from test_matrix import assert_same_as_peft, batch, build, evaluate, train
+from test_matrix import assert_peft_file_loads, assert_same_as_peft, batch, build, evaluate, train
 
 import tuneforge
 from tuneforge.adapters import (
@@ -98,11 +98,7 @@ def test_ia3_matches_peft(tmp_path, kind, variant):
 
     # 3. peft trains and saves; tuneforge loads the file
     theirs = get_peft_model(build(kind), PeftIA3Config(**kw))
-    train(theirs, kind)
-    theirs.save_pretrained(str(tmp_path / "peft"))
-    mine = load_adapter(build(kind), tmp_path / "peft")
-    assert isinstance(list_adapters(mine)["default"], IA3Config)
-    assert (evaluate(mine, kind) - evaluate(theirs, kind)).abs().max().item() <= TOL
+    assert_peft_file_loads(theirs, kind, IA3Config, tmp_path)
 
     # 4. merge == unmerged; unmerge restores the base; disable == base
     weights = {k: v.clone() for k, v in ours.state_dict().items() if "ia3_" not in k and "modules_to_save" not in k}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from peft import LNTuningConfig as PeftLNTuningConfig
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
-from test_matrix import assert_same_as_peft, batch, build, evaluate, train
+from test_matrix import assert_peft_file_loads, assert_same_as_peft, batch, build, evaluate, train
 
 import tuneforge
 from tuneforge.adapters import (
@@ -24,7 +24,6 @@ from tuneforge.adapters import (
     delete_adapter,
     disable_adapters,
     list_adapters,
-    load_adapter,
     merge_adapters,
     route_adapters,
     save_adapter,
@@ -82,11 +81,7 @@ def test_ln_tuning_matches_peft(tmp_path, kind):
 
     # 3. peft trains and saves; tuneforge loads the file
     theirs = get_peft_model(build(kind), PeftLNTuningConfig(**kw))
-    train(theirs, kind)
-    theirs.save_pretrained(str(tmp_path / "peft"))
-    mine = load_adapter(build(kind), tmp_path / "peft")
-    assert isinstance(list_adapters(mine)["default"], LNTuningConfig)
-    assert (evaluate(mine, kind) - evaluate(theirs, kind)).abs().max().item() <= TOL
+    assert_peft_file_loads(theirs, kind, LNTuningConfig, tmp_path)
 
     # 4. merge == unmerged; unmerge restores the base; disable == base
     weights = {k: v.clone() for k, v in ours.state_dict().items() if "ln_tuning" not in k and "modules_to_save" not in k}

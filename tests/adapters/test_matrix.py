@@ -23,6 +23,7 @@ from tuneforge.adapters import (
     LoraConfig,
     add_adapter,
     disable_adapters,
+    list_adapters,
     load_adapter,
     merge_adapters,
     save_adapter,
@@ -196,6 +197,17 @@ def assert_same_as_peft(ours: nn.Module, theirs: nn.Module, kind: str, base: tor
     for key in g_ours:
         torch.testing.assert_close(g_ours[key], g_peft[key], atol=1e-5, rtol=1e-4, msg=key)
     return g_ours
+
+
+def assert_peft_file_loads(theirs: nn.Module, kind: str, config_class: type, tmp_path) -> nn.Module:
+    """peft trains `theirs` and saves it; tuneforge loads the file onto a fresh model as a
+    `config_class` adapter with the same outputs. Returns tuneforge's model."""
+    train(theirs, kind)
+    theirs.save_pretrained(str(tmp_path / "peft"))
+    mine = load_adapter(build(kind), tmp_path / "peft")
+    assert isinstance(list_adapters(mine)["default"], config_class)
+    assert (evaluate(mine, kind) - evaluate(theirs, kind)).abs().max().item() <= TOL
+    return mine
 
 
 @pytest.mark.parametrize("kind,variant", CASES, ids=[f"{k}-{v}" for k, v in CASES])

@@ -17,7 +17,7 @@ import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from peft import VeraConfig as PeftVeraConfig
 from safetensors.torch import load_file, save_file
-from test_matrix import assert_same_as_peft, batch, build, evaluate, train
+from test_matrix import assert_peft_file_loads, assert_same_as_peft, batch, build, evaluate, train
 
 import tuneforge
 from tuneforge.adapters import (
@@ -94,11 +94,7 @@ def test_vera_matches_peft(tmp_path, case):
 
     # 3. peft trains and saves; tuneforge loads the file
     theirs = get_peft_model(build(kind), PeftVeraConfig(**kw))
-    train(theirs, kind)
-    theirs.save_pretrained(str(tmp_path / "peft"))
-    mine = load_adapter(build(kind), tmp_path / "peft")
-    assert isinstance(list_adapters(mine)["default"], VeraConfig)
-    assert (evaluate(mine, kind) - evaluate(theirs, kind)).abs().max().item() <= TOL
+    assert_peft_file_loads(theirs, kind, VeraConfig, tmp_path)
 
     # 4. merge == unmerged; unmerge restores the base; disable == base
     weights = {k: v.clone() for k, v in ours.state_dict().items() if "vera_" not in k and "modules_to_save" not in k}
