@@ -88,6 +88,7 @@ def _split_config_arg(args) -> tuple[str | None, list[str]]:
 
 
 def _run_chat(cfg, args) -> None:
+    from .infer.stream import RequestError
     from .workflows import chat_model
 
     model = chat_model(cfg)
@@ -116,9 +117,14 @@ def _run_chat(cfg, args) -> None:
         history.append({"role": "user", "content": text})
         print("Assistant: ", end="", flush=True)
         reply = ""
-        for piece in model.stream(history, system=args.system):
-            print(piece, end="", flush=True)
-            reply += piece
+        try:
+            for piece in model.stream(history, system=args.system):
+                print(piece, end="", flush=True)
+                reply += piece
+        except RequestError as exc:  # the conversation outgrew the context: this turn is dropped
+            history.pop()
+            print(f"(not answered: {exc}, or /clear the conversation)")
+            continue
         print()
         history.append({"role": "assistant", "content": reply})
 

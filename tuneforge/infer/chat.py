@@ -8,7 +8,15 @@ from typing import Iterator
 import torch
 
 from ..loading import load_for_use
-from .generation import chat_input_ids, generation_kwargs
+from ..models import split_paths
+from .generation import (
+    chat_input_ids,
+    context_length,
+    context_room,
+    generation_kwargs,
+    virtual_prefix,
+)
+from .stream import RequestError
 
 
 class ChatModel:
@@ -19,21 +27,35 @@ class ChatModel:
         ready = load_for_use(cfg, "chat")
         self.model = ready.model
         self.tokenizer = ready.tokenizer
+        self.context = context_length(self.model, self.tokenizer)  # None: the model names none
 
     def _inputs(self, messages: list[dict], system: str | None) -> dict:
         system = system if system is not None else self.cfg.generate.default_system
         ids = chat_input_ids(self.tokenizer, messages, system, self.model.device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
-    def _generation_kwargs(self, **overrides) -> dict:
-        return {**generation_kwargs(self.cfg.generate, self.tokenizer), **overrides}
+    def _generation_kwargs(self, prompt_tokens: int, **overrides) -> dict:
+        """The config's generation keys, then `overrides`; max_new_tokens capped to what the
+        context leaves after the prompt and the active adapter's virtual tokens (prompt / prefix
+        tuning). Raises RequestError (a TuneforgeError) when the prompt leaves no room."""
+        kwargs = {**generation_kwargs(self.cfg.generate, self.tokenizer), **overrides}
+        if self.context is not None:
+            virtual, name = virtual_prefix(self.model)
+            label = (split_paths(self.cfg.model.adapter_name_or_path) or [name])[-1] if virtual else None
+            try:
+                room = context_room(self.context, prompt_tokens, virtual, label)
+            except ValueError as exc:
+                raise RequestError(str(exc), param="messages") from None
+            kwargs["max_new_tokens"] = min(kwargs.get("max_new_tokens") or room, room)
+        return kwargs
 
     def stream(self, messages: list[dict], system: str | None = None, **overrides) -> Iterator[str]:
         """Yield the answer's text piece by piece as it is generated."""
         from transformers import TextIteratorStreamer
 
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        kwargs = {**self._inputs(messages, system), **self._generation_kwargs(**overrides),
+        inputs = self._inputs(messages, system)
+        kwargs = {**inputs, **self._generation_kwargs(inputs["input_ids"].shape[1], **overrides),
                   "streamer": streamer}
         errors: list[BaseException] = []
 
@@ -54,6 +76,7 @@ class ChatModel:
 
     def answer(self, messages: list[dict], system: str | None = None, **overrides) -> str:
         inputs = self._inputs(messages, system)
+        kwargs = self._generation_kwargs(inputs["input_ids"].shape[1], **overrides)
         with torch.inference_mode():
-            out = self.model.generate(**inputs, **self._generation_kwargs(**overrides))
+            out = self.model.generate(**inputs, **kwargs)
         return self.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)

@@ -17,7 +17,14 @@ from ..data.templates import TemplateRefused
 from ..errors import ConfigError
 from ..loading import load_for_use
 from .batcher import Batcher, Job
-from .generation import chat_input_ids, context_length, generation_kwargs, pad_id
+from .generation import (
+    chat_input_ids,
+    context_length,
+    context_room,
+    generation_kwargs,
+    pad_id,
+    virtual_prefix,
+)
 from .stream import Generation, GenerationResult, RequestError, Unavailable
 from .textstream import TextAssembler
 
@@ -85,19 +92,28 @@ class Engine:
         """Request values first, the config's generation keys for what the request leaves out."""
         return generation_kwargs(self.gen, self.tokenizer, temperature, top_p, max_tokens)
 
-    def answer_budget(self, prompt_tokens: int, max_tokens: int | None) -> int:
+    def virtual_tokens(self, model_name: str | None = None) -> tuple[int, str | None]:
+        """(N, name): the context positions the virtual tokens of served model `model_name` take
+        (prompt / prefix tuning, P-tuning, MAM adapters; generation.virtual_prefix) and the name
+        to give them in messages; (0, None) for the base and adapters without virtual tokens. A
+        model served without adapters runs with whatever is active in it."""
+        if not self.adapters:
+            return virtual_prefix(self.model)
+        name = model_name if model_name is not None else self.base_name
+        count, _ = virtual_prefix(self.model, self.adapters.get(name, BASE))
+        return (count, name) if count else (0, None)
+
+    def answer_budget(self, prompt_tokens: int, max_tokens: int | None, model_name: str | None = None) -> int:
         """Most tokens the answer may have: max_tokens capped to what the context leaves after
-        the prompt (the answer then ends with finish_reason "length", as OpenAI's API does);
-        no max_tokens: all the context leaves. Raises RequestError (param "messages") for a
-        prompt that leaves no room."""
+        the prompt and the virtual tokens of the adapter `model_name` names (the answer then ends
+        with finish_reason "length", as OpenAI's API does); no max_tokens: all the context
+        leaves. Raises RequestError (param "messages") for a prompt that leaves no room."""
         if self.context is None:  # a model that names no context length
             return max_tokens or self.gen.max_new_tokens
-        room = self.context - prompt_tokens
-        if room < 1:
-            raise RequestError(
-                f"the prompt is {prompt_tokens} tokens but this model's context is {self.context} "
-                "tokens, which must also hold at least one answer token; shorten the messages",
-                param="messages")
+        try:
+            room = context_room(self.context, prompt_tokens, *self.virtual_tokens(model_name))
+        except ValueError as exc:
+            raise RequestError(str(exc), param="messages") from None
         return room if max_tokens is None else min(max_tokens, room)
 
     def generate(self, model_name: str, messages: list[dict], stop: list[str] | None = None,
@@ -120,7 +136,8 @@ class Engine:
             raise KeyError(model_name)
         input_ids = self.encode(messages)
         prompt_tokens = input_ids.shape[1]
-        kwargs = self.generation_kwargs(temperature, top_p, self.answer_budget(prompt_tokens, max_tokens))
+        budget = self.answer_budget(prompt_tokens, max_tokens, model_name)
+        kwargs = self.generation_kwargs(temperature, top_p, budget)
         adapter = self.adapters.get(model_name, BASE)
         generations = []
         for i in range(n):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters.virtual_tokens import holder
 from ..data.templates import render_chat
 
 
@@ -55,3 +56,32 @@ def context_length(model, tokenizer=None) -> int | None:
     if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < 10**7:  # "no limit" is ~1e30
         found = tokenizer_limit if found is None else min(found, tokenizer_limit)
     return found
+
+
+def virtual_prefix(model, adapter: str | None = None) -> tuple[int, str | None]:
+    """(N, name): the positions of the context that the virtual tokens of adapter `adapter` (its
+    name inside `model`) take, and that name. N is num_virtual_tokens of a prompt-tuning /
+    P-tuning adapter (input positions before the prompt) or of a prefix-tuning / P-tuning v2 / MAM
+    adapter (cache positions before it, which count against max_position_embeddings or the rope
+    length alike; adapters/virtual_tokens.py). adapter None: the virtual-token adapter active in
+    `model` (what a plain forward uses). (0, None) for an adapter without virtual tokens (LoRA,
+    IA3, ..., the base) and a model without any."""
+    vt = holder(model)
+    if vt is None:
+        return 0, None
+    names = ((adapter,) if adapter is not None else () if vt.adapters_disabled else vt.active)
+    found = [(vt.encoders[n].num_virtual_tokens, n) for n in names if n in vt.encoders]
+    return max(found) if found else (0, None)
+
+
+def context_room(context: int, prompt_tokens: int, virtual: int = 0, adapter: str | None = None) -> int:
+    """Tokens an answer may have after a prompt of `prompt_tokens` tokens and `virtual` virtual
+    tokens (of adapter `adapter`, named in the message) in a context of `context` tokens. Raises
+    ValueError with a one-line message when that leaves no room for one answer token."""
+    room = context - virtual - prompt_tokens
+    if room < 1:
+        added = f" and adapter {adapter!r} adds {virtual} virtual tokens," if virtual else ""
+        raise ValueError(
+            f"the prompt is {prompt_tokens} tokens{added} but this model's context is {context} "
+            "tokens, which must also hold at least one answer token; shorten the messages")
+    return room

@@ -11,13 +11,15 @@ import queue
 from dataclasses import dataclass
 from typing import AsyncIterator, Iterator
 
+from ..errors import TuneforgeError
 from .batcher import END, Job
 from .textstream import TextAssembler
 
 
-class RequestError(ValueError):
+class RequestError(TuneforgeError, ValueError):
     """A request the model cannot serve as asked (a prompt longer than the context, ...): the
-    caller's fault, with the request field it concerns in `param`."""
+    caller's fault, with the request field it concerns in `param`. A TuneforgeError, so that
+    `tuneforge chat` prints it as one line."""
 
     def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
