@@ -1,5 +1,5 @@
 """The context budget counts an adapter's virtual tokens: a prefix- or prompt-tuning adapter's
-num_virtual_tokens take positions of the model's context before the prompt, so the answer of a
+num_virtual_tokens (a MAM adapter's prefix too) take positions of the model's context before the prompt, so the answer of a
 request for it gets that many tokens less, and a prompt that fits only without them is a 400
 naming the adapter. Requests for a LoRA adapter or the base keep the whole context.
 
@@ -12,12 +12,13 @@ import openai
 import pytest
 import torch
 
+import tuneforge
 from tuneforge.adapters import LoraConfig, PrefixTuningConfig, PromptTuningConfig, add_adapter
 from tuneforge.api.server import BackgroundServer
 from tuneforge.infer.engine import Engine, RequestError
 
 CONTEXT = 64
-VIRTUAL = {"prefix": 20, "prompt": 12, "lora": 0, "tiny": 0}
+VIRTUAL = {"prefix": 20, "prompt": 12, "mam": 8, "lora": 0, "tiny": 0}
 ASK = [{"role": "user", "content": "Hello there, how are you?"}]
 
 
@@ -32,8 +33,9 @@ def engine(tiny_model_dir):
     model = GPT2LMHeadModel(config)
     add_adapter(model, PrefixTuningConfig(num_virtual_tokens=VIRTUAL["prefix"]), "prefix")
     add_adapter(model, PromptTuningConfig(num_virtual_tokens=VIRTUAL["prompt"]), "prompt")
+    add_adapter(model, tuneforge.MamConfig(num_virtual_tokens=VIRTUAL["mam"], adapter_size=8), "mam")
     add_adapter(model, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False), "lora")
-    engine = Engine(model, tokenizer, {name: name for name in ("prefix", "prompt", "lora")}, base_name="tiny")
+    engine = Engine(model, tokenizer, {name: name for name in VIRTUAL if name != "tiny"}, base_name="tiny")
     engine.eos_ids = engine.batcher.eos = set()  # every answer runs to its limit
     assert engine.context == CONTEXT
     return engine
@@ -62,7 +64,7 @@ def test_budget_counts_the_requested_adapters_virtual_tokens(engine):
 
 
 def test_answers_of_every_adapter_run_to_the_end_of_the_context_in_one_batch(engine):
-    """All four in one batch, each to its own limit: positions past the context would raise."""
+    """All of them in one batch, each to its own limit: positions past the context would raise."""
     prompt = engine.encode(ASK).shape[1]
     generations = {name: engine.generate(name, ASK, temperature=0) for name in VIRTUAL}
     for name, generation in generations.items():

@@ -82,7 +82,7 @@ class _Row:
     sampling: Sampling
     generator: torch.Generator | None
     history: list[int]               # prompt + generated ids (repetition penalty)
-    length: int                      # real tokens in the cache; the next token's position
+    length: int                      # real tokens in the cache (virtual ones not counted: positions come from the mask)
     pending: int | None = None       # sampled, not yet fed to the model
     produced: int = 0
     done: bool = False
