@@ -31,7 +31,7 @@ _EXPORTS = {
     "PromptTuningConfig": "adapters.prompt_tuning", "PrefixTuningConfig": "adapters.prefix_tuning",
     "PromptEncoderConfig": "adapters.p_tuning",
     "BottleneckConfig": "adapters.bottleneck",
-    "MamConfig": "adapters.mam",
+    "MamConfig": "adapters.mam", "UniPeltConfig": "adapters.unipelt",
     "disable_adapters": "adapters", "load_adapter": "adapters", "merge_adapters": "adapters",
     "save_adapter": "adapters", "set_active_adapters": "adapters",
     "trainable_parameters": "adapters", "unload": "adapters", "unmerge_adapters": "adapters",

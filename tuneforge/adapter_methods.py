@@ -35,16 +35,19 @@ METHODS = {
                    "or beside layers: adapter_type houlsby / pfeiffer / parallel"),
     "mam": ("mam", "train a MAM adapter: prefix tuning on attention plus a scaled parallel bottleneck adapter "
             "beside the feed-forward block (He et al. 2022)"),
+    "unipelt": ("unipelt", "train UniPELT: LoRA, a prefix and a bottleneck adapter, each behind a learned gate "
+                "(Mao et al. 2022)"),
 }
 
 
 # the finetuning types that train on a quantized base (quantization_bit): each adapts
 # tuneforge.quant.QuantLinear layers (LoRA, LoHa, LoKr, VeRA, BitFit, OFT, BOFT) or adapts no quantized
 # layer at all (LN tuning: the norms stay unquantized; prompt / prefix / P-tuning: virtual tokens that
-# only read the base; bottleneck: its own small projections after or beside a block; mam: both).
+# only read the base; bottleneck: its own small projections after or beside a block; mam: both;
+# unipelt: gated LoRA over QuantLinear, a prefix and adapters after blocks).
 # config_checks refuses quantization_bit for the others.
 QUANTIZED_BASE = ("lora", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
-                  "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam")
+                  "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt")
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
@@ -97,8 +100,8 @@ METHOD_KEYS: dict[str, dict] = {
     "boft_n_butterfly_factor": key(1, "BOFT: butterfly factors of each rotation (1: one block-diagonal rotation).",
                                    ("boft",), bounds="[1, inf)"),
     "num_virtual_tokens": key(20, "Virtual tokens the adapter puts before every input (prompt) or in front "
-                          "of every attention layer (prefix).", ("prompt", "prefix", "ptuning_v2", "ptuning", "mam"),
-                          type="int", bounds="(0, inf)"),
+                          "of every attention layer (prefix).", ("prompt", "prefix", "ptuning_v2", "ptuning", "mam",
+                          "unipelt"), type="int", bounds="(0, inf)"),
     "prompt_tuning_init": key("random", "How the prompt starts: random, sample_vocab (embeddings of random "
                           "tokens) or text (the embeddings of prompt_tuning_init_text).", ("prompt",),
                           choices=("random", "sample_vocab", "text")),
@@ -106,12 +109,13 @@ METHOD_KEYS: dict[str, dict] = {
                                    "(prompt_tuning_init: text), repeated or cut to num_virtual_tokens.",
                                    ("prompt",), type="Optional[str]"),
     "prefix_projection": key(True, "Train the prefix through an MLP (folded into the prefix when saved); "
-                             "finetuning_type: ptuning_v2 is prefix tuning without it.", ("prefix", "mam")),
+                             "finetuning_type: ptuning_v2 is prefix tuning without it.", ("prefix", "mam", "unipelt")),
     "prefix_init": key("zero", "How the prefix starts: zero (zero keys and values) or random (peft's default, "
-                       "N(0, 1): far from the base model at the start).", ("prefix", "ptuning_v2", "mam"),
+                       "N(0, 1): far from the base model at the start).", ("prefix", "ptuning_v2", "mam", "unipelt"),
                        choices=("zero", "random")),
     "encoder_hidden_size": key(None, "Hidden size of the prefix MLP / the P-tuning prompt encoder; empty: "
-                               "the model's (key/value) width.", ("prefix", "ptuning", "mam"), type="Optional[int]",
+                               "the model's (key/value) width.", ("prefix", "ptuning", "mam", "unipelt"),
+                               type="Optional[int]",
                                bounds="(0, inf)"),
     "encoder_reparameterization_type": key("MLP", "P-tuning's prompt encoder: MLP or LSTM.", ("ptuning",),
                                            choices=("MLP", "LSTM")),
@@ -121,9 +125,10 @@ METHOD_KEYS: dict[str, dict] = {
         "the feed-forward block, on its input, scaled by adapter_scaling). lora_target other than 'all' "
         "names the modules instead.", ("bottleneck",), choices=("houlsby", "pfeiffer", "parallel")),
     "adapter_size": key(64, "Bottleneck width: the adapter projects the hidden size down to this.",
-                        ("bottleneck", "mam"), bounds="(0, inf)"),
-    "adapter_act": key("relu", "Nonlinearity between the adapter's projections.", ("bottleneck", "mam"),
+                        ("bottleneck", "mam", "unipelt"), bounds="(0, inf)"),
+    "adapter_act": key("relu", "Nonlinearity between the adapter's projections.", ("bottleneck", "mam", "unipelt"),
                        choices=("relu", "gelu", "silu", "tanh")),
     "adapter_scaling": key(1.0, "Factor on the adapter's output (He et al. use 4 for parallel adapters; "
-                           "houlsby and pfeiffer use 1; set 4 for mam).", ("bottleneck", "mam"), bounds="(0, inf)"),
+                           "houlsby and pfeiffer use 1; set 4 for mam).", ("bottleneck", "mam", "unipelt"),
+                           bounds="(0, inf)"),
 }

@@ -39,6 +39,9 @@ SERVED = {
     "prefix": ("PrefixTuningConfig", {"num_virtual_tokens": 6}, 4.0),
     "bottleneck": ("BottleneckConfig", {"adapter_type": "parallel", "adapter_size": 8}, 0.5),  # beside each mlp
     "mam": ("MamConfig", {"num_virtual_tokens": 6, "adapter_size": 8}, 1.0),  # a prefix + an adapter beside each mlp
+    # gated LoRA on k/v (LoRA has q), a gated prefix and a gated adapter after each mlp
+    "unipelt": ("UniPeltConfig", {"r": 4, "target_modules": ["k_proj", "v_proj"], "num_virtual_tokens": 6,
+                                  "adapter_size": 8}, 1.0),
 }
 # the tensors that start at zero / one (or a copy of the base)
 MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1", "ln_tuning_layers", "vera_lambda_b", "bitfit_bias", "oft_R",
