@@ -30,6 +30,7 @@ def train(cfg: Config) -> dict:
     from transformers import set_seed
 
     from .config import SECRET_KEYS
+    from .infer.generation import check_virtual_room
     from .loading import load_for_use
     from .models import bf16_is_fast
     from .train import outputs
@@ -72,6 +73,9 @@ def train(cfg: Config) -> dict:
     splits = stage.encode(cfg.data, tokenizer, args.seed)  # sft: also sets the chat template
     model, setup = prepare_model(model, tokenizer, cfg, resume_from=plan.checkpoint)
     model, setup = prepare_head(stage.head, model, setup)  # e.g. rm's value head, saved with it
+    # an adapter's virtual tokens come before every row: the rows must still fit the context
+    check_virtual_room(model, tokenizer, {"train": splits.train, "eval": splits.eval},
+                       cfg.data.cutoff_len, f"finetuning_type: {cfg.finetune.finetuning_type}", tunable=True)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model)
     choice = stage.collator(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
@@ -182,7 +186,8 @@ def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> di
     ROUGE/BLEU. `limit` keeps the first examples only. Results go to output_dir when set.
 
     Raises ConfigError (a stage other than sft, no eval data, a bad limit, an output_dir that cannot
-    be a folder: checked before the model loads), DataError, ModelError."""
+    be a folder: checked before the model loads; an example or prompt that does not fit the model's
+    context with the adapter's virtual tokens: checked before the work), DataError, ModelError."""
     import dataclasses
 
     from .data import load_datasets
@@ -215,7 +220,8 @@ def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> di
     return run_predict(chat.model, chat.tokenizer, examples, cfg.generate,
                        cfg.train.per_device_eval_batch_size, cfg.train.output_dir,
                        do_predict=cfg.train.do_predict,
-                       progress=progress and not cfg.train.disable_tqdm)
+                       progress=progress and not cfg.train.disable_tqdm,
+                       cutoff_len=data.cutoff_len, adapter=chat.virtual_tokens()[1])
 
 
 def evaluate_benchmark(cfg: Config, files: list[str] | None = None, n_shot: int | None = None,

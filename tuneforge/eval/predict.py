@@ -9,6 +9,7 @@ every row's new tokens start at the same column.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -18,8 +19,11 @@ import torch
 from tqdm.auto import tqdm
 
 from ..data import IGNORE_INDEX, PaddingCollator
-from ..infer.generation import generation_kwargs, pad_id
+from ..errors import ConfigError
+from ..infer.generation import check_virtual_room, context_length, generation_kwargs, pad_id, virtual_prefix
 from .metrics import similarity_scores
+
+log = logging.getLogger("tuneforge")
 
 
 @dataclass
@@ -48,16 +52,55 @@ def left_pad(rows: list[list[int]], pad: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def answer_limits(prompt_lengths: list[int], batch_size: int, max_new_tokens: int | None,
+                  context: int | None, virtual: int = 0, adapter: str | None = None,
+                  cutoff_len: int | None = None) -> list[int | None]:
+    """max_new_tokens for each batch of `batch_size` prompts (of these lengths, in order): the
+    requested number, capped to what a context of `context` tokens leaves after the batch's
+    longest prompt (left padding puts every row's answer after it) and the `virtual` tokens of
+    adapter `adapter` (prompt / prefix tuning, ...; they come before every prompt). Logs one line
+    when it caps. No cap when `context` is None.
+
+    Raises ConfigError (one line: the example's number in the eval split, its prompt's tokens, the
+    virtual tokens, the context and the cutoff_len that fits) for a prompt that leaves no room for
+    one answer token."""
+    starts = range(0, len(prompt_lengths), batch_size)
+    if context is None:
+        return [max_new_tokens for _ in starts]
+    for i, length in enumerate(prompt_lengths):
+        if length + virtual >= context:
+            added = f" and adapter {adapter!r} adds {virtual} virtual tokens" if virtual else ""
+            cut = f" (cutoff_len={cutoff_len})" if cutoff_len else ""
+            raise ConfigError(
+                f"eval example {i + 1} of {len(prompt_lengths)}: its prompt is {length} tokens{cut}{added}, but "
+                f"this model's context is {context} tokens, which must also hold at least one answer token; "
+                f"lower cutoff_len to {context - virtual}")
+    limits = []
+    for start in starts:
+        room = context - virtual - max(prompt_lengths[start:start + batch_size])
+        limits.append(room if max_new_tokens is None else min(max_new_tokens, room))
+    capped = [n for n in limits if max_new_tokens is not None and n < max_new_tokens]
+    if capped:
+        span = f"{min(capped)}" if min(capped) == max(capped) else f"{min(capped)}..{max(capped)}"
+        added = f", the {virtual} virtual tokens of adapter {adapter!r}" if virtual else ""
+        log.info("max_new_tokens=%d capped to %s in %d of %d batches: this model's context of %d tokens "
+                 "holds the batch's longest prompt%s and the answer", max_new_tokens, span, len(capped),
+                 len(limits), context, added)
+    return limits
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompts: list[list[int]], batch_size: int, gen_kwargs: dict,
-             progress: bool = True) -> list[str]:
-    """Decoded new text for each prompt, generated `batch_size` prompts at a time."""
+             progress: bool = True, limits: list[int | None] | None = None) -> list[str]:
+    """Decoded new text for each prompt, generated `batch_size` prompts at a time; `limits`: the
+    max_new_tokens of each batch (answer_limits), else gen_kwargs' for all."""
     outputs = []
     batches = range(0, len(prompts), batch_size)
-    for start in tqdm(batches, desc="generating", unit="batch", disable=not progress):
+    for index, start in enumerate(tqdm(batches, desc="generating", unit="batch", disable=not progress)):
         batch = left_pad(prompts[start:start + batch_size], pad_id(tokenizer))
         batch = {k: v.to(model.device) for k, v in batch.items()}
-        out = model.generate(**batch, **gen_kwargs)
+        kwargs = gen_kwargs if limits is None else {**gen_kwargs, "max_new_tokens": limits[index]}
+        out = model.generate(**batch, **kwargs)
         new = out[:, batch["input_ids"].shape[1]:]
         outputs += tokenizer.batch_decode(new, skip_special_tokens=True)
     return [text.strip() for text in outputs]
@@ -84,21 +127,34 @@ def eval_loss(model, examples: list[dict], batch_size: int, pad: int,
 
 def run_predict(model, tokenizer, examples: list[dict], gen, batch_size: int,
                 output_dir: str | Path | None, do_predict: bool = True,
-                progress: bool = True) -> dict:
+                progress: bool = True, cutoff_len: int | None = None,
+                adapter: str | None = None) -> dict:
     """Eval loss and perplexity; with do_predict also generated answers and their scores.
+    Each batch's answers get at most what the model's context leaves after its longest prompt
+    and the active adapter's virtual tokens (answer_limits). `cutoff_len` (the examples' limit)
+    and `adapter` (the active adapter as the config names it) are for messages.
 
     Writes <output_dir>/generated_predictions.jsonl (prompt, predict, label per line) and
     <output_dir>/predict_results.json when output_dir is given; returns the results.
+    Raises ConfigError, before any work, for an example that does not fit the context with the
+    adapter's virtual tokens (generation.check_virtual_room) or a prompt that leaves no room for
+    an answer (answer_limits).
     """
     model.eval()
+    check_virtual_room(model, tokenizer, {"eval": examples}, cutoff_len, adapter and f"adapter {adapter!r}")
+    items = [split_example(e) for e in examples] if do_predict else []
+    if do_predict:
+        kwargs = generation_kwargs(gen, tokenizer)
+        virtual, name = virtual_prefix(model)
+        limits = answer_limits([len(it.prompt_ids) for it in items], batch_size, kwargs["max_new_tokens"],
+                               context_length(model, tokenizer), virtual, adapter or name, cutoff_len)
     started = time.perf_counter()
     loss = eval_loss(model, examples, batch_size, pad_id(tokenizer), progress)
     results = {"eval_loss": round(loss, 4), "perplexity": round(_safe_exp(loss), 4)}
     rows = []
     if do_predict:
-        items = [split_example(e) for e in examples]
-        predicts = generate(model, tokenizer, [it.prompt_ids for it in items], batch_size,
-                            generation_kwargs(gen, tokenizer), progress)
+        predicts = generate(model, tokenizer, [it.prompt_ids for it in items], batch_size, kwargs,
+                            progress, limits)
         labels = [tokenizer.decode(it.answer_ids, skip_special_tokens=True).strip() for it in items]
         prompts = [tokenizer.decode(it.prompt_ids, skip_special_tokens=False) for it in items]
         rows = [{"prompt": p, "predict": y, "label": l} for p, y, l in zip(prompts, predicts, labels)]

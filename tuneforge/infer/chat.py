@@ -34,14 +34,21 @@ class ChatModel:
         ids = chat_input_ids(self.tokenizer, messages, system, self.model.device)
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
+    def virtual_tokens(self) -> tuple[int, str | None]:
+        """(N, label): the virtual tokens the active adapter puts before every prompt (prompt /
+        prefix tuning, P-tuning, MAM: generation.virtual_prefix) and that adapter as the config
+        names it (its path), for messages; (0, None) without such an adapter."""
+        virtual, name = virtual_prefix(self.model)
+        label = (split_paths(self.cfg.model.adapter_name_or_path) or [name])[-1] if virtual else None
+        return virtual, label
+
     def _generation_kwargs(self, prompt_tokens: int, **overrides) -> dict:
         """The config's generation keys, then `overrides`; max_new_tokens capped to what the
         context leaves after the prompt and the active adapter's virtual tokens (prompt / prefix
         tuning). Raises RequestError (a TuneforgeError) when the prompt leaves no room."""
         kwargs = {**generation_kwargs(self.cfg.generate, self.tokenizer), **overrides}
         if self.context is not None:
-            virtual, name = virtual_prefix(self.model)
-            label = (split_paths(self.cfg.model.adapter_name_or_path) or [name])[-1] if virtual else None
+            virtual, label = self.virtual_tokens()
             try:
                 room = context_room(self.context, prompt_tokens, virtual, label)
             except ValueError as exc:

@@ -1,5 +1,7 @@
 """What every generating path shares (chat, eval predictions, the API engine): the chat prompt
-as token ids, and transformers `generate()` arguments from the config's generation keys."""
+as token ids, transformers `generate()` arguments from the config's generation keys, and the
+context budget (the model's context, an adapter's virtual tokens, the room an answer has left;
+training and eval loss check their examples against it too: `check_virtual_room`)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import torch
 
 from ..adapters.virtual_tokens import holder
 from ..data.templates import render_chat
+from ..errors import ConfigError
 
 
 def pad_id(tokenizer) -> int:
@@ -85,3 +88,46 @@ def context_room(context: int, prompt_tokens: int, virtual: int = 0, adapter: st
             f"the prompt is {prompt_tokens} tokens{added} but this model's context is {context} "
             "tokens, which must also hold at least one answer token; shorten the messages")
     return room
+
+
+def sequence_length(example: dict) -> int:
+    """Tokens of an encoded example's longest sequence: its input_ids (sft, pt), or the longer of
+    a pair's chosen_ids / rejected_ids (rm)."""
+    return max((len(v) for k, v in example.items() if k == "input_ids" or k.endswith("_ids")), default=0)
+
+
+def check_virtual_room(model, tokenizer, splits: dict, cutoff_len: int | None, adapter: str | None = None,
+                       tunable: bool = False) -> None:
+    """Refuse examples that, after the virtual tokens of the adapter active in `model` (prompt /
+    prefix tuning, P-tuning, MAM, ...: `virtual_prefix`), run past the model's context
+    (`context_length`): each of their N virtual tokens takes a position before the real ones, so a
+    row of L tokens ends at position N + L. Past the context, a model with learned positions
+    (GPT-2) fails with an IndexError and a rope model runs on positions it was never trained on
+    (and `tuneforge api` / `chat` refuse such a prompt), so the examples are refused, not cut:
+    cutoff_len stays what the config says.
+
+    `splits`: split name ("train", "eval") -> encoded examples (or None). `adapter`: who adds
+    the virtual tokens, for the message (default: "adapter '<its name in the model>'"). `tunable`: num_virtual_tokens is a
+    setting of this run (training), so the message offers lowering it too.
+    Nothing to check for a model without virtual tokens or without a known context.
+    Raises ConfigError (one line: the split, the longest example, cutoff_len, num_virtual_tokens,
+    the context and the cutoff_len that fits)."""
+    context = context_length(model, tokenizer)
+    virtual, name = virtual_prefix(model)
+    if context is None or not virtual:
+        return
+    for split, examples in splits.items():
+        lengths = [sequence_length(e) for e in examples or ()]
+        over = [n for n in lengths if n + virtual > context]
+        if not over:
+            continue
+        longest = max(lengths)
+        fixes = [f"lower cutoff_len to {context - virtual}"] if context - virtual > 1 else []
+        if tunable and context - longest >= 1:
+            fixes.append(f"num_virtual_tokens to {context - longest}")
+        fix = " or ".join(fixes) or "lower num_virtual_tokens"
+        cut = f" (cutoff_len={cutoff_len})" if cutoff_len else ""
+        raise ConfigError(
+            f"{'all' if len(over) == len(lengths) else f'{len(over)} of the'} {len(lengths)} {split} examples run "
+            f"past this model's context of {context} tokens: {adapter or f'adapter {name!r}'} puts num_virtual_tokens={virtual} virtual tokens before each, "
+            f"and the longest example is {longest} tokens{cut}; {fix}")
