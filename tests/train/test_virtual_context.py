@@ -44,7 +44,7 @@ def _cfg(model_dir, data_dir, out, **overrides):
     return load_config(None, values)
 
 
-@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning"])
+@pytest.mark.parametrize("method", ["prefix", "prompt", "ptuning", "ptuning_v2", "mam", "unipelt"])
 def test_rows_past_the_context_are_refused_before_training(method, gpt2_dir, tiny_data_dir, tmp_path):
     """~42-token examples fit the 64-token context alone, not after 24 virtual tokens."""
     out = tmp_path / "run"
@@ -67,3 +67,37 @@ def test_the_settings_the_message_names_train(gpt2_dir, tiny_data_dir, tmp_path)
     for name, fix in {"cut": {"cutoff_len": 40}, "fewer": {"num_virtual_tokens": fitting}}.items():
         results = train(_cfg(gpt2_dir, tiny_data_dir, tmp_path / name, finetuning_type="prefix", **fix))
         assert results["train_loss"] > 0 and (tmp_path / name / "adapter_model.safetensors").exists()
+
+
+def test_check_virtual_room_counts_and_fixes():
+    """The check itself on a model in memory: which examples count, and the fix it offers."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tuneforge.adapters import LoraConfig, PromptTuningConfig, add_adapter
+    from tuneforge.infer.generation import check_virtual_room
+
+    def model(adapter):
+        built = GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=CONTEXT, n_embd=16, n_layer=1, n_head=2))
+        add_adapter(built, adapter)
+        return built
+
+    def rows(*lengths):
+        return [{"input_ids": [1] * n, "labels": [1] * n} for n in lengths]
+
+    prompt = model(PromptTuningConfig(num_virtual_tokens=20))
+    check_virtual_room(prompt, None, {"train": rows(44, 10), "eval": None}, 64)  # 20 + 44 = 64 fits
+    with pytest.raises(ConfigError, match=r"^1 of the 3 eval examples run past this model's context of 64 tokens: "
+                       r"adapter 'default' puts num_virtual_tokens=20 virtual tokens before each, and the longest "
+                       r"example is 45 tokens \(cutoff_len=50\); lower cutoff_len to 44$"):
+        check_virtual_room(prompt, None, {"train": rows(44), "eval": rows(45, 3, 44)}, 50)
+    pairs = [{"chosen_ids": [1] * 30, "rejected_ids": [1] * 50}]  # rm: the longer sequence counts
+    with pytest.raises(ConfigError, match=r"longest example is 50 tokens; lower cutoff_len to 44 or "
+                                          r"num_virtual_tokens to 14$"):
+        check_virtual_room(prompt, None, {"train": pairs}, None, tunable=True)
+    crowded = model(PromptTuningConfig(num_virtual_tokens=63))  # no cutoff_len leaves room for a reply
+    with pytest.raises(ConfigError, match=r"lower num_virtual_tokens to 61$"):
+        check_virtual_room(crowded, None, {"train": rows(3)}, 64, "finetuning_type: prompt", tunable=True)
+    with pytest.raises(ConfigError, match=r"; use an adapter with fewer virtual tokens$"):
+        check_virtual_room(crowded, None, {"eval": rows(3)}, 64)
+    lora = model(LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    check_virtual_room(lora, None, {"train": rows(500)}, 512)  # no virtual tokens: not this check's

@@ -106,9 +106,9 @@ def check_virtual_room(model, tokenizer, splits: dict, cutoff_len: int | None, a
     (and `tuneforge api` / `chat` refuse such a prompt), so the examples are refused, not cut:
     cutoff_len stays what the config says.
 
-    `splits`: split name ("train", "eval") -> encoded examples (or None). `adapter`: who adds
-    the virtual tokens, for the message (default: "adapter '<its name in the model>'"). `tunable`: num_virtual_tokens is a
-    setting of this run (training), so the message offers lowering it too.
+    `splits`: split name ("train", "eval") -> encoded examples (or None). `adapter`: who adds the
+    virtual tokens, for the message (default: "adapter '<its name in the model>'"). `tunable`:
+    num_virtual_tokens is a setting of this run (training), so the message offers lowering it too.
     Nothing to check for a model without virtual tokens or without a known context.
     Raises ConfigError (one line: the split, the longest example, cutoff_len, num_virtual_tokens,
     the context and the cutoff_len that fits)."""
@@ -122,12 +122,15 @@ def check_virtual_room(model, tokenizer, splits: dict, cutoff_len: int | None, a
         if not over:
             continue
         longest = max(lengths)
-        fixes = [f"lower cutoff_len to {context - virtual}"] if context - virtual > 1 else []
+        fixes = [f"cutoff_len to {context - virtual}"] if context - virtual > 1 else []
         if tunable and context - longest >= 1:
             fixes.append(f"num_virtual_tokens to {context - longest}")
-        fix = " or ".join(fixes) or "lower num_virtual_tokens"
+        fix = ("lower " + " or ".join(fixes) if fixes else
+               "lower num_virtual_tokens" if tunable else "use an adapter with fewer virtual tokens")
         cut = f" (cutoff_len={cutoff_len})" if cutoff_len else ""
+        count = "all" if len(over) == len(lengths) else f"{len(over)} of the"
+        who = adapter or f"adapter {name!r}"
         raise ConfigError(
-            f"{'all' if len(over) == len(lengths) else f'{len(over)} of the'} {len(lengths)} {split} examples run "
-            f"past this model's context of {context} tokens: {adapter or f'adapter {name!r}'} puts num_virtual_tokens={virtual} virtual tokens before each, "
-            f"and the longest example is {longest} tokens{cut}; {fix}")
+            f"{count} {len(lengths)} {split} examples run past this model's context of {context} tokens: "
+            f"{who} puts num_virtual_tokens={virtual} virtual tokens before each, and the longest example is "
+            f"{longest} tokens{cut}; {fix}")
