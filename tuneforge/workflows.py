@@ -261,7 +261,8 @@ def evaluate_benchmark(cfg: Config, files: list[str] | None = None, n_shot: int 
     names = {s: v["name"] for s, v in mapping.items() if ev.lang == "zh" and v.get("name")}
     chat = ChatModel(cfg)
     result = evaluate_choices(chat.model, chat.tokenizer, rows, n_shot, dev_rows, ev.batch_size,
-                              progress and not cfg.train.disable_tqdm, ev.lang, names)
+                              progress and not cfg.train.disable_tqdm, ev.lang, names,
+                              adapter=chat.virtual_tokens()[1])
     accuracy = result["accuracy"]
     if mapping:
         accuracy = {**accuracy, **category_accuracy(rows, result["choices"], mapping)}

@@ -2,7 +2,8 @@
 capped to what the context leaves after its longest prompt and the adapter's virtual tokens
 (prompt / prefix tuning put num_virtual_tokens positions before every prompt), an example that
 runs past the context with those virtual tokens, or a prompt with no room for an answer, is one
-ConfigError before any work.
+ConfigError before any work; so is a multiple-choice prompt (a question with its shots) that
+does not fit.
 
 The model is a tiny GPT-2 with a 64-token context: its positions are learned embeddings, so a row
 past the context fails (an index past the table) instead of degrading quietly."""
@@ -143,3 +144,29 @@ def test_a_prompt_without_room_is_refused_before_the_work(gpt2_dir, tmp_path):
                         r"model's context is 64 tokens, which must also hold at least one answer token; "
                         r"lower cutoff_len to 64", str(info.value)), str(info.value)
     assert int(re.search(r"prompt is (\d+)", str(info.value)).group(1)) >= CONTEXT
+
+
+def test_a_benchmark_prompt_past_the_context_is_refused(gpt2_dir, tmp_path, capsys):
+    """Multiple choice: a question's prompt with its shots (and the adapter's virtual tokens)
+    must fit the context; without shots these questions do."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.adapters import PrefixTuningConfig, add_adapter
+    from tuneforge.data.templates import apply_template
+    from tuneforge.eval.choice import evaluate_choices
+
+    rows = [{"question": f"{a} + 1 = ?", "A": str(a + 1), "B": str(a), "answer": "A", "subject": "math"}
+            for a in range(3)]
+    model = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_dir)
+    apply_template(tokenizer, None)
+    assert evaluate_choices(model, tokenizer, rows, n_shot=0, progress=False)["choices"]
+    with pytest.raises(ConfigError, match=r"^benchmark question 1 of 3 \(subject 'math'\) is a (\d+)-token prompt, "
+                                          r"but this model's context is 64 tokens; lower n_shot \(its 2 shots take "
+                                          r"part of it\)$"):
+        evaluate_choices(model, tokenizer, rows, n_shot=2, progress=False)
+    add_adapter(model, PrefixTuningConfig(num_virtual_tokens=40))
+    with pytest.raises(ConfigError, match=r"^benchmark question 1 of 3 \(subject 'math'\) is a \d+-token prompt "
+                                          r"and adapter 'prefix/x' adds 40 virtual tokens, but this model's context "
+                                          r"is 64 tokens; leave the question out: alone it does not fit$"):
+        evaluate_choices(model, tokenizer, rows, n_shot=0, progress=False, adapter="prefix/x")

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
 from ..fileio import json_kind, parse_json, read_text
-from ..infer.generation import pad_id
+from ..infer.generation import context_length, pad_id, virtual_prefix
 from .predict import left_pad
 
 
@@ -193,18 +193,42 @@ def pick_shots(rows: list[dict], index: int, n_shot: int, dev: list[dict] | None
     return [r for r in pool if r["subject"] == rows[index]["subject"]][:n_shot]
 
 
+def _check_room(tokens: int, context: int | None, virtual: int, adapter: str | None, index: int,
+                rows: list[dict], shots: int) -> None:
+    """ConfigError when question `index`'s prompt of `tokens` tokens (with `shots` shots) and the
+    `virtual` tokens of adapter `adapter` are more than a context of `context` tokens."""
+    if context is None or tokens + virtual <= context:
+        return
+    added = f" and adapter {adapter!r} adds {virtual} virtual tokens" if virtual else ""
+    fix = (f"lower n_shot (its {shots} shots take part of it)" if shots else
+           "leave the question out: alone it does not fit")
+    raise ConfigError(
+        f"benchmark question {index + 1} of {len(rows)} (subject {rows[index]['subject']!r}) is a "
+        f"{tokens}-token prompt{added}, but this model's context is {context} tokens; {fix}")
+
+
 @torch.inference_mode()
 def evaluate_choices(model, tokenizer, rows: list[dict], n_shot: int = 0,
                      dev: list[dict] | None = None, batch_size: int = 8,
-                     progress: bool = True, lang: str = "en", names: dict | None = None) -> dict:
-    """{"accuracy": {subject: %, ..., "average": %}, "choices": [letter per row]}."""
+                     progress: bool = True, lang: str = "en", names: dict | None = None,
+                     adapter: str | None = None) -> dict:
+    """{"accuracy": {subject: %, ..., "average": %}, "choices": [letter per row]}.
+
+    Raises ConfigError, before any scoring, for a prompt (the question with its shots) that runs
+    past the model's context with the active adapter's virtual tokens (prompt / prefix tuning,
+    ...; `adapter`: its name for the message): a model with learned positions would fail on it,
+    a rope model would score it on positions it was never trained on."""
     letter_ids = {c: tokenizer.encode(c, add_special_tokens=False)[-1]
                   for c in string.ascii_uppercase}
+    context = context_length(model, tokenizer)
+    virtual, name = virtual_prefix(model)
     prompts = []
     for i, row in enumerate(rows):
-        messages = build_messages(row, pick_shots(rows, i, n_shot, dev), lang, names)
+        shots = pick_shots(rows, i, n_shot, dev)
+        messages = build_messages(row, shots, lang, names)
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         prompts.append(tokenizer(text, add_special_tokens=False)["input_ids"])
+        _check_room(len(prompts[-1]), context, virtual, adapter or name, i, rows, len(shots))
     choices = []
     for start in tqdm(range(0, len(rows), batch_size), desc="choices", unit="batch",
                       disable=not progress):

@@ -51,7 +51,7 @@ def context_length(model, tokenizer=None) -> int | None:
     """Most tokens the model attends over (prompt and answer together): its config's
     max_position_embeddings (or the older names for it), lowered to the tokenizer's
     model_max_length when that is a real limit. None when neither names one."""
-    config = model.config
+    config = getattr(model, "config", None)  # None: not a transformers model
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     limits = [getattr(text_config, key, None) for key in _CONTEXT_KEYS]
     found = next((int(v) for v in limits if isinstance(v, int) and v > 0), None)
