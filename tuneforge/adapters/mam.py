@@ -145,9 +145,6 @@ def _from_finetune_args(finetune) -> MamConfig:
     feed-forward blocks, a comma list names the modules instead."""
     target = finetune.lora_target.strip()
     targets = None if target in ("all", "all-linear", "") else split_names(target)
-    if split_names(finetune.additional_target):
-        raise ConfigError("additional_target is not supported with finetuning_type: mam (its prefix cannot "
-                          "train modules_to_save); leave it empty")
     return MamConfig(
         num_virtual_tokens=finetune.num_virtual_tokens, prefix_projection=finetune.prefix_projection,
         encoder_hidden_size=finetune.encoder_hidden_size if finetune.prefix_projection else None,
