@@ -141,3 +141,21 @@ def test_ia3_trains_from_yaml_on_a_4bit_base_serves_and_exports(tiny_model_dir, 
     assert not any("ia3" in n or "qweight" in n for n in merged.state_dict())
     with torch.no_grad():
         assert (merged(ids).logits - got).abs().max().item() <= 1e-4
+
+
+def test_ia3_beside_lora_on_a_4bit_base_routes_per_row():
+    """What `tuneforge api` does with an IA3 and a LoRA adapter on one quantized model: each row
+    of a batch gets its own adapter, as that adapter alone computes it."""
+    model = _quantized("llama", BASES["llama-nf4"][1])
+    A.add_adapter(model, A.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "lora")
+    _moved(model)  # "default": k_proj, v_proj, down_proj (feedforward)
+    ids = tokens()
+    alone = {}
+    for name in ("default", "lora"):
+        A.set_active_adapters(model, [name])
+        alone[name] = logits(model, ids)
+    assert (alone["default"] - alone["lora"]).abs().max() > 1e-3
+    with torch.no_grad(), A.route_adapters(model, ["default", "lora"]):
+        routed = model(input_ids=ids).logits
+    torch.testing.assert_close(routed[0], alone["default"][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(routed[1], alone["lora"][1], atol=1e-5, rtol=0)
