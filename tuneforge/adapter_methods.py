@@ -41,12 +41,12 @@ METHODS = {
 
 
 # the finetuning types that train on a quantized base (quantization_bit): each adapts
-# tuneforge.quant.QuantLinear layers (LoRA, LoHa, LoKr, VeRA, BitFit, OFT, BOFT) or adapts no quantized
+# tuneforge.quant.QuantLinear layers (LoRA, IA3, LoHa, LoKr, VeRA, BitFit, OFT, BOFT) or adapts no quantized
 # layer at all (LN tuning: the norms stay unquantized; prompt / prefix / P-tuning: virtual tokens that
 # only read the base; bottleneck: its own small projections after or beside a block; mam: both;
 # unipelt: gated LoRA over QuantLinear, a prefix and adapters after blocks).
 # config_checks refuses quantization_bit for the others.
-QUANTIZED_BASE = ("lora", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
+QUANTIZED_BASE = ("lora", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
                   "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt")
 
 
