@@ -128,7 +128,7 @@ METHOD_KEYS: dict[str, dict] = {
                         ("bottleneck", "mam", "unipelt"), bounds="(0, inf)"),
     "adapter_act": key("relu", "Nonlinearity between the adapter's projections.", ("bottleneck", "mam", "unipelt"),
                        choices=("relu", "gelu", "silu", "tanh")),
-    "adapter_scaling": key(1.0, "Factor on the adapter's output (He et al. use 4 for parallel adapters; "
-                           "houlsby and pfeiffer use 1; set 4 for mam).", ("bottleneck", "mam", "unipelt"),
-                           bounds="(0, inf)"),
+    "adapter_scaling": key(None, "Factor on the adapter's output; empty: the method's own (bottleneck 1, as "
+                           "Houlsby and Pfeiffer; mam 4, He et al.'s parallel adapter; unipelt 1).",
+                           ("bottleneck", "mam", "unipelt"), type="Optional[float]", bounds="(0, inf)"),
 }

@@ -34,7 +34,7 @@ from torch import nn
 
 from tuneforge.errors import ConfigError
 
-from .bottleneck import BottleneckConfig, BottleneckLayer
+from .bottleneck import BottleneckConfig, BottleneckLayer, scaling_kwarg
 from .bottleneck import _resolve_targets as _bottleneck_targets
 from .methods import AdapterMethod, register_method
 from .peft_config import config_from_raw, split_names, warn_unknown_fields
@@ -150,7 +150,7 @@ def _from_finetune_args(finetune) -> MamConfig:
         encoder_hidden_size=finetune.encoder_hidden_size if finetune.prefix_projection else None,
         init_weights=None if finetune.prefix_init == "random" else finetune.prefix_init,
         adapter_size=finetune.adapter_size, adapter_act=finetune.adapter_act,
-        adapter_scaling=finetune.adapter_scaling, target_modules=targets)
+        target_modules=targets, **scaling_kwarg(finetune))
 
 
 register_method(AdapterMethod(
