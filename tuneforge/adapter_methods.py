@@ -41,12 +41,12 @@ METHODS = {
 
 
 # the finetuning types that train on a quantized base (quantization_bit): each adapts
-# tuneforge.quant.QuantLinear layers (LoRA, LoHa, LoKr, VeRA, BitFit, OFT, BOFT) or adapts no quantized
+# tuneforge.quant.QuantLinear layers (LoRA, IA3, LoHa, LoKr, VeRA, BitFit, OFT, BOFT) or adapts no quantized
 # layer at all (LN tuning: the norms stay unquantized; prompt / prefix / P-tuning: virtual tokens that
 # only read the base; bottleneck: its own small projections after or beside a block; mam: both;
 # unipelt: gated LoRA over QuantLinear, a prefix and adapters after blocks).
 # config_checks refuses quantization_bit for the others.
-QUANTIZED_BASE = ("lora", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
+QUANTIZED_BASE = ("lora", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
                   "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt")
 
 
@@ -128,7 +128,7 @@ METHOD_KEYS: dict[str, dict] = {
                         ("bottleneck", "mam", "unipelt"), bounds="(0, inf)"),
     "adapter_act": key("relu", "Nonlinearity between the adapter's projections.", ("bottleneck", "mam", "unipelt"),
                        choices=("relu", "gelu", "silu", "tanh")),
-    "adapter_scaling": key(1.0, "Factor on the adapter's output (He et al. use 4 for parallel adapters; "
-                           "houlsby and pfeiffer use 1; set 4 for mam).", ("bottleneck", "mam", "unipelt"),
-                           bounds="(0, inf)"),
+    "adapter_scaling": key(None, "Factor on the adapter's output; empty: the method's own (bottleneck 1, as "
+                           "Houlsby and Pfeiffer; mam 4, He et al.'s parallel adapter; unipelt 1).",
+                           ("bottleneck", "mam", "unipelt"), type="Optional[float]", bounds="(0, inf)"),
 }

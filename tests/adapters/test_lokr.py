@@ -1,15 +1,13 @@
-"""LoKr through the method seams, checked against peft four ways (test_loha.check_against_peft):
-tiny Llama (full factors; decompose_both with r=1; decompose_factor with rank/alpha patterns and
-layers_to_transform), Qwen2 (all-linear, LyCORIS init), GPT-2 (its Linear head), BERT (classifier
-in modules_to_save), a CNN (Conv2d with low-rank, full and Tucker w2) and a Conv1d net."""
+"""LoKr beyond the peft oracle (test_peft_family.py: Llama with full factors, decompose_both and
+decompose_factor, Qwen2 with LyCORIS init, GPT-2's head, BERT, a CNN with low-rank, full and
+Tucker w2, a Conv1d net): its factorization, factor shapes, LyCORIS init, rank dropout, refusals.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoKrConfig as PeftLoKrConfig
 from peft.tuners.lokr.layer import factorization as peft_factorization
-from test_loha import CNN, check_against_peft
 from test_matrix import build
 
 import tuneforge
@@ -18,36 +16,21 @@ from tuneforge.adapters.core import adapter_layers
 from tuneforge.adapters.lokr import factorization
 from tuneforge.errors import ConfigError
 
-CASES = {
-    "llama": dict(target_modules=["q_proj", "v_proj", "down_proj"]),
-    "llama-decompose_both": dict(r=1, decompose_both=True, target_modules=["q_proj", "down_proj"]),
-    "llama-factor": dict(decompose_factor=4, target_modules=["q_proj", "v_proj", "down_proj"],
-                         rank_pattern={"v_proj": 2}, alpha_pattern={"v_proj": 3}, layers_to_transform=[0],
-                         layers_pattern="layers"),
-    "qwen2": dict(target_modules="all-linear", init_weights="lycoris"),
-    "gpt2": dict(target_modules=["lm_head"]),
-    "bert": dict(target_modules=["query", "value", "output.dense"], modules_to_save=["classifier"]),
-    "cnn-lowrank": dict(r=1, target_modules=CNN),
-    "cnn-full": dict(r=8, target_modules=CNN),
-    "cnn-effective": dict(r=1, target_modules=CNN, use_effective_conv2d=True),
-    "conv1d-effective": dict(r=1, target_modules=["conv", "point", "fc"], use_effective_conv2d=True),
-}
-
-
-@pytest.mark.parametrize("case", list(CASES))
-def test_lokr_matches_peft(tmp_path, case):
-    kw = CASES[case]
-    if kw.get("init_weights") == "lycoris":  # a no-op start too, with the zero on w2's side, not w1's
-        for _, layer in adapter_layers(add_adapter(build(case), LoKrConfig(r=4, **kw))):
-            assert layer.delta_weight("default").abs().max() == 0
-            assert layer.lokr_w1["default"].abs().max() > 0
-    check_against_peft(tmp_path, LoKrConfig, PeftLoKrConfig, case, kw, "LOKR", ".lokr_")
-
 
 def test_factorization_matches_peft():
     for dim in (1, 2, 7, 12, 64, 96, 127, 128, 576, 1536):
         for factor in (-1, 1, 2, 3, 4, 8, 16, 32):
             assert factorization(dim, factor) == peft_factorization(dim, factor), (dim, factor)
+
+
+def test_lokr_lycoris_init_starts_at_zero_with_w1_drawn():
+    """init_weights='lycoris' is a no-op start too, with the zero on w2's side, not w1's."""
+    model = add_adapter(build("qwen2"), LoKrConfig(r=4, target_modules="all-linear", init_weights="lycoris"))
+    layers = list(adapter_layers(model))
+    assert layers
+    for _, layer in layers:
+        assert layer.delta_weight("default").abs().max() == 0
+        assert layer.lokr_w1["default"].abs().max() > 0
 
 
 def test_lokr_shapes_follow_rank_and_decompose_both():

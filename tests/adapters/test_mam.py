@@ -118,3 +118,15 @@ def test_mam_refusals():
     with pytest.raises(ConfigError, match="decoder-only language model|feed-forward module"):
         add_adapter(build("bert"), MamConfig())
     assert WHY.startswith("a MAM adapter adds key/value prefixes")
+
+
+@pytest.mark.parametrize("method, want", [("mam", 4.0), ("bottleneck", 1.0), ("unipelt", 1.0)])
+def test_yaml_adapter_scaling_left_empty_takes_the_methods_default(method, want):
+    from tuneforge.adapters import method_named
+    from tuneforge.config import load_config
+
+    finetune = load_config(None, {"finetuning_type": method}).finetune
+    assert finetune.adapter_scaling is None
+    assert method_named(method).from_finetune_args(finetune).adapter_scaling == want
+    finetune = load_config(None, {"finetuning_type": method, "adapter_scaling": 2}).finetune
+    assert method_named(method).from_finetune_args(finetune).adapter_scaling == 2.0

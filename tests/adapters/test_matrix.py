@@ -49,6 +49,23 @@ class SmallCNN(nn.Module):
         return self.fc(h.flatten(1))
 
 
+class Conv1dNet(nn.Module):
+    """Takes the CNN's (batch, 3, 8, 8) images as 3 channels of length 64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(3, 6, 3, padding=1)
+        self.point = nn.Conv1d(6, 4, 1)
+        self.fc = nn.Linear(4 * 64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.point(torch.relu(self.conv(x.flatten(2))))
+        return self.fc(h.flatten(1))
+
+
+IMAGES = ("cnn", "conv1d")  # the kinds that take images, not tokens
+
+
 def build(kind: str, seed: int = 0) -> nn.Module:
     if kind == "bert":
         from transformers import BertConfig, BertForSequenceClassification
@@ -59,9 +76,9 @@ def build(kind: str, seed: int = 0) -> nn.Module:
             max_position_embeddings=64, num_labels=3, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
         )  # fmt: skip
         return BertForSequenceClassification(cfg).eval()
-    if kind == "cnn":
+    if kind in IMAGES:
         torch.manual_seed(seed)
-        return SmallCNN().eval()
+        return (SmallCNN() if kind == "cnn" else Conv1dNet()).eval()
     if kind == "gpt2":  # untied: merging an embedding LoRA into a tied wte would change lm_head too
         return make_model(kind, seed=seed, tie_word_embeddings=False)
     return make_model(kind, seed=seed)
@@ -69,7 +86,7 @@ def build(kind: str, seed: int = 0) -> nn.Module:
 
 def batch(kind: str, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
-    if kind == "cnn":
+    if kind in IMAGES:
         return {"x": torch.randn(3, 3, 8, 8, generator=g), "y": torch.randint(0, 5, (3,), generator=g)}
     ids = torch.randint(0, VOCAB, (2, 9), generator=g)
     if kind == "bert":
@@ -78,13 +95,13 @@ def batch(kind: str, seed: int) -> dict:
 
 
 def outputs(model: nn.Module, kind: str, b: dict) -> torch.Tensor:
-    if kind == "cnn":
+    if kind in IMAGES:
         return model(b["x"])
     return model(input_ids=b["input_ids"]).logits
 
 
 def loss(model: nn.Module, kind: str, b: dict) -> torch.Tensor:
-    if kind == "cnn":
+    if kind in IMAGES:
         return nn.functional.cross_entropy(model(b["x"]), b["y"])
     return model(**b).loss
 
@@ -151,18 +168,23 @@ NOT_APPLICABLE = {
 CASES = [(k, v) for k in NAMES for v in VARIANTS if (k, v) not in NOT_APPLICABLE]
 
 
-def pair(kind: str, kw: dict):
-    """(ours, peft) with identical base weights and identical random adapter weights."""
-    ours = add_adapter(build(kind), LoraConfig(init_lora_weights=False, **kw))
-    theirs = get_peft_model(build(kind), PeftLoraConfig(init_lora_weights=False, **kw))
-    # B != 0 everywhere, then copy ours into peft through peft's own state-dict loader
+def same_random_adapters(ours: nn.Module, theirs: nn.Module, std: float) -> tuple[nn.Module, nn.Module]:
+    """Moves every trainable tensor of `ours` by N(0, std^2) noise (no adapter left at its no-op
+    start), then copies them into peft's model `theirs` through peft's own state-dict loader."""
     with torch.no_grad():
         for p in ours.parameters():
             if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.05)
+                p.add_(torch.randn_like(p) * std)
     result = set_peft_model_state_dict(theirs, adapter_state_dict(ours))
     assert not result.unexpected_keys, result.unexpected_keys
     return ours, theirs
+
+
+def pair(kind: str, kw: dict):
+    """(ours, peft) with identical base weights and identical random adapter weights (B != 0)."""
+    ours = add_adapter(build(kind), LoraConfig(init_lora_weights=False, **kw))
+    theirs = get_peft_model(build(kind), PeftLoraConfig(init_lora_weights=False, **kw))
+    return same_random_adapters(ours, theirs, std=0.05)
 
 
 def peft_layout(sd: dict) -> dict:

@@ -235,7 +235,7 @@ def test_export_merges_dequantized_weights_and_says_so(exported):
 
     cfg, out, messages = exported
     note = [m for m in messages if m.startswith("base model is quantized (4-bit nf4): dequantized to float32")]
-    assert len(note) == 1 and "dequant(W) + BA" in note[0]
+    assert len(note) == 1 and "merged into dequant(W) (for LoRA: dequant(W) + BA)" in note[0]
     merged = AutoModelForCausalLM.from_pretrained(out).eval()
     assert not any("lora" in n or "qweight" in n for n in merged.state_dict())
     expected = logits(_quantized_with_adapter(cfg), IDS)

@@ -327,8 +327,14 @@ def _from_finetune_args(finetune) -> BottleneckConfig:
     targets = None if target in ("all", "all-linear", "") else split_names(target)
     return BottleneckConfig(
         adapter_type=finetune.adapter_type, adapter_size=finetune.adapter_size, adapter_act=finetune.adapter_act,
-        adapter_scaling=finetune.adapter_scaling, target_modules=targets,
+        target_modules=targets, **scaling_kwarg(finetune),
         modules_to_save=split_names(finetune.additional_target) or None)
+
+
+def scaling_kwarg(finetune) -> dict[str, float]:
+    """{'adapter_scaling': the YAML value}, or {} when it is empty (the method's config default applies)."""
+    value = getattr(finetune, "adapter_scaling", None)
+    return {} if value is None else {"adapter_scaling": value}
 
 
 def _cannot_merge(cfg: BottleneckConfig) -> str:

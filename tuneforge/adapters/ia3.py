@@ -9,6 +9,9 @@ output-scaling layer, (1, in) for a feedforward one; it starts at ones (the mode
 or random with `init_ia3_weights=False`. Several active adapters multiply. Merging multiplies the
 weight (and an output-scaling layer's bias) in place; unmerging divides again (exactly, where
 peft adds 1e-8 to the divisor). Files hold `base_model.model.<module>.ia3_l`, peft_type "IA3".
+Layers: nn.Linear, transformers' Conv1D (GPT-2) and a quantized base (tuneforge.quant.QuantLinear,
+`quantization_bit`), where both forms read the frozen codes unchanged and merging is refused
+(`tuneforge.dequantize_model` first; `tuneforge export` does it).
 
 `target_modules` / `feedforward_modules` left empty take peft's defaults for the model type
 (Llama: k_proj, v_proj, down_proj, with down_proj feedforward). YAML: `finetuning_type: ia3`;
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from tuneforge.errors import ConfigError, ModelError
+from tuneforge.quant.linear import QuantLinear
 
 from .config import ALL_LINEAR, _names_or_regex
 from .layer import AdapterLayer, Conv1D
@@ -115,19 +119,27 @@ class IA3Layer(AdapterLayer):
         self.ia3_disabled = False
         self._ia3_run: tuple[str, ...] = ()
 
+    def _base_device(self) -> torch.device:
+        """The device of the base layer's own tensors (a Linear's weight, a QuantLinear's codes)."""
+        for t in (*self._parameters.values(), *self._buffers.values()):
+            if t is not None:
+                return t.device
+        return torch.device("cpu")
+
     def in_out_features(self) -> tuple[int, int]:
         w = self.weight
         return (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
 
     def add_from_config(self, name: str, cfg: IA3Config, path: str) -> None:
-        if self.weight.device.type == "meta":
+        device = self._base_device()
+        if device.type == "meta":
             raise ConfigError(f"cannot add IA3 to a module whose weight is on the meta device ({path})")
         ff = _is_feedforward(cfg, path)
         in_f, out_f = self.in_out_features()
         vec = torch.randn((1, in_f) if ff else (out_f, 1))  # peft draws it even when it sets ones
         if cfg.init_ia3_weights:
             nn.init.constant_(vec, 1.0)
-        self.ia3_l[name] = nn.Parameter(vec.to(self.weight.device))
+        self.ia3_l[name] = nn.Parameter(vec.to(device))
         self.ia3_feedforward[name] = ff
         self._refresh()
 
@@ -258,6 +270,26 @@ class IA3Linear(IA3Layer, nn.Linear):
     """`nn.Linear` with IA3 adapters."""
 
 
+class IA3QuantLinear(IA3Layer, QuantLinear):
+    """IA3 over a quantized base (`tuneforge.quant.QuantLinear`, 4-bit NF4/FP4 or int8).
+
+    Both forms only read the base layer: `y = base(x) * l` (l: (out, 1)) and, for a feedforward
+    layer, `y = base(x * l)` (l: (1, in)), so they compute over the frozen codes exactly what they
+    compute over the dequantized nn.Linear; only the vectors train. Merging is refused
+    (`cannot_merge`): the scaled weight would have to be requantized; dequantize first.
+    """
+
+    def in_out_features(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
+
+    def cannot_merge(self) -> str | None:
+        kind = f"{self.bits}-bit {self.quant_type if self.bits == 4 else 'int8'}"
+        return (
+            f"its base weight is quantized ({kind}); merging would requantize and lose the update. "
+            "Call tuneforge.dequantize_model(model) first, or use `tuneforge export`, which does"
+        )
+
+
 if Conv1D is not None:
 
     class IA3Conv1D(IA3Layer, Conv1D):
@@ -319,7 +351,7 @@ def _from_finetune_args(finetune) -> IA3Config:
 
 register_method(AdapterMethod(
     name="ia3", peft_type="IA3", label="IA3", prefix="IA3", config_class=IA3Config, layer_class=IA3Layer,
-    layers={nn.Linear: IA3Linear, Conv1D: IA3Conv1D}, resolve_targets=_resolve_targets,
+    layers={nn.Linear: IA3Linear, Conv1D: IA3Conv1D, QuantLinear: IA3QuantLinear}, resolve_targets=_resolve_targets,
     config_to_peft=_to_peft, config_from_peft=_from_peft, from_finetune_args=_from_finetune_args,
     keys=("lora_target", "additional_target"),
 ))  # fmt: skip

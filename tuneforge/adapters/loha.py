@@ -177,7 +177,7 @@ def _from_peft(raw: dict[str, Any], source: str) -> LoHaConfig:
 
 
 def _from_finetune_args(finetune) -> LoHaConfig:
-    return LoHaConfig(**finetune_kwargs(finetune, "LoHa"))
+    return LoHaConfig(**finetune_kwargs(finetune))
 
 
 register_method(AdapterMethod(

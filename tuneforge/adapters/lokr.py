@@ -210,7 +210,7 @@ def _from_peft(raw: dict[str, Any], source: str) -> LoKrConfig:
 
 
 def _from_finetune_args(finetune) -> LoKrConfig:
-    return LoKrConfig(**finetune_kwargs(finetune, "LoKr"), decompose_both=finetune.decompose_both,
+    return LoKrConfig(**finetune_kwargs(finetune), decompose_both=finetune.decompose_both,
                       decompose_factor=finetune.decompose_factor, rank_dropout_scale=finetune.rank_dropout_scale)
 
 

@@ -126,17 +126,13 @@ def common_to_peft(model: nn.Module, cfg: Any, layers: list) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def finetune_kwargs(finetune, label: str) -> dict[str, Any]:
+def finetune_kwargs(finetune) -> dict[str, Any]:
     """The shared config fields from a YAML finetune section: lora_rank -> r, lora_alpha -> alpha
     (empty: lora_rank, peft's default scale alpha / r = 1), lora_target, additional_target,
-    rank_dropout, module_dropout. ConfigError for lora_dropout, which LyCORIS methods do not have."""
+    rank_dropout, module_dropout. (A lora_dropout set with a LyCORIS method is refused before this
+    runs, by train.methods.refuse_unread_keys: the method's `keys` do not list it.)"""
     from .peft_config import yaml_targets
 
-    if finetune.lora_dropout:
-        raise ConfigError(
-            f"config key 'lora_dropout' is LoRA's input dropout, which {label} does not have; drop it "
-            "(rank_dropout and module_dropout are this method's dropouts)"
-        )
     targets, extra = yaml_targets(finetune)
     alpha = finetune.lora_alpha if finetune.lora_alpha is not None else finetune.lora_rank
     return {"r": finetune.lora_rank, "alpha": alpha, "target_modules": targets, "modules_to_save": extra,

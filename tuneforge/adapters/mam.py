@@ -34,7 +34,7 @@ from torch import nn
 
 from tuneforge.errors import ConfigError
 
-from .bottleneck import BottleneckConfig, BottleneckLayer
+from .bottleneck import BottleneckConfig, BottleneckLayer, scaling_kwarg
 from .bottleneck import _resolve_targets as _bottleneck_targets
 from .methods import AdapterMethod, register_method
 from .peft_config import config_from_raw, split_names, warn_unknown_fields
@@ -145,15 +145,12 @@ def _from_finetune_args(finetune) -> MamConfig:
     feed-forward blocks, a comma list names the modules instead."""
     target = finetune.lora_target.strip()
     targets = None if target in ("all", "all-linear", "") else split_names(target)
-    if split_names(finetune.additional_target):
-        raise ConfigError("additional_target is not supported with finetuning_type: mam (its prefix cannot "
-                          "train modules_to_save); leave it empty")
     return MamConfig(
         num_virtual_tokens=finetune.num_virtual_tokens, prefix_projection=finetune.prefix_projection,
         encoder_hidden_size=finetune.encoder_hidden_size if finetune.prefix_projection else None,
         init_weights=None if finetune.prefix_init == "random" else finetune.prefix_init,
         adapter_size=finetune.adapter_size, adapter_act=finetune.adapter_act,
-        adapter_scaling=finetune.adapter_scaling, target_modules=targets)
+        target_modules=targets, **scaling_kwarg(finetune))
 
 
 register_method(AdapterMethod(

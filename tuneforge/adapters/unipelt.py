@@ -39,7 +39,7 @@ from tuneforge.errors import ConfigError
 from tuneforge.quant.linear import QuantLinear
 
 from .bottleneck import DEFAULT_TARGETS as ADAPTER_PLACES
-from .bottleneck import BottleneckConfig, module_features
+from .bottleneck import BottleneckConfig, module_features, scaling_kwarg
 from .config import ALL_LINEAR, _names_or_regex
 from .layer import Conv1D
 from .methods import AdapterMethod, register_method
@@ -232,7 +232,8 @@ def _from_finetune_args(finetune) -> UniPeltConfig:
         num_virtual_tokens=finetune.num_virtual_tokens, prefix_projection=finetune.prefix_projection,
         encoder_hidden_size=finetune.encoder_hidden_size if finetune.prefix_projection else None,
         init_weights=None if finetune.prefix_init == "random" else finetune.prefix_init,
-        adapter_size=finetune.adapter_size, adapter_act=finetune.adapter_act, adapter_scaling=finetune.adapter_scaling)
+        adapter_size=finetune.adapter_size, adapter_act=finetune.adapter_act,
+        **scaling_kwarg(finetune))
 
 
 register_method(AdapterMethod(

@@ -1,7 +1,8 @@
 """Export around quantization: a quantized base is dequantized before merging, and the merged
 model can be requantized (`export_quantization_bit`) and saved in tuneforge's quantized format.
 
-Both steps change weights, so both say so in one line each: the merge holds dequant(W) + BA (what
+Both steps change weights, so both say so in one line each: the merge holds dequant(W) with the adapter
+merged in (LoRA: dequant(W) + BA; IA3: dequant(W) scaled by its vectors; what
 the adapter was trained against, not the original fp weights), and requantizing adds an error
 that is measured and printed.
 """
@@ -28,7 +29,8 @@ def dequantize_before_merge(model: nn.Module) -> nn.Module:
     kind = f"{cfg.bits}-bit {cfg.quant_type if cfg.bits == 4 else 'int8'}"
     dequantize_model(model, torch.float32)
     log.warning("base model is quantized (%s): dequantized to float32 before merging; the export holds "
-                "dequant(W) + BA, the weights the adapter was trained with, not the original fp weights", kind)
+                "the adapter merged into dequant(W) (for LoRA: dequant(W) + BA), the weights the adapter was "
+                "trained with, not the original fp weights", kind)
     return model
 
 
