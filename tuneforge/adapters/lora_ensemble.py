@@ -142,6 +142,7 @@ class Ensemble(LoraVariant):
 
     def __init__(self, ranks: list[int], scales: list[float], weights: str | list[float], init: Any) -> None:
         self.ranks, self.scales, self.weights, self.init_value = ranks, scales, weights, init
+        self._tensors: dict[str, tuple[torch.Tensor, ...]] = {}
 
     @classmethod
     def select(cls, cfg):
@@ -174,18 +175,27 @@ class Ensemble(LoraVariant):
             ones = torch.ones(len(self.ranks), dtype=torch.float32, device=layer.lora_A[name].device)
             layer.lora_ensemble_weight[name] = nn.Parameter(ones)
 
+    def _constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scales s_i, ranks r_i, fixed weights w_i) as tensors on `device`, made once per device."""
+        key = str(device)
+        if key not in self._tensors:
+            fixed = [1.0] * len(self.ranks) if self.weights == LEARN else self.weights
+            self._tensors[key] = (torch.tensor(self.scales, dtype=torch.float32, device=device),
+                                  torch.tensor(self.ranks, device=device),
+                                  torch.tensor(fixed, dtype=torch.float32, device=device))
+        return self._tensors[key]
+
     def member_weights(self, layer, name: str) -> torch.Tensor:
         """(n_members,) w_i: the layer's learned weights, or the fixed ones."""
         if self.weights == LEARN:
             return layer.lora_ensemble_weight[name]
-        return torch.tensor(self.weights, dtype=torch.float32, device=layer.lora_A[name].device)
+        return self._constants(layer.lora_A[name].device)[2]
 
     def vector(self, layer, name: str) -> torch.Tensor:
         """(R,) v: member i's `w_i * s_i` repeated r_i times (differentiable in learned w)."""
         w = self.member_weights(layer, name)
-        per_member = w * torch.tensor(self.scales, dtype=w.dtype, device=w.device)
-        ranks = torch.tensor(self.ranks, device=w.device)
-        return torch.repeat_interleave(per_member, ranks, output_size=sum(self.ranks))
+        scales, ranks, _ = self._constants(w.device)
+        return torch.repeat_interleave(w * scales.to(w.dtype), ranks, output_size=sum(self.ranks))
 
     def add_adapters(self, layer, x, out, names):
         for name in names:
@@ -209,6 +219,9 @@ class Ensemble(LoraVariant):
 
     def file_tensors(self, layer, name: str, tensors: dict) -> dict:
         return {**tensors, "lora_B.weight": self.folded_b(layer, name)}
+
+    def __repr__(self) -> str:
+        return f"Ensemble(ranks={self.ranks}, scales={self.scales}, weights={self.weights!r})"
 
     def combine_refusal(self, names):
         return (f"adapters {names} are LoRA ensembles; save them (the file is a plain LoRA), load the files "
