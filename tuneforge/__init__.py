@@ -23,7 +23,7 @@ _quiet_bitsandbytes()
 
 _EXPORTS = {
     "LoraConfig": "adapters", "add_adapter": "adapters", "delete_adapter": "adapters",
-    "IA3Config": "adapters.ia3",
+    "IA3Config": "adapters.ia3", "LoraEnsembleConfig": "adapters.lora_ensemble",
     "LoHaConfig": "adapters.loha", "LoKrConfig": "adapters.lokr",
     "LNTuningConfig": "adapters.ln_tuning", "VeraConfig": "adapters.vera",
     "BitFitConfig": "adapters.bitfit",

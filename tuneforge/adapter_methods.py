@@ -18,6 +18,8 @@ It imports nothing.
 
 METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
+    "lora_ensemble": ("lora_ensemble", "train several LoRAs of different ranks on the same layers jointly, "
+                      "weights fixed or learned (saved as the one plain LoRA they sum to)"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
     "loha": ("loha", "train low-rank Hadamard-product updates (LyCORIS LoHa, peft LoHaConfig)"),
     "lokr": ("lokr", "train Kronecker-product updates (LyCORIS LoKr, peft LoKrConfig)"),
@@ -46,7 +48,7 @@ METHODS = {
 # only read the base; bottleneck: its own small projections after or beside a block; mam: both;
 # unipelt: gated LoRA over QuantLinear, a prefix and adapters after blocks).
 # config_checks refuses quantization_bit for the others.
-QUANTIZED_BASE = ("lora", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
+QUANTIZED_BASE = ("lora", "lora_ensemble", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
                   "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt")
 
 
@@ -64,6 +66,13 @@ def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None
 
 
 METHOD_KEYS: dict[str, dict] = {
+    "ensemble": key(None, "LoRA ensemble: the members, each a LoRA on the same layers, e.g. "
+                    "[{r: 4}, {r: 16, lora_alpha: 32}]; a member sets r and lora_alpha (default: lora_alpha, "
+                    "else 2 r). Empty: [{r: 4}, {r: 16}].", ("lora_ensemble",), type="Optional[list]"),
+    "ensemble_weights": key(None, "LoRA ensemble: member weights w_i in W0 + sum w_i B_i A_i: empty (1 each: "
+                            "the sum of the members), a list of numbers (fixed), or learn (one trained weight "
+                            "per member and layer, starting at 1).", ("lora_ensemble",),
+                            type="Optional[Union[list, str]]"),
     "rank_dropout": key(0.0, "loha / lokr: while training, zero each output row of the weight update "
                         "with this probability (peft's rank_dropout).", ("loha", "lokr"), bounds="[0, 1)"),
     "module_dropout": key(0.0, "loha / lokr: while training, skip the whole adapter of a layer for a "

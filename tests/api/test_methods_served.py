@@ -29,6 +29,7 @@ OTHERS = ["k_proj", "v_proj", "down_proj"]  # what IA3 takes by default; LoRA ha
 # the std of the noise that moves its start)
 SERVED = {
     "ia3": ("IA3Config", {}, 0.5),
+    "lora_ensemble": ("LoraEnsembleConfig", {"ensemble": [{"r": 2}, {"r": 4}], "target_modules": OTHERS}, 0.5),
     "loha": ("LoHaConfig", {"r": 4, "target_modules": OTHERS}, 0.5),
     "lokr": ("LoKrConfig", {"r": 4, "target_modules": OTHERS}, 0.5),
     "ln_tuning": ("LNTuningConfig", {}, 0.5),

@@ -8,6 +8,8 @@ talks to these methods only and never names a method's tensors:
     adapter_names()            names of the adapters this layer carries
     adapter_parameters(name)   {attribute: Parameter} of adapter `name` (trainability, dtype, tools)
     peft_tensors(name)         {peft key suffix: tensor} of adapter `name`, as peft files name them
+    file_tensors(name)         what save_adapter writes for it (default: peft_tensors; a layer whose
+                               file holds a transform of its parameters, e.g. a LoRA ensemble, differs)
     add_from_config(name, cfg, path[, shared])   inject adapter `name` as `cfg` says for the module at
                                `path` (`shared`: what the method's `shared` hook made for the adapter)
     check_config(module, path, cfg)    (classmethod) refuse a target before any module changes
@@ -74,6 +76,12 @@ class AdapterLayer:
         raise NotImplementedError
 
     # ---- generic defaults --------------------------------------------------------------------
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """{peft key suffix: tensor} that save_adapter writes for adapter `name`. Default: `peft_tensors`
+        (which load_adapter also fills in place); override where the file holds a transform of the
+        parameters (a LoRA ensemble writes the plain LoRA it equals)."""
+        return self.peft_tensors(name)
+
     def shape_hint(self, name: str) -> str:
         """A few words on adapter `name`'s shape for messages about files that do not fit (e.g. 'r=8')."""
         return ""

@@ -276,6 +276,13 @@ class LoraLayer(AdapterLayer):
         out = {"lora_A.weight": self.lora_A[name], "lora_B.weight": self.lora_B[name]}
         return self._with_variant_tensors(name, out)
 
+    def file_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """What save_adapter writes for adapter `name`: `peft_tensors`, as its variants transform them."""
+        out = self.peft_tensors(name)
+        for v in self.lora_variants.get(name, ()):
+            out = v.file_tensors(self, name, out)
+        return out
+
     def _with_variant_tensors(self, name: str, out: dict) -> dict:
         for v in self.lora_variants.get(name, ()):
             out.update(v.extra_tensors(self, name))  # e.g. DoRA's lora_magnitude_vector

@@ -82,7 +82,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
     out: dict[str, torch.Tensor] = {}
     adapted = set()
     for path, m in adapter_layers(model, name):
-        for suffix, t in m.peft_tensors(name).items():
+        for suffix, t in m.file_tensors(name).items():
             out[file_key(m, path, suffix)] = _to_file(t)
         adapted.add(path)
     params = dict(model.named_parameters())

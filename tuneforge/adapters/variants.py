@@ -15,6 +15,9 @@ The generic LoRA code (lora.py and the layer types) calls their hooks and names 
     delta(layer, name, delta)        the adapter's weight update `s B A`, transformed (what merging
                                      adds, and what DoRA normalises)
     extra_tensors(layer, name)       the variant's own tensors of adapter `name`, by peft key suffix
+    file_tensors(layer, name, tensors)   what save_adapter writes for adapter `name`, given its
+                                     `peft_tensors` (default: them unchanged; a LoRA ensemble folds
+                                     its member weights into B, lora_ensemble.py)
     combine_refusal(names)           why combine_adapters cannot combine adapters `names` of this
                                      variant, or None (default: None for variants that change
                                      neither the forward, the merge nor `delta`)
@@ -88,6 +91,9 @@ class LoraVariant:
 
     def extra_tensors(self, layer, name: str) -> dict[str, torch.Tensor]:
         return {}
+
+    def file_tensors(self, layer, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return tensors
 
     def combine_refusal(self, names: list[str]) -> str | None:
         plain = self.additive and not self.owns_forward and type(self).delta is LoraVariant.delta
