@@ -240,3 +240,16 @@ def test_trains_from_yaml_and_writes_the_pattern(tiny_model_dir, tiny_data_dir, 
     theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(run)).eval()
     with torch.no_grad():
         assert (ours(ids).logits - theirs(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_a_quantized_base_gets_the_same_ranks():
+    """quantization_bit: the layers are QuantLinear; levels and the ramp apply to them unchanged."""
+    from tuneforge.adapters.lora_quant import LoraQuantLinear
+    from tuneforge.quant.model import quantize_model
+
+    finetune = load_config(None, {"finetuning_type": "lora", "quantization_bit": 4,
+                                  "lora_rank_levels": {"attn": "linear 2->8", "mlp": {"0-1": 4, "2-3": 12}}}).finetune
+    model = quantize_model(build("llama"), bits=4, backend="native", compute_dtype=torch.float32)
+    add_adapter(model, config_from_finetune_args(finetune, model))
+    got = {n: m.lora_A["default"].shape[0] for n, m in model.named_modules() if isinstance(m, LoraQuantLinear)}
+    assert got == {k: v for k, v in expected_ranks("llama", "hierarchical").items() if ".layers." in k}
