@@ -26,7 +26,8 @@ def test_a_method_key_belongs_to_its_methods(key):
         cfg = load_config(None, {"finetuning_type": method, key: spec["default"]})
         assert getattr(cfg.finetune, key) == spec["default"]
     other = next(m for m in ("lora", "ia3", "loha") if m not in spec["methods"])
-    value = spec["default"] if spec["default"] is not None else ("x" if "str" in spec["type"] else 1)
+    value = spec["default"] if spec["default"] is not None else (
+        "x" if "str" in spec["type"] else {"x": 1} if "dict" in spec["type"] else 1)
     with pytest.raises(ConfigError) as refused:
         load_config(None, {"finetuning_type": other, key: value})
     assert str(refused.value).startswith(f"config key '{key}' needs finetuning_type: ")

@@ -73,6 +73,20 @@ METHOD_KEYS: dict[str, dict] = {
                             "the sum of the members), a list of numbers (fixed), or learn (one trained weight "
                             "per member and layer, starting at 1).", ("lora_ensemble",),
                             type="Optional[Union[list, str]]"),
+    # per-layer LoRA ranks (adapters/lora_ranks.py), written as peft's rank_pattern / alpha_pattern
+    "lora_rank_pattern": key(None, "Distributed LoRA: a rank per layer or module, {entry: rank}; an entry is a layer "
+                             "index (5), an inclusive range ('0-7') or a regex matched against the end of the "
+                             "module name ('.*mlp.*'); the first entry that applies wins. Other modules: "
+                             "lora_rank. Empty lora_alpha: alpha = 2 x each module's rank.", ("lora",),
+                             type="Optional[dict]"),
+    "lora_rank_schedule": key(None, "Distributed LoRA by depth: 'linear 4->16' or 'cosine 4->16' (first layer's "
+                              "rank -> last layer's), rounded to the nearest integer; lora_rank_pattern and "
+                              "lora_rank_levels entries win over it.", ("lora",), type="Optional[str]"),
+    "lora_rank_levels": key(None, "Hierarchical LoRA: ranks by level, e.g. {embed: 4, attn: 8, mlp: 16, head: 4}; "
+                            "attn: modules in an attention block of a layer, mlp: the layer's other modules, "
+                            "embed / head: the input embeddings / output head (added to the adapted modules). "
+                            "attn / mlp also take a depth ramp ('linear 8->16') or {layer range: rank}.",
+                            ("lora",), type="Optional[dict]"),
     "rank_dropout": key(0.0, "loha / lokr: while training, zero each output row of the weight update "
                         "with this probability (peft's rank_dropout).", ("loha", "lokr"), bounds="[0, 1)"),
     "module_dropout": key(0.0, "loha / lokr: while training, skip the whole adapter of a layer for a "

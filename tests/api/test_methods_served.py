@@ -43,6 +43,9 @@ SERVED = {
     # gated LoRA on k/v (LoRA has q), a gated prefix and a gated adapter after each mlp
     "unipelt": ("UniPeltConfig", {"r": 4, "target_modules": ["k_proj", "v_proj"], "num_virtual_tokens": 6,
                                   "adapter_size": 8}, 1.0),
+    # LoRA with per-layer ranks (lora_rank_pattern / lora_rank_levels write rank_pattern), beside a plain LoRA
+    "lora_ranks": ("LoraConfig", {"r": 4, "rank_pattern": {r"model\.layers\.0\..+": 2, r"model\.layers\.1\..+": 8},
+                                  "target_modules": OTHERS}, 0.5),
 }
 # the tensors that start at zero / one (or a copy of the base)
 MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1", "ln_tuning_layers", "vera_lambda_b", "bitfit_bias", "oft_R",

@@ -20,6 +20,8 @@ from .lora import LoraConv1D, LoraLayer, LoraLinear
 from .lora_conv2d import LoraConv2d
 from .lora_embedding import LoraEmbedding
 from .lora_quant import LoraQuantLinear, QuantLinear
+from .lora_ranks import KEYS as RANK_KEYS
+from .lora_ranks import fit_ranks
 from .lora_variants import Dora, RandomInit, RsLora, WeightInit  # noqa: F401 - registers LoRA's variants
 from .methods import AdapterMethod, register_method
 from .peft_config import HARMLESS, config_from_raw, non_empty, warn_unknown_fields, yaml_targets
@@ -44,7 +46,7 @@ _LOAD_SAFE_INITS = (True, False, "gaussian", "eva", "true", "false", "pissa", "o
 # the finetune keys of a YAML config that LoRA reads (their help lives in config.py's key table)
 KEYS = (
     "lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_rslora", "use_dora",
-    "pissa_init", "pissa_iter", "pissa_convert", "loftq_iter",
+    "pissa_init", "pissa_iter", "pissa_convert", "loftq_iter", *RANK_KEYS,
 )  # fmt: skip
 
 
@@ -139,5 +141,5 @@ register_method(AdapterMethod(
     layers={nn.Linear: LoraLinear, Conv1D: LoraConv1D, nn.Embedding: LoraEmbedding, nn.Conv2d: LoraConv2d,
             QuantLinear: LoraQuantLinear},
     config_to_peft=config_to_peft, config_from_peft=config_from_peft, from_finetune_args=from_finetune_args,
-    keys=KEYS, check_targets=_check_targets,
+    keys=KEYS, check_targets=_check_targets, fit_to_model=fit_ranks,
 ))  # fmt: skip

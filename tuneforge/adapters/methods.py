@@ -49,6 +49,12 @@ class AdapterMethod:
     """(adapter_config.json as a dict, source for messages) -> config; ModelError for what cannot load."""
     from_finetune_args: Callable[[Any], Any] | None = None
     """The YAML config's `finetune` section -> the method's config (`tuneforge train`)."""
+    fit_to_model: Callable[[Any, Any, Any], Any] | None = None
+    """(finetune section, model, config made by `from_finetune_args`) -> that config completed from
+    the model it will be added to, for YAML keys whose meaning depends on the model's structure
+    (LoRA's per-layer ranks: a depth ramp needs the number of layers, a level the module names);
+    ConfigError, one line naming the key, for what the model cannot give. Called by
+    `config_from_finetune_args` on the base model, before the adapter is added."""
     keys: tuple[str, ...] = ()
     """Keys of the YAML config's finetune section this method reads (their help: config.py's key table)."""
     prefix: str = ""
@@ -103,6 +109,14 @@ def method_named(name: str) -> AdapterMethod:
     if got is None:
         raise ConfigError(f"unknown adapter method {name!r}; known: {', '.join(_METHODS)}")
     return got
+
+
+def config_from_finetune_args(finetune: Any, model: Any) -> Any:
+    """The adapter config the YAML config's finetune section asks for, for `model` (the base the new
+    adapter goes on): the method's `from_finetune_args`, then its `fit_to_model` when it has one."""
+    method = method_named(finetune.finetuning_type)
+    cfg = method.from_finetune_args(finetune)
+    return cfg if method.fit_to_model is None else method.fit_to_model(finetune, model, cfg)
 
 
 def method_of_config(cfg: Any) -> AdapterMethod:
