@@ -42,10 +42,11 @@ SERVED = {
     # gated LoRA on k/v (LoRA has q), a gated prefix and a gated adapter after each mlp
     "unipelt": ("UniPeltConfig", {"r": 4, "target_modules": ["k_proj", "v_proj"], "num_virtual_tokens": 6,
                                   "adapter_size": 8}, 1.0),
+    "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "target_modules": OTHERS}, 0.5),
 }
 # the tensors that start at zero / one (or a copy of the base)
 MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1", "ln_tuning_layers", "vera_lambda_b", "bitfit_bias", "oft_R",
-         "boft_R", "boft_s", "encoders", "adapter_up")
+         "boft_R", "boft_s", "encoders", "adapter_up", "lora_E")
 # a third adapter in the same server: a layer method beside a prefix / a module-level adapter
 ALSO = {"prefix": "ia3", "bottleneck": "ia3"}
 
