@@ -35,10 +35,10 @@ METHODS = {
                    "or beside layers: adapter_type houlsby / pfeiffer / parallel"),
     "mam": ("mam", "train a MAM adapter: prefix tuning on attention plus a scaled parallel bottleneck adapter "
             "beside the feed-forward block (He et al. 2022)"),
-    "adalora": ("adalora", "train AdaLoRA: LoRA in SVD form whose ranks are pruned to a budget while training "
-                "(Zhang et al. 2023, peft AdaLoraConfig)"),
     "unipelt": ("unipelt", "train UniPELT: LoRA, a prefix and a bottleneck adapter, each behind a learned gate "
                 "(Mao et al. 2022)"),
+    "adalora": ("adalora", "train AdaLoRA: LoRA in SVD form whose ranks are pruned to a budget while training "
+                "(Zhang et al. 2023, peft AdaLoraConfig)"),
 }
 
 
