@@ -144,3 +144,48 @@ def test_config_errors():
     model = add_adapter(build("llama"), AdaLoraConfig(tinit=3, target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="tinit"):  # total_step from the loop: 3 steps leave none to prune
         allocator.update_and_allocate(model, "default", AdaLoraConfig(tinit=3, target_modules=["q_proj"]), 1, 3)
+
+
+def test_on_a_quantized_base_equals_the_dequantized_model():
+    """AdaLoRA over QuantLinear (4-bit NF4) gives the dequantized model's outputs and gradients;
+    merging into the quantized weight is refused with one line."""
+    from tuneforge.adapters.adalora import AdaLoraLinear, AdaLoraQuantLinear
+    from tuneforge.quant import dequantize_model, quantize_model
+
+    base = quantize_model(build("llama"), compute_dtype="float32", backend="native", bits=4, quant_type="nf4")
+    ref = dequantize_model(__import__("copy").deepcopy(base))
+    cfg = dict(init_r=4, target_r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    for m in (base, ref):
+        torch.manual_seed(5)
+        add_adapter(m, AdaLoraConfig(**cfg))
+    assert {type(m) for _, m in adapter_layers(base)} == {AdaLoraQuantLinear}
+    assert {type(m) for _, m in adapter_layers(ref)} == {AdaLoraLinear}
+    b = batch("llama", 4)
+    got, expected = loss(base, "llama", b), loss(ref, "llama", b)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    got.backward()
+    expected.backward()
+    g_ref = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
+    for n, p in base.named_parameters():
+        if "lora_" in n:
+            torch.testing.assert_close(p.grad, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    with pytest.raises(ConfigError, match="quantized"):
+        merge_adapters(base)
+
+
+def test_a_resumed_run_keeps_its_pruned_ranks():
+    """The allocator's scores are not checkpointed; a run resumed in its final phase takes the masked
+    ranks from the zero rows of lora_E, keeps them at zero and saves the pruned file."""
+    cfg = AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj"], total_step=6, tfinal=2)
+    model = add_adapter(build("llama"), cfg)
+    with torch.no_grad():
+        for _, m in adapter_layers(model):
+            m.lora_E["default"].copy_(torch.tensor([[1.0], [0.0], [2.0], [0.0]]))
+            m.lora_A["default"].normal_()
+    training_hooks.after_step(model, 5, 6)  # resumed at step 5 (> total_step - tfinal)
+    with torch.no_grad():
+        for _, m in adapter_layers(model):
+            m.lora_E["default"].add_(0.5)  # an optimizer step would regrow them
+    training_hooks.after_step(model, 6, 6)
+    assert set(map(tuple, _kept(model).values())) == {(True, False, True, False)}
+    assert {tuple(m.peft_tensors("default")["lora_A"].shape) for _, m in adapter_layers(model)} == {(2, 64)}

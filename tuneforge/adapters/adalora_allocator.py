@@ -136,6 +136,9 @@ def update_and_allocate(model, name: str, cfg: Any, step: int, total_steps: int)
         shared = {"total": total, "init_bgt": sum(m.lyco_r[name] for _, m in layers)}
         for _, m in layers:
             m.ada_scores[name]["run"] = shared
+            zero = m.lora_E[name].detach().view(-1) == 0
+            if step > 1 and bool(zero.any()):  # a resumed run: its masked rows are the zero ones
+                m.ada_keep[name] = ~zero
     shared = layers[0][1].ada_scores[name]["run"]
     total, init_bgt = shared["total"], shared["init_bgt"]
     target_bgt = cfg.target_r * len(layers)
