@@ -39,17 +39,19 @@ METHODS = {
             "beside the feed-forward block (He et al. 2022)"),
     "unipelt": ("unipelt", "train UniPELT: LoRA, a prefix and a bottleneck adapter, each behind a learned gate "
                 "(Mao et al. 2022)"),
+    "adalora": ("adalora", "train AdaLoRA: LoRA in SVD form whose ranks are pruned to a budget while training "
+                "(Zhang et al. 2023, peft AdaLoraConfig)"),
 }
 
 
 # the finetuning types that train on a quantized base (quantization_bit): each adapts
-# tuneforge.quant.QuantLinear layers (LoRA, IA3, LoHa, LoKr, VeRA, BitFit, OFT, BOFT) or adapts no quantized
+# tuneforge.quant.QuantLinear layers (LoRA, IA3, LoHa, LoKr, VeRA, BitFit, OFT, BOFT, AdaLoRA) or adapts no quantized
 # layer at all (LN tuning: the norms stay unquantized; prompt / prefix / P-tuning: virtual tokens that
 # only read the base; bottleneck: its own small projections after or beside a block; mam: both;
 # unipelt: gated LoRA over QuantLinear, a prefix and adapters after blocks).
 # config_checks refuses quantization_bit for the others.
 QUANTIZED_BASE = ("lora", "lora_ensemble", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
-                  "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt")
+                  "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt", "adalora")
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
@@ -142,6 +144,18 @@ METHOD_KEYS: dict[str, dict] = {
                                bounds="(0, inf)"),
     "encoder_reparameterization_type": key("MLP", "P-tuning's prompt encoder: MLP or LSTM.", ("ptuning",),
                                            choices=("MLP", "LSTM")),
+    "init_r": key(12, "AdaLoRA: rank each adapted matrix starts with.", ("adalora",), bounds="(0, inf)"),
+    "target_r": key(8, "AdaLoRA: average rank the budget falls to (total rank target_r x adapted matrices).",
+                    ("adalora",), bounds="(0, inf)"),
+    "tinit": key(0, "AdaLoRA: warm-up steps before ranks are pruned.", ("adalora",), bounds="[0, inf)"),
+    "tfinal": key(0, "AdaLoRA: last steps that train with the rank pattern fixed.", ("adalora",), bounds="[0, inf)"),
+    "deltaT": key(1, "AdaLoRA: steps between two budget allocations.", ("adalora",), bounds="(0, inf)"),
+    "beta1": key(0.85, "AdaLoRA: EMA coefficient of the sensitivity |w * grad|.", ("adalora",), bounds="(0, 1)"),
+    "beta2": key(0.85, "AdaLoRA: EMA coefficient of the uncertainty.", ("adalora",), bounds="(0, 1)"),
+    "orth_reg_weight": key(0.5, "AdaLoRA: weight of the orthogonality regulariser added to the loss.",
+                           ("adalora",), bounds="[0, inf)"),
+    "total_step": key(None, "AdaLoRA: steps of the budget schedule; empty: the run's optimizer steps.",
+                      ("adalora",), type="Optional[int]", bounds="(0, inf)"),
     "adapter_type": key(
         "houlsby", "Where bottleneck adapters go: houlsby (after the attention output projection and "
         "after the feed-forward block), pfeiffer (after the feed-forward block only), parallel (beside "

@@ -75,6 +75,15 @@ class AdapterMethod:
     """(model, adapter name, config, [(path, layer)]) -> {key in the adapter file: tensor} for tensors
     the adapter keeps outside its layers' `peft_tensors` (VeRA's `base_model.vera_A`): save_adapter
     writes them, load_adapter copies the file's into them in place (a missing one is an error)."""
+    training_loss: Callable[[Any, str, Any], Any] | None = None
+    """(model, adapter name, config) -> a 0-dim tensor (with autograd) the training loop adds to each
+    optimizer step's loss while the adapter trains (a method's regulariser: AdaLoRA's orthogonality
+    term), or None; not part of the logged loss. Run once per step, on the last micro-batch."""
+    after_step: Callable[[Any, str, Any, int, int], None] | None = None
+    """(model, adapter name, config, step, total_steps): called by the training loop once per optimizer
+    step while the adapter trains, after `optimizer.step()` and before the gradients are cleared
+    (`step` counts from 1 to `total_steps`); for methods that change their own structure while
+    training (AdaLoRA's rank allocator)."""
     cannot_merge: Callable[[Any], str | None] | None = None
     """(config) -> why adapters of this method can never be merged into the weights (a nonlinearity,
     extra tokens), or None. `tuneforge export` asks it before loading anything; a layer's own

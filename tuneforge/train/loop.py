@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from ..adapters import training_hooks
 from . import checkpoint as ckpt
 from . import schedule, stop
 from .batches import MicroBatchStream, eval_batches, fingerprint
@@ -147,11 +148,14 @@ class TrainingRun:
         # gradients are averaged over processes by DDP, so scale by world size
         scale = self.acc.num_processes / max(step_tokens, 1)
         loss_total = 0.0
+        unwrapped = self.acc.unwrap_model(self.model)
         for i, batch in enumerate(micro):
             sync = nullcontext() if i == gas - 1 else self.acc.no_sync(self.model)
             with sync, self.acc.autocast():
                 loss_sum, _, _ = self.objective.loss(self.model, batch)
-                self.acc.backward(loss_sum * scale)
+                extra = training_hooks.training_loss(unwrapped) if i == gas - 1 else None
+                # a method's regulariser (AdapterMethod.training_loss), once per step, not logged
+                self.acc.backward(loss_sum * scale + (extra if extra is not None else 0.0))
             loss_total += loss_sum.item()
         loss_global = float(self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), "sum"))
         self._check_finite("loss", loss_global / max(step_tokens, 1))
@@ -163,6 +167,8 @@ class TrainingRun:
                 self._check_finite("gradient norm", self.grad_norm)
         self.optimizer.step()
         self.scheduler.step()
+        # per-step method work that reads the gradients (AdapterMethod.after_step: AdaLoRA's allocator)
+        training_hooks.after_step(unwrapped, self.state.global_step + 1, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         self.state.micro_batches_seen += gas
         self.state.global_step += 1
