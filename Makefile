@@ -52,7 +52,7 @@ bench-gguf: $(STAMP)
 # step time and peak RSS against LoRA, eval loss, latency per token against the merged base, merges
 # (benchmarks/methods.py; METHODS=lora,ia3 STEPS=20 narrow or lengthen it)
 bench-methods: $(STAMP)
-	$(PY) benchmarks/methods.py $(if $(METHODS),--methods $(METHODS)) $(if $(STEPS),--steps $(STEPS))
+	$(PY) benchmarks/methods.py --variants $(if $(METHODS),--methods $(METHODS)) $(if $(STEPS),--steps $(STEPS))
 
 clean:
 	rm -rf $(VENV) saves .pytest_cache

@@ -2,9 +2,13 @@
 
     python benchmarks/methods.py                          # every method (make bench-methods)
     python benchmarks/methods.py --methods lora,ia3,bottleneck --steps 8
+    python benchmarks/methods.py --methods lora:lora_dora,lora:lora_distributed   # LoRA variants
 
 Each method (tuneforge.adapter_methods.METHODS: methods that land later appear by themselves)
-trains the default model (SmolLM2-135M-Instruct, fp32) with `tuneforge.workflows.train` on
+and each LoRA variant example (examples/lora_*.yaml with finetuning_type: lora, e.g. DoRA, PiSSA,
+per-layer ranks; arm name `lora:<file stem>`, settings from that file) is an arm.
+
+Every arm trains the default model (SmolLM2-135M-Instruct, fp32) with `tuneforge.workflows.train` on
 alpaca_en_demo (../shared/data), the same examples in the same order: `--steps` optimizer steps
 of `--batch` examples (cutoff `--cutoff`), constant learning rate, `--eval` held-out examples.
 Its own settings (its keys and learning_rate) come from its example config: among the sft
@@ -49,21 +53,9 @@ DEFAULT_LR = 1e-3
 
 
 # ---- the parent: one process per method, one table -----------------------------------------
-def method_names(wanted: str | None) -> list[str]:
-    from tuneforge.adapter_methods import METHODS
-
-    names = list(METHODS)
-    if wanted:
-        chosen = [n.strip() for n in wanted.split(",") if n.strip()]
-        unknown = [n for n in chosen if n not in METHODS]
-        if unknown:
-            raise SystemExit(f"--methods: unknown {unknown}; registered: {', '.join(names)}")
-        names = [n for n in names if n in chosen]
-    return names if "lora" in names else ["lora", *names]
-
-
-def method_settings(name: str) -> tuple[dict, str]:
-    """(the method's finetune keys and learning_rate from its example config, the file's name)."""
+def _examples(finetuning_type: str) -> list[tuple[Path, dict]]:
+    """(path, its finetune keys and learning_rate) of the sft examples of `finetuning_type` without
+    quantization, in name order."""
     import yaml
 
     from tuneforge.config import FinetuningArguments
@@ -72,11 +64,42 @@ def method_settings(name: str) -> tuple[dict, str]:
     found = []
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text()) or {}
-        if raw.get("finetuning_type") == name and raw.get("stage", "sft") == "sft" and "quantization_bit" not in raw:
+        if raw.get("finetuning_type") == finetuning_type and raw.get("stage", "sft") == "sft" \
+                and "quantization_bit" not in raw:
             own = {k: v for k, v in raw.items() if k in keys}
             if "learning_rate" in raw:
                 own["learning_rate"] = float(raw["learning_rate"])
-            found.append((path.stem != name, len(own), path.name, own))
+            found.append((path, own))
+    return found
+
+
+def variant_arms() -> list[str]:
+    """`lora:<stem>` for each examples/lora_*.yaml that trains plain finetuning_type: lora (a variant)."""
+    return [f"lora:{p.stem}" for p, _ in _examples("lora") if p.stem.startswith("lora_")]
+
+
+def method_names(wanted: str | None, variants: bool = False) -> list[str]:
+    from tuneforge.adapter_methods import METHODS
+
+    names = list(METHODS) + (variant_arms() if variants or wanted else [])
+    if wanted:
+        chosen = [n.strip() for n in wanted.split(",") if n.strip()]
+        unknown = [n for n in chosen if n not in names]
+        if unknown:
+            raise SystemExit(f"--methods: unknown {unknown}; registered: {', '.join(names)}")
+        names = [n for n in names if n in chosen]
+    return names if "lora" in names else ["lora", *names]
+
+
+def method_settings(name: str) -> tuple[dict, str]:
+    """(the arm's finetune keys and learning_rate from its example config, the file's name): for a
+    method, <method>.yaml, else its example that sets the fewest keys; for `lora:<stem>`, <stem>.yaml."""
+    method, _, stem = name.partition(":")
+    if stem:
+        own = dict(next(o for p, o in _examples(method) if p.stem == stem))
+        own.setdefault("learning_rate", DEFAULT_LR)
+        return own, f"{stem}.yaml"
+    found = [(p.stem != name, len(own), p.name, own) for p, own in _examples(name)]
     if not found:
         return {"finetuning_type": name, "learning_rate": DEFAULT_LR}, "defaults"
     _, _, file, own = min(found, key=lambda f: f[:3])
@@ -121,7 +144,9 @@ def table(results: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", help="comma list of finetuning_type names (default: every registered method)")
+    ap.add_argument("--methods", help="comma list of finetuning_type names or lora:<example stem> "
+                                      "(default: every registered method)")
+    ap.add_argument("--variants", action="store_true", help="also every LoRA variant example (lora:<stem>)")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per method")
     ap.add_argument("--batch", type=int, default=2, help="examples per step")
     ap.add_argument("--cutoff", type=int, default=256, help="cutoff_len")
@@ -137,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     results = []
-    for name in method_names(args.methods):
+    for name in method_names(args.methods, args.variants):
         print(f"[bench] {name} ...", file=sys.stderr, flush=True)
         results.append(run_arm(name, args))
         r = results[-1]

@@ -35,6 +35,18 @@ def test_every_registered_method_runs_and_lora_always():
         bench.method_names("ia4")
 
 
+def test_lora_variant_examples_are_arms_of_their_own():
+    arms = bench.variant_arms()
+    assert {"lora:lora_dora", "lora:lora_distributed", "lora:lora_hierarchical"} <= set(arms)
+    assert "lora:lora_adalora" not in arms and "lora:lora_ensemble" not in arms  # methods of their own
+    assert bench.method_names("lora:lora_dora") == ["lora", "lora:lora_dora"]
+    assert bench.method_names(None, variants=True)[-len(arms):] == arms
+    dora, source = bench.method_settings("lora:lora_dora")
+    assert source == "lora_dora.yaml" and dora["use_dora"] is True and dora["finetuning_type"] == "lora"
+    ranks, _ = bench.method_settings("lora:lora_distributed")
+    assert ranks.get("lora_rank_pattern") or ranks.get("lora_rank_schedule")
+
+
 def test_settings_come_from_the_plainest_example_config():
     ia3, source = bench.method_settings("ia3")
     assert source == "ia3.yaml" and ia3 == {"finetuning_type": "ia3", "lora_target": "all", "learning_rate": 1e-2}
