@@ -1,5 +1,5 @@
 """The continuous batcher (infer/batcher.py) with virtual-token adapters: rows of a prompt-tuning,
-a prefix-tuning, a P-tuning and a LoRA adapter and the base share batches, prefilled together and
+a prefix-tuning, a P-tuning, a UniPELT (gated prefix) and a LoRA adapter and the base share batches, prefilled together and
 joining a running batch, and each answers what greedy generate() gives for it alone."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from tuneforge.adapters import (
     PrefixTuningConfig,
     PromptEncoderConfig,
     PromptTuningConfig,
+    UniPeltConfig,
     add_adapter,
     route_adapters,
 )
@@ -26,6 +27,8 @@ def model_with_adapters():
     add_adapter(model, PrefixTuningConfig(num_virtual_tokens=5, prefix_projection=True), "x")
     add_adapter(model, PromptEncoderConfig(num_virtual_tokens=2, encoder_reparameterization_type="LSTM"), "e")
     add_adapter(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), "l")
+    add_adapter(model, UniPeltConfig(r=4, target_modules=["k_proj"], num_virtual_tokens=4, adapter_size=8,
+                                     init_weights=None), "u")
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -51,8 +54,9 @@ def collect(job: Job) -> list[int]:
 def test_batcher_answers_each_virtual_token_adapter_as_alone():
     model = model_with_adapters()
     g = torch.Generator().manual_seed(5)
-    names = ["p", "x", "e", "l", "__base__", "x"]
-    prompts = [torch.randint(1, 256, (1, n), generator=g) for n in (5, 8, 3, 6, 4, 7)]
+    # the UniPELT row that runs first is left-padded when the longer rows join: its prefix moves
+    names = ["p", "x", "u", "e", "l", "__base__", "x", "u"]
+    prompts = [torch.randint(1, 256, (1, n), generator=g) for n in (5, 8, 3, 3, 6, 4, 7, 9)]
     expect = [alone(model, n, ids) for n, ids in zip(names, prompts)]
     assert len({tuple(e) for e in expect}) >= 4  # the adapters answer differently
     batcher = Batcher(model, pad_token_id=0, eos_ids=set(), routed=True, max_batch_size=8)

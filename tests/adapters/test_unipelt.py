@@ -234,3 +234,26 @@ def test_refusals():
     with pytest.raises(ConfigError, match="decoder-only language model"):
         add_adapter(build("bert"), UniPeltConfig(target_modules=["query"], adapter_modules=["intermediate"]))
     assert WHY.startswith("a UniPELT adapter multiplies each part by a gate")
+
+
+def test_the_gate_follows_the_prefix_in_a_left_padded_cache():
+    """The continuous batcher left-pads a running row's cache when a longer row joins
+    (infer/decode.join): the prefix then starts after the padding columns, and its gate must follow."""
+    from tuneforge.adapters.virtual_tokens import virtual_mask
+    from tuneforge.infer.decode import _left_pad
+
+    model = unipelt("llama").eval()
+    ids = batch("llama", 1)["input_ids"][:1]
+    mask = torch.cat([virtual_mask(model, ["default"]), torch.ones_like(ids)], dim=1)  # over the whole cache
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        nxt, pos = out.logits[:, -1:].argmax(-1), mask.sum(-1, keepdim=True)
+        step = torch.cat([mask, torch.ones(1, 1, dtype=mask.dtype)], dim=1)
+        want = model(input_ids=nxt, attention_mask=step, past_key_values=copy.deepcopy(out.past_key_values),
+                     position_ids=pos).logits
+        cache = out.past_key_values
+        for layer in cache.layers:
+            layer.keys, layer.values = (_left_pad(t, t.shape[2] + 5) for t in (layer.keys, layer.values))
+        padded = torch.cat([torch.zeros(1, 5, dtype=mask.dtype), step], dim=1)
+        got = model(input_ids=nxt, attention_mask=padded, past_key_values=cache, position_ids=pos).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

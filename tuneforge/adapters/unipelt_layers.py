@@ -8,7 +8,8 @@ Language Model Tuning", section 3).
   - after a block (the feed-forward block): y = m(x);  y + g_A(y) * s_A * up(f(down(y)))
     (a sequential bottleneck adapter, `GatedBottleneck`), g_A(y) = sigmoid(w_A . y + b_A);
   - on an attention module: the prefix's share of attention is gated. With logits z_j over the keys
-    (the prefix columns first, see virtual_tokens.py), prefix column j gets z_j + log g_P(x) where
+    (a row's prefix: its first num_virtual_tokens attended columns, see virtual_tokens.py; padding
+    may come before them in a batcher's cache), prefix column j gets z_j + log g_P(x) where
     g_P(x) = sigmoid(w_P . x + b_P) reads the attention input x at the query position: the prefix's
     unnormalised attention weights exp(z_j) are multiplied by g_P. g_P = 1 is plain prefix tuning,
     g_P = 0 removes the prefix exactly (the base model's attention).
@@ -261,8 +262,8 @@ class GatedBlock(UniPeltLayer, BottleneckLayer):
 
     # ---- the prefix gate -------------------------------------------------------------------------
     def _gate_prefix(self, args: tuple, kwargs: dict) -> dict:
-        """kwargs with `attention_mask` replaced by an additive float mask whose prefix columns of
-        the rows of gated adapters carry log g_P (B, 1, Q, K); unchanged when no row has a prefix."""
+        """kwargs with `attention_mask` replaced by an additive float mask (B, 1 or H, Q, K) whose
+        prefix columns in the rows of gated adapters carry log g_P; unchanged when no row has a prefix."""
         root = self.__dict__.get("_unipelt_root")
         vt = holder(root) if root is not None else None
         x = kwargs.get("hidden_states", args[0] if args else None)
@@ -273,8 +274,8 @@ class GatedBlock(UniPeltLayer, BottleneckLayer):
         gated = [r if r in self.prefix_gate and (routed or r in self.gate_active) else None for r in rows]
         if all(r is None for r in gated):
             return kwargs
-        width = layout(vt, rows, x.device).kv_width
-        if width == 0:
+        plan = layout(vt, rows, x.device)
+        if plan.kv_width == 0:
             return kwargs
         log_g = x.new_zeros(x.shape[:2], dtype=torch.float32)  # (B, Q)
         for name in dict.fromkeys(r for r in gated if r is not None):
@@ -283,8 +284,12 @@ class GatedBlock(UniPeltLayer, BottleneckLayer):
             h = x[ix] if torch.is_autocast_enabled(x.device.type) else x[ix].to(w.dtype)
             log_g[ix] = F.logsigmoid(F.linear(h, w, b)).squeeze(-1).float()
         mask = _additive_mask(kwargs.get("attention_mask"), x, kwargs, getattr(self, "layer_idx", None))
-        prefix = mask[..., :width] + log_g[:, None, :, None].to(mask.dtype)
-        return {**kwargs, "attention_mask": torch.cat([prefix, mask[..., width:]], dim=-1)}
+        # a row's prefix is its first n_kv attended key columns: the block's unused columns are
+        # masked, and a cache the continuous batcher left-padded has padding columns before it
+        attended = mask > torch.finfo(mask.dtype).min / 2
+        prefix = attended & (attended.cumsum(-1) <= plan.n_kv[:, None, None, None])
+        gate = torch.where(prefix, log_g[:, None, :, None].to(mask.dtype), mask.new_zeros(()))
+        return {**kwargs, "attention_mask": mask + gate}
 
 
 class UniPeltModule(GatedBlock, nn.Module):
