@@ -58,6 +58,31 @@ def test_a_merged_export_of_an_adapter_that_cannot_merge_is_refused_in_one_line(
         assert not out.exists()
 
 
+@pytest.mark.parametrize("method, label, why", [
+    ("prefix", "a prefix tuning", "prefix tuning adds key/value prefixes"),
+    ("prompt", "a prompt tuning", "prompt tuning adds virtual tokens"),
+    ("ptuning", "a P-tuning", "P-tuning adds virtual tokens"),
+    ("unipelt", "a UniPELT", "a UniPELT adapter multiplies each part by a gate"),
+])
+def test_virtual_token_adapters_are_refused_naming_the_method(tiny_model_dir, tmp_path, capsys, method, label, why):
+    import tuneforge
+
+    config = {"prefix": tuneforge.PrefixTuningConfig(num_virtual_tokens=4),
+              "prompt": tuneforge.PromptTuningConfig(num_virtual_tokens=4),
+              "ptuning": tuneforge.PromptEncoderConfig(num_virtual_tokens=4),
+              "unipelt": tuneforge.UniPeltConfig(num_virtual_tokens=4, adapter_size=4)}[method]
+    path = save_moved_adapter(tiny_model_dir, tmp_path / method, config, 3, moved=())
+    code, errors = _run(capsys, f"model_name_or_path={tiny_model_dir}", f"export_dir={tmp_path / 'out'}",
+                        f"adapter_name_or_path={path}")
+    assert code == 2 and len(errors) == 1, errors
+    assert errors[0].startswith(f"tuneforge: error: adapter '{path}' is {label} adapter, which cannot be merged "
+                                f"into the model: {why}") and errors[0].endswith("(export_format: adapter)")
+    holder = add_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tuneforge.PrefixTuningConfig())
+    with pytest.raises(ConfigError, match="^cannot merge the virtual-tokens adapter into tuneforge_virtual_tokens: "
+                       "prefix tuning adds"):
+        refuse_unmergeable_layers(holder)
+
+
 def test_layers_that_cannot_merge_are_refused_naming_the_method():
     model = add_adapter(torch.nn.Sequential(torch.nn.Linear(4, 4)), BottleneckConfig(target_modules=["0"]))
     with pytest.raises(ConfigError, match=r"^cannot merge the bottleneck adapter into 0: a bottleneck adapter puts "

@@ -141,6 +141,7 @@ def _from_finetune_args(finetune) -> PromptEncoderConfig:
 
 
 register_method(AdapterMethod(
+    cannot_merge=lambda cfg: WHY,
     name="ptuning", peft_type="P_TUNING", label="P-tuning", config_class=PromptEncoderConfig,
     inject=_inject, remove=detach, config_to_peft=_to_peft, config_from_peft=_from_peft,
     from_finetune_args=_from_finetune_args,

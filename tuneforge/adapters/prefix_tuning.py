@@ -139,12 +139,14 @@ def _from_finetune_args(finetune, projection: bool) -> PrefixTuningConfig:
 
 
 register_method(AdapterMethod(
+    cannot_merge=lambda cfg: WHY,
     name="prefix", peft_type="PREFIX_TUNING", label="prefix tuning", config_class=PrefixTuningConfig,
     inject=_inject, remove=detach, config_to_peft=_to_peft, config_from_peft=_from_peft,
     from_finetune_args=lambda ft: _from_finetune_args(ft, ft.prefix_projection),
     keys=("num_virtual_tokens", "encoder_hidden_size", "prefix_projection", "prefix_init"),
 ))  # fmt: skip
 register_method(AdapterMethod(
+    cannot_merge=lambda cfg: WHY,
     name="ptuning_v2", peft_type="PREFIX_TUNING", label="P-tuning v2", config_class=PrefixTuningConfig,
     inject=_inject, remove=detach, config_to_peft=_to_peft, config_from_peft=_from_peft,
     from_finetune_args=lambda ft: _from_finetune_args(ft, False), keys=("num_virtual_tokens", "prefix_init"),

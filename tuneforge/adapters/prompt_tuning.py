@@ -148,6 +148,7 @@ def _from_finetune_args(finetune) -> PromptTuningConfig:
 
 
 register_method(AdapterMethod(
+    cannot_merge=lambda cfg: WHY,
     name="prompt", peft_type="PROMPT_TUNING", label="prompt tuning", config_class=PromptTuningConfig,
     inject=_inject, remove=detach, config_to_peft=_to_peft, config_from_peft=_from_peft,
     from_finetune_args=_from_finetune_args,

@@ -49,7 +49,7 @@ def refuse_unmergeable_files(paths: list[str]) -> None:
         why = method.cannot_merge(cfg) if method.cannot_merge is not None else None
         if why:
             label = method.label or method.name
-            article = "an" if label[:1] in "AEIOU" else "a"
+            article = "an" if label[:1] in "AEIO" else "a"  # a UniPELT, an IA3
             raise ConfigError(f"adapter '{path}' is {article} {label} adapter, which cannot be "
                               f"merged into the model: {why}; {OFFER}")
 
@@ -59,8 +59,11 @@ def refuse_unmergeable_layers(model: torch.nn.Module) -> None:
     for path, layer in adapter_layers(model):
         why = layer.cannot_merge()
         if why:
-            method = method_named(layer.method_name)
-            raise ConfigError(f"cannot merge the {method.label or method.name} adapter into {path}: {why}; {OFFER}")
+            try:
+                label = method_named(layer.method_name).label or layer.method_name
+            except ConfigError:  # a model-level holder (virtual tokens), not a method of its own
+                label = layer.method_name.replace("_", "-")
+            raise ConfigError(f"cannot merge the {label} adapter into {path}: {why}; {OFFER}")
 
 
 def export_adapters(cfg, target: ExportTarget) -> Path:
