@@ -128,3 +128,19 @@ def test_the_kv_cache_is_freed_before_memory_is_given_back(engine, monkeypatch):
             pass
     # one trim per emptied batch (a batch a previous test left may empty here too, under load)
     assert caches and len(alive_at_trim) >= 2 and not any(alive_at_trim), alive_at_trim
+
+
+def test_temperature_zero_in_the_config_means_greedy():
+    """`tuneforge chat temperature=0` (do_sample on by default) decodes greedily, as a request with
+    temperature 0 does, instead of transformers refusing the value."""
+    from types import SimpleNamespace
+
+    from tuneforge.config import load_config
+    from tuneforge.infer.generation import generation_kwargs
+
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=2)
+    gen = load_config(None, {"temperature": 0}).generate
+    assert gen.do_sample
+    kwargs = generation_kwargs(gen, tok)
+    assert kwargs["do_sample"] is False and kwargs["temperature"] is None
+    assert generation_kwargs(load_config(None, {"temperature": 0.7}).generate, tok)["temperature"] == 0.7

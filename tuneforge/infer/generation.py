@@ -31,8 +31,8 @@ def chat_input_ids(tokenizer, messages: list[dict], system: str | None = None,
 def generation_kwargs(gen, tokenizer, temperature: float | None = None, top_p: float | None = None,
                       max_tokens: int | None = None) -> dict:
     """generate() arguments from GeneratingArguments `gen`; the explicit values (an API request's)
-    win over the config's. temperature 0 means greedy."""
-    sample = gen.do_sample if temperature is None else temperature > 0
+    win over the config's. temperature 0 (the request's or the config's) means greedy."""
+    sample = (gen.do_sample and gen.temperature > 0) if temperature is None else temperature > 0
     kwargs = {"max_new_tokens": max_tokens or gen.max_new_tokens, "do_sample": sample,
               "repetition_penalty": gen.repetition_penalty, "pad_token_id": pad_id(tokenizer),
               "eos_token_id": tokenizer.eos_token_id}
