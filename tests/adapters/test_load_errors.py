@@ -297,3 +297,10 @@ def test_a_rank_above_the_layer_dims_warns_once_and_still_works(saved, caplog):
     with caplog.at_level(logging.WARNING, logger="tuneforge"):
         add_adapter(make_model("llama"), LoraConfig(r=32, target_modules=["q_proj", "v_proj"]))
     assert not [r for r in caplog.records if "rank" in r.getMessage()]
+
+
+def test_a_config_without_peft_type_is_refused_naming_the_field(saved):
+    raw = json.loads((saved / "adapter_config.json").read_text())
+    del raw["peft_type"]
+    (saved / "adapter_config.json").write_text(json.dumps(raw))
+    _load_fails(saved, r"adapter_config.json names no peft_type \(the adapter method\); add it")
