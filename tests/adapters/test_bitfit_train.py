@@ -1,6 +1,7 @@
 """`finetuning_type: bitfit` from a YAML config (bitfit_target): the run trains bias deltas only
 and saves a BITFIT adapter that loads back to the same outputs. The tiny Llama has no biases, so
-BitFit added zero ones: `tuneforge export` refuses to write a merged folder that would lose them."""
+BitFit added zero ones: `tuneforge export` declares them through Llama's own config switches
+(attention_bias, mlp_bias), and refuses a merged folder that would lose biases no switch declares."""
 
 from __future__ import annotations
 
@@ -25,7 +26,22 @@ def test_bitfit_trains_from_yaml_and_export_refuses_added_biases(tiny_model_dir,
     got, plain = logits(ours), logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
     assert (got - plain).abs().max() > 1e-4, "the trained biases change nothing"
 
-    with pytest.raises(ConfigError, match=r"the merged model has 8 parameter\(s\) its config does not declare "
-                                          r"\(e\.g\. model\.layers\.0\.self_attn\.q_proj\.bias"):
-        export_to(tiny_model_dir, out, tmp_path / "merged")
-    assert not (tmp_path / "merged").exists()
+    export_to(tiny_model_dir, out, tmp_path / "merged")  # attention_bias: true declares q/k/v/o's biases
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.config.attention_bias is True and merged.config.mlp_bias is False
+    assert (logits(merged) - got).abs().max() < 1e-5
+
+
+def test_biases_no_config_switch_declares_are_refused(tiny_model_dir):
+    """Biases on only some MLP layers of a model whose config has no switch for them alone."""
+    import torch
+
+    from tuneforge.export.merge import _check_declared, declare_biases
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    layer = model.model.layers[0].self_attn.q_proj
+    layer.bias = torch.nn.Parameter(torch.ones(layer.out_features))
+    model.lm_head.bias = torch.nn.Parameter(torch.ones(model.lm_head.out_features))  # no flag covers it
+    assert declare_biases(model) == [] and model.config.attention_bias is False
+    with pytest.raises(ConfigError, match=r"the merged model has 2 parameter\(s\) its config does not declare"):
+        _check_declared(model)

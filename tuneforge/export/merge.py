@@ -12,6 +12,8 @@ then the merge; then the files, written beside export_dir and renamed into place
 
 from __future__ import annotations
 
+import logging
+
 from pathlib import Path
 
 import torch
@@ -29,6 +31,8 @@ from .quantized import dequantize_before_merge, requantize
 from .target import ExportTarget, check_export_dir, check_free_space, staged
 from .tying import settle_tying, untie_adapted_embeddings
 
+
+log = logging.getLogger("tuneforge")
 
 def _sources(cfg) -> list[tuple[str, Path]]:
     """The folders the export reads, by config key: it must write none of them."""
@@ -88,6 +92,7 @@ def export_model(cfg) -> Path:
         untied = untie_adapted_embeddings(model)
         model = adapters.unload(model, merge=True).to("cpu")
         settle_tying(model, untied)
+        declare_biases(model)
         _check_declared(model)
     model.config.use_cache = True
     if gguf:
@@ -101,17 +106,61 @@ def export_model(cfg) -> Path:
     return target.shown
 
 
+def _declared(model) -> set[str] | None:
+    """The parameter names a model built from `model.config` has (None: it cannot be rebuilt)."""
+    if getattr(model, "config", None) is None or not hasattr(type(model), "config_class"):
+        return None
+    try:
+        with torch.device("meta"):
+            return set(type(model)(model.config).state_dict())
+    except Exception:  # a model class that cannot be rebuilt from its config: nothing to compare
+        return None
+
+
+def declare_biases(model) -> list[str]:
+    """Biases a merge left on layers the config says have none (BitFit adds them) declared through
+    the config's own switches (`attention_bias`, `mlp_bias`, ...: a `*_bias` flag that is false):
+    a flag is set when it declares some of them; the layers it then declares without a bias get a
+    zero one (adds nothing). Returns the flags set (logged); none when no flag fits (the check
+    after it refuses)."""
+    declared = _declared(model)
+    if declared is None:
+        return []
+    state = model.state_dict()
+    extra = {k for k in state if k not in declared}
+    if not extra or not all(k.endswith(".bias") for k in extra):
+        return []
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    flags = []
+    for flag in [k for k, v in vars(config).items() if k.endswith("_bias") and v is False]:
+        setattr(config, flag, True)
+        now = _declared(model) or set()
+        if extra & now and all(k.endswith(".bias") for k in now - set(state)):
+            flags.append(flag)
+            extra -= now
+        else:
+            setattr(config, flag, False)
+    if extra or not flags:  # not all declared: put the flags back, the check refuses
+        for flag in flags:
+            setattr(config, flag, False)
+        return []
+    added = 0
+    for key in sorted((_declared(model) or set()) - set(state)):
+        layer = model.get_submodule(key.rsplit(".", 1)[0])
+        weight = layer.weight
+        layer.bias = torch.nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)
+        added += 1
+    log.info("the merged model's added biases declared in its config: %s (zero biases on %d more layers)",
+             ", ".join(f"{f}=true" for f in flags), added)
+    return flags
+
+
 def _check_declared(model) -> None:
     """ConfigError (before anything is written) when the merged model has parameters that a model
     built from its config lacks, e.g. a bias an adapter method added to a layer without one: the
     written folder would load without them and compute something else."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(type(model), "config_class"):
-        return
-    try:
-        with torch.device("meta"):
-            declared = set(type(model)(config).state_dict())
-    except Exception:  # a model class that cannot be rebuilt from its config: nothing to compare
+    declared = _declared(model)
+    if declared is None:
         return
     extra = [k for k in model.state_dict() if k not in declared]
     if extra:
