@@ -16,8 +16,9 @@ import torch
 
 from . import adapters, dtypes
 from .adapters.loftq import load_adapter_for_base, refuse_merging
-from .adapters.peft_format import check_adapter_dir
-from .errors import ModelError
+from .adapters.methods import method_of_config
+from .adapters.peft_format import check_adapter_dir, config_from_peft
+from .errors import ConfigError, ModelError
 from .fileio import json_kind, one_line, quoted, read_json
 from .loadcheck import check_causal_lm, check_finite, check_loaded_weights, config_fault
 from .quant import QuantizationConfig, quantize_model
@@ -358,6 +359,20 @@ def split_paths(value: str | None) -> list[str]:
     return [part.strip() for part in (value or "").split(",") if part.strip()]
 
 
+def _refuse_unmergeable(path: str) -> None:
+    """ConfigError for an adapter of a method that never merges (prefix, bottleneck, UniPELT, ...)
+    listed before the last entry of adapter_name_or_path, where it would have to be merged."""
+    cfg_file = check_adapter_dir(path) / "adapter_config.json"
+    cfg = config_from_peft(read_json(cfg_file, "adapter config", ModelError), f"adapter config '{cfg_file}'")
+    method = method_of_config(cfg)
+    why = method.cannot_merge(cfg) if method.cannot_merge is not None else None
+    if why:
+        raise ConfigError(
+            f"adapter '{path}' is a {method.label or method.name} adapter, which cannot be merged ({why}), but "
+            "adapter_name_or_path merges every adapter but the last: list it last, or serve the adapters side "
+            "by side with tuneforge api")
+
+
 def attach_adapters(model, adapter_paths: list[str], trainable: bool):
     """LLaMA-Factory's rule for `adapter_name_or_path: a,b,c`: every adapter but the last is
     merged into the base weights; the last stays an adapter (trained further if `trainable`).
@@ -368,6 +383,8 @@ def attach_adapters(model, adapter_paths: list[str], trainable: bool):
         check_adapter_dir(path)  # every path, before the first is merged
     for path in adapter_paths:
         check_base(model, path)  # says so when the adapter was trained on another base
+    for path in adapter_paths[:-1]:
+        _refuse_unmergeable(path)
     for i, path in enumerate(adapter_paths[:-1]):
         refuse_merging(path)  # a LoftQ adapter fits only its own quantized base
         adapters.load_adapter(model, path, name=f"merged_{i}")

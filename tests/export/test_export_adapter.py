@@ -129,3 +129,20 @@ def test_export_format_adapter_needs_adapters(tiny_model_dir, saved, tmp_path, c
         "tuneforge: error: export_quantization_bit is for export_format: hf; an adapter export writes the "
         "adapters' own fp32 tensors"])
     assert not (tmp_path / "x").exists()
+
+
+def test_an_unmergeable_adapter_before_the_last_is_refused_naming_it(tiny_model_dir, saved):
+    """adapter_name_or_path merges all but the last: a bottleneck adapter listed first is refused
+    before anything loads, naming the adapter and the fix."""
+    from tuneforge.config import load_config
+    from tuneforge.infer import ChatModel
+
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model_dir),
+                             "adapter_name_or_path": f"{saved['bn']},{saved['lora']}", "infer_dtype": "float32"})
+    with pytest.raises(ConfigError, match=rf"^adapter '{saved['bn']}' is a bottleneck adapter, which cannot be merged "
+                                          r"\(.*\), but adapter_name_or_path merges every adapter but the last: "
+                                          "list it last"):
+        ChatModel(cfg)
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model_dir),
+                             "adapter_name_or_path": f"{saved['lora']},{saved['bn']}", "infer_dtype": "float32"})
+    assert ChatModel(cfg).answer([{"role": "user", "content": "Hi"}], max_new_tokens=2) is not None
