@@ -14,7 +14,7 @@ import torch
 
 from ..data.collate import PaddingCollator
 from ..data.packing import PackingCollator
-from ..errors import ConfigError
+from ..errors import ConfigError, TuneforgeError
 from .packed_attention import restore_attention, use_packed_attention
 
 PROBE_LENGTHS = (7, 4)  # different lengths: the padded batch has padding, the packed row a restart
@@ -81,6 +81,8 @@ def probe_packing(model, lengths=PROBE_LENGTHS, seed: int = 0) -> str | None:
                      for e in examples]
     except Exception as exc:  # noqa: BLE001 - any failure means "cannot pack this model"
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+        if isinstance(exc, TuneforgeError):  # a documented refusal (virtual tokens cannot pack), not a fault
+            return first_line
         return f"a probe forward failed: {type(exc).__name__}: {first_line}"
     finally:
         model.train(was_training)
