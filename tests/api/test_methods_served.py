@@ -38,6 +38,8 @@ SERVED = {
     "oft": ("OFTConfig", {"oft_block_size": 16, "target_modules": OTHERS}, 0.5),
     "boft": ("BOFTConfig", {"boft_block_size": 8, "boft_n_butterfly_factor": 2, "target_modules": OTHERS}, 0.5),
     "prefix": ("PrefixTuningConfig", {"num_virtual_tokens": 6}, 4.0),
+    "prompt": ("PromptTuningConfig", {"num_virtual_tokens": 6}, 4.0),
+    "ptuning": ("PromptEncoderConfig", {"num_virtual_tokens": 6}, 4.0),
     "bottleneck": ("BottleneckConfig", {"adapter_type": "parallel", "adapter_size": 8}, 0.5),  # beside each mlp
     "mam": ("MamConfig", {"num_virtual_tokens": 6, "adapter_size": 8}, 1.0),  # a prefix + an adapter beside each mlp
     # gated LoRA on k/v (LoRA has q), a gated prefix and a gated adapter after each mlp
