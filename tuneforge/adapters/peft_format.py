@@ -68,7 +68,9 @@ def config_from_peft(raw: dict[str, Any], source: str = CONFIG_NAME) -> Any:
     if not isinstance(raw, dict):
         raise ModelError(f"{source} must hold a JSON object ({{...}}), not {json_kind(raw)}")
     if "peft_type" not in raw:  # peft cannot load such a file either; guessing LORA blames the tensors later
-        raise ModelError(f"{source} names no peft_type (the adapter method); add it, e.g. \"peft_type\": \"LORA\"")
+        known = ", ".join(dict.fromkeys(m.peft_type for m in all_methods()))
+        raise ModelError(f"{source} names no peft_type (the adapter method); add the one it was trained with "
+                         f"({known}), e.g. \"peft_type\": \"LORA\"")
     peft_type = raw["peft_type"]
     method = method_of_peft_type(peft_type)
     if method is None or method.config_from_peft is None:

@@ -150,8 +150,9 @@ def declare_biases(model) -> list[str]:
         weight = layer.weight
         layer.bias = torch.nn.Parameter(weight.new_zeros(weight.shape[0]), requires_grad=False)
         added += 1
-    log.info("the merged model's added biases declared in its config: %s (zero biases on %d more layers)",
-             ", ".join(f"{f}=true" for f in flags), added)
+    more = f" (zero biases on {added} more layers)" if added else ""
+    log.info("the merged model's added biases declared in its config: %s%s", ", ".join(f"{f}=true" for f in flags),
+             more)
     return flags
 
 
