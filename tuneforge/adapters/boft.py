@@ -343,11 +343,7 @@ class BOFTQuantLinear(BOFTLayer, QuantLinear):
     """A quantized base: the input is rotated and the output scaled, the codes stay frozen; no merge."""
 
     def cannot_merge(self) -> str | None:
-        kind = f"{self.bits}-bit {self.quant_type if self.bits == 4 else 'int8'}"
-        return (
-            f"its base weight is quantized ({kind}); merging would requantize and lose the update. "
-            "Call tuneforge.dequantize_model(model) first, or use `tuneforge export`, which does"
-        )
+        return self.merge_refusal()
 
 
 def _to_peft(model: nn.Module, name: str, cfg: BOFTConfig, layers: list) -> dict[str, Any]:

@@ -283,11 +283,7 @@ class IA3QuantLinear(IA3Layer, QuantLinear):
         return self.in_features, self.out_features
 
     def cannot_merge(self) -> str | None:
-        kind = f"{self.bits}-bit {self.quant_type if self.bits == 4 else 'int8'}"
-        return (
-            f"its base weight is quantized ({kind}); merging would requantize and lose the update. "
-            "Call tuneforge.dequantize_model(model) first, or use `tuneforge export`, which does"
-        )
+        return self.merge_refusal()
 
 
 if Conv1D is not None:

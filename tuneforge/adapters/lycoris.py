@@ -359,9 +359,5 @@ class QuantLycoris:
     merging is refused (the sum would have to be requantized)."""
 
     def cannot_merge(self) -> str | None:
-        kind = f"{self.bits}-bit {self.quant_type if self.bits == 4 else 'int8'}"
-        return (
-            f"its base weight is quantized ({kind}); merging would requantize and lose the update. "
-            "Call tuneforge.dequantize_model(model) first, or use `tuneforge export`, which does"
-        )
+        return self.merge_refusal()
 

@@ -401,11 +401,7 @@ class OFTQuantLinear(OFTLayer, QuantLinear):
     """A quantized base (QLoRA-style): the input is rotated, the codes stay frozen; no merge."""
 
     def cannot_merge(self) -> str | None:
-        kind = f"{self.bits}-bit {self.quant_type if self.bits == 4 else 'int8'}"
-        return (
-            f"its base weight is quantized ({kind}); merging would requantize and lose the update. "
-            "Call tuneforge.dequantize_model(model) first, or use `tuneforge export`, which does"
-        )
+        return self.merge_refusal()
 
 
 def _to_peft(model: nn.Module, name: str, cfg: OFTConfig, layers: list) -> dict[str, Any]:

@@ -324,8 +324,7 @@ class VeraQuantLinear(VeraLayer, QuantLinear):
         return self.in_features, self.out_features
 
     def cannot_merge(self) -> str | None:
-        return ("its base weight is quantized; merging would requantize and lose the update. Call "
-                "tuneforge.dequantize_model(model) first, or use `tuneforge export`, which does")
+        return self.merge_refusal()
 
 
 # ---- the method record's hooks ---------------------------------------------------------------------

@@ -59,6 +59,13 @@ class _QuantMatmul(torch.autograd.Function):
 class QuantLinear(nn.Module):
     """y = x @ dequant(codes).T + bias, computed in `compute_dtype`, returned in x's dtype."""
 
+    def merge_refusal(self) -> str:
+        """Why an adapter cannot merge into this layer (what every adapter method's quantized layer
+        returns from `cannot_merge`)."""
+        kind = f"{self.bits}-bit {self.quant_type if self.bits == 4 else 'int8'}"
+        return (f"its base weight is quantized ({kind}); merging would requantize and lose the update. "
+                "Call tuneforge.dequantize_model(model) first, or use `tuneforge export`, which does")
+
     def __init__(
         self,
         in_features: int,
