@@ -10,6 +10,7 @@ import pytest
 from tuneforge.adapter_methods import METHOD_KEYS
 from tuneforge.config import SECTIONS, load_config
 from tuneforge.errors import ConfigError
+from tuneforge.train.stages import STAGE_KEYS
 
 # LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, as users have it
 LLAMA_FACTORY_YAML = """\
@@ -169,6 +170,8 @@ def test_every_bounded_key_refuses_values_outside(key, bounds):
                if v not in (float("inf"), float("-inf"))]
     # a method's own key is read with its method only
     method = {"finetuning_type": METHOD_KEYS[key]["methods"][0]} if key in METHOD_KEYS else {}
+    if key in STAGE_KEYS:  # and a stage's own key with its stage
+        method = {"stage": STAGE_KEYS[key]["stages"][0]}
     for value in outside:
         with pytest.raises(ConfigError, match=f"config key '{key}' must be "):
             load_config(None, {key: value, **method})

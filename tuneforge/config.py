@@ -20,7 +20,7 @@ from .adapter_methods import METHODS as ADAPTER_METHODS
 from .config_checks import validate
 from .config_values import coerce, is_text
 from .errors import ConfigError
-from .train.stages import stages_help
+from .train.stages import STAGE_KEYS, stages_help
 
 
 def _f(default: Any = None, help: str = "", choices: tuple | None = None, factory=None,
@@ -152,11 +152,12 @@ class _FinetuningKeys:
         "all", "freeze: comma list of module names inside those layers to train, or 'all'.")
 
 
-# the finetune section: the keys above, then each method's own keys (adapter_methods.METHOD_KEYS)
+# the finetune section: the keys above, then each method's own keys (adapter_methods.METHOD_KEYS),
+# then each stage's own keys (train.stages.STAGE_KEYS, e.g. dpo's pref_beta)
 FinetuningArguments = dataclasses.make_dataclass(
     "FinetuningArguments",
     [(name, spec["type"], _f(spec["default"], spec["help"], spec["choices"], bounds=spec["bounds"]))
-     for name, spec in METHOD_KEYS.items()],
+     for name, spec in {**METHOD_KEYS, **STAGE_KEYS}.items()],
     bases=(_FinetuningKeys,))
 FinetuningArguments.__module__ = __name__
 
@@ -308,7 +309,6 @@ SECTIONS = {
 # "not supported yet" beats an "unknown key" that suggests a typo.
 NOT_YET_SUPPORTED = {
     "deepspeed", "flash_attn", "use_unsloth", "rope_scaling",
-    "pref_beta", "pref_loss",
 }
 
 

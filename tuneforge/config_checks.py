@@ -8,7 +8,7 @@ import os
 
 from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE
 from .errors import ConfigError
-from .train.stages import STAGES
+from .train.stages import STAGE_KEYS, STAGES
 
 
 def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
@@ -27,6 +27,7 @@ def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
             if bounds and value is not None and not _within(value, bounds):
                 raise ConfigError(f"config key '{f.name}' must be {_describe(bounds)}; got {value}")
     _validate_stage(cfg)
+    _validate_stage_keys(cfg, given)
     if cfg.data.neat_packing and cfg.data.packing is False:
         raise ConfigError("config key 'neat_packing' is true but packing is false; neat_packing "
                           "is a kind of packing: drop one of them")
@@ -57,6 +58,22 @@ def _validate_stage(cfg) -> None:
                 raise ConfigError(f"config key '{key}' is true, but stage: {stage.name} scores "
                                   "whole sequences and pads its batches; drop it or set it to "
                                   "false")
+
+
+def _validate_stage_keys(cfg, given) -> None:
+    """A stage's own key (train.stages.STAGE_KEYS) set for a stage that does not read it, and a
+    reference-model stage (dpo) with pissa_init, whose base weights are no longer the model before
+    training."""
+    stage = cfg.finetune.stage
+    for key, spec in STAGE_KEYS.items():
+        if key in given and stage not in spec["stages"]:
+            names = list(spec["stages"])
+            readers = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+            raise ConfigError(f"config key '{key}' is read by stage: {readers} (got stage: {stage}); "
+                              "drop it or change the stage")
+    if cfg.finetune.pissa_init and STAGES[stage].uses_reference(cfg):
+        raise ConfigError(f"config key 'pissa_init' rewrites the base weights, but stage: {stage} takes "
+                          "its reference from the base model (adapters disabled); drop pissa_init")
 
 
 def _validate_placeholders(placeholders: dict | None) -> None:

@@ -95,7 +95,7 @@ def test_shared_demo_text_sets(tokenizer, shared_data_dir):
     ('{"text": "a b c"}\n', {"columns": {"prompt": "text"}}, "less than one block of cutoff_len=512"),
     ('{"conversations": []}\n', {"formatting": "sharegpt"}, "stage: pt reads plain text"),
     ('{"conversations": []}\n', {"ranking": True, "formatting": "sharegpt"},
-     "preference data (ranking: true): it needs stage: rm or dpo (tuneforge has rm); set stage: rm, or "
+     "preference data (ranking: true): it needs stage: rm or dpo; set stage: dpo (or rm), or "
      "pick a plain-text dataset"),
 ])
 def test_bad_text_data_is_one_line(tokenizer, tmp_path, records, entry, message):

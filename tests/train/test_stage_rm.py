@@ -102,7 +102,7 @@ def test_rm_refuses_data_without_ranking_and_sft_refuses_preference_data(tokeniz
     folder = preference_folder(tmp_path, [sharegpt_pair("Hi?", "a", "b")])
     with pytest.raises(DataError, match="is not preference data .* set stage: sft"):
         get_stage("rm").encode(data_cfg(folder, "sft"), tokenizer, 0)
-    with pytest.raises(DataError, match="it needs stage: rm or dpo .*set stage: rm, or pick an SFT"):
+    with pytest.raises(DataError, match="it needs stage: rm or dpo; set stage: dpo \\(or rm\\), or pick an SFT"):
         get_stage("sft").encode(load_config(None, {"dataset": "pairs", "dataset_dir": str(folder)}).data,
                                 tokenizer, 0)
 

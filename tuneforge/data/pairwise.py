@@ -1,6 +1,8 @@
-"""Preference records (LLaMA-Factory's `ranking: true`) for stage: rm: a prompt with a chosen
-and a rejected reply, each pair encoded twice with the chat template (prompt + chosen, prompt +
-rejected) and batched as chosen rows then rejected rows.
+"""Preference records (LLaMA-Factory's `ranking: true`) for stage: rm and dpo: a prompt with a
+chosen and a rejected reply, each pair encoded twice with the chat template (prompt + chosen,
+prompt + rejected) and batched as chosen rows then rejected rows. PAIRWISE makes rm's examples;
+PAIRWISE_REPLIES also records where the replies start, so that the collator labels the reply
+tokens (dpo scores each reply's log-probability).
 
 - sharegpt: the messages column holds the prompt turns (an optional leading system message,
   then user/assistant turns ending on a user turn); `chosen` and `rejected` each hold one
@@ -15,11 +17,12 @@ refused with one DataError line naming the record and column."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
 
-from .encode import render_turns, split_budget
+from .encode import IGNORE_INDEX, render_turns, split_budget
 from .formats import (Conversation, _blank, _check_columns, _Dropped, _from_alpaca, _message, _refuse, _text,
                       convert_records, role_kinds, sharegpt_turns)
 from .loader import RecordKind
@@ -92,12 +95,14 @@ def _pair(prompt: Conversation, chosen: str, rejected: str) -> Pair:
     return Pair(prompt, chosen, rejected)
 
 
-def encode_pairs(pairs: list[Pair], data_args, tokenizer) -> list[dict]:
+def encode_pairs(pairs: list[Pair], data_args, tokenizer, prompt_len: bool = False) -> list[dict]:
     """{"chosen_ids": [...], "rejected_ids": [...]}: the prompt rendered with the chat template
     up to the reply, then each reply as the template renders it (with EOS where the template
     does not end replies with it). Within cutoff_len, LLaMA-Factory's rule: the budget is split
     between the prompt and the longer reply, and both sequences keep the same start of the
-    prompt and the same number of reply tokens, so a pair never becomes two equal sequences."""
+    prompt and the same number of reply tokens, so a pair never becomes two equal sequences.
+    With `prompt_len`, each example also holds "prompt_len": the tokens before the replies
+    (the same in both sequences)."""
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
     tools_in_template = "tools" in template_text(tokenizer, tools=[])
     texts = []
@@ -122,13 +127,15 @@ def encode_pairs(pairs: list[Pair], data_args, tokenizer) -> list[dict]:
             replies.append(answer + tail)
         keep_prompt, keep_reply = split_budget(len(prompt), max(map(len, replies)), cutoff_len)
         chosen, rejected = (prompt[:keep_prompt] + r[:keep_reply] for r in replies)
-        examples.append({"chosen_ids": chosen, "rejected_ids": rejected})
+        examples.append({"chosen_ids": chosen, "rejected_ids": rejected,
+                         **({"prompt_len": keep_prompt} if prompt_len else {})})
     return examples
 
 
 class PairwiseCollator:
     """Pairs -> one right-padded batch: rows 0..n-1 the chosen sequences, rows n..2n-1 the
-    rejected ones (input_ids, attention_mask; no labels)."""
+    rejected ones (input_ids, attention_mask), and labels (the reply tokens; -100 on the prompt
+    and the padding) when the examples hold prompt_len (PAIRWISE_REPLIES)."""
 
     def __init__(self, pad_token_id: int):
         if pad_token_id is None:
@@ -139,7 +146,13 @@ class PairwiseCollator:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
         rows = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        return pad_rows(rows, self.pad_token_id)
+        batch = pad_rows(rows, self.pad_token_id)
+        if "prompt_len" in examples[0]:
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+            for i, example in enumerate(examples * 2):
+                labels[i, :example["prompt_len"]] = IGNORE_INDEX
+            batch["labels"] = labels
+        return batch
 
 
 def pad_rows(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -154,3 +167,4 @@ def pad_rows(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor
 
 
 PAIRWISE = RecordKind("pairwise", to_pairs, encode_pairs)
+PAIRWISE_REPLIES = RecordKind("pairwise", to_pairs, functools.partial(encode_pairs, prompt_len=True))

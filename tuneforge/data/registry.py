@@ -248,8 +248,8 @@ def _check_supported(entry: DatasetEntry, where: str, records: str) -> None:
     """Reject, with the reason, entries a stage reading `records` cannot train on."""
     if entry.ranking and records != "pairwise":
         raise DataError(
-            f"{where} is preference data (ranking: true): it needs stage: rm or dpo (tuneforge "
-            f"has rm); set stage: rm, or pick {OTHER_DATASET.get(records, 'another dataset')}"
+            f"{where} is preference data (ranking: true): it needs stage: rm or dpo; set stage: "
+            f"dpo (or rm), or pick {OTHER_DATASET.get(records, 'another dataset')}"
         )
     if records == "pairwise" and not entry.ranking:
         raise DataError(

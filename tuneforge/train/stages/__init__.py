@@ -1,8 +1,10 @@
 """Training stages, one file each, in one table (table.py): `STAGES[name]` is the Stage record
 that `tuneforge train` runs for `stage: name`. Importing this package registers them all."""
 
-from .table import HEADS, RECORD_KINDS, STAGES, Objective, Stage, get_stage, register_stage, stages_help
+from .table import (HEADS, RECORD_KINDS, STAGE_KEYS, STAGES, Objective, Stage, get_stage, register_stage,
+                    stage_key, stages_help)
 from . import pt, rm, sft  # noqa: E402,F401  (each import registers its stage)
+from . import dpo  # noqa: E402,F401  (listed after sft, pt and rm)
 
-__all__ = ["HEADS", "RECORD_KINDS", "STAGES", "Objective", "Stage", "get_stage", "register_stage",
-           "stages_help"]
+__all__ = ["HEADS", "RECORD_KINDS", "STAGE_KEYS", "STAGES", "Objective", "Stage", "get_stage",
+           "register_stage", "stage_key", "stages_help"]

@@ -14,6 +14,8 @@ only run when a training run starts."""
 from __future__ import annotations
 
 from collections.abc import Callable
+import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,10 @@ RECORD_KINDS = {
     "text": "plain text: one text per record (columns: {prompt: text}) or per line of a .txt file",
     "pairwise": "preference records (ranking: true): a prompt with a chosen and a rejected reply",
 }
+# the YAML keys stages add (stage_key(...) specs by name), filled by register_stage from each
+# Stage's `keys`; config.py makes them keys of the finetune section and config_checks refuses one
+# set for a stage that does not read it. "stages": the names of the stages that read the key.
+STAGE_KEYS: dict[str, dict] = {}
 HEADS = {
     "causal_lm": "the model's own language-model head",
     "value": "a scalar value head (v_head.summary: hidden size -> 1) on the last real token",
@@ -48,6 +54,19 @@ def _no_extra_metrics(means: dict) -> dict:
     return {}
 
 
+def stage_key(default, help: str, *, type: str | None = None, choices: tuple | None = None,
+              bounds: str | None = None) -> dict:
+    """One stage key for a Stage's `keys`: its default, help text, type as an annotation string
+    ("float", "Optional[str]"; default: the default's type) and optionally its allowed values or
+    numeric interval (config.py's `_f` conventions). Stages that read the same key give the same
+    spec (one object, imported from the stage that declares it)."""
+    if type is None:
+        if default is None:
+            raise TypeError("a key whose default is None needs type='Optional[...]'")
+        type = default.__class__.__name__
+    return {"default": default, "help": help, "type": type, "choices": choices, "bounds": bounds}
+
+
 @dataclass(frozen=True)
 class Stage:
     """One training stage (the `stage:` config key's value).
@@ -63,8 +82,13 @@ class Stage:
         e.g. perplexity.
     head: what the model needs on top of its decoder (a key of HEADS); train/heads.py builds it.
     needs_reference: the objective compares with the model before training (DPO-like); it
-        gets it with `tuneforge.adapters.disable_adapters`, never from a second copy.
-    packing: whether padding-free packed rows may carry its batches (token-level stages)."""
+        gets it with `tuneforge.adapters.disable_adapters`, never from a second copy. A bool, or
+        a function of the stage's settings ({key: value}) when some settings need none (dpo's
+        pref_loss: orpo); `uses_reference(cfg)` answers for a config.
+    packing: whether padding-free packed rows may carry its batches (token-level stages).
+    keys: the YAML keys only this stage (and others declaring the same spec) reads, name ->
+        stage_key(...) spec; e.g. dpo's pref_beta. The objective of a stage with keys gets their
+        values as a keyword argument, `settings` ({key: value}; see `objective_for`)."""
 
     name: str
     help: str
@@ -74,14 +98,32 @@ class Stage:
     objective: Callable[..., Objective]
     eval_metrics: Callable[[dict], dict] = _no_extra_metrics
     head: str = "causal_lm"
-    needs_reference: bool = False
+    needs_reference: bool | Callable[[dict], bool] = False
     packing: bool = True
+    keys: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.records not in RECORD_KINDS:
             raise ValueError(f"stage {self.name!r}: records must be one of {', '.join(RECORD_KINDS)}")
         if self.head not in HEADS:
             raise ValueError(f"stage {self.name!r}: head must be one of {', '.join(HEADS)}")
+
+    def settings(self, cfg) -> dict:
+        """This stage's keys (`keys`) with their values in `cfg` (a config.Config)."""
+        return {name: getattr(cfg.finetune, name) for name in self.keys}
+
+    def uses_reference(self, cfg) -> bool:
+        """Whether a run of `cfg` compares with the model before training (needs_reference)."""
+        if callable(self.needs_reference):
+            return bool(self.needs_reference(self.settings(cfg)))
+        return self.needs_reference
+
+    def objective_for(self, cfg) -> Callable[..., Objective]:
+        """The objective builder TrainingRun calls, with this stage's keys read from `cfg` (a
+        config.Config: its finetune section holds them) bound as `settings`."""
+        if not self.keys:
+            return self.objective
+        return functools.partial(self.objective, settings=self.settings(cfg))
 
 
 STAGES: dict[str, Stage] = {}
@@ -91,6 +133,12 @@ def register_stage(stage: Stage) -> Stage:
     """Add `stage` to the table (a name registered twice is a programming error: ValueError)."""
     if stage.name in STAGES:
         raise ValueError(f"stage {stage.name!r} is registered twice")
+    for name, spec in stage.keys.items():
+        known = STAGE_KEYS.get(name)
+        if known is not None and {k: v for k, v in known.items() if k != "stages"} != spec:
+            raise ValueError(f"stage {stage.name!r} declares key {name!r} unlike stage(s) "
+                             f"{', '.join(known['stages'])}: share one spec")
+        STAGE_KEYS[name] = {**spec, "stages": (*(known or {}).get("stages", ()), stage.name)}
     STAGES[stage.name] = stage
     return stage
 
