@@ -250,6 +250,10 @@ def test_a_tiny_run_raises_the_reward_margin_and_accuracy(tiny_model_dir, tmp_pa
     assert results["eval_loss"] < 0.6
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert {e["current_steps"] for e in log if "eval_rewards/margins" in e} == {0, 12}
+    train_log = [e for e in log if "loss" in e]  # the training metrics too, means over 4 steps
+    assert [e["current_steps"] for e in train_log] == [4, 8, 12]
+    assert all(0 <= e["rewards/accuracies"] <= 1 for e in train_log)
+    assert train_log[-1]["rewards/margins"] > train_log[0]["rewards/margins"]
 
 
 def test_a_dpo_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):

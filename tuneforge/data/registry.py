@@ -251,15 +251,21 @@ def _check_supported(entry: DatasetEntry, where: str, records: str) -> None:
             f"{where} is preference data (ranking: true): it needs stage: rm or dpo; set stage: "
             f"dpo (or rm), or pick {OTHER_DATASET.get(records, 'another dataset')}"
         )
+    if entry.column("kto_tag") and records != "kto":
+        raise DataError(
+            f"{where} is KTO data (a kto_tag column): it needs stage: kto; set stage: kto, or pick "
+            f"{OTHER_DATASET.get(records, 'a preference dataset (ranking: true)')}"
+        )
+    if records == "kto" and not entry.column("kto_tag"):
+        raise DataError(
+            f"{where} is not KTO data (no kto_tag in its columns): stage: kto needs conversations with "
+            'a true/false tag on the last reply; map it as "columns": {"kto_tag": "<column>"} or pick '
+            "such a dataset (e.g. kto_en_demo)"
+        )
     if records == "pairwise" and not entry.ranking:
         raise DataError(
             f"{where} is not preference data (no \"ranking\": true): this stage needs records with a "
             "chosen and a rejected reply; pick such a dataset (e.g. dpo_en_demo) or set stage: sft"
-        )
-    if entry.column("kto_tag"):
-        raise DataError(
-            f"{where} is KTO data (a kto_tag column): it needs stage: kto, "
-            "which tuneforge does not support yet; pick an SFT dataset"
         )
     media = [c for c in MEDIA_COLUMNS if entry.column(c)]
     if media:

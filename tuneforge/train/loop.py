@@ -77,6 +77,7 @@ class TrainingRun:
         self.objective: Objective = objective(self.model, accelerator.unwrap_model(self.model),
                                               self.stream.get(0), self.args, accelerator.autocast)
         self.eval_metrics = eval_metrics
+        self.step_metrics: dict[str, float] = {}  # the last step's objective metric sums
         self.data_record = {
             "world_size": accelerator.num_processes,
             "per_device_train_batch_size": self.args.per_device_train_batch_size,
@@ -133,12 +134,13 @@ class TrainingRun:
         total = self.acc.reduce(total, "sum")
         self.model.train()
         count = total[1].clamp(min=1)
-        return {"loss": (total[0] / count).item(),
-                **{k: (total[2 + i] / count).item() for i, k in enumerate(names)}}
+        means = {k: (total[2 + i] / count).item() for i, k in enumerate(names)}
+        return {"loss": (total[0] / count).item(), **self.objective.report(means)}
 
     def train_step(self) -> tuple[float, int, int]:
         """One optimizer step; returns (mean loss, its normaliser over the step (label tokens,
-        pairs), real tokens)."""
+        pairs), real tokens). The objective's metric sums over the step (all processes) are left
+        in `self.step_metrics`."""
         gas = self.args.gradient_accumulation_steps
         first = self.state.micro_batches_seen
         micro = [{k: v.to(self.acc.device) for k, v in self.stream.get(j).items()}
@@ -148,16 +150,23 @@ class TrainingRun:
         # gradients are averaged over processes by DDP, so scale by world size
         scale = self.acc.num_processes / max(step_tokens, 1)
         loss_total = 0.0
+        names = self.objective.metrics
+        metric_sums = [0.0] * len(names)
         unwrapped = self.acc.unwrap_model(self.model)
         for i, batch in enumerate(micro):
             sync = nullcontext() if i == gas - 1 else self.acc.no_sync(self.model)
             with sync, self.acc.autocast():
-                loss_sum, _, _ = self.objective.loss(self.model, batch)
+                loss_sum, _, metrics = self.objective.loss(self.model, batch)
+                metric_sums = [total + float(metrics[k]) for total, k in zip(metric_sums, names)]
                 extra = training_hooks.training_loss(unwrapped) if i == gas - 1 else None
                 # a method's regulariser (AdapterMethod.training_loss), once per step, not logged
                 self.acc.backward(loss_sum * scale + (extra if extra is not None else 0.0))
             loss_total += loss_sum.item()
         loss_global = float(self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), "sum"))
+        if names:
+            reduced = self.acc.reduce(torch.tensor(metric_sums, device=self.acc.device, dtype=torch.float64), "sum")
+            metric_sums = reduced.tolist()
+        self.step_metrics = dict(zip(names, metric_sums))
         self._check_finite("loss", loss_global / max(step_tokens, 1))
         self.grad_norm = None
         if self.args.max_grad_norm > 0:
@@ -255,6 +264,7 @@ class TrainingRun:
 
         self.model.train()
         window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
+        window_metrics: dict[str, float] = {}  # the objective's metric sums (rewards, accuracy)
         start_step, started = self.state.global_step, time.perf_counter()
         with stop.StopSignals(self.args.overwrite_output_dir) as signals:
             while self.state.global_step < self.total_steps:
@@ -263,14 +273,18 @@ class TrainingRun:
                 window_loss += loss * tokens
                 window_tokens += tokens
                 window_real += real
+                for name, value in self.step_metrics.items():
+                    window_metrics[name] = window_metrics.get(name, 0.0) + value
                 reporter.step(step)
                 if step % args.logging_steps == 0 or step == self.total_steps:
                     seconds = time.perf_counter() - window_start
                     reporter.log_train(step, window_loss / max(window_tokens, 1),
                                        self.scheduler.get_last_lr()[0], self.state.epoch,
                                        self.grad_norm,
-                                       acc.num_processes * window_real / max(seconds, 1e-9))
-                    window_loss, window_tokens, window_real = 0.0, 0, 0
+                                       acc.num_processes * window_real / max(seconds, 1e-9),
+                                       self.objective.report({k: v / max(window_tokens, 1)
+                                                              for k, v in window_metrics.items()}))
+                    window_loss, window_tokens, window_real, window_metrics = 0.0, 0, 0, {}
                     window_start = time.perf_counter()
                 self._stop_if_asked(signals, reporter)  # Ctrl-C / SIGTERM: no eval first
                 if (has_eval and args.eval_strategy == "steps" and args.eval_steps

@@ -78,11 +78,14 @@ class Reporter:
             self.bar.update(step - self.bar.n)
 
     def log_train(self, step: int, loss: float, lr: float, epoch: float, grad_norm: float | None,
-                  tokens_per_second: float) -> None:
+                  tokens_per_second: float, metrics: dict[str, float] | None = None) -> None:
+        """`metrics`: the objective's own means over the logging window, by name, e.g.
+        {"rewards/margins": 0.3} (logged beside the loss, as TRL names them)."""
         if not self.enabled:
             return
+        extra = {name: round(value, 6) for name, value in (metrics or {}).items()}
         entry = {"current_steps": step, "total_steps": self.total_steps, "loss": round(loss, 6),
-                 "lr": lr, "epoch": round(epoch, 4),
+                 **extra, "lr": lr, "epoch": round(epoch, 4),
                  "percentage": round(100 * step / self.total_steps, 2),
                  "grad_norm": None if grad_norm is None else round(grad_norm, 6),
                  "tokens_per_second": round(tokens_per_second, 2), **self._timing(step)}
@@ -95,6 +98,8 @@ class Reporter:
             self.writer.add_scalar("train/tokens_per_second", tokens_per_second, step)
             if grad_norm is not None:
                 self.writer.add_scalar("train/grad_norm", grad_norm, step)
+            for name, value in extra.items():
+                self.writer.add_scalar(f"train/{name}", value, step)
 
     def log_eval(self, step: int, eval_loss: float, epoch: float,
                  metrics: dict[str, float] | None = None) -> None:

@@ -4,7 +4,7 @@ that `tuneforge train` runs for `stage: name`. Importing this package registers 
 from .table import (HEADS, RECORD_KINDS, STAGE_KEYS, STAGES, Objective, Stage, get_stage, register_stage,
                     stage_key, stages_help)
 from . import pt, rm, sft  # noqa: E402,F401  (each import registers its stage)
-from . import dpo  # noqa: E402,F401  (listed after sft, pt and rm)
+from . import dpo, kto  # noqa: E402,F401  (listed after sft, pt and rm)
 
 __all__ = ["HEADS", "RECORD_KINDS", "STAGE_KEYS", "STAGES", "Objective", "Stage", "get_stage",
            "register_stage", "stage_key", "stages_help"]

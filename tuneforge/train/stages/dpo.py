@@ -27,13 +27,14 @@ METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 
 PREF_BETA = stage_key(0.1, "Preference stages: beta, the strength of the preference loss (DPO's "
                       "beta, IPO's tau, ORPO's lambda, SimPO's beta; KTO's beta).", bounds="(0, inf)")
+PREF_FTX = stage_key(0.0, "Preference stages: weight of the SFT loss (per-token NLL of the chosen reply; "
+                     "kto: of each desirable reply) added to the preference loss.", bounds="[0, inf)")
 KEYS = {
     "pref_beta": PREF_BETA,
     "pref_loss": stage_key("sigmoid", "stage: dpo: the preference loss: sigmoid (DPO), ipo, hinge, orpo "
                            "or simpo (orpo and simpo need no reference model).",
                            choices=("sigmoid", "ipo", "hinge", "orpo", "simpo")),
-    "pref_ftx": stage_key(0.0, "stage: dpo: weight of the SFT loss (per-token NLL of the chosen reply) "
-                          "added to the preference loss.", bounds="[0, inf)"),
+    "pref_ftx": PREF_FTX,
     "simpo_gamma": stage_key(0.5, "stage: dpo with pref_loss: simpo: the target reward margin gamma."),
 }
 

@@ -23,6 +23,7 @@ RECORD_KINDS = {
     "conversations": "alpaca or sharegpt records: instruction/response or chat turns",
     "text": "plain text: one text per record (columns: {prompt: text}) or per line of a .txt file",
     "pairwise": "preference records (ranking: true): a prompt with a chosen and a rejected reply",
+    "kto": "feedback records (a kto_tag column): a conversation whose last reply is tagged desirable or not",
 }
 # the YAML keys stages add (stage_key(...) specs by name), filled by register_stage from each
 # Stage's `keys`; config.py makes them keys of the finetune section and config_checks refuses one
@@ -43,11 +44,20 @@ class Objective:
     sums over the same normaliser (e.g. {"accuracy": number of pairs ranked right}).
     count(batch) -> the batch's normaliser, known before the forward: the loop divides the loss
     of a whole optimizer step (all its micro-batches, all processes) by their total.
-    metrics: the names loss() returns in its metrics dict, on every batch."""
+    metrics: the names loss() returns in its metrics dict, on every batch.
+    finish(means) -> the metrics as reported, from their means over the normaliser (evaluation,
+    and the training log's window): for a metric that is not a mean over the normaliser, e.g.
+    KTO's rewards/chosen, a mean over the desirable examples only (its sum over all examples
+    divided by their share). None: the means as they are."""
 
     loss: Callable[[Any, dict], tuple[Any, int, dict]]
     count: Callable[[dict], int]
     metrics: tuple[str, ...] = ()
+    finish: Callable[[dict], dict] | None = None
+
+    def report(self, means: dict) -> dict:
+        """The metrics as logged: `finish(means)`, or the means."""
+        return self.finish(means) if self.finish is not None else means
 
 
 def _no_extra_metrics(means: dict) -> dict:

@@ -1,0 +1,176 @@
+"""stage: kto: LLaMA-Factory's kto_tag records, the mismatched rows of the KL estimate (TRL's
+rotation), the loss equal to TRL's KTOTrainer on the same log-probabilities, and a tiny run that
+separates desirable from undesirable replies."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tuneforge.adapters import disable_adapters
+from tuneforge.config import load_config
+from tuneforge.data.kto import KTO, KtoCollator
+from tuneforge.data.loader import load_datasets
+from tuneforge.errors import ConfigError, DataError
+from tuneforge.models import load_tokenizer
+from tuneforge.train.stages import get_stage
+from tuneforge.workflows import train
+
+from test_dpo import tiny_model
+
+EXAMPLES = [{"prompt_ids": [5, 6, 7], "completion_ids": [8, 9], "kto_tag": 1},
+            {"prompt_ids": [11, 12], "completion_ids": [13, 14, 15, 16], "kto_tag": 0},
+            {"prompt_ids": [18], "completion_ids": [19, 20, 21], "kto_tag": 1},
+            {"prompt_ids": [22, 23, 24, 25], "completion_ids": [26], "kto_tag": 0}]
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return KtoCollator(0, cutoff_len=64)(EXAMPLES)
+
+
+def alone(model, prompt, reply):
+    """Oracle: the reply's summed log-prob from prompt + reply alone, full logits."""
+    ids = torch.tensor([prompt + reply])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+    return logp[len(prompt) - 1:].gather(1, torch.tensor(reply)[:, None]).sum()
+
+
+def oracle(model):
+    """(logps of each example, logps of its KL row: its prompt with the previous reply)."""
+    replies = [e["completion_ids"] for e in EXAMPLES]
+    rotated = replies[-1:] + replies[:-1]
+    main = torch.stack([alone(model, e["prompt_ids"], r) for e, r in zip(EXAMPLES, replies)])
+    kl = torch.stack([alone(model, e["prompt_ids"], r) for e, r in zip(EXAMPLES, rotated)])
+    return main, kl
+
+
+def trl_kto(policy, policy_kl, ref, ref_kl, labels, beta, desirable_weight, undesirable_weight):
+    """TRL's KTOTrainer._compute_loss (and its _compute_kl_logps) on given per-sequence log-probs:
+    precomputed reference log-probs, and a model stand-in whose per-token log-probs sum to
+    `policy` (main rows) or `policy_kl` (the KL rows)."""
+    from trl import KTOTrainer
+
+    rows, length = policy.numel(), 4
+    completion = torch.zeros(rows, length, dtype=torch.long)
+    completion[:, 1] = 1
+
+    def outputs(sums):
+        per_token = torch.zeros(rows, length - 1)
+        per_token[:, 0] = sums
+        return SimpleNamespace(log_probs=per_token, entropy=torch.zeros_like(per_token),
+                               mean_logits=torch.zeros_like(per_token))
+
+    inputs = {"input_ids": torch.zeros(rows, length, dtype=torch.long),
+              "attention_mask": torch.ones(rows, length, dtype=torch.long), "completion_mask": completion,
+              "KL_input_ids": torch.ones(rows, length, dtype=torch.long),
+              "KL_attention_mask": torch.ones(rows, length, dtype=torch.long), "KL_completion_mask": completion,
+              "label": labels.bool(), "ref_logps": ref, "ref_KL_logps": ref_kl}
+
+    def model(**kwargs):
+        return outputs(policy_kl if bool(kwargs["input_ids"].any()) else policy)
+
+    accelerator = SimpleNamespace(device="cpu", gather=lambda x: x, gather_for_metrics=lambda x: x)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False,
+        calculate_KL=True, precompute_ref_logps=True, loss_type="kto", beta=beta,
+        desirable_weight=desirable_weight, undesirable_weight=undesirable_weight,
+        _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1)
+    trainer._compute_kl_logps = lambda m, b: KTOTrainer._compute_kl_logps(trainer, m, b)
+    loss = KTOTrainer._compute_loss(trainer, model, inputs, False)
+    return loss, {k: v[0] for k, v in trainer._metrics["train"].items()}
+
+
+def objective_on(model, batch, **settings):
+    values = {"pref_beta": 0.3, "pref_ftx": 0.0, "kto_chosen_weight": 1.0, "kto_rejected_weight": 1.0,
+              **settings}
+    return get_stage("kto").objective(model, model, batch, None, None, settings=values)
+
+
+def test_kl_rows_pair_each_prompt_with_the_previous_reply(batch):
+    assert batch["kl_input_ids"][0, :5].tolist() == [5, 6, 7, 26, 0]
+    assert batch["kl_input_ids"][1].tolist()[:5] == [11, 12, 8, 9, 0]
+    assert batch["kl_labels"][1].tolist()[:5] == [-100, -100, 8, 9, -100]
+    assert batch["labels"][0].tolist()[:5] == [-100, -100, -100, 8, 9]
+    assert batch["kto_tag"].tolist() == [1, 0, 1, 0]
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.5, 0.5)])
+def test_loss_equals_trl_kto(tiny_model_dir, batch, weights):
+    model = tiny_model(tiny_model_dir)
+    got, n, metrics = objective_on(model, batch, kto_chosen_weight=weights[0],
+                                   kto_rejected_weight=weights[1]).loss(model, batch)
+    policy, policy_kl = oracle(model)
+    with disable_adapters(model):
+        ref, ref_kl = oracle(model)
+    want, trl_metrics = trl_kto(policy, policy_kl, ref, ref_kl, batch["kto_tag"], 0.3, *weights)
+    assert n == 4
+    torch.testing.assert_close(got / n, want, rtol=1e-4, atol=1e-5)
+    # the objective's finish step turns the sums into TRL's per-class means
+    means = objective_on(model, batch).report({k: v / n for k, v in metrics.items()})
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl"):
+        assert means[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-5), name
+
+
+def test_one_example_per_micro_batch_is_refused(tiny_model_dir):
+    model = tiny_model(tiny_model_dir)
+    with pytest.raises(ConfigError, match="set per_device_train_batch_size to 2 or more"):
+        objective_on(model, KtoCollator(0, 64)(EXAMPLES[:1]))
+
+
+def test_kto_en_demo_loads_and_tags_must_be_booleans(tiny_model_dir, shared_data_dir, tmp_path):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    data = load_config(None, {"stage": "kto", "dataset": "kto_en_demo", "dataset_dir": str(shared_data_dir),
+                              "cutoff_len": 128, "max_samples": 20}).data
+    examples = load_datasets(data, tokenizer, kind=KTO).train
+    assert len(examples) == 20 and {e["kto_tag"] for e in examples} == {0, 1}
+    assert all(e["completion_ids"] and len(e["prompt_ids"]) + len(e["completion_ids"]) <= 128 for e in examples)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "f.json").write_text(json.dumps([{"instruction": "Hi", "output": "Hello", "tag": "yes"}]))
+    (folder / "dataset_info.json").write_text(json.dumps({"f": {"file_name": "f.json",
+                                                                "columns": {"kto_tag": "tag"}}}))
+    bad = load_config(None, {"stage": "kto", "dataset": "f", "dataset_dir": str(folder)}).data
+    with pytest.raises(DataError, match="column 'tag' \\(kto_tag\\) holds .*not true or false"):
+        load_datasets(bad, tokenizer, kind=KTO)
+
+
+def test_stage_and_data_mismatches_are_named(tiny_model_dir, shared_data_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+
+    def data(stage, name):
+        return load_config(None, {"stage": stage, "dataset": name, "dataset_dir": str(shared_data_dir)}).data
+    with pytest.raises(DataError, match="is KTO data .*it needs stage: kto; set stage: kto, or pick an SFT"):
+        get_stage("sft").encode(data("sft", "kto_en_demo"), tokenizer, 0)
+    with pytest.raises(DataError, match="is not KTO data \\(no kto_tag in its columns\\)"):
+        get_stage("kto").encode(data("kto", "identity"), tokenizer, 0)
+    with pytest.raises(ConfigError, match="config key 'kto_chosen_weight' is read by stage: kto"):
+        load_config(None, {"stage": "dpo", "kto_chosen_weight": 2.0})
+
+
+def test_a_tiny_run_separates_desirable_from_undesirable_replies(tiny_model_dir, tmp_path):
+    polite = ["Thank you, here it is.", "Gladly, happy to help.", "Sure, with pleasure.", "Of course, friend."]
+    rude = ["Go away now.", "Stop asking me.", "Leave me alone.", "Not my problem."]
+    records = [{"instruction": f"Question number {i}?", "output": (polite if i % 2 else rude)[i // 2 % 4],
+                "tag": bool(i % 2)} for i in range(48)]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "fb.json").write_text(json.dumps(records))
+    (folder / "dataset_info.json").write_text(json.dumps({"fb": {"file_name": "fb.json",
+                                                                 "columns": {"kto_tag": "tag"}}}))
+    out = tmp_path / "kto"
+    results = train(load_config(None, {
+        "stage": "kto", "model_name_or_path": str(tiny_model_dir), "dataset": "fb", "dataset_dir": str(folder),
+        "cutoff_len": 64, "val_size": 8, "output_dir": str(out), "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 1, "learning_rate": 5e-3, "max_steps": 12, "logging_steps": 4,
+        "disable_tqdm": True, "bf16": False, "save_steps": 6, "pref_beta": 0.5}))
+    assert results["eval_loss_before"] == pytest.approx(0.5, abs=1e-3)  # 1 - sigmoid(0) at the start
+    assert results["eval_rewards/margins"] > 0.5 > abs(results["eval_rewards/margins_before"])
+    assert results["eval_loss"] < results["eval_loss_before"]
+    log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    assert [e["current_steps"] for e in log if "rewards/margins" in e] == [4, 8, 12]

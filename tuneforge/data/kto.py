@@ -1,0 +1,118 @@
+"""KTO records (LLaMA-Factory's `kto_tag` column) for stage: kto: a conversation ending on an
+assistant reply (sharegpt messages, or alpaca instruction / input / output) and a tag saying
+whether that reply is desirable (true) or undesirable (false).
+
+Each record becomes {"prompt_ids", "completion_ids", "kto_tag"}: the prompt rendered with the
+chat template up to the last reply, then the reply as the template renders it (EOS added where
+the template does not end replies with it), within cutoff_len by LLaMA-Factory's rule (the
+budget is split between prompt and reply). KtoCollator batches them with their labels on the
+reply tokens and, for the KL estimate, the mismatched rows TRL builds: the prompt of example i
+with the reply of example i - 1 of the same batch (the replies rotated by one)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .encode import IGNORE_INDEX, render_turns, split_budget
+from .formats import (Conversation, _check_alpaca_columns, _check_columns, _from_alpaca, _from_sharegpt,
+                      _refuse, convert_records)
+from .issues import describe_value
+from .loader import RecordKind
+from .pairwise import pad_rows
+from .readers import Records
+from .registry import DatasetEntry
+from .templates import template_text
+
+USABLE = "a conversation ending on a non-empty assistant reply, with a kto_tag"
+
+
+@dataclass
+class Feedback:
+    conversation: Conversation  # ends on the assistant reply that is judged
+    desirable: bool
+
+
+def to_feedback(entry: DatasetEntry, records: Records, indices: list[int] | None = None) -> list[Feedback]:
+    """The records (those at `indices`, in that order, when given) as tagged conversations.
+
+    Raises DataError for a missing column, a value of the wrong type (a kto_tag that is not
+    true or false), or when no record is usable."""
+    if entry.formatting == "alpaca":
+        _check_alpaca_columns(entry, records)
+        convert = _from_alpaca
+    else:
+        _check_columns(entry, records, ["messages"])
+        convert = _from_sharegpt
+    _check_columns(entry, records, ["kto_tag"])
+    column = entry.column("kto_tag")
+
+    def feedback(entry: DatasetEntry, record: dict, where: str) -> Feedback:
+        tag = record[column]
+        if not isinstance(tag, bool):
+            raise _refuse(entry, where, f"column {column!r} (kto_tag) holds {describe_value(tag)}, not true "
+                          "or false", "write true for a desirable reply, false for an undesirable one")
+        return Feedback(convert(entry, record, where), tag)
+
+    return convert_records(entry, records, indices, feedback, USABLE)
+
+
+def encode_feedback(items: list[Feedback], data_args, tokenizer) -> list[dict]:
+    """{"prompt_ids", "completion_ids", "kto_tag"} per record (see the module's docstring)."""
+    cutoff_len = getattr(data_args, "cutoff_len", 2048)
+    tools_in_template = "tools" in template_text(tokenizer, tools=[])
+    texts = []
+    for item in items:
+        turns = render_turns(tokenizer, item.conversation, tools_in_template)
+        history = "".join(t.prompt + t.answer + t.tail for t in turns[:-1])
+        texts.append((history + turns[-1].prompt, turns[-1].answer, turns[-1].tail))
+    pieces = [piece for text in texts for piece in text]
+    ids = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    examples = []
+    for i, item in enumerate(items):
+        prompt, answer, tail = ids[3 * i], ids[3 * i + 1], ids[3 * i + 2]
+        if eos_id is not None and eos_text and eos_text not in texts[i][1]:
+            answer = answer + [eos_id]
+        reply = answer + tail
+        keep_prompt, keep_reply = split_budget(len(prompt), len(reply), cutoff_len)
+        examples.append({"prompt_ids": prompt[:keep_prompt], "completion_ids": reply[:keep_reply],
+                         "kto_tag": int(item.desirable)})
+    return examples
+
+
+class KtoCollator:
+    """Examples -> one right-padded batch: input_ids, attention_mask, labels (the reply tokens)
+    of each prompt + reply; kto_tag (1 desirable, 0 not); and kl_input_ids, kl_attention_mask,
+    kl_labels: prompt i + reply i - 1 (cyclic), within cutoff_len, for the KL estimate."""
+
+    def __init__(self, pad_token_id: int, cutoff_len: int):
+        if pad_token_id is None:
+            raise ValueError("pad_token_id is None: give the tokenizer a pad token (e.g. its eos token)")
+        self.pad_token_id, self.cutoff_len = pad_token_id, cutoff_len
+
+    def _rows(self, prompts: list[list[int]], replies: list[list[int]], prefix: str) -> dict:
+        rows, starts = [], []
+        for prompt, reply in zip(prompts, replies):
+            keep_prompt, keep_reply = split_budget(len(prompt), len(reply), self.cutoff_len)
+            rows.append(prompt[:keep_prompt] + reply[:keep_reply])
+            starts.append(keep_prompt)
+        batch = pad_rows(rows, self.pad_token_id)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
+        for i, start in enumerate(starts):
+            labels[i, :start] = IGNORE_INDEX
+        return {f"{prefix}input_ids": batch["input_ids"], f"{prefix}attention_mask": batch["attention_mask"],
+                f"{prefix}labels": labels}
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        if not examples:
+            raise ValueError("cannot collate an empty list of examples")
+        prompts = [e["prompt_ids"] for e in examples]
+        replies = [e["completion_ids"] for e in examples]
+        rotated = replies[-1:] + replies[:-1]
+        return {**self._rows(prompts, replies, ""), **self._rows(prompts, rotated, "kl_"),
+                "kto_tag": torch.tensor([e["kto_tag"] for e in examples], dtype=torch.long)}
+
+
+KTO = RecordKind("kto", to_feedback, encode_feedback)

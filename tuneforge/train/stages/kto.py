@@ -1,0 +1,141 @@
+"""stage: kto, Kahneman-Tversky optimisation (Ethayarajh et al. 2024) as LLaMA-Factory and TRL
+run it, on feedback records (a `kto_tag` column, data/kto.py): single replies tagged desirable
+or undesirable, no pairs.
+
+Per example, the log-ratio of its reply (policy minus reference log-probability, summed over the
+reply tokens); the reference is the model with its adapters disabled (a frozen copy for full /
+freeze fine-tuning, as in stage: dpo). The KL term z_0 is estimated per micro-batch from
+mismatched rows, the prompt of example i with the reply of example i - 1 (TRL's rotation): the
+mean of their policy-minus-reference log-ratios, without gradient, clamped at 0. Desirable
+replies lose kto_chosen_weight x (1 - sigmoid(beta (r - z_0))), undesirable ones
+kto_rejected_weight x (1 - sigmoid(beta (z_0 - r))) (train/pref_losses.kto); pref_ftx adds the
+per-token NLL of desirable replies. The loss is summed over examples (count = examples).
+
+Metrics (TRL's names): rewards/chosen and logps/chosen are means over the desirable examples,
+rewards/rejected and logps/rejected over the undesirable ones, rewards/margins their difference,
+kl the mean KL estimate."""
+
+from __future__ import annotations
+
+from .dpo import PREF_BETA, PREF_FTX, reference_logps
+from .table import Objective, Stage, register_stage, stage_key
+
+SUMS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl", "count/chosen",
+        "count/rejected")
+KEYS = {
+    "pref_beta": PREF_BETA,
+    "pref_ftx": PREF_FTX,
+    "kto_chosen_weight": stage_key(1.0, "stage: kto: weight of the loss of desirable replies (kto_tag true).",
+                                   bounds="(0, inf)"),
+    "kto_rejected_weight": stage_key(1.0, "stage: kto: weight of the loss of undesirable replies (kto_tag "
+                                     "false).", bounds="(0, inf)"),
+}
+
+
+def encode(data_args, tokenizer, seed: int):
+    """Feedback records -> {"prompt_ids", "completion_ids", "kto_tag"} examples; sets the chat
+    template. Raises DataError, ConfigError."""
+    from ...data.kto import KTO
+    from ...data.loader import load_datasets
+
+    return load_datasets(data_args, tokenizer, seed=seed, kind=KTO)
+
+
+def collator(data_args, model, tokenizer):
+    from ...data.kto import KtoCollator
+    from ..packing import CollatorChoice
+
+    return CollatorChoice(KtoCollator(tokenizer.pad_token_id, data_args.cutoff_len), None, lambda: None)
+
+
+def example_count(batch: dict) -> int:
+    return batch["input_ids"].size(0)
+
+
+def _rows(batch: dict, prefix: str = "") -> dict:
+    return {k: batch[f"{prefix}{k}"] for k in ("input_ids", "attention_mask", "labels")}
+
+
+def _stacked(a: dict, b: dict) -> dict:
+    """Two right-padded row sets (input_ids, attention_mask, labels) as one, padded to the
+    wider (the padding is masked and unlabelled, so its id does not matter)."""
+    import torch
+    import torch.nn.functional as F
+
+    width = max(a["input_ids"].size(1), b["input_ids"].size(1))
+    fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+    return {k: torch.cat([F.pad(rows[k], (0, width - rows[k].size(1)), value=value) for rows in (a, b)])
+            for k, value in fill.items()}
+
+
+def finish(means: dict) -> dict:
+    """Means over all examples -> TRL's per-class means (a class absent: not reported)."""
+    out = {"kl": means["kl"]}
+    for side in ("chosen", "rejected"):
+        share = means[f"count/{side}"]
+        if share > 0:
+            out[f"rewards/{side}"] = means[f"rewards/{side}"] / share
+            out[f"logps/{side}"] = means[f"logps/{side}"] / share
+    if "rewards/chosen" in out and "rewards/rejected" in out:
+        out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+    return out
+
+
+def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
+                  settings: dict) -> Objective:
+    """The KTO loss summed over the batch's examples (see the module's docstring). Raises
+    ConfigError when micro-batches hold one example (no mismatched pair to estimate KL from)."""
+    from contextlib import nullcontext
+
+    import torch
+
+    from ...errors import ConfigError
+    from .. import pref_losses
+    from ..logps import head_only_at_labels, reply_logps
+
+    if example_count(sample_batch) < 2:
+        raise ConfigError("stage: kto estimates its KL term from mismatched prompts and replies within a "
+                          "micro-batch; set per_device_train_batch_size to 2 or more")
+    beta, ftx = settings["pref_beta"], settings["pref_ftx"]
+    weights = settings["kto_chosen_weight"], settings["kto_rejected_weight"]
+    head_at_labels = head_only_at_labels(unwrapped, sample_batch, autocast or nullcontext)
+    reference = reference_logps(unwrapped, head_at_labels)
+
+    def loss(run_model, batch: dict):
+        n = example_count(batch)
+        main, mismatched = _rows(batch), _rows(batch, "kl_")
+        logps, counts = reply_logps(run_model, unwrapped, main, head_at_labels)
+        with torch.no_grad():
+            kl_logps, _ = reply_logps(unwrapped, unwrapped, mismatched, head_at_labels)
+        ref, _ = reference(_stacked(main, mismatched))
+        kl = (kl_logps - ref[n:]).mean()
+        ratios = logps - ref[:n]
+        desirable = batch["kto_tag"].bool()
+        losses = pref_losses.kto(ratios, desirable, kl, beta, *weights)
+        if ftx:
+            losses = losses - ftx * torch.where(desirable, logps / counts.clamp(min=1), 0.0)
+        rewards = beta * ratios.detach()
+        chosen, rejected = desirable, ~desirable
+        metrics = {"rewards/chosen": rewards[chosen].sum().item(),
+                   "rewards/rejected": rewards[rejected].sum().item(),
+                   "logps/chosen": logps.detach()[chosen].sum().item(),
+                   "logps/rejected": logps.detach()[rejected].sum().item(),
+                   "kl": kl.clamp(min=0).item() * n,
+                   "count/chosen": int(chosen.sum()), "count/rejected": int(rejected.sum())}
+        return losses.sum(), n, metrics
+
+    return Objective(loss, example_count, SUMS, finish)
+
+
+register_stage(Stage(
+    name="kto",
+    help="KTO on feedback records (a kto_tag column): desirable and undesirable replies against the "
+         "model with adapters disabled, the KL term from mismatched prompt/reply pairs",
+    records="kto",
+    encode=encode,
+    collator=collator,
+    objective=kto_objective,
+    needs_reference=True,
+    packing=False,
+    keys=KEYS,
+))
