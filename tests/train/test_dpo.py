@@ -276,3 +276,14 @@ def test_sigmoid_loss_is_log_two_with_an_untrained_adapter(tiny_model_dir, batch
     loss_sum, n, metrics = objective_on(model, batch).loss(model, batch)
     torch.testing.assert_close(loss_sum / n, -F.logsigmoid(torch.tensor(0.0)))
     assert metrics["rewards/accuracies"] == 0
+
+
+def test_the_loss_is_a_sum_over_pairs_so_accumulation_equals_one_big_batch(tiny_model_dir, batch):
+    model = tiny_model(tiny_model_dir)
+    objective = objective_on(model, batch, pref_ftx=0.3)
+    whole, n, metrics = objective.loss(model, batch)
+    parts = [objective.loss(model, PairwiseCollator(0)([e])) for e in EXAMPLES]
+    assert n == objective.count(batch) == sum(p[1] for p in parts) == 3
+    torch.testing.assert_close(whole, sum(p[0] for p in parts), rtol=1e-4, atol=1e-5)
+    for name, value in metrics.items():
+        assert value == pytest.approx(sum(p[2][name] for p in parts), rel=1e-4, abs=1e-5), name
