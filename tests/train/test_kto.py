@@ -22,10 +22,9 @@ from tuneforge.workflows import train
 
 from test_dpo import tiny_model
 
-EXAMPLES = [{"prompt_ids": [5, 6, 7], "completion_ids": [8, 9], "kto_tag": 1},
-            {"prompt_ids": [11, 12], "completion_ids": [13, 14, 15, 16], "kto_tag": 0},
-            {"prompt_ids": [18], "completion_ids": [19, 20, 21], "kto_tag": 1},
-            {"prompt_ids": [22, 23, 24, 25], "completion_ids": [26], "kto_tag": 0}]
+PARTS = [([5, 6, 7], [8, 9], 1), ([11, 12], [13, 14, 15, 16], 0), ([18], [19, 20, 21], 1),
+         ([22, 23, 24, 25], [26], 0)]  # (prompt, reply, kto_tag)
+EXAMPLES = [{"input_ids": p + r, "prompt_len": len(p), "kto_tag": t} for p, r, t in PARTS]
 
 
 @pytest.fixture(scope="module")
@@ -43,10 +42,10 @@ def alone(model, prompt, reply):
 
 def oracle(model):
     """(logps of each example, logps of its KL row: its prompt with the previous reply)."""
-    replies = [e["completion_ids"] for e in EXAMPLES]
+    prompts, replies = [p for p, _, _ in PARTS], [r for _, r, _ in PARTS]
     rotated = replies[-1:] + replies[:-1]
-    main = torch.stack([alone(model, e["prompt_ids"], r) for e, r in zip(EXAMPLES, replies)])
-    kl = torch.stack([alone(model, e["prompt_ids"], r) for e, r in zip(EXAMPLES, rotated)])
+    main = torch.stack([alone(model, p, r) for p, r in zip(prompts, replies)])
+    kl = torch.stack([alone(model, p, r) for p, r in zip(prompts, rotated)])
     return main, kl
 
 
@@ -129,7 +128,7 @@ def test_kto_en_demo_loads_and_tags_must_be_booleans(tiny_model_dir, shared_data
                               "cutoff_len": 128, "max_samples": 20}).data
     examples = load_datasets(data, tokenizer, kind=KTO).train
     assert len(examples) == 20 and {e["kto_tag"] for e in examples} == {0, 1}
-    assert all(e["completion_ids"] and len(e["prompt_ids"]) + len(e["completion_ids"]) <= 128 for e in examples)
+    assert all(0 < e["prompt_len"] < len(e["input_ids"]) <= 128 for e in examples)
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "f.json").write_text(json.dumps([{"instruction": "Hi", "output": "Hello", "tag": "yes"}]))

@@ -2,10 +2,10 @@
 assistant reply (sharegpt messages, or alpaca instruction / input / output) and a tag saying
 whether that reply is desirable (true) or undesirable (false).
 
-Each record becomes {"prompt_ids", "completion_ids", "kto_tag"}: the prompt rendered with the
-chat template up to the last reply, then the reply as the template renders it (EOS added where
-the template does not end replies with it), within cutoff_len by LLaMA-Factory's rule (the
-budget is split between prompt and reply). KtoCollator batches them with their labels on the
+Each record becomes {"input_ids", "prompt_len", "kto_tag"}: the prompt rendered with the chat
+template up to the last reply (its first prompt_len tokens), then the reply as the template
+renders it (EOS added where the template does not end replies with it), within cutoff_len by
+LLaMA-Factory's rule (the budget is split between prompt and reply). KtoCollator batches them with their labels on the
 reply tokens and, for the KL estimate, the mismatched rows TRL builds: the prompt of example i
 with the reply of example i - 1 of the same batch (the replies rotated by one)."""
 
@@ -59,7 +59,7 @@ def to_feedback(entry: DatasetEntry, records: Records, indices: list[int] | None
 
 
 def encode_feedback(items: list[Feedback], data_args, tokenizer) -> list[dict]:
-    """{"prompt_ids", "completion_ids", "kto_tag"} per record (see the module's docstring)."""
+    """{"input_ids", "prompt_len", "kto_tag"} per record (see the module's docstring)."""
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
     tools_in_template = "tools" in template_text(tokenizer, tools=[])
     texts = []
@@ -77,7 +77,7 @@ def encode_feedback(items: list[Feedback], data_args, tokenizer) -> list[dict]:
             answer = answer + [eos_id]
         reply = answer + tail
         keep_prompt, keep_reply = split_budget(len(prompt), len(reply), cutoff_len)
-        examples.append({"prompt_ids": prompt[:keep_prompt], "completion_ids": reply[:keep_reply],
+        examples.append({"input_ids": prompt[:keep_prompt] + reply[:keep_reply], "prompt_len": keep_prompt,
                          "kto_tag": int(item.desirable)})
     return examples
 
@@ -108,8 +108,8 @@ class KtoCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
-        prompts = [e["prompt_ids"] for e in examples]
-        replies = [e["completion_ids"] for e in examples]
+        prompts = [e["input_ids"][:e["prompt_len"]] for e in examples]
+        replies = [e["input_ids"][e["prompt_len"]:] for e in examples]
         rotated = replies[-1:] + replies[:-1]
         return {**self._rows(prompts, replies, ""), **self._rows(prompts, rotated, "kl_"),
                 "kto_tag": torch.tensor([e["kto_tag"] for e in examples], dtype=torch.long)}

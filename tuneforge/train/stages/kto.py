@@ -33,7 +33,7 @@ KEYS = {
 
 
 def encode(data_args, tokenizer, seed: int):
-    """Feedback records -> {"prompt_ids", "completion_ids", "kto_tag"} examples; sets the chat
+    """Feedback records -> {"input_ids", "prompt_len", "kto_tag"} examples; sets the chat
     template. Raises DataError, ConfigError."""
     from ...data.kto import KTO
     from ...data.loader import load_datasets
