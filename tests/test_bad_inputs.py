@@ -12,8 +12,9 @@ A case folder holds the files of one bad input and a `case.yaml`:
 stand for the shared (read-only) tiny model folder and ../shared/data. In `error` only, lists that
 grow with every registered adapter method are written as placeholders, so a new method does not
 rewrite every case that prints one: `{finetuning_types}` (the finetuning_type choices, "a, b, c"),
-`{quantized_base}` (adapter_methods.QUANTIZED_BASE, "a, b or c") and `{readers:KEY}` (the
-registered methods whose keys include KEY, "a, b or c"). The run must exit with the
+`{quantized_base}` (adapter_methods.QUANTIZED_BASE, "a, b or c"), `{readers:KEY}` (the
+registered methods whose keys include KEY, "a, b or c") and `{declared:KEY}` (the methods
+adapter_methods.METHOD_KEYS declares for KEY, "a, b or c"). The run must exit with the
 given code, print exactly one `tuneforge: error:` line, no traceback, and leave every file in the
 folder as it was (nothing added, removed or changed).
 """
@@ -32,7 +33,7 @@ import pytest
 import yaml
 
 from tuneforge import adapters
-from tuneforge.adapter_methods import QUANTIZED_BASE
+from tuneforge.adapter_methods import METHOD_KEYS, QUANTIZED_BASE
 from tuneforge.cli import main
 from tuneforge.config import FinetuningArguments
 
@@ -70,6 +71,7 @@ def _expected_error(text: str) -> str:
     choices = next(f for f in dataclasses.fields(FinetuningArguments) if f.name == "finetuning_type")
     text = text.replace("{finetuning_types}", ", ".join(choices.metadata["choices"]))
     text = text.replace("{quantized_base}", _either(QUANTIZED_BASE))
+    text = re.sub(r"\{declared:(\w+)\}", lambda m: _either(METHOD_KEYS[m.group(1)]["methods"]), text)
     return re.sub(r"\{readers:(\w+)\}",
                   lambda m: _either(x.name for x in adapters.methods.all_methods() if m.group(1) in x.keys), text)
 

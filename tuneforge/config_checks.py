@@ -130,6 +130,11 @@ def _validate_lora_variants(cfg) -> None:
         raise ConfigError("config key 'pissa_init' starts a new adapter, but adapter_name_or_path "
                           "continues training an existing one; set create_new_adapter: true (the "
                           "listed adapters are then merged first) or drop pissa_init")
+    rank_keys = [k for k in ("lora_rank_pattern", "lora_rank_schedule", "lora_rank_levels") if getattr(ft, k)]
+    if rank_keys and model.adapter_name_or_path and not ft.create_new_adapter:
+        raise ConfigError(f"config key '{rank_keys[0]}' sets the ranks of a new adapter, but adapter_name_or_path "
+                          "continues training an existing one (its ranks are in its adapter_config.json); set "
+                          f"create_new_adapter: true (the listed adapters are then merged first) or drop {rank_keys[0]}")
     if ft.loraplus_lr_ratio is not None and ft.loraplus_lr_ratio <= 0:
         raise ConfigError(f"config key 'loraplus_lr_ratio' must be positive (e.g. 16); "
                           f"got {ft.loraplus_lr_ratio}")
