@@ -84,6 +84,13 @@ class AdapterMethod:
     step while the adapter trains, after `optimizer.step()` and before the gradients are cleared
     (`step` counts from 1 to `total_steps`); for methods that change their own structure while
     training (AdaLoRA's rank allocator)."""
+    training_state: Callable[[Any, str, Any], dict] | None = None
+    """(model, adapter name, config) -> {key: tensor} of state the method keeps while training outside
+    its parameters (AdaLoRA's importance scores and kept-rank masks): every checkpoint saves it
+    (adapter_training_state.safetensors), so a resumed run continues as the uninterrupted one."""
+    load_training_state: Callable[[Any, str, Any, dict], None] | None = None
+    """(model, adapter name, config, {key: tensor} as `training_state` gave) -> None: put it back when
+    a run resumes from a checkpoint; CheckpointError (one line) for state that does not fit."""
     cannot_merge: Callable[[Any], str | None] | None = None
     """(config) -> why adapters of this method can never be merged into the weights (a nonlinearity,
     extra tokens), or None. `tuneforge export` asks it before loading anything; a layer's own

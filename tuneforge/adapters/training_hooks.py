@@ -1,6 +1,6 @@
 """What the training loop asks of the adapters it trains, whatever their method: the methods'
-`training_loss` and `after_step` hooks (methods.py), run for every adapter on the model that has
-a trainable parameter. A model without adapters, or whose methods give neither hook, costs a scan
+`training_loss`, `after_step` and `training_state` / `load_training_state` hooks (methods.py), run
+for every adapter on the model that has a trainable parameter. A model without adapters, or whose methods give neither hook, costs a scan
 of its adapter layers per step and nothing else."""
 
 from __future__ import annotations
@@ -39,3 +39,22 @@ def after_step(model: nn.Module, step: int, total_steps: int) -> None:
     """Run every trained adapter's `after_step(model, name, config, step, total_steps)`."""
     for owner, name, cfg, m in _trained(model, "after_step"):
         m.after_step(owner, name, cfg, step, total_steps)
+
+
+_SEP = "::"  # adapter name :: the method's own key, in a checkpoint's adapter_training_state file
+
+
+def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trained adapter's `training_state`, keyed '<adapter name>::<its key>' ({} when none)."""
+    return {f"{name}{_SEP}{key}": tensor.detach().contiguous()
+            for owner, name, cfg, m in _trained(model, "training_state")
+            for key, tensor in m.training_state(owner, name, cfg).items()}
+
+
+def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each trained adapter whose method has `load_training_state` its part of `tensors` (as
+    `training_state` wrote them)."""
+    for owner, name, cfg, m in _trained(model, "load_training_state"):
+        prefix = name + _SEP
+        m.load_training_state(owner, name, cfg, {k[len(prefix):]: v for k, v in tensors.items()
+                                                 if k.startswith(prefix)})
