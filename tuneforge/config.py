@@ -266,7 +266,7 @@ class ExportArguments:
         None, "Requantize the merged weights to 4 (nf4) or 8 bits and save them in tuneforge's "
         "quantized format (load with tuneforge.quant.load_quantized); the error is printed.", (4, 8))
     export_format: str = _f(
-        "hf", "hf: a Hugging Face folder; gguf: one .gguf file for llama.cpp / Ollama (Llama, Mistral, "
+        "hf", "hf: a Hugging Face folder (with an Ollama Modelfile, FROM .); gguf: one .gguf file for llama.cpp / Ollama (Llama, Mistral, "
         "Qwen2, Qwen3) with an Ollama Modelfile beside it, in export_dir; adapter: the adapters of "
         "adapter_name_or_path unmerged, in peft's format (for methods that cannot merge).",
         ("hf", "gguf", "adapter"))

@@ -103,6 +103,7 @@ def export_model(cfg) -> Path:
     with staged(target, "hf") as folder:
         model.save_pretrained(folder, max_shard_size=int(cfg.export.export_size * 10**9))
         tokenizer.save_pretrained(folder)
+        write_modelfile(folder, None, tokenizer, cfg.generate.default_system)  # `ollama create` from it
     return target.shown
 
 
