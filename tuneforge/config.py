@@ -62,6 +62,10 @@ class ModelArguments:
         "auto", "Weights dtype for chat/inference: auto (bf16 where the CPU or GPU computes it fast, "
         "else fp32; detected on each machine), "
         "float32, bfloat16 or float16.", ("auto", "float32", "bfloat16", "float16"))
+    flash_attn: str = _f(
+        "auto", "Attention kernels, LLaMA-Factory's key: auto (transformers' choice, sdpa where the model has "
+        "it), disabled (eager), sdpa, fa2 / fa3 (FlashAttention 2 / 3: a CUDA GPU and the flash-attn package).",
+        ("auto", "disabled", "sdpa", "fa2", "fa3"))
     quantization_bit: Optional[int] = _f(
         None, "Store the frozen base Linear weights in 4 or 8 bits (QLoRA). Empty: no quantization.",
         (4, 8))
@@ -316,7 +320,7 @@ SECTIONS = {
 # Keys of LLaMA-Factory that tuneforge knows but does not implement yet: a clear
 # "not supported yet" beats an "unknown key" that suggests a typo.
 NOT_YET_SUPPORTED = {
-    "deepspeed", "flash_attn", "use_unsloth", "rope_scaling",
+    "deepspeed", "use_unsloth", "rope_scaling",
     "pref_beta", "pref_loss",
 }
 

@@ -290,7 +290,7 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
         model, loading_info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype="auto" if qcfg is not None else torch_dtype,
             trust_remote_code=model_args.trust_remote_code, output_loading_info=True,
-            ignore_mismatched_sizes=True)
+            ignore_mismatched_sizes=True, **attention_choice(getattr(model_args, "flash_attn", "auto")))
     except Exception as exc:
         error = _load_failure(path, weights, exc, model_args.trust_remote_code)
         if error is None:
@@ -307,6 +307,26 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
             quantize_model(model, config=qcfg)
             cast_unquantized(model, torch_dtype)  # the layers left in full precision
     return model, tokenizer
+
+
+_ATTENTION = {"disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2", "fa3": "flash_attention_3"}
+_FLASH_PACKAGE = {"fa2": "flash_attn", "fa3": "flash_attn_interface"}
+
+
+def attention_choice(flash_attn: str | None) -> dict:
+    """from_pretrained's attn_implementation for LLaMA-Factory's `flash_attn` key ({} for auto).
+    Raises ConfigError for fa2 / fa3 without a CUDA device or without their package."""
+    if not flash_attn or flash_attn == "auto":
+        return {}
+    package = _FLASH_PACKAGE.get(flash_attn)
+    if package is not None:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"flash_attn: {flash_attn} (FlashAttention) runs on CUDA GPUs only and none is visible; "
+                              "use flash_attn: auto or sdpa")
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"flash_attn: {flash_attn} needs the {package} package (pip install flash-attn); "
+                              "use flash_attn: auto or sdpa")
+    return {"attn_implementation": _ATTENTION[flash_attn]}
 
 
 def _load_failure(path: Path, weights: list[Path], exc: Exception,
