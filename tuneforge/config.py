@@ -200,6 +200,12 @@ class TrainingArguments:
          "polynomial", "inverse_sqrt"))
     warmup_ratio: float = _f(0.0, "Fraction of the steps spent warming the learning rate up.", bounds="[0, 1]")
     warmup_steps: int = _f(0, "Warmup steps; overrides warmup_ratio when > 0.", bounds="[0, inf)")
+    optim: str = _f(
+        "adamw_torch", "Optimizer, by transformers' names (its Trainer builds the same one): adamw_torch, "
+        "adamw_torch_fused, sgd, adagrad, rmsprop, adafactor; with bitsandbytes adamw_8bit, paged_adamw_8bit, "
+        "paged_adamw_32bit, lion_8bit, lion_32bit, ademamix, rmsprop_bnb, ...; settings in optim_args.")
+    optim_args: Optional[str] = _f(
+        None, "Extra optimizer settings as transformers reads them: 'momentum=0.9,nesterov=True'.")
     weight_decay: float = _f(0.0, "AdamW weight decay.", bounds="[0, inf)")
     adam_beta1: float = _f(0.9, "AdamW beta1.", bounds="[0, 1)")
     adam_beta2: float = _f(0.999, "AdamW beta2.", bounds="[0, 1)")
