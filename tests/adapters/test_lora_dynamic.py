@@ -162,6 +162,20 @@ def test_rslora_scales_by_the_root_of_the_rank(tmp_path):
     assert (config["r"], config["use_rslora"]) == (4, True)
 
 
+def test_active_beside_a_plain_lora_on_the_same_layers_it_adds_its_rank_k_update():
+    model = _dynamic("llama")
+    add_adapter(model, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["llama"], init_lora_weights=False), "p")
+    set_dynamic_rank(model, 3, "dyn")
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    x = torch.randn(3, layer.in_features)
+    A, B = layer.lora_A["dyn"].detach()[:3], layer.lora_B["dyn"].detach()[:, :3]
+    pA, pB = layer.lora_A["p"].detach(), layer.lora_B["p"].detach()
+    layer.set_active(("p", "dyn"))
+    with torch.no_grad():
+        expected = x @ layer.weight.T + (x @ pA.T @ pB.T) * 2.0 + (x @ A.T @ B.T) * 12 / 3
+        torch.testing.assert_close(layer(x), expected)
+
+
 @pytest.mark.parametrize("kind", ["llama", "gpt2"])
 def test_merge_at_the_rank_in_use_is_exact_and_unmerge_restores(kind):
     model = _dynamic(kind)
