@@ -20,6 +20,8 @@ METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
     "lora_ensemble": ("lora_ensemble", "train several LoRAs of different ranks on the same layers jointly, "
                       "weights fixed or learned (saved as the one plain LoRA they sum to)"),
+    "lora_dynamic": ("lora_dynamic", "train a Dynamic LoRA (DyLoRA): nested ranks grown min -> max on a schedule, "
+                     "so the adapter runs at any rank up to max (saved as a plain LoRA at the rank chosen)"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
     "loha": ("loha", "train low-rank Hadamard-product updates (LyCORIS LoHa, peft LoHaConfig)"),
     "lokr": ("lokr", "train Kronecker-product updates (LyCORIS LoKr, peft LoKrConfig)"),
@@ -50,7 +52,8 @@ METHODS = {
 # only read the base; bottleneck: its own small projections after or beside a block; mam: both;
 # unipelt: gated LoRA over QuantLinear, a prefix and adapters after blocks).
 # config_checks refuses quantization_bit for the others.
-QUANTIZED_BASE = ("lora", "lora_ensemble", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
+QUANTIZED_BASE = ("lora", "lora_ensemble", "lora_dynamic", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit",
+                  "oft", "boft",
                   "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt", "adalora")
 
 
@@ -75,6 +78,12 @@ METHOD_KEYS: dict[str, dict] = {
                             "the sum of the members), a list of numbers (fixed), or learn (one trained weight "
                             "per member and layer, starting at 1).", ("lora_ensemble",),
                             type="Optional[Union[list, str]]"),
+    "dynamic_rank": key(None, "Dynamic LoRA (DyLoRA): {min: 2, max: 16, schedule: linear}; the rank grows "
+                        "min -> max over the first `until` (default 1.0) of the run, schedule linear (equal steps "
+                        "per rank), cosine or constant (max from the start: the paper's DyLoRA); each step trains "
+                        "a rank drawn from [min, rank reached] (sample: true) or the rank reached (sample: false); "
+                        "save: the rank the adapter is saved at (default max). Empty: {min: 1, max: 8}.",
+                        ("lora_dynamic",), type="Optional[dict]"),
     # per-layer LoRA ranks (adapters/lora_ranks.py), written as peft's rank_pattern / alpha_pattern
     "lora_rank_pattern": key(None, "Distributed LoRA: a rank per layer or module, {entry: rank}; an entry is a layer "
                              "index (5), an inclusive range ('0-7') or a regex matched against the end of the "

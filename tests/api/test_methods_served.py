@@ -49,6 +49,9 @@ SERVED = {
     "lora_ranks": ("LoraConfig", {"r": 4, "rank_pattern": {r"model\.layers\.0\..+": 2, r"model\.layers\.1\..+": 8},
                                   "target_modules": OTHERS}, 0.5),
     "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "target_modules": OTHERS}, 0.5),
+    # a Dynamic LoRA of max rank 6 saved at rank 3 (a plain LoRA of its first 3 components)
+    "lora_dynamic": ("LoraDynamicConfig", {"dynamic_rank": {"min": 1, "max": 6, "save": 3}, "target_modules": OTHERS},
+                     0.5),
 }
 # the tensors that start at zero / one (or a copy of the base)
 MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1", "ln_tuning_layers", "vera_lambda_b", "bitfit_bias", "oft_R",

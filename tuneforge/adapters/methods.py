@@ -91,6 +91,20 @@ class AdapterMethod:
     load_training_state: Callable[[Any, str, Any, dict], None] | None = None
     """(model, adapter name, config, {key: tensor} as `training_state` gave) -> None: put it back when
     a run resumes from a checkpoint; CheckpointError (one line) for state that does not fit."""
+    before_step: Callable[[Any, str, Any, int, int], None] | None = None
+    """(model, adapter name, config, step, total_steps): called by the training loop once per optimizer
+    step while the adapter trains, before that step's first micro-batch runs (`step` counts from 1 to
+    `total_steps`, so a resumed run gets the step it continues with); for methods whose forward
+    depends on the step (Dynamic LoRA's rank schedule). Paired with `after_step`, it may also keep
+    what the optimizer must not change this step and put it back there."""
+    after_training: Callable[[Any, str, Any, Callable[[], dict], Callable[[str], None]], dict | None] \
+        | None = None
+    """(model, adapter name, config, evaluate, report): called by the training loop once after the
+    last step and the final evaluation, only when the run has an eval split. `evaluate()` returns the
+    eval means over the whole eval split ({"loss": ..., <stage metrics>}, model in eval mode);
+    `report(line)` prints a line on the main process. Returns entries for train_results.json (or
+    None); for methods that can be evaluated in several forms (Dynamic LoRA: eval loss by rank).
+    The hook leaves the adapter as it found it."""
     cannot_merge: Callable[[Any], str | None] | None = None
     """(config) -> why adapters of this method can never be merged into the weights (a nonlinearity,
     extra tokens), or None. `tuneforge export` asks it before loading anything; a layer's own

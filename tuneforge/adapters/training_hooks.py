@@ -1,6 +1,7 @@
 """What the training loop asks of the adapters it trains, whatever their method: the methods'
-`training_loss`, `after_step` and `training_state` / `load_training_state` hooks (methods.py), run
-for every adapter on the model that has a trainable parameter. A model without adapters, or whose methods give neither hook, costs a scan
+`before_step`, `training_loss`, `after_step`, `after_training` and `training_state` /
+`load_training_state` hooks (methods.py), run for every adapter on the model that has a trainable
+parameter. A model without adapters, or whose methods give none of the hooks, costs a scan
 of its adapter layers per step and nothing else."""
 
 from __future__ import annotations
@@ -58,3 +59,16 @@ def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
         prefix = name + _SEP
         m.load_training_state(owner, name, cfg, {k[len(prefix):]: v for k, v in tensors.items()
                                                  if k.startswith(prefix)})
+def before_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Run every trained adapter's `before_step(model, name, config, step, total_steps)`."""
+    for owner, name, cfg, m in _trained(model, "before_step"):
+        m.before_step(owner, name, cfg, step, total_steps)
+
+
+def after_training(model: nn.Module, evaluate, report) -> dict:
+    """The results entries of every trained adapter's `after_training(model, name, config, evaluate,
+    report)`, merged ({} when no method gives the hook)."""
+    out: dict = {}
+    for owner, name, cfg, m in _trained(model, "after_training"):
+        out.update(m.after_training(owner, name, cfg, evaluate, report) or {})
+    return out

@@ -149,6 +149,8 @@ class TrainingRun:
         scale = self.acc.num_processes / max(step_tokens, 1)
         loss_total = 0.0
         unwrapped = self.acc.unwrap_model(self.model)
+        # per-step method work before the forward (AdapterMethod.before_step: Dynamic LoRA's rank)
+        training_hooks.before_step(unwrapped, self.state.global_step + 1, self.total_steps)
         for i, batch in enumerate(micro):
             sync = nullcontext() if i == gas - 1 else self.acc.no_sync(self.model)
             with sync, self.acc.autocast():
@@ -291,6 +293,9 @@ class TrainingRun:
             reporter.log_eval(self.state.global_step, means["loss"], self.state.epoch,
                               _metrics(means))
             reporter.message(f"eval_loss after training: {_eval_text(means)}")
+            # a method evaluated in several forms (AdapterMethod.after_training: DyLoRA's ranks)
+            results.update(training_hooks.after_training(self.acc.unwrap_model(self.model),
+                                                         self.evaluate, reporter.message))
         if args.save_strategy == "steps" and not self._saved_in_output_dir():
             self.save_checkpoint()  # the last step is always resumable / inspectable
         reporter.close()
