@@ -25,7 +25,7 @@ _EXPORTS = {
     "LoraConfig": "adapters", "add_adapter": "adapters", "delete_adapter": "adapters",
     "IA3Config": "adapters.ia3", "LoraEnsembleConfig": "adapters.lora_ensemble",
     "LoHaConfig": "adapters.loha", "LoKrConfig": "adapters.lokr",
-    "AdaLoraConfig": "adapters.adalora",
+    "AdaLoraConfig": "adapters.adalora", "LoraMoeConfig": "adapters.lora_moe",
     "LNTuningConfig": "adapters.ln_tuning", "VeraConfig": "adapters.vera",
     "BitFitConfig": "adapters.bitfit",
     "OFTConfig": "adapters.oft", "BOFTConfig": "adapters.boft",

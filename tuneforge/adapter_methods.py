@@ -39,19 +39,28 @@ METHODS = {
             "beside the feed-forward block (He et al. 2022)"),
     "unipelt": ("unipelt", "train UniPELT: LoRA, a prefix and a bottleneck adapter, each behind a learned gate "
                 "(Mao et al. 2022)"),
+    "lora_moe": ("lora_moe", "train adaptive LoRA: per adapted layer, LoRA experts mixed per token by a learned "
+                 "top-k router with a load-balancing loss (finetuning_type: lora with adaptive: moe; not mergeable)"),
     "adalora": ("adalora", "train AdaLoRA: LoRA in SVD form whose ranks are pruned to a budget while training "
                 "(Zhang et al. 2023, peft AdaLoraConfig)"),
 }
 
 
 # the finetuning types that train on a quantized base (quantization_bit): each adapts
-# tuneforge.quant.QuantLinear layers (LoRA, IA3, LoHa, LoKr, VeRA, BitFit, OFT, BOFT, AdaLoRA) or adapts no quantized
+# tuneforge.quant.QuantLinear layers (LoRA, IA3, LoHa, LoKr, VeRA, BitFit, OFT, BOFT, AdaLoRA, MoE LoRA) or adapts no quantized
 # layer at all (LN tuning: the norms stay unquantized; prompt / prefix / P-tuning: virtual tokens that
 # only read the base; bottleneck: its own small projections after or beside a block; mam: both;
 # unipelt: gated LoRA over QuantLinear, a prefix and adapters after blocks).
 # config_checks refuses quantization_bit for the others.
 QUANTIZED_BASE = ("lora", "lora_ensemble", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
-                  "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt", "adalora")
+                  "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt", "adalora",
+                  "lora_moe")
+
+# YAML keys that choose a method from another's finetuning_type: {key: {value: (the finetuning_type
+# it refines, the finetuning_type it selects)}}. `finetuning_type: lora` with `adaptive: moe` is
+# `finetuning_type: lora_moe` (config.py rewrites it before validation; the selected name is also
+# accepted as is); the key with any other finetuning_type is refused.
+METHOD_SELECTORS = {"adaptive": {"moe": ("lora", "lora_moe")}}
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
@@ -75,6 +84,19 @@ METHOD_KEYS: dict[str, dict] = {
                             "the sum of the members), a list of numbers (fixed), or learn (one trained weight "
                             "per member and layer, starting at 1).", ("lora_ensemble",),
                             type="Optional[Union[list, str]]"),
+    "adaptive": key(None, "Adaptive LoRA: moe (with finetuning_type: lora) trains a mixture of LoRA experts per "
+                    "layer, mixed per token by a router (the same as finetuning_type: lora_moe). AdaLoRA's "
+                    "budgeted ranks are finetuning_type: adalora.", ("lora_moe",), type="Optional[str]",
+                    choices=("moe",)),
+    "num_experts": key(4, "Adaptive (MoE) LoRA: LoRA experts per adapted layer, each of rank lora_rank.",
+                       ("lora_moe",), bounds="[1, inf)"),
+    "moe_top_k": key(2, "Adaptive (MoE) LoRA: experts each token uses (top_k; the YAML name keeps top_k for "
+                     "sampling); their router weights are renormalised to sum to one. At most num_experts.",
+                     ("lora_moe",), bounds="[1, inf)"),
+    "router_aux_loss_coef": key(0.01, "Adaptive (MoE) LoRA: weight of the router's load-balancing loss "
+                                "(num_experts x sum_e f_e P_e, Switch Transformer / Mixtral, averaged over "
+                                "the adapted layers) in the training loss; 0: off.", ("lora_moe",),
+                                bounds="[0, inf)"),
     # per-layer LoRA ranks (adapters/lora_ranks.py), written as peft's rank_pattern / alpha_pattern
     "lora_rank_pattern": key(None, "Distributed LoRA: a rank per layer or module, {entry: rank}; an entry is a layer "
                              "index (5), an inclusive range ('0-7') or a regex matched against the end of the "

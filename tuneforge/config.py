@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from . import fileio
-from .adapter_methods import METHOD_KEYS
+from .adapter_methods import METHOD_KEYS, METHOD_SELECTORS
 from .adapter_methods import METHODS as ADAPTER_METHODS
 from .config_checks import validate
 from .config_values import coerce, is_text
@@ -417,8 +417,27 @@ def build_config(values: dict) -> Config:
             value = "no" if value is False else value  # YAML 1.1 reads `save_strategy: no` as false
         per_section[section][key] = coerce(key, value, f.type)
     cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
+    _select_method(cfg.finetune)
     validate(cfg, given=set(values))
     return cfg
+
+
+def _select_method(finetune) -> None:
+    """Apply adapter_methods.METHOD_SELECTORS: `finetuning_type: lora` with `adaptive: moe` becomes
+    finetuning_type lora_moe. ConfigError for a value the key does not know, or a finetuning_type
+    it does not refine."""
+    for key, table in METHOD_SELECTORS.items():
+        value = getattr(finetune, key)
+        if value is None:
+            continue
+        if value not in table:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(table)}; got '{value}'")
+        refines, selects = table[value]
+        if finetune.finetuning_type == refines:
+            finetune.finetuning_type = selects
+        elif finetune.finetuning_type != selects:
+            raise ConfigError(f"config key '{key}: {value}' needs finetuning_type: {refines} (it selects "
+                              f"{selects}); got finetuning_type: {finetune.finetuning_type}")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
