@@ -39,10 +39,10 @@ METHODS = {
             "beside the feed-forward block (He et al. 2022)"),
     "unipelt": ("unipelt", "train UniPELT: LoRA, a prefix and a bottleneck adapter, each behind a learned gate "
                 "(Mao et al. 2022)"),
-    "lora_moe": ("lora_moe", "train adaptive LoRA: per adapted layer, LoRA experts mixed per token by a learned "
-                 "top-k router with a load-balancing loss (finetuning_type: lora with adaptive: moe; not mergeable)"),
     "adalora": ("adalora", "train AdaLoRA: LoRA in SVD form whose ranks are pruned to a budget while training "
                 "(Zhang et al. 2023, peft AdaLoraConfig)"),
+    "lora_moe": ("lora_moe", "train adaptive LoRA: per adapted layer, LoRA experts mixed per token by a learned "
+                 "top-k router with a load-balancing loss (finetuning_type: lora with adaptive: moe; not mergeable)"),
 }
 
 

@@ -389,6 +389,9 @@ def _from_peft(raw: dict[str, Any], source: str) -> LoraMoeConfig:
 def _from_finetune_args(finetune) -> LoraMoeConfig:
     """`finetuning_type: lora_moe` (or lora with adaptive: moe): lora_rank per expert, lora_alpha
     (empty: 2 x lora_rank, as for LoRA), num_experts, top_k, router_aux_loss_coef."""
+    if finetune.moe_top_k > finetune.num_experts:
+        raise ConfigError(f"config key 'moe_top_k' ({finetune.moe_top_k}) must not exceed num_experts "
+                          f"({finetune.num_experts}): each token chooses moe_top_k of the num_experts experts")
     targets, extra = yaml_targets(finetune)
     alpha = finetune.lora_alpha if finetune.lora_alpha is not None else 2 * finetune.lora_rank
     return LoraMoeConfig(
