@@ -436,8 +436,8 @@ def _select_method(finetune) -> None:
         if finetune.finetuning_type == refines:
             finetune.finetuning_type = selects
         elif finetune.finetuning_type != selects:
-            raise ConfigError(f"config key '{key}: {value}' needs finetuning_type: {refines} (it selects "
-                              f"{selects}); got finetuning_type: {finetune.finetuning_type}")
+            raise ConfigError(f"config key '{key}' needs finetuning_type: {refines} or {selects} "
+                              f"(got finetuning_type: {finetune.finetuning_type})")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
