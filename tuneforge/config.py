@@ -417,15 +417,22 @@ def build_config(values: dict) -> Config:
             value = "no" if value is False else value  # YAML 1.1 reads `save_strategy: no` as false
         per_section[section][key] = coerce(key, value, f.type)
     cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
-    _select_method(cfg.finetune)
-    validate(cfg, given=set(values))
+    selected = _select_method(cfg.finetune)
+    try:
+        validate(cfg, given=set(values))
+    except ConfigError as e:
+        if selected and f"finetuning_type: {cfg.finetune.finetuning_type}" in str(e):
+            raise ConfigError(f"{e}; {selected}") from None  # the user wrote the other name
+        raise
     return cfg
 
 
-def _select_method(finetune) -> None:
+def _select_method(finetune) -> str | None:
     """Apply adapter_methods.METHOD_SELECTORS: `finetuning_type: lora` with `adaptive: moe` becomes
-    finetuning_type lora_moe. ConfigError for a value the key does not know, or a finetuning_type
-    it does not refine."""
+    finetuning_type lora_moe. Returns what was done ('finetuning_type: lora with adaptive: moe is
+    finetuning_type: lora_moe') or None. ConfigError for a value the key does not know, or a
+    finetuning_type it does not refine."""
+    note = None
     for key, table in METHOD_SELECTORS.items():
         value = getattr(finetune, key)
         if value is None:
@@ -435,9 +442,11 @@ def _select_method(finetune) -> None:
         refines, selects = table[value]
         if finetune.finetuning_type == refines:
             finetune.finetuning_type = selects
+            note = f"finetuning_type: {refines} with {key}: {value} is finetuning_type: {selects}"
         elif finetune.finetuning_type != selects:
             raise ConfigError(f"config key '{key}' needs finetuning_type: {refines} or {selects} "
                               f"(got finetuning_type: {finetune.finetuning_type})")
+    return note
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
