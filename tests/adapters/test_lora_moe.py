@@ -197,3 +197,17 @@ def test_yaml_lora_with_adaptive_moe_selects_lora_moe():
     assert load_config(None, {"finetuning_type": "lora_moe"}).finetune.finetuning_type == "lora_moe"
     with pytest.raises(ConfigError, match=r"^config key 'num_experts' needs finetuning_type: lora_moe"):
         load_config(None, {"finetuning_type": "lora", "num_experts": 3})
+
+
+def test_activation_checkpointing_recompute_records_no_second_aux_term():
+    model = add_adapter(make_model("llama"), LoraMoeConfig(r=2, num_experts=3, top_k=2, target_modules=["q_proj"]))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    calls = []
+    model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *a: calls.append(1))
+    ids = tokens()
+    out = model(input_ids=ids, labels=ids)
+    aux = aux_loss(model)
+    (out.loss + aux).backward()
+    assert len(calls) == 2, "the backward pass recomputed the layer"
+    assert aux_loss(model) is None  # ... without recording its aux term again

@@ -313,10 +313,14 @@ class LoraMoeLayer(AdapterLayer):
         spec, A, B = self.moe_spec[name], self.lora_experts_A[name], self.lora_experts_B[name]
         n, r, in_f = A.shape
         weights, probs, chosen = self.routing(name, x)
-        if spec.aux and self.training and torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1:
-            pending = self._moe_pending.setdefault(name, [])
-            pending.append(balance_loss(probs, chosen))
-            del pending[:-MAX_PENDING]
+        if spec.aux and self.training and torch.is_grad_enabled() and probs.numel() > 0:
+            # computed also when activation checkpointing recomputes this forward inside the backward
+            # pass (the recomputation must save what the forward saved), but recorded only outside it
+            term = balance_loss(probs, chosen)
+            if torch._C._current_graph_task_id() == -1:
+                pending = self._moe_pending.setdefault(name, [])
+                pending.append(term)
+                del pending[:-MAX_PENDING]
         h = x if x.dtype == A.dtype or torch.is_autocast_enabled(x.device.type) else x.to(A.dtype)
         if spec.dropout > 0.0:
             h = F.dropout(h, p=spec.dropout, training=self.training)
