@@ -26,7 +26,7 @@ _EXPORTS = {
     "IA3Config": "adapters.ia3", "LoraEnsembleConfig": "adapters.lora_ensemble",
     "LoraDynamicConfig": "adapters.lora_dynamic", "set_dynamic_rank": "adapters.lora_dynamic",
     "LoHaConfig": "adapters.loha", "LoKrConfig": "adapters.lokr",
-    "AdaLoraConfig": "adapters.adalora",
+    "AdaLoraConfig": "adapters.adalora", "LoraMoeConfig": "adapters.lora_moe",
     "LNTuningConfig": "adapters.ln_tuning", "VeraConfig": "adapters.vera",
     "BitFitConfig": "adapters.bitfit",
     "OFTConfig": "adapters.oft", "BOFTConfig": "adapters.boft",

@@ -52,10 +52,11 @@ SERVED = {
     # a Dynamic LoRA of max rank 6 saved at rank 3 (a plain LoRA of its first 3 components)
     "lora_dynamic": ("LoraDynamicConfig", {"dynamic_rank": {"min": 1, "max": 6, "save": 3}, "target_modules": OTHERS},
                      0.5),
+    "lora_moe": ("LoraMoeConfig", {"r": 4, "num_experts": 3, "top_k": 2, "target_modules": OTHERS}, 0.5),
 }
 # the tensors that start at zero / one (or a copy of the base)
 MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1", "ln_tuning_layers", "vera_lambda_b", "bitfit_bias", "oft_R",
-         "boft_R", "boft_s", "encoders", "adapter_up", "lora_E")
+         "boft_R", "boft_s", "encoders", "adapter_up", "lora_E", "lora_experts_B")
 # a third adapter in the same server: a layer method beside a prefix / a module-level adapter
 ALSO = {"prefix": "ia3", "bottleneck": "ia3"}
 

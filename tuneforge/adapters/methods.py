@@ -79,6 +79,13 @@ class AdapterMethod:
     """(model, adapter name, config) -> a 0-dim tensor (with autograd) the training loop adds to each
     optimizer step's loss while the adapter trains (a method's regulariser: AdaLoRA's orthogonality
     term), or None; not part of the logged loss. Run once per step, on the last micro-batch."""
+    forward_loss: Callable[[Any, str, Any], Any] | None = None
+    """(model, adapter name, config) -> a 0-dim tensor (with autograd) that depends on the forward
+    passes run since the hook was last called (the MoE LoRA router's load-balancing loss, which
+    depends on each micro-batch's routing), or None; the hook claims what those forwards recorded.
+    The training loop calls it after every micro-batch's forward and adds the term divided by
+    gradient_accumulation_steps to that micro-batch's backward, so a step gets the mean over its
+    micro-batches; not part of the logged loss. (`training_loss`, by contrast, runs once per step.)"""
     after_step: Callable[[Any, str, Any, int, int], None] | None = None
     """(model, adapter name, config, step, total_steps): called by the training loop once per optimizer
     step while the adapter trains, after `optimizer.step()` and before the gradients are cleared

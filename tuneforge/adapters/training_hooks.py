@@ -1,8 +1,8 @@
 """What the training loop asks of the adapters it trains, whatever their method: the methods'
-`before_step`, `training_loss`, `after_step`, `after_training` and `training_state` /
+`before_step`, `training_loss`, `forward_loss`, `after_step`, `after_training` and `training_state` /
 `load_training_state` hooks (methods.py), run for every adapter on the model that has a trainable
-parameter. A model without adapters, or whose methods give none of the hooks, costs a scan
-of its adapter layers per step and nothing else."""
+parameter. A model without adapters, or whose methods give none of the hooks, costs a scan of its
+adapter layers per micro-batch and nothing else."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def training_loss(model: nn.Module) -> torch.Tensor | None:
     """The sum of the trained adapters' `training_loss` terms (0-dim, with autograd), or None."""
     terms = [t for owner, name, cfg, m in _trained(model, "training_loss")
              if (t := m.training_loss(owner, name, cfg)) is not None]  # fmt: skip
+    return torch.stack(terms).sum() if terms else None
+
+
+def forward_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the trained adapters' `forward_loss` terms for the forwards since the last call
+    (0-dim, with autograd), or None; called after each micro-batch's forward."""
+    terms = [t for owner, name, cfg, m in _trained(model, "forward_loss")
+             if (t := m.forward_loss(owner, name, cfg)) is not None]  # fmt: skip
     return torch.stack(terms).sum() if terms else None
 
 

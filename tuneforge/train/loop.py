@@ -157,7 +157,11 @@ class TrainingRun:
                 loss_sum, _, _ = self.objective.loss(self.model, batch)
                 extra = training_hooks.training_loss(unwrapped) if i == gas - 1 else None
                 # a method's regulariser (AdapterMethod.training_loss), once per step, not logged
-                self.acc.backward(loss_sum * scale + (extra if extra is not None else 0.0))
+                aux = training_hooks.forward_loss(unwrapped)
+                # a method's term from this micro-batch's forward (AdapterMethod.forward_loss: the MoE
+                # router's load balance), averaged over the step's micro-batches, not logged
+                total = loss_sum * scale + (extra if extra is not None else 0.0)
+                self.acc.backward(total + aux / gas if aux is not None else total)
             loss_total += loss_sum.item()
         loss_global = float(self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), "sum"))
         self._check_finite("loss", loss_global / max(step_tokens, 1))
