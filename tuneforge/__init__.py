@@ -24,6 +24,7 @@ _quiet_bitsandbytes()
 _EXPORTS = {
     "LoraConfig": "adapters", "add_adapter": "adapters", "delete_adapter": "adapters",
     "IA3Config": "adapters.ia3", "LoraEnsembleConfig": "adapters.lora_ensemble",
+    "LoraMultitaskConfig": "adapters.lora_multitask",
     "LoHaConfig": "adapters.loha", "LoKrConfig": "adapters.lokr",
     "AdaLoraConfig": "adapters.adalora",
     "LNTuningConfig": "adapters.ln_tuning", "VeraConfig": "adapters.vera",

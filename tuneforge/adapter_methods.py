@@ -12,6 +12,7 @@ in a config whose finetuning_type does not read it is refused. Keys every method
 (lora_target, additional_target) stay in config.py.
 
 `QUANTIZED_BASE`: the methods whose layers run over a quantized base (`quantization_bit`).
+`TASK_ID_METHODS`: the methods that read each example's task (`multitask: true`).
 
 It imports nothing.
 """
@@ -39,6 +40,8 @@ METHODS = {
             "beside the feed-forward block (He et al. 2022)"),
     "unipelt": ("unipelt", "train UniPELT: LoRA, a prefix and a bottleneck adapter, each behind a learned gate "
                 "(Mao et al. 2022)"),
+    "lora_multitask": ("lora_multitask", "train multi-task LoRA: one LoRA shared by all tasks plus a small LoRA per "
+                       "task (each dataset of dataset: with multitask: true), saved also as a plain LoRA per task"),
     "adalora": ("adalora", "train AdaLoRA: LoRA in SVD form whose ranks are pruned to a budget while training "
                 "(Zhang et al. 2023, peft AdaLoraConfig)"),
 }
@@ -50,8 +53,12 @@ METHODS = {
 # only read the base; bottleneck: its own small projections after or beside a block; mam: both;
 # unipelt: gated LoRA over QuantLinear, a prefix and adapters after blocks).
 # config_checks refuses quantization_bit for the others.
-QUANTIZED_BASE = ("lora", "lora_ensemble", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
+QUANTIZED_BASE = ("lora", "lora_ensemble", "lora_multitask", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
                   "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt", "adalora")
+
+# the finetuning types that route each token by its task id (multitask: true, data/loader.py): config_checks
+# refuses multitask with any other, and these without multitask
+TASK_ID_METHODS = ("lora_multitask",)
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
@@ -75,6 +82,12 @@ METHOD_KEYS: dict[str, dict] = {
                             "the sum of the members), a list of numbers (fixed), or learn (one trained weight "
                             "per member and layer, starting at 1).", ("lora_ensemble",),
                             type="Optional[Union[list, str]]"),
+    "multitask_rank": key(4, "Multi-task LoRA: rank of each task's own part (the shared part has lora_rank).",
+                          ("lora_multitask",), bounds="(0, inf)"),
+    "multitask_alpha": key(None, "Multi-task LoRA: lora_alpha of each task's part (scaling multitask_alpha / "
+                           "multitask_rank); empty: the shared part's scaling, lora_alpha / lora_rank (so "
+                           "2 x multitask_rank when lora_alpha is empty too).", ("lora_multitask",),
+                           type="Optional[float]", bounds="(0, inf)"),
     # per-layer LoRA ranks (adapters/lora_ranks.py), written as peft's rank_pattern / alpha_pattern
     "lora_rank_pattern": key(None, "Distributed LoRA: a rank per layer or module, {entry: rank}; an entry is a layer "
                              "index (5), an inclusive range ('0-7') or a regex matched against the end of the "

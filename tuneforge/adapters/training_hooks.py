@@ -1,9 +1,11 @@
 """What the training loop asks of the adapters it trains, whatever their method: the methods'
-`training_loss` and `after_step` hooks (methods.py), run for every adapter on the model that has
-a trainable parameter. A model without adapters, or whose methods give neither hook, costs a scan
+`training_loss`, `after_step` and `batch_context` hooks (methods.py), run for every adapter on the
+model that has a trainable parameter. A model without adapters, or whose methods give neither hook, costs a scan
 of its adapter layers per step and nothing else."""
 
 from __future__ import annotations
+
+from contextlib import ExitStack
 
 import torch
 from torch import nn
@@ -39,3 +41,13 @@ def after_step(model: nn.Module, step: int, total_steps: int) -> None:
     """Run every trained adapter's `after_step(model, name, config, step, total_steps)`."""
     for owner, name, cfg, m in _trained(model, "after_step"):
         m.after_step(owner, name, cfg, step, total_steps)
+
+
+def batch_context(model: nn.Module, batch: dict) -> ExitStack:
+    """A context manager that enters every trained adapter's `batch_context(model, name, config,
+    batch)` (the batch's side information, e.g. multi-task LoRA's per-token task ids, set on its
+    layers) and leaves them in reverse order; an empty one when no method gives the hook."""
+    stack = ExitStack()
+    for owner, name, cfg, m in _trained(model, "batch_context"):
+        stack.enter_context(m.batch_context(owner, name, cfg, batch))
+    return stack

@@ -126,7 +126,8 @@ class TrainingRun:
         for batch in eval_batches(self.eval_examples, self.args.per_device_eval_batch_size,
                                   self.collate, self.acc.process_index, self.acc.num_processes):
             batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-            with self.acc.autocast():
+            # a method's per-batch side information (AdapterMethod.batch_context: task ids)
+            with self.acc.autocast(), training_hooks.batch_context(self.acc.unwrap_model(self.model), batch):
                 loss_sum, n, metrics = self.objective.loss(self.model, batch)
             total += torch.tensor([loss_sum.item(), n, *(float(metrics[k]) for k in names)],
                                   device=self.acc.device, dtype=torch.float64)
@@ -151,7 +152,9 @@ class TrainingRun:
         unwrapped = self.acc.unwrap_model(self.model)
         for i, batch in enumerate(micro):
             sync = nullcontext() if i == gas - 1 else self.acc.no_sync(self.model)
-            with sync, self.acc.autocast():
+            # batch_context: a method's per-batch side information (task ids), also for a
+            # backward that recomputes the forward (activation checkpointing)
+            with sync, self.acc.autocast(), training_hooks.batch_context(unwrapped, batch):
                 loss_sum, _, _ = self.objective.loss(self.model, batch)
                 extra = training_hooks.training_loss(unwrapped) if i == gas - 1 else None
                 # a method's regulariser (AdapterMethod.training_loss), once per step, not logged

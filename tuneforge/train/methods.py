@@ -103,7 +103,7 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
             pending = take_pending(model)  # deferred (LoftQ): the base is quantized with the new adapter
             if paths:  # create_new_adapter: merge every listed adapter, then train a fresh one
                 model = adapters.unload(attach_adapters(model, paths, trainable=False), merge=True)
-            config = adapters.methods.config_from_finetune_args(finetune, model)
+            config = adapters.methods.config_from_finetune_args(finetune, model, cfg.data)
             _add_new_adapter(model, config, resume_from)
             if pending is not None:  # deterministic: a resumed run rebuilds the same base
                 finish_pending(model, pending, "default", finetune.loftq_iter)
