@@ -203,3 +203,15 @@ def test_on_a_quantized_base_it_equals_the_dequantized_model():
     tasks = torch.tensor([2, 0, 1])
     with torch.no_grad(), task_ids(model, tasks), task_ids(ref, tasks):
         assert (model(input_ids=ids).logits - ref(input_ids=ids).logits).abs().max().item() <= 1e-4
+
+
+def test_training_further_needs_the_same_tasks_in_order():
+    from types import SimpleNamespace
+
+    from tuneforge.adapters.methods import method_named
+
+    check = method_named("lora_multitask").check_data
+    check(_config(), SimpleNamespace(dataset="alpha, beta,gamma"), "out")
+    with pytest.raises(ConfigError, match="tasks alpha,beta,gamma; to train it further set dataset: "
+                                          "alpha,beta,gamma \\(got beta,alpha,gamma\\)"):
+        check(_config(), SimpleNamespace(dataset="beta,alpha,gamma"), "out")

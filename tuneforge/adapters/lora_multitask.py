@@ -342,6 +342,15 @@ def from_finetune_args(finetune, data) -> LoraMultitaskConfig:
     )
 
 
+def _check_data(cfg: LoraMultitaskConfig, data, folder: str) -> None:
+    """Training the adapter in `folder` further: its tasks are the datasets, in the same order."""
+    names = [n.strip() for n in str(getattr(data, "dataset", None) or "").split(",") if n.strip()]
+    if names != cfg.tasks:
+        raise ConfigError(f"adapter '{folder}' is a multi-task LoRA of the tasks {','.join(cfg.tasks)}; to train it "
+                          f"further set dataset: {','.join(cfg.tasks)} (got {','.join(names) or 'none'}): a task's "
+                          "id is its place in dataset:")
+
+
 def _check_targets(targets: list, cfg: LoraMultitaskConfig) -> None:
     check_adapter_size(targets, {p: cfg.r for p, _ in targets})
 
@@ -356,7 +365,7 @@ register_method(AdapterMethod(
     name="lora_multitask", peft_type="LORA_MULTITASK", label="multi-task LoRA", prefix="Lora",
     config_class=LoraMultitaskConfig, layer_class=LoraLayer, layers=dict(method_named("lora").layers),
     config_to_peft=config_to_peft, config_from_peft=config_from_peft, from_finetune_args=from_finetune_args,
-    reads_data_section=True, check_targets=_check_targets, batch_context=_batch_context,
+    reads_data_section=True, check_data=_check_data, check_targets=_check_targets, batch_context=_batch_context,
     save_beside=_save_tasks, cannot_merge=_cannot_merge,
     keys=("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_rslora",
           "multitask_rank", "multitask_alpha"),

@@ -92,6 +92,11 @@ class AdapterMethod:
     forward and backward of each batch (train and eval; training_hooks.batch_context), through which a
     batch's side information (data.collate.SIDE_KEYS, e.g. `task_ids`, never given to the model)
     reaches the adapter's layers; it removes what it set on exit. Outside it the layers get none."""
+    check_data: Callable[[Any, Any, str], None] | None = None
+    """(config of a loaded adapter, the YAML config's data section, the adapter's folder): ConfigError,
+    one line, when training that adapter further on this data cannot be right (multi-task LoRA:
+    `dataset:` must list its tasks in the order it was trained with). Called by `tuneforge train`
+    when it continues an adapter from adapter_name_or_path."""
     save_beside: Callable[[Any, str, Any, Any, str | None], None] | None = None
     """(model, adapter name, config, directory, base_model_name_or_path): called by save_adapter after
     the adapter's own files are written, for further folders in `directory` (multi-task LoRA: a plain
