@@ -1,5 +1,5 @@
 """`finetuning_type: lora_multitask` with `multitask: true` from YAML: the loss falls on two tasks
-trained in packed rows that mix them, output_dir holds the multi-task adapter and a plain peft LoRA
+trained in packed rows that mix them, the eval loss is reported per task, output_dir holds the multi-task adapter and a plain peft LoRA
 per task, and each task's folder loads in peft, in `tuneforge chat`'s loader and in `export`."""
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ def test_multitask_trains_from_yaml_and_each_task_loads_alone(tiny_model_dir, ti
     losses = [e["loss"] for e in log if "loss" in e]
     assert losses[-1] < losses[0]
     assert results["eval_loss"] < results["eval_loss_before"]
+    # the eval loss per task, from the same forwards: the whole is their token-weighted mean
+    low, high = sorted((results["eval_loss_arith"], results["eval_loss_echo"]))
+    assert low <= results["eval_loss"] <= high and "eval_loss_arith_before" in results
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "LORA_MULTITASK"
 
     ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
