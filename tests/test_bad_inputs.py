@@ -12,7 +12,8 @@ A case folder holds the files of one bad input and a `case.yaml`:
 stand for the shared (read-only) tiny model folder and ../shared/data. In `error` only, lists that
 grow with every registered adapter method are written as placeholders, so a new method does not
 rewrite every case that prints one: `{finetuning_types}` (the finetuning_type choices, "a, b, c"),
-`{quantized_base}` (adapter_methods.QUANTIZED_BASE, "a, b or c"), `{readers:KEY}` (the
+`{quantized_base}` (adapter_methods.QUANTIZED_BASE, "a, b or c"), `{peft_types}` (the registered
+methods' peft_types, "A, B, C"), `{readers:KEY}` (the
 registered methods whose keys include KEY, "a, b or c") and `{declared:KEY}` (the methods
 adapter_methods.METHOD_KEYS declares for KEY, "a, b or c"). The run must exit with the
 given code, print exactly one `tuneforge: error:` line, no traceback, and leave every file in the
@@ -71,6 +72,7 @@ def _expected_error(text: str) -> str:
     choices = next(f for f in dataclasses.fields(FinetuningArguments) if f.name == "finetuning_type")
     text = text.replace("{finetuning_types}", ", ".join(choices.metadata["choices"]))
     text = text.replace("{quantized_base}", _either(QUANTIZED_BASE))
+    text = text.replace("{peft_types}", ", ".join(dict.fromkeys(m.peft_type for m in adapters.methods.all_methods())))
     text = re.sub(r"\{declared:(\w+)\}", lambda m: _either(METHOD_KEYS[m.group(1)]["methods"]), text)
     return re.sub(r"\{readers:(\w+)\}",
                   lambda m: _either(x.name for x in adapters.methods.all_methods() if m.group(1) in x.keys), text)

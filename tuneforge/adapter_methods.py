@@ -12,6 +12,7 @@ in a config whose finetuning_type does not read it is refused. Keys every method
 (lora_target, additional_target) stay in config.py.
 
 `QUANTIZED_BASE`: the methods whose layers run over a quantized base (`quantization_bit`).
+`TASK_ID_METHODS`: the methods that read each example's task (`multitask: true`).
 
 It imports nothing.
 """
@@ -22,6 +23,8 @@ METHODS = {
                       "weights fixed or learned (saved as the one plain LoRA they sum to)"),
     "lora_dynamic": ("lora_dynamic", "train a Dynamic LoRA (DyLoRA): nested ranks grown min -> max on a schedule, "
                      "so the adapter runs at any rank up to max (saved as a plain LoRA at the rank chosen)"),
+    "lora_multitask": ("lora_multitask", "train multi-task LoRA: one LoRA shared by all tasks plus a small LoRA per "
+                       "task (each dataset of dataset: with multitask: true), saved also as a plain LoRA per task"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
     "loha": ("loha", "train low-rank Hadamard-product updates (LyCORIS LoHa, peft LoHaConfig)"),
     "lokr": ("lokr", "train Kronecker-product updates (LyCORIS LoKr, peft LoKrConfig)"),
@@ -54,15 +57,13 @@ METHODS = {
 # only read the base; bottleneck: its own small projections after or beside a block; mam: both;
 # unipelt: gated LoRA over QuantLinear, a prefix and adapters after blocks).
 # config_checks refuses quantization_bit for the others.
-QUANTIZED_BASE = ("lora", "lora_ensemble", "lora_dynamic", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit",
-                  "oft", "boft", "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt",
-                  "adalora", "lora_moe")
+QUANTIZED_BASE = ("lora", "lora_ensemble", "lora_dynamic", "lora_multitask", "ia3", "loha", "lokr", "ln_tuning",
+                  "vera", "bitfit", "oft", "boft", "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam",
+                  "unipelt", "adalora", "lora_moe")
 
-# YAML keys that choose a method from another's finetuning_type: {key: {value: (the finetuning_type
-# it refines, the finetuning_type it selects)}}. `finetuning_type: lora` with `adaptive: moe` is
-# `finetuning_type: lora_moe` (config.py rewrites it before validation; the selected name is also
-# accepted as is); the key with any other finetuning_type is refused.
-METHOD_SELECTORS = {"adaptive": {"moe": ("lora", "lora_moe")}}
+# the finetuning types that route each token by its task id (multitask: true, data/loader.py): config_checks
+# refuses multitask with any other, and these without multitask
+TASK_ID_METHODS = ("lora_multitask",)
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
@@ -109,6 +110,12 @@ METHOD_KEYS: dict[str, dict] = {
                                 "(num_experts x sum_e f_e P_e, Switch Transformer / Mixtral, averaged over "
                                 "the adapted layers) in the training loss; 0: off.", ("lora_moe",),
                                 bounds="[0, inf)"),
+    "multitask_rank": key(4, "Multi-task LoRA: rank of each task's own part (the shared part has lora_rank).",
+                          ("lora_multitask",), bounds="(0, inf)"),
+    "multitask_alpha": key(None, "Multi-task LoRA: lora_alpha of each task's part (scaling multitask_alpha / "
+                           "multitask_rank); empty: the shared part's scaling, lora_alpha / lora_rank (so "
+                           "2 x multitask_rank when lora_alpha is empty too).", ("lora_multitask",),
+                           type="Optional[float]", bounds="(0, inf)"),
     # per-layer LoRA ranks (adapters/lora_ranks.py), written as peft's rank_pattern / alpha_pattern
     "lora_rank_pattern": key(None, "Distributed LoRA: a rank per layer or module, {entry: rank}; an entry is a layer "
                              "index (5), an inclusive range ('0-7') or a regex matched against the end of the "

@@ -116,6 +116,10 @@ class DataArguments:
     neat_packing: bool = _f(
         False, "LLaMA-Factory's packing without cross-example attention. tuneforge's packing "
         "never lets attention cross examples, so true simply means packing: true.")
+    multitask: bool = _f(
+        False, "Each dataset in dataset: is a task: every example carries its dataset's index in "
+        "dataset: as its task id, and batches carry it per token (for finetuning_type: "
+        "lora_multitask, which needs it; stage sft or pt; eval_dataset names must be among dataset:).")
 
 
 @dataclass

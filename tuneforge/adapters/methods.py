@@ -112,6 +112,23 @@ class AdapterMethod:
     `report(line)` prints a line on the main process. Returns entries for train_results.json (or
     None); for methods that can be evaluated in several forms (Dynamic LoRA: eval loss by rank).
     The hook leaves the adapter as it found it."""
+    reads_data_section: bool = False
+    """True: `from_finetune_args(finetune, data)` also gets the YAML config's data section, for a
+    config that depends on what the run trains on (multi-task LoRA: one task per name in `dataset:`)."""
+    batch_context: Callable[[Any, str, Any, dict], Any] | None = None
+    """(model, adapter name, config, batch) -> a context manager the training loop enters around the
+    forward and backward of each batch (train and eval; training_hooks.batch_context), through which a
+    batch's side information (data.collate.SIDE_KEYS, e.g. `task_ids`, never given to the model)
+    reaches the adapter's layers; it removes what it set on exit. Outside it the layers get none."""
+    check_data: Callable[[Any, Any, str], None] | None = None
+    """(config of a loaded adapter, the YAML config's data section, the adapter's folder): ConfigError,
+    one line, when training that adapter further on this data cannot be right (multi-task LoRA:
+    `dataset:` must list its tasks in the order it was trained with). Called by `tuneforge train`
+    when it continues an adapter from adapter_name_or_path."""
+    save_beside: Callable[[Any, str, Any, Any, str | None], None] | None = None
+    """(model, adapter name, config, directory, base_model_name_or_path): called by save_adapter after
+    the adapter's own files are written, for further folders in `directory` (multi-task LoRA: a plain
+    peft LoRA per task in <directory>/<task>)."""
     cannot_merge: Callable[[Any], str | None] | None = None
     """(config) -> why adapters of this method can never be merged into the weights (a nonlinearity,
     extra tokens), or None. `tuneforge export` asks it before loading anything; a layer's own
@@ -148,11 +165,17 @@ def method_named(name: str) -> AdapterMethod:
     return got
 
 
-def config_from_finetune_args(finetune: Any, model: Any) -> Any:
+def config_from_finetune_args(finetune: Any, model: Any, data: Any = None) -> Any:
     """The adapter config the YAML config's finetune section asks for, for `model` (the base the new
-    adapter goes on): the method's `from_finetune_args`, then its `fit_to_model` when it has one."""
+    adapter goes on): the method's `from_finetune_args` (given the data section `data` too where the
+    method's `reads_data_section` says so; ConfigError when it is missing), then its `fit_to_model`."""
     method = method_named(finetune.finetuning_type)
-    cfg = method.from_finetune_args(finetune)
+    if method.reads_data_section:
+        if data is None:
+            raise ConfigError(f"finetuning_type: {method.name} needs the config's data section (dataset:)")
+        cfg = method.from_finetune_args(finetune, data)
+    else:
+        cfg = method.from_finetune_args(finetune)
     return cfg if method.fit_to_model is None else method.fit_to_model(finetune, model, cfg)
 
 

@@ -1,10 +1,12 @@
 """What the training loop asks of the adapters it trains, whatever their method: the methods'
-`before_step`, `training_loss`, `forward_loss`, `after_step`, `after_training` and `training_state` /
-`load_training_state` hooks (methods.py), run for every adapter on the model that has a trainable
-parameter. A model without adapters, or whose methods give none of the hooks, costs a scan of its
-adapter layers per micro-batch and nothing else."""
+`before_step`, `batch_context`, `training_loss`, `forward_loss`, `after_step`, `after_training` and
+`training_state` / `load_training_state` hooks (methods.py), run for every adapter on the model
+that has a trainable parameter. A model without adapters, or whose methods give none of the hooks,
+costs a scan of its adapter layers per micro-batch and nothing else."""
 
 from __future__ import annotations
+
+from contextlib import ExitStack
 
 import torch
 from torch import nn
@@ -80,3 +82,11 @@ def after_training(model: nn.Module, evaluate, report) -> dict:
     for owner, name, cfg, m in _trained(model, "after_training"):
         out.update(m.after_training(owner, name, cfg, evaluate, report) or {})
     return out
+def batch_context(model: nn.Module, batch: dict) -> ExitStack:
+    """A context manager that enters every trained adapter's `batch_context(model, name, config,
+    batch)` (the batch's side information, e.g. multi-task LoRA's per-token task ids, set on its
+    layers) and leaves them in reverse order; an empty one when no method gives the hook."""
+    stack = ExitStack()
+    for owner, name, cfg, m in _trained(model, "batch_context"):
+        stack.enter_context(m.batch_context(owner, name, cfg, batch))
+    return stack
