@@ -65,6 +65,12 @@ QUANTIZED_BASE = ("lora", "lora_ensemble", "lora_dynamic", "lora_multitask", "ia
 # refuses multitask with any other, and these without multitask
 TASK_ID_METHODS = ("lora_multitask",)
 
+# YAML keys that choose a method from another's finetuning_type: {key: {value: (the finetuning_type
+# it refines, the finetuning_type it selects)}}. `finetuning_type: lora` with `adaptive: moe` is
+# `finetuning_type: lora_moe` (config.py rewrites it before validation; the selected name is also
+# accepted as is); the key with any other finetuning_type is refused.
+METHOD_SELECTORS = {"adaptive": {"moe": ("lora", "lora_moe")}}
+
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
         choices: tuple | None = None, bounds: str | None = None, alias: str | None = None) -> dict:
