@@ -207,12 +207,10 @@ class Dynamic(LoraVariant):
         return self.train_rank if layer.training and self.train_rank is not None else self.rank
 
     def add_adapters(self, layer, x, out, names):
-        """`out` plus adapters `names` in order; a plain LoRA adapter of the group runs as LoRA does."""
+        """`out` plus Dynamic LoRA adapters `names` in order (LoraLayer.add_adapters gives plain ones
+        to LoRA's own maths)."""
         for name in names:
-            variant = next((v for v in layer.lora_variants[name] if isinstance(v, Dynamic)), None)
-            if variant is None:
-                out = layer._add_lora(x, out, (name,))
-                continue
+            variant = next(v for v in layer.lora_variants[name] if isinstance(v, Dynamic))
             k = variant.in_use(layer)
             A, B = layer.lora_A[name][:k], layer.lora_B[name][:, :k]
             h = x if x.dtype == A.dtype or torch.is_autocast_enabled(x.device.type) else x.to(A.dtype)
