@@ -64,13 +64,39 @@ def _examples(finetuning_type: str) -> list[tuple[Path, dict]]:
     found = []
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text()) or {}
-        if raw.get("finetuning_type") == finetuning_type and raw.get("stage", "sft") == "sft" \
+        if _selected(raw) == finetuning_type and raw.get("stage", "sft") == "sft" \
                 and "quantization_bit" not in raw:
             own = {k: v for k, v in raw.items() if k in keys}
             if "learning_rate" in raw:
                 own["learning_rate"] = float(raw["learning_rate"])
             found.append((path, own))
     return found
+
+
+def _selected(raw: dict) -> str | None:
+    """The method a config trains: its finetuning_type, or the one a selector key picks
+    (`finetuning_type: lora` with `adaptive: moe` is lora_moe)."""
+    from tuneforge.adapter_methods import METHOD_SELECTORS
+
+    chosen = raw.get("finetuning_type")
+    for key, table in METHOD_SELECTORS.items():
+        refines, selects = table.get(raw.get(key), (None, None))
+        if chosen == refines:
+            chosen = selects
+    return chosen
+
+
+def _split_tasks(data: str, records: int, folder: Path) -> tuple[str, list[str]]:
+    """A dataset_dir holding alpaca_en_demo's first `records` records as two tasks (its halves,
+    alpaca_a and alpaca_b), for methods that read one task per dataset: the same examples as the
+    other arms, as two tasks."""
+    rows = json.loads((Path(data) / "alpaca_en_demo.json").read_text())[:records]
+    names = ["alpaca_a", "alpaca_b"]
+    halves = [rows[: len(rows) // 2], rows[len(rows) // 2:]]
+    for name, half in zip(names, halves):
+        (folder / f"{name}.json").write_text(json.dumps(half))
+    (folder / "dataset_info.json").write_text(json.dumps({n: {"file_name": f"{n}.json"} for n in names}))
+    return str(folder), names
 
 
 def variant_arms() -> list[str]:
@@ -215,17 +241,25 @@ def arm(name: str, args) -> dict:
             peak["rss"] = vm_hwm()
 
     loop.TrainingRun.train_step, loop.TrainingRun.run = observed_step, observed_run
-    with tempfile.TemporaryDirectory() as out:
+    from tuneforge.adapter_methods import TASK_ID_METHODS
+
+    records = args.steps * args.batch + args.eval  # the same first records for every method
+    with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as data:
+        dataset, data_dir, served = "alpaca_en_demo", args.data, out
+        if _selected(settings) in TASK_ID_METHODS:  # multi-task: alpaca's halves as two tasks
+            data_dir, tasks = _split_tasks(args.data, records, Path(data))
+            dataset, settings = ",".join(tasks), {**settings, "multitask": True}
+            served = str(Path(out) / tasks[0])  # latency of one task's plain LoRA
         values = {
-            "dataset": "alpaca_en_demo", "dataset_dir": args.data, "cutoff_len": args.cutoff,
+            "dataset": dataset, "dataset_dir": data_dir, "cutoff_len": args.cutoff,
             "val_size": args.eval, "per_device_train_batch_size": args.batch, "gradient_accumulation_steps": 1,
             "per_device_eval_batch_size": args.eval, "max_steps": args.steps, "lr_scheduler_type": "constant",
-            "max_samples": args.steps * args.batch + args.eval,  # the same first records for every method
+            "max_samples": records,
             "output_dir": out, "save_steps": 10**6, "logging_steps": 1, "bf16": False, "seed": 42,
             "disable_tqdm": True, **settings,
         }
         metrics = train(load_config(None, values))
-        latency = measure_latency(out, args)
+        latency = measure_latency(served, args)
     return {
         "method": name, "settings": source, "trainable": counted["trainable"],
         "base_params": counted["all"] - counted["trainable"], "peak_rss": peak["rss"],

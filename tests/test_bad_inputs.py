@@ -9,7 +9,13 @@ A case folder holds the files of one bad input and a `case.yaml`:
     env: {NAME: value}          # optional environment for the run
 
 `{tiny_model}` and `{shared_data}` in argv, in the case's *.yaml / *.json files and in `error`
-stand for the shared (read-only) tiny model folder and ../shared/data. The run must exit with the
+stand for the shared (read-only) tiny model folder and ../shared/data. In `error` only, lists that
+grow with every registered adapter method are written as placeholders, so a new method does not
+rewrite every case that prints one: `{finetuning_types}` (the finetuning_type choices, "a, b, c"),
+`{quantized_base}` (adapter_methods.QUANTIZED_BASE, "a, b or c"), `{peft_types}` (the registered
+methods' peft_types, "A, B, C"), `{readers:KEY}` (the
+registered methods whose keys include KEY, "a, b or c") and `{declared:KEY}` (the methods
+adapter_methods.METHOD_KEYS declares for KEY, "a, b or c"). The run must exit with the
 given code, print exactly one `tuneforge: error:` line, no traceback, and leave every file in the
 folder as it was (nothing added, removed or changed).
 """
@@ -21,10 +27,16 @@ import logging
 import shutil
 from pathlib import Path
 
+import dataclasses
+import re
+
 import pytest
 import yaml
 
+from tuneforge import adapters
+from tuneforge.adapter_methods import METHOD_KEYS, QUANTIZED_BASE
 from tuneforge.cli import main
+from tuneforge.config import FinetuningArguments
 
 CASES_ROOT = Path(__file__).parent / "bad_inputs"
 CASES = sorted(p.parent for p in CASES_ROOT.glob("*/*/case.yaml"))
@@ -48,6 +60,22 @@ def _substitute(text: str, values: dict[str, str]) -> str:
     for key, value in values.items():
         text = text.replace("{" + key + "}", value)
     return text
+
+
+def _either(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _expected_error(text: str) -> str:
+    """`error` with the method-list placeholders filled from the registries (see the docstring)."""
+    choices = next(f for f in dataclasses.fields(FinetuningArguments) if f.name == "finetuning_type")
+    text = text.replace("{finetuning_types}", ", ".join(choices.metadata["choices"]))
+    text = text.replace("{quantized_base}", _either(QUANTIZED_BASE))
+    text = text.replace("{peft_types}", ", ".join(dict.fromkeys(m.peft_type for m in adapters.methods.all_methods())))
+    text = re.sub(r"\{declared:(\w+)\}", lambda m: _either(METHOD_KEYS[m.group(1)]["methods"]), text)
+    return re.sub(r"\{readers:(\w+)\}",
+                  lambda m: _either(x.name for x in adapters.methods.all_methods() if m.group(1) in x.keys), text)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{p.parent.name}/{p.name}" for p in CASES])
@@ -78,7 +106,7 @@ def test_bad_input(case, tmp_path, monkeypatch, capsys, tiny_model_dir, shared_d
 
     errors = [line for line in err.splitlines() if line.startswith("tuneforge: error:")]
     assert "Traceback" not in err, err
-    assert errors == [f"tuneforge: error: {_substitute(spec['error'], values)}"], err
+    assert errors == [f"tuneforge: error: {_expected_error(_substitute(spec['error'], values))}"], err
     assert code == spec.get("exit", 2)
     assert _snapshot(work) == before, "the failed run changed files in its folder"
 

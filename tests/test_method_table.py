@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tuneforge.adapter_methods import METHOD_KEYS, METHODS
+from tuneforge.adapter_methods import METHOD_KEYS, METHOD_SELECTORS, METHODS
 from tuneforge.config import describe_keys, load_config
 from tuneforge.errors import ConfigError
 
@@ -25,8 +25,9 @@ def test_a_method_key_belongs_to_its_methods(key):
     for method in spec["methods"]:  # the default loads with every method that reads the key
         cfg = load_config(None, {"finetuning_type": method, key: spec["default"]})
         assert getattr(cfg.finetune, key) == spec["default"]
-    other = next(m for m in ("lora", "ia3", "loha") if m not in spec["methods"])
-    value = spec["default"] if spec["default"] is not None else (
+    refined = {refines for refines, _ in METHOD_SELECTORS.get(key, {}).values()}  # lora for adaptive: moe
+    other = next(m for m in ("lora", "ia3", "loha") if m not in spec["methods"] and m not in refined)
+    value = spec["default"] if spec["default"] is not None else spec["choices"][0] if spec["choices"] else (
         "x" if "str" in spec["type"] else {"x": 1} if "dict" in spec["type"] else 1)
     with pytest.raises(ConfigError) as refused:
         load_config(None, {"finetuning_type": other, key: value})

@@ -13,7 +13,7 @@ import torch
 
 from tuneforge import models, weightfiles
 from tuneforge.config import ModelArguments
-from tuneforge.errors import ModelError
+from tuneforge.errors import ConfigError, ModelError
 
 
 def test_default_model_is_cached_as_a_plain_hf_folder(default_model_path, monkeypatch):
@@ -54,8 +54,8 @@ def test_tiny_local_folder_loads(tiny_model_dir):
 
 
 @pytest.mark.parametrize("path, message", [
-    ("meta-llama/Llama-3-8B", "does not download models"),
     ("/no/such/model", "does not exist"),
+    ("./no/such", "does not exist"),
 ])
 def test_unloadable_models_say_why(path, message):
     with pytest.raises(ModelError, match=message):
@@ -263,3 +263,22 @@ def test_bin_weights_load_and_their_truncations_are_named(model_copy, zip_format
         with pytest.raises(ModelError, match=match) as exc:
             _load(model_copy)
         assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("flash_attn, implementation", [("auto", "sdpa"), ("disabled", "eager"), ("sdpa", "sdpa")])
+def test_flash_attn_picks_the_attention_implementation(tiny_model_dir, flash_attn, implementation):
+    """LLaMA-Factory's flash_attn key, mapped to transformers' attn_implementation; the outputs agree."""
+    model, _ = models.load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_model_dir),
+                                                              flash_attn=flash_attn, infer_dtype="float32"))
+    assert model.config._attn_implementation == implementation
+    ids = torch.tensor([[1, 5, 9, 13, 17]])
+    reference, _ = models.load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_model_dir),
+                                                                  flash_attn="disabled", infer_dtype="float32"))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_flash_attention_without_cuda_is_one_line(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^flash_attn: fa2 \(FlashAttention\) runs on CUDA GPUs only"):
+        models.load_model_and_tokenizer(ModelArguments(model_name_or_path=str(tiny_model_dir), flash_attn="fa2"))

@@ -24,8 +24,10 @@ _quiet_bitsandbytes()
 _EXPORTS = {
     "LoraConfig": "adapters", "add_adapter": "adapters", "delete_adapter": "adapters",
     "IA3Config": "adapters.ia3", "LoraEnsembleConfig": "adapters.lora_ensemble",
+    "LoraDynamicConfig": "adapters.lora_dynamic", "set_dynamic_rank": "adapters.lora_dynamic",
+    "LoraMultitaskConfig": "adapters.lora_multitask",
     "LoHaConfig": "adapters.loha", "LoKrConfig": "adapters.lokr",
-    "AdaLoraConfig": "adapters.adalora",
+    "AdaLoraConfig": "adapters.adalora", "LoraMoeConfig": "adapters.lora_moe",
     "LNTuningConfig": "adapters.ln_tuning", "VeraConfig": "adapters.vera",
     "BitFitConfig": "adapters.bitfit",
     "OFTConfig": "adapters.oft", "BOFTConfig": "adapters.boft",

@@ -12,6 +12,7 @@ in a config whose finetuning_type does not read it is refused. Keys every method
 (lora_target, additional_target) stay in config.py.
 
 `QUANTIZED_BASE`: the methods whose layers run over a quantized base (`quantization_bit`).
+`TASK_ID_METHODS`: the methods that read each example's task (`multitask: true`).
 
 It imports nothing.
 """
@@ -20,6 +21,10 @@ METHODS = {
     "lora": ("lora_method", "train low-rank adapters"),
     "lora_ensemble": ("lora_ensemble", "train several LoRAs of different ranks on the same layers jointly, "
                       "weights fixed or learned (saved as the one plain LoRA they sum to)"),
+    "lora_dynamic": ("lora_dynamic", "train a Dynamic LoRA (DyLoRA): nested ranks grown min -> max on a schedule, "
+                     "so the adapter runs at any rank up to max (saved as a plain LoRA at the rank chosen)"),
+    "lora_multitask": ("lora_multitask", "train multi-task LoRA: one LoRA shared by all tasks plus a small LoRA per "
+                       "task (each dataset of dataset: with multitask: true), saved also as a plain LoRA per task"),
     "ia3": ("ia3", "train (IA)^3 vectors that rescale layer outputs (or feedforward inputs)"),
     "loha": ("loha", "train low-rank Hadamard-product updates (LyCORIS LoHa, peft LoHaConfig)"),
     "lokr": ("lokr", "train Kronecker-product updates (LyCORIS LoKr, peft LoKrConfig)"),
@@ -41,30 +46,46 @@ METHODS = {
                 "(Mao et al. 2022)"),
     "adalora": ("adalora", "train AdaLoRA: LoRA in SVD form whose ranks are pruned to a budget while training "
                 "(Zhang et al. 2023, peft AdaLoraConfig)"),
+    "lora_moe": ("lora_moe", "train adaptive LoRA: per adapted layer, LoRA experts mixed per token by a learned "
+                 "top-k router with a load-balancing loss (finetuning_type: lora with adaptive: moe; not mergeable)"),
 }
 
 
 # the finetuning types that train on a quantized base (quantization_bit): each adapts
-# tuneforge.quant.QuantLinear layers (LoRA, IA3, LoHa, LoKr, VeRA, BitFit, OFT, BOFT, AdaLoRA) or adapts no quantized
+# tuneforge.quant.QuantLinear layers (LoRA, IA3, LoHa, LoKr, VeRA, BitFit, OFT, BOFT, AdaLoRA, MoE LoRA) or adapts no quantized
 # layer at all (LN tuning: the norms stay unquantized; prompt / prefix / P-tuning: virtual tokens that
 # only read the base; bottleneck: its own small projections after or beside a block; mam: both;
 # unipelt: gated LoRA over QuantLinear, a prefix and adapters after blocks).
 # config_checks refuses quantization_bit for the others.
-QUANTIZED_BASE = ("lora", "lora_ensemble", "ia3", "loha", "lokr", "ln_tuning", "vera", "bitfit", "oft", "boft",
-                  "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam", "unipelt", "adalora")
+QUANTIZED_BASE = ("lora", "lora_ensemble", "lora_dynamic", "lora_multitask", "ia3", "loha", "lokr", "ln_tuning",
+                  "vera", "bitfit", "oft", "boft", "prompt", "prefix", "ptuning_v2", "ptuning", "bottleneck", "mam",
+                  "unipelt", "adalora", "lora_moe")
+
+# the finetuning types that route each token by its task id (multitask: true, data/loader.py): config_checks
+# refuses multitask with any other, and these without multitask
+TASK_ID_METHODS = ("lora_multitask",)
+
+# YAML keys that choose a method from another's finetuning_type: {key: {value: (the finetuning_type
+# it refines, the finetuning_type it selects)}}. `finetuning_type: lora` with `adaptive: moe` is
+# `finetuning_type: lora_moe` (config.py rewrites it before validation; the selected name is also
+# accepted as is); the key with any other finetuning_type is refused.
+METHOD_SELECTORS = {"adaptive": {"moe": ("lora", "lora_moe")}}
 
 
 def key(default, help: str, methods: tuple[str, ...], *, type: str | None = None,
-        choices: tuple | None = None, bounds: str | None = None) -> dict:
+        choices: tuple | None = None, bounds: str | None = None, alias: str | None = None) -> dict:
     """One method key: its default, help text, the methods (finetuning_type names) that read it,
     its type as an annotation string ("int", "Optional[str]"; default: the default's type), and
-    optionally its allowed values or numeric interval (config.py's `_f` conventions)."""
+    optionally its allowed values or numeric interval (config.py's `_f` conventions). `alias`: a
+    key of another section that, in a config of one of `methods` that does not set this key, sets
+    it instead (the MoE LoRA's experts per token are `top_k` in the issue's and papers' terms,
+    a name the generate section also has)."""
     if type is None:
         if default is None:
             raise TypeError("a key whose default is None needs type='Optional[...]'")
         type = default.__class__.__name__
     return {"default": default, "help": help, "methods": tuple(methods), "type": type,
-            "choices": choices, "bounds": bounds}
+            "choices": choices, "bounds": bounds, "alias": alias}
 
 
 METHOD_KEYS: dict[str, dict] = {
@@ -75,6 +96,32 @@ METHOD_KEYS: dict[str, dict] = {
                             "the sum of the members), a list of numbers (fixed), or learn (one trained weight "
                             "per member and layer, starting at 1).", ("lora_ensemble",),
                             type="Optional[Union[list, str]]"),
+    "dynamic_rank": key(None, "Dynamic LoRA (DyLoRA): {min: 2, max: 16, schedule: linear}; the rank grows "
+                        "min -> max over the first `until` (default 1.0) of the run, schedule linear (equal steps "
+                        "per rank), cosine or constant (max from the start: the paper's DyLoRA); each step trains "
+                        "a rank drawn from [min, rank reached] (sample: true) or the rank reached (sample: false); "
+                        "save: the rank the adapter is saved at (default max). Empty: {min: 1, max: 8}.",
+                        ("lora_dynamic",), type="Optional[dict]"),
+    "adaptive": key(None, "Adaptive LoRA: moe (with finetuning_type: lora) trains a mixture of LoRA experts per "
+                    "layer, mixed per token by a router (the same as finetuning_type: lora_moe). AdaLoRA's "
+                    "budgeted ranks are finetuning_type: adalora.", ("lora_moe",), type="Optional[str]",
+                    choices=("moe",)),
+    "num_experts": key(4, "Adaptive (MoE) LoRA: LoRA experts per adapted layer, each of rank lora_rank.",
+                       ("lora_moe",), bounds="[1, inf)"),
+    "moe_top_k": key(2, "Adaptive (MoE) LoRA: experts each token uses; their router weights are renormalised "
+                     "to sum to one. At most num_experts. In a lora_moe config that does not set moe_top_k, "
+                     "top_k means this (and sampling keeps its default top_k).",
+                     ("lora_moe",), bounds="[1, inf)", alias="top_k"),
+    "router_aux_loss_coef": key(0.01, "Adaptive (MoE) LoRA: weight of the router's load-balancing loss "
+                                "(num_experts x sum_e f_e P_e, Switch Transformer / Mixtral, averaged over "
+                                "the adapted layers) in the training loss; 0: off.", ("lora_moe",),
+                                bounds="[0, inf)"),
+    "multitask_rank": key(4, "Multi-task LoRA: rank of each task's own part (the shared part has lora_rank).",
+                          ("lora_multitask",), bounds="(0, inf)"),
+    "multitask_alpha": key(None, "Multi-task LoRA: lora_alpha of each task's part (scaling multitask_alpha / "
+                           "multitask_rank); empty: the shared part's scaling, lora_alpha / lora_rank (so "
+                           "2 x multitask_rank when lora_alpha is empty too).", ("lora_multitask",),
+                           type="Optional[float]", bounds="(0, inf)"),
     # per-layer LoRA ranks (adapters/lora_ranks.py), written as peft's rank_pattern / alpha_pattern
     "lora_rank_pattern": key(None, "Distributed LoRA: a rank per layer or module, {entry: rank}; an entry is a layer "
                              "index (5), an inclusive range ('0-7') or a regex matched against the end of the "

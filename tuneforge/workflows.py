@@ -73,9 +73,11 @@ def train(cfg: Config) -> dict:
     splits = stage.encode(cfg.data, tokenizer, args.seed)  # sft: also sets the chat template
     model, setup = prepare_model(model, tokenizer, cfg, resume_from=plan.checkpoint)
     model, setup = prepare_head(stage.head, model, setup)  # e.g. rm's value head, saved with it
-    # an adapter's virtual tokens come before every row: the rows must still fit the context
+    # an adapter's virtual tokens come before every row: the rows must still fit the context (and
+    # must fit it anyway where positions are a learned table)
     check_virtual_room(model, tokenizer, {"train": splits.train, "eval": splits.eval},
-                       cfg.data.cutoff_len, f"finetuning_type: {cfg.finetune.finetuning_type}", tunable=True)
+                       cfg.data.cutoff_len, f"finetuning_type: {cfg.finetune.finetuning_type}", tunable=True,
+                       whole_rows=True)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model)
     choice = stage.collator(cfg.data, model, tokenizer)  # sft: padding or packing (probe)

@@ -174,8 +174,9 @@ def test_on_a_quantized_base_equals_the_dequantized_model():
 
 
 def test_a_resumed_run_keeps_its_pruned_ranks():
-    """The allocator's scores are not checkpointed; a run resumed in its final phase takes the masked
-    ranks from the zero rows of lora_E, keeps them at zero and saves the pruned file."""
+    """Without the allocator's saved state (a checkpoint written before it was saved), a run resumed in
+    its final phase takes the masked ranks from the zero rows of lora_E, keeps them at zero and saves
+    the pruned file."""
     cfg = AdaLoraConfig(init_r=4, target_r=2, target_modules=["q_proj"], total_step=6, tfinal=2)
     model = add_adapter(build("llama"), cfg)
     with torch.no_grad():

@@ -45,3 +45,33 @@ def test_adalora_trains_from_yaml_and_peft_loads_it(tiny_model_dir, tiny_data_di
         got, expected, plain = ours(ids).logits, theirs(ids).logits, base(ids).logits
     assert (got - plain).abs().max() > 1e-4, "the trained adapter changes nothing"
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_a_resumed_adalora_run_ends_as_the_uninterrupted_one(tiny_model_dir, tiny_data_dir, tmp_path):
+    """The allocator's importance scores (EMA of |w grad|, its uncertainty) and the kept-rank masks
+    are in every checkpoint (adapter_training_state.safetensors): a run that died after step 4 and
+    resumed there prunes the same ranks and ends with the same adapter as the run that did not."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    def run(out, **extra):
+        values = {"model_name_or_path": str(tiny_model_dir), "dataset": "arith", "dataset_dir": str(tiny_data_dir),
+                  "output_dir": str(out), "finetuning_type": "adalora", "lora_target": "q_proj,v_proj",
+                  "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2, "cutoff_len": 64,
+                  "per_device_train_batch_size": 4, "learning_rate": 2e-2, "max_steps": 8, "save_steps": 4,
+                  "disable_tqdm": True, "bf16": False, **extra}
+        train(load_config(None, values))
+
+    run(tmp_path / "full")
+    part = tmp_path / "part"
+    run(part)
+    assert (part / "checkpoint-4" / "adapter_training_state.safetensors").exists()
+    shutil.rmtree(part / "checkpoint-8")  # pretend the run died after step 4
+    run(part, resume_from_checkpoint=str(part / "checkpoint-4"))
+    full, resumed = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "full", part))
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    patterns = [json.loads((d / "adapter_config.json").read_text())["rank_pattern"] for d in (tmp_path / "full", part)]
+    assert patterns[0] == patterns[1]

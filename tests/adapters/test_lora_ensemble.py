@@ -180,3 +180,20 @@ def test_an_embedding_target_is_refused_before_anything_changes():
     with pytest.raises(ConfigError, match=r"adapts linear layers only; target model.embed_tokens \(Embedding\) cannot"):
         add_adapter(model, LoraEnsembleConfig(target_modules=["q_proj", "embed_tokens"]))
     assert not list(adapter_layers(model))
+
+
+def test_active_beside_a_plain_lora_on_the_same_layers_it_adds_both_updates():
+    """An ensemble and a plain LoRA active together on one layer: each adds its own update (the
+    layer gives the plain one to LoRA's maths, the ensemble's to its variant)."""
+    model = _ensemble("llama")
+    add_adapter(model, LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS["llama"], init_lora_weights=False), "p")
+    layer = model.get_submodule("model.layers.0.self_attn.q_proj")
+    x = torch.randn(3, layer.in_features)
+    ens = next(v for v in layer.lora_variants["ens"] if isinstance(v, Ensemble))
+    with torch.no_grad():
+        plain = (x @ layer.lora_A["p"].T @ layer.lora_B["p"].T) * 2.0
+        own = x @ layer.lora_A["ens"].T @ ens.folded_b(layer, "ens").T
+        for active in (("p", "ens"), ("ens", "p")):
+            layer.set_active(active)
+            torch.testing.assert_close(layer(x), x @ layer.weight.T + plain + own)
+

@@ -99,3 +99,17 @@ def test_base_names_unchanged_and_only_adapter_params_trainable(kw, expected):
         assert "model.layers.0.self_attn.q_proj.bias" in trainable
     if "modules_to_save" in kw:
         assert "lm_head.weight" not in trainable and "lm_head.modules_to_save.default.weight" in trainable
+
+
+def test_a_list_name_that_matches_nothing_is_named_in_a_warning(caplog):
+    """A typo beside a right name ('v_prj' next to 'q_proj') must not shrink the adapter silently:
+    the adapter goes on q_proj (as peft) and one warning names v_prj; a clean list warns nothing."""
+    with caplog.at_level("WARNING", logger="tuneforge"):
+        model = add_adapter(make_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_prj"]))
+    assert sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)}) == ["q_proj"]
+    warned = [r.getMessage() for r in caplog.records if "matched no module" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("target_modules: v_prj matched no module"), warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tuneforge"):
+        add_adapter(make_model("llama"), LoraConfig(r=2, target_modules=["q_proj", "model.layers.0.mlp.up_proj"]))
+    assert not [r for r in caplog.records if "matched no module" in r.getMessage()]

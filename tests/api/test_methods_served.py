@@ -49,10 +49,18 @@ SERVED = {
     "lora_ranks": ("LoraConfig", {"r": 4, "rank_pattern": {r"model\.layers\.0\..+": 2, r"model\.layers\.1\..+": 8},
                                   "target_modules": OTHERS}, 0.5),
     "adalora": ("AdaLoraConfig", {"init_r": 4, "target_r": 2, "target_modules": OTHERS}, 0.5),
+    # a Dynamic LoRA of max rank 6 saved at rank 3 (a plain LoRA of its first 3 components)
+    "lora_dynamic": ("LoraDynamicConfig", {"dynamic_rank": {"min": 1, "max": 6, "save": 3}, "target_modules": OTHERS},
+                     0.5),
+    "lora_moe": ("LoraMoeConfig", {"r": 4, "num_experts": 3, "top_k": 2, "target_modules": OTHERS}, 0.5),
+    # served as two adapters: the plain LoRA saved per task (in <folder>/<task>)
+    "lora_multitask": ("LoraMultitaskConfig", {"tasks": ["task1", "task2"], "shared_r": 2, "task_r": 2,
+                                               "target_modules": OTHERS}, 0.5),
 }
+TASKS = {"lora_multitask": ("task1", "task2")}  # a method whose folder holds one adapter per task
 # the tensors that start at zero / one (or a copy of the base)
 MOVED = ("lora_B", "ia3_l", "hada_w2_b", "lokr_w1", "ln_tuning_layers", "vera_lambda_b", "bitfit_bias", "oft_R",
-         "boft_R", "boft_s", "encoders", "adapter_up", "lora_E")
+         "boft_R", "boft_s", "encoders", "adapter_up", "lora_E", "lora_experts_B")
 # a third adapter in the same server: a layer method beside a prefix / a module-level adapter
 ALSO = {"prefix": "ia3", "bottleneck": "ia3"}
 
@@ -76,6 +84,9 @@ def adapters(request, tiny_model_dir, tmp_path_factory):
                                          LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS), 2)}
     if method in ALSO:
         served[ALSO[method]] = _save(tiny_model_dir, root, ALSO[method], 3)
+    if method in TASKS:
+        folder = served.pop(method)
+        served.update({task: folder / task for task in TASKS[method]})
     return served
 
 

@@ -167,12 +167,18 @@ def test_shipped_demo_data_loads(smol, make_args, spans):
     assert any(len(spans(e)) > 1 for e in splits.train + splits.eval)  # multi-turn sharegpt conversations
 
 
-def test_default_dataset_dir_prefers_local_data(tmp_path, monkeypatch):
+def test_default_dataset_dir_prefers_local_data(tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
-    assert default_dataset_dir().name == "data" and "resources" in default_dataset_dir().parts
+    with caplog.at_level("INFO", logger="tuneforge"):
+        assert default_dataset_dir().name == "data" and "resources" in default_dataset_dir().parts
+    said = [r.getMessage() for r in caplog.records if "bundled with tuneforge" in r.getMessage()]
+    assert said and "(chat_demo, general_demo, identity)" in said[0]  # not silently
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "dataset_info.json").write_text("{}")
-    assert default_dataset_dir() == (tmp_path / "data").resolve()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tuneforge"):
+        assert default_dataset_dir() == (tmp_path / "data").resolve()
+    assert not [r for r in caplog.records if "bundled" in r.getMessage()]
 
 
 def test_field_names_match_the_config_dataclass(smol, two_datasets):

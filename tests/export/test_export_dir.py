@@ -48,6 +48,8 @@ def test_a_previous_export_is_replaced_whole_and_its_manifest_lists_every_file(t
     assert _run(capsys, *_args(tiny_model_dir, out))[0] == 0
     names = {p.name for p in out.iterdir()}
     assert "model.safetensors" in names and not any(n.startswith("model-") for n in names)
+    modelfile = (out / "Modelfile").read_text()  # as LLaMA-Factory's HF export: `ollama create` imports the folder
+    assert modelfile.startswith("FROM .\n") and "TEMPLATE " in modelfile and "PARAMETER stop" in modelfile
     assert _run(capsys, *_args(tiny_model_dir, out, "export_format=gguf"))[0] == 0
     assert {p.name for p in out.iterdir()} == {"merged.f16.gguf", "Modelfile", MANIFEST}
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no staging folder left

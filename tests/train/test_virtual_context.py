@@ -4,7 +4,8 @@ N + L. Rows past the model's context are refused before training, with the cutof
 num_virtual_tokens) that fit; they are not cut, so cutoff_len keeps meaning what the config says.
 
 The model is a tiny GPT-2 with a 64-token context: its positions are learned embeddings, so
-without the check such a row fails in the first step (an index past the table)."""
+without the check such a row fails in the first step (an index past the table); rows that are
+longer than the context by themselves are refused for such a model too."""
 
 from __future__ import annotations
 
@@ -100,4 +101,31 @@ def test_check_virtual_room_counts_and_fixes():
     with pytest.raises(ConfigError, match=r"; use an adapter with fewer virtual tokens$"):
         check_virtual_room(crowded, None, {"eval": rows(3)}, 64)
     lora = model(LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-    check_virtual_room(lora, None, {"train": rows(500)}, 512)  # no virtual tokens: not this check's
+    check_virtual_room(lora, None, {"train": rows(500)}, 512)  # no virtual tokens: for training only
+    check_virtual_room(lora, None, {"train": rows(64, 3)}, 64, whole_rows=True)  # training: the rows must fit
+    with pytest.raises(ConfigError, match=r"^all 1 train examples run past this model's context of 64 tokens \(its "
+                       r"learned position embeddings end there\): the longest example is 500 tokens "
+                       r"\(cutoff_len=512\); lower cutoff_len to 64$"):
+        check_virtual_room(lora, None, {"train": rows(500)}, 512, whole_rows=True)  # else an IndexError
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    rotary = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, max_position_embeddings=CONTEXT))
+    check_virtual_room(rotary, None, {"train": rows(500)}, 512, whole_rows=True)  # rotary positions run past (as LLaMA-Factory)
+
+
+def test_rows_past_learned_positions_are_refused_without_virtual_tokens(gpt2_dir, tmp_path):
+    """LoRA on GPT-2: a row longer than its 64 learned positions would fail in the first step with an
+    IndexError; it is refused before training, naming the cutoff_len that fits."""
+    from tests.conftest import write_dataset
+
+    records = [{"instruction": "Count: " + "one " * 60, "input": "", "output": "Done."}] * 4
+    data = write_dataset(tmp_path / "data", "long", records)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match=r"^all 4 train examples run past this model's context of 64 tokens \(its "
+                       r"learned position embeddings end there\): the longest example is \d+ tokens "
+                       r"\(cutoff_len=128\); lower cutoff_len to 64$"):
+        train(load_config(None, {"model_name_or_path": str(gpt2_dir), "dataset": "long", "dataset_dir": str(data),
+                                 "output_dir": str(out), "cutoff_len": 128, "finetuning_type": "lora",
+                                 "lora_target": "c_attn", "max_steps": 1, "bf16": False}))
+    assert not out.exists()

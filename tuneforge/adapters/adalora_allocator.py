@@ -18,6 +18,9 @@ between; every deltaT steps there (and once, forced, at t = T - tfinal) the sing
 S_i <= the (init_bgt - b(t))-th smallest score are masked: lora_E row i set to 0 and the row
 marked dropped (saved files then hold only the kept rows and `rank_pattern`). After T - tfinal
 the fixed pattern is re-applied each step and scores are no longer updated.
+
+The scores, the masks and the run's total_step / init_bgt are the method's `training_state`, saved
+in every checkpoint, so a resumed run allocates exactly as the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import torch
 
-from tuneforge.errors import ConfigError
+from tuneforge.errors import CheckpointError, ConfigError
 
 from .core import adapter_layers
 
@@ -155,3 +158,43 @@ def update_and_allocate(model, name: str, cfg: Any, step: int, total_steps: int)
             m.ada_scores[name] = {"run": shared}
     else:
         _apply_pattern(layers, name)
+
+
+def training_state(model, name: str, cfg: Any) -> dict[str, torch.Tensor]:
+    """What the allocator of adapter `name` holds outside the weights, as tensors: 'run.total',
+    'run.init_bgt' (0-dim int64), and per layer path '<path>.<lora_A|lora_E|lora_B>.avg' / '.unc'
+    (the score EMAs, each shaped as its parameter) and '<path>.keep' (bool (r,), the kept rows)."""
+    layers = _trainable_layers(model, name)
+    out: dict[str, torch.Tensor] = {}
+    run = layers[0][1].ada_scores.get(name, {}).get("run") if layers else None
+    if run is not None:
+        out["run.total"], out["run.init_bgt"] = (torch.tensor(run[k]) for k in ("total", "init_bgt"))
+    for path, m in layers:
+        for attr, (avg, unc) in ((k, v) for k, v in m.ada_scores[name].items() if k != "run"):
+            out[f"{path}.{attr}.avg"], out[f"{path}.{attr}.unc"] = avg, unc
+        if m.ada_keep.get(name) is not None:
+            out[f"{path}.keep"] = m.ada_keep[name]
+    return out
+
+
+def load_training_state(model, name: str, cfg: Any, tensors: dict[str, torch.Tensor]) -> None:
+    """Put `training_state`'s tensors back into adapter `name`'s layers (a resumed run). Raises
+    CheckpointError when a tensor's shape differs from the layer it belongs to."""
+    layers = _trainable_layers(model, name)
+    shared = ({"total": int(tensors["run.total"]), "init_bgt": int(tensors["run.init_bgt"])}
+              if "run.total" in tensors else None)
+    for path, m in layers:
+        state: dict = {} if shared is None else {"run": shared}
+        for attr in m.param_dicts:
+            if f"{path}.{attr}.avg" not in tensors:
+                continue
+            pair = tuple(tensors[f"{path}.{attr}.{part}"] for part in ("avg", "unc"))
+            param = getattr(m, attr)[name]
+            if any(t.shape != param.shape for t in pair):
+                raise CheckpointError(f"checkpoint: AdaLoRA scores for {path}.{attr} have shape "
+                                      f"{tuple(pair[0].shape)}, the adapter {tuple(param.shape)}; resume with the "
+                                      "setup that wrote it")
+            state[attr] = tuple(t.to(param.device, param.dtype) for t in pair)
+        m.ada_scores[name] = state
+        if f"{path}.keep" in tensors:
+            m.ada_keep[name] = tensors[f"{path}.keep"].to(m.lora_E[name].device)

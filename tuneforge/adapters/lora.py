@@ -147,12 +147,12 @@ class LoraLayer(AdapterLayer):
     def add_adapters(self, x: torch.Tensor, out: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
         """`out` plus adapters `names` in order: plain LoRA maths here (`_add_lora`, per layer type);
         a group holding adapters of a variant that owns the forward (DoRA) is computed by that variant."""
-        owners = [v for n in names for v in self.lora_variants.get(n, ()) if v.owns_forward]
-        if not owners:
+        owners = [next((v for v in self.lora_variants.get(n, ()) if v.owns_forward), None) for n in names]
+        if all(v is None for v in owners):
             return self._add_lora(x, out, names)
-        if all(type(v) is type(owners[0]) for v in owners):
+        if all(v is not None and type(v) is type(owners[0]) for v in owners):
             return owners[0].add_adapters(self, x, out, names)
-        for n in names:  # adapters of different forward-owning variants: one at a time, in order
+        for n in names:  # plain adapters beside forward-owning variants, or several kinds: one at a time
             out = self.add_adapters(x, out, (n,))
         return out
 

@@ -79,11 +79,56 @@ class AdapterMethod:
     """(model, adapter name, config) -> a 0-dim tensor (with autograd) the training loop adds to each
     optimizer step's loss while the adapter trains (a method's regulariser: AdaLoRA's orthogonality
     term), or None; not part of the logged loss. Run once per step, on the last micro-batch."""
+    forward_loss: Callable[[Any, str, Any], Any] | None = None
+    """(model, adapter name, config) -> a 0-dim tensor (with autograd) that depends on the forward
+    passes run since the hook was last called (the MoE LoRA router's load-balancing loss, which
+    depends on each micro-batch's routing), or None; the hook claims what those forwards recorded.
+    The training loop calls it after every micro-batch's forward and adds the term divided by
+    gradient_accumulation_steps to that micro-batch's backward, so a step gets the mean over its
+    micro-batches; not part of the logged loss. (`training_loss`, by contrast, runs once per step.)"""
     after_step: Callable[[Any, str, Any, int, int], None] | None = None
     """(model, adapter name, config, step, total_steps): called by the training loop once per optimizer
     step while the adapter trains, after `optimizer.step()` and before the gradients are cleared
     (`step` counts from 1 to `total_steps`); for methods that change their own structure while
     training (AdaLoRA's rank allocator)."""
+    training_state: Callable[[Any, str, Any], dict] | None = None
+    """(model, adapter name, config) -> {key: tensor} of state the method keeps while training outside
+    its parameters (AdaLoRA's importance scores and kept-rank masks): every checkpoint saves it
+    (adapter_training_state.safetensors), so a resumed run continues as the uninterrupted one."""
+    load_training_state: Callable[[Any, str, Any, dict], None] | None = None
+    """(model, adapter name, config, {key: tensor} as `training_state` gave) -> None: put it back when
+    a run resumes from a checkpoint; CheckpointError (one line) for state that does not fit."""
+    before_step: Callable[[Any, str, Any, int, int], None] | None = None
+    """(model, adapter name, config, step, total_steps): called by the training loop once per optimizer
+    step while the adapter trains, before that step's first micro-batch runs (`step` counts from 1 to
+    `total_steps`, so a resumed run gets the step it continues with); for methods whose forward
+    depends on the step (Dynamic LoRA's rank schedule). Paired with `after_step`, it may also keep
+    what the optimizer must not change this step and put it back there."""
+    after_training: Callable[[Any, str, Any, Callable[[], dict], Callable[[str], None]], dict | None] \
+        | None = None
+    """(model, adapter name, config, evaluate, report): called by the training loop once after the
+    last step and the final evaluation, only when the run has an eval split. `evaluate()` returns the
+    eval means over the whole eval split ({"loss": ..., <stage metrics>}, model in eval mode);
+    `report(line)` prints a line on the main process. Returns entries for train_results.json (or
+    None); for methods that can be evaluated in several forms (Dynamic LoRA: eval loss by rank).
+    The hook leaves the adapter as it found it."""
+    reads_data_section: bool = False
+    """True: `from_finetune_args(finetune, data)` also gets the YAML config's data section, for a
+    config that depends on what the run trains on (multi-task LoRA: one task per name in `dataset:`)."""
+    batch_context: Callable[[Any, str, Any, dict], Any] | None = None
+    """(model, adapter name, config, batch) -> a context manager the training loop enters around the
+    forward and backward of each batch (train and eval; training_hooks.batch_context), through which a
+    batch's side information (data.collate.SIDE_KEYS, e.g. `task_ids`, never given to the model)
+    reaches the adapter's layers; it removes what it set on exit. Outside it the layers get none."""
+    check_data: Callable[[Any, Any, str], None] | None = None
+    """(config of a loaded adapter, the YAML config's data section, the adapter's folder): ConfigError,
+    one line, when training that adapter further on this data cannot be right (multi-task LoRA:
+    `dataset:` must list its tasks in the order it was trained with). Called by `tuneforge train`
+    when it continues an adapter from adapter_name_or_path."""
+    save_beside: Callable[[Any, str, Any, Any, str | None], None] | None = None
+    """(model, adapter name, config, directory, base_model_name_or_path): called by save_adapter after
+    the adapter's own files are written, for further folders in `directory` (multi-task LoRA: a plain
+    peft LoRA per task in <directory>/<task>)."""
     cannot_merge: Callable[[Any], str | None] | None = None
     """(config) -> why adapters of this method can never be merged into the weights (a nonlinearity,
     extra tokens), or None. `tuneforge export` asks it before loading anything; a layer's own
@@ -120,11 +165,17 @@ def method_named(name: str) -> AdapterMethod:
     return got
 
 
-def config_from_finetune_args(finetune: Any, model: Any) -> Any:
+def config_from_finetune_args(finetune: Any, model: Any, data: Any = None) -> Any:
     """The adapter config the YAML config's finetune section asks for, for `model` (the base the new
-    adapter goes on): the method's `from_finetune_args`, then its `fit_to_model` when it has one."""
+    adapter goes on): the method's `from_finetune_args` (given the data section `data` too where the
+    method's `reads_data_section` says so; ConfigError when it is missing), then its `fit_to_model`."""
     method = method_named(finetune.finetuning_type)
-    cfg = method.from_finetune_args(finetune)
+    if method.reads_data_section:
+        if data is None:
+            raise ConfigError(f"finetuning_type: {method.name} needs the config's data section (dataset:)")
+        cfg = method.from_finetune_args(finetune, data)
+    else:
+        cfg = method.from_finetune_args(finetune)
     return cfg if method.fit_to_model is None else method.fit_to_model(finetune, model, cfg)
 
 

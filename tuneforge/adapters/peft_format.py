@@ -154,6 +154,9 @@ def save_adapter(
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    method = method_of(model, name)
+    if method.save_beside is not None:  # e.g. multi-task LoRA: a plain LoRA per task in <directory>/<task>
+        method.save_beside(model, name, require_state(model, name).configs[name], directory, base_model_name_or_path)
     return directory
 
 

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator
 
@@ -19,6 +20,8 @@ from tuneforge.errors import ConfigError
 from tuneforge.quant.linear import QuantLinear
 
 from .config import ALL_LINEAR, LoraConfig
+
+log = logging.getLogger("tuneforge")
 
 # children that adapters add to a module (beside each adapter layer's own `param_dicts`); nothing
 # below them is ever a target
@@ -115,7 +118,9 @@ def is_target(cfg: LoraConfig, name: str, targets: list[str] | str) -> bool:
 
 
 def resolve_targets(model: torch.nn.Module, cfg: LoraConfig) -> list[tuple[str, torch.nn.Module]]:
-    """The (name, module) pairs `cfg` adapts; ConfigError when nothing matches."""
+    """The (name, module) pairs `cfg` adapts; ConfigError when nothing matches. When some names of
+    a target_modules list match no module (a typo beside a right name, or a name of another
+    architecture), one warning line names them: the adapter trains on the others, as in peft."""
     modules = list(candidate_modules(model))
     if cfg.target_modules is None:
         raise ConfigError(
@@ -136,6 +141,13 @@ def resolve_targets(model: torch.nn.Module, cfg: LoraConfig) -> list[tuple[str, 
             f"target_modules={cfg.target_modules!r}{extra} matched no module of {type(model).__name__}. "
             f"Linear layers in this model: {_linear_examples(modules)}"
         )
+    if isinstance(cfg.target_modules, (list, tuple, set)):
+        missing = [k for k in cfg.target_modules
+                   if not any(n == k or n.endswith("." + k) for n, _ in modules)]
+        if missing:
+            log.warning("target_modules: %s matched no module of %s; adapting the modules the other names "
+                        "match. Linear layers in this model: %s", ", ".join(map(str, missing)),
+                        type(model).__name__, _linear_examples(modules))
     return found
 
 

@@ -1,9 +1,12 @@
 """What the training loop asks of the adapters it trains, whatever their method: the methods'
-`training_loss` and `after_step` hooks (methods.py), run for every adapter on the model that has
-a trainable parameter. A model without adapters, or whose methods give neither hook, costs a scan
-of its adapter layers per step and nothing else."""
+`before_step`, `batch_context`, `training_loss`, `forward_loss`, `after_step`, `after_training` and
+`training_state` / `load_training_state` hooks (methods.py), run for every adapter on the model
+that has a trainable parameter. A model without adapters, or whose methods give none of the hooks,
+costs a scan of its adapter layers per micro-batch and nothing else."""
 
 from __future__ import annotations
+
+from contextlib import ExitStack
 
 import torch
 from torch import nn
@@ -35,7 +38,55 @@ def training_loss(model: nn.Module) -> torch.Tensor | None:
     return torch.stack(terms).sum() if terms else None
 
 
+def forward_loss(model: nn.Module) -> torch.Tensor | None:
+    """The sum of the trained adapters' `forward_loss` terms for the forwards since the last call
+    (0-dim, with autograd), or None; called after each micro-batch's forward."""
+    terms = [t for owner, name, cfg, m in _trained(model, "forward_loss")
+             if (t := m.forward_loss(owner, name, cfg)) is not None]  # fmt: skip
+    return torch.stack(terms).sum() if terms else None
+
+
 def after_step(model: nn.Module, step: int, total_steps: int) -> None:
     """Run every trained adapter's `after_step(model, name, config, step, total_steps)`."""
     for owner, name, cfg, m in _trained(model, "after_step"):
         m.after_step(owner, name, cfg, step, total_steps)
+
+
+_SEP = "::"  # adapter name :: the method's own key, in a checkpoint's adapter_training_state file
+
+
+def training_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every trained adapter's `training_state`, keyed '<adapter name>::<its key>' ({} when none)."""
+    return {f"{name}{_SEP}{key}": tensor.detach().contiguous()
+            for owner, name, cfg, m in _trained(model, "training_state")
+            for key, tensor in m.training_state(owner, name, cfg).items()}
+
+
+def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Give each trained adapter whose method has `load_training_state` its part of `tensors` (as
+    `training_state` wrote them)."""
+    for owner, name, cfg, m in _trained(model, "load_training_state"):
+        prefix = name + _SEP
+        m.load_training_state(owner, name, cfg, {k[len(prefix):]: v for k, v in tensors.items()
+                                                 if k.startswith(prefix)})
+def before_step(model: nn.Module, step: int, total_steps: int) -> None:
+    """Run every trained adapter's `before_step(model, name, config, step, total_steps)`."""
+    for owner, name, cfg, m in _trained(model, "before_step"):
+        m.before_step(owner, name, cfg, step, total_steps)
+
+
+def after_training(model: nn.Module, evaluate, report) -> dict:
+    """The results entries of every trained adapter's `after_training(model, name, config, evaluate,
+    report)`, merged ({} when no method gives the hook)."""
+    out: dict = {}
+    for owner, name, cfg, m in _trained(model, "after_training"):
+        out.update(m.after_training(owner, name, cfg, evaluate, report) or {})
+    return out
+def batch_context(model: nn.Module, batch: dict) -> ExitStack:
+    """A context manager that enters every trained adapter's `batch_context(model, name, config,
+    batch)` (the batch's side information, e.g. multi-task LoRA's per-token task ids, set on its
+    layers) and leaves them in reverse order; an empty one when no method gives the hook."""
+    stack = ExitStack()
+    for owner, name, cfg, m in _trained(model, "batch_context"):
+        stack.enter_context(m.batch_context(owner, name, cfg, batch))
+    return stack

@@ -6,11 +6,30 @@ import torch
 
 from .encode import IGNORE_INDEX
 
+TASK_ID = "task_id"
+"""An example's task: the index of its dataset's name in `dataset:` (set by load_datasets with
+`multitask: true`)."""
+SIDE_KEYS = ("task_ids",)
+"""Batch keys that are side information for the adapters (their methods' `batch_context` reads them),
+never inputs of the model: `task_ids`, each token's task, shaped like input_ids."""
+
+
+def task_ids(examples: list[dict], lengths: list[int], shape: tuple[int, ...] | None) -> torch.Tensor:
+    """The `task_ids` of a batch: each example's TASK_ID repeated over `lengths[i]` tokens, either
+    as rows of `shape` (padded: a row's padding takes its example's task) or concatenated (packed)."""
+    if shape is None:
+        return torch.cat([torch.full((n,), e[TASK_ID], dtype=torch.long) for e, n in zip(examples, lengths)])[None]
+    out = torch.empty(shape, dtype=torch.long)
+    for row, example in enumerate(examples):
+        out[row] = example[TASK_ID]
+    return out
+
 
 class PaddingCollator:
     """Turn a list of {"input_ids", "labels"} examples into padded LongTensors.
 
-    Padded positions get `pad_token_id` in input_ids, 0 in attention_mask and `label_pad_id` in labels.
+    Padded positions get `pad_token_id` in input_ids, 0 in attention_mask and `label_pad_id` in labels;
+    examples that carry a task id (multi-task data) also give `task_ids`, shaped like input_ids.
     """
 
     def __init__(self, pad_token_id: int, label_pad_id: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None):
@@ -38,4 +57,7 @@ class PaddingCollator:
             input_ids[row, :n] = torch.as_tensor(example["input_ids"], dtype=torch.long)
             attention_mask[row, :n] = 1
             labels[row, :n] = torch.as_tensor(example["labels"], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if TASK_ID in examples[0]:  # multi-task data: each row's task, per token
+            batch["task_ids"] = task_ids(examples, [], tuple(input_ids.shape))
+        return batch

@@ -14,6 +14,7 @@ from pathlib import Path
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.fileio import quoted
 
+from .collate import TASK_ID
 from .encode import IGNORE_INDEX, encode_conversations
 from .formats import Conversation, fill_placeholders, to_conversations
 from .issues import Drops
@@ -51,7 +52,9 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     `kind` (default: conversations, for sft).
 
     A conversation example is {"input_ids": [...], "labels": [...]} (labels -100 where no loss
-    is taken); other kinds say what theirs hold (data/text.py, data/pairwise.py). Sets the chat
+    is taken); other kinds say what theirs hold (data/text.py, data/pairwise.py). With
+    `multitask: true` every example also carries "task_id", the index of its dataset's name in
+    `dataset:` (each dataset is tokenized alone), and eval datasets must be among those names. Sets the chat
     template on the tokenizer (see `apply_template`). Records that are not a complete
     conversation, and examples with no reply token left within cutoff_len, are dropped with one
     warning line per dataset that counts them.
@@ -75,12 +78,23 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     if kind.chat_template or template:
         apply_template(tokenizer, template)
 
+    def read(name: str) -> list:
+        return _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None),
+                             random.Random(seed), kind)
+
     def load(group: list[str]) -> list[dict]:
-        items = []
-        for name in group:
-            items += _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None),
-                                   random.Random(seed), kind)
-        return kind.tokenize(items, data_args, tokenizer)
+        if not multitask:
+            return kind.tokenize([item for name in group for item in read(name)], data_args, tokenizer)
+        examples = []
+        for name in group:  # each dataset alone (pt's blocks never span two tasks), tagged with its task
+            for example in kind.tokenize(read(name), data_args, tokenizer):
+                example[TASK_ID] = names.index(name)
+                examples.append(example)
+        return examples
+
+    multitask = bool(getattr(data_args, "multitask", False))
+    if multitask:
+        _check_tasks(names, eval_names)
 
     train = load(names)
     random.Random(seed).shuffle(train)  # mixes several datasets, and makes the val_size split random
@@ -89,6 +103,21 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     if val_size:
         return _split(train, val_size)
     return DatasetSplits(train, None)
+
+
+def _check_tasks(names: list[str], eval_names: list[str]) -> None:
+    """multitask: true: two or more distinct datasets (the tasks), and eval datasets among them."""
+    if len(names) < 2:
+        raise ConfigError(f"config key 'multitask' needs two or more datasets in dataset: (each dataset is a task); "
+                          f"got {','.join(names)!r}")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"config key 'dataset' lists {', '.join(twice)} twice; with multitask: true each dataset "
+                          "is one task: list each once")
+    unknown = [n for n in eval_names if n not in names]
+    if unknown:
+        raise ConfigError(f"config key 'eval_dataset' names {', '.join(unknown)}, which is not in dataset: "
+                          f"({','.join(names)}); with multitask: true each eval dataset must be one of the tasks")
 
 
 def _names(value) -> list[str]:

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from .collate import TASK_ID, task_ids
 from .encode import IGNORE_INDEX
 
 
 class PackingCollator:
     """Turn a list of {"input_ids", "labels"} examples into one packed row:
-    input_ids, position_ids and labels, each of shape (1, total tokens)."""
+    input_ids, position_ids and labels, each of shape (1, total tokens), and `task_ids` (each
+    token's task) when the examples carry a task id."""
 
     def __init__(self, label_pad_id: int = IGNORE_INDEX):
         self.label_pad_id = label_pad_id
@@ -24,7 +26,7 @@ class PackingCollator:
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:
             raise ValueError("cannot collate an empty list of examples")
-        ids, positions, labels = [], [], []
+        ids, positions, labels, kept = [], [], [], []
         for row, example in enumerate(examples):
             n = len(example["input_ids"])
             if len(example["labels"]) != n:
@@ -37,7 +39,11 @@ class PackingCollator:
             target = torch.as_tensor(example["labels"], dtype=torch.long).clone()
             target[0] = self.label_pad_id  # predicted from the previous example's last token
             labels.append(target)
+            kept.append(example)
         if not ids:
             raise ValueError("cannot pack examples that are all empty")
-        return {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(positions)[None],
-                "labels": torch.cat(labels)[None]}
+        batch = {"input_ids": torch.cat(ids)[None], "position_ids": torch.cat(positions)[None],
+                 "labels": torch.cat(labels)[None]}
+        if TASK_ID in kept[0]:  # multi-task data: a packed row holds several tasks, so per token
+            batch["task_ids"] = task_ids(kept, [len(e["input_ids"]) for e in kept], None)
+        return batch

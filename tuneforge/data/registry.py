@@ -9,6 +9,7 @@ stay inside the registry's folder (no absolute paths, no `..` or symbolic link l
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,7 +82,11 @@ def default_dataset_dir() -> Path:
     local = Path("data")
     if (local / REGISTRY_FILE).is_file():
         return local.resolve()
-    return Path(__file__).resolve().parents[1] / "resources" / "data"
+    bundled = Path(__file__).resolve().parents[1] / "resources" / "data"
+    logger.info("dataset_dir is not set and ./data has no %s: reading the datasets bundled with tuneforge (%s) "
+                "from %s", REGISTRY_FILE, ", ".join(sorted(json.loads((bundled / REGISTRY_FILE).read_text()))),
+                bundled)
+    return bundled
 
 
 def resolve_dataset_dir(dataset_dir: str | Path | None) -> Path:

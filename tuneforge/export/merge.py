@@ -21,7 +21,7 @@ import torch
 from .. import adapters
 from ..errors import ConfigError
 from ..loading import load_for_use
-from ..models import resolve_dtype, resolve_model_path, split_paths
+from ..models import resolve_dtype, model_path, split_paths
 from ..quant import QuantizationConfig, save_quantized
 from ..quant.model import cast_unquantized
 from .adapter import export_adapters, refuse_unmergeable_files, refuse_unmergeable_layers
@@ -36,7 +36,7 @@ log = logging.getLogger("tuneforge")
 
 def _sources(cfg) -> list[tuple[str, Path]]:
     """The folders the export reads, by config key: it must write none of them."""
-    model = resolve_model_path(cfg.model.model_name_or_path, cfg.model.cache_dir)
+    model = model_path(cfg.model)
     # a .gguf file's folder is not the model's: only the file is read, and a non-empty
     # export_dir (that folder itself) is refused anyway
     found = [("model_name_or_path", model)] if model.is_dir() else []
@@ -103,6 +103,7 @@ def export_model(cfg) -> Path:
     with staged(target, "hf") as folder:
         model.save_pretrained(folder, max_shard_size=int(cfg.export.export_size * 10**9))
         tokenizer.save_pretrained(folder)
+        write_modelfile(folder, None, tokenizer, cfg.generate.default_system)  # `ollama create` from it
     return target.shown
 
 

@@ -1,4 +1,5 @@
-"""Ollama Modelfile beside an exported GGUF: FROM, a TEMPLATE in Ollama's Go-template syntax that
+"""Ollama Modelfile beside an exported GGUF (`FROM ./<file>.gguf`) or HF folder (`FROM .`, which
+Ollama imports from the safetensors there, as LLaMA-Factory's export writes it): FROM, a TEMPLATE in Ollama's Go-template syntax that
 renders a conversation as the tokenizer's chat template does, stop strings and SYSTEM.
 
 How Ollama renders (its template package and chat handler): the Modelfile's SYSTEM is sent as a
@@ -158,9 +159,10 @@ def _quote(text: str) -> str:
     return '"""' + text.replace('"""', '\\"\\"\\"') + '"""'
 
 
-def render_modelfile(gguf_name: str, converted: OllamaTemplate | None, has_chat_template: bool,
+def render_modelfile(gguf_name: str | None, converted: OllamaTemplate | None, has_chat_template: bool,
                      eos_token: str | None = None, system: str | None = None) -> str:
-    lines = [f"FROM ./{gguf_name}", ""]
+    """gguf_name: the GGUF file beside the Modelfile, or None for the HF folder it is in."""
+    lines = [f"FROM ./{gguf_name}" if gguf_name else "FROM .", ""]
     stops: list[str] = []
     if converted is not None:
         lines += [f"# TEMPLATE converted from the tokenizer's chat template (renders as tuneforge's "
@@ -179,8 +181,10 @@ def render_modelfile(gguf_name: str, converted: OllamaTemplate | None, has_chat_
     return "\n".join(lines) + "\n"
 
 
-def write_modelfile(directory: Path, gguf_name: str, tokenizer, system: str | None = None) -> Path:
-    """`system`: default_system from the config; without it, the chat template's own default."""
+def write_modelfile(directory: Path, gguf_name: str | None, tokenizer, system: str | None = None) -> Path:
+    """Write `directory`/Modelfile for the GGUF file `gguf_name` there, or (None) for the HF model
+    folder `directory` itself. `system`: default_system from the config; without it, the chat
+    template's own default."""
     converted = ollama_template(tokenizer)
     if system is None and converted is not None:
         system = converted.default_system

@@ -97,7 +97,7 @@ def sequence_length(example: dict) -> int:
 
 
 def check_virtual_room(model, tokenizer, splits: dict, cutoff_len: int | None, adapter: str | None = None,
-                       tunable: bool = False) -> None:
+                       tunable: bool = False, whole_rows: bool = False) -> None:
     """Refuse examples that, after the virtual tokens of the adapter active in `model` (prompt /
     prefix tuning, P-tuning, MAM, ...: `virtual_prefix`), run past the model's context
     (`context_length`): each of their N virtual tokens takes a position before the real ones, so a
@@ -109,12 +109,15 @@ def check_virtual_room(model, tokenizer, splits: dict, cutoff_len: int | None, a
     `splits`: split name ("train", "eval") -> encoded examples (or None). `adapter`: who adds the
     virtual tokens, for the message (default: "adapter '<its name in the model>'"). `tunable`:
     num_virtual_tokens is a setting of this run (training), so the message offers lowering it too.
-    Nothing to check for a model without virtual tokens or without a known context.
+    `whole_rows` (training: every token of a row runs through the model): without virtual tokens, a
+    model with learned positions (`learned_positions`) is checked too, its examples must fit the
+    context themselves. Nothing to check for a rotary model without
+    virtual tokens or a model without a known context.
     Raises ConfigError (one line: the split, the longest example, cutoff_len, num_virtual_tokens,
     the context and the cutoff_len that fits)."""
     context = context_length(model, tokenizer)
     virtual, name = virtual_prefix(model)
-    if context is None or not virtual:
+    if context is None or not (virtual or (whole_rows and learned_positions(model))):
         return
     for split, examples in splits.items():
         lengths = [sequence_length(e) for e in examples or ()]
@@ -122,15 +125,31 @@ def check_virtual_room(model, tokenizer, splits: dict, cutoff_len: int | None, a
         if not over:
             continue
         longest = max(lengths)
+        cut = f" (cutoff_len={cutoff_len})" if cutoff_len else ""
+        count = "all" if len(over) == len(lengths) else f"{len(over)} of the"
+        if not virtual:
+            raise ConfigError(
+                f"{count} {len(lengths)} {split} examples run past this model's context of {context} tokens "
+                f"(its learned position embeddings end there): the longest example is {longest} tokens{cut}; "
+                f"lower cutoff_len to {context}")
         fixes = [f"cutoff_len to {context - virtual}"] if context - virtual > 1 else []
         if tunable and context - longest >= 1:
             fixes.append(f"num_virtual_tokens to {context - longest}")
         fix = ("lower " + " or ".join(fixes) if fixes else
                "lower num_virtual_tokens" if tunable else "use an adapter with fewer virtual tokens")
-        cut = f" (cutoff_len={cutoff_len})" if cutoff_len else ""
-        count = "all" if len(over) == len(lengths) else f"{len(over)} of the"
         who = adapter or f"adapter {name!r}"
         raise ConfigError(
             f"{count} {len(lengths)} {split} examples run past this model's context of {context} tokens: "
             f"{who} puts num_virtual_tokens={virtual} virtual tokens before each, and the longest example is "
             f"{longest} tokens{cut}; {fix}")
+
+
+_POSITION_TABLES = ("wpe", "position_embeddings", "embed_positions")
+
+
+def learned_positions(model) -> bool:
+    """Whether `model` looks positions up in a learned table (GPT-2's wpe, BERT's
+    position_embeddings, OPT's embed_positions): past its end a forward fails with an IndexError,
+    where a rotary model only runs on positions it was not trained on."""
+    return any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES
+               for name, m in model.named_modules())

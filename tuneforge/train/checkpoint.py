@@ -1,7 +1,7 @@
 """Checkpoints that survive a crash: each is written under a temporary name and renamed into
 place, and removed by a rename to a trash name first, so `checkpoint-N` either exists whole or
-not at all. A checkpoint holds the trainable weights, optimizer, scheduler, RNG states and the
-data position (and what defines it, see `TrainingRun.data_record`). Whether one can be trusted
+not at all. A checkpoint holds the trainable weights, optimizer, scheduler, RNG states, what adapter
+methods keep while training (AdapterMethod.training_state, e.g. AdaLoRA's scores) and the data position (and what defines it, see `TrainingRun.data_record`). Whether one can be trusted
 is checked by `integrity.py`; which one a run resumes from is decided in `resume.py`."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import weightfiles
+from ..adapters import training_hooks
 from ..errors import CheckpointError
 from . import outputs
 from .optim import restore_state
@@ -28,6 +29,8 @@ TMP_PREFIX = outputs.TMP_PREFIX + PREFIX
 WEIGHTS = "trainable_state.safetensors"
 STATE = "trainer_state.json"
 OPTIMIZER, SCHEDULER, RNG = "optimizer.pt", "scheduler.pt", "rng_state.pt"
+# what adapter methods keep while training outside their weights (AdapterMethod.training_state)
+METHOD_STATE = "adapter_training_state.safetensors"
 TRAINING_FILES = (OPTIMIZER, SCHEDULER, RNG)  # absent from save_only_model checkpoints
 START_OVER = "start over with overwrite_output_dir: true"
 
@@ -104,6 +107,9 @@ def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimize
             torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER)
             torch.save(_rng_state(), tmp / RNG)
+            method_state = training_hooks.training_state(model)
+            if method_state:
+                save_file(method_state, str(tmp / METHOD_STATE))
         if extra_writer is not None:
             extra_writer(tmp)
         # trainer_state.json last: it is what integrity.py reads first
@@ -198,4 +204,7 @@ def load_checkpoint(path: str | Path, model, optimizer) -> tuple[TrainerState, d
     with torch.no_grad():
         for name, tensor in weights.items():
             params[name].copy_(tensor)
+    if (path / METHOD_STATE).exists():
+        training_hooks.load_training_state(
+            model, weightfiles.load_safetensors(path / METHOD_STATE, "checkpoint file", CheckpointError))
     return state, rng, saved_groups

@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 
 from ..adapters import training_hooks
+from ..data.collate import TASK_ID
 from . import checkpoint as ckpt
 from . import schedule, stop
 from .batches import MicroBatchStream, eval_batches, fingerprint
@@ -120,22 +121,32 @@ class TrainingRun:
     # -- pieces -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Eval means over the whole eval split: {"loss": ..., <each objective metric>: ...}."""
+        """Eval means over the whole eval split: {"loss": ..., <each objective metric>: ...}; with
+        multi-task data (examples carrying a task id) also "loss_<task>" per task (the dataset name),
+        from the same forwards: the split is evaluated task by task."""
         self.model.eval()
         names = self.objective.metrics
-        total = torch.zeros(2 + len(names), device=self.acc.device, dtype=torch.float64)
-        for batch in eval_batches(self.eval_examples, self.args.per_device_eval_batch_size,
-                                  self.collate, self.acc.process_index, self.acc.num_processes):
-            batch = {k: v.to(self.acc.device) for k, v in batch.items()}
-            with self.acc.autocast():
-                loss_sum, n, metrics = self.objective.loss(self.model, batch)
-            total += torch.tensor([loss_sum.item(), n, *(float(metrics[k]) for k in names)],
-                                  device=self.acc.device, dtype=torch.float64)
+        tasks = _task_names(self.cfg, self.eval_examples)
+        groups = [[e for e in self.eval_examples if e[TASK_ID] == t] for t in range(len(tasks))] \
+            if tasks else [self.eval_examples]
+        total = torch.zeros(len(groups), 2 + len(names), device=self.acc.device, dtype=torch.float64)
+        for g, examples in enumerate(groups):
+            for batch in eval_batches(examples, self.args.per_device_eval_batch_size,
+                                      self.collate, self.acc.process_index, self.acc.num_processes):
+                batch = {k: v.to(self.acc.device) for k, v in batch.items()}
+                # a method's per-batch side information (AdapterMethod.batch_context: task ids)
+                with self.acc.autocast(), training_hooks.batch_context(self.acc.unwrap_model(self.model), batch):
+                    loss_sum, n, metrics = self.objective.loss(self.model, batch)
+                total[g] += torch.tensor([loss_sum.item(), n, *(float(metrics[k]) for k in names)],
+                                         device=self.acc.device, dtype=torch.float64)
         total = self.acc.reduce(total, "sum")
         self.model.train()
-        count = total[1].clamp(min=1)
-        means = {k: (total[2 + i] / count).item() for i, k in enumerate(names)}
-        return {"loss": (total[0] / count).item(), **self.objective.report(means)}
+        whole = total.sum(0)
+        count = whole[1].clamp(min=1)
+        per_task = {f"loss_{task}": (total[t, 0] / total[t, 1]).item()
+                    for t, task in enumerate(tasks) if total[t, 1] > 0}
+        means = {k: (whole[2 + i] / count).item() for i, k in enumerate(names)}
+        return {"loss": (whole[0] / count).item(), **self.objective.report(means), **per_task}
 
     def train_step(self) -> tuple[float, int, int]:
         """One optimizer step; returns (mean loss, its normaliser over the step (label tokens,
@@ -153,14 +164,22 @@ class TrainingRun:
         names = self.objective.metrics
         metric_sums = [0.0] * len(names)
         unwrapped = self.acc.unwrap_model(self.model)
+        # per-step method work before the forward (AdapterMethod.before_step: Dynamic LoRA's rank)
+        training_hooks.before_step(unwrapped, self.state.global_step + 1, self.total_steps)
         for i, batch in enumerate(micro):
             sync = nullcontext() if i == gas - 1 else self.acc.no_sync(self.model)
-            with sync, self.acc.autocast():
+            # batch_context: a method's per-batch side information (task ids), also for a
+            # backward that recomputes the forward (activation checkpointing)
+            with sync, self.acc.autocast(), training_hooks.batch_context(unwrapped, batch):
                 loss_sum, _, metrics = self.objective.loss(self.model, batch)
-                metric_sums = [total + float(metrics[k]) for total, k in zip(metric_sums, names)]
+                metric_sums = [summed + float(metrics[k]) for summed, k in zip(metric_sums, names)]
                 extra = training_hooks.training_loss(unwrapped) if i == gas - 1 else None
                 # a method's regulariser (AdapterMethod.training_loss), once per step, not logged
-                self.acc.backward(loss_sum * scale + (extra if extra is not None else 0.0))
+                aux = training_hooks.forward_loss(unwrapped)
+                # a method's term from this micro-batch's forward (AdapterMethod.forward_loss: the MoE
+                # router's load balance), averaged over the step's micro-batches, not logged
+                total = loss_sum * scale + (extra if extra is not None else 0.0)
+                self.acc.backward(total + aux / gas if aux is not None else total)
             loss_total += loss_sum.item()
         loss_global = float(self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), "sum"))
         if names:
@@ -305,6 +324,9 @@ class TrainingRun:
             reporter.log_eval(self.state.global_step, means["loss"], self.state.epoch,
                               _metrics(means))
             reporter.message(f"eval_loss after training: {_eval_text(means)}")
+            # a method evaluated in several forms (AdapterMethod.after_training: DyLoRA's ranks)
+            results.update(training_hooks.after_training(self.acc.unwrap_model(self.model),
+                                                         self.evaluate, reporter.message))
         if args.save_strategy == "steps" and not self._saved_in_output_dir():
             self.save_checkpoint()  # the last step is always resumable / inspectable
         reporter.close()
@@ -322,6 +344,13 @@ class TrainingRun:
         if self.args.report_to in ("tensorboard", "all"):
             return self.args.logging_dir or str(self.output_dir / "runs")
         return None
+
+
+def _task_names(cfg, examples: list[dict]) -> list[str]:
+    """The task names (dataset: in order) when the examples carry task ids (multitask: true)."""
+    if not examples or TASK_ID not in examples[0]:
+        return []
+    return [n.strip() for n in str(cfg.data.dataset or "").split(",") if n.strip()]
 
 
 def _metrics(means: dict) -> dict:

@@ -99,11 +99,22 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
         paths = split_paths(model_args.adapter_name_or_path)
         if paths and not finetune.create_new_adapter:
             model = attach_adapters(model, paths, trainable=True)
+            trained = adapters.list_adapters(model)["default"]
+            method = adapters.methods.method_of_config(trained)
+            wanted = adapters.methods.method_named(finetune.finetuning_type)
+            if method.config_class is not wanted.config_class:  # e.g. a plain LoRA under lora_dynamic
+                raise ConfigError(
+                    f"adapter_name_or_path '{paths[-1]}' holds a {method.label or method.name} adapter (peft_type "
+                    f"{method.peft_type}), which trains on as finetuning_type: {method.name}, not "
+                    f"{finetune.finetuning_type}: set finetuning_type: {method.name} to continue it, or "
+                    f"create_new_adapter: true to merge it and train a new {finetune.finetuning_type} adapter")
+            if method.check_data is not None:  # e.g. multi-task LoRA: dataset: must list its tasks
+                method.check_data(trained, cfg.data, paths[-1])
         else:
             pending = take_pending(model)  # deferred (LoftQ): the base is quantized with the new adapter
             if paths:  # create_new_adapter: merge every listed adapter, then train a fresh one
                 model = adapters.unload(attach_adapters(model, paths, trainable=False), merge=True)
-            config = adapters.methods.config_from_finetune_args(finetune, model)
+            config = adapters.methods.config_from_finetune_args(finetune, model, cfg.data)
             _add_new_adapter(model, config, resume_from)
             if pending is not None:  # deterministic: a resumed run rebuilds the same base
                 finish_pending(model, pending, "default", finetune.loftq_iter)

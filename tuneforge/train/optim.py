@@ -1,5 +1,11 @@
-"""The optimizer: AdamW over the trainable parameters, in weight-decay groups and, with LoRA+,
-learning-rate groups.
+"""The optimizer: AdamW (or the `optim` transformers names) over the trainable parameters, in
+weight-decay groups and, with LoRA+, learning-rate groups.
+
+`optim` other than adamw_torch is built by transformers' own factory
+(`Trainer.get_optimizer_cls_and_kwargs`), so sgd, adafactor, the bitsandbytes 8-bit and paged
+optimizers, ... get exactly the class and settings (`optim_args`) that LLaMA-Factory's runs get.
+The optimizers that need the Trainer's own training step or model hooks (GaLore, APOLLO, LOMO,
+schedule-free) are refused in one line.
 
 Weight decay as transformers' Trainer: none on 1-D parameters (biases, norm weights).
 LoRA+ (`loraplus_lr_ratio`, LLaMA-Factory's grouping): every LoRA B matrix and every 1-D trainable
@@ -15,11 +21,12 @@ counts) but keeps the hyper-parameters this run's config gives its groups.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from ..adapters import LoraLayer
-from ..errors import CheckpointError
+from ..errors import CheckpointError, ConfigError
 
 
 def _lora_b_tensors(model) -> tuple[set[int], set[int]]:
@@ -64,10 +71,48 @@ def param_groups(model, args, finetune=None) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+# optimizers whose transformers integration lives in its Trainer (layer-wise hooks, its own step,
+# train/eval mode switches): the factory alone would build something else
+_TRAINER_ONLY = ("galore", "apollo", "lomo", "adalomo", "schedule_free")
+
+
 def build_optimizer(model, args, finetune=None) -> torch.optim.Optimizer:
-    """AdamW over `param_groups`; `args` are the training arguments, `finetune` the fine-tuning ones."""
-    return torch.optim.AdamW(param_groups(model, args, finetune), lr=args.learning_rate,
-                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    """The `optim` optimizer (default AdamW) over `param_groups`; `args` are the training arguments,
+    `finetune` the fine-tuning ones. Raises ConfigError for an optim name transformers does not
+    know, one that needs its Trainer, or one whose package is missing."""
+    groups = param_groups(model, args, finetune)
+    name = getattr(args, "optim", "adamw_torch") or "adamw_torch"
+    if name == "adamw_torch" and not getattr(args, "optim_args", None):
+        return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                 eps=args.adam_epsilon)
+    cls, kwargs = _transformers_optimizer(name, args)
+    return cls(groups, **kwargs)
+
+
+def _transformers_optimizer(name: str, args) -> tuple[type, dict]:
+    from transformers import Trainer
+    from transformers.training_args import OptimizerNames
+
+    known = [o.value for o in OptimizerNames]
+    if name not in known:
+        raise ConfigError(f"config key 'optim' must be one of transformers' optimizer names ({', '.join(known)}); "
+                          f"got '{name}'")
+    if name.startswith(_TRAINER_ONLY):
+        raise ConfigError(f"optim: {name} runs inside transformers' Trainer (its own hooks or step), which "
+                          "tuneforge's loop does not use; choose adamw_torch, sgd, adafactor or a bitsandbytes "
+                          "optimizer")
+    # the attributes the factory reads of a TrainingArguments (building a real one would reset
+    # accelerate's process state under the running Accelerator)
+    hf_args = SimpleNamespace(optim=OptimizerNames(name), optim_args=getattr(args, "optim_args", None),
+                              learning_rate=args.learning_rate, adam_beta1=args.adam_beta1,
+                              adam_beta2=args.adam_beta2, adam_epsilon=args.adam_epsilon,
+                              weight_decay=args.weight_decay, warmup_steps=getattr(args, "warmup_steps", 0))
+    try:
+        return Trainer.get_optimizer_cls_and_kwargs(hf_args)
+    except (ImportError, ValueError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"optim: {name} cannot be built here ({first}); install what it names or choose "
+                          "another optimizer") from None
 
 
 def hyper_parameters(groups: list[dict]) -> list[dict]:

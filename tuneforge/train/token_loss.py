@@ -15,6 +15,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from ..data.collate import SIDE_KEYS
 from ..errors import ConfigError
 from .fused_loss import fused_token_loss_sum, probe
 
@@ -24,9 +25,10 @@ log = logging.getLogger("tuneforge")
 
 
 def model_inputs(batch: dict) -> dict:
-    """What the model gets: everything a collator made except the labels (input_ids, and an
+    """What the model gets: everything a collator made except the labels and the side
+    information for adapters (data.collate.SIDE_KEYS: task_ids) (input_ids, and an
     attention_mask for padded rows or position_ids for packed ones)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    return {k: v for k, v in batch.items() if k != "labels" and k not in SIDE_KEYS}
 
 
 def label_count(batch: dict) -> int:
