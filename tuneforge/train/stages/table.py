@@ -92,7 +92,9 @@ class Stage:
         e.g. perplexity.
     head: what the model needs on top of its decoder (a key of HEADS); train/heads.py builds it.
     needs_reference: the objective compares with the model before training (DPO-like); it
-        gets it with `tuneforge.adapters.disable_adapters`, never from a second copy. A bool, or
+        gets it with `tuneforge.adapters.disable_adapters`, never from a second copy when an
+        adapter trains (full / freeze fine-tuning have no adapter to disable: dpo and kto keep
+        a frozen copy then, logged; config refuses pissa_init, which rewrites the base). A bool, or
         a function of the stage's settings ({key: value}) when some settings need none (dpo's
         pref_loss: orpo); `uses_reference(cfg)` answers for a config.
     packing: whether padding-free packed rows may carry its batches (token-level stages).
