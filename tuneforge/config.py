@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -16,9 +15,10 @@ from typing import Any, Optional, Union
 import yaml
 
 from . import fileio
-from .adapter_methods import METHOD_KEYS, METHOD_SELECTORS
+from .adapter_methods import METHOD_KEYS
 from .adapter_methods import METHODS as ADAPTER_METHODS
 from .config_checks import validate
+from .config_methods import apply_aliases, select_method
 from .config_values import coerce, is_text
 from .errors import ConfigError
 from .train.stages import STAGE_KEYS, stages_help
@@ -441,8 +441,8 @@ def build_config(values: dict) -> Config:
             value = "no" if value is False else value  # YAML 1.1 reads `save_strategy: no` as false
         per_section[section][key] = coerce(key, value, f.type)
     cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
-    selected = _select_method(cfg.finetune)
-    _apply_aliases(cfg, values)
+    selected = select_method(cfg.finetune)
+    apply_aliases(cfg, values, known)
     try:
         validate(cfg, given=set(values))
     except ConfigError as e:
@@ -450,45 +450,6 @@ def build_config(values: dict) -> Config:
             raise ConfigError(f"{e}; {selected}") from None  # the user wrote the other name
         raise
     return cfg
-
-
-def _apply_aliases(cfg: Config, values: dict) -> None:
-    """A method key's `alias` (adapter_methods.key): in a config of a method that reads the key and
-    does not set it, the alias's value sets it, and the alias's own field keeps its default (one
-    info line says so)."""
-    for name, spec in METHOD_KEYS.items():
-        alias = spec.get("alias")
-        if not alias or alias not in values or name in values or \
-                cfg.finetune.finetuning_type not in spec["methods"]:
-            continue
-        section, f = all_fields()[alias]
-        holder = getattr(cfg, section)
-        setattr(cfg.finetune, name, getattr(holder, alias))
-        setattr(holder, alias, f.default)
-        logging.getLogger("tuneforge").info("%s: %s is %s of finetuning_type: %s (%s stays at its default)",
-                                            alias, values[alias], name, cfg.finetune.finetuning_type, alias)
-
-
-def _select_method(finetune) -> str | None:
-    """Apply adapter_methods.METHOD_SELECTORS: `finetuning_type: lora` with `adaptive: moe` becomes
-    finetuning_type lora_moe. Returns what was done ('finetuning_type: lora with adaptive: moe is
-    finetuning_type: lora_moe') or None. ConfigError for a value the key does not know, or a
-    finetuning_type it does not refine."""
-    note = None
-    for key, table in METHOD_SELECTORS.items():
-        value = getattr(finetune, key)
-        if value is None:
-            continue
-        if value not in table:
-            raise ConfigError(f"config key '{key}' must be one of {', '.join(table)}; got '{value}'")
-        refines, selects = table[value]
-        if finetune.finetuning_type == refines:
-            finetune.finetuning_type = selects
-            note = f"finetuning_type: {refines} with {key}: {value} is finetuning_type: {selects}"
-        elif finetune.finetuning_type != selects:
-            raise ConfigError(f"config key '{key}' needs finetuning_type: {refines} or {selects} "
-                              f"(got finetuning_type: {finetune.finetuning_type})")
-    return note
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
