@@ -106,6 +106,30 @@ def render_turns(tokenizer, conversation: Conversation, tools_in_template: bool)
     return turns
 
 
+def last_reply_ids(tokenizer, conversations: list[Conversation]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply ids) per conversation ending on an assistant turn: the prompt is everything
+    the chat template renders before the last reply (the history included), the reply is that last
+    reply as the template renders it, with EOS added where the template does not end replies with
+    it, and the template's tail after it. All texts are tokenized in one call (preference and KTO
+    records: data/pairwise.py, data/kto.py)."""
+    tools_in_template = "tools" in template_text(tokenizer, tools=[])
+    texts = []
+    for conversation in conversations:
+        turns = render_turns(tokenizer, conversation, tools_in_template)
+        history = "".join(t.prompt + t.answer + t.tail for t in turns[:-1])
+        texts.append((history + turns[-1].prompt, turns[-1].answer, turns[-1].tail))
+    pieces = [piece for text in texts for piece in text]
+    ids = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
+    eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    out = []
+    for i, (_, answer_text, _) in enumerate(texts):
+        prompt, answer, tail = ids[3 * i], ids[3 * i + 1], ids[3 * i + 2]
+        if eos_id is not None and eos_text and eos_text not in answer_text:
+            answer = answer + [eos_id]
+        out.append((prompt, answer + tail))
+    return out
+
+
 def assemble(
     turns: list[tuple[list[int], list[int], list[int]]],
     cutoff_len: int,

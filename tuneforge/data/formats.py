@@ -52,13 +52,18 @@ def to_conversations(entry: DatasetEntry, records: Records, indices: list[int] |
     Incomplete conversations are dropped and counted in one warning line. Raises DataError for
     a missing column, a value of the wrong type, or when no record is a usable conversation.
     """
+    return convert_records(entry, records, indices, conversation_converter(entry, records),
+                           f"conversation ({USABLE})")
+
+
+def conversation_converter(entry: DatasetEntry, records: Records):
+    """The function that turns one record of `entry` into a Conversation (alpaca or sharegpt),
+    after checking that the records have its columns (DataError naming the missing one)."""
     if entry.formatting == "alpaca":
         _check_alpaca_columns(entry, records)
-        convert = _from_alpaca
-    else:
-        _check_columns(entry, records, ["messages"])
-        convert = _from_sharegpt
-    return convert_records(entry, records, indices, convert, f"conversation ({USABLE})")
+        return _from_alpaca
+    _check_columns(entry, records, ["messages"])
+    return _from_sharegpt
 
 
 def convert_records(entry: DatasetEntry, records: Records, indices, convert, usable: str) -> list:

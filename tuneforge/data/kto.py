@@ -15,15 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .encode import IGNORE_INDEX, render_turns, split_budget
-from .formats import (Conversation, _check_alpaca_columns, _check_columns, _from_alpaca, _from_sharegpt,
+from .encode import IGNORE_INDEX, last_reply_ids, split_budget
+from .formats import (Conversation, _check_columns, conversation_converter,
                       _refuse, convert_records)
 from .issues import describe_value
 from .loader import RecordKind
 from .pairwise import pad_rows
 from .readers import Records
 from .registry import DatasetEntry
-from .templates import template_text
 
 USABLE = "a conversation ending on a non-empty assistant reply, with a kto_tag"
 
@@ -39,12 +38,7 @@ def to_feedback(entry: DatasetEntry, records: Records, indices: list[int] | None
 
     Raises DataError for a missing column, a value of the wrong type (a kto_tag that is not
     true or false), or when no record is usable."""
-    if entry.formatting == "alpaca":
-        _check_alpaca_columns(entry, records)
-        convert = _from_alpaca
-    else:
-        _check_columns(entry, records, ["messages"])
-        convert = _from_sharegpt
+    convert = conversation_converter(entry, records)
     _check_columns(entry, records, ["kto_tag"])
     column = entry.column("kto_tag")
 
@@ -61,21 +55,8 @@ def to_feedback(entry: DatasetEntry, records: Records, indices: list[int] | None
 def encode_feedback(items: list[Feedback], data_args, tokenizer) -> list[dict]:
     """{"input_ids", "prompt_len", "kto_tag"} per record (see the module's docstring)."""
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
-    tools_in_template = "tools" in template_text(tokenizer, tools=[])
-    texts = []
-    for item in items:
-        turns = render_turns(tokenizer, item.conversation, tools_in_template)
-        history = "".join(t.prompt + t.answer + t.tail for t in turns[:-1])
-        texts.append((history + turns[-1].prompt, turns[-1].answer, turns[-1].tail))
-    pieces = [piece for text in texts for piece in text]
-    ids = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
-    eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
     examples = []
-    for i, item in enumerate(items):
-        prompt, answer, tail = ids[3 * i], ids[3 * i + 1], ids[3 * i + 2]
-        if eos_id is not None and eos_text and eos_text not in texts[i][1]:
-            answer = answer + [eos_id]
-        reply = answer + tail
+    for item, (prompt, reply) in zip(items, last_reply_ids(tokenizer, [item.conversation for item in items])):
         keep_prompt, keep_reply = split_budget(len(prompt), len(reply), cutoff_len)
         examples.append({"input_ids": prompt[:keep_prompt] + reply[:keep_reply], "prompt_len": keep_prompt,
                          "kto_tag": int(item.desirable)})

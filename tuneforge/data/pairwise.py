@@ -22,13 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .encode import IGNORE_INDEX, render_turns, split_budget
+from .encode import IGNORE_INDEX, last_reply_ids, split_budget
 from .formats import (Conversation, _blank, _check_columns, _Dropped, _from_alpaca, _message, _refuse, _text,
                       convert_records, role_kinds, sharegpt_turns)
 from .loader import RecordKind
 from .readers import Records
 from .registry import DatasetEntry
-from .templates import template_text
 
 USABLE = "a prompt ending on a user turn, and a non-empty chosen and rejected reply"
 
@@ -104,27 +103,14 @@ def encode_pairs(pairs: list[Pair], data_args, tokenizer, prompt_len: bool = Fal
     With `prompt_len`, each example also holds "prompt_len": the tokens before the replies
     (the same in both sequences)."""
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
-    tools_in_template = "tools" in template_text(tokenizer, tools=[])
-    texts = []
-    for pair in pairs:
-        for reply in (pair.chosen, pair.rejected):
-            messages = [*pair.prompt.messages, {"role": "assistant", "content": reply}]
-            turns = render_turns(tokenizer, Conversation(messages, pair.prompt.tools, pair.prompt.where,
-                                                         pair.prompt.dataset), tools_in_template)
-            history = "".join(t.prompt + t.answer + t.tail for t in turns[:-1])
-            texts.append((history + turns[-1].prompt, turns[-1].answer, turns[-1].tail))
-    pieces = [piece for text in texts for piece in text]
-    ids = tokenizer(pieces, add_special_tokens=False)["input_ids"] if pieces else []
-    eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
+    conversations = [Conversation([*pair.prompt.messages, {"role": "assistant", "content": reply}], pair.prompt.tools,
+                                  pair.prompt.where, pair.prompt.dataset)
+                     for pair in pairs for reply in (pair.chosen, pair.rejected)]
+    encoded = last_reply_ids(tokenizer, conversations)
     examples = []
-    for i in range(0, len(texts), 2):
-        prompt = ids[3 * i]  # the same text for both replies
-        replies = []
-        for j in (i, i + 1):
-            answer, tail = ids[3 * j + 1], ids[3 * j + 2]
-            if eos_id is not None and eos_text and eos_text not in texts[j][1]:
-                answer = answer + [eos_id]
-            replies.append(answer + tail)
+    for i in range(0, len(encoded), 2):
+        prompt = encoded[i][0]  # the same text for both replies
+        replies = [encoded[i][1], encoded[i + 1][1]]
         keep_prompt, keep_reply = split_budget(len(prompt), max(map(len, replies)), cutoff_len)
         chosen, rejected = (prompt[:keep_prompt] + r[:keep_reply] for r in replies)
         examples.append({"chosen_ids": chosen, "rejected_ids": rejected,
