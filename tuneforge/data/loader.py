@@ -73,7 +73,7 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     registry = load_registry(dataset_dir)
     template = getattr(data_args, "template", None)
     if kind.chat_template or template:
-        apply_template(tokenizer, template)
+        apply_template(tokenizer, template, getattr(data_args, "enable_thinking", True))
 
     def load(group: list[str]) -> list[dict]:
         items = []
