@@ -126,3 +126,15 @@ def test_alpaca_and_llama3_label_exactly_the_reply(smol, spans):
     llama3 = encode_conversation(smol, CHAT)
     # llama3 ends a reply with <|eot_id|>; the tokenizer's eos is added so the model learns to stop
     assert [smol.decode(s) for s in spans(llama3)] == ["Blue.<|eot_id|><|im_end|>", "Green.<|eot_id|><|im_end|>"]
+
+
+def test_named_templates_get_tool_descriptions_in_the_system_text(smol):
+    """minimax1's tool turn says "tools": still one of ours, which never render the tools list."""
+    from tuneforge.data.formats import Conversation
+    from tuneforge.data.encode import encode_conversations
+
+    tools = [{"name": "add", "description": "Add two numbers", "parameters": {}}]
+    for name in ("minimax1", "qwen3_nothink"):
+        apply_template(smol, name)
+        example = encode_conversations(smol, [Conversation(list(CHAT[1:3]), tools)])[0]
+        assert "Add two numbers" in smol.decode(example["input_ids"]), name

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tuneforge.errors import DataError
 
 from .formats import Conversation
-from .templates import TemplateRefused, render_chat, template_hint, template_label, template_text
+from .templates import TemplateRefused, render_chat, renders_tools, template_hint, template_label
 
 IGNORE_INDEX = -100
 
@@ -51,7 +51,7 @@ def encode_conversations(
     mask_history: bool = False,
 ) -> list[dict[str, list[int]]]:
     """Tokenize many conversations in one batched tokenizer call (much faster than one by one)."""
-    tools_in_template = "tools" in template_text(tokenizer, tools=[])
+    tools_in_template = renders_tools(tokenizer)
     all_turns = [render_turns(tokenizer, c, tools_in_template) for c in conversations]
     pieces = [text for turns in all_turns for text in _pieces(turns)]
     ids = iter(tokenizer(pieces, add_special_tokens=False)["input_ids"]) if pieces else iter(())

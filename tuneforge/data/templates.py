@@ -8,6 +8,7 @@ and chat all render alike. The named templates are a table (data/template_table.
 from __future__ import annotations
 
 import difflib
+from functools import lru_cache
 from pathlib import Path
 
 import jinja2
@@ -18,8 +19,8 @@ from tuneforge.fileio import quoted
 from .template_record import Template
 from .template_table import TEMPLATES
 
-__all__ = ["TEMPLATES", "Template", "apply_template", "get_template", "render_chat", "template_hint",
-           "template_label", "template_text", "TemplateRefused"]
+__all__ = ["TEMPLATES", "Template", "apply_template", "get_template", "render_chat", "renders_tools",
+           "template_hint", "template_label", "template_text", "TemplateRefused"]
 
 _EXAMPLES = ("chatml", "llama3", "qwen3_nothink", "alpaca")
 
@@ -70,6 +71,19 @@ def template_text(tokenizer, tools: list | None = None) -> str:
         return tokenizer.get_chat_template(None, tools)
     except ValueError as err:
         raise ConfigError(f"the tokenizer's chat templates are ambiguous ({err}); set template:") from None
+
+
+@lru_cache(maxsize=1)
+def _named_texts() -> frozenset[str]:
+    return frozenset(text for t in TEMPLATES.values() for text in {t.jinja(True), t.jinja(False)})
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the chat template writes the `tools` list itself (else data/encode.py puts the tool
+    descriptions in the system message). Named templates never do, even when a format's text
+    says "tools" (minimax1's tool turn)."""
+    text = template_text(tokenizer, tools=[])
+    return "tools" in text and text not in _named_texts()
 
 
 # what apply_chat_template raises for a template that is broken or refuses the messages
