@@ -92,7 +92,12 @@ class DataArguments:
         None, "Folder with dataset_info.json. Empty: ./data if it has one, else the demo data "
         "shipped with tuneforge.")
     template: Optional[str] = _f(
-        None, "Chat template name. Empty: the tokenizer's own chat template.")
+        None, "Chat template name (LLaMA-Factory's template names, e.g. qwen3_nothink, llama3, chatml). "
+        "Empty: the tokenizer's own chat template.")
+    enable_thinking: bool = _f(
+        True, "Reasoning templates (qwen3, deepseekr1, glm4_moe, ...; not the *_nothink ones): true: a reply "
+        "without a thought gets an empty one, which is learned; false: thoughts are removed from replies and "
+        "the empty one ends the prompt. As LLaMA-Factory; other templates ignore it.")
     cutoff_len: int = _f(2048, "Maximum tokens per example; longer examples are truncated.", bounds="(0, inf)")
     max_samples: Optional[int] = _f(None, "Keep at most this many records of each dataset.", bounds="(0, inf)")
     val_size: float = _f(

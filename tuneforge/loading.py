@@ -96,7 +96,7 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
     model, tokenizer = models.load_model_and_tokenizer(  # a module attribute: tests stub it
         cfg.model, dtype=dtype if dtype is not None else use.dtype, defer_quantization=loftq)
     if use.template:
-        apply_template(tokenizer, cfg.data.template)
+        apply_template(tokenizer, cfg.data.template, cfg.data.enable_thinking)
     if before_adapters is not None:
         model = before_adapters(model, tokenizer)
     served = {}

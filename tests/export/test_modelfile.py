@@ -21,7 +21,9 @@ CONVERSATIONS = [
      {"role": "assistant", "content": "1."}, {"role": "user", "content": "Two?"},
      {"role": "assistant", "content": "2."}, {"role": "user", "content": "Three?"}],
 ]
-TEMPLATES = [None, "chatml", "qwen", "llama3", "mistral", "gemma", "alpaca", "vicuna", "default"]
+TEMPLATES = [None, "chatml", "qwen", "llama3", "mistral", "gemma", "alpaca", "vicuna", "default",
+             # LLaMA-Factory's: system text in the first user turn with its own format, prefixes, eos in turns
+             "llama2", "paligemma_chat", "glm4", "deepseek3", "phi4", "mistral_small", "zephyr", "seed_coder"]
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,18 @@ def test_a_template_that_matches_none_gets_a_comment_not_a_wrong_template(tokeni
         assert ollama_template(tokenizer) is None
         text = write_modelfile(tmp_path, "m.gguf", tokenizer).read_text()
         assert "\nTEMPLATE " not in text and "write a TEMPLATE by hand" in text
+    finally:
+        tokenizer.chat_template = original
+
+
+def test_a_reasoning_template_gets_a_comment_not_a_template_without_its_thoughts(tokenizer, tmp_path):
+    original = tokenizer.chat_template
+    try:
+        apply_template(tokenizer, "qwen3")  # an empty thought before replies without one: no Go template for that
+        assert ollama_template(tokenizer) is None
+        assert "write a TEMPLATE by hand" in write_modelfile(tmp_path, "m.gguf", tokenizer).read_text()
+        apply_template(tokenizer, "qwen3_nothink")
+        assert ollama_template(tokenizer) is not None
     finally:
         tokenizer.chat_template = original
 

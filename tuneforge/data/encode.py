@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from tuneforge.errors import DataError
 
 from .formats import Conversation
-from .templates import TEMPLATES, TemplateRefused, render_chat, template_label, template_text
+from .templates import TemplateRefused, render_chat, renders_tools, template_hint, template_label
 
 IGNORE_INDEX = -100
 
@@ -51,7 +51,7 @@ def encode_conversations(
     mask_history: bool = False,
 ) -> list[dict[str, list[int]]]:
     """Tokenize many conversations in one batched tokenizer call (much faster than one by one)."""
-    tools_in_template = "tools" in template_text(tokenizer, tools=[])
+    tools_in_template = renders_tools(tokenizer)
     all_turns = [render_turns(tokenizer, c, tools_in_template) for c in conversations]
     pieces = [text for turns in all_turns for text in _pieces(turns)]
     ids = iter(tokenizer(pieces, add_special_tokens=False)["input_ids"]) if pieces else iter(())
@@ -93,11 +93,10 @@ def render_turns(tokenizer, conversation: Conversation, tools_in_template: bool)
         prompt = _render(tokenizer, messages[:i], tools, True, conversation.source)
         full = _render(tokenizer, messages[: i + 1], tools, False, conversation.source)
         if not prompt.startswith(done) or not full.startswith(prompt):
-            names = ", ".join(TEMPLATES)
             raise DataError(
                 f"{template_label(tokenizer)} is not prefix-consistent on {conversation.source}: the text "
                 f"rendered up to message {i} is not the start of the text that includes it (the template "
-                f"rewrites earlier turns), so assistant replies cannot be located; set template: to one of {names}"
+                f"rewrites earlier turns), so assistant replies cannot be located; set template: to {template_hint()}"
             )
         reply = full[len(prompt):]
         answer = reply.rstrip()
@@ -199,5 +198,5 @@ def _render(tokenizer, messages, tools, add_generation_prompt: bool, source: str
     except TemplateRefused as err:  # the record may be the cause here: say so
         raise DataError(
             f"{template_label(tokenizer)} cannot render {source}: {err.reason}; "
-            f"fix the record or set template: to one of {', '.join(TEMPLATES)}"
+            f"fix the record or set template: to {template_hint()}"
         ) from None

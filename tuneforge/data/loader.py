@@ -76,7 +76,7 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     registry = load_registry(dataset_dir)
     template = getattr(data_args, "template", None)
     if kind.chat_template or template:
-        apply_template(tokenizer, template)
+        apply_template(tokenizer, template, getattr(data_args, "enable_thinking", True))
 
     def read(name: str) -> list:
         return _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None),

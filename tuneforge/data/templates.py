@@ -1,13 +1,14 @@
 """Chat templates: the tokenizer's own by default, or a named one (LLaMA-Factory's names).
 
-A named template is a few format strings (one per role) that we turn into an ordinary Jinja chat
-template and set on the tokenizer, so training, `apply_chat_template` and chat all render alike.
-Format strings use `{content}`, `{bos}` and `{eos}`; bos/eos are the tokenizer's own special tokens.
+A named template is a few format strings (one per role: data/template_record.py) that we turn
+into an ordinary Jinja chat template and set on the tokenizer, so training, `apply_chat_template`
+and chat all render alike. The named templates are a table (data/template_table.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from functools import lru_cache
 from pathlib import Path
 
 import jinja2
@@ -15,97 +16,50 @@ import jinja2
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.fileio import quoted
 
+from .template_record import Template
+from .template_table import TEMPLATES
 
-@dataclass(frozen=True)
-class Template:
-    name: str
-    user: str
-    assistant: str  # the turn's body after `generation`; it should end the turn (eos or an end-of-turn token)
-    generation: str  # the header that opens an assistant turn; also what add_generation_prompt renders
-    system: str = "{content}\n"
-    tool: str = "{content}\n"
-    prefix: str = ""  # rendered once at the very start, e.g. "{bos}"
-    default_system: str = ""
-    system_in_user: bool = False  # models without a system role: the system text opens the first user turn
-    stop_words: tuple[str, ...] = ()  # what ends a reply besides eos, for generation
+__all__ = ["TEMPLATES", "Template", "apply_template", "get_template", "render_chat", "renders_tools",
+           "template_hint", "template_label", "template_text", "TemplateRefused"]
 
-    @property
-    def chat_template(self) -> str:
-        return _to_jinja(self)
+_EXAMPLES = ("chatml", "llama3", "qwen3_nothink", "alpaca")
 
 
-_CHATML = dict(
-    system="<|im_start|>system\n{content}<|im_end|>\n",
-    user="<|im_start|>user\n{content}<|im_end|>\n",
-    tool="<|im_start|>tool\n{content}<|im_end|>\n",
-    generation="<|im_start|>assistant\n",
-    assistant="{content}<|im_end|>\n",
-    stop_words=("<|im_end|>",),
-)
-
-TEMPLATES: dict[str, Template] = {
-    t.name: t
-    for t in [
-        Template("empty", system="{content}", user="{content}", tool="{content}", generation="",
-                 assistant="{content}{eos}"),
-        Template("default", system="System: {content}\n", user="Human: {content}\n", tool="Tool: {content}\n",
-                 generation="Assistant:", assistant=" {content}{eos}\n"),
-        Template("alpaca", system="{content}\n\n", user="### Instruction:\n{content}\n\n",
-                 tool="### Observation:\n{content}\n\n", generation="### Response:\n", assistant="{content}{eos}\n\n",
-                 default_system="Below is an instruction that describes a task. "
-                 "Write a response that appropriately completes the request."),
-        Template("vicuna", system="{content} ", user="USER: {content} ", tool="TOOL: {content} ",
-                 generation="ASSISTANT:", assistant=" {content}{eos}",
-                 default_system="A chat between a curious user and an artificial intelligence assistant. "
-                 "The assistant gives helpful, detailed, and polite answers to the user's questions."),
-        # plain text for few-shot benchmarks (LLaMA-Factory's eval examples use it)
-        Template("fewshot", system="{content}\n\n", user="{content}", tool="{content}", generation="",
-                 assistant="{content}\n\n"),
-        Template("chatml", **_CHATML),
-        Template("qwen", **_CHATML,
-                 default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant."),
-        Template("llama3", prefix="{bos}",
-                 system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
-                 user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
-                 tool="<|start_header_id|>ipython<|end_header_id|>\n\n{content}<|eot_id|>",
-                 generation="<|start_header_id|>assistant<|end_header_id|>\n\n", assistant="{content}<|eot_id|>",
-                 stop_words=("<|eot_id|>", "<|eom_id|>")),
-        Template("mistral", prefix="{bos}", system_in_user=True, user="[INST] {content} [/INST]",
-                 tool="[TOOL_RESULTS] {content} [/TOOL_RESULTS]", generation="", assistant="{content}{eos}"),
-        Template("gemma", prefix="{bos}", system_in_user=True, user="<start_of_turn>user\n{content}<end_of_turn>\n",
-                 tool="<start_of_turn>tool\n{content}<end_of_turn>\n", generation="<start_of_turn>model\n",
-                 assistant="{content}<end_of_turn>\n", stop_words=("<end_of_turn>",)),
-    ]
-}
+def template_hint() -> str:
+    """How to name a template in a message, without listing all of them."""
+    return (f"one of the {len(TEMPLATES)} named templates (LLaMA-Factory's names, e.g. "
+            f"{', '.join(_EXAMPLES)}; the README lists them)")
 
 
 def get_template(name: str) -> Template:
-    """The named template; ConfigError listing the known names if there is none by that name."""
-    template = TEMPLATES.get(str(name).strip().lower())
+    """The named template; ConfigError naming the closest known names if there is none by that name."""
+    key = str(name).strip().lower()
+    template = TEMPLATES.get(key)
     if template is None:
+        close = difflib.get_close_matches(key, TEMPLATES, n=5, cutoff=0.6)
+        close += [n for n in TEMPLATES if key and (n.startswith(key) or key.startswith(n)) and n not in close]
+        near = f"close names: {', '.join(close[:6])}; " if close else ""
         raise ConfigError(
-            f"template: unknown template {name!r}; known templates: {', '.join(TEMPLATES)} "
-            "(or leave template unset to use the tokenizer's own chat template)"
+            f"template: unknown template {name!r}; {near}set it to {template_hint()}, "
+            "or leave it unset to use the tokenizer's own chat template"
         )
     return template
 
 
-def apply_template(tokenizer, name: str | None) -> str:
+def apply_template(tokenizer, name: str | None, enable_thinking: bool = True) -> str:
     """Make `tokenizer.chat_template` the template training and chat will use, and return its text.
 
-    None keeps the tokenizer's own template (ConfigError if it has none). The template must
+    None keeps the tokenizer's own template (ConfigError if it has none). `enable_thinking`
+    (LLaMA-Factory's key) is the default a reasoning template renders with (Template.thought). The template must
     render one user message with the generation prompt: TemplateRefused (a ModelError naming
     the template's file) for a syntax error or a template that raises on it.
     """
     if name in (None, ""):
         if not tokenizer.chat_template:
-            raise ConfigError(
-                "the tokenizer has no chat template: set template: to one of "
-                f"{', '.join(TEMPLATES)}"
-            )
+            raise ConfigError(f"the tokenizer has no chat template: set template: to {template_hint()}")
         text = template_text(tokenizer)
     else:
-        tokenizer.chat_template = text = get_template(name).chat_template
+        tokenizer.chat_template = text = get_template(name).jinja(enable_thinking)
     render_chat(tokenizer, [{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                 what="a single user message")
     return text
@@ -117,6 +71,19 @@ def template_text(tokenizer, tools: list | None = None) -> str:
         return tokenizer.get_chat_template(None, tools)
     except ValueError as err:
         raise ConfigError(f"the tokenizer's chat templates are ambiguous ({err}); set template:") from None
+
+
+@lru_cache(maxsize=1)
+def _named_texts() -> frozenset[str]:
+    return frozenset(text for t in TEMPLATES.values() for text in {t.jinja(True), t.jinja(False)})
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the chat template writes the `tools` list itself (else data/encode.py puts the tool
+    descriptions in the system message). Named templates never do, even when a format's text
+    says "tools" (minimax1's tool turn)."""
+    text = template_text(tokenizer, tools=[])
+    return "tools" in text and text not in _named_texts()
 
 
 # what apply_chat_template raises for a template that is broken or refuses the messages
@@ -144,7 +111,7 @@ def render_chat(tokenizer, messages: list[dict], tools: list | None = None,
     except RENDER_ERRORS as err:
         reason = _reason(err)
         raise TemplateRefused(f"{template_label(tokenizer)} cannot render {what}: {reason}; fix it or "
-                              f"set template: to one of {', '.join(TEMPLATES)}", reason) from None
+                              f"set template: to {template_hint()}", reason) from None
 
 
 def _reason(err: Exception) -> str:
@@ -158,7 +125,7 @@ def template_label(tokenizer) -> str:
     else the tokenizer's own, with the file it came from when that is known."""
     text = tokenizer.chat_template
     for name, template in TEMPLATES.items():
-        if text == template.chat_template:
+        if text in (template.jinja(True), template.jinja(False)):
             return f"template {name!r}"
     origin = template_file(tokenizer)
     return "the tokenizer's own chat template" + (f" ({quoted(origin)})" if origin else "")
@@ -174,54 +141,3 @@ def template_file(tokenizer) -> Path | None:
         if (folder / name).is_file():
             return folder / name
     return None
-
-
-def _expr(fmt: str, content: str = "message['content']") -> str:
-    """A format string as a Jinja expression: literals quoted, placeholders as variables."""
-    parts = []
-    rest = fmt
-    names = {"{content}": content, "{bos}": "(bos_token or '')", "{eos}": "(eos_token or '')"}
-    while rest:
-        hits = [(rest.find(k), k) for k in names if k in rest]
-        if not hits:
-            parts.append(repr(rest))
-            break
-        at, key = min(hits)
-        if at:
-            parts.append(repr(rest[:at]))
-        parts.append(names[key])
-        rest = rest[at + len(key):]
-    return " + ".join(parts) or "''"
-
-
-def _to_jinja(t: Template) -> str:
-    system_first = "loop.index0 == ns.first_user and ns.system"
-    user_with_system = _expr(t.user, "ns.system + '\\n\\n' + message['content']")
-    lines = [
-        f"{{%- set ns = namespace(system={t.default_system!r}, first_user=0) %}}",
-        "{%- if messages and messages[0]['role'] == 'system' %}",
-        "{%- set ns.system = messages[0]['content'] %}{%- set ns.first_user = 1 %}",
-        "{%- endif %}",
-        f"{{{{- {_expr(t.prefix)} }}}}" if t.prefix else "",
-        "" if t.system_in_user else f"{{%- if ns.system %}}{{{{- {_expr(t.system, 'ns.system')} }}}}{{%- endif %}}",
-        "{%- for message in messages %}",
-        "{%- if message['role'] == 'system' %}",
-        "{%- if not loop.first %}" + f"{{{{- {_expr(t.system)} }}}}" + "{%- endif %}",
-        "{%- elif message['role'] == 'user' %}",
-        (
-            f"{{%- if {system_first} %}}{{{{- {user_with_system} }}}}"
-            f"{{%- else %}}{{{{- {_expr(t.user)} }}}}{{%- endif %}}"
-            if t.system_in_user
-            else f"{{{{- {_expr(t.user)} }}}}"
-        ),
-        "{%- elif message['role'] == 'assistant' %}",
-        f"{{{{- {_expr(t.generation + t.assistant)} }}}}",
-        "{%- elif message['role'] == 'tool' %}",
-        f"{{{{- {_expr(t.tool)} }}}}",
-        "{%- else %}",
-        "{{- raise_exception('unknown role: ' + message['role']) }}",
-        "{%- endif %}",
-        "{%- endfor %}",
-        f"{{%- if add_generation_prompt %}}{{{{- {_expr(t.generation)} }}}}{{%- endif %}}" if t.generation else "",
-    ]
-    return "\n".join(line for line in lines if line) + "\n"

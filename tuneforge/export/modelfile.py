@@ -75,6 +75,8 @@ def match_template(tokenizer) -> tuple[Template, str] | None:
     if not isinstance(getattr(tokenizer, "chat_template", None), str):
         return None
     for template in TEMPLATES.values():
+        if template.thought:  # a reply's empty thought depends on its text: not expressible here
+            continue
         default = _default_system(tokenizer, template)
         if default is None:
             continue
@@ -119,7 +121,7 @@ def go_template(template: Template, bos: str, eos: str, bos_added: bool) -> str:
     if template.system_in_user:
         # the first system text opens the first user turn, as the chat template does
         system = '{{ if eq $i 0 }}{{ $system = .Content }}{{ else }}' + fmt(template.system) + "{{ end }}"
-        joined = fmt(template.user, '{{ $system }}\n\n{{ .Content }}')
+        joined = fmt(template.user, fmt(template.system, "{{ $system }}") + "{{ .Content }}")
         user = "{{ if and $system (eq $i 1) }}" + joined + "{{ else }}" + fmt(template.user) + "{{ end }}"
         start = '{{ $system := "" }}'
     else:
