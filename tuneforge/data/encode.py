@@ -111,7 +111,7 @@ def last_reply_ids(tokenizer, conversations: list[Conversation]) -> list[tuple[l
     reply as the template renders it, with EOS added where the template does not end replies with
     it, and the template's tail after it. All texts are tokenized in one call (preference and KTO
     records: data/pairwise.py, data/kto.py)."""
-    tools_in_template = "tools" in template_text(tokenizer, tools=[])
+    tools_in_template = renders_tools(tokenizer)
     texts = []
     for conversation in conversations:
         turns = render_turns(tokenizer, conversation, tools_in_template)
