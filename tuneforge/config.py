@@ -235,7 +235,10 @@ class TrainingArguments:
         None, "Evaluate every this many steps. Empty: only before and after training.", bounds="(0, inf)")
     eval_on_start: bool = _f(True, "Evaluate once before training, to compare before/after.")
     plot_loss: bool = _f(False, "Write training_loss.png (raw and smoothed) at the end.")
-    report_to: str = _f("none", "Experiment tracking.", ("none", "tensorboard", "all"))
+    report_to: str = _f("none", "Experiment tracking: none, all (TensorBoard and every tracker installed), or "
+                        "a comma list of tensorboard, wandb, mlflow, swanlab (each needs its package; offline "
+                        "modes such as WANDB_MODE=offline need no network).")
+    run_name: Optional[str] = _f(None, "The run's name in the trackers (default: the output folder's name).")
     logging_dir: Optional[str] = _f(None, "TensorBoard folder. Empty: <output_dir>/runs.")
     resume_from_checkpoint: Optional[Union[bool, str]] = _f(
         None, "true: resume from the latest checkpoint in output_dir; a path: from that one.")

@@ -9,6 +9,7 @@ import os
 from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE, TASK_ID_METHODS
 from .errors import ConfigError
 from .train.stages import STAGE_KEYS, STAGES
+from .train.trackers import report_targets
 
 
 def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
@@ -27,6 +28,7 @@ def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
             if bounds and value is not None and not _within(value, bounds):
                 raise ConfigError(f"config key '{f.name}' must be {_describe(bounds)}; got {value}")
     _validate_stage(cfg)
+    report_targets(cfg.train.report_to)  # a tracker name, and its package, before anything loads
     _validate_stage_keys(cfg, given)
     if cfg.data.neat_packing and cfg.data.packing is False:
         raise ConfigError("config key 'neat_packing' is true but packing is false; neat_packing "

@@ -24,6 +24,7 @@ from . import schedule, stop
 from .batches import MicroBatchStream, eval_batches, fingerprint
 from .optim import build_optimizer, hyper_parameters
 from .reporting import Reporter, read_log
+from .trackers import report_targets, start_trackers
 from .resume import check_data_record, check_not_past_the_end
 from .stages.table import Objective
 
@@ -258,10 +259,18 @@ class TrainingRun:
         stop.Terminated (SIGTERM) after saving a checkpoint, CheckpointError on a full disk."""
         if self._rng_state is not None:  # last, so that nothing before training consumes them
             ckpt.set_rng_state(self._rng_state)
+        targets = report_targets(self.args.report_to)
+        trackers = []
+        if self.acc.is_main_process and any(t != "tensorboard" for t in targets):
+            from ..config import SECRET_KEYS
+
+            values = {k: v for k, v in self.cfg.to_dict().items() if k not in SECRET_KEYS}
+            trackers = start_trackers([t for t in targets if t != "tensorboard"], self.output_dir,
+                                      self.args.run_name, values)
         reporter = Reporter(self.output_dir, self.total_steps, self.state.global_step,
                             enabled=self.acc.is_main_process,
                             show_progress=not self.args.disable_tqdm,
-                            tensorboard_dir=self._tensorboard_dir())
+                            tensorboard_dir=self._tensorboard_dir(targets), trackers=trackers)
         try:
             return self._run(reporter)
         finally:
@@ -340,8 +349,8 @@ class TrainingRun:
         })
         return results
 
-    def _tensorboard_dir(self) -> str | None:
-        if self.args.report_to in ("tensorboard", "all"):
+    def _tensorboard_dir(self, targets: list[str]) -> str | None:
+        if "tensorboard" in targets:
             return self.args.logging_dir or str(self.output_dir / "runs")
         return None
 

@@ -1,4 +1,5 @@
-"""Where training progress goes: a progress bar, trainer_log.jsonl, TensorBoard."""
+"""Where training progress goes: a progress bar, trainer_log.jsonl, TensorBoard, and the
+experiment trackers of `report_to` (wandb, mlflow, swanlab: trackers.py)."""
 
 from __future__ import annotations
 
@@ -35,7 +36,8 @@ class Reporter:
     """One object the loop talks to; each sink is optional."""
 
     def __init__(self, output_dir: str | Path, total_steps: int, start_step: int,
-                 enabled: bool = True, show_progress: bool = True, tensorboard_dir: str | None = None):
+                 enabled: bool = True, show_progress: bool = True, tensorboard_dir: str | None = None,
+                 trackers: list | None = None):
         self.output_dir = Path(output_dir)
         self.total_steps = total_steps
         self.start_step = start_step
@@ -43,6 +45,7 @@ class Reporter:
         self.started = time.perf_counter()
         self.bar = None
         self.writer = None
+        self.trackers = list(trackers or [])  # started accelerate trackers (trackers.start_trackers)
         if not enabled:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +103,9 @@ class Reporter:
                 self.writer.add_scalar("train/grad_norm", grad_norm, step)
             for name, value in extra.items():
                 self.writer.add_scalar(f"train/{name}", value, step)
+        self._track({"train/loss": loss, "train/learning_rate": lr, "train/tokens_per_second": tokens_per_second,
+                     **({"train/grad_norm": grad_norm} if grad_norm is not None else {}),
+                     **{f"train/{k}": v for k, v in extra.items()}}, step)
 
     def log_eval(self, step: int, eval_loss: float, epoch: float,
                  metrics: dict[str, float] | None = None) -> None:
@@ -114,13 +120,21 @@ class Reporter:
             self.writer.add_scalar("eval/loss", eval_loss, step)
             for name, value in extra.items():
                 self.writer.add_scalar(f"eval/{name.removeprefix('eval_')}", value, step)
+        self._track({"eval/loss": eval_loss, **{f"eval/{k.removeprefix('eval_')}": v for k, v in extra.items()}}, step)
+
+    def _track(self, values: dict, step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
 
     def message(self, text: str) -> None:
         if self.enabled:
             (self.bar.write if self.bar is not None else print)(text)
 
     def close(self) -> None:
-        """Close the bar and the TensorBoard writer (again: nothing)."""
+        """Close the bar, the TensorBoard writer and the trackers (again: nothing)."""
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
         if self.bar is not None:
             self.bar.close()
             self.bar = None
