@@ -22,6 +22,7 @@ alone and chat never merges it.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
     if use.adapters != "none":
         for path in paths:  # every path before the model loads
             check_adapter_dir(path)
+            _warn_use_note(path)
             if (Path(path) / VALUE_HEAD_FILE).is_file():
                 log.warning("adapter '%s' is a reward model's (stage: rm): %s uses its adapter and ignores its "
                             "value head (%s); to score texts use tuneforge.train.reward.load_reward_model",
@@ -108,6 +110,20 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
         model.config.use_cache = True
         model.eval()
     return ReadyModel(model, tokenizer, served)
+
+
+def _warn_use_note(path: str) -> None:
+    """The adapter's method's `use_note` (AdapterMethod), as one warning line."""
+    from .adapters.methods import method_of_peft_type
+
+    try:
+        raw = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # loading it says what is wrong, in its own line
+    method = method_of_peft_type(raw.get("peft_type")) if isinstance(raw, dict) else None
+    note = method.use_note(raw, path) if method is not None and method.use_note is not None else None
+    if note:
+        log.warning("%s", note)
 
 
 def _served_names(paths: list[str]) -> list[str]:

@@ -144,6 +144,21 @@ def test_each_task_saves_as_a_plain_peft_lora(kind, tmp_path):
             assert (ours(input_ids=ids).logits - want).abs().max().item() <= 1e-4
 
 
+def test_using_the_multitask_folder_itself_warns_and_names_the_task_folders(tmp_path, caplog):
+    """chat / api / eval / export given the multi-task folder answer with the shared part only: one
+    warning line says so and names the task folders; a task's own folder (a plain LoRA) warns nothing."""
+    from tuneforge.loading import _warn_use_note
+
+    save_adapter(_adapted("llama"), tmp_path / "mt")
+    with caplog.at_level("WARNING", logger="tuneforge"):
+        _warn_use_note(str(tmp_path / "mt"))
+        _warn_use_note(str(tmp_path / "mt" / task_folder(TASKS[0])))
+    lines = [r.getMessage() for r in caplog.records if "multi-task" in r.getMessage()]
+    folders = ", ".join(str(tmp_path / "mt" / task_folder(t)) for t in TASKS)
+    assert lines == [f"adapter '{tmp_path / 'mt'}' is a multi-task LoRA: used as it is, every token gets its shared "
+                     f"part only (task parts need task ids); to answer as one task, use that task's folder: {folders}"]
+
+
 def test_merging_the_multitask_adapter_is_refused():
     model = _adapted("llama")
     with pytest.raises(ConfigError, match="multi-task LoRA.*merge a task's adapter"):

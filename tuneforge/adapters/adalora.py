@@ -342,6 +342,7 @@ register_method(AdapterMethod(
     config_to_peft=_to_peft, config_from_peft=_from_peft, from_finetune_args=_from_finetune_args,
     training_loss=allocator.orthogonal_regulariser, after_step=allocator.update_and_allocate,
     training_state=allocator.training_state, load_training_state=allocator.load_training_state,
+    check_run=allocator.check_run,
     keys=("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step",
           "lora_alpha", "lora_dropout", "lora_target", "additional_target"),
 ))  # fmt: skip

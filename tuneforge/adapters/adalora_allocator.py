@@ -41,6 +41,11 @@ def check_schedule(cfg: Any, total_step: int) -> None:
                           f"{cfg.tfinal}): no step is left to prune ranks; lower tinit / tfinal or train longer")
 
 
+def check_run(model, name: str, cfg: Any, total_steps: int) -> None:
+    """The schedule check for a run of `total_steps` (cfg.total_step wins), before it starts."""
+    check_schedule(cfg, cfg.total_step or total_steps)
+
+
 def _trainable_layers(model, name: str) -> list:
     layers = list(adapter_layers(model, name))
     return [(p, m) for p, m in layers if m.lora_A[name].requires_grad]

@@ -177,7 +177,8 @@ def _plan_targets(model: nn.Module, cfg: Any, method: AdapterMethod) -> list[tup
         if isinstance(module, AdapterLayer) and not isinstance(module, method.layer_class):
             raise ConfigError(
                 f"{path} already carries a {module.method_name} adapter; one layer takes adapters of one "
-                f"method only: leave {path} out of target_modules or delete the other adapter"
+                f"method only: leave {path} out of target_modules, delete the other adapter, or load the two "
+                "in separate models (e.g. two `tuneforge api` processes)"
             )
         if not isinstance(module, AdapterLayer) and adapter_class_for(module, method.name) is None:
             raise ConfigError(

@@ -361,12 +361,19 @@ def _cannot_merge(cfg: LoraMultitaskConfig) -> str:
             f"inside the adapter's folder ({folders})")
 
 
+def _use_note(raw: dict, path: str) -> str | None:
+    tasks = [str(t) for t in raw.get("tasks") or []]
+    folders = ", ".join(str(Path(path) / task_folder(t)) for t in tasks) or f"{path}/<task>"
+    return (f"adapter '{path}' is a multi-task LoRA: used as it is, every token gets its shared part only (task "
+            f"parts need task ids); to answer as one task, use that task's folder: {folders}")
+
+
 register_method(AdapterMethod(
     name="lora_multitask", peft_type="LORA_MULTITASK", label="multi-task LoRA", prefix="Lora",
     config_class=LoraMultitaskConfig, layer_class=LoraLayer, layers=dict(method_named("lora").layers),
     config_to_peft=config_to_peft, config_from_peft=config_from_peft, from_finetune_args=from_finetune_args,
     reads_data_section=True, check_data=_check_data, check_targets=_check_targets, batch_context=_batch_context,
-    save_beside=_save_tasks, cannot_merge=_cannot_merge,
+    save_beside=_save_tasks, cannot_merge=_cannot_merge, use_note=_use_note,
     keys=("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "additional_target", "use_rslora",
           "multitask_rank", "multitask_alpha"),
 ))  # fmt: skip

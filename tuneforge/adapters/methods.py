@@ -129,6 +129,14 @@ class AdapterMethod:
     """(model, adapter name, config, directory, base_model_name_or_path): called by save_adapter after
     the adapter's own files are written, for further folders in `directory` (multi-task LoRA: a plain
     peft LoRA per task in <directory>/<task>)."""
+    check_run: Callable[[Any, str, Any, int], None] | None = None
+    """(model, adapter name, config, total_steps): called once by the training loop when it knows the
+    run's length, before anything is written to output_dir; ConfigError (one line) for settings that
+    cannot work in that many steps (AdaLoRA's tinit / tfinal)."""
+    use_note: Callable[[dict, str], str | None] | None = None
+    """(adapter_config.json as a dict, the adapter's folder) -> a warning for loading that adapter
+    as it is to answer with it (chat, api, eval, export), or None; e.g. a multi-task LoRA, whose
+    task parts need task ids that only training has. tuneforge.loading logs it."""
     cannot_merge: Callable[[Any], str | None] | None = None
     """(config) -> why adapters of this method can never be merged into the weights (a nonlinearity,
     extra tokens), or None. `tuneforge export` asks it before loading anything; a layer's own

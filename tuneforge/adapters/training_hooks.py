@@ -1,5 +1,5 @@
 """What the training loop asks of the adapters it trains, whatever their method: the methods'
-`before_step`, `batch_context`, `training_loss`, `forward_loss`, `after_step`, `after_training` and
+`check_run`, `before_step`, `batch_context`, `training_loss`, `forward_loss`, `after_step`, `after_training` and
 `training_state` / `load_training_state` hooks (methods.py), run for every adapter on the model
 that has a trainable parameter. A model without adapters, or whose methods give none of the hooks,
 costs a scan of its adapter layers per micro-batch and nothing else."""
@@ -69,6 +69,12 @@ def load_training_state(model: nn.Module, tensors: dict[str, torch.Tensor]) -> N
         prefix = name + _SEP
         m.load_training_state(owner, name, cfg, {k[len(prefix):]: v for k, v in tensors.items()
                                                  if k.startswith(prefix)})
+def check_run(model: nn.Module, total_steps: int) -> None:
+    """Run every trained adapter's `check_run(model, name, config, total_steps)` (ConfigError)."""
+    for owner, name, cfg, m in _trained(model, "check_run"):
+        m.check_run(owner, name, cfg, total_steps)
+
+
 def before_step(model: nn.Module, step: int, total_steps: int) -> None:
     """Run every trained adapter's `before_step(model, name, config, step, total_steps)`."""
     for owner, name, cfg, m in _trained(model, "before_step"):

@@ -72,6 +72,8 @@ class TrainingRun:
                                        collate, self.args.seed, accelerator.process_index,
                                        accelerator.num_processes)
         self.total_steps = count_steps(self.stream.per_epoch, self.args)
+        # a method's settings that need the run's length (AdaLoRA's schedule), before output_dir is touched
+        training_hooks.check_run(model, self.total_steps)
         optimizer = build_optimizer(model, self.args, cfg.finetune)  # weight decay / LoRA+ groups
         self.scheduler, schedule_record = schedule.build_scheduler(optimizer, self.args,
                                                                    self.total_steps)
