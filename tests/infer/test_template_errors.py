@@ -13,11 +13,11 @@ import pytest
 from transformers import AutoTokenizer
 
 from tuneforge.data import load_datasets
-from tuneforge.data.templates import TEMPLATES, TemplateRefused, apply_template, render_chat
+from tuneforge.data.templates import TemplateRefused, apply_template, render_chat, template_hint
 from tuneforge.errors import DataError, ModelError
 from tuneforge.infer.generation import chat_input_ids
 
-NAMES = ", ".join(TEMPLATES)
+HINT = template_hint()  # the named templates, as the messages name them
 HI = [{"role": "user", "content": "hi"}]
 
 
@@ -61,7 +61,7 @@ def test_a_broken_own_template_is_refused_when_loaded_naming_its_file(folder, te
     with pytest.raises(TemplateRefused) as err:
         apply_template(tokenizer, None)
     assert str(err.value) == (f"the tokenizer's own chat template ('{folder / 'chat_template.jinja'}') cannot "
-                              f"render a single user message: {reason}; fix it or set template: to one of {NAMES}")
+                              f"render a single user message: {reason}; fix it or set template: to {HINT}")
     assert isinstance(err.value, ModelError) and err.value.reason == reason
 
 
@@ -105,7 +105,7 @@ def test_training_names_the_record_a_template_refuses(folder, tmp_path):
         load_datasets(make_args(dataset="d", dataset_dir=str(data)), tokenizer)
     assert str(err.value) == (f"the tokenizer's own chat template ('{folder / 'chat_template.jinja'}') cannot "
                               f"render dataset 'd' ('{data / 'd.json'}' record 1): no system role; fix the record "
-                              f"or set template: to one of {NAMES}")
+                              f"or set template: to {HINT}")
 
 
 def test_training_refuses_a_broken_template_before_reading_records(folder, tmp_path):
