@@ -12,7 +12,7 @@ Every arm trains the default model (SmolLM2-135M-Instruct, fp32) with `tuneforge
 alpaca_en_demo (../shared/data), the same examples in the same order: `--steps` optimizer steps
 of `--batch` examples (cutoff `--cutoff`), constant learning rate, `--eval` held-out examples.
 Its own settings (its keys and learning_rate) come from its example config: among the sft
-examples/*.yaml of that finetuning_type without quantization, <method>.yaml, else the one that
+examples/*.yaml of that finetuning_type without quantization or a named template, <method>.yaml, else the one that
 sets the fewest finetune keys; else the defaults. Each method runs in its own fresh process (this script
 with --arm), so the peak RSS is its own; LoRA always runs, since the ratios are to LoRA in the
 same run. Columns:
@@ -65,7 +65,7 @@ def _examples(finetuning_type: str) -> list[tuple[Path, dict]]:
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         raw = yaml.safe_load(path.read_text()) or {}
         if _selected(raw) == finetuning_type and raw.get("stage", "sft") == "sft" \
-                and "quantization_bit" not in raw:
+                and "quantization_bit" not in raw and "template" not in raw:  # template_*.yaml show a template
             own = {k: v for k, v in raw.items() if k in keys}
             if "learning_rate" in raw:
                 own["learning_rate"] = float(raw["learning_rate"])
