@@ -101,3 +101,24 @@ def copy_ours_to_peft(ours: torch.nn.Module, peft_model, name: str = "default", 
         for path, layer in lora_layers(ours, name):
             theirs[path].lora_A[peft_name].weight.copy_(layer.lora_A[name])
             theirs[path].lora_B[peft_name].weight.copy_(layer.lora_B[name])
+
+
+def assert_export_equals_chat(model_dir, adapter_dir, export_dir) -> None:
+    """`tuneforge export` of the trained adapter (merged, fp32) holds no adapter weights and gives the
+    logits `tuneforge chat` gives with the adapter unmerged, which differ from the base model's."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge.config import load_config
+    from tuneforge.workflows import chat_model, export
+
+    values = {"model_name_or_path": str(model_dir), "adapter_name_or_path": str(adapter_dir),
+              "infer_dtype": "float32", "export_dir": str(export_dir), "export_dtype": "float32"}
+    merged = AutoModelForCausalLM.from_pretrained(export(load_config(None, values))).eval()
+    assert not any("lora" in name for name in merged.state_dict())
+    chat = chat_model(load_config(None, values))
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(model_dir).eval()(ids).logits
+        got, want = merged(ids).logits, chat.model(ids).logits
+    assert (want - plain).abs().max() > 1e-4, "the trained adapter changes nothing"
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -10,10 +10,11 @@ import shutil
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+
+from adapter_testkit import assert_export_equals_chat
 
 from tuneforge.config import load_config
-from tuneforge.workflows import chat_model, export, train
+from tuneforge.workflows import train
 
 
 def _cfg(model_dir, data_dir, out, **overrides):
@@ -45,17 +46,7 @@ def test_lora_dynamic_trains_from_yaml_reports_loss_by_rank_and_exports(tiny_mod
     config = json.loads((out / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"], config["lora_alpha"]) == ("LORA", 4, 12)  # alpha: 2 x max
 
-    values = {"model_name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(out),
-              "infer_dtype": "float32", "export_dir": str(tmp_path / "merged"), "export_dtype": "float32"}
-    merged = AutoModelForCausalLM.from_pretrained(export(load_config(None, values))).eval()
-    assert not any("lora" in name for name in merged.state_dict())
-    chat = chat_model(load_config(None, values))
-    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()(ids).logits
-        got, want = merged(ids).logits, chat.model(ids).logits
-    assert (want - plain).abs().max() > 1e-4, "the trained adapter changes nothing"
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert_export_equals_chat(tiny_model_dir, out, tmp_path / "merged")
 
 
 def test_a_resumed_run_trains_the_same_ranks_to_the_same_adapter(tiny_model_dir, tiny_data_dir, tmp_path):
