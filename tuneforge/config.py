@@ -106,10 +106,15 @@ class DataArguments:
     mask_history: bool = _f(False, "Compute the loss on the last assistant turn only.")
     placeholders: Optional[dict] = _f(
         None, "Values for {{key}} placeholders in the data, e.g. {name: Forge, author: Ada}.")
+    tokenized_path: Optional[str] = _f(
+        None, "Folder for the tokenized data (HF datasets' save_to_disk): read instead of the data when an earlier "
+        "run saved it with the same tokenizer, template and data keys (else refused), else written. With "
+        "do_train: false, `tuneforge train` tokenizes, saves and stops.")
     overwrite_cache: bool = _f(
-        False, "Accepted for LLaMA-Factory configs; tuneforge tokenizes in memory, no cache.")
+        False, "With tokenized_path: tokenize again and replace the saved data (e.g. after editing the data).")
     preprocessing_num_workers: Optional[int] = _f(
-        None, "Accepted for LLaMA-Factory configs; tokenization runs in-process.")
+        None, "Accepted for LLaMA-Factory configs, no effect: tokenization runs in one process (fast "
+        "tokenizers batch it; worker processes were slower in our measurement, see docs/data.md).")
     packing: Optional[bool] = _f(
         None, "Padding-free batches: each micro-batch's examples are concatenated into one row "
         "with position_ids restarting per example, and attention never crosses examples, so "

@@ -44,7 +44,10 @@ def train(cfg: Config) -> dict:
     if not args.output_dir:
         raise ConfigError("config key 'output_dir' is required for `tuneforge train`")
     if not args.do_train:
-        raise ConfigError("do_train is false: nothing to do for `tuneforge train`")
+        if cfg.data.tokenized_path:  # LLaMA-Factory: tokenize, save to tokenized_path and stop
+            return _tokenize_only(cfg)
+        raise ConfigError("do_train is false: nothing to do for `tuneforge train` (with tokenized_path set, it "
+                          "tokenizes the data, saves it there and stops)")
     refuse_unread_keys(cfg.finetune)
     out = Path(args.output_dir)
     outputs.check_output_dir(out)
@@ -110,6 +113,20 @@ def train(cfg: Config) -> dict:
         _save_outputs(run, setup, out, results, args.plot_loss)
     accelerator.end_training()
     return results
+
+
+def _tokenize_only(cfg: Config) -> dict:
+    """do_train: false with tokenized_path: the stage's examples, tokenized as training would and
+    saved (data/tokenized.py); nothing is trained and output_dir is not touched."""
+    from .loading import load_for_use
+    from .train.stages import get_stage
+
+    tokenizer = load_for_use(cfg, "train").tokenizer  # the tokenizer exactly as training sets it up
+    splits = get_stage(cfg.finetune.stage).encode(cfg.data, tokenizer, cfg.train.seed)
+    log.info("do_train is false: the tokenized data is in %s (%d train, %d eval examples); nothing trained. "
+             "Train with tokenized_path: %s", cfg.data.tokenized_path, len(splits.train), len(splits.eval or []),
+             cfg.data.tokenized_path)
+    return {"train_examples": len(splits.train), "eval_examples": len(splits.eval or [])}
 
 
 def _read_folders(cfg: Config) -> list[tuple[str, Path]]:

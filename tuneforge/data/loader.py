@@ -19,6 +19,7 @@ from .encode import IGNORE_INDEX, encode_conversations
 from .formats import Conversation, fill_placeholders, to_conversations
 from .issues import Drops
 from .readers import read_records
+from . import tokenized
 from .registry import get_entry, load_registry, resolve_dataset_dir
 from .templates import apply_template
 
@@ -55,7 +56,9 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     is taken); other kinds say what theirs hold (data/text.py, data/pairwise.py). With
     `multitask: true` every example also carries "task_id", the index of its dataset's name in
     `dataset:` (each dataset is tokenized alone), and eval datasets must be among those names. Sets the chat
-    template on the tokenizer (see `apply_template`). Records that are not a complete
+    template on the tokenizer (see `apply_template`). With `tokenized_path` the examples are read
+    from there when an earlier run saved them with the same settings, else saved there
+    (tokenized.py). Records that are not a complete
     conversation, and examples with no reply token left within cutoff_len, are dropped with one
     warning line per dataset that counts them.
 
@@ -72,11 +75,26 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     val_size = getattr(data_args, "val_size", 0) or 0
     if eval_names and val_size:
         raise ConfigError("set either eval_dataset or val_size, not both")
-    dataset_dir = resolve_dataset_dir(getattr(data_args, "dataset_dir", None))
-    registry = load_registry(dataset_dir)
     template = getattr(data_args, "template", None)
     if kind.chat_template or template:
         apply_template(tokenizer, template, getattr(data_args, "enable_thinking", True))
+    saved_at = getattr(data_args, "tokenized_path", None)
+    _note_unused_keys(data_args, saved_at)
+    if saved_at:  # LLaMA-Factory's tokenized_path: read the examples saved by an earlier run, else save them
+        saved_at, stamp = Path(saved_at).expanduser(), tokenized.fingerprint(data_args, tokenizer, kind.name)
+        saved = tokenized.load_saved(saved_at, stamp, bool(getattr(data_args, "overwrite_cache", False)))
+        if saved is not None:
+            return DatasetSplits(*saved)
+        splits = _load_datasets(data_args, tokenizer, seed, kind, names, eval_names, val_size)
+        tokenized.save(saved_at, stamp, splits.train, splits.eval)
+        return splits
+    return _load_datasets(data_args, tokenizer, seed, kind, names, eval_names, val_size)
+
+
+def _load_datasets(data_args, tokenizer, seed: int, kind: RecordKind, names: list[str], eval_names: list[str],
+                   val_size: float) -> DatasetSplits:
+    dataset_dir = resolve_dataset_dir(getattr(data_args, "dataset_dir", None))
+    registry = load_registry(dataset_dir)
 
     def read(name: str) -> list:
         return _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None),
@@ -103,6 +121,17 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     if val_size:
         return _split(train, val_size)
     return DatasetSplits(train, None)
+
+
+def _note_unused_keys(data_args, saved_at) -> None:
+    """LLaMA-Factory's cache keys, said where they change nothing (never silently ignored)."""
+    workers = getattr(data_args, "preprocessing_num_workers", None)
+    if workers and workers > 1:
+        logger.info("preprocessing_num_workers=%d: tuneforge tokenizes in one process (batched by the fast "
+                    "tokenizer; worker processes were slower when measured, docs/data.md)", workers)
+    if getattr(data_args, "overwrite_cache", False) and not saved_at:
+        logger.info("overwrite_cache: nothing to overwrite without tokenized_path (tuneforge keeps no other "
+                    "cache of tokenized data)")
 
 
 def _check_tasks(names: list[str], eval_names: list[str]) -> None:

@@ -1,5 +1,7 @@
 """Read a registered data file (or folder of files) into records (dicts) that remember where each
 came from ("data/d.jsonl line 5", "data/d.json record 3"), for messages that name the record.
+JSON, JSON lines, CSV and .txt are read here (their errors name the line); Parquet and Arrow
+files through HF datasets (hf_files.py).
 
 Every file goes through tuneforge.fileio, so bad bytes, malformed JSON or CSV, nesting too deep
 and OS errors are one DataError line naming the dataset, the file and the line. Members of a
@@ -17,10 +19,11 @@ from pathlib import Path
 from tuneforge.errors import DataError
 from tuneforge.fileio import describe_os_error, parse_json, quoted, read_csv_rows, read_json_lines, read_text
 
+from .hf_files import BUILDERS, read_columnar
 from .issues import describe_value
 from .registry import DatasetEntry, is_inside
 
-READABLE_SUFFIXES = (".json", ".jsonl", ".csv")
+READABLE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".arrow")
 PRETRAIN_MESSAGE = (
     "is plain text for pretraining: pretraining datasets need stage: pt, "
     "not the supervised (sft) data loader; set stage: pt, or pick a dataset with instruction/response "
@@ -121,6 +124,8 @@ def _data_files(entry: DatasetEntry, text_lines: bool = False) -> list[Path]:
 def _read_file(entry: DatasetEntry, path: Path, limit: int | None) -> tuple[list[dict], array | None]:
     what = f"dataset {entry.name!r} file"
     suffix = path.suffix.lower()
+    if suffix in BUILDERS:  # columnar: through HF datasets, rows named "record N" (hf_files.py)
+        return read_columnar(entry.name, path, limit), None
     if suffix == ".jsonl":
         return _numbered(entry, path, read_json_lines(path, what), limit)
     if suffix == ".csv":
