@@ -127,9 +127,13 @@ def test_empty_after_cutoff(smol, make_args, folder):
     assert "cutoff_len=1" in message and "raise cutoff_len" in message
 
 
-def test_hub_only_entries_need_a_local_file(smol, make_args, shared_data):
+def test_hub_only_entries_offline_and_absent(smol, make_args, shared_data, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     message = load_error(smol, make_args, dataset="alpaca_en", dataset_dir=str(shared_data))
-    assert "llamafactory/alpaca_en" in message and "offline" in message and "file_name" in message
+    assert message.startswith("dataset 'alpaca_en' (hf_hub_url 'llamafactory/alpaca_en') is not in the Hugging Face cache")
+    assert "HF_HUB_OFFLINE is set" in message and "file_name" in message
 
 
 def test_preference_and_kto_data_need_other_stages(smol, make_args, shared_data):

@@ -42,8 +42,8 @@ def read_columnar(name: str, path: Path, limit: int | None) -> list[dict]:
 
 def cause(exc: BaseException) -> str:
     """The innermost error's first line: datasets wraps pyarrow's in DatasetGenerationError."""
-    while exc._cause__ is not None or exc.__context__ is not None:
-        exc = exc._cause__ or exc.__context__
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
@@ -72,3 +72,94 @@ class quiet:
 def offline() -> bool:
     return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
                for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def datasets_cache() -> str:
+    """HF datasets' cache of prepared data, read when used (as tuneforge.hub reads the hub cache):
+    $HF_DATASETS_CACHE, else $HF_HOME/datasets, else ~/.cache/huggingface/datasets."""
+    if os.environ.get("HF_DATASETS_CACHE"):
+        return str(Path(os.environ["HF_DATASETS_CACHE"]).expanduser())
+    home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    return str(Path(home).expanduser() / "datasets")
+
+
+def read_hub(entry, limit: int | None) -> list[dict]:
+    """The rows of a hub dataset (hf_hub_url or ms_hub_url, with subset, split and folder), the
+    first `limit` of them when set. Hugging Face: with HF_HUB_OFFLINE=1 (or HF_DATASETS_OFFLINE=1)
+    from the local hub cache only; online through datasets.load_dataset, falling back to the cache
+    when the hub cannot be reached. Raises DataError (one line naming the dataset) otherwise."""
+    if entry.load_from == "ms_hub":
+        table = _modelscope(entry)
+    elif offline():
+        table = _from_snapshot(entry, _snapshot(entry), "HF_HUB_OFFLINE is set")
+    else:
+        import datasets
+
+        try:
+            with quiet():
+                table = datasets.load_dataset(entry.hub_url, name=entry.subset, data_dir=entry.folder,
+                                              split=entry.split, cache_dir=datasets_cache())
+        except Exception as exc:  # noqa: BLE001 - unreachable, not found, gated, a bad subset, ...
+            folder = _snapshot(entry)
+            if folder is not None:
+                logger.warning("dataset %r: not loaded from the hub (%s); reading the copy in the Hugging Face "
+                               "cache", entry.name, cause(exc))
+            table = _from_snapshot(entry, folder, f"the hub gave {cause(exc)} (a private or gated dataset needs "
+                                   "`hf auth login` or HF_TOKEN)")
+    if limit is not None:
+        table = table.select(range(min(max(limit, 0), len(table))))
+    return table.to_list()
+
+
+def _snapshot(entry) -> str | None:
+    """The dataset's snapshot folder in the local Hugging Face hub cache (datasets--org--name), or None."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from tuneforge.hub import hub_cache
+
+    try:
+        return snapshot_download(entry.hub_url, repo_type="dataset", cache_dir=str(hub_cache()),
+                                 local_files_only=True)
+    except (LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def _from_snapshot(entry, folder: str | None, why: str):
+    import datasets
+
+    from tuneforge.hub import hub_cache
+
+    if folder is None:
+        raise DataError(f"dataset {entry.name!r} (hf_hub_url {entry.hub_url!r}) is not in the Hugging Face cache "
+                        f"({hub_cache()}) and {why}: check hf_hub_url, load it once where there is network "
+                        f"(`hf download {entry.hub_url} --repo-type dataset`), or save it as a file in "
+                        f"{quoted(entry.dataset_dir)} and register it with file_name")
+    try:
+        with quiet():
+            return datasets.load_dataset(folder, name=entry.subset, data_dir=entry.folder, split=entry.split,
+                                         cache_dir=datasets_cache())
+    except Exception as exc:  # noqa: BLE001
+        raise _failed(entry, exc) from None
+
+
+def _failed(entry, exc: BaseException) -> DataError:
+    chosen = ", ".join(f"{k} {v!r}" for k, v in (("subset", entry.subset), ("split", entry.split),
+                                                 ("folder", entry.folder)) if v)
+    return DataError(f"dataset {entry.name!r} ({entry.source}, {chosen}) could not be loaded ({cause(exc)}); "
+                     f"check hf_hub_url, subset, split and folder in {quoted(entry.registry)}")
+
+
+def _modelscope(entry):
+    try:
+        from modelscope import MsDataset
+    except ImportError:
+        raise DataError(f"dataset {entry.name!r} is read from ModelScope (ms_hub_url {entry.hub_url!r}), which "
+                        "needs the modelscope package: `pip install modelscope`, or give an hf_hub_url (and unset "
+                        "USE_MODELSCOPE_HUB)") from None
+    try:
+        table = MsDataset.load(dataset_name=entry.hub_url, subset_name=entry.subset, data_dir=entry.folder,
+                               split=entry.split)
+        return table.to_hf_dataset() if isinstance(table, MsDataset) else table
+    except Exception as exc:  # noqa: BLE001 - ModelScope's errors have no stable classes
+        raise _failed(entry, exc) from None

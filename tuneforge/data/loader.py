@@ -161,7 +161,7 @@ def _read_dataset(dataset_dir: Path, registry: dict, name: str, max_samples: int
     records = read_records(entry, None if entry.num_samples else max_samples,
                            text_lines=kind.name == "text")
     if not records:
-        raise DataError(f"dataset {name!r} ({quoted(entry.path)}) has no records; add some or pick another dataset")
+        raise DataError(f"dataset {name!r} ({quoted(entry.source)}) has no records; add some or pick another dataset")
     indices = None
     if entry.num_samples:  # LLaMA-Factory: a random num_samples of them, repeated when more are asked
         count = len(records)

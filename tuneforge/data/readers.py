@@ -19,7 +19,7 @@ from pathlib import Path
 from tuneforge.errors import DataError
 from tuneforge.fileio import describe_os_error, parse_json, quoted, read_csv_rows, read_json_lines, read_text
 
-from .hf_files import BUILDERS, read_columnar
+from .hf_files import BUILDERS, read_columnar, read_hub
 from .issues import describe_value
 from .registry import DatasetEntry, is_inside
 
@@ -46,7 +46,7 @@ class Records:
     def __getitem__(self, index: int) -> dict:
         return self.items[index]
 
-    def add(self, path: Path, records: list[dict], lines: array | None) -> None:
+    def add(self, path: Path | str, records: list[dict], lines: array | None) -> None:
         self._starts.append(len(self.items))
         self._files.append((str(path), lines))
         self.items.extend(records)
@@ -69,6 +69,9 @@ def read_records(entry: DatasetEntry, max_samples: int | None = None, text_lines
     type, or leads outside dataset_dir.
     """
     records = Records()
+    if entry.load_from != "file":  # a hub dataset (registry._source), through HF datasets
+        records.add(entry.source, read_hub(entry, max_samples), None)
+        return records
     for file in _data_files(entry, text_lines):
         limit = None if max_samples is None else max_samples - len(records)
         items, lines = _read_file(entry, file, limit)

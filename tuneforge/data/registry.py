@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,9 @@ logger = logging.getLogger(__name__)
 REGISTRY_FILE = "dataset_info.json"
 FORMATTINGS = ("alpaca", "sharegpt")
 HUB_KEYS = ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url")
-# LLaMA-Factory's entry keys; subset, split and folder only matter for hub datasets.
+HUB_SCHEMES = {"hf_hub": "hf://datasets/", "ms_hub": "modelscope://"}  # how a hub dataset is named in messages
+# LLaMA-Factory's entry keys; subset, split and folder only matter for hub datasets (LLaMA-Factory
+# reads a file as its one "train" split).
 ENTRY_KEYS = ("file_name", "formatting", "ranking", "columns", "tags", "num_samples",
               "subset", "split", "folder", "cloud_file_name", *HUB_KEYS)
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools",
@@ -63,10 +66,21 @@ class DatasetEntry:
     tags: dict[str, str] = field(default_factory=dict)
     hub_url: str | None = None
     num_samples: int | None = None  # LLaMA-Factory: sample this many records (repeating if more)
+    load_from: str = "file"  # or hf_hub, ms_hub, om_hub, script, cloud_file (LLaMA-Factory's precedence)
+    subset: str | None = None  # a hub dataset's configuration (datasets' `name`)
+    split: str = "train"
+    folder: str | None = None  # a folder inside the hub dataset (datasets' `data_dir`)
 
     @property
     def path(self) -> Path:
         return self.dataset_dir / (self.file_name or "")
+
+    @property
+    def source(self) -> str:
+        """Where the records come from, for messages: the file, or the hub dataset."""
+        if self.load_from in HUB_SCHEMES and self.hub_url:
+            return f"{HUB_SCHEMES[self.load_from]}{self.hub_url}"
+        return str(self.path)
 
     @property
     def registry(self) -> Path:
@@ -158,12 +172,43 @@ def get_entry(dataset_dir: Path, registry: dict[str, dict], name: str,
         columns={**DEFAULT_COLUMNS[formatting], **columns},
         given_columns=frozenset(columns),
         tags={**DEFAULT_TAGS, **tags},
-        hub_url=next((raw[k] for k in HUB_KEYS if isinstance(raw.get(k), str) and raw[k]), None),
         num_samples=_num_samples(where, raw.get("num_samples")),
+        **_source(where, raw),
     )
     _check_tags_distinct(where, entry.tags)
     _check_supported(entry, where, records)
     return entry
+
+
+def _source(where: str, raw: dict) -> dict:
+    """Where LLaMA-Factory reads the entry from: a hub URL wins over file_name (ms_hub_url over
+    hf_hub_url with USE_MODELSCOPE_HUB=1 or when it is the only one, om_hub_url likewise with
+    USE_OPENMIND_HUB=1), then script_url, cloud_file_name, file_name."""
+    texts = {}
+    for key in (*HUB_KEYS, "cloud_file_name", "subset", "split", "folder"):
+        value = raw.get(key)
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise DataError(f"{where}: {key} must be a non-empty name (a string), found {describe_value(value)}")
+        texts[key] = value.strip() if isinstance(value, str) else None
+    hf, ms, om = texts["hf_hub_url"], texts["ms_hub_url"], texts["om_hub_url"]
+    if ms and (_env_flag("USE_MODELSCOPE_HUB") or not hf):
+        load_from, url = "ms_hub", ms
+    elif om and (_env_flag("USE_OPENMIND_HUB") or not hf):
+        load_from, url = "om_hub", om
+    elif hf:
+        load_from, url = "hf_hub", hf
+    elif texts["script_url"]:
+        load_from, url = "script", texts["script_url"]
+    elif texts["cloud_file_name"]:
+        load_from, url = "cloud_file", texts["cloud_file_name"]
+    else:
+        load_from, url = "file", None
+    return {"load_from": load_from, "hub_url": url, "subset": texts["subset"], "split": texts["split"] or "train",
+            "folder": texts["folder"]}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _warn_unknown(where: str, section: str, given: dict, known: tuple[str, ...]) -> None:
@@ -275,10 +320,13 @@ def _check_supported(entry: DatasetEntry, where: str, records: str) -> None:
     media = [c for c in MEDIA_COLUMNS if entry.column(c)]
     if media:
         raise DataError(f"{where} has {', '.join(media)} columns: multimodal datasets are not supported yet")
-    if not entry.file_name:
-        if entry.hub_url:
-            raise DataError(
-                f"{where} lives on a hub ({entry.hub_url}) and tuneforge works offline: download it, "
-                f"save it as .json or .jsonl in {quoted(entry.dataset_dir)}, and register it with file_name"
-            )
+    refused = {
+        "om_hub": "om_hub_url: LLaMA-Factory's Modelers (OpenMind) hub is not supported",
+        "script": "script_url: dataset loading scripts are not supported (HF datasets 4 dropped them)",
+        "cloud_file": "cloud_file_name: LLaMA-Factory's S3 / GCS files are not supported",
+    }
+    if entry.load_from in refused:
+        raise DataError(f"{where}: {refused[entry.load_from]}; convert the data to a file in "
+                        f"{quoted(entry.dataset_dir)} and register it with file_name, or give an hf_hub_url")
+    if entry.load_from == "file" and not entry.file_name:
         raise DataError(f"{where} has no file_name: add the data file's name relative to {quoted(entry.dataset_dir)}")
