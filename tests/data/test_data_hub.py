@@ -98,6 +98,8 @@ def test_a_hub_url_wins_over_file_name_as_in_llamafactory(smol, make_args, hub):
      "'{data}/dataset_info.json'"),
     ({"hf_hub_url": "org/demo", "subset": 3}, "dataset 'd' in '{data}/dataset_info.json': subset must be a "
      "non-empty name (a string), found a number (3)"),
+    ({"file_name": "ref.jsonl", "split": "validation"}, "dataset 'd' in '{data}/dataset_info.json': split "
+     "'validation' names a split of a hub dataset, and a file is read as its one \"train\" split"),
     ({"om_hub_url": "org/demo"}, "om_hub_url: LLaMA-Factory's Modelers (OpenMind) hub is not supported; convert"),
     ({"script_url": "demo"}, "script_url: dataset loading scripts are not supported"),
     ({"cloud_file_name": "s3://bucket/d.json"}, "cloud_file_name: LLaMA-Factory's S3 / GCS files are not supported"),

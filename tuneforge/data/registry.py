@@ -328,5 +328,11 @@ def _check_supported(entry: DatasetEntry, where: str, records: str) -> None:
     if entry.load_from in refused:
         raise DataError(f"{where}: {refused[entry.load_from]}; convert the data to a file in "
                         f"{quoted(entry.dataset_dir)} and register it with file_name, or give an hf_hub_url")
+    if entry.load_from == "file" and entry.split != "train":  # LLaMA-Factory: "Unknown split" from datasets
+        raise DataError(f"{where}: split {entry.split!r} names a split of a hub dataset, and a file is read as its "
+                        "one \"train\" split; remove split, or register each split's file as its own dataset")
+    if entry.load_from == "file" and (entry.subset or entry.folder):
+        logger.warning("%s: %s only apply to hub datasets (hf_hub_url); a file is read whole", where,
+                       " and ".join(k for k in ("subset", "folder") if getattr(entry, k)))
     if entry.load_from == "file" and not entry.file_name:
         raise DataError(f"{where} has no file_name: add the data file's name relative to {quoted(entry.dataset_dir)}")
