@@ -85,4 +85,15 @@ def test_do_train_false_tokenizes_saves_and_stops(tiny_model_dir, data_dir, tmp_
     assert train(cfg) == {"train_examples": 8, "eval_examples": 0}
     assert (saved / STAMP).is_file() and not out.exists()
     stamp = json.loads((saved / STAMP).read_text())
-    assert stamp["records"] == "conversations" and stamp["cutoff_len"] == 64
+    assert stamp["records"] == "conversations (tuneforge.data.loader._tokenize)" and stamp["cutoff_len"] == 64
+
+
+def test_rm_pairs_are_not_read_as_dpo_pairs(smol, make_args, tmp_path, shared_data):
+    from tuneforge.data.pairwise import PAIRWISE, PAIRWISE_REPLIES
+
+    args = make_args(dataset="dpo_en_demo", dataset_dir=str(shared_data), tokenized_path=str(tmp_path / "tok"),
+                     max_samples=4, cutoff_len=64)
+    saved = load_datasets(args, smol, kind=PAIRWISE).train
+    assert load_datasets(args, smol, kind=PAIRWISE).train == saved
+    with pytest.raises(ConfigError, match=r"\(records: .*encode_pairs.* then, .*encode_pairs\(prompt_len=True\)"):
+        load_datasets(args, smol, kind=PAIRWISE_REPLIES)

@@ -81,7 +81,7 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     saved_at = getattr(data_args, "tokenized_path", None)
     _note_unused_keys(data_args, saved_at)
     if saved_at:  # LLaMA-Factory's tokenized_path: read the examples saved by an earlier run, else save them
-        saved_at, stamp = Path(saved_at).expanduser(), tokenized.fingerprint(data_args, tokenizer, kind.name)
+        saved_at, stamp = Path(saved_at).expanduser(), tokenized.fingerprint(data_args, tokenizer, kind)
         saved = tokenized.load_saved(saved_at, stamp, bool(getattr(data_args, "overwrite_cache", False)))
         if saved is not None:
             return DatasetSplits(*saved)

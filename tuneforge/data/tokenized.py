@@ -32,14 +32,24 @@ DATA_KEYS = ("dataset", "eval_dataset", "template", "enable_thinking", "cutoff_l
              "train_on_prompt", "mask_history", "placeholders", "multitask")
 
 
-def fingerprint(data_args, tokenizer, kind_name: str) -> dict:
-    """What the tokens depend on, as JSON values (the chat template as set by apply_template)."""
-    values = {"records": kind_name, "tokenizer": _tokenizer_hash(tokenizer),
+def fingerprint(data_args, tokenizer, kind) -> dict:
+    """What the tokens depend on, as JSON values (the chat template as set by apply_template);
+    `kind` is the loader's RecordKind: its name and its tokenize function (rm's and dpo's pairs
+    are one kind of record, tokenized into different examples)."""
+    values = {"records": f"{kind.name} ({_describe(kind.tokenize)})", "tokenizer": _tokenizer_hash(tokenizer),
               "chat_template": _hash(str(getattr(tokenizer, "chat_template", None) or ""))}
     for key in DATA_KEYS:
         value = getattr(data_args, key, None)
         values[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
     return json.loads(json.dumps(values, sort_keys=True, default=str))
+
+
+def _describe(function) -> str:
+    """'module.name' of a function; a functools.partial's with its keywords."""
+    keywords = getattr(function, "keywords", None)
+    inner = getattr(function, "func", function)
+    name = f"{getattr(inner, '__module__', '')}.{getattr(inner, '__qualname__', type(inner).__name__)}"
+    return name + (f"({', '.join(f'{k}={v!r}' for k, v in sorted(keywords.items()))})" if keywords else "")
 
 
 def _hash(text: str) -> str:
