@@ -106,6 +106,9 @@ class DataArguments:
     mask_history: bool = _f(False, "Compute the loss on the last assistant turn only.")
     placeholders: Optional[dict] = _f(
         None, "Values for {{key}} placeholders in the data, e.g. {name: Forge, author: Ada}.")
+    streaming: bool = _f(False, "Read and tokenize the training data lazily as training takes it (needs max_steps; "
+                         "val_size a count; no max_samples). See docs/data.md.")
+    buffer_size: int = _f(16384, "streaming: examples in the shuffle buffer.", bounds="(0, inf)")
     tokenized_path: Optional[str] = _f(
         None, "Folder for the tokenized data (HF datasets' save_to_disk): read instead of the data when an earlier "
         "run saved it with the same tokenizer, template and data keys (else refused), else written. With "

@@ -37,6 +37,10 @@ def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
         raise ConfigError("config keys 'bf16' and 'fp16' are both true; choose one")
     if cfg.train.max_steps <= 0 and cfg.train.num_train_epochs <= 0:
         raise ConfigError("set 'num_train_epochs' or 'max_steps' to a positive value")
+    if cfg.data.streaming:  # what cannot stream, one line each (data/streaming.py)
+        from .data.streaming import check_streaming
+
+        check_streaming(cfg.data, cfg.train.max_steps)
     _validate_lora_variants(cfg)
     _validate_method_keys(cfg, given)
     _validate_multitask(cfg)

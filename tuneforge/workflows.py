@@ -78,7 +78,10 @@ def train(cfg: Config) -> dict:
     model, setup = prepare_head(stage.head, model, setup)  # e.g. rm's value head, saved with it
     # an adapter's virtual tokens come before every row: the rows must still fit the context (and
     # must fit it anyway where positions are a learned table)
-    check_virtual_room(model, tokenizer, {"train": splits.train, "eval": splits.eval},
+    # streaming: true never reads the stream whole: its rows are checked at their longest, cutoff_len
+    streaming = getattr(splits.train, "streaming", False)
+    rows = [{"input_ids": [0] * cfg.data.cutoff_len}] if streaming else splits.train
+    check_virtual_room(model, tokenizer, {"train": rows, "eval": splits.eval},
                        cfg.data.cutoff_len, f"finetuning_type: {cfg.finetune.finetuning_type}", tunable=True,
                        whole_rows=True)
     if args.gradient_checkpointing:
@@ -88,7 +91,7 @@ def train(cfg: Config) -> dict:
         if choice.note:
             log.info("%s", choice.note)
         log.info("%s", describe(model))
-        log.info("train examples: %d, eval examples: %d", len(splits.train),
+        log.info("train examples: %s, eval examples: %d", "streamed" if streaming else len(splits.train),
                  len(splits.eval or []))
     run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator,
                       stage.objective_for(cfg), stage.eval_metrics)

@@ -163,3 +163,37 @@ def _modelscope(entry):
         return table.to_hf_dataset() if isinstance(table, MsDataset) else table
     except Exception as exc:  # noqa: BLE001 - ModelScope's errors have no stable classes
         raise _failed(entry, exc) from None
+
+
+def stream_columnar(name: str, path: Path):
+    """The rows of a .parquet or .arrow file, read lazily (datasets' streaming)."""
+    import datasets
+
+    builder, kind = BUILDERS[path.suffix.lower()]
+    try:
+        with quiet():
+            rows = datasets.load_dataset(builder, data_files=str(path), split="train", streaming=True)
+        yield from rows
+    except Exception as exc:  # noqa: BLE001
+        raise DataError(f"dataset {name!r} file {quoted(path)} cannot be read as {kind} ({cause(exc)}); "
+                        f"check that it is a {kind} file, or convert it to JSON lines") from None
+
+
+def stream_hub(entry):
+    """The rows of a hub dataset, read lazily: online through datasets' streaming, offline (or
+    when the hub cannot be reached) from the snapshot in the hub cache."""
+    import datasets
+
+    if entry.load_from == "ms_hub":
+        yield from _modelscope(entry)
+        return
+    folder = _snapshot(entry) if offline() else None
+    if offline() and folder is None:
+        _from_snapshot(entry, None, "HF_HUB_OFFLINE is set")  # raises the one line
+    try:
+        with quiet():
+            rows = datasets.load_dataset(folder or entry.hub_url, name=entry.subset, data_dir=entry.folder,
+                                         split=entry.split, streaming=True)
+        yield from rows
+    except Exception as exc:  # noqa: BLE001 - not found, unreachable, a bad subset, ...
+        raise _failed(entry, exc) from None

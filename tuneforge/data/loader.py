@@ -19,7 +19,7 @@ from .encode import IGNORE_INDEX, encode_conversations
 from .formats import Conversation, fill_placeholders, to_conversations
 from .issues import Drops
 from .readers import read_records
-from . import tokenized
+from . import streaming, tokenized
 from .registry import get_entry, load_registry, resolve_dataset_dir
 from .templates import apply_template
 
@@ -80,6 +80,12 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
         apply_template(tokenizer, template, getattr(data_args, "enable_thinking", True))
     saved_at = getattr(data_args, "tokenized_path", None)
     _note_unused_keys(data_args, saved_at)
+    if getattr(data_args, "streaming", False):  # LLaMA-Factory's streaming: train examples read lazily
+        streaming.check_streaming(data_args)
+        stream = streaming.StreamingExamples(data_args, tokenizer, seed, kind, names, skip=int(val_size))
+        if eval_names:
+            return DatasetSplits(stream, _load_datasets(data_args, tokenizer, seed, kind, eval_names, [], 0).train)
+        return DatasetSplits(stream, streaming.take_eval(stream, int(val_size)) if val_size else None)
     if saved_at:  # LLaMA-Factory's tokenized_path: read the examples saved by an earlier run, else save them
         saved_at, stamp = Path(saved_at).expanduser(), tokenized.fingerprint(data_args, tokenizer, kind)
         saved = tokenized.load_saved(saved_at, stamp, bool(getattr(data_args, "overwrite_cache", False)))

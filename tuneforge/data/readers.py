@@ -13,13 +13,13 @@ from __future__ import annotations
 import bisect
 import json
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tuneforge.errors import DataError
 from tuneforge.fileio import describe_os_error, parse_json, quoted, read_csv_rows, read_json_lines, read_text
 
-from .hf_files import BUILDERS, read_columnar, read_hub
+from .hf_files import BUILDERS, read_columnar, read_hub, stream_columnar, stream_hub
 from .issues import describe_value
 from .registry import DatasetEntry, is_inside
 
@@ -79,6 +79,32 @@ def read_records(entry: DatasetEntry, max_samples: int | None = None, text_lines
         if max_samples is not None and len(records) >= max_samples:
             break
     return records
+
+
+def iter_records(entry: DatasetEntry, text_lines: bool = False) -> Iterator[tuple[str, int | None, dict]]:
+    """(source, line or None, record) of `entry`, read lazily (streaming: true): JSON lines, CSV
+    and .txt line by line, Parquet / Arrow files and hub datasets through HF datasets' streaming;
+    a JSON list is parsed whole. Raises DataError as read_records does, when the bad line is met."""
+    if entry.load_from != "file":
+        for record in stream_hub(entry):
+            yield entry.source, None, record
+        return
+    for path in _data_files(entry, text_lines):
+        what, suffix = f"dataset {entry.name!r} file", path.suffix.lower()
+        if suffix in BUILDERS:
+            rows = ((None, record) for record in stream_columnar(entry.name, path))
+        elif suffix == ".jsonl":
+            rows = read_json_lines(path, what)
+        elif suffix == ".csv":
+            rows = read_csv_rows(path, what)
+        else:
+            items, lines = _read_file(entry, path, None)
+            rows = zip(lines if lines is not None else (None for _ in items), items)
+        for line, record in rows:
+            if not isinstance(record, dict):
+                raise DataError(f"dataset {entry.name!r} ({quoted(path)} line {line}): expected a JSON object, "
+                                f"found {describe_value(record)}; write one {{\"column\": value, ...}} per line")
+            yield str(path), line, record
 
 
 def _data_files(entry: DatasetEntry, text_lines: bool = False) -> list[Path]:

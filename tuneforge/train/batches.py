@@ -73,3 +73,46 @@ def fingerprint(examples: list[dict]) -> str:
             digest.update(data)
         digest.update(b";")
     return digest.hexdigest()[:16]
+
+
+class StreamBatches:
+    """MicroBatchStream's interface over a stream of examples (data.streaming, streaming: true):
+    micro-batch j is the j-th run of batch_size x world_size examples of the stream, passes
+    following each other (each reshuffled); asking for an earlier j (resuming) replays the stream
+    from its start without training, so a resumed run sees the same batches."""
+
+    per_epoch = 1  # unknown: the run's length is max_steps (config_checks), epoch_of counts passes
+
+    def __init__(self, examples, batch_size: int, collate, rank: int = 0, world_size: int = 1):
+        self.examples, self.batch_size, self.collate = examples, batch_size, collate
+        self.rank, self.world_size = rank, world_size
+        self._restart()
+
+    def _restart(self) -> None:
+        self._pass, self._iterator, self._next, self._passes_done = 0, self.examples.epoch(0), 0, 0.0
+        self._cached: tuple[int, dict] | None = None
+
+    def _take(self) -> dict:
+        example = next(self._iterator, None)
+        if example is None:  # the end of a pass: the next one, reshuffled
+            self._pass += 1
+            self._iterator = self.examples.epoch(self._pass)
+            example = next(self._iterator, None)
+            if example is None:
+                raise ValueError("no training examples")
+        return example
+
+    def get(self, j: int) -> dict:
+        if self._cached is not None and self._cached[0] == j:
+            return self._cached[1]
+        if j < self._next:
+            self._restart()
+        while self._next <= j:
+            chunk = [self._take() for _ in range(self.batch_size * self.world_size)]
+            self._next += 1
+        mine = chunk[self.rank::self.world_size] or chunk[:1]
+        self._cached = (j, self.collate(mine))
+        return self._cached[1]
+
+    def epoch_of(self, j: int) -> float:
+        return float(self._pass)

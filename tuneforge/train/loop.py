@@ -21,7 +21,7 @@ from ..adapters import training_hooks
 from ..data.collate import TASK_ID
 from . import checkpoint as ckpt
 from . import schedule, stop
-from .batches import MicroBatchStream, eval_batches, fingerprint
+from .batches import MicroBatchStream, StreamBatches, eval_batches, fingerprint
 from .optim import build_optimizer, hyper_parameters
 from .reporting import Reporter, read_log
 from .trackers import report_targets, start_trackers
@@ -68,9 +68,12 @@ class TrainingRun:
         self.collate = collate
         self.eval_examples = eval_examples or []
         self.output_dir = Path(self.args.output_dir)
-        self.stream = MicroBatchStream(train_examples, self.args.per_device_train_batch_size,
-                                       collate, self.args.seed, accelerator.process_index,
-                                       accelerator.num_processes)
+        streaming = getattr(train_examples, "streaming", False)  # data.streaming (streaming: true)
+        self.stream = StreamBatches(train_examples, self.args.per_device_train_batch_size, collate,
+                                    accelerator.process_index, accelerator.num_processes) if streaming else \
+            MicroBatchStream(train_examples, self.args.per_device_train_batch_size,
+                             collate, self.args.seed, accelerator.process_index,
+                             accelerator.num_processes)
         self.total_steps = count_steps(self.stream.per_epoch, self.args)
         # a method's settings that need the run's length (AdaLoRA's schedule), before output_dir is touched
         training_hooks.check_run(model, self.total_steps)
@@ -86,8 +89,8 @@ class TrainingRun:
             "world_size": accelerator.num_processes,
             "per_device_train_batch_size": self.args.per_device_train_batch_size,
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
-            "seed": self.args.seed, "num_examples": len(train_examples),
-            "examples": fingerprint(train_examples),
+            "seed": self.args.seed, "num_examples": None if streaming else len(train_examples),
+            "examples": train_examples.fingerprint() if streaming else fingerprint(train_examples),
         }
         self.state = ckpt.TrainerState(total_steps=self.total_steps, seed=self.args.seed,
                                        data=self.data_record, schedule=schedule_record)
