@@ -9,6 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 
+# hub datasets (hf_hub_url) in the data tests come from caches laid out on disk, never the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 SHARED_DATA = Path(

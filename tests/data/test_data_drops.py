@@ -219,7 +219,11 @@ def test_num_samples_samples_and_repeats(smol, make_args, tmp_path):
 
 # --- LLaMA-Factory's demo data still loads, unchanged and with nothing dropped --------------
 
-def test_every_demo_entry_loads_or_is_refused_in_one_line(smol, make_args, shared_data, caplog):
+def test_every_demo_entry_loads_or_is_refused_in_one_line(smol, make_args, shared_data, caplog, monkeypatch,
+                                                         tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # its hub datasets: not in this (empty) cache, one line each
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
     registry = json.loads((shared_data / "dataset_info.json").read_text())
     loaded = {}
     caplog.set_level(logging.WARNING)
