@@ -1,4 +1,4 @@
-"""`tuneforge train|chat|eval|export|env`: parse, call the workflows, print. User-fixable errors
+"""`tuneforge train|chat|eval|export|api|keys|env|convert-data`: parse, call the workflows, print. User-fixable errors
 become one line on stderr and exit code 2 (a traceback only with --debug)."""
 
 from __future__ import annotations
@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, help="port (default: api_port, API_PORT, else 8000)")
     sub.add_parser("keys", help="List every config key with its default and meaning.")
     sub.add_parser("env", help="Print versions and devices, for bug reports.")
+    conv = sub.add_parser("convert-data", help="Write records with other column names (question/answer "
+                          "JSON, a CSV, ...) as LLaMA-Factory alpaca or sharegpt records.")
+    conv.add_argument("input", help="a .json (list of objects), .jsonl or .csv file")
+    conv.add_argument("output", help="the new .json or .jsonl file (never overwritten)")
+    conv.add_argument("--to", default="alpaca", choices=("alpaca", "sharegpt"), help="record format (alpaca)")
+    conv.add_argument("--map", action="append", metavar="KEY=COLUMN", help="which column holds instruction, "
+                      "input, output, system or history (repeatable); unnamed keys are guessed from common "
+                      "names (question, answer, prompt, response, ...) and printed")
+    conv.add_argument("--name", help="the dataset's name in dataset_info.json (default: the output's stem)")
+    conv.add_argument("--register", action="store_true", help="add the entry to the dataset_info.json beside "
+                      "the output (else it is printed)")
+    conv.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -219,6 +231,12 @@ def _main(argv: list[str] | None) -> int:
         return 0
     _quiet_libraries()
     try:
+        if args.command == "convert-data":
+            from .data.convert import convert_file
+
+            lines, _ = convert_file(args.input, args.output, args.to, args.map, args.name, args.register)
+            print("\n".join(lines))
+            return 0
         config, overrides = _split_config_arg(args)
         values = parse_overrides(overrides)
         if args.command == "chat":  # flags take paths verbatim, not as YAML scalars
