@@ -74,6 +74,8 @@ def _validate_stage_keys(cfg, given) -> None:
             readers = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
             raise ConfigError(f"config key '{key}' is read by stage: {readers} (got stage: {stage}); "
                               "drop it or change the stage")
+    if STAGES[stage].check is not None:
+        STAGES[stage].check(STAGES[stage].settings(cfg))
     if cfg.finetune.pissa_init and STAGES[stage].uses_reference(cfg):
         raise ConfigError(f"config key 'pissa_init' rewrites the base weights, but stage: {stage} takes "
                           "its reference from the base model (adapters disabled); drop pissa_init")
