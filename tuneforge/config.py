@@ -292,8 +292,9 @@ class ExportArguments:
         "cpu", "Where the adapters are merged: cpu, or auto (a CUDA GPU when there is one). The "
         "files written are the same.", ("cpu", "auto"))
     export_quantization_bit: Optional[int] = _f(
-        None, "Requantize the merged weights to 4 (nf4) or 8 bits and save them in tuneforge's "
-        "quantized format (load with tuneforge.quant.load_quantized); the error is printed.", (4, 8))
+        None, "Quantize the merged weights to 4 (quantization_type, double_quantization) or 8 bits with "
+        "bitsandbytes and save transformers' bitsandbytes format (from_pretrained loads it; needs bitsandbytes); "
+        "the error is printed. LLaMA-Factory's GPTQ (with export_quantization_dataset) is not supported.", (4, 8))
     export_format: str = _f(
         "hf", "hf: a Hugging Face folder (with an Ollama Modelfile, FROM .); gguf: one .gguf file for llama.cpp / Ollama (Llama, Mistral, "
         "Qwen2, Qwen3) with an Ollama Modelfile beside it, in export_dir; adapter: the adapters of "

@@ -244,6 +244,10 @@ def test_export_merges_dequantized_weights_and_says_so(exported):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_export_requantized_reports_its_error(exported, tiny_model_dir, qlora_adapter, tmp_path, caplog, bits):
+    """A QLoRA adapter merged into dequant(W), then quantized again: transformers loads the export
+    (its bitsandbytes format) with nothing missing, near the merged fp export, and the printed error
+    is measured against those merged weights (tests/export/test_quantized_export.py checks the
+    numbers and the weights one by one)."""
     from transformers import AutoModelForCausalLM
 
     from tuneforge.workflows import export
@@ -252,34 +256,17 @@ def test_export_requantized_reports_its_error(exported, tiny_model_dir, qlora_ad
     out = tmp_path / "q"
     with caplog.at_level(logging.WARNING, logger="tuneforge"):
         export(_export_cfg(tiny_model_dir, qlora_adapter, out, export_quantization_bit=bits))
-    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("requantized the merged")]
+    line = [r.getMessage() for r in caplog.records if r.getMessage().startswith("quantized the merged weights")]
     assert len(line) == 1
-    rel, max_abs = (float(x) for x in re.search(r"= (\S+), max abs error (\S+)$", line[0]).groups())
-
-    loaded = load_quantized(out)
-    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
-    assert (out / "tokenizer.json").is_file()
-    # oracle for the printed numbers: the merged fp weights against the codes on disk
-    diff = ref = worst = 0.0
-    with torch.no_grad():
-        for path, m in loaded.named_modules():
-            if isinstance(m, QuantLinear):
-                assert m.bits == bits and (bits == 8 or m.quant_type == "nf4" and m.double_quant)
-                w = merged.get_submodule(path).weight
-                err = m.dequantize(torch.float32) - w
-                diff, ref, worst = diff + err.square().sum(), ref + w.square().sum(), max(worst, err.abs().max())
-    assert rel == pytest.approx(float((diff / ref).sqrt()), rel=1e-3)
-    assert max_abs == pytest.approx(float(worst), rel=1e-3)
+    rel = float(re.search(r"/ \|\|W\|\| = (\S+),", line[0]).group(1))
     assert 0 < rel < (0.15 if bits == 4 else 0.02)
-
-    # the export is the merged model quantized as quantize_model would: the same logits
-    ids = IDS
-    merged_logits = logits(merged, ids)
-    requant = quantize_model(merged, bits=bits, compute_dtype="float32", backend="native")
-    torch.testing.assert_close(logits(loaded, ids), logits(requant, ids), atol=1e-6, rtol=1e-6)
-    # and near the merged fp model (a 64-wide random model is far more sensitive than a real one)
-    rel_logits = (logits(loaded, ids) - merged_logits).norm() / merged_logits.norm()
-    assert rel_logits < (0.3 if bits == 4 else 0.03)
+    loaded, info = AutoModelForCausalLM.from_pretrained(out, device_map="cpu", output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    merged_logits = logits(merged, IDS)
+    # near the merged fp model (a 64-wide random model is far more sensitive than a real one)
+    rel_logits = (logits(loaded.eval(), IDS).float() - merged_logits).norm() / merged_logits.norm()
+    assert rel_logits < (0.3 if bits == 4 else 0.05)
 
 
 def test_dequantize_then_merge_equals_quantized_forward():
