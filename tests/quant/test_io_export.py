@@ -35,7 +35,7 @@ def test_round_trip_gives_the_same_codes_and_logits(tmp_path, setting, tie):
     model = quantized(tie, setting)
     ids = tokens()
     save_quantized(model, tmp_path / "q")
-    assert "quantization_config" not in json.loads((tmp_path / "q" / "config.json").read_text())
+    assert "quantization_config" not in json.loads((tmp_path / "q" / "tuneforge_config.json").read_text())
     loaded = load_quantized(tmp_path / "q")
 
     before, after = model.state_dict(), loaded.state_dict()
@@ -51,10 +51,28 @@ def test_round_trip_gives_the_same_codes_and_logits(tmp_path, setting, tie):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
+def test_the_private_format_is_no_hf_folder(tmp_path):
+    """transformers must not take save_quantized's folder for a model of its own: with a config.json
+    it would fill every quantized projection with random weights. It refuses the folder instead; a
+    folder saved as format_version 1 (config.json, model.safetensors) still loads in tuneforge."""
+    from transformers import AutoModelForCausalLM
+
+    model = quantized()
+    out = save_quantized(model, tmp_path / "q")
+    assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
+    with pytest.raises((OSError, ValueError), match="config.json"):  # no model there, it says
+        AutoModelForCausalLM.from_pretrained(out)
+    (out / "tuneforge_config.json").rename(out / "config.json")
+    (out / "tuneforge_quantized.safetensors").rename(out / "model.safetensors")
+    meta = json.loads((out / "tuneforge_quantization.json").read_text())
+    (out / "tuneforge_quantization.json").write_text(json.dumps({**meta, "format_version": 1}))
+    assert torch.equal(logits(load_quantized(out), tokens()), logits(model, tokens()))
+
+
 def test_save_replaces_a_previous_model_only_when_complete(tmp_path, monkeypatch):
     out = tmp_path / "q"
     save_quantized(quantized(seed=0), out)
-    first = (out / "model.safetensors").read_bytes()
+    first = (out / "tuneforge_quantized.safetensors").read_bytes()
 
     import safetensors.torch
 
@@ -64,7 +82,7 @@ def test_save_replaces_a_previous_model_only_when_complete(tmp_path, monkeypatch
     monkeypatch.setattr(safetensors.torch, "save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         save_quantized(quantized(seed=1), out)
-    assert (out / "model.safetensors").read_bytes() == first  # the old model is untouched
+    assert (out / "tuneforge_quantized.safetensors").read_bytes() == first  # the old model is untouched
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no half-written folder left
     monkeypatch.undo()
 
@@ -103,8 +121,8 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 def test_missing_files(tmp_path, saved):
     with pytest.raises(ModelError, match="does not exist"):
         load_quantized(tmp_path / "nowhere")
-    (saved / "model.safetensors").unlink()
-    with pytest.raises(ModelError, match="no model.safetensors") as exc:
+    (saved / "tuneforge_quantized.safetensors").unlink()
+    with pytest.raises(ModelError, match="no tuneforge_quantized.safetensors") as exc:
         load_quantized(saved)
     _one_line(exc)
     (saved / "tuneforge_quantization.json").unlink()
@@ -114,11 +132,11 @@ def test_missing_files(tmp_path, saved):
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_damaged_weights(saved, damage):
-    path = saved / "model.safetensors"
+    path = saved / "tuneforge_quantized.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"\x07" * 8 + data[8:])
     how = "is truncated: its header says" if damage == "truncated" else "is not a safetensors file"
-    with pytest.raises(ModelError, match=rf"model\.safetensors' {how}") as exc:
+    with pytest.raises(ModelError, match=rf"tuneforge_quantized\.safetensors' {how}") as exc:
         load_quantized(saved)
     _one_line(exc)
 
@@ -135,7 +153,7 @@ def test_unknown_format_version_and_bad_json(saved):
 
 
 def test_shape_mismatch_names_the_tensor(saved):
-    path = saved / "model.safetensors"
+    path = saved / "tuneforge_quantized.safetensors"
     tensors = load_file(path)
     name = "model.layers.1.mlp.down_proj.qweight"
     tensors[name] = tensors[name][:-1]
