@@ -4,6 +4,8 @@ changes nothing, and a config's blockers reported together."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from tuneforge import lf_keys
@@ -89,3 +91,39 @@ def test_one_line_per_key():
     with pytest.raises(ConfigError) as err:
         build_config({"finetuning_type": "ia3", "adaptive": "moe"})
     assert len(str(err.value).splitlines()) == 1
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+START, END = "<!-- lf-keys: generated from tuneforge/lf_keys.py by tests/test_lf_keys.py -->", "<!-- lf-keys: end -->"
+
+
+def _shown(value) -> str:
+    return {True: "true", False: "false", None: "null"}.get(value, str(value)) if not isinstance(value, str) \
+        else (value or "''")
+
+
+def readme_block() -> str:
+    """README's table of LLaMA-Factory features tuneforge refuses: one row per feature, its keys
+    (with the value accepted as changing nothing) and what the refusal says to do."""
+    rows = ["| LLaMA-Factory feature | its keys (accepted at) | what to do |", "|---|---|---|"]
+    for what, keys in lf_keys.features().items():
+        todo = {lf_keys.FEATURES[lf_keys.LF_KEYS[k][0]][1] for k in keys}
+        shown = []
+        for key in keys:
+            row = lf_keys.LF_KEYS[key]
+            at = "" if row[1] is lf_keys.REFUSED else f" ({_shown(row[1])})"
+            shown.append(f"`{key}`{at}" + (f": {row[2]}" if len(row) > 2 else ""))
+        rows.append(f"| {what.replace('{value}', '<value>')} | {', '.join(shown)} | {'; '.join(sorted(todo))} |")
+    return "\n".join([START, *rows, END])
+
+
+def test_readme_lists_the_unsupported_features():
+    text = README.read_text(encoding="utf-8")
+    assert START in text and END in text, f"README.md lacks the list; add:\n{readme_block()}"
+    now = text[text.index(START):text.index(END) + len(END)]
+    assert now == readme_block(), "README.md's list differs from tuneforge/lf_keys.py; replace it with the " \
+        "output of `PYTHONPATH=. python tests/test_lf_keys.py`"
+
+
+if __name__ == "__main__":
+    print(readme_block())
