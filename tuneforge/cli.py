@@ -266,7 +266,8 @@ def _main(argv: list[str] | None) -> int:
     except TuneforgeError as exc:
         if args.debug:
             raise
-        print(f"tuneforge: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
+        for message in getattr(exc, "messages", [str(exc)]):  # ConfigErrors: one line per blocker
+            print(f"tuneforge: error: {' '.join(message.split())}", file=sys.stderr)  # one line
         return EXIT_USER_ERROR
     except BrokenPipeError:
         raise

@@ -7,7 +7,8 @@ A YAML file is flat (as LLaMA-Factory's): every key belongs to exactly one secti
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -17,11 +18,15 @@ import yaml
 from . import fileio
 from .adapter_methods import METHOD_KEYS
 from .adapter_methods import METHODS as ADAPTER_METHODS
-from .config_checks import validate
+from . import lf_keys
+from .lf_keys import KEY_ALIASES  # noqa: F401 - names users type for a key (tests read it here)
+from .config_checks import blockers
 from .config_methods import apply_aliases, select_method
 from .config_values import coerce, is_text
-from .errors import ConfigError
+from .errors import ConfigError, config_error
 from .train.stages import STAGE_KEYS, stages_help
+
+log = logging.getLogger("tuneforge")
 
 
 def _f(default: Any = None, help: str = "", choices: tuple | None = None, factory=None,
@@ -287,8 +292,9 @@ class ExportArguments:
         "cpu", "Where the adapters are merged: cpu, or auto (a CUDA GPU when there is one). The "
         "files written are the same.", ("cpu", "auto"))
     export_quantization_bit: Optional[int] = _f(
-        None, "Requantize the merged weights to 4 (nf4) or 8 bits and save them in tuneforge's "
-        "quantized format (load with tuneforge.quant.load_quantized); the error is printed.", (4, 8))
+        None, "Quantize the merged weights to 4 (quantization_type, double_quantization) or 8 bits with "
+        "bitsandbytes and save transformers' bitsandbytes format (from_pretrained loads it; needs bitsandbytes); "
+        "the error is printed. LLaMA-Factory's GPTQ (with export_quantization_dataset) is not supported.", (4, 8))
     export_format: str = _f(
         "hf", "hf: a Hugging Face folder (with an Ollama Modelfile, FROM .); gguf: one .gguf file for llama.cpp / Ollama (Llama, Mistral, "
         "Qwen2, Qwen3) with an Ollama Modelfile beside it, in export_dir; adapter: the adapters of "
@@ -337,13 +343,6 @@ SECTIONS = {
     "serve": ServeArguments,
 }
 
-# Keys of LLaMA-Factory that tuneforge knows but does not implement yet: a clear
-# "not supported yet" beats an "unknown key" that suggests a typo.
-NOT_YET_SUPPORTED = {
-    "deepspeed", "use_unsloth", "rope_scaling",
-}
-
-
 @dataclass
 class Config:
     model: ModelArguments = field(default_factory=ModelArguments)
@@ -370,29 +369,6 @@ def all_fields() -> dict[str, tuple[str, dataclasses.Field]]:
         for f in dataclasses.fields(cls):
             out[f.name] = (section, f)
     return out
-
-
-# Names users type for a key, from other tools or habit, that no spelling distance finds.
-KEY_ALIASES = {
-    "lr": "learning_rate", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
-    "rank": "lora_rank", "r": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
-    "target_modules": "lora_target", "modules_to_save": "additional_target",
-    "model": "model_name_or_path", "model_path": "model_name_or_path",
-    "adapter": "adapter_name_or_path", "max_length": "cutoff_len", "max_seq_length": "cutoff_len",
-    "train_batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
-    "gradient_accumulation": "gradient_accumulation_steps", "output": "output_dir",
-    "data": "dataset", "data_dir": "dataset_dir", "warmup": "warmup_ratio",
-}
-
-
-def _unknown_key(key: str, known) -> ConfigError:
-    if key in NOT_YET_SUPPORTED:
-        return ConfigError(f"config key '{key}' is not supported by tuneforge yet; remove it")
-    if KEY_ALIASES.get(key) in known:
-        return ConfigError(f"unknown config key '{key}'; did you mean '{KEY_ALIASES[key]}'?")
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -438,26 +414,53 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def build_config(values: dict) -> Config:
-    """Make a validated Config from a flat dict of keys."""
+    """Make a validated Config from a flat dict of keys. Every blocker (unknown key, value of the
+    wrong type, bad value or combination) is found before raising: ConfigError with one line
+    each (errors.ConfigErrors when there are several)."""
     known = all_fields()
+    problems: list[str] = []
+    inert = [k for k in values if k not in known and lf_keys.accepted(k, values[k])]
+    if inert:
+        log.info("LLaMA-Factory keys at their defaults, which change nothing in tuneforge: %s", ", ".join(inert))
     per_section: dict[str, dict] = {name: {} for name in SECTIONS}
     for key, value in values.items():
         if key not in known:
-            raise _unknown_key(key, known)
+            if key not in inert:
+                problems.append(lf_keys.unknown_key(key, value, known, values))
+            continue
         section, f = known[key]
         if isinstance(value, bool) and "no" in f.metadata.get("choices", ()):
             value = "no" if value is False else value  # YAML 1.1 reads `save_strategy: no` as false
-        per_section[section][key] = coerce(key, value, f.type)
+        try:
+            per_section[section][key] = coerce(key, value, f.type)
+        except ConfigError as e:
+            problems.append(str(e))
     cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
-    selected = select_method(cfg.finetune)
-    apply_aliases(cfg, values, known)
     try:
-        validate(cfg, given=set(values))
+        selected = select_method(cfg.finetune)
     except ConfigError as e:
-        if selected and f"finetuning_type: {cfg.finetune.finetuning_type}" in str(e):
-            raise ConfigError(f"{e}; {selected}") from None  # the user wrote the other name
-        raise
+        problems.append(str(e))
+        selected = None
+    apply_aliases(cfg, values, known)
+    for line in blockers(cfg, given=set(values)):
+        if selected and f"finetuning_type: {cfg.finetune.finetuning_type}" in line:
+            line = f"{line}; {selected}"  # the user wrote the other name
+        problems.append(line)
+    if problems:
+        raise config_error(_one_per_key(problems))
     return cfg
+
+
+def _one_per_key(lines: list[str]) -> list[str]:
+    """The first line about each key (a later check on a key already refused repeats it), each once."""
+    seen, out = set(), []
+    for line in dict.fromkeys(lines):
+        key = re.match(r"(?:unknown )?config key '([^']+)'", line)
+        if key and key.group(1) in seen:
+            continue
+        seen.add(key and key.group(1))
+        out.append(line)
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
