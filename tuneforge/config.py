@@ -66,6 +66,12 @@ class ModelArguments:
     quantization_backend: str = _f(
         "auto", "Quantization kernels: auto (bitsandbytes for 4-bit when installed), native "
         "(tuneforge's, any device) or bitsandbytes.", ("auto", "native", "bitsandbytes"))
+    disable_gradient_checkpointing: Optional[bool] = _f(
+        None, "LLaMA-Factory's switch (there gradient checkpointing is on unless disabled): false turns it on, "
+        "true keeps it off. Empty: gradient_checkpointing decides. Contradicting gradient_checkpointing: an error.")
+    use_reentrant_gc: Optional[bool] = _f(
+        None, "Gradient checkpointing with torch's reentrant checkpoint (true, LLaMA-Factory's default) or the "
+        "non-reentrant one (false). Empty: use_reentrant of gradient_checkpointing_kwargs, else true.")
 
 
 @dataclass
@@ -242,6 +248,9 @@ class TrainingArguments:
     dataloader_num_workers: int = _f(0, "Worker processes for batching.", bounds="[0, inf)")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
     ddp_timeout: int = _f(1800, "Seconds before a distributed collective times out.", bounds="(0, inf)")
+    gradient_checkpointing_kwargs: Optional[dict] = _f(
+        None, "Gradient checkpointing: keyword arguments of torch.utils.checkpoint.checkpoint, as transformers "
+        "passes them, e.g. {use_reentrant: false}.")
 
 
 @dataclass

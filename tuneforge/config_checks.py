@@ -7,6 +7,7 @@ import dataclasses
 import os
 
 from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE, TASK_ID_METHODS
+from .config_lf_keys import validate_lf_keys
 from .errors import ConfigError
 from .train.stages import STAGE_KEYS, STAGES
 from .train.trackers import report_targets
@@ -40,6 +41,7 @@ def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
     _validate_lora_variants(cfg)
     _validate_method_keys(cfg, given)
     _validate_multitask(cfg)
+    validate_lf_keys(cfg, given)
     _validate_placeholders(cfg.data.placeholders)
     _validate_adapter_list(cfg.model.adapter_name_or_path)
     if "export_quantization" in given and cfg.export.export_format != "gguf":

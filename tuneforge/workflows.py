@@ -30,6 +30,7 @@ def train(cfg: Config) -> dict:
     from transformers import set_seed
 
     from .config import SECRET_KEYS
+    from .config_lf_keys import gradient_checkpointing
     from .infer.generation import check_virtual_room
     from .loading import load_for_use
     from .models import bf16_is_fast
@@ -78,8 +79,9 @@ def train(cfg: Config) -> dict:
     check_virtual_room(model, tokenizer, {"train": splits.train, "eval": splits.eval},
                        cfg.data.cutoff_len, f"finetuning_type: {cfg.finetune.finetuning_type}", tunable=True,
                        whole_rows=True)
-    if args.gradient_checkpointing:
-        _enable_activation_checkpointing(model)
+    checkpointing = gradient_checkpointing(cfg)
+    if checkpointing is not None:
+        _enable_activation_checkpointing(model, checkpointing)
     choice = stage.collator(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
     if accelerator.is_main_process:
         if choice.note:
@@ -152,9 +154,11 @@ def _save_outputs(run, setup, out: Path, results: dict, plot: bool) -> None:
     log.info("saved to %s", out)
 
 
-def _enable_activation_checkpointing(model) -> None:
-    """Non-reentrant checkpointing: frozen embeddings (LoRA) then need no input-grad hook."""
-    kwargs = {"use_reentrant": False}
+def _enable_activation_checkpointing(model, kwargs: dict | None = None) -> None:
+    """Gradient checkpointing with torch's checkpoint called with `kwargs` (config_lf_keys.
+    gradient_checkpointing; default reentrant, as LLaMA-Factory). transformers makes the input
+    embeddings' output require grad, so that frozen embeddings (LoRA) pass gradients through."""
+    kwargs = {"use_reentrant": True} if kwargs is None else kwargs
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
