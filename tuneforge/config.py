@@ -165,6 +165,10 @@ class _FinetuningKeys:
         2, "freeze: number of last (positive) or first (negative) decoder layers to train.")
     freeze_trainable_modules: str = _f(
         "all", "freeze: comma list of module names inside those layers to train, or 'all'.")
+    pure_bf16: bool = _f(
+        False, "LLaMA-Factory's pure bf16: the model's weights (and trained adapters) in bf16, no autocast and no "
+        "fp32 master weights: half the memory of fp32 weights. Any CPU runs it (slower without native bf16, logged). "
+        "Not with fp16 or bf16: false.")
 
 
 # the finetune section: the keys above, then each method's own keys (adapter_methods.METHOD_KEYS),

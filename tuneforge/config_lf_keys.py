@@ -59,6 +59,13 @@ def validate_lf_keys(cfg, given) -> None:
             f"config keys 'use_reentrant_gc: {str(model.use_reentrant_gc).lower()}' and "
             f"'gradient_checkpointing_kwargs: {{use_reentrant: {str(kwargs['use_reentrant']).lower()}}}' "
             "contradict each other; keep one of them")
+    if cfg.finetune.pure_bf16:
+        if train.fp16:
+            raise ConfigError("config keys 'pure_bf16' and 'fp16' are both true; pure_bf16 trains in bf16 "
+                              "without mixed precision: choose one")
+        if "bf16" in given and train.bf16 is False:
+            raise ConfigError("config key 'pure_bf16' is true but bf16 is false; pure_bf16 trains in bf16 "
+                              "(without mixed precision): drop bf16: false")
     if gradient_checkpointing(cfg) is None:
         for key in ("use_reentrant_gc", "gradient_checkpointing_kwargs"):
             if key in given and (getattr(model, key, None) is not None or getattr(train, key, None)):

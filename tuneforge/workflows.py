@@ -55,8 +55,11 @@ def train(cfg: Config) -> dict:
     plan = plan_resume(out, args.resume_from_checkpoint, args.overwrite_output_dir, config_values)
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = mixed_precision(args, device_type, bf16_is_fast(device_type))
-    if args.bf16 and precision != "bf16":
+    pure_bf16 = cfg.finetune.pure_bf16  # bf16 weights and compute, no autocast (LLaMA-Factory's)
+    precision = "no" if pure_bf16 else mixed_precision(args, device_type, bf16_is_fast(device_type))
+    if pure_bf16 and not bf16_is_fast(device_type):
+        log.info("pure_bf16: this %s has no native bf16; bf16 runs, slower than fp32 would", device_type)
+    if args.bf16 and precision != "bf16" and not pure_bf16:
         log.warning("bf16 requested but this %s has no fast bf16; training in fp32", device_type)
     if args.fp16 and precision != "fp16":
         log.warning("fp16 requested but fp16 training needs a CUDA GPU and this is a %s; "
@@ -65,7 +68,8 @@ def train(cfg: Config) -> dict:
     set_seed(args.seed)
 
     # everything that can fail on bad input happens before output_dir is touched
-    load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    load_dtype = torch.bfloat16 if pure_bf16 else \
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # the base only: prepare_model attaches the adapters; with loftq_iter, quantization waits for
     # the adapter, LoftQ quantizing the adapted layers together with it (train/methods.py)
     ready = load_for_use(cfg, "train", dtype=load_dtype)

@@ -94,3 +94,56 @@ def test_checkpointing_setting_reaches_torch_and_gradients_are_unchanged(
         for key in plain:
             torch.testing.assert_close(trained[key], plain[key], atol=1e-6, rtol=1e-5, msg=f"{name}: {key}")
         assert any(t.abs().sum() > 0 for k, t in trained.items() if "lora_B" in k)
+
+
+# --- pure_bf16 ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def run_spy(monkeypatch):
+    """Records, as each training run starts, the dtypes of the model's parameters (trainable and
+    frozen) and the accelerator's mixed precision."""
+    from tuneforge.train import loop
+
+    real, seen = loop.TrainingRun.run, {}
+
+    def run(self):
+        params = list(self.model.parameters())
+        seen.update(trainable={p.dtype for p in params if p.requires_grad},
+                    frozen={p.dtype for p in params if not p.requires_grad},
+                    precision=self.acc.mixed_precision)
+        return real(self)
+
+    monkeypatch.setattr(loop.TrainingRun, "run", run)
+    return seen
+
+
+def test_pure_bf16_trains_bf16_weights_without_autocast(tiny_model_dir, tiny_data_dir, tmp_path, run_spy):
+    out = tmp_path / "lora"
+    results = train(tiny_cfg(tiny_model_dir, tiny_data_dir, out, pure_bf16=True, bf16=None, val_size=8,
+                             max_steps=12, eval_on_start=True))
+    assert run_spy == {"trainable": {torch.bfloat16}, "frozen": {torch.bfloat16}, "precision": "no"}
+    assert results["eval_loss"] < results["eval_loss_before"]
+    assert torch.isfinite(torch.tensor(results["train_loss"]))
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    for key, tensor in adapter.items():  # peft's files hold fp32; the values are the bf16 weights
+        torch.testing.assert_close(tensor, tensor.to(torch.bfloat16).float(), atol=0, rtol=0, msg=key)
+    assert any(t.abs().sum() > 0 for k, t in adapter.items() if "lora_B" in k)
+
+
+def test_pure_bf16_full_finetuning_saves_bf16_weights(tiny_model_dir, tiny_data_dir, tmp_path, run_spy):
+    out = tmp_path / "full"
+    train(tiny_cfg(tiny_model_dir, tiny_data_dir, out, pure_bf16=True, bf16=None, finetuning_type="full",
+                   learning_rate=1e-4))
+    assert run_spy["trainable"] == {torch.bfloat16} and run_spy["precision"] == "no"
+    weights = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in weights.values()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"pure_bf16": True, "fp16": True}, "config keys 'pure_bf16' and 'fp16' are both true"),
+    ({"pure_bf16": True, "bf16": False}, "config key 'pure_bf16' is true but bf16 is false"),
+])
+def test_pure_bf16_contradictions(values, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, values)
+    load_config(None, {"pure_bf16": True, "bf16": True})  # both ask for bf16: fine

@@ -118,9 +118,10 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
             _add_new_adapter(model, config, resume_from)
             if pending is not None:  # deterministic: a resumed run rebuilds the same base
                 finish_pending(model, pending, "default", finetune.loftq_iter)
-        for p in model.parameters():  # adapters train in fp32 even on a bf16 base
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+        train_dtype = torch.bfloat16 if finetune.pure_bf16 else torch.float32
+        for p in model.parameters():  # adapters train in fp32 even on a bf16 base (pure_bf16: in bf16)
+            if p.requires_grad and p.is_floating_point() and p.dtype != train_dtype:
+                p.data = p.data.to(train_dtype)
         return model, _lora_setup(model, tokenizer, finetune, base_id)
 
     if model_args.adapter_name_or_path:
@@ -130,7 +131,8 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
         _freeze(model, finetune)
     else:
         model.requires_grad_(True)
-    model.float()  # full/freeze keep fp32 master weights; autocast gives bf16 compute on GPUs
+    if not finetune.pure_bf16:  # pure_bf16: the weights stay bf16, with no fp32 master copy
+        model.float()  # full/freeze keep fp32 master weights; autocast gives bf16 compute on GPUs
     return model, TrainableSetup(finetune.finetuning_type, save_model_dir, None)
 
 
