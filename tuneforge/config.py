@@ -72,6 +72,14 @@ class ModelArguments:
     use_reentrant_gc: Optional[bool] = _f(
         None, "Gradient checkpointing with torch's reentrant checkpoint (true, LLaMA-Factory's default) or the "
         "non-reentrant one (false). Empty: use_reentrant of gradient_checkpointing_kwargs, else true.")
+    new_special_tokens: Optional[str] = _f(
+        None, "Comma list (or YAML list) of tokens added to the tokenizer as special tokens; the vocabulary is "
+        "then resized (resize_vocab) and an adapter trains the embeddings and output head in full. The tokenizer "
+        "is saved beside the adapter; chat, eval and export load it from there.")
+    resize_vocab: bool = _f(
+        False, "Resize the embeddings to the tokenizer (rounded up to 64 rows, new rows the mean of the others "
+        "plus noise, as LLaMA-Factory); an adapter then trains embed_tokens and lm_head in full "
+        "(additional_target). On by itself when new_special_tokens adds tokens.")
 
 
 @dataclass

@@ -66,6 +66,11 @@ def validate_lf_keys(cfg, given) -> None:
         if "bf16" in given and train.bf16 is False:
             raise ConfigError("config key 'pure_bf16' is true but bf16 is false; pure_bf16 trains in bf16 "
                               "(without mixed precision): drop bf16: false")
+    if model.quantization_bit is not None:
+        for key in ("new_special_tokens", "resize_vocab"):
+            if getattr(model, key):
+                raise ConfigError(f"config key '{key}' resizes the embeddings, which a quantized model "
+                                  "(quantization_bit) cannot: drop one of them")
     if gradient_checkpointing(cfg) is None:
         for key in ("use_reentrant_gc", "gradient_checkpointing_kwargs"):
             if key in given and (getattr(model, key, None) is not None or getattr(train, key, None)):

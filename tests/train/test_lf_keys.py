@@ -4,6 +4,8 @@ contradiction with tuneforge's own keys is one ConfigError line."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -147,3 +149,80 @@ def test_pure_bf16_contradictions(values, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, values)
     load_config(None, {"pure_bf16": True, "bf16": True})  # both ask for bf16: fine
+
+
+# --- new_special_tokens / resize_vocab ------------------------------------------------------------
+
+def test_new_special_tokens_are_learned_saved_and_loaded_by_peft_chat_and_export(tiny_model_dir, tmp_path):
+    """A token added by new_special_tokens is one special id; the adapter trains the resized
+    embeddings and head in full, learns to start every answer with it, and is saved with its
+    tokenizer: chat (no new_special_tokens in its config) emits the token, peft loads the adapter
+    on a base resized as vocab.py says with the same logits, and the export merges it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import write_dataset
+    from tuneforge.workflows import chat_model, export
+
+    records = [{"instruction": f"What is {a} plus {a % 7}?", "input": "", "output": f"<ans>{a + a % 7}."}
+               for a in range(48)]
+    data = write_dataset(tmp_path / "data", "tok", records)
+    out = tmp_path / "run"
+    train(tiny_cfg(tiny_model_dir, data, out, dataset="tok", new_special_tokens=["<ans>", "<other>"],
+                   max_steps=20, per_device_train_batch_size=8, learning_rate=1e-2))
+    base_tokens = len(AutoTokenizer.from_pretrained(tiny_model_dir))
+    saved = AutoTokenizer.from_pretrained(out)
+    ans = saved.convert_tokens_to_ids("<ans>")
+    assert ans >= base_tokens and saved.added_tokens_decoder[ans].special
+    assert saved("<ans>12", add_special_tokens=False)["input_ids"][0] == ans
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] == ["embed_tokens", "lm_head"]
+
+    values = {"model_name_or_path": str(tiny_model_dir), "adapter_name_or_path": str(out),
+              "infer_dtype": "float32", "export_dir": str(tmp_path / "merged"), "export_dtype": "float32"}
+    chat = chat_model(load_config(None, values))
+    assert chat.tokenizer.convert_tokens_to_ids("<ans>") == ans
+    prompt = chat.tokenizer.apply_chat_template([{"role": "user", "content": "What is 3 plus 3?"}],
+                                                add_generation_prompt=True, return_dict=True,
+                                                return_tensors="pt")["input_ids"]
+    ids = torch.cat([prompt, torch.tensor([[ans]])], dim=1)
+    with torch.no_grad():
+        first = chat.model.generate(prompt, max_new_tokens=1, do_sample=False)[0, -1].item()
+        ours = chat.model(ids).logits
+    assert first == ans
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    base.resize_token_embeddings(len(saved), pad_to_multiple_of=64)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(base, out).eval()(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+    merged_dir = export(load_config(None, values))
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+    assert not any("lora" in name for name in merged.state_dict())
+    assert AutoTokenizer.from_pretrained(merged_dir).convert_tokens_to_ids("<ans>") == ans
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_resize_vocab_with_quantization_is_refused():
+    with pytest.raises(ConfigError, match="config key 'new_special_tokens' resizes the embeddings"):
+        load_config(None, {"new_special_tokens": "<a>", "quantization_bit": 4})
+
+
+def test_resized_rows_are_padded_to_64_and_new_tokens_start_at_the_mean(tiny_model_dir):
+    """LLaMA-Factory's resize: rows rounded up to a multiple of 64, old rows kept, each new token's
+    row the mean of the others plus noise of std 1/sqrt(hidden size)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tuneforge.vocab import resize_embeddings
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    old = model.get_input_embeddings().weight.detach().clone()
+    tokenizer.add_tokens(["<x>", "<y>"], special_tokens=True)
+    resize_embeddings(model, tokenizer, ["<x>", "<y>"])
+    weight = model.get_input_embeddings().weight.detach()
+    assert weight.shape[0] % 64 == 0 and len(tokenizer) <= weight.shape[0] < len(tokenizer) + 64
+    assert model.config.vocab_size == weight.shape[0]
+    torch.testing.assert_close(weight[:old.shape[0]], old, atol=0, rtol=0)
+    noise = weight[tokenizer.convert_tokens_to_ids(["<x>", "<y>"])] - old.mean(dim=0)
+    assert 0.5 / 8 < noise.std().item() < 2 / 8  # hidden size 64: std 1/8

@@ -20,6 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models import attach_adapters, split_paths
 from ..quant import QuantLinear
 from ..quant.provenance import record_base
+from ..vocab import RESIZED, embedding_names
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # in each checkpoint of a PiSSA run: the adapter's initial (A0, B0), so a resume rebuilds the
@@ -114,6 +115,7 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
             pending = take_pending(model)  # deferred (LoftQ): the base is quantized with the new adapter
             if paths:  # create_new_adapter: merge every listed adapter, then train a fresh one
                 model = adapters.unload(attach_adapters(model, paths, trainable=False), merge=True)
+            train_new_vocab(model, finetune)  # resized vocabulary: embeddings trained in full
             config = adapters.methods.config_from_finetune_args(finetune, model, cfg.data)
             _add_new_adapter(model, config, resume_from)
             if pending is not None:  # deterministic: a resumed run rebuilds the same base
@@ -205,3 +207,19 @@ def describe(model) -> str:
     total += quantized
     text = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     return text + (f" || quantized: {quantized:,}" if quantized else "")
+
+
+def train_new_vocab(model, finetune) -> None:
+    """LLaMA-Factory's rule: a model whose vocabulary was resized (vocab.py) trains its input
+    embedding and output head in full beside the adapter (additional_target), unless
+    additional_target names modules itself."""
+    resized = getattr(model, RESIZED, None)
+    if resized is None:
+        return
+    if finetune.additional_target:
+        log.warning("the vocabulary was resized (%d -> %d rows) but additional_target (%s) is set, so the new "
+                    "tokens' embeddings train only if it names the embeddings", *resized, finetune.additional_target)
+        return
+    finetune.additional_target = ",".join(embedding_names(model))
+    log.info("the vocabulary was resized (%d -> %d rows): %s train in full with the adapter (additional_target)",
+             *resized, finetune.additional_target)
