@@ -192,10 +192,14 @@ FinetuningArguments.__module__ = __name__
 @dataclass
 class TrainingArguments:
     output_dir: Optional[str] = _f(None, "Where the adapter, checkpoints and logs are written.")
-    do_train: bool = _f(True, "Run training (for `tuneforge train`).")
+    do_train: Optional[bool] = _f(
+        None, "Run training (for `tuneforge train`). Empty: true, unless do_predict is true and no dataset is "
+        "set (LLaMA-Factory's predict configs, where do_train defaults to false).")
     do_predict: bool = _f(
-        False, "`tuneforge eval`: also generate an answer for every eval example and score it "
-        "(ROUGE-1/2/L, BLEU-4) into output_dir/generated_predictions.jsonl and predict_results.json; "
+        False, "`tuneforge eval`, and `tuneforge train` after training (or alone with do_train: false): also "
+        "generate an answer for every eval example and score it (ROUGE-1/2/L, BLEU-4) into "
+        "output_dir/generated_predictions.jsonl and predict_results.json, as LLaMA-Factory's predict; `tuneforge "
+        "train` decodes with LLaMA-Factory's defaults (sampling, max_new_tokens 1024) where the config sets none. "
         "false: eval loss and perplexity only.")
     predict_with_generate: bool = _f(
         False, "Accepted for LLaMA-Factory configs: predictions are always generated when "

@@ -8,6 +8,10 @@ import inspect
 
 from .errors import ConfigError
 
+# LLaMA-Factory's GeneratingArguments defaults, which its predict (do_predict) decodes with
+LF_DECODING = {"do_sample": True, "temperature": 0.95, "top_p": 0.7, "top_k": 50, "max_new_tokens": 1024,
+               "repetition_penalty": 1.0}
+
 _GC_HOW = ("set gradient_checkpointing: true (or disable_gradient_checkpointing: false, "
            "LLaMA-Factory's default)")
 

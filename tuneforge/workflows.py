@@ -44,8 +44,13 @@ def train(cfg: Config) -> dict:
     args = cfg.train
     if not args.output_dir:
         raise ConfigError("config key 'output_dir' is required for `tuneforge train`")
-    if not args.do_train:
-        raise ConfigError("do_train is false: nothing to do for `tuneforge train`")
+    if args.do_predict:
+        _check_predict(cfg)
+    if not _does_train(cfg):
+        if args.do_predict:  # LLaMA-Factory's predict config: `tuneforge eval`'s predict path
+            return evaluate(cfg)
+        raise ConfigError("do_train is false: nothing to do for `tuneforge train` (do_predict: true generates "
+                          "answers for eval_dataset)")
     refuse_unread_keys(cfg.finetune)
     out = Path(args.output_dir)
     outputs.check_output_dir(out)
@@ -115,7 +120,45 @@ def train(cfg: Config) -> dict:
     if accelerator.is_main_process:
         _save_outputs(run, setup, out, results, args.plot_loss)
     accelerator.end_training()
+    if args.do_predict and accelerator.is_main_process:  # the trained model, loaded as `tuneforge eval` would
+        results = {**results, **evaluate(_trained_config(cfg, out))}
     return results
+
+
+def _does_train(cfg: Config) -> bool:
+    """do_train, whose empty value is true unless do_predict is true and no dataset is set."""
+    if cfg.train.do_train is not None:
+        return cfg.train.do_train
+    return not (cfg.train.do_predict and not cfg.data.dataset)
+
+
+def _check_predict(cfg: Config) -> None:
+    """do_predict in `tuneforge train` generates answers for supervised eval data: checked
+    before anything loads or trains."""
+    if cfg.finetune.stage != "sft":
+        raise ConfigError(f"config key 'do_predict' generates answers for stage: sft data (got stage: "
+                          f"{cfg.finetune.stage}); drop do_predict")
+    if not cfg.data.eval_dataset and not cfg.data.val_size:
+        raise ConfigError("config key 'do_predict' needs eval data: set eval_dataset: <names>, or val_size: "
+                          "<fraction or count> with dataset: <names>")
+
+
+def _trained_config(cfg: Config, out: Path) -> Config:
+    """`cfg` with the model just trained in `out`: its adapter in place of the one trained further
+    (after the merged ones; with create_new_adapter after all the listed ones), or, for full /
+    freeze fine-tuning, the model folder itself."""
+    import dataclasses
+
+    from .models import split_paths
+
+    model = cfg.model
+    if (out / "adapter_config.json").is_file():
+        paths = split_paths(model.adapter_name_or_path)
+        kept = paths if cfg.finetune.create_new_adapter else paths[:-1]
+        model = dataclasses.replace(model, adapter_name_or_path=",".join([*kept, str(out)]))
+    else:
+        model = dataclasses.replace(model, model_name_or_path=str(out), adapter_name_or_path=None)
+    return dataclasses.replace(cfg, model=model)
 
 
 def _read_folders(cfg: Config) -> list[tuple[str, Path]]:

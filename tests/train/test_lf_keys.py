@@ -226,3 +226,70 @@ def test_resized_rows_are_padded_to_64_and_new_tokens_start_at_the_mean(tiny_mod
     torch.testing.assert_close(weight[:old.shape[0]], old, atol=0, rtol=0)
     noise = weight[tokenizer.convert_tokens_to_ids(["<x>", "<y>"])] - old.mean(dim=0)
     assert 0.5 / 8 < noise.std().item() < 2 / 8  # hidden size 64: std 1/8
+
+
+# --- do_predict in `tuneforge train` ------------------------------------------------------------
+
+@pytest.fixture
+def generate_spy(monkeypatch):
+    """Records what eval.predict.generate is asked (the model and generate() arguments) and lets
+    it generate 3 tokens per answer, so that LLaMA-Factory's 1024 do not make the test slow."""
+    from tuneforge.eval import predict
+
+    real, seen = predict.generate, []
+
+    def spy(model, tokenizer, prompts, batch_size, gen_kwargs, progress=True, limits=None):
+        seen.append({"model": model, "kwargs": dict(gen_kwargs), "prompts": len(prompts)})
+        return real(model, tokenizer, prompts, batch_size, {**gen_kwargs, "max_new_tokens": 3}, progress,
+                    [3] * len(limits) if limits else None)
+
+    monkeypatch.setattr(predict, "generate", spy)
+    return seen
+
+
+def test_llama_factory_predict_yaml_runs_in_train(tiny_model_dir, tiny_data_dir, tmp_path, generate_spy):
+    """LLaMA-Factory's nlg_eval predict config (do_predict, eval_dataset, no dataset, no do_train)
+    through `tuneforge train`: no training, `tuneforge eval`'s predict path with LLaMA-Factory's
+    decoding defaults, its two files in output_dir."""
+    from tuneforge.cli import main
+
+    out = tmp_path / "predict"
+    (tmp_path / "predict.yaml").write_text(
+        f"model_name_or_path: {tiny_model_dir}\nstage: sft\ndo_predict: true\nfinetuning_type: lora\n"
+        f"eval_dataset: arith\ndataset_dir: {tiny_data_dir}\ncutoff_len: 64\nmax_samples: 5\n"
+        f"overwrite_cache: true\noutput_dir: {out}\noverwrite_output_dir: true\nreport_to: none\n"
+        "per_device_eval_batch_size: 2\npredict_with_generate: true\ndisable_tqdm: true\n")
+    assert main(["train", str(tmp_path / "predict.yaml")]) == 0
+    assert [s["prompts"] for s in generate_spy] == [5]
+    kwargs = generate_spy[0]["kwargs"]
+    assert {k: kwargs[k] for k in ("do_sample", "temperature", "top_p", "top_k", "max_new_tokens")} == {
+        "do_sample": True, "temperature": 0.95, "top_p": 0.7, "top_k": 50, "max_new_tokens": 1024}
+    rows = [json.loads(line) for line in (out / "generated_predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 and all(set(r) == {"prompt", "predict", "label"} for r in rows)
+    assert rows[0]["label"] == "0."
+    results = json.loads((out / "predict_results.json").read_text())
+    assert {"predict_bleu-4", "predict_rouge-1", "predict_rouge-2", "predict_rouge-l"} <= set(results)
+    assert not (out / "adapter_model.safetensors").exists() and not (out / "train_results.json").exists()
+
+
+def test_do_train_and_do_predict_predict_with_the_trained_adapter(tiny_model_dir, tiny_data_dir, tmp_path,
+                                                                   generate_spy):
+    out = tmp_path / "run"
+    results = train(tiny_cfg(tiny_model_dir, tiny_data_dir, out, do_predict=True, val_size=4, max_steps=2,
+                             do_sample=False))
+    assert "train_loss" in results and "predict_rouge-1" in results
+    assert [s["prompts"] for s in generate_spy] == [4] and generate_spy[0]["kwargs"]["do_sample"] is False
+    assert any("lora_B" in name for name, _ in generate_spy[0]["model"].named_parameters())
+    assert len((out / "generated_predictions.jsonl").read_text().splitlines()) == 4
+    assert (out / "predict_results.json").is_file() and (out / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"do_predict": True, "dataset": "arith"}, "config key 'do_predict' needs eval data"),
+    ({"do_predict": True, "stage": "pt", "eval_dataset": "arith"}, "generates answers for stage: sft data"),
+    ({"do_train": False}, "do_train is false: nothing to do"),
+])
+def test_do_predict_refusals(tmp_path, values, message):
+    with pytest.raises(ConfigError, match=message):
+        train(load_config(None, {"output_dir": str(tmp_path / "out"), **values}))
+    assert not (tmp_path / "out").exists()
