@@ -80,6 +80,11 @@ class ModelArguments:
         False, "Resize the embeddings to the tokenizer (rounded up to 64 rows, new rows the mean of the others "
         "plus noise, as LLaMA-Factory); an adapter then trains embed_tokens and lm_head in full "
         "(additional_target). On by itself when new_special_tokens adds tokens.")
+    add_special_tokens: Optional[str] = _f(
+        None, "LLaMA-Factory's newer name of new_special_tokens (the same tokens when both are set).")
+    add_tokens: Optional[str] = _f(
+        None, "Comma list of tokens added to the tokenizer as ordinary (not special) tokens, as LLaMA-Factory; "
+        "the vocabulary is resized as for new_special_tokens.")
 
 
 @dataclass

@@ -70,8 +70,12 @@ def validate_lf_keys(cfg, given) -> None:
         if "bf16" in given and train.bf16 is False:
             raise ConfigError("config key 'pure_bf16' is true but bf16 is false; pure_bf16 trains in bf16 "
                               "(without mixed precision): drop bf16: false")
+    if model.new_special_tokens and model.add_special_tokens and \
+            _tokens(model.new_special_tokens) != _tokens(model.add_special_tokens):
+        raise ConfigError("config keys 'new_special_tokens' and 'add_special_tokens' (its newer name in "
+                          "LLaMA-Factory) list different tokens; keep one of them")
     if model.quantization_bit is not None:
-        for key in ("new_special_tokens", "resize_vocab"):
+        for key in ("new_special_tokens", "add_special_tokens", "add_tokens", "resize_vocab"):
             if getattr(model, key):
                 raise ConfigError(f"config key '{key}' resizes the embeddings, which a quantized model "
                                   "(quantization_bit) cannot: drop one of them")
@@ -80,3 +84,7 @@ def validate_lf_keys(cfg, given) -> None:
             if key in given and (getattr(model, key, None) is not None or getattr(train, key, None)):
                 raise ConfigError(f"config key '{key}' sets up gradient checkpointing, which is off in "
                                   f"this config: {_GC_HOW}, or drop {key}")
+
+
+def _tokens(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]

@@ -1,7 +1,8 @@
-"""LLaMA-Factory's `new_special_tokens` and `resize_vocab`: tokens added to the tokenizer as
-special tokens, the embeddings resized (to a multiple of 64 rows, the new tokens' rows set to the
-mean of the old rows plus noise of std 1/sqrt(hidden), as LLaMA-Factory does), and an adapter
-trained on a resized vocabulary loaded with the tokenizer saved beside it.
+"""LLaMA-Factory's `new_special_tokens` (newer name `add_special_tokens`), `add_tokens` and
+`resize_vocab`: tokens added to the tokenizer (as special tokens, or ordinary ones), the
+embeddings resized (to a multiple of 64 rows, the new tokens' rows set to the mean of the old
+rows plus noise of std 1/sqrt(hidden), as LLaMA-Factory does), and an adapter trained on a
+resized vocabulary loaded with the tokenizer saved beside it.
 
 An adapter method trains the input embedding and the output head in full (modules_to_save, as
 LLaMA-Factory sets additional_target), so peft loads the adapter on a base resized the same way:
@@ -45,12 +46,17 @@ def add_new_tokens(model, tokenizer, model_args) -> None:
     """Add new_special_tokens to `tokenizer` and, when that grows it or resize_vocab is set, make
     the model's embeddings hold every token (LLaMA-Factory's patch_tokenizer and
     resize_embedding_layer)."""
-    tokens = split_tokens(getattr(model_args, "new_special_tokens", None))
-    added = tokenizer.add_tokens(tokens, special_tokens=True) if tokens else 0
-    if added:
-        log.info("added special tokens %s to the tokenizer", ", ".join(tokens))
+    special = split_tokens(getattr(model_args, "new_special_tokens", None) or
+                           getattr(model_args, "add_special_tokens", None))
+    plain = split_tokens(getattr(model_args, "add_tokens", None))
+    added = 0
+    for tokens, is_special in ((plain, False), (special, True)):
+        count = tokenizer.add_tokens(tokens, special_tokens=is_special) if tokens else 0
+        if count:
+            log.info("added %stokens %s to the tokenizer", "special " if is_special else "", ", ".join(tokens))
+        added += count
     if added or getattr(model_args, "resize_vocab", False):
-        resize_embeddings(model, tokenizer, tokens)
+        resize_embeddings(model, tokenizer, plain + special)
 
 
 @torch.no_grad()

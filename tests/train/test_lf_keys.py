@@ -293,3 +293,19 @@ def test_do_predict_refusals(tmp_path, values, message):
     with pytest.raises(ConfigError, match=message):
         train(load_config(None, {"output_dir": str(tmp_path / "out"), **values}))
     assert not (tmp_path / "out").exists()
+
+
+def test_add_tokens_and_add_special_tokens_llama_factorys_newer_names(tiny_model_dir):
+    from tuneforge.models import load_model_and_tokenizer
+
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model_dir), "add_tokens": "<plain>",
+                             "add_special_tokens": ["<sp1>", "<sp2>"]})
+    model, tokenizer = load_model_and_tokenizer(cfg.model, dtype="float32")
+    ids = tokenizer("<plain><sp1><sp2>", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 3 and ids == tokenizer.convert_tokens_to_ids(["<plain>", "<sp1>", "<sp2>"])
+    decoder = tokenizer.added_tokens_decoder
+    assert decoder[ids[1]].special and decoder[ids[2]].special and not decoder[ids[0]].special
+    assert model.get_input_embeddings().weight.shape[0] % 64 == 0
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer) > ids[0]
+    with pytest.raises(ConfigError, match="list different tokens"):
+        load_config(None, {"new_special_tokens": "<a>", "add_special_tokens": "<b>"})
