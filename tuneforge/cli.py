@@ -150,6 +150,19 @@ def _greedy_unless_asked(config: str | None, values: dict) -> None:
         values["do_sample"] = False
 
 
+def _lf_decoding_for_predict(config: str | None, values: dict) -> None:
+    """`tuneforge train` with do_predict decodes as LLaMA-Factory's predict does where the config
+    sets nothing (config_lf_keys.LF_DECODING: its max_new_tokens is 1024, tuneforge's 512)."""
+    from .config import read_yaml
+    from .config_lf_keys import LF_DECODING
+
+    given = {**(read_yaml(config) if config else {}), **values}
+    if given.get("do_predict") is True:
+        for key, value in LF_DECODING.items():
+            if key not in given:
+                values[key] = value
+
+
 def _run_eval(cfg, args) -> None:
     import json
 
@@ -246,6 +259,8 @@ def _main(argv: list[str] | None) -> int:
                 values["adapter_name_or_path"] = args.adapter
         if args.command == "eval":
             _greedy_unless_asked(config, values)
+        if args.command == "train":
+            _lf_decoding_for_predict(config, values)
         cfg = load_config(config, values)
         if args.command == "train":
             from .workflows import train
