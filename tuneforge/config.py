@@ -21,6 +21,7 @@ from .config_checks import validate
 from .config_methods import apply_aliases, select_method
 from .config_values import coerce, is_text
 from .errors import ConfigError
+from .train.optimizers import OPTIMIZER_KEYS
 from .train.stages import STAGE_KEYS, stages_help
 
 
@@ -176,11 +177,12 @@ class _FinetuningKeys:
 
 
 # the finetune section: the keys above, then each method's own keys (adapter_methods.METHOD_KEYS),
-# then each stage's own keys (train.stages.STAGE_KEYS, e.g. dpo's pref_beta)
+# then each stage's own keys (train.stages.STAGE_KEYS, e.g. dpo's pref_beta), then the optimizer
+# keys (train.optimizers.OPTIMIZER_KEYS: use_galore, use_badam, ..., use_llama_pro)
 FinetuningArguments = dataclasses.make_dataclass(
     "FinetuningArguments",
     [(name, spec["type"], _f(spec["default"], spec["help"], spec["choices"], bounds=spec["bounds"]))
-     for name, spec in {**METHOD_KEYS, **STAGE_KEYS}.items()],
+     for name, spec in {**METHOD_KEYS, **STAGE_KEYS, **OPTIMIZER_KEYS}.items()],
     bases=(_FinetuningKeys,))
 FinetuningArguments.__module__ = __name__
 

@@ -8,6 +8,7 @@ import os
 
 from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE, TASK_ID_METHODS
 from .errors import ConfigError
+from .train import optimizers
 from .train.stages import STAGE_KEYS, STAGES
 from .train.trackers import report_targets
 
@@ -39,6 +40,7 @@ def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
         raise ConfigError("set 'num_train_epochs' or 'max_steps' to a positive value")
     _validate_lora_variants(cfg)
     _validate_method_keys(cfg, given)
+    optimizers.check(cfg, given)  # use_galore, use_badam, ..., use_llama_pro (train/optimizers/keys.py)
     _validate_multitask(cfg)
     _validate_placeholders(cfg.data.placeholders)
     _validate_adapter_list(cfg.model.adapter_name_or_path)
