@@ -140,8 +140,9 @@ def test_a_run_learns_and_resumes_to_the_same_weights(name, tiny_model_dir, tiny
     ({"use_apollo": True, "apollo_layerwise": True}, r"^config key 'apollo_layerwise' steps each weight inside"),
     ({"galore_rank": 8}, r"^config key 'galore_rank' is read with use_galore: true"),
     ({"use_apollo": True, "optim": "sgd"}, r"^config key 'optim' \(sgd\) cannot be the base of use_apollo"),
-    ({"use_badam": True, "badam_update_ratio": 0.1}, r"^config key 'badam_update_ratio' is not read in badam_mode: "
-                                                     r"layer"),
+    ({"use_badam": True, "badam_update_ratio": 0.1}, r"^config key 'badam_update_ratio' is read in badam_mode: "
+                                                     r"ratio, which tuneforge does not run; drop it$"),
+    ({"use_badam": True, "badam_mode": "ratio"}, r"^config key 'badam_mode': ratio updates through sparse gradients"),
     ({"use_badam": True, "badam_switch_interval": 0}, r"^config key 'badam_switch_interval' must be -1"),
 ])
 def test_combinations_that_cannot_run_are_one_line(keys, message):
@@ -168,6 +169,11 @@ def test_galore_targets_only_the_named_layers():
     assert names and all(("q_proj" in n or "v_proj" in n) for n in names) and len(names) == 4
     with pytest.raises(ConfigError, match=r"^config key 'galore_target' \(nothing\) names no trainable linear"):
         build_optimizer(model, *_finetune(use_galore=True, galore_target="nothing"))
+
+
+def test_badam_start_block_past_the_last_block_is_one_line():
+    with pytest.raises(ConfigError, match=r"^config key 'badam_start_block' must be below this model's 2 blocks; got 2$"):
+        build_optimizer(_tiny_llama(), *_finetune(use_badam=True, badam_start_block=2))
 
 
 def test_other_optimizer_state_is_refused_on_resume(tmp_path):

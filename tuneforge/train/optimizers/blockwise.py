@@ -1,8 +1,8 @@
 """BAdam (the badam package): block-coordinate Adam for full fine-tuning, built as LLaMA-Factory
 builds it: layer mode wraps the `optim` optimizer in badam's BlockOptimizer (one decoder layer
-trains at a time, switched every badam_switch_interval steps), ratio mode is badam's
-BlockOptimizerRatio (a badam_update_ratio share of every weight updates, through sparse
-gradients).
+trains at a time, switched every badam_switch_interval steps). Ratio mode (BlockOptimizerRatio)
+is refused by keys.py: its sparse gradients break torch's clip_grad_norm_, and its masks are not
+in its state dict, so a resumed run would update other entries.
 
 The loop drives both as any optimizer (step, zero_grad, the schedule on its groups). What the
 package leaves out, added here:
@@ -23,6 +23,7 @@ import warnings
 
 import torch
 
+from ...errors import ConfigError
 from .keys import STATE_LAYOUT
 
 log = logging.getLogger("tuneforge")
@@ -85,26 +86,30 @@ def _block_optimizer_class():
 
 
 def build_badam(model, args, finetune, base_cls: type, base_kwargs: dict) -> torch.optim.Optimizer:
-    """BAdam over the model's trainable parameters; `base_cls(**base_kwargs)`: the `optim`
-    optimizer that layer mode wraps."""
+    """BAdam (layer mode) over the model's trainable parameters; `base_cls(**base_kwargs)`: the
+    `optim` optimizer it wraps. Raises ConfigError with several processes (LLaMA-Factory runs it
+    distributed only under DeepSpeed ZeRO-3) and for a badam_start_block past the last block."""
+    from badam import BlockOptimizer
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ConfigError("config key 'use_badam' (BAdam) runs in one process here (LLaMA-Factory runs it "
+                          "distributed only under DeepSpeed ZeRO-3); launch one process or drop use_badam")
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
               {"params": [p for p in params if p.ndim >= 2], "weight_decay": args.weight_decay}]
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for _, param in named:
         param.trains_in_turns = True
+    blocks = len(BlockOptimizer.infer_param_groups(None, [n for n, _ in named], False, False))
+    if not blocks:
+        raise ConfigError("config key 'use_badam': BAdam finds the model's blocks by parameter names with "
+                          "'layers.<n>.', which this model's names lack; drop use_badam")
+    if finetune.badam_start_block is not None and finetune.badam_start_block >= blocks:
+        raise ConfigError(f"config key 'badam_start_block' must be below this model's {blocks} blocks; got "
+                          f"{finetune.badam_start_block}")
     with warnings.catch_warnings():  # badam warns that fp32 weights cost memory (tuneforge keeps fp32 masters)
         warnings.simplefilter("ignore", UserWarning)
-        if finetune.badam_mode == "ratio":
-            from badam import BlockOptimizerRatio
-
-            optimizer = BlockOptimizerRatio(
-                param_groups=groups, named_parameters_list=named, update_ratio=finetune.badam_update_ratio,
-                mask_mode=finetune.badam_mask_mode, verbose=finetune.badam_verbose, include_embedding=False,
-                **base_kwargs)
-            log.info("BAdam (ratio mode): %.3g of each weight updates, %s mask", finetune.badam_update_ratio,
-                     finetune.badam_mask_mode)
-            return optimizer
         interval = finetune.badam_switch_interval
         optimizer = _block_optimizer_class()(
             base_optimizer=base_cls(groups, **base_kwargs), named_parameters_list=named,

@@ -66,15 +66,16 @@ OPTIMIZER_KEYS = {
     "apollo_scale_front": _key(False, "APOLLO: apply the norm-growth limiter before the gradient scaling."),
     "use_badam": _key(False, "BAdam (badam): block-coordinate Adam, one block of the model trains at a "
                              "time (full fine-tuning)."),
-    "badam_mode": _key("layer", "BAdam: layer (one decoder layer at a time) or ratio (a share of every "
-                                "weight).", choices=("layer", "ratio")),
+    "badam_mode": _key("layer", "BAdam: layer (one decoder layer at a time); ratio (a share of every "
+                                "weight, through sparse gradients) is refused.", choices=("layer", "ratio")),
     "badam_start_block": _key(None, "BAdam layer mode: the block to start with (empty: by switch mode).",
                               type="Optional[int]", bounds="[0, inf)"),
     "badam_switch_mode": _key("ascending", "BAdam layer mode: order of the blocks.",
                               choices=("ascending", "descending", "random", "fixed")),
     "badam_switch_interval": _key(50, "BAdam layer mode: optimizer steps per block; -1 never switches."),
-    "badam_update_ratio": _key(0.05, "BAdam ratio mode: share of each weight updated.", bounds="(0, 1]"),
-    "badam_mask_mode": _key("adjacent", "BAdam ratio mode: which entries are updated (adjacent or scatter).",
+    "badam_update_ratio": _key(0.05, "BAdam ratio mode (refused): share of each weight updated.",
+                               bounds="(0, 1]"),
+    "badam_mask_mode": _key("adjacent", "BAdam ratio mode (refused): which entries are updated.",
                             choices=("adjacent", "scatter")),
     "badam_verbose": _key(0, "BAdam: 0 quiet, 1 print the block, 2 also its parameters.", choices=(0, 1, 2)),
     "use_adam_mini": _key(False, "Adam-mini (adam-mini): Adam with one second-moment value per block "
@@ -130,16 +131,18 @@ def check(cfg, given) -> None:
                               "tuneforge's loop clips and checks the whole model's gradients before one "
                               "optimizer step (LLaMA-Factory also refuses it with gradient accumulation); "
                               "set it to false")
-    if ft.badam_mode == "ratio" and key == "use_badam":
-        wrong = [k for k in _BADAM_LAYER if k in given]
-    else:
-        wrong = [k for k in _BADAM_RATIO if k in given]
+    if key == "use_badam" and ft.badam_mode == "ratio":
+        raise ConfigError("config key 'badam_mode': ratio updates through sparse gradients, which tuneforge's "
+                          "gradient clipping (max_grad_norm) and checkpoints (its masks) do not take; use "
+                          "badam_mode: layer")
+    wrong = [k for k in _BADAM_RATIO if k in given]
     if wrong and key == "use_badam":
-        raise ConfigError(f"config key '{wrong[0]}' is not read in badam_mode: {ft.badam_mode}; drop it")
+        raise ConfigError(f"config key '{wrong[0]}' is read in badam_mode: ratio, which tuneforge does not run; "
+                          "drop it")
     if key == "use_badam" and not (ft.badam_switch_interval == -1 or ft.badam_switch_interval > 0):
         raise ConfigError("config key 'badam_switch_interval' must be -1 (never switch) or a positive number "
                           f"of steps; got {ft.badam_switch_interval}")
-    allowed = _OPTIM[key] if not (key == "use_badam" and ft.badam_mode == "ratio") else ("adamw_torch",)
+    allowed = _OPTIM[key]
     optim = getattr(cfg.train, "optim", "adamw_torch") or "adamw_torch"
     if allowed is not None and optim not in allowed:
         raise ConfigError(f"config key 'optim' ({optim}) cannot be the base of {key}: {label} builds on "
