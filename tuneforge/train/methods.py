@@ -69,7 +69,11 @@ def _freeze(model, finetune) -> None:
     if n == 0 or abs(n) > len(layers):
         raise ConfigError(f"config key 'freeze_trainable_layers' must be between 1 and "
                           f"{len(layers)} (or -1 and -{len(layers)}) for this model; got {n}")
-    chosen = list(layers)[-n:] if n > 0 else list(layers)[:-n]
+    if getattr(finetune, "use_llama_pro", False):  # LLaMA Pro: the expanded blocks (tuneforge/llama_pro.py)
+        from ..llama_pro import expanded_blocks
+        chosen = expanded_blocks(list(layers), n)
+    else:
+        chosen = list(layers)[-n:] if n > 0 else list(layers)[:-n]
     modules = split_paths(finetune.freeze_trainable_modules)
     model.requires_grad_(False)
     matched = False
