@@ -22,6 +22,9 @@ from tuneforge.workflows import train
 CASES = {
     "galore": ({"use_galore": True, "galore_rank": 4, "galore_update_interval": 3},
                "galore_torch:GaLoreAdamW", "projector"),
+    "galore_layerwise": ({"use_galore": True, "galore_layerwise": True, "galore_rank": 4, "galore_update_interval": 3,
+                          "gradient_accumulation_steps": 1},
+                         "galore_torch:GaLoreAdamW", "projector"),
     "apollo": ({"use_apollo": True, "apollo_rank": 4, "apollo_update_interval": 3},
                "apollo_torch:APOLLOAdamW", "projector"),
     "adam_mini": ({"use_adam_mini": True}, "adam_mini:Adam_mini", "m"),
@@ -64,7 +67,7 @@ def _step(model, opt, ids) -> float:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_the_packages_optimizer_steps_learns_and_resumes(name, tmp_path):
-    """Its class and state; the loss of a fixed batch drops over six steps; its state, saved
+    """Its class (layer-wise: one per weight) and state; the loss of a fixed batch drops over six steps; its state, saved
     as a checkpoint saves it and checked as a resume checks it, restored into a fresh optimizer,
     continues exactly as the optimizer that was not stopped."""
     import copy
@@ -98,8 +101,10 @@ def test_the_packages_optimizer_steps_learns_and_resumes(name, tmp_path):
     assert losses[-1] < losses[0]
     for (n, a), b in zip(model.named_parameters(), again.parameters()):
         assert torch.equal(a, b), n
-    if name in ("galore", "apollo"):  # the low-rank group carries the keys' settings
+    if name in ("galore", "apollo", "galore_layerwise"):  # the low-rank group carries the keys' settings
         assert opt.param_groups[-1]["rank"] == 4 and opt.param_groups[-1]["update_proj_gap"] == 3
+    if name == "galore_layerwise":  # one optimizer per weight, stepped in the backward pass
+        assert len(opt.parts) == sum(1 for p in model.parameters() if p.requires_grad)
     if name == "muon":  # Muon for the hidden 2-D weights, AdamW for embeddings, head and norms
         muon, adamw = opt.parts
         assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
@@ -113,7 +118,8 @@ def _config(model_dir, data_dir, out, **extra):
                               "logging_steps": 1, "disable_tqdm": True, "bf16": False, **extra})
 
 
-@pytest.mark.parametrize("name", ["badam"])  # blocks whose requires_grad goes off and on
+# BAdam: blocks whose requires_grad goes off and on; layer-wise GaLore: steps inside the backward
+@pytest.mark.parametrize("name", ["badam", "galore_layerwise"])
 def test_a_run_learns_and_resumes_to_the_same_weights(name, tiny_model_dir, tiny_data_dir, tmp_path):
     keys = CASES[name][0]
     out = tmp_path / "out"
@@ -136,8 +142,10 @@ def test_a_run_learns_and_resumes_to_the_same_weights(name, tiny_model_dir, tiny
     ({"use_galore": True, "finetuning_type": "lora"}, r"^config key 'use_galore' \(GaLore\) trains the model's own "
                                                       r"weights: set finetuning_type: full or freeze"),
     ({"use_badam": True, "finetuning_type": "freeze"}, r"^config key 'use_badam' \(BAdam\) .*full"),
-    ({"use_galore": True, "galore_layerwise": True}, r"^config key 'galore_layerwise' steps each weight inside"),
-    ({"use_apollo": True, "apollo_layerwise": True}, r"^config key 'apollo_layerwise' steps each weight inside"),
+    ({"use_galore": True, "galore_layerwise": True, "gradient_accumulation_steps": 2},
+     r"^config key 'galore_layerwise' updates each weight inside the backward pass, which cannot accumulate"),
+    ({"use_apollo": True, "apollo_layerwise": True, "gradient_accumulation_steps": 1, "max_grad_norm": 1.0},
+     r"^config key 'max_grad_norm' cannot clip with apollo_layerwise"),
     ({"galore_rank": 8}, r"^config key 'galore_rank' is read with use_galore: true"),
     ({"use_apollo": True, "optim": "sgd"}, r"^config key 'optim' \(sgd\) cannot be the base of use_apollo"),
     ({"use_badam": True, "badam_update_ratio": 0.1}, r"^config key 'badam_update_ratio' is read in badam_mode: "

@@ -49,9 +49,9 @@ OPTIMIZER_KEYS = {
     "galore_update_interval": _key(200, "GaLore: steps between projection updates.", bounds="(0, inf)"),
     "galore_scale": _key(2.0, "GaLore: scale of the projected-back update.", bounds="(0, inf)"),
     "galore_proj_type": _key("std", "GaLore: projection side.", choices=("std", "reverse_std", "right", "left", "full")),
-    "galore_layerwise": _key(False, "GaLore: layer-wise updates inside the backward pass (not supported: "
-                                    "tuneforge's loop clips and checks the gradients of the whole model "
-                                    "before one step)."),
+    "galore_layerwise": _key(False, "GaLore: one optimizer per weight, stepped inside the backward pass "
+                                    "(less memory); needs gradient_accumulation_steps: 1, no max_grad_norm "
+                                    "clipping, one process."),
     "use_apollo": _key(False, "APOLLO (apollo-torch): AdamW with channel- or tensor-wise scaling "
                               "estimated in a low-rank space for the target weights (full or freeze)."),
     "apollo_target": _key("all", "APOLLO: " + _TARGET),
@@ -61,8 +61,8 @@ OPTIMIZER_KEYS = {
     "apollo_proj": _key("random", "APOLLO: projection (random or svd).", choices=("svd", "random")),
     "apollo_proj_type": _key("std", "APOLLO: projection side.", choices=("std", "right", "left")),
     "apollo_scale_type": _key("channel", "APOLLO: scaling per channel or per tensor.", choices=("channel", "tensor")),
-    "apollo_layerwise": _key(False, "APOLLO: layer-wise updates inside the backward pass (not supported, "
-                                    "as galore_layerwise)."),
+    "apollo_layerwise": _key(False, "APOLLO: one optimizer per weight, stepped inside the backward pass "
+                                    "(as galore_layerwise)."),
     "apollo_scale_front": _key(False, "APOLLO: apply the norm-growth limiter before the gradient scaling."),
     "use_badam": _key(False, "BAdam (badam): block-coordinate Adam, one block of the model trains at a "
                              "time (full fine-tuning)."),
@@ -127,10 +127,7 @@ def check(cfg, given) -> None:
                           "set finetuning_type: full (got freeze), or drop it")
     for layerwise in ("galore_layerwise", "apollo_layerwise"):
         if getattr(ft, layerwise):
-            raise ConfigError(f"config key '{layerwise}' steps each weight inside the backward pass, but "
-                              "tuneforge's loop clips and checks the whole model's gradients before one "
-                              "optimizer step (LLaMA-Factory also refuses it with gradient accumulation); "
-                              "set it to false")
+            _check_layerwise(layerwise, cfg.train, given)
     if key == "use_badam" and ft.badam_mode == "ratio":
         raise ConfigError("config key 'badam_mode': ratio updates through sparse gradients, which tuneforge's "
                           "gradient clipping (max_grad_norm) and checkpoints (its masks) do not take; use "
@@ -150,6 +147,21 @@ def check(cfg, given) -> None:
     if module is not None and importlib.util.find_spec(module) is None:
         raise ConfigError(f"config key '{key}' needs the {package} package: pip install {package} "
                           f"(or pip install 'tuneforge[{extra}]')")
+
+
+def _check_layerwise(key: str, train, given) -> None:
+    """Layer-wise updates run inside the backward pass: one micro-batch per step (as
+    LLaMA-Factory), unscaled gradients (no fp16), and nothing to clip."""
+    if train.gradient_accumulation_steps != 1:
+        raise ConfigError(f"config key '{key}' updates each weight inside the backward pass, which cannot "
+                          "accumulate gradients (LLaMA-Factory refuses it too): set gradient_accumulation_steps: 1 "
+                          f"(got {train.gradient_accumulation_steps}) or {key}: false")
+    if train.fp16:
+        raise ConfigError(f"config key '{key}' updates each weight inside the backward pass, before fp16's loss "
+                          f"scaler unscales the gradients: use bf16 or fp32, or {key}: false")
+    if "max_grad_norm" in given and train.max_grad_norm > 0:
+        raise ConfigError(f"config key 'max_grad_norm' cannot clip with {key}: the gradients are applied and freed "
+                          f"inside the backward pass; drop max_grad_norm or set {key}: false")
 
 
 def _check_llama_pro(ft) -> None:

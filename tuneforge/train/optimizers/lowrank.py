@@ -3,6 +3,13 @@
 update_proj_gap, scale, proj_type, ...), the other trainable parameters in the usual weight-decay
 groups, one optimizer over all of them.
 
+Layer-wise (galore_layerwise / apollo_layerwise, as LLaMA-Factory): one optimizer per weight,
+stepped by a hook as soon as the backward pass has that weight's gradient, which it then frees.
+The loop sees them as one `Combined` optimizer whose step does nothing: the schedule reaches each
+one's learning rate and checkpoints hold all their states. keys.py allows it with
+gradient_accumulation_steps: 1, no fp16 and no max_grad_norm set (the gradients are gone before
+the loop would clip them; LLaMA-Factory shows a zero gradient norm then); it runs in one process.
+
 Both packages keep a projector object per weight in the optimizer state. tuneforge's checkpoints
 are read with `torch.load(weights_only=True)`, which refuses objects, so the optimizer classes
 here are the packages' own with a state_dict that writes each projector as a plain dict (its
@@ -17,6 +24,7 @@ import logging
 import torch
 
 from ...errors import ConfigError
+from .combined import Combined
 from .keys import STATE_LAYOUT
 
 log = logging.getLogger("tuneforge")
@@ -130,8 +138,9 @@ def build_galore(model, args, finetune, base_kwargs: dict) -> torch.optim.Optimi
         if base is not galore_torch.GaLoreAdamW8bit else dict(base_kwargs)
     if base is galore_torch.GaLoreAdamW:
         kwargs["no_deprecation_warning"] = True
-    optimizer = _saving(base)(_groups(model, args, special, settings), **kwargs)
-    log.info("GaLore (%s) on %d weights: %s", base.__name__, len(special), settings)
+    optimizer = _make(_saving(base), _groups(model, args, special, settings), kwargs, finetune.galore_layerwise)
+    log.info("GaLore (%s%s) on %d weights: %s", base.__name__, ", layer-wise" * finetune.galore_layerwise,
+             len(special), settings)
     return optimizer
 
 
@@ -143,7 +152,32 @@ def build_apollo(model, args, finetune, base_kwargs: dict) -> torch.optim.Optimi
                 "proj_type": finetune.apollo_proj_type, "update_proj_gap": finetune.apollo_update_interval,
                 "scale": finetune.apollo_scale, "scale_type": finetune.apollo_scale_type}
     special = _special(model, "apollo_target", finetune.apollo_target)
-    optimizer = _saving(apollo_torch.APOLLOAdamW)(
-        _groups(model, args, special, settings), scale_front=finetune.apollo_scale_front, **base_kwargs)
-    log.info("APOLLO on %d weights: %s", len(special), settings)
+    optimizer = _make(_saving(apollo_torch.APOLLOAdamW), _groups(model, args, special, settings),
+                      {"scale_front": finetune.apollo_scale_front, **base_kwargs}, finetune.apollo_layerwise)
+    log.info("APOLLO%s on %d weights: %s", " (layer-wise)" * finetune.apollo_layerwise, len(special), settings)
     return optimizer
+
+
+def _make(cls: type, groups: list[dict], kwargs: dict, layerwise: bool) -> torch.optim.Optimizer:
+    """`cls(groups, **kwargs)`, or with `layerwise` one `cls` per weight stepped in the backward."""
+    if not layerwise:
+        return cls(groups, **kwargs)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise ConfigError("layer-wise GaLore / APOLLO steps each weight before the processes average its "
+                          "gradient; launch one process or set galore_layerwise / apollo_layerwise: false")
+    parts = {}
+    for group in groups:
+        for param in group["params"]:
+            parts[param] = cls([{**group, "params": [param]}], **kwargs)
+
+    def step_now(param):
+        if param.grad is not None:
+            parts[param].step()
+            parts[param].zero_grad(set_to_none=True)
+
+    for param in parts:
+        param.register_post_accumulate_grad_hook(step_now)
+    log.warning("layer-wise update: each weight steps inside the backward pass; max_grad_norm clipping "
+                "does not apply (the gradient norm is logged as 0)")
+    return Combined(list(parts.values()), stepped_in_backward=True)

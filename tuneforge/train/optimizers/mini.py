@@ -10,56 +10,13 @@ clipping and checkpoints see one."""
 from __future__ import annotations
 
 import logging
-from collections import ChainMap
-
 import torch
 
 from ...errors import ConfigError
+from .combined import Combined
 from .keys import STATE_LAYOUT
 
 log = logging.getLogger("tuneforge")
-
-
-class Combined(torch.optim.Optimizer):
-    """Several optimizers over disjoint parameters, seen as one: their groups (the same dicts,
-    so a scheduler's learning rate reaches each) in order, one step, one state dict in torch's
-    layout (parameter indices numbered across the parts), loaded back part by part."""
-
-    def __init__(self, parts: list[torch.optim.Optimizer]):
-        self.parts = parts
-        super().__init__([{"params": list(g["params"])} for p in parts for g in p.param_groups], {})
-        self._share()
-
-    def _share(self) -> None:
-        self.param_groups = [g for part in self.parts for g in part.param_groups]
-        self.state = ChainMap(*(part.state for part in self.parts))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for part in self.parts:
-            part.step()
-        return loss
-
-    def state_dict(self):
-        state, groups, offset = {}, [], 0
-        for part in self.parts:
-            saved = part.state_dict()
-            state.update({index + offset: entry for index, entry in saved["state"].items()})
-            groups += [{**g, "params": [i + offset for i in g["params"]]} for g in saved["param_groups"]]
-            offset += sum(len(g["params"]) for g in saved["param_groups"])
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state_dict):
-        offset, start = 0, 0
-        for part in self.parts:
-            groups = state_dict["param_groups"][start:start + len(part.param_groups)]
-            count = sum(len(g["params"]) for g in groups)
-            part.load_state_dict({
-                "state": {i - offset: e for i, e in state_dict["state"].items() if offset <= i < offset + count},
-                "param_groups": [{**g, "params": [i - offset for i in g["params"]]} for g in groups]})
-            offset, start = offset + count, start + len(part.param_groups)
-        self._share()
 
 
 def build_muon(model, args) -> torch.optim.Optimizer:
