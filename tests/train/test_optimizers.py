@@ -141,6 +141,8 @@ def test_a_run_learns_and_resumes_to_the_same_weights(name, tiny_model_dir, tiny
     ({"use_galore": True, "use_badam": True}, r"^config keys 'use_galore' and 'use_badam' each choose the optimizer"),
     ({"use_galore": True, "finetuning_type": "lora"}, r"^config key 'use_galore' \(GaLore\) trains the model's own "
                                                       r"weights: set finetuning_type: full or freeze"),
+    ({"use_adam_mini": True, "finetuning_type": "lora"}, r"^config key 'use_adam_mini' \(Adam-mini\) trains the model's "
+                                                         r"own weights"),
     ({"use_badam": True, "finetuning_type": "freeze"}, r"^config key 'use_badam' \(BAdam\) .*full"),
     ({"use_galore": True, "galore_layerwise": True, "gradient_accumulation_steps": 2},
      r"^config key 'galore_layerwise' updates each weight inside the backward pass, which cannot accumulate"),

@@ -106,9 +106,11 @@ def _transformers_optimizer(name: str, args) -> tuple[type, dict]:
         raise ConfigError(f"config key 'optim' must be one of transformers' optimizer names ({', '.join(known)}); "
                           f"got '{name}'")
     if name.startswith(_TRAINER_ONLY):
+        own = next((f"; for {label} set use_{key}: true (LLaMA-Factory's key) with optim: adamw_torch"
+                    for key, label in (("galore", "GaLore"), ("apollo", "APOLLO")) if name.startswith(key)), "")
         raise ConfigError(f"optim: {name} runs inside transformers' Trainer (its own hooks or step), which "
                           "tuneforge's loop does not use; choose adamw_torch, sgd, adafactor or a bitsandbytes "
-                          "optimizer")
+                          f"optimizer{own}")
     # the attributes the factory reads of a TrainingArguments (building a real one would reset
     # accelerate's process state under the running Accelerator)
     hf_args = SimpleNamespace(optim=OptimizerNames(name), optim_args=getattr(args, "optim_args", None),

@@ -79,7 +79,8 @@ OPTIMIZER_KEYS = {
                             choices=("adjacent", "scatter")),
     "badam_verbose": _key(0, "BAdam: 0 quiet, 1 print the block, 2 also its parameters.", choices=(0, 1, 2)),
     "use_adam_mini": _key(False, "Adam-mini (adam-mini): Adam with one second-moment value per block "
-                                 "(head, neuron) instead of per weight."),
+                                 "(head, neuron) instead of per weight (full or freeze: it splits whole "
+                                 "weights by heads)."),
     "use_muon": _key(False, "Muon (torch.optim.Muon): orthogonalised momentum for the 2-D hidden "
                             "weights, AdamW for embeddings, output head and 1-D parameters."),
     "use_llama_pro": _key(False, "LLaMA Pro: with finetuning_type: freeze on a model expanded by "
@@ -119,7 +120,7 @@ def check(cfg, given) -> None:
     if key is None:
         return
     label, module, package, extra = CHOOSERS[key]
-    if key in ("use_galore", "use_apollo", "use_badam") and ft.finetuning_type not in ("full", "freeze"):
+    if key in ("use_galore", "use_apollo", "use_badam", "use_adam_mini") and ft.finetuning_type not in ("full", "freeze"):
         raise ConfigError(f"config key '{key}' ({label}) trains the model's own weights: set "
                           f"finetuning_type: full or freeze (got {ft.finetuning_type}), or drop it")
     if key == "use_badam" and ft.finetuning_type != "full":
