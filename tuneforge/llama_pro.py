@@ -8,10 +8,11 @@ num_layers / N original blocks comes a copy of the block before it whose attenti
 to the residual stream and the expanded model computes exactly what the original does until it
 trains. The tokenizer is copied beside it.
 
-Training (`use_llama_pro: true` with `finetuning_type: freeze` and `freeze_trainable_layers: N`):
-only the expanded blocks train, which sit at positions stride - 1, 2 * stride - 1, ... where
-stride = layers / N (train/methods.py asks `expanded_blocks`); freeze_trainable_modules narrows
-them as usual."""
+Training (`use_llama_pro: true` with `freeze_trainable_layers: N`): only the expanded blocks
+train, which sit at positions stride - 1, 2 * stride - 1, ... where stride = layers / N
+(train/methods.py asks `expanded_blocks`); with `finetuning_type: freeze` they train in full
+(freeze_trainable_modules narrows them as usual), with `lora` the adapters go on their linear
+layers only (`expanded_targets`)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,31 @@ def expanded_blocks(layers: list, n: int) -> list:
                  "down_proj): a model trained before, or not expanded by tuneforge.llama_pro", len(chosen) - fresh,
                  len(chosen))
     return chosen
+
+
+def expanded_targets(model, targets, n: int) -> list[str]:
+    """LoRA on a LLaMA Pro model (LLaMA-Factory's find_expanded_modules): the full names of the
+    linear modules `targets` names ('all-linear' or a list of names / suffixes) inside the
+    expanded blocks only. Raises ConfigError when none is found."""
+    from .adapters.targets import linear_types, output_head_name
+
+    where, layers = _decoder_layers(model)
+    chosen = {id(layer) for layer in expanded_blocks(list(layers), n)}
+    head = output_head_name(model)
+    names = []
+    for index, layer in enumerate(layers):
+        if id(layer) not in chosen:
+            continue
+        for name, module in layer.named_modules():
+            full = f"{where}.{index}.{name}"
+            if not name or full == head or not isinstance(module, linear_types()):
+                continue
+            if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in (targets or [])):
+                names.append(full)
+    if not names:
+        raise ConfigError(f"config key 'lora_target' ({targets}) names no linear layer of the expanded blocks "
+                          "(use_llama_pro); use all or module names such as q_proj,v_proj")
+    return names
 
 
 def _decoder_layers(model) -> tuple[str, torch.nn.ModuleList]:

@@ -1,5 +1,6 @@
 """LLaMA Pro: `python -m tuneforge.llama_pro` expands a model whose logits (and cached generation)
-equal the original's; `use_llama_pro` with freeze trains the expanded blocks and nothing else."""
+equal the original's; `use_llama_pro` with freeze trains the expanded blocks and nothing else, with
+lora puts the adapters on their linear layers only."""
 
 from __future__ import annotations
 
@@ -67,6 +68,28 @@ def test_expand_on_disk_then_train_only_the_expanded_blocks(tiny_model_dir, tiny
     changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
     assert changed and all(k.startswith("model.layers.2.") for k in changed)  # the expanded block only
 
+    lora = tmp_path / "lora"  # LoRA: adapters on the expanded block's linear layers only
+    train(load_config(None, {
+        "model_name_or_path": str(out), "dataset": "arith", "dataset_dir": str(tiny_data_dir),
+        "output_dir": str(lora), "finetuning_type": "lora", "lora_target": "q_proj,v_proj", "use_llama_pro": True,
+        "freeze_trainable_layers": 1, "cutoff_len": 48, "per_device_train_batch_size": 4, "max_steps": 1,
+        "disable_tqdm": True, "bf16": False}))
+    adapter = load_file(str(lora / "adapter_model.safetensors"))
+    assert sorted(adapter) == [f"base_model.model.model.layers.2.self_attn.{m}.lora_{ab}.weight"
+                               for m in ("q_proj", "v_proj") for ab in "AB"]
+
+
+def test_lora_targets_are_the_expanded_blocks_linear_layers():
+    from tuneforge.llama_pro import expanded_targets
+
+    model = _model("llama")
+    expand_model(model, 2)  # expanded blocks at 2 and 5
+    names = expanded_targets(model, "all-linear", 2)
+    assert len(names) == 14 and {n.split(".")[2] for n in names} == {"2", "5"}
+    assert expanded_targets(model, ["o_proj"], 2) == ["model.layers.2.self_attn.o_proj", "model.layers.5.self_attn.o_proj"]
+    with pytest.raises(ConfigError, match=r"^config key 'lora_target' \(\['nothing'\]\) names no linear layer"):
+        expanded_targets(model, ["nothing"], 2)
+
 
 def test_the_trained_layers_must_be_the_expansion_count():
     layers = [torch.nn.Linear(1, 1) for _ in range(6)]
@@ -86,5 +109,5 @@ def test_expansion_errors_are_one_line(tiny_model_dir, tmp_path, capsys):
     assert main(["--model_name_or_path", str(tiny_model_dir), "--output_dir", str(tmp_path / "full"),
                  "--num_expand", "1"]) == 2
     assert "exists and is not an empty folder" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match=r"^config key 'use_llama_pro' trains the expanded blocks .*\(got lora\)"):
-        load_config(None, {"use_llama_pro": True})
+    with pytest.raises(ConfigError, match=r"^config key 'use_llama_pro' trains the expanded blocks .*\(got loha\)"):
+        load_config(None, {"use_llama_pro": True, "finetuning_type": "loha"})

@@ -119,6 +119,9 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
             if paths:  # create_new_adapter: merge every listed adapter, then train a fresh one
                 model = adapters.unload(attach_adapters(model, paths, trainable=False), merge=True)
             config = adapters.methods.config_from_finetune_args(finetune, model, cfg.data)
+            if getattr(finetune, "use_llama_pro", False):  # LLaMA Pro: LoRA on the expanded blocks only
+                from ..llama_pro import expanded_targets
+                config.target_modules = expanded_targets(model, config.target_modules, finetune.freeze_trainable_layers)
             _add_new_adapter(model, config, resume_from)
             if pending is not None:  # deterministic: a resumed run rebuilds the same base
                 finish_pending(model, pending, "default", finetune.loftq_iter)

@@ -83,9 +83,10 @@ OPTIMIZER_KEYS = {
                                  "weights by heads)."),
     "use_muon": _key(False, "Muon (torch.optim.Muon): orthogonalised momentum for the 2-D hidden "
                             "weights, AdamW for embeddings, output head and 1-D parameters."),
-    "use_llama_pro": _key(False, "LLaMA Pro: with finetuning_type: freeze on a model expanded by "
-                                 "`python -m tuneforge.llama_pro`, train only the expanded blocks "
-                                 "(freeze_trainable_layers = how many were added)."),
+    "use_llama_pro": _key(False, "LLaMA Pro: on a model expanded by `python -m tuneforge.llama_pro`, "
+                                 "train only the expanded blocks (freeze_trainable_layers = how many "
+                                 "were added): in full with finetuning_type: freeze, LoRA on their "
+                                 "linear layers with lora."),
 }
 
 
@@ -168,10 +169,10 @@ def _check_layerwise(key: str, train, given) -> None:
 def _check_llama_pro(ft) -> None:
     if not ft.use_llama_pro:
         return
-    if ft.finetuning_type != "freeze":
+    if ft.finetuning_type not in ("freeze", "lora"):
         raise ConfigError(f"config key 'use_llama_pro' trains the expanded blocks of a LLaMA Pro model "
-                          f"with finetuning_type: freeze (got {ft.finetuning_type}); set "
-                          "finetuning_type: freeze, or drop use_llama_pro")
+                          f"with finetuning_type: freeze or lora (got {ft.finetuning_type}); set one of "
+                          "them, or drop use_llama_pro")
     if ft.freeze_trainable_layers <= 0:
         raise ConfigError("config key 'freeze_trainable_layers' must be the number of blocks added by "
                           f"the expansion (positive) with use_llama_pro; got {ft.freeze_trainable_layers}")
