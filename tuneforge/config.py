@@ -25,6 +25,7 @@ from .config_methods import apply_aliases, select_method
 from .config_sections import EvaluationArguments, ServeArguments, _f
 from .config_values import coerce, is_text
 from .errors import ConfigError, config_error
+from .train.optimizers import OPTIMIZER_KEYS
 from .train.stages import STAGE_KEYS, stages_help
 
 log = logging.getLogger("tuneforge")
@@ -190,11 +191,12 @@ class _FinetuningKeys:
 
 
 # the finetune section: the keys above, then each method's own keys (adapter_methods.METHOD_KEYS),
-# then each stage's own keys (train.stages.STAGE_KEYS, e.g. dpo's pref_beta)
+# then each stage's own keys (train.stages.STAGE_KEYS, e.g. dpo's pref_beta), then the optimizer
+# keys (train.optimizers.OPTIMIZER_KEYS: use_galore, use_badam, ..., use_llama_pro)
 FinetuningArguments = dataclasses.make_dataclass(
     "FinetuningArguments",
     [(name, spec["type"], _f(spec["default"], spec["help"], spec["choices"], bounds=spec["bounds"]))
-     for name, spec in {**METHOD_KEYS, **STAGE_KEYS}.items()],
+     for name, spec in {**METHOD_KEYS, **STAGE_KEYS, **OPTIMIZER_KEYS}.items()],
     bases=(_FinetuningKeys,))
 FinetuningArguments.__module__ = __name__
 

@@ -9,6 +9,7 @@ import os
 from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE, TASK_ID_METHODS
 from .config_lf_keys import validate_lf_keys
 from .errors import ConfigError, config_error
+from .train import optimizers
 from .train.stages import STAGE_KEYS, STAGES
 from .train.trackers import report_targets
 
@@ -52,6 +53,7 @@ def blockers(cfg, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
     out.extend(_combinations(cfg, given))
     out.extend(_lora_variant_problems(cfg))
     check(_validate_method_keys, cfg, given)
+    check(optimizers.check, cfg, given)  # use_galore, use_badam, ..., use_llama_pro (train/optimizers/keys.py)
     check(_validate_multitask, cfg)
     check(validate_lf_keys, cfg, given)
     check(_validate_placeholders, cfg.data.placeholders)

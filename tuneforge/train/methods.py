@@ -70,7 +70,11 @@ def _freeze(model, finetune) -> None:
     if n == 0 or abs(n) > len(layers):
         raise ConfigError(f"config key 'freeze_trainable_layers' must be between 1 and "
                           f"{len(layers)} (or -1 and -{len(layers)}) for this model; got {n}")
-    chosen = list(layers)[-n:] if n > 0 else list(layers)[:-n]
+    if getattr(finetune, "use_llama_pro", False):  # LLaMA Pro: the expanded blocks (tuneforge/llama_pro.py)
+        from ..llama_pro import expanded_blocks
+        chosen = expanded_blocks(list(layers), n)
+    else:
+        chosen = list(layers)[-n:] if n > 0 else list(layers)[:-n]
     modules = split_paths(finetune.freeze_trainable_modules)
     model.requires_grad_(False)
     matched = False
@@ -117,6 +121,9 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
                 model = adapters.unload(attach_adapters(model, paths, trainable=False), merge=True)
             train_new_vocab(model, finetune)  # resized vocabulary: embeddings trained in full
             config = adapters.methods.config_from_finetune_args(finetune, model, cfg.data)
+            if getattr(finetune, "use_llama_pro", False):  # LLaMA Pro: LoRA on the expanded blocks only
+                from ..llama_pro import expanded_targets
+                config.target_modules = expanded_targets(model, config.target_modules, finetune.freeze_trainable_layers)
             _add_new_adapter(model, config, resume_from)
             if pending is not None:  # deterministic: a resumed run rebuilds the same base
                 finish_pending(model, pending, "default", finetune.loftq_iter)
