@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tuneforge-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench bench-quick bench-qlora bench-gguf bench-methods clean
+.PHONY: install demo test test-fast bench bench-quick bench-qlora bench-gguf bench-methods lf-examples clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -56,3 +56,8 @@ bench-methods: $(STAMP)
 
 clean:
 	rm -rf $(VENV) saves .pytest_cache
+
+# LLaMA-Factory's own examples/ folder run unchanged (hub ids served offline by the default model):
+# make lf-examples LF_EXAMPLES=path/to/LLaMA-Factory/examples
+lf-examples: $(STAMP)
+	$(PY) benchmarks/lf_examples.py $(LF_EXAMPLES)

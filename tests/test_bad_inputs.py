@@ -1,9 +1,10 @@
-"""Every bad input kept in tests/bad_inputs/<area>/<case>/ gets exactly its one-line message.
+"""Every bad input kept in tests/bad_inputs/<area>/<case>/ gets exactly its one-line message (one line per blocker).
 
 A case folder holds the files of one bad input and a `case.yaml`:
 
     argv: [train, cfg.yaml]     # tuneforge's argv, run in-process in a fresh copy of the folder
-    error: "..."                # the exact text after 'tuneforge: error: '
+    error: "..."                # the exact text after 'tuneforge: error: ' (a list: a config with
+                                # several blockers, one error line each, in that order)
     exit: 2                     # optional (default 2)
     tiny_model: model           # optional: copy the tiny random Llama into this subfolder first
     env: {NAME: value}          # optional environment for the run
@@ -16,7 +17,7 @@ rewrite every case that prints one: `{finetuning_types}` (the finetuning_type ch
 methods' peft_types, "A, B, C"), `{readers:KEY}` (the
 registered methods whose keys include KEY, "a, b or c") and `{declared:KEY}` (the methods
 adapter_methods.METHOD_KEYS declares for KEY, "a, b or c"). The run must exit with the
-given code, print exactly one `tuneforge: error:` line, no traceback, and leave every file in the
+given code, print exactly the expected `tuneforge: error:` lines, no traceback, and leave every file in the
 folder as it was (nothing added, removed or changed).
 """
 
@@ -106,7 +107,8 @@ def test_bad_input(case, tmp_path, monkeypatch, capsys, tiny_model_dir, shared_d
 
     errors = [line for line in err.splitlines() if line.startswith("tuneforge: error:")]
     assert "Traceback" not in err, err
-    assert errors == [f"tuneforge: error: {_expected_error(_substitute(spec['error'], values))}"], err
+    expected = spec["error"] if isinstance(spec["error"], list) else [spec["error"]]
+    assert errors == [f"tuneforge: error: {_expected_error(_substitute(e, values))}" for e in expected], err
     assert code == spec.get("exit", 2)
     assert _snapshot(work) == before, "the failed run changed files in its folder"
 

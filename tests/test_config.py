@@ -11,6 +11,7 @@ from tuneforge.adapter_methods import METHOD_KEYS
 from tuneforge.config import SECTIONS, load_config
 from tuneforge.errors import ConfigError
 from tuneforge.train.stages import STAGE_KEYS
+from tuneforge.train.optimizers import keys as optimizer_keys
 
 # LLaMA-Factory's examples/train_lora/llama3_lora_sft.yaml, as users have it
 LLAMA_FACTORY_YAML = """\
@@ -109,7 +110,7 @@ def test_overrides_win_and_are_typed(tmp_path):
     (["lora_rank=eight"], "config key 'lora_rank' expects an integer, got 'eight'"),
     (["lora_rank=0"], "config key 'lora_rank' must be positive; got 0"),
     (["finetuning_type=lorra"], "config key 'finetuning_type' must be one of lora, freeze, full"),
-    (["deepspeed=ds.json"], "config key 'deepspeed' is not supported by tuneforge yet"),
+    (["deepspeed=ds.json"], "config key 'deepspeed': DeepSpeed training (ZeRO), not supported by tuneforge; remove it"),
     (["neat_packing=true", "packing=false"], "'neat_packing' is true but packing is false"),
     (["quantization_bit=3"], "config key 'quantization_bit' must be one of 4, 8; got '3'"),
     (["loraplus_lr_ratio=0"], "config key 'loraplus_lr_ratio' must be positive"),
@@ -172,6 +173,7 @@ def test_every_bounded_key_refuses_values_outside(key, bounds):
     method = {"finetuning_type": METHOD_KEYS[key]["methods"][0]} if key in METHOD_KEYS else {}
     if key in STAGE_KEYS:  # and a stage's own key with its stage
         method = {"stage": STAGE_KEYS[key]["stages"][0]}
+    method.update(optimizer_keys.read_with(key))  # and an optimizer's key with its optimizer (galore_rank)
     for value in outside:
         with pytest.raises(ConfigError, match=f"config key '{key}' must be "):
             load_config(None, {key: value, **method})

@@ -1,4 +1,4 @@
-"""`tuneforge train|chat|eval|export|env`: parse, call the workflows, print. User-fixable errors
+"""`tuneforge train|chat|eval|export|api|keys|env|convert-data`: parse, call the workflows, print. User-fixable errors
 become one line on stderr and exit code 2 (a traceback only with --debug)."""
 
 from __future__ import annotations
@@ -61,6 +61,18 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--port", type=int, help="port (default: api_port, API_PORT, else 8000)")
     sub.add_parser("keys", help="List every config key with its default and meaning.")
     sub.add_parser("env", help="Print versions and devices, for bug reports.")
+    conv = sub.add_parser("convert-data", help="Write records with other column names (question/answer "
+                          "JSON, a CSV, ...) as LLaMA-Factory alpaca or sharegpt records.")
+    conv.add_argument("input", help="a .json (list of objects), .jsonl or .csv file")
+    conv.add_argument("output", help="the new .json or .jsonl file (never overwritten)")
+    conv.add_argument("--to", default="alpaca", choices=("alpaca", "sharegpt"), help="record format (alpaca)")
+    conv.add_argument("--map", action="append", metavar="KEY=COLUMN", help="which column holds instruction, "
+                      "input, output, system or history (repeatable); unnamed keys are guessed from common "
+                      "names (question, answer, prompt, response, ...) and printed")
+    conv.add_argument("--name", help="the dataset's name in dataset_info.json (default: the output's stem)")
+    conv.add_argument("--register", action="store_true", help="add the entry to the dataset_info.json beside "
+                      "the output (else it is printed)")
+    conv.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
 
@@ -136,6 +148,19 @@ def _greedy_unless_asked(config: str | None, values: dict) -> None:
 
     if "do_sample" not in values and "do_sample" not in (read_yaml(config) if config else {}):
         values["do_sample"] = False
+
+
+def _lf_decoding_for_predict(config: str | None, values: dict) -> None:
+    """`tuneforge train` with do_predict decodes as LLaMA-Factory's predict does where the config
+    sets nothing (config_lf_keys.LF_DECODING: its max_new_tokens is 1024, tuneforge's 512)."""
+    from .config import read_yaml
+    from .config_lf_keys import LF_DECODING
+
+    given = {**(read_yaml(config) if config else {}), **values}
+    if given.get("do_predict") is True:
+        for key, value in LF_DECODING.items():
+            if key not in given:
+                values[key] = value
 
 
 def _run_eval(cfg, args) -> None:
@@ -219,6 +244,12 @@ def _main(argv: list[str] | None) -> int:
         return 0
     _quiet_libraries()
     try:
+        if args.command == "convert-data":
+            from .data.convert import convert_file
+
+            lines, _ = convert_file(args.input, args.output, args.to, args.map, args.name, args.register)
+            print("\n".join(lines))
+            return 0
         config, overrides = _split_config_arg(args)
         values = parse_overrides(overrides)
         if args.command == "chat":  # flags take paths verbatim, not as YAML scalars
@@ -228,6 +259,8 @@ def _main(argv: list[str] | None) -> int:
                 values["adapter_name_or_path"] = args.adapter
         if args.command == "eval":
             _greedy_unless_asked(config, values)
+        if args.command == "train":
+            _lf_decoding_for_predict(config, values)
         cfg = load_config(config, values)
         if args.command == "train":
             from .workflows import train
@@ -248,7 +281,8 @@ def _main(argv: list[str] | None) -> int:
     except TuneforgeError as exc:
         if args.debug:
             raise
-        print(f"tuneforge: error: {' '.join(str(exc).split())}", file=sys.stderr)  # one line
+        for message in getattr(exc, "messages", [str(exc)]):  # ConfigErrors: one line per blocker
+            print(f"tuneforge: error: {' '.join(message.split())}", file=sys.stderr)  # one line
         return EXIT_USER_ERROR
     except BrokenPipeError:
         raise

@@ -7,36 +7,28 @@ A YAML file is flat (as LLaMA-Factory's): every key belongs to exactly one secti
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
 import yaml
 
 from . import fileio
 from .adapter_methods import METHOD_KEYS
 from .adapter_methods import METHODS as ADAPTER_METHODS
-from .config_checks import validate
+from . import lf_keys
+from .lf_keys import KEY_ALIASES  # noqa: F401 - names users type for a key (tests read it here)
+from .config_checks import blockers
 from .config_methods import apply_aliases, select_method
+from .config_sections import EvaluationArguments, ServeArguments, _f
 from .config_values import coerce, is_text
-from .errors import ConfigError
+from .errors import ConfigError, config_error
+from .train.optimizers import OPTIMIZER_KEYS
 from .train.stages import STAGE_KEYS, stages_help
 
-
-def _f(default: Any = None, help: str = "", choices: tuple | None = None, factory=None,
-       bounds: str | None = None):
-    """A dataclass field whose help text becomes `--help` output and web UI tooltips.
-    `bounds` is the interval a number must lie in, e.g. "(0, inf)" or "[0, 1)"
-    (config_checks.validate enforces it for every key that has one)."""
-    meta = {"help": help}
-    if choices:
-        meta["choices"] = choices
-    if bounds:
-        meta["bounds"] = bounds
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+log = logging.getLogger("tuneforge")
 
 
 @dataclass
@@ -80,6 +72,25 @@ class ModelArguments:
     quantization_backend: str = _f(
         "auto", "Quantization kernels: auto (bitsandbytes for 4-bit when installed), native "
         "(tuneforge's, any device) or bitsandbytes.", ("auto", "native", "bitsandbytes"))
+    disable_gradient_checkpointing: Optional[bool] = _f(
+        None, "LLaMA-Factory's switch (there gradient checkpointing is on unless disabled): false turns it on, "
+        "true keeps it off. Empty: gradient_checkpointing decides. Contradicting gradient_checkpointing: an error.")
+    use_reentrant_gc: Optional[bool] = _f(
+        None, "Gradient checkpointing with torch's reentrant checkpoint (true, LLaMA-Factory's default) or the "
+        "non-reentrant one (false). Empty: use_reentrant of gradient_checkpointing_kwargs, else true.")
+    new_special_tokens: Optional[str] = _f(
+        None, "Comma list (or YAML list) of tokens added to the tokenizer as special tokens; the vocabulary is "
+        "then resized (resize_vocab) and an adapter trains the embeddings and output head in full. The tokenizer "
+        "is saved beside the adapter; chat, eval and export load it from there.")
+    resize_vocab: bool = _f(
+        False, "Resize the embeddings to the tokenizer (rounded up to 64 rows, new rows the mean of the others "
+        "plus noise, as LLaMA-Factory); an adapter then trains embed_tokens and lm_head in full "
+        "(additional_target). On by itself when new_special_tokens adds tokens.")
+    add_special_tokens: Optional[str] = _f(
+        None, "LLaMA-Factory's newer name of new_special_tokens (the same tokens when both are set).")
+    add_tokens: Optional[str] = _f(
+        None, "Comma list of tokens added to the tokenizer as ordinary (not special) tokens, as LLaMA-Factory; "
+        "the vocabulary is resized as for new_special_tokens.")
 
 
 @dataclass
@@ -181,14 +192,19 @@ class _FinetuningKeys:
         2, "freeze: number of last (positive) or first (negative) decoder layers to train.")
     freeze_trainable_modules: str = _f(
         "all", "freeze: comma list of module names inside those layers to train, or 'all'.")
+    pure_bf16: bool = _f(
+        False, "LLaMA-Factory's pure bf16: the model's weights (and trained adapters) in bf16, no autocast and no "
+        "fp32 master weights: half the memory of fp32 weights. Any CPU runs it (slower without native bf16, logged). "
+        "Not with fp16 or bf16: false.")
 
 
 # the finetune section: the keys above, then each method's own keys (adapter_methods.METHOD_KEYS),
-# then each stage's own keys (train.stages.STAGE_KEYS, e.g. dpo's pref_beta)
+# then each stage's own keys (train.stages.STAGE_KEYS, e.g. dpo's pref_beta), then the optimizer
+# keys (train.optimizers.OPTIMIZER_KEYS: use_galore, use_badam, ..., use_llama_pro)
 FinetuningArguments = dataclasses.make_dataclass(
     "FinetuningArguments",
     [(name, spec["type"], _f(spec["default"], spec["help"], spec["choices"], bounds=spec["bounds"]))
-     for name, spec in {**METHOD_KEYS, **STAGE_KEYS}.items()],
+     for name, spec in {**METHOD_KEYS, **STAGE_KEYS, **OPTIMIZER_KEYS}.items()],
     bases=(_FinetuningKeys,))
 FinetuningArguments.__module__ = __name__
 
@@ -196,10 +212,14 @@ FinetuningArguments.__module__ = __name__
 @dataclass
 class TrainingArguments:
     output_dir: Optional[str] = _f(None, "Where the adapter, checkpoints and logs are written.")
-    do_train: bool = _f(True, "Run training (for `tuneforge train`).")
+    do_train: Optional[bool] = _f(
+        None, "Run training (for `tuneforge train`). Empty: true, unless do_predict is true and no dataset is "
+        "set (LLaMA-Factory's predict configs, where do_train defaults to false).")
     do_predict: bool = _f(
-        False, "`tuneforge eval`: also generate an answer for every eval example and score it "
-        "(ROUGE-1/2/L, BLEU-4) into output_dir/generated_predictions.jsonl and predict_results.json; "
+        False, "`tuneforge eval`, and `tuneforge train` after training (or alone with do_train: false): also "
+        "generate an answer for every eval example and score it (ROUGE-1/2/L, BLEU-4) into "
+        "output_dir/generated_predictions.jsonl and predict_results.json, as LLaMA-Factory's predict; `tuneforge "
+        "train` decodes with LLaMA-Factory's defaults (sampling, max_new_tokens 1024) where the config sets none. "
         "false: eval loss and perplexity only.")
     predict_with_generate: bool = _f(
         False, "Accepted for LLaMA-Factory configs: predictions are always generated when "
@@ -256,7 +276,8 @@ class TrainingArguments:
         "CPUs without it (there bf16 is ~100x slower than fp32). true on such a CPU falls back.")
     fp16: bool = _f(False, "Train with fp16 mixed precision on GPUs.")
     gradient_checkpointing: bool = _f(
-        False, "Recompute activations in the backward pass: less memory, more time.")
+        False, "Recompute activations in the backward pass: less memory, more time (torch's reentrant "
+        "checkpoint, as LLaMA-Factory, unless use_reentrant_gc: false).")
     fused_cross_entropy: Optional[bool] = _f(
         None, "Compute the output head and the loss together in chunks, only where there are "
         "labels: the full logits never exist. Empty: on where the model's logits are its head "
@@ -264,6 +285,9 @@ class TrainingArguments:
     dataloader_num_workers: int = _f(0, "Worker processes for batching.", bounds="[0, inf)")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
     ddp_timeout: int = _f(1800, "Seconds before a distributed collective times out.", bounds="(0, inf)")
+    gradient_checkpointing_kwargs: Optional[dict] = _f(
+        None, "Gradient checkpointing: keyword arguments of torch.utils.checkpoint.checkpoint, as transformers "
+        "passes them, e.g. {use_reentrant: false}.")
 
 
 @dataclass
@@ -295,8 +319,9 @@ class ExportArguments:
         "cpu", "Where the adapters are merged: cpu, or auto (a CUDA GPU when there is one). The "
         "files written are the same.", ("cpu", "auto"))
     export_quantization_bit: Optional[int] = _f(
-        None, "Requantize the merged weights to 4 (nf4) or 8 bits and save them in tuneforge's "
-        "quantized format (load with tuneforge.quant.load_quantized); the error is printed.", (4, 8))
+        None, "Quantize the merged weights to 4 (quantization_type, double_quantization) or 8 bits with "
+        "bitsandbytes and save transformers' bitsandbytes format (from_pretrained loads it; needs bitsandbytes); "
+        "the error is printed. LLaMA-Factory's GPTQ (with export_quantization_dataset) is not supported.", (4, 8))
     export_format: str = _f(
         "hf", "hf: a Hugging Face folder (with an Ollama Modelfile, FROM .); gguf: one .gguf file for llama.cpp / Ollama (Llama, Mistral, "
         "Qwen2, Qwen3) with an Ollama Modelfile beside it, in export_dir; adapter: the adapters of "
@@ -304,34 +329,6 @@ class ExportArguments:
         ("hf", "gguf", "adapter"))
     export_quantization: str = _f(
         "f16", "Weight type of a gguf export (norms and biases stay f32).", ("f16", "q8_0", "q4_0"))
-
-
-@dataclass
-class EvaluationArguments:
-    """Multiple-choice benchmarks, with LLaMA-Factory's eval keys (`tuneforge eval` with task:)."""
-    task: Optional[str] = _f(
-        None, "Benchmark and split in task_dir, e.g. mmlu_test, ceval_validation, cmmlu_test: "
-        "CSV folders (or <name>.zip) as LLaMA-Factory's evaluation/ folder holds them.")
-    task_dir: str = _f("evaluation", "Folder holding one folder per benchmark (mmlu/, ceval/, ...).")
-    n_shot: int = _f(5, "Solved examples of the same subject before each question (from the dev split).", bounds="[0, inf)")
-    lang: str = _f("en", "Language of the benchmark prompt.", ("en", "zh"))
-    save_dir: Optional[str] = _f(
-        None, "Where benchmark results (benchmark_results.json) go. Empty: output_dir.")
-    batch_size: int = _f(4, "Questions per forward pass in multiple-choice benchmarks.", bounds="(0, inf)")
-
-
-@dataclass
-class ServeArguments:
-    api_host: Optional[str] = _f(
-        None, "Address `tuneforge api` binds; --host wins, then this, then the API_HOST environment "
-        "variable. Empty: 127.0.0.1 (this machine only).")
-    api_port: Optional[int] = _f(
-        None, "Port of `tuneforge api`; --port wins, then this, then API_PORT. Empty: 8000.", bounds="[1, 65535]")
-    api_key: Optional[str] = _f(
-        None, "Bearer token every `tuneforge api` request must send. Empty: the API_KEY environment "
-        "variable; neither set: no authentication.")
-    api_max_batch_size: int = _f(
-        8, "Most requests `tuneforge api` generates for in one batch (they may name different adapters).", bounds="(0, inf)")
 
 
 SECTIONS = {
@@ -344,13 +341,6 @@ SECTIONS = {
     "evaluation": EvaluationArguments,
     "serve": ServeArguments,
 }
-
-# Keys of LLaMA-Factory that tuneforge knows but does not implement yet: a clear
-# "not supported yet" beats an "unknown key" that suggests a typo.
-NOT_YET_SUPPORTED = {
-    "deepspeed", "use_unsloth", "rope_scaling",
-}
-
 
 @dataclass
 class Config:
@@ -378,29 +368,6 @@ def all_fields() -> dict[str, tuple[str, dataclasses.Field]]:
         for f in dataclasses.fields(cls):
             out[f.name] = (section, f)
     return out
-
-
-# Names users type for a key, from other tools or habit, that no spelling distance finds.
-KEY_ALIASES = {
-    "lr": "learning_rate", "epochs": "num_train_epochs", "num_epochs": "num_train_epochs",
-    "rank": "lora_rank", "r": "lora_rank", "alpha": "lora_alpha", "dropout": "lora_dropout",
-    "target_modules": "lora_target", "modules_to_save": "additional_target",
-    "model": "model_name_or_path", "model_path": "model_name_or_path",
-    "adapter": "adapter_name_or_path", "max_length": "cutoff_len", "max_seq_length": "cutoff_len",
-    "train_batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
-    "gradient_accumulation": "gradient_accumulation_steps", "output": "output_dir",
-    "data": "dataset", "data_dir": "dataset_dir", "warmup": "warmup_ratio",
-}
-
-
-def _unknown_key(key: str, known) -> ConfigError:
-    if key in NOT_YET_SUPPORTED:
-        return ConfigError(f"config key '{key}' is not supported by tuneforge yet; remove it")
-    if KEY_ALIASES.get(key) in known:
-        return ConfigError(f"unknown config key '{key}'; did you mean '{KEY_ALIASES[key]}'?")
-    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}")
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -446,26 +413,53 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def build_config(values: dict) -> Config:
-    """Make a validated Config from a flat dict of keys."""
+    """Make a validated Config from a flat dict of keys. Every blocker (unknown key, value of the
+    wrong type, bad value or combination) is found before raising: ConfigError with one line
+    each (errors.ConfigErrors when there are several)."""
     known = all_fields()
+    problems: list[str] = []
+    inert = [k for k in values if k not in known and lf_keys.accepted(k, values[k])]
+    if inert:
+        log.info("LLaMA-Factory keys at their defaults, which change nothing in tuneforge: %s", ", ".join(inert))
     per_section: dict[str, dict] = {name: {} for name in SECTIONS}
     for key, value in values.items():
         if key not in known:
-            raise _unknown_key(key, known)
+            if key not in inert:
+                problems.append(lf_keys.unknown_key(key, value, known, values))
+            continue
         section, f = known[key]
         if isinstance(value, bool) and "no" in f.metadata.get("choices", ()):
             value = "no" if value is False else value  # YAML 1.1 reads `save_strategy: no` as false
-        per_section[section][key] = coerce(key, value, f.type)
+        try:
+            per_section[section][key] = coerce(key, value, f.type)
+        except ConfigError as e:
+            problems.append(str(e))
     cfg = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
-    selected = select_method(cfg.finetune)
-    apply_aliases(cfg, values, known)
     try:
-        validate(cfg, given=set(values))
+        selected = select_method(cfg.finetune)
     except ConfigError as e:
-        if selected and f"finetuning_type: {cfg.finetune.finetuning_type}" in str(e):
-            raise ConfigError(f"{e}; {selected}") from None  # the user wrote the other name
-        raise
+        problems.append(str(e))
+        selected = None
+    apply_aliases(cfg, values, known)
+    for line in blockers(cfg, given=set(values)):
+        if selected and f"finetuning_type: {cfg.finetune.finetuning_type}" in line:
+            line = f"{line}; {selected}"  # the user wrote the other name
+        problems.append(line)
+    if problems:
+        raise config_error(_one_per_key(problems))
     return cfg
+
+
+def _one_per_key(lines: list[str]) -> list[str]:
+    """The first line about each key (a later check on a key already refused repeats it), each once."""
+    seen, out = set(), []
+    for line in dict.fromkeys(lines):
+        key = re.match(r"(?:unknown )?config key '([^']+)'", line)
+        if key and key.group(1) in seen:
+            continue
+        seen.add(key and key.group(1))
+        out.append(line)
+    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:

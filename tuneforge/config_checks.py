@@ -7,7 +7,9 @@ import dataclasses
 import os
 
 from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE, TASK_ID_METHODS
-from .errors import ConfigError
+from .config_lf_keys import validate_lf_keys
+from .errors import ConfigError, config_error
+from .train import optimizers
 from .train.stages import STAGE_KEYS, STAGES
 from .train.trackers import report_targets
 
@@ -15,41 +17,72 @@ from .train.trackers import report_targets
 def validate(cfg, given: set[str] | frozenset[str] = frozenset()) -> None:
     """Value checks and combinations that cannot be right, named by key, on a config.Config
     (whose sections are dataclasses whose fields carry `choices` and `bounds`). `given`: the
-    keys the user set (a key left at its default cannot conflict). Raises ConfigError."""
+    keys the user set (a key left at its default cannot conflict). Raises ConfigError naming
+    every blocker found (errors.config_error: one line each)."""
+    problems = blockers(cfg, given)
+    if problems:
+        raise config_error(problems)
+
+
+def blockers(cfg, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """Every problem `validate` finds, one line each, in the order of the checks: a check that
+    fails stops only itself (and the checks that need what it checks, the stage's)."""
+    out: list[str] = []
+
+    def check(fn, *args) -> bool:
+        try:
+            fn(*args)
+        except ConfigError as exc:
+            out.append(str(exc))
+            return False
+        return True
+
     for section in dataclasses.fields(cfg):
         obj = getattr(cfg, section.name)
         for f in dataclasses.fields(obj):
             choices = f.metadata.get("choices")
             value = getattr(obj, f.name)
             if choices and value is not None and value not in choices:
-                raise ConfigError(f"config key '{f.name}' must be one of "
-                                  f"{', '.join(map(str, choices))}; got '{value}'")
+                out.append(f"config key '{f.name}' must be one of {', '.join(map(str, choices))}; got '{value}'")
             bounds = f.metadata.get("bounds")
             if bounds and value is not None and not _within(value, bounds):
-                raise ConfigError(f"config key '{f.name}' must be {_describe(bounds)}; got {value}")
-    _validate_stage(cfg)
-    report_targets(cfg.train.report_to)  # a tracker name, and its package, before anything loads
-    _validate_stage_keys(cfg, given)
-    if cfg.data.neat_packing and cfg.data.packing is False:
-        raise ConfigError("config key 'neat_packing' is true but packing is false; neat_packing "
-                          "is a kind of packing: drop one of them")
-    if cfg.train.bf16 and cfg.train.fp16:
-        raise ConfigError("config keys 'bf16' and 'fp16' are both true; choose one")
-    if cfg.train.max_steps <= 0 and cfg.train.num_train_epochs <= 0:
-        raise ConfigError("set 'num_train_epochs' or 'max_steps' to a positive value")
-    if cfg.data.streaming:  # what cannot stream, one line each (data/streaming.py)
+                out.append(f"config key '{f.name}' must be {_describe(bounds)}; got {value}")
+    if check(_validate_stage, cfg):
+        check(_validate_stage_keys, cfg, given)
+    check(report_targets, cfg.train.report_to)  # a tracker name, and its package, before anything loads
+    out.extend(_combinations(cfg, given))
+    out.extend(_lora_variant_problems(cfg))
+    check(_validate_method_keys, cfg, given)
+    check(optimizers.check, cfg, given)  # use_galore, use_badam, ..., use_llama_pro (train/optimizers/keys.py)
+    check(_validate_multitask, cfg)
+    check(_validate_streaming, cfg)
+    check(validate_lf_keys, cfg, given)
+    check(_validate_placeholders, cfg.data.placeholders)
+    check(_validate_adapter_list, cfg.model.adapter_name_or_path)
+    return list(dict.fromkeys(out))  # a problem two checks find is named once
+
+
+def _validate_streaming(cfg) -> None:
+    """streaming: true: what cannot stream (data/streaming.py), one line."""
+    if cfg.data.streaming:
         from .data.streaming import check_streaming
 
         check_streaming(cfg.data, cfg.train.max_steps)
-    _validate_lora_variants(cfg)
-    _validate_method_keys(cfg, given)
-    _validate_multitask(cfg)
-    _validate_placeholders(cfg.data.placeholders)
-    _validate_adapter_list(cfg.model.adapter_name_or_path)
+
+
+def _combinations(cfg, given):
+    """Keys that contradict each other, one message each."""
+    if cfg.data.neat_packing and cfg.data.packing is False:
+        yield ("config key 'neat_packing' is true but packing is false; neat_packing "
+               "is a kind of packing: drop one of them")
+    if cfg.train.bf16 and cfg.train.fp16:
+        yield "config keys 'bf16' and 'fp16' are both true; choose one"
+    if cfg.train.max_steps <= 0 and cfg.train.num_train_epochs <= 0:
+        yield "set 'num_train_epochs' or 'max_steps' to a positive value"
     if "export_quantization" in given and cfg.export.export_format != "gguf":
-        raise ConfigError(f"config key 'export_quantization' is for export_format: gguf (got "
-                          f"{cfg.export.export_format}); a Hugging Face export takes export_dtype "
-                          "or export_quantization_bit instead")
+        yield (f"config key 'export_quantization' is for export_format: gguf (got "
+               f"{cfg.export.export_format}); a Hugging Face export takes export_dtype "
+               "or export_quantization_bit instead")
 
 
 def _validate_stage(cfg) -> None:
@@ -78,6 +111,8 @@ def _validate_stage_keys(cfg, given) -> None:
             readers = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
             raise ConfigError(f"config key '{key}' is read by stage: {readers} (got stage: {stage}); "
                               "drop it or change the stage")
+    if STAGES[stage].check is not None:
+        STAGES[stage].check(STAGES[stage].settings(cfg))
     if cfg.finetune.pissa_init and STAGES[stage].uses_reference(cfg):
         raise ConfigError(f"config key 'pissa_init' rewrites the base weights, but stage: {stage} takes "
                           "its reference from the base model (adapters disabled); drop pissa_init")
@@ -167,40 +202,41 @@ def _validate_multitask(cfg) -> None:
                           f"({','.join(names)}); with multitask: true each eval dataset must be one of the tasks")
 
 
-def _validate_lora_variants(cfg) -> None:
+def _lora_variant_problems(cfg):
+    """LoRA's variants (DoRA, PiSSA, LoRA+, LoftQ, rank keys) and a quantized base, one message per problem."""
     ft, model = cfg.finetune, cfg.model
     if ft.finetuning_type != "lora":
         for key in ("use_dora", "pissa_init", "pissa_convert", "create_new_adapter", "loraplus_lr_ratio"):
             if getattr(ft, key) not in (None, False):
-                raise ConfigError(f"config key '{key}' needs finetuning_type: lora "
-                                  f"(got finetuning_type: {ft.finetuning_type})")
+                yield (f"config key '{key}' needs finetuning_type: lora "
+                       f"(got finetuning_type: {ft.finetuning_type})")
     if ft.pissa_iter != -1 and ft.pissa_iter < 1:
-        raise ConfigError(f"config key 'pissa_iter' must be -1 (full SVD) or at least 1; "
-                          f"got {ft.pissa_iter}")
+        yield (f"config key 'pissa_iter' must be -1 (full SVD) or at least 1; "
+               f"got {ft.pissa_iter}")
     if ft.pissa_convert and not ft.pissa_init:
-        raise ConfigError("config key 'pissa_convert' needs pissa_init: true")
+        yield ("config key 'pissa_convert' needs pissa_init: true")
     if ft.pissa_init and model.adapter_name_or_path and not ft.create_new_adapter:
-        raise ConfigError("config key 'pissa_init' starts a new adapter, but adapter_name_or_path "
-                          "continues training an existing one; set create_new_adapter: true (the "
-                          "listed adapters are then merged first) or drop pissa_init")
+        yield ("config key 'pissa_init' starts a new adapter, but adapter_name_or_path "
+               "continues training an existing one; set create_new_adapter: true (the "
+               "listed adapters are then merged first) or drop pissa_init")
     rank_keys = [k for k in ("lora_rank_pattern", "lora_rank_schedule", "lora_rank_levels") if getattr(ft, k)]
     if rank_keys and model.adapter_name_or_path and not ft.create_new_adapter:
-        raise ConfigError(f"config key '{rank_keys[0]}' sets the ranks of a new adapter, but adapter_name_or_path "
-                          "continues training an existing one (its ranks are in its adapter_config.json); set "
-                          f"create_new_adapter: true (the listed adapters are then merged first) or drop {rank_keys[0]}")
+        yield (f"config key '{rank_keys[0]}' sets the ranks of a new adapter, but adapter_name_or_path "
+               "continues training an existing one (its ranks are in its adapter_config.json); set "
+               f"create_new_adapter: true (the listed adapters are then merged first) or drop {rank_keys[0]}")
     if ft.loraplus_lr_ratio is not None and ft.loraplus_lr_ratio <= 0:
-        raise ConfigError(f"config key 'loraplus_lr_ratio' must be positive (e.g. 16); "
-                          f"got {ft.loraplus_lr_ratio}")
+        yield (f"config key 'loraplus_lr_ratio' must be positive (e.g. 16); "
+               f"got {ft.loraplus_lr_ratio}")
     if model.quantization_bit is not None and ft.finetuning_type not in QUANTIZED_BASE:
         names = ", ".join(QUANTIZED_BASE[:-1]) + " or " + QUANTIZED_BASE[-1]
-        raise ConfigError(f"config key 'quantization_bit' trains an adapter on a frozen quantized base; it "
-                          f"needs finetuning_type: {names} (got {ft.finetuning_type})")
+        yield (f"config key 'quantization_bit' trains an adapter on a frozen quantized base; it "
+               f"needs finetuning_type: {names} (got {ft.finetuning_type})")
     if ft.loftq_iter and ft.finetuning_type != "lora":
-        raise ConfigError(f"config key 'loftq_iter' initialises LoRA; it needs finetuning_type: lora "
-                          f"(got finetuning_type: {ft.finetuning_type})")
+        yield (f"config key 'loftq_iter' initialises LoRA; it needs finetuning_type: lora "
+               f"(got finetuning_type: {ft.finetuning_type})")
     if ft.pissa_init and model.quantization_bit is not None:
-        raise ConfigError("config key 'pissa_init' rewrites the base weights, which quantization_bit "
-                          "freezes in 4/8 bits; use loftq_iter for a quantized base, or drop one")
+        yield ("config key 'pissa_init' rewrites the base weights, which quantization_bit "
+               "freezes in 4/8 bits; use loftq_iter for a quantized base, or drop one")
     if ft.loftq_iter and model.quantization_bit is None:
-        raise ConfigError("config key 'loftq_iter' initialises LoRA for a quantized base; set "
-                          "quantization_bit: 4 (or 8) too")
+        yield ("config key 'loftq_iter' initialises LoRA for a quantized base; set "
+               "quantization_bit: 4 (or 8) too")

@@ -23,3 +23,17 @@ class CheckpointError(TuneforgeError):
 
 class TrainingDiverged(TuneforgeError):
     """The loss or the weights became NaN or inf; nothing of that step was saved."""
+
+
+class ConfigErrors(ConfigError):
+    """Several blockers of one config, found in one check; `messages` holds one line each (the
+    CLI prints each as its own error line). str() is the lines joined by newlines."""
+
+    def __init__(self, messages: list[str]):
+        self.messages = list(messages)
+        super().__init__("\n".join(self.messages))
+
+
+def config_error(messages: list[str]) -> ConfigError:
+    """One ConfigError for one message, ConfigErrors for several."""
+    return ConfigError(messages[0]) if len(messages) == 1 else ConfigErrors(messages)

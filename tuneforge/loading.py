@@ -37,6 +37,7 @@ from .errors import ConfigError, ModelError
 from .adapters.loftq import load_adapter_for_base, loftq_record
 from .quant.provenance import check_base
 from .train.heads import VALUE_HEAD_FILE
+from .vocab import adapter_tokenizer
 
 log = logging.getLogger("tuneforge")
 
@@ -97,6 +98,7 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
     loftq = bool(cfg.finetune.loftq_iter) and (bool(paths) or use.adapters == "none")
     model, tokenizer = models.load_model_and_tokenizer(  # a module attribute: tests stub it
         cfg.model, dtype=dtype if dtype is not None else use.dtype, defer_quantization=loftq)
+    tokenizer = adapter_tokenizer(model, tokenizer, paths)  # an adapter trained on added tokens
     if use.template:
         apply_template(tokenizer, cfg.data.template, cfg.data.enable_thinking)
     if before_adapters is not None:

@@ -24,6 +24,7 @@ from .loadcheck import check_causal_lm, check_finite, check_loaded_weights, conf
 from .quant import QuantizationConfig, quantize_model
 from .quant.model import cast_unquantized
 from .quant.provenance import check_base
+from .vocab import add_new_tokens
 from .weightfiles import (check_gguf, check_safetensors, check_torch_file, load_model_config,
                           refused_pickle)
 
@@ -298,6 +299,7 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
         raise error from exc  # the cause stays visible with --debug
     check_loaded_weights(model, loading_info, path)
     check_finite(_named_tensors(model), _weights_place(path, weights), ModelError)
+    add_new_tokens(model, tokenizer, model_args)  # new_special_tokens / resize_vocab (vocab.py)
     model.config.use_cache = False
     if qcfg is not None:
         if defer_quantization:  # LoftQ quantizes each adapted layer with its adapter, then casts

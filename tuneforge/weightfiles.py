@@ -330,16 +330,16 @@ def _check_values(config: dict, config_file: Path, depth: int = 0) -> None:
             _check_values(value, config_file, depth + 1)
 
 
-def load_model_config(directory: Path, trust_remote_code: bool = False):
+def load_model_config(directory: Path, trust_remote_code: bool = False, config_name: str = "config.json"):
     """transformers' `AutoConfig` of a model folder. Raises ModelError (one line naming
     config.json) when it is missing, not a JSON object, names a dtype torch lacks or a size
     below 1, or is not usable by transformers (no model_type, a value of the wrong type, values
     it cannot work with)."""
     import transformers
 
-    config_file = Path(directory) / "config.json"
+    config_file = Path(directory) / config_name  # another name: a file no HF loader takes for a model's
     if not config_file.exists():
-        raise ModelError(f"'{directory}' has no config.json")
+        raise ModelError(f"'{directory}' has no {config_name}")
     config = read_json(config_file, "model config", ModelError)
     if not isinstance(config, dict):
         raise ModelError(f"model config '{config_file}' must hold a JSON object; save the model again")
@@ -355,7 +355,7 @@ def load_model_config(directory: Path, trust_remote_code: bool = False):
     except ImportError:
         pass
     try:
-        return transformers.AutoConfig.from_pretrained(str(directory),
-                                                       trust_remote_code=trust_remote_code)
+        source = directory if config_name == "config.json" else config_file
+        return transformers.AutoConfig.from_pretrained(str(source), trust_remote_code=trust_remote_code)
     except errors as exc:
         raise ModelError(f"model config '{config_file}' is not usable: {one_line(exc)}") from exc

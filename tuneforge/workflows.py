@@ -30,6 +30,7 @@ def train(cfg: Config) -> dict:
     from transformers import set_seed
 
     from .config import SECRET_KEYS
+    from .config_lf_keys import gradient_checkpointing
     from .infer.generation import check_virtual_room
     from .loading import load_for_use
     from .models import bf16_is_fast
@@ -43,11 +44,15 @@ def train(cfg: Config) -> dict:
     args = cfg.train
     if not args.output_dir:
         raise ConfigError("config key 'output_dir' is required for `tuneforge train`")
-    if not args.do_train:
+    if args.do_predict:
+        _check_predict(cfg)
+    if not _does_train(cfg):
+        if args.do_predict:  # LLaMA-Factory's predict config: `tuneforge eval`'s predict path
+            return evaluate(cfg)
         if cfg.data.tokenized_path:  # LLaMA-Factory: tokenize, save to tokenized_path and stop
             return _tokenize_only(cfg)
-        raise ConfigError("do_train is false: nothing to do for `tuneforge train` (with tokenized_path set, it "
-                          "tokenizes the data, saves it there and stops)")
+        raise ConfigError("do_train is false: nothing to do for `tuneforge train` (do_predict: true generates "
+                          "answers for eval_dataset; with tokenized_path it tokenizes the data, saves it and stops)")
     refuse_unread_keys(cfg.finetune)
     out = Path(args.output_dir)
     outputs.check_output_dir(out)
@@ -57,8 +62,11 @@ def train(cfg: Config) -> dict:
     plan = plan_resume(out, args.resume_from_checkpoint, args.overwrite_output_dir, config_values)
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = mixed_precision(args, device_type, bf16_is_fast(device_type))
-    if args.bf16 and precision != "bf16":
+    pure_bf16 = cfg.finetune.pure_bf16  # bf16 weights and compute, no autocast (LLaMA-Factory's)
+    precision = "no" if pure_bf16 else mixed_precision(args, device_type, bf16_is_fast(device_type))
+    if pure_bf16 and not bf16_is_fast(device_type):
+        log.info("pure_bf16: this %s has no native bf16; bf16 runs, slower than fp32 would", device_type)
+    if args.bf16 and precision != "bf16" and not pure_bf16:
         log.warning("bf16 requested but this %s has no fast bf16; training in fp32", device_type)
     if args.fp16 and precision != "fp16":
         log.warning("fp16 requested but fp16 training needs a CUDA GPU and this is a %s; "
@@ -67,7 +75,8 @@ def train(cfg: Config) -> dict:
     set_seed(args.seed)
 
     # everything that can fail on bad input happens before output_dir is touched
-    load_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    load_dtype = torch.bfloat16 if pure_bf16 else \
+        {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # the base only: prepare_model attaches the adapters; with loftq_iter, quantization waits for
     # the adapter, LoftQ quantizing the adapted layers together with it (train/methods.py)
     ready = load_for_use(cfg, "train", dtype=load_dtype)
@@ -84,8 +93,9 @@ def train(cfg: Config) -> dict:
     check_virtual_room(model, tokenizer, {"train": rows, "eval": splits.eval},
                        cfg.data.cutoff_len, f"finetuning_type: {cfg.finetune.finetuning_type}", tunable=True,
                        whole_rows=True)
-    if args.gradient_checkpointing:
-        _enable_activation_checkpointing(model)
+    checkpointing = gradient_checkpointing(cfg)
+    if checkpointing is not None:
+        _enable_activation_checkpointing(model, checkpointing)
     choice = stage.collator(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
     if accelerator.is_main_process:
         if choice.note:
@@ -115,6 +125,8 @@ def train(cfg: Config) -> dict:
     if accelerator.is_main_process:
         _save_outputs(run, setup, out, results, args.plot_loss)
     accelerator.end_training()
+    if args.do_predict and accelerator.is_main_process:  # the trained model, loaded as `tuneforge eval` would
+        results = {**results, **evaluate(_trained_config(cfg, out))}
     return results
 
 
@@ -130,6 +142,42 @@ def _tokenize_only(cfg: Config) -> dict:
              "Train with tokenized_path: %s", cfg.data.tokenized_path, len(splits.train), len(splits.eval or []),
              cfg.data.tokenized_path)
     return {"train_examples": len(splits.train), "eval_examples": len(splits.eval or [])}
+
+
+def _does_train(cfg: Config) -> bool:
+    """do_train, whose empty value is true unless do_predict is true and no dataset is set."""
+    if cfg.train.do_train is not None:
+        return cfg.train.do_train
+    return not (cfg.train.do_predict and not cfg.data.dataset)
+
+
+def _check_predict(cfg: Config) -> None:
+    """do_predict in `tuneforge train` generates answers for supervised eval data: checked
+    before anything loads or trains."""
+    if cfg.finetune.stage != "sft":
+        raise ConfigError(f"config key 'do_predict' generates answers for stage: sft data (got stage: "
+                          f"{cfg.finetune.stage}); drop do_predict")
+    if not cfg.data.eval_dataset and not cfg.data.val_size:
+        raise ConfigError("config key 'do_predict' needs eval data: set eval_dataset: <names>, or val_size: "
+                          "<fraction or count> with dataset: <names>")
+
+
+def _trained_config(cfg: Config, out: Path) -> Config:
+    """`cfg` with the model just trained in `out`: its adapter in place of the one trained further
+    (after the merged ones; with create_new_adapter after all the listed ones), or, for full /
+    freeze fine-tuning, the model folder itself."""
+    import dataclasses
+
+    from .models import split_paths
+
+    model = cfg.model
+    if (out / "adapter_config.json").is_file():
+        paths = split_paths(model.adapter_name_or_path)
+        kept = paths if cfg.finetune.create_new_adapter else paths[:-1]
+        model = dataclasses.replace(model, adapter_name_or_path=",".join([*kept, str(out)]))
+    else:
+        model = dataclasses.replace(model, model_name_or_path=str(out), adapter_name_or_path=None)
+    return dataclasses.replace(cfg, model=model)
 
 
 def _read_folders(cfg: Config) -> list[tuple[str, Path]]:
@@ -172,9 +220,11 @@ def _save_outputs(run, setup, out: Path, results: dict, plot: bool) -> None:
     log.info("saved to %s", out)
 
 
-def _enable_activation_checkpointing(model) -> None:
-    """Non-reentrant checkpointing: frozen embeddings (LoRA) then need no input-grad hook."""
-    kwargs = {"use_reentrant": False}
+def _enable_activation_checkpointing(model, kwargs: dict | None = None) -> None:
+    """Gradient checkpointing with torch's checkpoint called with `kwargs` (config_lf_keys.
+    gradient_checkpointing; default reentrant, as LLaMA-Factory). transformers makes the input
+    embeddings' output require grad, so that frozen embeddings (LoRA) pass gradients through."""
+    kwargs = {"use_reentrant": True} if kwargs is None else kwargs
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:

@@ -24,7 +24,9 @@ from test_dpo import tiny_model
 
 PARTS = [([5, 6, 7], [8, 9], 1), ([11, 12], [13, 14, 15, 16], 0), ([18], [19, 20, 21], 1),
          ([22, 23, 24, 25], [26], 0)]  # (prompt, reply, kto_tag)
-EXAMPLES = [{"input_ids": p + r, "prompt_len": len(p), "kto_tag": t} for p, r, t in PARTS]
+# kl_reply: the previous record's reply (data/kto.py), so this batch of consecutive records is TRL's rotation
+EXAMPLES = [{"input_ids": p + r, "prompt_len": len(p), "kto_tag": t, "kl_reply": PARTS[i - 1][1]}
+            for i, (p, r, t) in enumerate(PARTS)]
 
 
 @pytest.fixture(scope="module")
@@ -116,10 +118,14 @@ def test_loss_equals_trl_kto(tiny_model_dir, batch, weights):
         assert means[name] == pytest.approx(trl_metrics[name], rel=1e-4, abs=1e-5), name
 
 
-def test_one_example_per_micro_batch_is_refused(tiny_model_dir):
+def test_one_example_per_micro_batch_has_its_mismatched_row(tiny_model_dir):
+    """LLaMA-Factory's kto example trains with per_device_train_batch_size: 1: the KL row is the
+    prompt with the previous record's reply, made when the data is read."""
     model = tiny_model(tiny_model_dir)
-    with pytest.raises(ConfigError, match="set per_device_train_batch_size to 2 or more"):
-        objective_on(model, KtoCollator(0, 64)(EXAMPLES[:1]))
+    one = KtoCollator(0, 64)(EXAMPLES[1:2])
+    assert one["kl_input_ids"][0].tolist() == [11, 12, 8, 9]
+    loss, n, metrics = objective_on(model, one).loss(model, one)
+    assert n == 1 and torch.isfinite(loss) and "kl" in metrics
 
 
 def test_kto_en_demo_loads_and_tags_must_be_booleans(tiny_model_dir, shared_data_dir, tmp_path):
@@ -129,6 +135,8 @@ def test_kto_en_demo_loads_and_tags_must_be_booleans(tiny_model_dir, shared_data
     examples = load_datasets(data, tokenizer, kind=KTO).train
     assert len(examples) == 20 and {e["kto_tag"] for e in examples} == {0, 1}
     assert all(0 < e["prompt_len"] < len(e["input_ids"]) <= 128 for e in examples)
+    replies = [e["input_ids"][e["prompt_len"]:] for e in examples]  # each KL row borrows another record's reply
+    assert sum(e["kl_reply"] in replies and e["kl_reply"] != r for e, r in zip(examples, replies)) >= 18
     folder = tmp_path / "data"
     folder.mkdir()
     (folder / "f.json").write_text(json.dumps([{"instruction": "Hi", "output": "Hello", "tag": "yes"}]))

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 from tuneforge.errors import DataError
 
 from .formats import Conversation
-from .templates import TemplateRefused, render_chat, renders_tools, template_hint, template_label
+from .template_record import Template
+from .templates import TemplateRefused, named_template, render_chat, renders_tools, template_hint, template_label
+from .tool_formats import apply_tool_format
 
 IGNORE_INDEX = -100
 
@@ -51,8 +53,8 @@ def encode_conversations(
     mask_history: bool = False,
 ) -> list[dict[str, list[int]]]:
     """Tokenize many conversations in one batched tokenizer call (much faster than one by one)."""
-    tools_in_template = renders_tools(tokenizer)
-    all_turns = [render_turns(tokenizer, c, tools_in_template) for c in conversations]
+    tool_mode = _tool_mode(tokenizer)
+    all_turns = [render_turns(tokenizer, c, tool_mode) for c in conversations]
     pieces = [text for turns in all_turns for text in _pieces(turns)]
     ids = iter(tokenizer(pieces, add_special_tokens=False)["input_ids"]) if pieces else iter(())
     eos_text, eos_id = tokenizer.eos_token, tokenizer.eos_token_id
@@ -83,9 +85,10 @@ def _pieces(turns: list[Turn]) -> list[str]:
     return texts + [carry] if turns else texts
 
 
-def render_turns(tokenizer, conversation: Conversation, tools_in_template: bool) -> list[Turn]:
-    """Split the rendered conversation into one (prompt, answer, tail) per assistant message."""
-    messages, tools = _add_tools(conversation.messages, conversation.tools, tools_in_template)
+def render_turns(tokenizer, conversation: Conversation, tool_mode: Template | bool) -> list[Turn]:
+    """Split the rendered conversation into one (prompt, answer, tail) per assistant message.
+    tool_mode: see _tool_mode."""
+    messages, tools = _add_tools(conversation, tool_mode)
     turns, done = [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -111,10 +114,10 @@ def last_reply_ids(tokenizer, conversations: list[Conversation]) -> list[tuple[l
     reply as the template renders it, with EOS added where the template does not end replies with
     it, and the template's tail after it. All texts are tokenized in one call (preference and KTO
     records: data/pairwise.py, data/kto.py)."""
-    tools_in_template = renders_tools(tokenizer)
+    tool_mode = _tool_mode(tokenizer)
     texts = []
     for conversation in conversations:
-        turns = render_turns(tokenizer, conversation, tools_in_template)
+        turns = render_turns(tokenizer, conversation, tool_mode)
         history = "".join(t.prompt + t.answer + t.tail for t in turns[:-1])
         texts.append((history + turns[-1].prompt, turns[-1].answer, turns[-1].tail))
     pieces = [piece for text in texts for piece in text]
@@ -181,9 +184,21 @@ def describe_tools(tools: list[dict]) -> str:
     )
 
 
-def _add_tools(messages: list[dict], tools: list[dict] | None, tools_in_template: bool):
-    """(messages, tools for apply_chat_template): the template renders tools, or the system message does."""
-    if not tools or tools_in_template:
+def _tool_mode(tokenizer) -> Template | bool:
+    """How tools and function calls are written: a named template (its tool format:
+    data/tool_formats.py), True (the tokenizer's own template renders the tools list) or False
+    (the tools are described in the system text; a call is the data's text)."""
+    return named_template(tokenizer) or renders_tools(tokenizer)
+
+
+def _add_tools(conversation: Conversation, tool_mode: Template | bool):
+    """(messages, tools for apply_chat_template): a named template's tool format writes the tools
+    and calls, or the tokenizer's template renders the tools list, or the system message does."""
+    messages, tools = conversation.messages, conversation.tools
+    if isinstance(tool_mode, Template):
+        return apply_tool_format(tool_mode, messages, tools, conversation.source), None
+    messages = [{k: v for k, v in m.items() if k != "function_call"} for m in messages]
+    if not tools or tool_mode:
         return messages, tools or None
     description = describe_tools(tools)
     if messages and messages[0]["role"] == "system":

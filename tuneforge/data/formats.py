@@ -1,7 +1,8 @@
 """Records -> conversations: alpaca and sharegpt records become lists of chat messages.
 
 A message is `{"role": "system" | "user" | "assistant" | "tool", "content": str}`.
-Function calls become assistant turns whose content is the call text; observations become `tool` turns.
+Function calls become assistant turns whose content is the call text, marked `"function_call": True`;
+observations become `tool` turns.
 
 As in LLaMA-Factory, a record that is not a complete conversation (roles out of order, a last
 user turn with no reply, an empty reply or user turn, no messages) is dropped; here the drops are
@@ -261,7 +262,9 @@ def _from_sharegpt(entry: DatasetEntry, record: dict, where: str) -> Conversatio
         raise _Dropped("ending on a user turn with no reply")
     if any(_blank(t["content"]) for t in turns if t["role"] in ("user", "assistant")):
         raise _Dropped("with an empty reply or user turn")
-    messages = [{"role": t["role"], "content": t["content"]} for t in turns]
+    # a function call is an assistant turn marked as one (data/tool_formats.py writes it)
+    messages = [{"role": t["role"], "content": t["content"], **({"function_call": True} if t["tag"] == tags["function_tag"]
+                                                                  else {})} for t in turns]
     if system:
         messages.insert(0, {"role": "system", "content": system})
     return Conversation(messages, _tools(entry, record, where), where, entry.name)

@@ -2,12 +2,14 @@
 assistant reply (sharegpt messages, or alpaca instruction / input / output) and a tag saying
 whether that reply is desirable (true) or undesirable (false).
 
-Each record becomes {"input_ids", "prompt_len", "kto_tag"}: the prompt rendered with the chat
-template up to the last reply (its first prompt_len tokens), then the reply as the template
-renders it (EOS added where the template does not end replies with it), within cutoff_len by
-LLaMA-Factory's rule (the budget is split between prompt and reply). KtoCollator batches them with their labels on the
-reply tokens and, for the KL estimate, the mismatched rows TRL builds: the prompt of example i
-with the reply of example i - 1 of the same batch (the replies rotated by one)."""
+Each record becomes {"input_ids", "prompt_len", "kto_tag", "kl_reply"}: the prompt rendered with
+the chat template up to the last reply (its first prompt_len tokens), then the reply as the
+template renders it (EOS added where the template does not end replies with it), within
+cutoff_len by LLaMA-Factory's rule (the budget is split between prompt and reply); kl_reply is the
+reply of the record before it in its dataset (the last one's for the first), LLaMA-Factory's
+mismatched pair for the KL estimate, made when the data is read so that a micro-batch of one
+example has one too. KtoCollator batches them with their labels on the reply tokens and the
+mismatched rows: the prompt of each example with its kl_reply."""
 
 from __future__ import annotations
 
@@ -53,20 +55,22 @@ def to_feedback(entry: DatasetEntry, records: Records, indices: list[int] | None
 
 
 def encode_feedback(items: list[Feedback], data_args, tokenizer) -> list[dict]:
-    """{"input_ids", "prompt_len", "kto_tag"} per record (see the module's docstring)."""
+    """{"input_ids", "prompt_len", "kto_tag", "kl_reply"} per record (see the module's docstring)."""
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
     examples = []
     for item, (prompt, reply) in zip(items, last_reply_ids(tokenizer, [item.conversation for item in items])):
         keep_prompt, keep_reply = split_budget(len(prompt), len(reply), cutoff_len)
         examples.append({"input_ids": prompt[:keep_prompt] + reply[:keep_reply], "prompt_len": keep_prompt,
                          "kto_tag": int(item.desirable)})
+    for example, before in zip(examples, examples[-1:] + examples[:-1]):  # the completions shifted by one
+        example["kl_reply"] = before["input_ids"][before["prompt_len"]:]
     return examples
 
 
 class KtoCollator:
     """Examples -> one right-padded batch: input_ids, attention_mask, labels (the reply tokens)
     of each prompt + reply; kto_tag (1 desirable, 0 not); and kl_input_ids, kl_attention_mask,
-    kl_labels: prompt i + reply i - 1 (cyclic), within cutoff_len, for the KL estimate."""
+    kl_labels: each prompt + its kl_reply, within cutoff_len, for the KL estimate."""
 
     def __init__(self, pad_token_id: int, cutoff_len: int):
         if pad_token_id is None:
@@ -91,8 +95,8 @@ class KtoCollator:
             raise ValueError("cannot collate an empty list of examples")
         prompts = [e["input_ids"][:e["prompt_len"]] for e in examples]
         replies = [e["input_ids"][e["prompt_len"]:] for e in examples]
-        rotated = replies[-1:] + replies[:-1]
-        return {**self._rows(prompts, replies, ""), **self._rows(prompts, rotated, "kl_"),
+        mismatched = [e["kl_reply"] for e in examples]
+        return {**self._rows(prompts, replies, ""), **self._rows(prompts, mismatched, "kl_"),
                 "kto_tag": torch.tensor([e["kto_tag"] for e in examples], dtype=torch.long)}
 
 

@@ -30,6 +30,12 @@ class Template:
     thought: tuple[str, str] | tuple[()] = ()
     empty_thought: str | None = None  # what an empty thought renders as: default open + close words
     tool_format: str = "default"  # LLaMA-Factory's tool_format: how tool lists and calls are written
+    # a function-call turn's body (LLaMA-Factory's format_function), when it differs from `assistant`;
+    # {content} is the call as the tool format writes it (data/tool_formats.py)
+    function: str | None = None
+    # the tool list written literally into the system text ({content}: the tools' JSON), instead of
+    # the tool format's prompt (LLaMA-Factory's format_tools as a plain string, e.g. phi4_mini)
+    tools: str | None = None
     note: str = ""  # e.g. a multimodal model's template: its text formats only
 
     @property
@@ -81,6 +87,19 @@ def _thought_lines(t: Template) -> list[str]:
     ]
 
 
+def _function_lines(t: Template) -> list[str]:
+    """Jinja for a function-call turn (data/tool_formats.py prepares `function_call`, the call as
+    the tool format writes it, and `thought`, any thought before it in the data). A reasoning
+    template keeps the thought with thinking on and writes its empty thought otherwise, as for
+    replies; the thought goes before the function format's own words."""
+    if t.thought:
+        thought = f"(message['thought'] if thinking and message['thought'] else {t.empty!r})"
+    else:
+        thought = "message['thought']"
+    body = expr(t.function if t.function is not None else t.assistant, "message['function_call']")
+    return [f"{{{{- {expr(t.generation)} + {thought} + {body} }}}}"]
+
+
 def to_jinja(t: Template, enable_thinking: bool = True) -> str:
     system_first = "loop.index0 == ns.first_user and ns.system"
     user_with_system = expr(t.user, f"({expr(t.system, 'ns.system')}) + message['content']")
@@ -106,6 +125,8 @@ def to_jinja(t: Template, enable_thinking: bool = True) -> str:
             if t.system_in_user
             else f"{{{{- {expr(t.user)} }}}}"
         ),
+        "{%- elif message['role'] == 'assistant' and message['function_call'] is defined %}",
+        *_function_lines(t),
         "{%- elif message['role'] == 'assistant' %}",
         *_thought_lines(t),
         f"{{{{- {expr(t.generation + t.assistant, 'content')} }}}}",

@@ -10,6 +10,8 @@ tool result format, tool format name) are those of LLaMA-Factory's template regi
 - `replace_eos` templates end replies with their first stop word; the tokenizer's eos is kept.
 - Its Llama2Template (system text inside the first user turn) is `system_in_user`.
 - Its ReasoningTemplate is `thought`; GLM-4.7's empty thought is its closing word alone.
+- Its format_function (a function-call turn) is `function` where it differs from the reply format, and
+  a format_tools written as a plain string is `tools`; the tool formats are data/tool_formats.py.
 - A multimodal model's template has its text formats (images, videos, audio are not supported)
   and a note.
 """
@@ -56,16 +58,17 @@ _GEMMA = dict(prefix="{bos}", system_in_user=True, user="<start_of_turn>user\n{c
 _GEMMA4 = dict(prefix="{bos}", user="<|turn>user\n{content}<turn|>\n", generation="<|turn>model\n",
                assistant="{content}<turn|>\n", system="<|turn>system\n<|think|>{content}<turn|>\n",
                tool="<|turn>tool\n{content}<turn|>\n", stop_words=("<turn|>",), default_system=_HELPFUL,
-               thought=("<|channel>thought\n", "<channel|>"), tool_format="gemma4")
+               thought=("<|channel>thought\n", "<channel|>"), tool_format="gemma4", function="<|tool>{content}<tool|>")
 _GLM4 = dict(prefix="[gMASK]<sop>", user="<|user|>\n{content}", generation="<|assistant|>", assistant="\n{content}",
              system="<|system|>\n{content}", tool="<|observation|>\n{content}",
-             stop_words=("<|user|>", "<|observation|>"), tool_format="glm4")
+             stop_words=("<|user|>", "<|observation|>"), tool_format="glm4", function="{content}")
 _MISTRAL = dict(prefix="{bos}", system_in_user=True, user="[INST] {content}[/INST]", generation="",
                 assistant=" {content}{eos}", system="{content}\n\n",
-                tool='[TOOL_RESULTS] {"content": {content}}[/TOOL_RESULTS]', tool_format="mistral")
+                tool='[TOOL_RESULTS] {"content": {content}}[/TOOL_RESULTS]', tool_format="mistral",
+                function="[TOOL_CALLS] {content}{eos}")
 _TEKKEN = dict(prefix="{bos}", system_in_user=True, user="[INST]{content}[/INST]", generation="",
                system="{content}\n\n", tool='[TOOL_RESULTS]{"content": {content}}[/TOOL_RESULTS]',
-               tool_format="mistral")
+               tool_format="mistral", function="[TOOL_CALLS]{content}{eos}")
 _VICUNA_LIKE = dict(user="USER: {content} ", generation="ASSISTANT:", default_system=_VICUNA_SYSTEM)
 _DEEPSEEK3 = dict(prefix="{bos}", user="<｜User｜>{content}", generation="<｜Assistant｜>")
 _KIMI = dict(user="<|im_user|>user<|im_middle|>{content}<|im_end|>",
@@ -255,7 +258,7 @@ _REST = [
     _t("phi4", "<|im_start|>user<|im_sep|>{content}<|im_end|>", "<|im_start|>assistant<|im_sep|>", "{content}<|im_end|>",
        system="<|im_start|>system<|im_sep|>{content}<|im_end|>", stop_words=("<|im_end|>",)),
     _t("phi4_mini", "<|user|>{content}<|end|>", "<|assistant|>", "{content}<|end|>", system="<|system|>{content}<|end|>",
-       stop_words=("<|end|>",)),
+       stop_words=("<|end|>",), tools="<|tool|>{content}<|/tool|>"),
     _like(_TEKKEN, "pixtral", note=_MM),
     _like(_QWEN, "qwen3", thought=_THINK),
     _like(_QWEN, "qwen3_nothink"),
@@ -277,7 +280,8 @@ _REST = [
         "You are an AI programming assistant, utilizing the Seed-Coder model, developed by ByteDance Seed, "
         "and you only answer questions related to computer science. For politically sensitive questions, "
         "security and privacy issues, and other non-computer science questions, you will refuse to answer.\n\n")),
-    _like(_SEED, "seed_oss", thought=("<seed:think>", "</seed:think>"), tool_format="seed_oss"),
+    _like(_SEED, "seed_oss", thought=("<seed:think>", "</seed:think>"), tool_format="seed_oss",
+          function="{bos}\n{content}{eos}"),
     _like(_CHATML_NO_TOOL, "smollm"),
     _like(_CHATML_NO_TOOL, "smollm2", default_system="You are a helpful AI assistant named SmolLM, trained by Hugging Face."),
     _t("solar", "### User:\n{content}\n\n", "### Assistant:\n", "{content}", system="### System:\n{content}\n\n"),
@@ -299,7 +303,7 @@ _REST = [
         "仔细阅读所有的图像，并对人类的问题做出信息丰富、有帮助、详细的和礼貌的回答。\n\n")),
     _t("youtu", "<|User|>{content}", "<|Assistant|>", "{content}<|end_of_text|>",
        tool="<tool_response>\n{content}\n</tool_response>", prefix="{bos}", stop_words=("<|end_of_text|>",),
-       thought=_THINK),
+       thought=_THINK, function="{content}"),
     _t("youtu_vl", "<|begin_of_text|>user\n{content}<|end_of_text|>\n", "<|begin_of_text|>assistant\n",
        "{content}<|end_of_text|>\n", system="<|begin_of_text|>system\n{content}<|end_of_text|>\n",
        default_system=_HELPFUL, stop_words=("<|end_of_text|>",), note=_MM),

@@ -19,7 +19,7 @@ from tuneforge.fileio import quoted
 from .template_record import Template
 from .template_table import TEMPLATES
 
-__all__ = ["TEMPLATES", "Template", "apply_template", "get_template", "render_chat", "renders_tools",
+__all__ = ["TEMPLATES", "Template", "apply_template", "get_template", "named_template", "render_chat", "renders_tools",
            "template_hint", "template_label", "template_text", "TemplateRefused"]
 
 _EXAMPLES = ("chatml", "llama3", "qwen3_nothink", "alpaca")
@@ -73,17 +73,12 @@ def template_text(tokenizer, tools: list | None = None) -> str:
         raise ConfigError(f"the tokenizer's chat templates are ambiguous ({err}); set template:") from None
 
 
-@lru_cache(maxsize=1)
-def _named_texts() -> frozenset[str]:
-    return frozenset(text for t in TEMPLATES.values() for text in {t.jinja(True), t.jinja(False)})
-
-
 def renders_tools(tokenizer) -> bool:
     """Whether the chat template writes the `tools` list itself (else data/encode.py puts the tool
     descriptions in the system message). Named templates never do, even when a format's text
     says "tools" (minimax1's tool turn)."""
     text = template_text(tokenizer, tools=[])
-    return "tools" in text and text not in _named_texts()
+    return "tools" in text and text not in _by_text()
 
 
 # what apply_chat_template raises for a template that is broken or refuses the messages
@@ -120,13 +115,22 @@ def _reason(err: Exception) -> str:
     return str(err) or type(err).__name__
 
 
+def named_template(tokenizer) -> Template | None:
+    """The named template set on the tokenizer (apply_template), or None for the tokenizer's own."""
+    return _by_text().get(tokenizer.chat_template)
+
+
+@lru_cache(maxsize=1)
+def _by_text() -> dict[str, Template]:
+    return {text: t for t in TEMPLATES.values() for text in (t.jinja(True), t.jinja(False))}
+
+
 def template_label(tokenizer) -> str:
     """How to name the tokenizer's current template in messages: its name if it is one of ours,
     else the tokenizer's own, with the file it came from when that is known."""
-    text = tokenizer.chat_template
-    for name, template in TEMPLATES.items():
-        if text in (template.jinja(True), template.jinja(False)):
-            return f"template {name!r}"
+    template = named_template(tokenizer)
+    if template is not None:
+        return f"template {template.name!r}"
     origin = template_file(tokenizer)
     return "the tokenizer's own chat template" + (f" ({quoted(origin)})" if origin else "")
 

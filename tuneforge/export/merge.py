@@ -2,8 +2,9 @@
 tokenizer) that `AutoModelForCausalLM.from_pretrained` loads with no tuneforge installed.
 Adapters that cannot be merged are refused before the work, offering export_format: adapter,
 which writes the adapters themselves in peft's format (adapter.py).
-A quantized base (quantization_bit) is dequantized first; export_quantization_bit requantizes the
-merged weights and writes tuneforge's quantized format instead (quantized.py).
+A quantized base (quantization_bit) is dequantized first; export_quantization_bit quantizes the
+merged weights with bitsandbytes and writes transformers' bitsandbytes format, which from_pretrained
+loads as it is (quantized.py).
 
 Order of work: everything that can be refused (export_dir, target.py; the format's limits:
 architecture, tokenizer, quantization; free disk space) is checked before merging or writing;
@@ -13,7 +14,7 @@ then the merge; then the files, written beside export_dir and renamed into place
 from __future__ import annotations
 
 import logging
-
+import shutil
 from pathlib import Path
 
 import torch
@@ -22,12 +23,10 @@ from .. import adapters
 from ..errors import ConfigError
 from ..loading import load_for_use
 from ..models import resolve_dtype, model_path, split_paths
-from ..quant import QuantizationConfig, save_quantized
-from ..quant.model import cast_unquantized
 from .adapter import export_adapters, refuse_unmergeable_files, refuse_unmergeable_layers
 from .gguf import check_gguf, gguf_size, write_gguf
 from .modelfile import write_modelfile
-from .quantized import dequantize_before_merge, requantize
+from .quantized import bitsandbytes_missing, bnb_config, dequantize_before_merge, quantization_error, quantize_saved
 from .target import ExportTarget, check_export_dir, check_free_space, staged
 from .tying import settle_tying, untie_adapted_embeddings
 
@@ -60,7 +59,7 @@ def export_model(cfg) -> Path:
     target = check_export_dir(cfg.export.export_dir, _sources(cfg))
     if cfg.export.export_format == "adapter":
         return export_adapters(cfg, target)
-    qcfg = _requantization(cfg)  # its own checks, before the work
+    bits = _requantization(cfg)  # its own checks, before the work
     paths = split_paths(cfg.model.adapter_name_or_path)
     refuse_unmergeable_files(paths)  # a method that can never merge, before anything loads
     dtype = None
@@ -74,8 +73,8 @@ def export_model(cfg) -> Path:
             check_gguf(model, tokenizer, cfg.export.export_quantization)
             check_free_space(target, gguf_size(model, cfg.export.export_quantization))
         else:
-            bits = cfg.export.export_quantization_bit
-            per_value = bits / 8 if bits else torch.empty(0, dtype=dtype).element_size()
+            # a quantized export first writes the merged fp32 weights (removed after), then the quantized ones
+            per_value = 4 + bits / 8 if bits else torch.empty(0, dtype=dtype).element_size()
             check_free_space(target, int(sum(p.numel() for p in model.parameters()) * per_value))
         # a quantized base cannot take a merge: back to fp32 first (every adapter then merges as usual)
         model = dequantize_before_merge(model)
@@ -97,8 +96,8 @@ def export_model(cfg) -> Path:
     model.config.use_cache = True
     if gguf:
         return _export_gguf(cfg, model, tokenizer, target)
-    if qcfg is not None:
-        return _export_quantized(model, tokenizer, dtype, qcfg, target)
+    if bits:
+        return _export_quantized(cfg, model, tokenizer, dtype, target)
     model = model.to(dtype)
     with staged(target, "hf") as folder:
         model.save_pretrained(folder, max_shard_size=int(cfg.export.export_size * 10**9))
@@ -179,16 +178,12 @@ def _export_dtype(cfg, model) -> torch.dtype:
     return resolve_dtype(cfg.export.export_dtype)
 
 
-def _requantization(cfg):
-    """The QuantizationConfig export_quantization_bit asks for, or None."""
-    if not cfg.export.export_quantization_bit:
-        return None
-
-    m = cfg.model
-    return QuantizationConfig(
-        bits=cfg.export.export_quantization_bit, quant_type=m.quantization_type,
-        double_quant=m.double_quantization, compute_dtype=m.compute_dtype, backend=m.quantization_backend,
-    )
+def _requantization(cfg) -> int | None:
+    """export_quantization_bit (4 or 8), or None; ConfigError when bitsandbytes is missing."""
+    bits = cfg.export.export_quantization_bit
+    if bits and bitsandbytes_missing():
+        raise ConfigError(bitsandbytes_missing())
+    return bits or None
 
 
 def _export_gguf(cfg, model, tokenizer, target: ExportTarget) -> Path:
@@ -202,12 +197,27 @@ def _export_gguf(cfg, model, tokenizer, target: ExportTarget) -> Path:
     return target.shown
 
 
-def _export_quantized(model, tokenizer, dtype: torch.dtype, qcfg, target: ExportTarget) -> Path:
-    """export_quantization_bit: quantize the merged fp32 weights (not a cast of them) and write
-    tuneforge's quantized format (tuneforge.quant.load_quantized reads it)."""
-
-    requantize(model, qcfg)
-    cast_unquantized(model, dtype)
-    with staged(target, "quantized") as folder:
-        save_quantized(model, folder, tokenizer)
+def _export_quantized(cfg, model, tokenizer, dtype: torch.dtype, target: ExportTarget) -> Path:
+    """export_quantization_bit: the merged fp32 weights (not a cast of them), written once in full
+    precision and loaded back by transformers with a BitsAndBytesConfig (bitsandbytes quantizes the
+    Linear layers but the output head), saved with save_pretrained: the folder holds transformers'
+    bitsandbytes serialisation, and from_pretrained(export_dir) loads the same quantized weights.
+    quantization_type, double_quantization and compute_dtype (auto: the export dtype) choose the
+    4-bit format; the error against the merged weights is printed."""
+    m, bits = cfg.model, cfg.export.export_quantization_bit
+    compute = dtype if m.compute_dtype == "auto" else resolve_dtype(m.compute_dtype)
+    quantization = bnb_config(bits, m.quantization_type, m.double_quantization, compute)
+    merged = {path: mod.weight for path, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+    describe = "int8 (LLM.int8, one scale per row)" if bits == 8 else \
+        f"4-bit {m.quantization_type}" + (" with 8-bit scales" if m.double_quantization else "")
+    with staged(target, "hf") as folder:
+        full = folder / ".merged-float32"
+        model.to(torch.float32).save_pretrained(full)
+        quantized = quantize_saved(full, quantization, dtype)
+        quantization_error(quantized, merged, describe)
+        quantized.save_pretrained(folder, max_shard_size=int(cfg.export.export_size * 10**9))
+        shutil.rmtree(full)
+        tokenizer.save_pretrained(folder)
+    log.info("no Ollama Modelfile beside a bitsandbytes export (Ollama does not read bitsandbytes weights); "
+             "export_format: gguf with export_quantization: q4_0 or q8_0 writes a quantized model for Ollama")
     return target.shown

@@ -1,13 +1,16 @@
 """Save a quantized model as it is (4/8-bit codes) and load it back without fp weights.
 
-A directory written by `save_quantized` holds:
-  config.json                 the model's HF config, with no `quantization_config` (transformers
+A directory written by `save_quantized` holds (names no Hugging Face loader takes for its own:
+with a config.json, from_pretrained would build the model and fill every quantized projection with
+random weights, a silent wrong answer; without one it refuses the folder):
+  tuneforge_config.json       the model's HF config, with no `quantization_config` (transformers
                               would hand the model to one of its own quantizers)
-  model.safetensors           the state dict: QuantLinear codes (qweight, absmax, nested_absmax,
+  tuneforge_quantized.safetensors  the state dict: QuantLinear codes (qweight, absmax, nested_absmax,
                               absmax_offset) beside the plain tensors; a tied weight is stored once
   tuneforge_quantization.json format version, QuantizationConfig, each quantized module's
                               settings, and which tensors are tied to which
   generation_config.json, tokenizer files when present
+Folders of format_version 1 (config.json, model.safetensors) are still read.
 
 `load_quantized` builds the architecture on the meta device, puts empty QuantLinear shells where
 the codes go and assigns the file's tensors to them: no fp weight is ever materialised, and the
@@ -33,10 +36,11 @@ from . import backends
 from .linear import QuantLinear
 from .model import QuantizationConfig, _compute_dtype, _replace, quantization_of
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META_NAME = "tuneforge_quantization.json"
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "tuneforge_quantized.safetensors"
+CONFIG_NAME = "tuneforge_config.json"
+FILE_NAMES = {1: ("config.json", "model.safetensors"), 2: (CONFIG_NAME, WEIGHTS_NAME)}  # per format_version
 
 
 # ---- save -----------------------------------------------------------------------------------------
@@ -89,7 +93,7 @@ def save_quantized(model: nn.Module, directory: str | Path, tokenizer=None) -> P
                          "or quantize_model first")
     cfg = quantization_of(model)
     out = Path(directory)
-    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / CONFIG_NAME).is_file()):
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not (out / META_NAME).is_file()):
         raise CheckpointError(f"'{out}' is a file or a non-empty folder that holds no model; "
                               "choose an empty or new folder")
     tensors, tied = _untied_state_dict(model)
@@ -103,6 +107,7 @@ def save_quantized(model: nn.Module, directory: str | Path, tokenizer=None) -> P
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _hf_config(model).save_pretrained(tmp)
+        (tmp / "config.json").rename(tmp / CONFIG_NAME)
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "tuneforge_quantized": "1"})
         gen = getattr(model, "generation_config", None)
         if gen is not None and getattr(model, "can_generate", lambda: False)():
@@ -124,9 +129,9 @@ def _read_meta(directory: Path) -> dict:
         raise ModelError(f"'{directory}' has no {META_NAME}: not a model saved by tuneforge.quant.save_quantized")
     meta = read_json(path, "quantization record", ModelError)
     version = meta.get("format_version") if isinstance(meta, dict) else None
-    if version != FORMAT_VERSION:
+    if version not in FILE_NAMES:
         raise ModelError(f"{path}: format_version {version!r} is not one this tuneforge reads "
-                         f"({FORMAT_VERSION}); save it again, or upgrade tuneforge")
+                         f"({', '.join(map(str, FILE_NAMES))}); save it again, or upgrade tuneforge")
     for key, kind in (("quantization_config", dict), ("quantized_modules", dict), ("tied_weights", dict)):
         if not isinstance(meta.get(key), kind):
             raise ModelError(f"{path}: '{key}' is missing or not a {kind.__name__}; the file is damaged")
@@ -139,12 +144,12 @@ def _read_tensors(path: Path, device: str | torch.device) -> dict[str, torch.Ten
     return load_safetensors(path, "quantized model file", device=str(device))
 
 
-def _empty_model(directory: Path):
-    """The architecture from config.json: parameters on meta, buffers like inv_freq real."""
+def _empty_model(directory: Path, config_name: str):
+    """The architecture from its config file: parameters on meta, buffers like inv_freq real."""
     import transformers
     from accelerate import init_empty_weights
 
-    config = load_model_config(directory)
+    config = load_model_config(directory, config_name=config_name)
     arch = (getattr(config, "architectures", None) or [None])[0]
     cls = getattr(transformers, arch, None) if arch else None
     with init_empty_weights():
@@ -153,7 +158,7 @@ def _empty_model(directory: Path):
         try:
             return transformers.AutoModelForCausalLM.from_config(config)
         except ValueError as exc:
-            raise ModelError(f"{directory / CONFIG_NAME}: unknown architecture {arch!r} ({exc})") from None
+            raise ModelError(f"{directory / config_name}: unknown architecture {arch!r} ({exc})") from None
 
 
 def _shell(linear: nn.Module, path: str, spec: dict, cfg: QuantizationConfig, device) -> QuantLinear:
@@ -178,7 +183,7 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: P
     extra = [k for k in tensors if k not in expected]
     if missing or extra:
         what = f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}"
-        raise ModelError(f"{source}: tensors do not fit the architecture in {CONFIG_NAME} ({what})")
+        raise ModelError(f"{source}: tensors do not fit the architecture of its config ({what})")
     quant = {f"{p}.{b}" for p, m in model.named_modules() if isinstance(m, QuantLinear) for b, _ in m.named_buffers()}
     for name, want in expected.items():
         got = tensors[name]
@@ -207,21 +212,22 @@ def load_quantized(directory: str | Path, device: str | torch.device = "cpu") ->
         cfg = QuantizationConfig(**meta["quantization_config"])
     except (ConfigError, TypeError) as exc:
         raise ModelError(f"{directory / META_NAME}: bad quantization_config ({exc})") from None
-    tensors = _read_tensors(directory / WEIGHTS_NAME, device)
-    model = _empty_model(directory)
+    config_name, weights_name = FILE_NAMES[meta["format_version"]]
+    tensors = _read_tensors(directory / weights_name, device)
+    model = _empty_model(directory, config_name)
     for path, spec in meta["quantized_modules"].items():
         try:
             linear = model.get_submodule(path)
         except AttributeError:
             raise ModelError(f"{META_NAME}: quantized module '{path}' does not exist in the architecture "
-                             f"of {CONFIG_NAME}") from None
+                             f"of {config_name}") from None
         _replace(model, path, _shell(linear, path, spec, cfg, device))
     tied = meta["tied_weights"]
     for dropped, kept in tied.items():
         if kept not in tensors:
             raise ModelError(f"{META_NAME}: '{dropped}' is tied to '{kept}', which the weights file lacks")
         tensors[dropped] = tensors[kept]
-    _check_tensors(model, tensors, directory / WEIGHTS_NAME)
+    _check_tensors(model, tensors, directory / weights_name)
     model.load_state_dict(tensors, strict=True, assign=True)
     for dropped, kept in tied.items():  # one tensor object again, as before saving
         (dst, dst_attr), (src, src_attr) = _owner(model, dropped), _owner(model, kept)

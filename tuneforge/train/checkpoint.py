@@ -57,7 +57,10 @@ class TrainerState:
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """The weights a run trains: those with requires_grad, and those an optimizer trains in turns
+    (BAdam's blocks, marked `trains_in_turns`) while their requires_grad is off."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters()
+            if p.requires_grad or getattr(p, "trains_in_turns", False)}
 
 
 def _rng_state() -> dict:

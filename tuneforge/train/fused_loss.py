@@ -26,10 +26,12 @@ CHUNK_BYTES = 64 * 2**20  # fp32 logits of one chunk: 64 MB is ~340 rows of a 49
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Sum over rows of cross_entropy(hidden @ weight.T + bias, labels), in chunks of rows."""
+    """Sum over rows of cross_entropy(hidden @ weight.T + bias, labels), in chunks of rows; with
+    `token_weight` (train/token_weights.py), of each row's cross-entropy times its weight, a
+    constant of the logits (no gradient flows through it), so the row's gradient is scaled by it."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, compute_dtype, chunk_rows, want_grad):
+    def forward(ctx, hidden, weight, bias, labels, compute_dtype, chunk_rows, want_grad, token_weight=None):
         w = weight.to(compute_dtype)
         b = None if bias is None else bias.to(compute_dtype)
         grad_hidden = torch.empty_like(hidden) if want_grad and ctx.needs_input_grad[0] else None
@@ -44,11 +46,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             logits = F.linear(h, w, b).float()
             lse = torch.logsumexp(logits, dim=-1)
             picked = logits.gather(1, y.unsqueeze(1)).squeeze(1)
-            total += (lse - picked).sum()
+            scale = None if token_weight is None else token_weight(logits, lse - picked)
+            total += (lse - picked).sum() if scale is None else ((lse - picked) * scale).sum()
             if grad_hidden is None and grad_weight is None and grad_bias is None:
                 continue
             grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' memory
             grad[torch.arange(y.numel(), device=y.device), y] -= 1.0  # softmax - onehot
+            if scale is not None:
+                grad.mul_(scale.unsqueeze(1))
             grad = grad.to(compute_dtype)
             if grad_hidden is not None:
                 grad_hidden[start:start + chunk_rows] = grad @ w
@@ -70,13 +75,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
         out = []
         for has, dtype in zip(ctx.has, ctx.dtypes):
             out.append((next(saved) * grad_output).to(dtype) if has else None)
-        return (*out, None, None, None, None)
+        return (*out, None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor,
-                         chunk_rows: int | None = None) -> torch.Tensor:
+                         chunk_rows: int | None = None, token_weight=None) -> torch.Tensor:
     """Summed cross-entropy of `head(hidden)` against `labels` (rows of hidden, no ignored
-    labels), without materialising all logits. Under autocast the matmuls run in its dtype."""
+    labels), without materialising all logits. Under autocast the matmuls run in its dtype.
+    token_weight(logits (rows, vocab) fp32, cross-entropies (rows,)) -> (rows,) weights the rows."""
     device_type = hidden.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) \
         if torch.is_autocast_enabled(device_type) else hidden.dtype
@@ -87,7 +93,7 @@ def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, labels: to
         or (head.bias is not None and head.bias.requires_grad))
     with torch.autocast(device_type, enabled=False):
         return _LinearCrossEntropy.apply(hidden, head.weight, head.bias, labels, compute_dtype,
-                                         chunk_rows, want_grad)
+                                         chunk_rows, want_grad, token_weight)
 
 
 def _output_head(model) -> tuple[torch.nn.Module, str, torch.nn.Module] | None:
@@ -149,11 +155,11 @@ def probe(model, inputs: dict) -> str | None:
     return None
 
 
-def fused_token_loss_sum(model, head_owner, inputs: dict, labels: torch.Tensor
+def fused_token_loss_sum(model, head_owner, inputs: dict, labels: torch.Tensor, token_weight=None
                          ) -> tuple[torch.Tensor, int]:
     """Next-token loss sum and label count with the fused head. `model` is what runs the forward
     (maybe wrapped for distributed training); `head_owner` the unwrapped model whose head is
-    swapped out. labels: (batch, seq), unshifted."""
+    swapped out. labels: (batch, seq), unshifted. token_weight: see linear_cross_entropy."""
     shifted = labels[:, 1:]
     keep = shifted != IGNORE
     with head_as_identity(head_owner) as head:
@@ -162,4 +168,4 @@ def fused_token_loss_sum(model, head_owner, inputs: dict, labels: torch.Tensor
     targets = shifted[keep]
     if rows.size(0) == 0:  # no labels: a zero that still depends on the graph
         return hidden.sum() * 0.0, 0
-    return linear_cross_entropy(rows, head, targets), int(targets.numel())
+    return linear_cross_entropy(rows, head, targets, token_weight=token_weight), int(targets.numel())

@@ -21,6 +21,7 @@ from .. import weightfiles
 from ..errors import CheckpointError
 from ..fileio import one_line
 from .checkpoint import OPTIMIZER, PREFIX, STATE, TRAINING_FILES, WEIGHTS, step_of
+from .optimizers.keys import STATE_LAYOUT
 
 WHAT = "checkpoint file"
 # weightfiles' advice for a downloaded file; a checkpoint is not downloaded again
@@ -114,8 +115,10 @@ def _check_optimizer(path: Path, state, weight_shapes: list) -> str | None:
     if not isinstance(groups, list) or not isinstance(entries, dict) or not all(
             isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups):
         return f"{WHAT} '{path}' is not an optimizer state (no param_groups / state)"
+    # an optimizer with its own layout (GaLore's low-rank moments, BAdam's one block): only finite
+    own_layout = state.get(STATE_LAYOUT) is not None
     count = sum(len(g["params"]) for g in groups)
-    if count != len(weight_shapes):
+    if count != len(weight_shapes) and not own_layout:
         return (f"{WHAT} '{path}' is the optimizer state of {count} parameter(s) but "
                 f"{WEIGHTS} beside it holds {len(weight_shapes)} (from another run?)")
     moments = Counter()
@@ -123,14 +126,14 @@ def _check_optimizer(path: Path, state, weight_shapes: list) -> str | None:
         tensors = [(f"{index}.{k}", v) for k, v in (entry.items() if isinstance(entry, dict)
                                                     else ()) if isinstance(v, torch.Tensor)]
         shapes = {tuple(v.shape) for _, v in tensors if v.ndim}
-        if len(shapes) > 1:
+        if len(shapes) > 1 and not own_layout:
             return f"{WHAT} '{path}' holds moments of different shapes for one parameter"
         moments.update(shapes)
         problem = _non_finite(tensors, path)
         if problem:
             return problem
     extra = moments - Counter(weight_shapes)
-    if extra:
+    if extra and not own_layout:
         shape = next(iter(extra))
         return (f"{WHAT} '{path}' holds optimizer state of shape {shape}, which no weight in "
                 f"{WEIGHTS} beside it has (from another run?)")

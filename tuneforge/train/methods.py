@@ -20,6 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..models import attach_adapters, split_paths
 from ..quant import QuantLinear
 from ..quant.provenance import record_base
+from ..vocab import RESIZED, embedding_names
 
 DEFAULT_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # in each checkpoint of a PiSSA run: the adapter's initial (A0, B0), so a resume rebuilds the
@@ -69,7 +70,11 @@ def _freeze(model, finetune) -> None:
     if n == 0 or abs(n) > len(layers):
         raise ConfigError(f"config key 'freeze_trainable_layers' must be between 1 and "
                           f"{len(layers)} (or -1 and -{len(layers)}) for this model; got {n}")
-    chosen = list(layers)[-n:] if n > 0 else list(layers)[:-n]
+    if getattr(finetune, "use_llama_pro", False):  # LLaMA Pro: the expanded blocks (tuneforge/llama_pro.py)
+        from ..llama_pro import expanded_blocks
+        chosen = expanded_blocks(list(layers), n)
+    else:
+        chosen = list(layers)[-n:] if n > 0 else list(layers)[:-n]
     modules = split_paths(finetune.freeze_trainable_modules)
     model.requires_grad_(False)
     matched = False
@@ -114,13 +119,18 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
             pending = take_pending(model)  # deferred (LoftQ): the base is quantized with the new adapter
             if paths:  # create_new_adapter: merge every listed adapter, then train a fresh one
                 model = adapters.unload(attach_adapters(model, paths, trainable=False), merge=True)
+            train_new_vocab(model, finetune)  # resized vocabulary: embeddings trained in full
             config = adapters.methods.config_from_finetune_args(finetune, model, cfg.data)
+            if getattr(finetune, "use_llama_pro", False):  # LLaMA Pro: LoRA on the expanded blocks only
+                from ..llama_pro import expanded_targets
+                config.target_modules = expanded_targets(model, config.target_modules, finetune.freeze_trainable_layers)
             _add_new_adapter(model, config, resume_from)
             if pending is not None:  # deterministic: a resumed run rebuilds the same base
                 finish_pending(model, pending, "default", finetune.loftq_iter)
-        for p in model.parameters():  # adapters train in fp32 even on a bf16 base
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
+        train_dtype = torch.bfloat16 if finetune.pure_bf16 else torch.float32
+        for p in model.parameters():  # adapters train in fp32 even on a bf16 base (pure_bf16: in bf16)
+            if p.requires_grad and p.is_floating_point() and p.dtype != train_dtype:
+                p.data = p.data.to(train_dtype)
         return model, _lora_setup(model, tokenizer, finetune, base_id)
 
     if model_args.adapter_name_or_path:
@@ -130,7 +140,8 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
         _freeze(model, finetune)
     else:
         model.requires_grad_(True)
-    model.float()  # full/freeze keep fp32 master weights; autocast gives bf16 compute on GPUs
+    if not finetune.pure_bf16:  # pure_bf16: the weights stay bf16, with no fp32 master copy
+        model.float()  # full/freeze keep fp32 master weights; autocast gives bf16 compute on GPUs
     return model, TrainableSetup(finetune.finetuning_type, save_model_dir, None)
 
 
@@ -203,3 +214,19 @@ def describe(model) -> str:
     total += quantized
     text = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}"
     return text + (f" || quantized: {quantized:,}" if quantized else "")
+
+
+def train_new_vocab(model, finetune) -> None:
+    """LLaMA-Factory's rule: a model whose vocabulary was resized (vocab.py) trains its input
+    embedding and output head in full beside the adapter (additional_target), unless
+    additional_target names modules itself."""
+    resized = getattr(model, RESIZED, None)
+    if resized is None:
+        return
+    if finetune.additional_target:
+        log.warning("the vocabulary was resized (%d -> %d rows) but additional_target (%s) is set, so the new "
+                    "tokens' embeddings train only if it names the embeddings", *resized, finetune.additional_target)
+        return
+    finetune.additional_target = ",".join(embedding_names(model))
+    log.info("the vocabulary was resized (%d -> %d rows): %s train in full with the adapter (additional_target)",
+             *resized, finetune.additional_target)

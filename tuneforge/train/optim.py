@@ -4,8 +4,10 @@ weight-decay groups and, with LoRA+, learning-rate groups.
 `optim` other than adamw_torch is built by transformers' own factory
 (`Trainer.get_optimizer_cls_and_kwargs`), so sgd, adafactor, the bitsandbytes 8-bit and paged
 optimizers, ... get exactly the class and settings (`optim_args`) that LLaMA-Factory's runs get.
-The optimizers that need the Trainer's own training step or model hooks (GaLore, APOLLO, LOMO,
-schedule-free) are refused in one line.
+The optimizers that need the Trainer's own training step or model hooks (LOMO, schedule-free, and
+the `optim` names galore_* / apollo_*) are refused in one line; LLaMA-Factory's own keys for
+GaLore, APOLLO, BAdam, Adam-mini and Muon (use_galore, ...) build those optimizers from their
+packages (train/optimizers/), on the `optim` optimizer's settings.
 
 Weight decay as transformers' Trainer: none on 1-D parameters (biases, norm weights).
 LoRA+ (`loraplus_lr_ratio`, LLaMA-Factory's grouping): every LoRA B matrix and every 1-D trainable
@@ -80,13 +82,19 @@ def build_optimizer(model, args, finetune=None) -> torch.optim.Optimizer:
     """The `optim` optimizer (default AdamW) over `param_groups`; `args` are the training arguments,
     `finetune` the fine-tuning ones. Raises ConfigError for an optim name transformers does not
     know, one that needs its Trainer, or one whose package is missing."""
-    groups = param_groups(model, args, finetune)
+    from .optimizers.build import build
+
     name = getattr(args, "optim", "adamw_torch") or "adamw_torch"
     if name == "adamw_torch" and not getattr(args, "optim_args", None):
-        return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                 eps=args.adam_epsilon)
-    cls, kwargs = _transformers_optimizer(name, args)
-    return cls(groups, **kwargs)
+        base = torch.optim.AdamW, {"lr": args.learning_rate, "betas": (args.adam_beta1, args.adam_beta2),
+                                   "eps": args.adam_epsilon}
+    else:
+        base = _transformers_optimizer(name, args)
+    special = build(model, args, finetune, base)  # use_galore, use_badam, ...
+    if special is not None:
+        return special
+    cls, kwargs = base
+    return cls(param_groups(model, args, finetune), **kwargs)
 
 
 def _transformers_optimizer(name: str, args) -> tuple[type, dict]:
@@ -98,9 +106,11 @@ def _transformers_optimizer(name: str, args) -> tuple[type, dict]:
         raise ConfigError(f"config key 'optim' must be one of transformers' optimizer names ({', '.join(known)}); "
                           f"got '{name}'")
     if name.startswith(_TRAINER_ONLY):
+        own = next((f"; for {label} set use_{key}: true (LLaMA-Factory's key) with optim: adamw_torch"
+                    for key, label in (("galore", "GaLore"), ("apollo", "APOLLO")) if name.startswith(key)), "")
         raise ConfigError(f"optim: {name} runs inside transformers' Trainer (its own hooks or step), which "
                           "tuneforge's loop does not use; choose adamw_torch, sgd, adafactor or a bitsandbytes "
-                          "optimizer")
+                          f"optimizer{own}")
     # the attributes the factory reads of a TrainingArguments (building a real one would reset
     # accelerate's process state under the running Accelerator)
     hf_args = SimpleNamespace(optim=OptimizerNames(name), optim_args=getattr(args, "optim_args", None),
@@ -125,6 +135,11 @@ def _misfit(optimizer, saved: dict) -> str | None:
     """How a saved optimizer state does not fit this optimizer's parameters, or None. torch's
     load_state_dict compares the groups' sizes but not the tensors' shapes, which otherwise
     fail only inside the first step."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
+    if callable(getattr(inner, "misfit", None)):  # an optimizer with its own state layout (BAdam)
+        return inner.misfit(saved)
+    # low-rank (GaLore, APOLLO) and per-block (Adam-mini) moments are not shaped like the weights
+    shaped = getattr(inner, "states_shaped_like_params", True)
     groups, saved_groups = optimizer.param_groups, saved.get("param_groups")
     states = saved.get("state")
     if not isinstance(saved_groups, list) or not isinstance(states, dict):
@@ -139,7 +154,7 @@ def _misfit(optimizer, saved: dict) -> str | None:
         for index, param in zip(indices, group["params"]):
             entry = states.get(index, {})
             for key, value in (entry.items() if isinstance(entry, dict) else ()):
-                if isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
+                if shaped and isinstance(value, torch.Tensor) and value.ndim and value.shape != param.shape:
                     return (f"its '{key}' for a parameter of group {i} has shape "
                             f"{tuple(value.shape)}, the parameter {tuple(param.shape)}")
     return None

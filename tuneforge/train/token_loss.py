@@ -42,10 +42,12 @@ def _accepts_logits_to_keep(model) -> bool:
 
 class TokenLoss:
     """`loss(batch) -> (summed loss, label count)`. `model` runs the forward (it may be wrapped
-    for distributed training); `unwrapped` is the model itself."""
+    for distributed training); `unwrapped` is the model itself. `token_weight`: a per-token weight
+    of the cross-entropy (train/token_weights.py: DFT, EAFT), or None for plain cross-entropy."""
 
-    def __init__(self, model, unwrapped, mode: str):
+    def __init__(self, model, unwrapped, mode: str, token_weight=None):
         self.model, self.unwrapped, self.mode = model, unwrapped, mode
+        self.token_weight = token_weight
         # transformers models build a KV cache even in training when their config says
         # use_cache; a loss never needs one
         params = inspect.signature(unwrapped.forward).parameters
@@ -53,7 +55,7 @@ class TokenLoss:
 
     @classmethod
     def choose(cls, model, unwrapped, sample_batch: dict, fused: bool | None,
-               autocast=nullcontext) -> "TokenLoss":
+               autocast=nullcontext, token_weight=None) -> "TokenLoss":
         """Fused where `fused` allows it (None: where the probe passes), else sparse or plain.
         `autocast` is the training's autocast context (a bf16 base with fp32 adapters needs it)."""
         if fused is not False:
@@ -61,17 +63,17 @@ class TokenLoss:
             with autocast():
                 why_not = probe(unwrapped, inputs)
             if why_not is None:
-                return cls(model, unwrapped, "fused")
+                return cls(model, unwrapped, "fused", token_weight)
             if fused:
                 raise ConfigError(f"config key 'fused_cross_entropy' is true, but {why_not}; "
                                   "set it to false or leave it empty")
             log.info("fused cross-entropy off: %s", why_not)
-        return cls(model, unwrapped, "sparse" if _accepts_logits_to_keep(unwrapped) else "plain")
+        return cls(model, unwrapped, "sparse" if _accepts_logits_to_keep(unwrapped) else "plain", token_weight)
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, int]:
         inputs, labels = {**model_inputs(batch), **self.no_cache}, batch["labels"]
         if self.mode == "fused":
-            return fused_token_loss_sum(self.model, self.unwrapped, inputs, labels)
+            return fused_token_loss_sum(self.model, self.unwrapped, inputs, labels, self.token_weight)
         shifted = labels[:, 1:]
         if self.mode == "sparse":
             positions = (shifted != IGNORE).any(dim=0).nonzero().squeeze(-1)
@@ -79,6 +81,14 @@ class TokenLoss:
             shifted = shifted[:, positions]
         else:
             logits = self.model(**inputs).logits[:, :-1]
-        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), shifted.reshape(-1),
-                               ignore_index=IGNORE, reduction="sum")
+        flat, targets = logits.reshape(-1, logits.size(-1)).float(), shifted.reshape(-1)
+        if self.token_weight is None:
+            loss = F.cross_entropy(flat, targets, ignore_index=IGNORE, reduction="sum")
+        else:
+            keep = targets != IGNORE
+            flat, targets = flat[keep], targets[keep]
+            per_token = F.cross_entropy(flat, targets, reduction="none")
+            with torch.no_grad():
+                weights = self.token_weight(flat.detach(), per_token.detach())
+            loss = (per_token * weights).sum()
         return loss, int((shifted != IGNORE).sum())

@@ -5,8 +5,10 @@ or undesirable, no pairs.
 Per example, the log-ratio of its reply (policy minus reference log-probability, summed over the
 reply tokens); the reference is the model with its adapters disabled (a frozen copy for full /
 freeze fine-tuning, as in stage: dpo). The KL term z_0 is estimated per micro-batch from
-mismatched rows, the prompt of example i with the reply of example i - 1 (TRL's rotation): the
-mean of their policy-minus-reference log-ratios, without gradient, clamped at 0. Desirable
+mismatched rows, each example's prompt with the reply of the record before it in the dataset
+(LLaMA-Factory's pairing, made when the data is read: data/kto.py; within a micro-batch holding
+consecutive records it is TRL's rotation): the mean of their policy-minus-reference log-ratios,
+without gradient, clamped at 0. Desirable
 replies lose kto_chosen_weight x (1 - sigmoid(beta (r - z_0))), undesirable ones
 kto_rejected_weight x (1 - sigmoid(beta (z_0 - r))) (train/pref_losses.kto); pref_ftx adds the
 per-token NLL of desirable replies. The loss is summed over examples (count = examples).
@@ -83,19 +85,14 @@ def finish(means: dict) -> dict:
 
 def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
                   settings: dict) -> Objective:
-    """The KTO loss summed over the batch's examples (see the module's docstring). Raises
-    ConfigError when micro-batches hold one example (no mismatched pair to estimate KL from)."""
+    """The KTO loss summed over the batch's examples (see the module's docstring)."""
     from contextlib import nullcontext
 
     import torch
 
-    from ...errors import ConfigError
     from .. import pref_losses
     from ..logps import head_only_at_labels, reply_logps
 
-    if example_count(sample_batch) < 2:
-        raise ConfigError("stage: kto estimates its KL term from mismatched prompts and replies within a "
-                          "micro-batch; set per_device_train_batch_size to 2 or more")
     beta, ftx = settings["pref_beta"], settings["pref_ftx"]
     weights = settings["kto_chosen_weight"], settings["kto_rejected_weight"]
     head_at_labels = head_only_at_labels(unwrapped, sample_batch, autocast or nullcontext)

@@ -100,7 +100,9 @@ class Stage:
     packing: whether padding-free packed rows may carry its batches (token-level stages).
     keys: the YAML keys only this stage (and others declaring the same spec) reads, name ->
         stage_key(...) spec; e.g. dpo's pref_beta. The objective of a stage with keys gets their
-        values as a keyword argument, `settings` ({key: value}; see `objective_for`)."""
+        values as a keyword argument, `settings` ({key: value}; see `objective_for`).
+    check(settings) -> None: raises ConfigError for settings that contradict each other (e.g.
+        sft's use_dft_loss with use_eaft_loss); config validation calls it before anything runs."""
 
     name: str
     help: str
@@ -113,6 +115,7 @@ class Stage:
     needs_reference: bool | Callable[[dict], bool] = False
     packing: bool = True
     keys: dict = dataclasses.field(default_factory=dict)
+    check: Callable[[dict], None] | None = None
 
     def __post_init__(self):
         if self.records not in RECORD_KINDS:
