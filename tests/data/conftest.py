@@ -9,9 +9,6 @@ from types import SimpleNamespace
 
 import pytest
 
-# hub datasets (hf_hub_url) in the data tests come from caches laid out on disk, never the network
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 SHARED_DATA = Path(
@@ -38,6 +35,12 @@ def _cached_tokenizer_dir() -> Path:
         tokenizer.save_pretrained(partial)
         partial.rename(target)  # atomic: a concurrent run never sees half a directory
     return target
+
+
+@pytest.fixture(autouse=True)
+def _hub_offline(monkeypatch):
+    """Hub datasets (hf_hub_url) in the data tests come from caches laid out on disk, never the network."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
