@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE, TASK_ID_METHODS
 from .errors import ConfigError, config_error
@@ -55,6 +56,18 @@ def blockers(cfg, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
     check(_validate_placeholders, cfg.data.placeholders)
     check(_validate_adapter_list, cfg.model.adapter_name_or_path)
     return list(dict.fromkeys(out))  # a problem two checks find is named once
+
+
+def one_per_key(lines: list[str]) -> list[str]:
+    """The first line about each key (a later check on a key already refused repeats it), each once."""
+    seen, out = set(), []
+    for line in dict.fromkeys(lines):
+        key = re.match(r"(?:unknown )?config key '([^']+)'", line)
+        if key and key.group(1) in seen:
+            continue
+        seen.add(key and key.group(1))
+        out.append(line)
+    return out
 
 
 def _combinations(cfg, given):
