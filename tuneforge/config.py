@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -20,7 +19,7 @@ from .adapter_methods import METHOD_KEYS
 from .adapter_methods import METHODS as ADAPTER_METHODS
 from . import lf_keys
 from .lf_keys import KEY_ALIASES  # noqa: F401 - names users type for a key (tests read it here)
-from .config_checks import blockers
+from .config_checks import blockers, one_per_key
 from .config_methods import apply_aliases, select_method
 from .config_sections import EvaluationArguments, ServeArguments, _f
 from .config_values import coerce, is_text
@@ -446,20 +445,8 @@ def build_config(values: dict) -> Config:
             line = f"{line}; {selected}"  # the user wrote the other name
         problems.append(line)
     if problems:
-        raise config_error(_one_per_key(problems))
+        raise config_error(one_per_key(problems))
     return cfg
-
-
-def _one_per_key(lines: list[str]) -> list[str]:
-    """The first line about each key (a later check on a key already refused repeats it), each once."""
-    seen, out = set(), []
-    for line in dict.fromkeys(lines):
-        key = re.match(r"(?:unknown )?config key '([^']+)'", line)
-        if key and key.group(1) in seen:
-            continue
-        seen.add(key and key.group(1))
-        out.append(line)
-    return out
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:

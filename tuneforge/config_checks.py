@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE, TASK_ID_METHODS
 from .config_lf_keys import validate_lf_keys
@@ -68,6 +69,18 @@ def _validate_streaming(cfg) -> None:
         from .data.streaming import check_streaming
 
         check_streaming(cfg.data, cfg.train.max_steps)
+
+
+def one_per_key(lines: list[str]) -> list[str]:
+    """The first line about each key (a later check on a key already refused repeats it), each once."""
+    seen, out = set(), []
+    for line in dict.fromkeys(lines):
+        key = re.match(r"(?:unknown )?config key '([^']+)'", line)
+        if key and key.group(1) in seen:
+            continue
+        seen.add(key and key.group(1))
+        out.append(line)
+    return out
 
 
 def _combinations(cfg, given):

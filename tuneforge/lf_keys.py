@@ -65,8 +65,9 @@ FEATURES = {
                      "LLaMA-Factory's quantization_method: bnb)"),
     "quant_device_map": ("LLaMA-Factory's quantized-inference device map", "remove it"),
     "gptq_export": ("LLaMA-Factory's GPTQ export (export_quantization_bit with a calibration dataset, through "
-                    "gptqmodel)", "remove it (GPTQ needs gptqmodel's CUDA kernels; export_format: gguf with "
-                    "export_quantization: q4_0 or q8_0 writes a quantized model for llama.cpp / Ollama)"),
+                    "gptqmodel)", "remove it (tuneforge does not depend on gptqmodel; export_quantization_bit alone "
+                    "writes a bitsandbytes model that from_pretrained loads, and export_format: gguf with "
+                    "export_quantization: q4_0 or q8_0 one for llama.cpp / Ollama)"),
     "hub_push": ("pushing to the Hugging Face Hub", "remove it (upload the folder with `hf upload`)"),
     "adapter_folder": ("LLaMA-Factory's adapter_folder", "use adapter_name_or_path"),
     "slow_tokenizer": ("LLaMA-Factory's slow-tokenizer switch", "remove it (the fast tokenizer is used)"),
@@ -75,6 +76,8 @@ FEATURES = {
     "derived": ("a key LLaMA-Factory derives itself ('do not specify it')", "remove it"),
     "freeze_extra": ("LLaMA-Factory's extra trainable modules of freeze tuning", "remove it"),
     "eval_options": ("LLaMA-Factory's evaluation option", "remove it"),
+    "data_option": ("LLaMA-Factory's data-processing option", "remove it"),
+    "throughput": ("LLaMA-Factory's effective tokens-per-second count", "remove it"),
     "loss_options": ("LLaMA-Factory's loss option", "remove it"),
     "shuffling": ("LLaMA-Factory's disable_shuffling", "remove it (the training data is always shuffled)"),
     "early_stopping": ("LLaMA-Factory's early stopping", "remove it"),
@@ -166,13 +169,13 @@ LF_KEYS = {
     "media_dir": ("multimodal", None),
     "mix_strategy": ("mixing", "concat"),
     "interleave_probs": ("mixing", None),
-    "preprocessing_batch_size": ("trainer_option", 1000),
+    "preprocessing_batch_size": ("data_option", 1000),
     "eval_num_beams": ("beam_search", None),
     "ignore_pad_token_for_loss": ("loss_options", True),
     "eval_on_each_dataset": ("eval_options", False),
     "tool_format": ("tool_format", None),
     "preserve_thinking": ("preserve_thinking", False),
-    "data_shared_file_system": ("trainer_option", False),
+    "data_shared_file_system": ("data_option", False),
     # evaluation_args.py
     "download_mode": ("download_mode", "reuse_dataset_if_exists"),
     # finetuning_args.py
@@ -215,7 +218,7 @@ LF_KEYS = {
     "compute_accuracy": ("eval_options", False),
     "disable_shuffling": ("shuffling", False),
     "early_stopping_steps": ("early_stopping", None),
-    "include_effective_tokens_per_second": ("trainer_option", False),
+    "include_effective_tokens_per_second": ("throughput", False),
     # generating_args.py
     "num_beams": ("beam_search", 1),
     "max_length": ("gen_max_length", 1024),

@@ -7,16 +7,14 @@ from __future__ import annotations
 import logging
 import re
 
+import bitsandbytes as bnb  # a test dependency (pyproject's test extra)
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-bnb = pytest.importorskip("bitsandbytes")  # a test dependency: installed wherever the suite runs
-
-from transformers import AutoModelForCausalLM  # noqa: E402
-
-from tuneforge.config import load_config  # noqa: E402
-from tuneforge.quant import quantize_model  # noqa: E402
-from tuneforge.workflows import export  # noqa: E402
+from tuneforge.config import load_config
+from tuneforge.quant import quantize_model
+from tuneforge.workflows import export
 
 IDS = torch.tensor([[1, 5, 9, 200, 17, 3, 42, 7]])
 
@@ -84,3 +82,15 @@ def test_gptq_export_is_refused_in_one_line():
 
     with pytest.raises(ConfigError, match=r"^config key 'export_quantization_dataset': LLaMA-Factory's GPTQ export"):
         load_config(None, {"export_quantization_bit": 4, "export_quantization_dataset": "c4_demo"})
+
+
+def test_without_bitsandbytes_the_export_is_refused_before_the_work(tiny_model_dir, tmp_path, monkeypatch):
+    import sys
+
+    from tuneforge.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes raises ImportError
+    with pytest.raises(ConfigError, match=r"^config key 'export_quantization_bit' writes transformers' bitsandbytes "
+                                          r"format, which needs the bitsandbytes package: pip install bitsandbytes"):
+        _export(tiny_model_dir, tmp_path / "q", 4)
+    assert not (tmp_path / "q").exists()
