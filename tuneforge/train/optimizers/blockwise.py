@@ -53,23 +53,31 @@ def _block_optimizer_class():
             return super().step(*args, **kwargs)
 
         def _state_dict(self):
-            saved = self.base_optimizer.state_dict()
-            return {**saved, STATE_LAYOUT: "BAdam", "badam": {"global_step": int(self.global_step), "active_block": self.active_block,
-                                       "next_block": self.current_block_idx,
-                                       "block_order": list(getattr(self, "block_order", []))}}
+            """torch's layout for this optimizer's own groups (their hyper-parameters, all the
+            parameters), the active block's Adam state as `state` (checked finite on resume), and
+            under "badam" the block position and the base optimizer's groups."""
+            own, base = torch.optim.Optimizer.state_dict(self), self.base_optimizer.state_dict()
+            return {"state": base["state"], "param_groups": own["param_groups"], STATE_LAYOUT: "BAdam",
+                    "badam": {"global_step": int(self.global_step), "active_block": self.active_block,
+                              "next_block": self.current_block_idx,
+                              "block_order": list(getattr(self, "block_order", [])),
+                              "base_param_groups": base["param_groups"]}}
 
         def misfit(self, saved) -> str | None:
             """How a saved state does not fit this optimizer (tuneforge's resume check), or None."""
             position = saved.get("badam") if isinstance(saved, dict) else None
-            if not isinstance(position, dict):
+            if not isinstance(position, dict) or not isinstance(position.get("base_param_groups"), list):
                 return "it is not a BAdam (layer mode) optimizer state"
             if not 0 <= int(position.get("active_block", -1)) < self.block_num:
                 return f"its block {position.get('active_block')} is not among this model's {self.block_num}"
             prefixes = self.block_prefix_list[position["active_block"]] + self.active_modules
             here = sum(1 for n, _ in self.named_parameters_list if any(p in n for p in prefixes))
-            there = sum(len(g.get("params", ())) for g in saved.get("param_groups", ()))
+            there = sum(len(g.get("params", ())) for g in position["base_param_groups"])
             if here != there:
                 return f"its block has {there} parameter(s) there, {here} here"
+            everywhere = sum(len(g["params"]) for g in self.param_groups)
+            if sum(len(g.get("params", ())) for g in saved.get("param_groups", ())) != everywhere:
+                return f"it trained another number of parameters than the {everywhere} here"
             return None
 
         def load_state_dict(self, state_dict):
@@ -79,7 +87,8 @@ def _block_optimizer_class():
             if self.switch_mode == "random":  # the switch below pops the next block
                 self.block_order = [*position["block_order"], position["next_block"]]
             self.switch_trainable_params(verbose=0)
-            self.base_optimizer.load_state_dict({k: v for k, v in state_dict.items() if k not in ("badam", STATE_LAYOUT)})
+            self.base_optimizer.load_state_dict({"state": state_dict["state"],
+                                                 "param_groups": position["base_param_groups"]})
             self._resync = True
 
     return ResumableBlockOptimizer
