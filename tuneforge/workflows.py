@@ -113,7 +113,8 @@ def train(cfg: Config) -> dict:
             results = run.run()
         else:  # a stage that trains in rounds (semi): the same loop, run again on other examples
             run, results = stage.bind(stage.train, cfg)(
-                _runs_of(run, cfg, model, splits, choice.collate, setup, accelerator, stage), splits, tokenizer)
+                _runs_of(run, cfg, model, splits, choice.collate, setup, accelerator, stage), model, splits,
+                tokenizer, cfg)
     choice.undo()  # the model's own attention and use_cache again, before it is saved
     run.check_weights()
     accelerator.wait_for_everyone()

@@ -29,21 +29,6 @@ def minilm_dir() -> Path:
     return models.resolve_model_path(MINILM)
 
 
-@pytest.fixture(scope="module")
-def bert_dir(tmp_path_factory) -> Path:
-    """A tiny random BERT (a base checkpoint: no classifier) with the MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("tiny-bert")
-    BertModel(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def toy_records(n: int = 48) -> list[dict]:
     """Separable: the label is the kind of the word said twice."""
     out = []
@@ -111,9 +96,9 @@ def test_bad_labels_are_refused_in_one_line(tmp_path):
         labels("listlabel")
 
 
-def test_the_loss_is_cross_entropy_summed_over_examples(bert_dir, tmp_path):
+def test_the_loss_is_cross_entropy_summed_over_examples(tiny_bert_dir, tmp_path):
     data = write(tmp_path / "d", "toy", toy_records(6))
-    cfg = cls_cfg(bert_dir, data, tmp_path / "o", val_size=0)
+    cfg = cls_cfg(tiny_bert_dir, data, tmp_path / "o", val_size=0)
     stage = get_stage("cls")
     options = stage.bind(stage.model_options, cfg)(cfg.data)
     model, tokenizer = models.load_model_and_tokenizer(
@@ -130,13 +115,13 @@ def test_the_loss_is_cross_entropy_summed_over_examples(bert_dir, tmp_path):
     assert metrics["accuracy"] == int((logits.argmax(-1) == batch["labels"]).sum())
 
 
-def test_a_lora_run_learns_and_peft_loads_the_adapter_with_equal_logits(bert_dir, tmp_path):
+def test_a_lora_run_learns_and_peft_loads_the_adapter_with_equal_logits(tiny_bert_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     data = write(tmp_path / "d", "toy", toy_records())
     out = tmp_path / "out"
-    results = train(cls_cfg(bert_dir, data, out))
+    results = train(cls_cfg(tiny_bert_dir, data, out))
     assert results["eval_accuracy"] > results["eval_accuracy_before"]
     assert results["eval_loss"] < results["eval_loss_before"]
     saved = json.loads((out / "adapter_config.json").read_text())
@@ -147,26 +132,26 @@ def test_a_lora_run_learns_and_peft_loads_the_adapter_with_equal_logits(bert_dir
 
     options = {"num_labels": 2, "id2label": {0: "neg", 1: "pos"}, "label2id": {"neg": 0, "pos": 1}}
     torch.manual_seed(1)
-    base = AutoModelForSequenceClassification.from_pretrained(bert_dir, **options)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, **options)
     theirs = PeftModel.from_pretrained(base, str(out)).eval()
     ours, tokenizer = models.load_model_and_tokenizer(
-        ModelArguments(model_name_or_path=str(bert_dir)), dtype="float32", model_class="AutoModelForSequenceClassification",
+        ModelArguments(model_name_or_path=str(tiny_bert_dir)), dtype="float32", model_class="AutoModelForSequenceClassification",
         model_options=options)
     ours = models.attach_adapters(ours, [str(out)], trainable=False).eval()
-    cfg = cls_cfg(bert_dir, data, out)
+    cfg = cls_cfg(tiny_bert_dir, data, out)
     held_out = load_labelled(cfg.data, tokenizer, read_label_set(cfg.data), "label", cfg.train.seed).eval
     batch = LabelCollator(tokenizer.pad_token_id)(held_out)
     with torch.no_grad():
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         ours_logits, theirs_logits = ours(**inputs).logits, theirs(**inputs).logits
-        fresh = AutoModelForSequenceClassification.from_pretrained(bert_dir, **options).eval()(**inputs).logits
+        fresh = AutoModelForSequenceClassification.from_pretrained(tiny_bert_dir, **options).eval()(**inputs).logits
     torch.testing.assert_close(ours_logits, theirs_logits, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(ours_logits, fresh, atol=1e-3)  # the trained head, not a new one
     accuracy = (theirs_logits.argmax(-1) == batch["labels"]).float().mean().item()
     assert accuracy == pytest.approx(results["eval_accuracy"])
 
     # `tuneforge eval` scores the adapter on the same split; chat refuses it in one line
-    with_adapter = cls_cfg(bert_dir, data, tmp_path / "eval", adapter_name_or_path=str(out), infer_dtype="float32")
+    with_adapter = cls_cfg(tiny_bert_dir, data, tmp_path / "eval", adapter_name_or_path=str(out), infer_dtype="float32")
     scored = evaluate(with_adapter)
     assert scored["eval_accuracy"] == pytest.approx(results["eval_accuracy"])
     assert json.loads((tmp_path / "eval" / "eval_results.json").read_text()) == scored

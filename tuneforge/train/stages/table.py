@@ -111,8 +111,10 @@ class Stage:
         cls's num_labels and label names from its datasets. None: none.
     evaluate(cfg, limit[, settings]) -> results: what `tuneforge eval` runs for a config of this
         stage (cls: the classifier's accuracy on the eval split). None: eval scores sft data only.
-    train(run_once, ...) -> results: a stage that trains in rounds (semi's self-training) runs the
-        one loop several times through `run_once`; see workflows.train. None: one run."""
+    train(run_once, model, splits, tokenizer, cfg[, settings]) -> (run, results): a stage that
+        trains in rounds (semi's self-training) runs the one loop several times through
+        `run_once(train_examples, output_dir) -> (run, results)`, each run training `model` on from
+        its current weights (workflows._runs_of); the last run's model is saved. None: one run."""
 
     name: str
     help: str
