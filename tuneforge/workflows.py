@@ -70,6 +70,9 @@ def train(cfg: Config) -> dict:
     # the base only: prepare_model attaches the adapters; with loftq_iter, quantization waits for
     # the adapter, LoftQ quantizing the adapted layers together with it (train/methods.py)
     stage = get_stage(cfg.finetune.stage)  # what is trained: records, batches, objective, head
+    if stage.train is not None and plan.checkpoint is not None:
+        raise ConfigError(f"stage: {stage.name} trains in rounds and does not resume from a checkpoint "
+                          f"({plan.checkpoint}); start over with overwrite_output_dir: true")
     # the head's model class (cls: a sequence classifier, with its labels read from the data)
     options = stage.bind(stage.model_options, cfg)(cfg.data) if stage.model_options else None
     ready = load_for_use(cfg, "train", dtype=load_dtype, model_class=MODEL_CLASSES[stage.head],
@@ -228,7 +231,6 @@ def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> di
     from .errors import DataError
     from .eval.predict import run_predict
     from .infer import ChatModel
-
     from .train.stages import get_stage
 
     stage = cfg.finetune.stage

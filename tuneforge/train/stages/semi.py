@@ -43,15 +43,26 @@ KEYS = {
 }
 
 
-def encode(data_args, tokenizer, seed: int, settings: dict):
-    """cls's examples, plus the unlabelled ones in `extra["unlabeled"]` (label: gold or data.labels.NO_LABEL).
-    Raises ConfigError without unlabeled_dataset, DataError."""
-    from ...data.labels import load_unlabelled
+def _need_unlabeled(settings: dict) -> None:
     from ...errors import ConfigError
 
     if not settings["unlabeled_dataset"]:
         raise ConfigError("stage: semi needs unlabeled_dataset: <names from dataset_info.json> (texts to "
                           "pseudo-label); or use stage: cls for labelled data alone")
+
+
+def model_options(data_args, settings: dict) -> dict:
+    """cls's (the classes of the labelled data), once unlabeled_dataset is known to be set."""
+    _need_unlabeled(settings)
+    return cls.model_options(data_args, settings)
+
+
+def encode(data_args, tokenizer, seed: int, settings: dict):
+    """cls's examples, plus the unlabelled ones in `extra["unlabeled"]` (label: gold or data.labels.NO_LABEL).
+    Raises ConfigError without unlabeled_dataset, DataError."""
+    from ...data.labels import load_unlabelled
+
+    _need_unlabeled(settings)
     splits = cls.encode(data_args, tokenizer, seed, settings)
     labels = cls.label_set(data_args, settings)
     splits.extra["unlabeled"] = load_unlabelled(data_args, settings["unlabeled_dataset"], tokenizer, labels,
@@ -132,7 +143,7 @@ register_stage(Stage(
     head="classifier",
     packing=False,
     keys=KEYS,
-    model_options=cls.model_options,
+    model_options=model_options,
     evaluate=cls.evaluate,
     train=train_rounds,
 ))
