@@ -306,6 +306,8 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
             raise
         raise error from exc  # the cause stays visible with --debug
     if model_class != "AutoModelForCausalLM":
+        if getattr(model.config, "pad_token_id", None) is None:  # a decoder's classifier finds each row's end by it
+            model.config.pad_token_id = tokenizer.pad_token_id
         model.tuneforge_new_modules = new_head_modules(model, loading_info)
         if model.tuneforge_new_modules:
             log.info("%s: modules the checkpoint lacks, initialised randomly (an adapter may bring them): %s",

