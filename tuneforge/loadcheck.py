@@ -48,6 +48,38 @@ def check_causal_lm(config, path: Path) -> None:
                          "fine-tunes and chats with causal (decoder) language models")
 
 
+def check_model_class(config, path: Path, model_class: str) -> None:
+    """Refuse, before any weight is read, a config.json whose model_type has no class of the
+    transformers Auto class `model_class` (e.g. "AutoModelForSequenceClassification"): ModelError
+    naming the file and the class."""
+    import transformers
+
+    if model_class == "AutoModelForCausalLM":
+        check_causal_lm(config, path)
+        return
+    mapping = getattr(getattr(transformers, model_class), "_model_mapping", None)
+    if mapping is not None and model_class not in (getattr(config, "auto_map", None) or {}) \
+            and type(config) not in mapping:
+        raise ModelError(f"model config {quoted(path / 'config.json')} describes a "
+                         f"{getattr(config, 'model_type', '?')!r} model, for which transformers has no "
+                         f"{model_class} class; pick a model of another architecture")
+
+
+def new_head_modules(model, loading_info: dict) -> list[str]:
+    """The modules of a task model (a classifier built on a base checkpoint) that its weight files
+    hold nothing like: every tensor of the module is missing and no tensor of that kind (layer
+    numbers aside) was read, e.g. BERT's `classifier` and, for sentence-transformers checkpoints,
+    `bert.pooler.dense`. They are new (randomly initialised), not damage; their names are returned
+    and their keys taken out of loading_info["missing_keys"] (check_loaded_weights judges the rest)."""
+    missing = set(loading_info["missing_keys"])
+    loaded = {_layer_pattern(name) for name in model.state_dict() if name not in missing}
+    new = sorted({name.rsplit(".", 1)[0] for name in missing if _layer_pattern(name) not in loaded})
+    whole = [m for m in new if not any(k.startswith(m + ".") and _layer_pattern(k) in loaded
+                                       for k in model.state_dict())]
+    loading_info["missing_keys"] = {k for k in missing if k.rsplit(".", 1)[0] not in whole}
+    return whole
+
+
 def check_loaded_weights(model, loading_info: dict, path: Path) -> None:
     """Refuse a model its weight files do not cover: weights missing from the files (transformers
     would initialise them randomly), tensors of another shape, or tensors of the model's own kind

@@ -55,7 +55,10 @@ PURPOSES = {
     "serve": Purpose("beside", None, True, True),
     "export": Purpose("stack", torch.float32, True, False),
     "train": Purpose("none", None, False, False),
+    "classify": Purpose("stack", None, False, False),  # eval of a classifier (stage: cls), no template
 }
+# peft task types a purpose can use: the text-generating purposes need a language model's adapter
+GENERATES = ("chat", "serve", "export")
 
 
 @dataclass
@@ -67,10 +70,12 @@ class ReadyModel:
 
 
 def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
-                 before_adapters: Callable | None = None) -> ReadyModel:
+                 before_adapters: Callable | None = None, model_class: str = "AutoModelForCausalLM",
+                 model_options: dict | None = None) -> ReadyModel:
     """The model, tokenizer and adapters `cfg` describes, ready for `purpose` (a key of PURPOSES).
 
-    dtype overrides the purpose's. before_adapters(model, tokenizer) -> model runs on the loaded
+    dtype overrides the purpose's. model_class / model_options: the transformers Auto class and
+    its from_pretrained options (a stage's head: train.heads.MODEL_CLASSES, Stage.model_options). before_adapters(model, tokenizer) -> model runs on the loaded
     (and, unless deferred for LoftQ, quantized) base before any adapter is attached: the export's
     checks of its format and disk space, and its move to the merge device.
 
@@ -89,6 +94,8 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
         for path in paths:  # every path before the model loads
             check_adapter_dir(path)
             _warn_use_note(path)
+            if purpose in GENERATES:
+                _refuse_classifier(path, purpose)
             if (Path(path) / VALUE_HEAD_FILE).is_file():
                 log.warning("adapter '%s' is a reward model's (stage: rm): %s uses its adapter and ignores its "
                             "value head (%s); to score texts use tuneforge.train.reward.load_reward_model",
@@ -97,7 +104,9 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
         _refuse_shared_loftq(paths)
     loftq = bool(cfg.finetune.loftq_iter) and (bool(paths) or use.adapters == "none")
     model, tokenizer = models.load_model_and_tokenizer(  # a module attribute: tests stub it
-        cfg.model, dtype=dtype if dtype is not None else use.dtype, defer_quantization=loftq)
+        cfg.model, dtype=dtype if dtype is not None else use.dtype, defer_quantization=loftq,
+        **({"model_class": model_class, "model_options": model_options}
+           if model_class != "AutoModelForCausalLM" else {}))
     tokenizer = adapter_tokenizer(model, tokenizer, paths)  # an adapter trained on added tokens
     if use.template:
         apply_template(tokenizer, cfg.data.template, cfg.data.enable_thinking)
@@ -112,6 +121,19 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
         model.config.use_cache = True
         model.eval()
     return ReadyModel(model, tokenizer, served)
+
+
+def _refuse_classifier(path: str, purpose: str) -> None:
+    """ConfigError for a sequence classifier's adapter (peft task_type SEQ_CLS, stage: cls) where
+    text is generated: it has a classifier head, not a language-model head."""
+    try:
+        raw = json.loads((Path(path) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # loading it says what is wrong, in its own line
+    if isinstance(raw, dict) and raw.get("task_type") == "SEQ_CLS":
+        raise ConfigError(f"adapter '{path}' is a sequence classifier's (task_type SEQ_CLS, stage: cls), which "
+                          f"cannot {'be exported' if purpose == 'export' else 'generate text'}; score it with "
+                          "`tuneforge eval` (stage: cls, eval_dataset or val_size), which prints its accuracy")
 
 
 def _warn_use_note(path: str) -> None:

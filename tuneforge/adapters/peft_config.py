@@ -75,7 +75,10 @@ def name_or_path(model: nn.Module) -> str | None:
 
 
 def task_type(model: nn.Module) -> str | None:
-    """peft's task_type for transformers generative models; None for anything else."""
+    """peft's task_type for transformers generative models (CAUSAL_LM, SEQ_2_SEQ_LM) and sequence
+    classifiers (SEQ_CLS: a transformers *ForSequenceClassification class); None for anything else."""
+    if type(model).__name__.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
     try:
         from transformers import GenerationMixin
     except ImportError:

@@ -8,7 +8,7 @@ import random
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneforge.errors import ConfigError, DataError
@@ -31,6 +31,8 @@ _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 class DatasetSplits:
     train: list[dict]
     eval: list[dict] | None = None
+    # further example sets a stage reads (semi: "unlabeled", its unlabelled examples), by name
+    extra: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

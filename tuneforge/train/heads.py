@@ -6,7 +6,13 @@ saves write it too.
 - value: LLaMA-Factory's (trl's) value head, `v_head.summary`, a Linear(hidden size -> 1) on the
   model's final hidden states, read at each row's last real token. It trains with the adapter
   (or the weights) and is saved beside them as value_head.safetensors with LLaMA-Factory's keys
-  v_head.summary.weight / v_head.summary.bias, in every checkpoint and at the end."""
+  v_head.summary.weight / v_head.summary.bias, in every checkpoint and at the end.
+- classifier: the model is loaded as transformers' AutoModelForSequenceClassification (MODEL_CLASSES)
+  with the stage's num_labels and label names; its head modules (those outside the base model, such
+  as BERT's `classifier` or a decoder's `score`, and modules the checkpoint lacks entirely, such as a
+  sentence-transformers BERT's pooler) train in full: an adapter saves them as peft
+  modules_to_save (`head_targets`), freeze fine-tuning unfreezes them. The label names are also
+  written as labels.json (id2label, label2id) beside the adapter or model."""
 
 from __future__ import annotations
 
@@ -138,7 +144,62 @@ def _with_value_head(model, setup):
         save_in_checkpoint=saving_head(setup.save_in_checkpoint or (lambda m, d: None)))
 
 
-BUILDERS = {"causal_lm": _as_is, "value": _with_value_head}
+LABELS_FILE = "labels.json"
+# the transformers Auto class each head loads the model as
+MODEL_CLASSES = {"causal_lm": "AutoModelForCausalLM", "value": "AutoModelForCausalLM",
+                 "classifier": "AutoModelForSequenceClassification"}
+
+
+def head_modules(name: str, model) -> list[str]:
+    """The modules of head `name` that train in full (the classifier's; none for the others):
+    the model's children with parameters outside its base model, and the modules its checkpoint
+    lacked (models.load_model_and_tokenizer's `tuneforge_new_modules`)."""
+    if name != "classifier":
+        return []
+    base = getattr(model, "base_model_prefix", "")
+    own = [n for n, child in model.named_children() if n != base and any(True for _ in child.parameters())]
+    return own + [m for m in getattr(model, "tuneforge_new_modules", []) if m not in own]
+
+
+def head_targets(name: str, model, finetune):
+    """`finetune` (config.FinetuningArguments) with head `name`'s modules added to
+    additional_target (peft modules_to_save), for the adapter prepare_model adds."""
+    extra = [m for m in head_modules(name, model) if m not in (finetune.additional_target or "").split(",")]
+    if not extra:
+        return finetune
+    given = [t.strip() for t in (finetune.additional_target or "").split(",") if t.strip()]
+    return dataclasses.replace(finetune, additional_target=",".join(given + extra))
+
+
+def save_labels(model, directory: str | Path) -> Path:
+    """Write the classifier's id2label / label2id (model.config) to directory/labels.json."""
+    import json
+
+    config = model.config
+    path = Path(directory) / LABELS_FILE
+    path.write_text(json.dumps({"num_labels": config.num_labels,
+                                "id2label": {str(k): v for k, v in config.id2label.items()},
+                                "label2id": dict(config.label2id)}, indent=2, ensure_ascii=False))
+    return path
+
+
+def _with_classifier(model, setup):
+    if setup.kind == "freeze":  # the head trains too (an adapter trains it as modules_to_save)
+        for name in head_modules("classifier", model):
+            model.get_submodule(name).requires_grad_(True)
+
+    def saving_labels(save):
+        def save_with_labels(m, directory):
+            save(m, directory)
+            save_labels(m, directory)
+        return save_with_labels
+
+    return model, dataclasses.replace(
+        setup, save_final=saving_labels(setup.save_final),
+        save_in_checkpoint=saving_labels(setup.save_in_checkpoint or (lambda m, d: None)))
+
+
+BUILDERS = {"causal_lm": _as_is, "value": _with_value_head, "classifier": _with_classifier}
 
 
 def prepare_head(name: str, model, setup):

@@ -24,6 +24,7 @@ RECORD_KINDS = {
     "text": "plain text: one text per record (columns: {prompt: text}) or per line of a .txt file",
     "pairwise": "preference records (ranking: true): a prompt with a chosen and a rejected reply",
     "kto": "feedback records (a kto_tag column): a conversation whose last reply is tagged desirable or not",
+    "labels": "a text (columns: {prompt: text}) and a class label (label_column) per record (data/labels.py)",
 }
 # the YAML keys stages add (stage_key(...) specs by name), filled by register_stage from each
 # Stage's `keys`; config.py makes them keys of the finetune section and config_checks refuses one
@@ -32,6 +33,8 @@ STAGE_KEYS: dict[str, dict] = {}
 HEADS = {
     "causal_lm": "the model's own language-model head",
     "value": "a scalar value head (v_head.summary: hidden size -> 1) on the last real token",
+    "classifier": "transformers' sequence-classification head (AutoModelForSequenceClassification: "
+                  "BERT's classifier, a decoder's score), trained in full (peft modules_to_save)",
 }
 
 
@@ -100,9 +103,20 @@ class Stage:
     packing: whether padding-free packed rows may carry its batches (token-level stages).
     keys: the YAML keys only this stage (and others declaring the same spec) reads, name ->
         stage_key(...) spec; e.g. dpo's pref_beta. The objective of a stage with keys gets their
-        values as a keyword argument, `settings` ({key: value}; see `objective_for`).
+        values as a keyword argument, `settings` ({key: value}; see `objective_for`) when it takes
+        that parameter, and so do
+        `encode` and `model_options` when they take a `settings` parameter (`bind`).
     check(settings) -> None: raises ConfigError for settings that contradict each other (e.g.
-        sft's use_dft_loss with use_eaft_loss); config validation calls it before anything runs."""
+        sft's use_dft_loss with use_eaft_loss); config validation calls it before anything runs.
+    model_options(data_args[, settings]) -> dict: keyword arguments for the model class's
+        from_pretrained (train/heads.MODEL_CLASSES[head]), read before the model loads; e.g.
+        cls's num_labels and label names from its datasets. None: none.
+    evaluate(cfg, limit[, settings]) -> results: what `tuneforge eval` runs for a config of this
+        stage (cls: the classifier's accuracy on the eval split). None: eval scores sft data only.
+    train(run_once, model, splits, tokenizer, cfg[, settings]) -> (run, results): a stage that
+        trains in rounds (semi's self-training) runs the one loop several times through
+        `run_once(train_examples, output_dir) -> (run, results)`, each run training `model` on from
+        its current weights (workflows._runs_of); the last run's model is saved. None: one run."""
 
     name: str
     help: str
@@ -116,6 +130,9 @@ class Stage:
     packing: bool = True
     keys: dict = dataclasses.field(default_factory=dict)
     check: Callable[[dict], None] | None = None
+    model_options: Callable | None = None
+    evaluate: Callable | None = None
+    train: Callable | None = None
 
     def __post_init__(self):
         if self.records not in RECORD_KINDS:
@@ -133,12 +150,18 @@ class Stage:
             return bool(self.needs_reference(self.settings(cfg)))
         return self.needs_reference
 
+    def bind(self, function: Callable, cfg) -> Callable:
+        """`function` (one of this stage's callables) with `settings` bound when it takes them."""
+        import inspect
+
+        if self.keys and "settings" in inspect.signature(function).parameters:
+            return functools.partial(function, settings=self.settings(cfg))
+        return function
+
     def objective_for(self, cfg) -> Callable[..., Objective]:
         """The objective builder TrainingRun calls, with this stage's keys read from `cfg` (a
         config.Config: its finetune section holds them) bound as `settings`."""
-        if not self.keys:
-            return self.objective
-        return functools.partial(self.objective, settings=self.settings(cfg))
+        return self.bind(self.objective, cfg)
 
 
 STAGES: dict[str, Stage] = {}
