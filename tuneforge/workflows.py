@@ -80,7 +80,7 @@ def train(cfg: Config) -> dict:
                        whole_rows=True)
     if args.gradient_checkpointing:
         _enable_activation_checkpointing(model)
-    choice = stage.collator(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
+    choice = stage.collator_for(cfg)(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
     if accelerator.is_main_process:
         if choice.note:
             log.info("%s", choice.note)

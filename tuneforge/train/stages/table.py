@@ -100,7 +100,11 @@ class Stage:
     packing: whether padding-free packed rows may carry its batches (token-level stages).
     keys: the YAML keys only this stage (and others declaring the same spec) reads, name ->
         stage_key(...) spec; e.g. dpo's pref_beta. The objective of a stage with keys gets their
-        values as a keyword argument, `settings` ({key: value}; see `objective_for`)."""
+        values as a keyword argument, `settings` ({key: value}; see `objective_for`).
+    settings_in: which of its builders get `settings`: "objective" (the default) and/or
+        "collator" (sft's dynamic_mask_ratio changes batches, not the loss; see `collator_for`).
+    reads_config: its objective also gets the run's whole Config as `cfg=` (a stage that loads a
+        model of its own by the model section's rules, e.g. kd's teacher)."""
 
     name: str
     help: str
@@ -113,12 +117,16 @@ class Stage:
     needs_reference: bool | Callable[[dict], bool] = False
     packing: bool = True
     keys: dict = dataclasses.field(default_factory=dict)
+    settings_in: tuple[str, ...] = ("objective",)
+    reads_config: bool = False
 
     def __post_init__(self):
         if self.records not in RECORD_KINDS:
             raise ValueError(f"stage {self.name!r}: records must be one of {', '.join(RECORD_KINDS)}")
         if self.head not in HEADS:
             raise ValueError(f"stage {self.name!r}: head must be one of {', '.join(HEADS)}")
+        if not set(self.settings_in) <= {"objective", "collator"}:
+            raise ValueError(f"stage {self.name!r}: settings_in may name objective and collator")
 
     def settings(self, cfg) -> dict:
         """This stage's keys (`keys`) with their values in `cfg` (a config.Config)."""
@@ -133,9 +141,17 @@ class Stage:
     def objective_for(self, cfg) -> Callable[..., Objective]:
         """The objective builder TrainingRun calls, with this stage's keys read from `cfg` (a
         config.Config: its finetune section holds them) bound as `settings`."""
-        if not self.keys:
-            return self.objective
-        return functools.partial(self.objective, settings=self.settings(cfg))
+        bound = {"settings": self.settings(cfg)} if self.keys and "objective" in self.settings_in else {}
+        if self.reads_config:
+            bound["cfg"] = cfg
+        return functools.partial(self.objective, **bound) if bound else self.objective
+
+    def collator_for(self, cfg) -> Callable:
+        """The collator builder `tuneforge train` calls: `collator`, with this stage's keys bound
+        as `settings` when `settings_in` names "collator"."""
+        if self.keys and "collator" in self.settings_in:
+            return functools.partial(self.collator, settings=self.settings(cfg))
+        return self.collator
 
 
 STAGES: dict[str, Stage] = {}
