@@ -61,12 +61,15 @@ def load_teacher(cfg, settings: dict, student):
     import dataclasses
 
     from ... import models
-    from ...errors import ConfigError
+    from ...errors import ConfigError, ModelError
 
     teacher_args = dataclasses.replace(cfg.model, model_name_or_path=settings["teacher_model"] or None,
                                        adapter_name_or_path=None, model_revision="main")
     dtype = student.get_input_embeddings().weight.dtype  # what the student's base was loaded in
-    teacher, teacher_tokenizer = models.load_model_and_tokenizer(teacher_args, dtype=dtype)
+    try:
+        teacher, teacher_tokenizer = models.load_model_and_tokenizer(teacher_args, dtype=dtype)
+    except ModelError as exc:
+        raise ModelError(f"stage: kd: teacher_model: {exc}") from None
     student_tokenizer = models.load_tokenizer(models.model_path(cfg.model), cfg.model.trust_remote_code)
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
         raise ConfigError(
