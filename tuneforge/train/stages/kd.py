@@ -30,7 +30,7 @@ from .sft import collator, encode
 from .table import Objective, Stage, register_stage, stage_key
 
 KEYS = {
-    "teacher_model": stage_key("", "stage: kd: the teacher, a model folder or hub id as model_name_or_path "
+    "teacher_model": stage_key(None, "stage: kd: the teacher, a model folder or hub id as model_name_or_path "
                                "takes (empty: the default model); it must share the student's tokenizer.",
                                type="Optional[str]"),
     "teacher_adapter": stage_key(None, "stage: kd: a LoRA (or other adapter) folder applied to the teacher "
