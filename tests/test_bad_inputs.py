@@ -16,7 +16,8 @@ rewrite every case that prints one: `{finetuning_types}` (the finetuning_type ch
 `{quantized_base}` (adapter_methods.QUANTIZED_BASE, "a, b or c"), `{peft_types}` (the registered
 methods' peft_types, "A, B, C"), `{readers:KEY}` (the
 registered methods whose keys include KEY, "a, b or c") and `{declared:KEY}` (the methods
-adapter_methods.METHOD_KEYS declares for KEY, "a, b or c"). The run must exit with the
+adapter_methods.METHOD_KEYS declares for KEY, "a, b or c"); likewise `{stages}` (the registered
+stages, "a, b, c"). The run must exit with the
 given code, print exactly the expected `tuneforge: error:` lines, no traceback, and leave every file in the
 folder as it was (nothing added, removed or changed).
 """
@@ -38,6 +39,7 @@ from tuneforge import adapters
 from tuneforge.adapter_methods import METHOD_KEYS, QUANTIZED_BASE
 from tuneforge.cli import main
 from tuneforge.config import FinetuningArguments
+from tuneforge.train.stages import STAGES
 
 CASES_ROOT = Path(__file__).parent / "bad_inputs"
 CASES = sorted(p.parent for p in CASES_ROOT.glob("*/*/case.yaml"))
@@ -73,6 +75,7 @@ def _expected_error(text: str) -> str:
     choices = next(f for f in dataclasses.fields(FinetuningArguments) if f.name == "finetuning_type")
     text = text.replace("{finetuning_types}", ", ".join(choices.metadata["choices"]))
     text = text.replace("{quantized_base}", _either(QUANTIZED_BASE))
+    text = text.replace("{stages}", ", ".join(STAGES))
     text = text.replace("{peft_types}", ", ".join(dict.fromkeys(m.peft_type for m in adapters.methods.all_methods())))
     text = re.sub(r"\{declared:(\w+)\}", lambda m: _either(METHOD_KEYS[m.group(1)]["methods"]), text)
     return re.sub(r"\{readers:(\w+)\}",

@@ -106,7 +106,7 @@ def train(cfg: Config) -> dict:
     checkpointing = gradient_checkpointing(cfg)
     if checkpointing is not None:
         _enable_activation_checkpointing(model, checkpointing)
-    choice = stage.collator(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
+    choice = stage.collator_for(cfg)(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
     if accelerator.is_main_process:
         if choice.note:
             log.info("%s", choice.note)
@@ -114,7 +114,7 @@ def train(cfg: Config) -> dict:
         log.info("train examples: %s, eval examples: %d", "streamed" if streaming else len(splits.train),
                  len(splits.eval or []))
     run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator,
-                      stage.objective_for(cfg), stage.eval_metrics)
+                      stage.objective_for(cfg, tokenizer), stage.eval_metrics)
     if plan.warning() and accelerator.is_main_process:
         log.warning("%s", plan.warning())
     if plan.checkpoint is not None:

@@ -44,7 +44,15 @@ class MicroBatchStream:
         return mine or chunk[:1]  # a process never gets an empty batch: it repeats one example
 
     def get(self, j: int) -> dict:
-        return self.collate([self.examples[i] for i in self.indices(j)])
+        """Micro-batch j. A collator with `collate_at(examples, seed=, epoch=, indices=)` gets
+        where the batch is in the stream (a batch that changes by epoch, deterministically: sft's
+        dynamic_mask_ratio, data/dynamic_mask.py); others get the examples."""
+        indices = self.indices(j)
+        examples = [self.examples[i] for i in indices]
+        at = getattr(self.collate, "collate_at", None)
+        if at is not None:
+            return at(examples, seed=self.seed, epoch=j // self.per_epoch, indices=indices)
+        return self.collate(examples)
 
     def epoch_of(self, j: int) -> float:
         return j / self.per_epoch

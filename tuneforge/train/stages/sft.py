@@ -1,9 +1,11 @@
 """stage: sft, supervised fine-tuning: conversations rendered with the chat template, the
 cross-entropy of the next token on the reply tokens (train_on_prompt / mask_history choose
 which), fused with the output head where the model allows it, packed rows where they are exact,
-and perplexity at evaluation. The token objective and the collator choice are shared by the
-stages built on next-token prediction (pt). LLaMA-Factory's use_dft_loss / use_eaft_loss weight
-each token's cross-entropy (train/token_weights.py)."""
+and perplexity at evaluation. `dynamic_mask_ratio` (dynamic-mask fine-tuning, data/dynamic_mask.py)
+replaces that share of the prompt tokens of training batches by a mask token, drawn anew each
+epoch; LLaMA-Factory's use_dft_loss / use_eaft_loss weight each token's cross-entropy
+(train/token_weights.py). The token objective and the collator choice are shared by the
+stages built on next-token prediction (pt)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,10 @@ import math
 from .table import Objective, Stage, register_stage, stage_key
 
 KEYS = {
+    "dynamic_mask_ratio": stage_key(0.0, "stage: sft: dynamic-mask fine-tuning: the share of prompt tokens "
+                                    "(no label, not special) replaced by the tokenizer's mask token (else unk, "
+                                    "else pad) in training batches, drawn anew each epoch; labels never "
+                                    "change. 0: off.", bounds="[0, 1]"),
     "use_dft_loss": stage_key(False, "stage: sft: DFT, Dynamic Fine-Tuning (Wu et al. 2025): each reply "
                               "token's cross-entropy weighted by the model's probability of it (no gradient "
                               "through the weight). As LLaMA-Factory."),
@@ -39,12 +45,26 @@ def encode(data_args, tokenizer, seed: int):
     return load_datasets(data_args, tokenizer, seed=seed)
 
 
-def collator(data_args, model, tokenizer):
+def collator(data_args, model, tokenizer, settings: dict | None = None):
     """Padding, or packing where a probe shows it exact (train/packing.py). Raises ConfigError
-    when packing is required but not exact on this model."""
+    when packing is required but not exact on this model. With dynamic_mask_ratio (sft's key, in
+    `settings`), training batches have prompt tokens masked, anew each epoch (data/dynamic_mask.py)."""
     from ..packing import choose_collator
 
-    return choose_collator(data_args, model, tokenizer.pad_token_id)
+    choice = choose_collator(data_args, model, tokenizer.pad_token_id)
+    ratio = (settings or {}).get("dynamic_mask_ratio") or 0.0
+    if ratio > 0:
+        import dataclasses
+
+        from ...data.dynamic_mask import DynamicMask, mask_token
+
+        token_id, which = mask_token(tokenizer)
+        note = (f"dynamic mask: each epoch, {ratio:g} of the prompt tokens become the {which} token "
+                f"{tokenizer.convert_ids_to_tokens(token_id)!r} (id {token_id})")
+        choice = dataclasses.replace(
+            choice, collate=DynamicMask(choice.collate, ratio, token_id, tokenizer.all_special_ids),
+            note="; ".join(n for n in (choice.note, note) if n))
+    return choice
 
 
 def token_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,

@@ -103,9 +103,10 @@ class Stage:
     packing: whether padding-free packed rows may carry its batches (token-level stages).
     keys: the YAML keys only this stage (and others declaring the same spec) reads, name ->
         stage_key(...) spec; e.g. dpo's pref_beta. The objective of a stage with keys gets their
-        values as a keyword argument, `settings` ({key: value}; see `objective_for`) when it takes
-        that parameter, and so do
-        `encode` and `model_options` when they take a `settings` parameter (`bind`).
+        values as a keyword argument, `settings` ({key: value}), when it takes that parameter, and
+        so do its other builders (collator: sft's dynamic_mask_ratio changes batches; encode,
+        model_options, evaluate, train). An objective may also take `cfg` (the run's whole Config,
+        e.g. kd's teacher loads by the model section's rules). See `bind`.
     check(settings) -> None: raises ConfigError for settings that contradict each other (e.g.
         sft's use_dft_loss with use_eaft_loss); config validation calls it before anything runs.
     model_options(data_args[, settings]) -> dict: keyword arguments for the model class's
@@ -150,18 +151,25 @@ class Stage:
             return bool(self.needs_reference(self.settings(cfg)))
         return self.needs_reference
 
-    def bind(self, function: Callable, cfg) -> Callable:
-        """`function` (one of this stage's callables) with `settings` bound when it takes them."""
+    def bind(self, function: Callable, cfg, **extra) -> Callable:
+        """`function` (one of this stage's callables) with what it takes by name bound: `settings`
+        (this stage's keys with their values in `cfg`) and each of `extra` (e.g. cfg=, tokenizer=)."""
         import inspect
 
-        if self.keys and "settings" in inspect.signature(function).parameters:
-            return functools.partial(function, settings=self.settings(cfg))
-        return function
+        params = inspect.signature(function).parameters
+        bound = {name: value for name, value in extra.items() if name in params}
+        if self.keys and "settings" in params:
+            bound["settings"] = self.settings(cfg)
+        return functools.partial(function, **bound) if bound else function
 
-    def objective_for(self, cfg) -> Callable[..., Objective]:
-        """The objective builder TrainingRun calls, with this stage's keys read from `cfg` (a
-        config.Config: its finetune section holds them) bound as `settings`."""
-        return self.bind(self.objective, cfg)
+    def objective_for(self, cfg, tokenizer=None) -> Callable[..., Objective]:
+        """The objective builder TrainingRun calls, with `settings`, `cfg` (the whole Config) and
+        `tokenizer` (the run's) bound where it takes them (`bind`)."""
+        return self.bind(self.objective, cfg, cfg=cfg, tokenizer=tokenizer)
+
+    def collator_for(self, cfg) -> Callable:
+        """The collator builder `tuneforge train` calls, with `settings` bound when it takes them."""
+        return self.bind(self.collator, cfg)
 
 
 STAGES: dict[str, Stage] = {}
