@@ -88,7 +88,7 @@ def train(cfg: Config) -> dict:
         log.info("train examples: %d, eval examples: %d", len(splits.train),
                  len(splits.eval or []))
     run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator,
-                      stage.objective_for(cfg), stage.eval_metrics)
+                      stage.objective_for(cfg, tokenizer), stage.eval_metrics)
     if plan.warning() and accelerator.is_main_process:
         log.warning("%s", plan.warning())
     if plan.checkpoint is not None:

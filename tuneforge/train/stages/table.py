@@ -100,7 +100,11 @@ class Stage:
     packing: whether padding-free packed rows may carry its batches (token-level stages).
     keys: the YAML keys only this stage (and others declaring the same spec) reads, name ->
         stage_key(...) spec; e.g. dpo's pref_beta. The objective of a stage with keys gets their
-        values as a keyword argument, `settings` ({key: value}; see `objective_for`)."""
+        values as a keyword argument, `settings` ({key: value}; see `objective_for`).
+    config_keys: keys of other config sections the objective reads too (grpo: the generate
+        section's temperature, top_p, top_k), added to `settings` by name.
+    uses_tokenizer: the objective turns tokens into text (grpo's reward functions read texts):
+        it gets the run's tokenizer as a keyword argument, `tokenizer`."""
 
     name: str
     help: str
@@ -113,6 +117,8 @@ class Stage:
     needs_reference: bool | Callable[[dict], bool] = False
     packing: bool = True
     keys: dict = dataclasses.field(default_factory=dict)
+    config_keys: tuple[str, ...] = ()
+    uses_tokenizer: bool = False
 
     def __post_init__(self):
         if self.records not in RECORD_KINDS:
@@ -121,8 +127,10 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: head must be one of {', '.join(HEADS)}")
 
     def settings(self, cfg) -> dict:
-        """This stage's keys (`keys`) with their values in `cfg` (a config.Config)."""
-        return {name: getattr(cfg.finetune, name) for name in self.keys}
+        """This stage's keys (`keys`, then `config_keys`) with their values in `cfg` (a config.Config)."""
+        values = {name: getattr(cfg.finetune, name) for name in self.keys}
+        flat = cfg.to_dict() if self.config_keys else {}
+        return {**values, **{name: flat[name] for name in self.config_keys}}
 
     def uses_reference(self, cfg) -> bool:
         """Whether a run of `cfg` compares with the model before training (needs_reference)."""
@@ -130,12 +138,16 @@ class Stage:
             return bool(self.needs_reference(self.settings(cfg)))
         return self.needs_reference
 
-    def objective_for(self, cfg) -> Callable[..., Objective]:
+    def objective_for(self, cfg, tokenizer=None) -> Callable[..., Objective]:
         """The objective builder TrainingRun calls, with this stage's keys read from `cfg` (a
-        config.Config: its finetune section holds them) bound as `settings`."""
-        if not self.keys:
-            return self.objective
-        return functools.partial(self.objective, settings=self.settings(cfg))
+        config.Config: its finetune section holds them) bound as `settings`, and `tokenizer`
+        bound when the stage `uses_tokenizer`."""
+        bound = {}
+        if self.keys or self.config_keys:
+            bound["settings"] = self.settings(cfg)
+        if self.uses_tokenizer:
+            bound["tokenizer"] = tokenizer
+        return functools.partial(self.objective, **bound) if bound else self.objective
 
 
 STAGES: dict[str, Stage] = {}
