@@ -5,7 +5,7 @@ from .table import (HEADS, RECORD_KINDS, STAGE_KEYS, STAGES, Objective, Stage, g
                     stage_key, stages_help)
 from . import pt, rm, sft  # noqa: E402,F401  (each import registers its stage)
 from . import dpo, kto  # noqa: E402,F401  (listed after sft, pt and rm)
-from . import grpo  # noqa: E402,F401
+from . import grpo, ppo  # noqa: E402,F401
 
 __all__ = ["HEADS", "RECORD_KINDS", "STAGE_KEYS", "STAGES", "Objective", "Stage", "get_stage",
            "register_stage", "stage_key", "stages_help"]

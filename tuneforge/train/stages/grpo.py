@@ -35,7 +35,7 @@ KEYS = {
                               "**columns) -> list[float].", type="str"),
     "reward_weights": stage_key(None, "stage: grpo: one weight per reward function (default: all 1).",
                                 type="Optional[list]"),
-    "max_completion_length": stage_key(256, "stage: grpo: most tokens generated per completion.",
+    "max_completion_length": stage_key(256, "stage: grpo and ppo: most tokens generated per completion.",
                                        bounds="(0, inf)"),
     "grpo_beta": stage_key(0.0, "stage: grpo: KL coefficient to the reference (the model with adapters "
                            "disabled); 0: no reference pass (TRL's beta).", bounds="[0, inf)"),
