@@ -100,9 +100,9 @@ def test_completion_mask_ends_at_the_first_eos():
 def test_built_in_rewards_and_a_module_function(tmp_path, monkeypatch):
     completions = ["Paris", " paris. ", "It is Lyon"]
     rewards = Rewards("exact_match,length,ends_with=Paris", [1.0, 0.0, 2.0])
-    total, each = rewards.score(["p"] * 3, completions, reference=["Paris"] * 3, completion_ids=[[1]] * 3)
+    total, each = rewards.score(["p"] * 3, completions, reference=["Paris"] * 3, completion_ids=[[1], [1], [1, 2, 3]])
     assert each["exact_match"] == [1.0, 0.0, 0.0]
-    assert each["length"] == [0.5, 0.5, 0.25]
+    assert each["length"] == [0.5, 0.5, 0.25]  # 1 / (1 + tokens)
     assert each["ends_with=Paris"] == [1.0, 1.0, 0.0]
     assert total == [3.0, 2.0, 0.0]
     assert load_reward("token_share=7")([""] * 2, ["", ""], completion_ids=[[7, 7, 1, 2], []]) == [0.5, 0.0]

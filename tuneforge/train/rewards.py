@@ -7,8 +7,8 @@ return None for a completion it does not judge (counted as 0).
 
 Built-ins (a name, or name=argument):
 - exact_match: 1.0 when the completion equals the reference reply (both stripped), else 0.0.
-- length: brevity, 1 / (1 + words in the completion): shorter completions score higher (a
-  stand-in for a length penalty; 1.0 for an empty completion).
+- length: brevity, 1 / (1 + tokens in the completion, EOS included): shorter completions score
+  higher. Counted in tokens, not words, so that it cannot be raised by writing fewer spaces.
 - ends_with=WORD: 1.0 when the completion's last word is WORD (case-insensitive, trailing
   punctuation and quotes ignored), else 0.0.
 - token_share=ID: the share of the completion's tokens equal to token id ID (a toy task).
@@ -32,8 +32,8 @@ def exact_match(prompts, completions, reference, **_) -> list[float]:
     return [float(c.strip() == r.strip()) for c, r in zip(completions, reference)]
 
 
-def length(prompts, completions, **_) -> list[float]:
-    return [1.0 / (1 + len(c.split())) for c in completions]
+def length(prompts, completions, completion_ids, **_) -> list[float]:
+    return [1.0 / (1 + len(ids)) for ids in completion_ids]
 
 
 def last_word(text: str) -> str:

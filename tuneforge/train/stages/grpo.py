@@ -30,9 +30,9 @@ KEYS = {
     "num_generations": stage_key(8, "stage: grpo: completions generated per prompt (the group size G; 2 or "
                                  "more).", bounds="[2, inf)"),
     "reward_funcs": stage_key("length", "stage: grpo: the reward function(s), a name or a list: exact_match "
-                              "(completion == the record's reply), length (shorter is better), ends_with=WORD, "
-                              "token_share=ID, or a Python module:function called as f(prompts, completions, "
-                              "**columns) -> list[float].", type="str"),
+                              "(completion == the record's reply), length (1 / (1 + tokens): shorter is "
+                              "better), ends_with=WORD, token_share=ID, or a Python module:function called "
+                              "as f(prompts, completions, **columns) -> list[float].", type="str"),
     "reward_weights": stage_key(None, "stage: grpo: one weight per reward function (default: all 1).",
                                 type="Optional[list]"),
     "max_completion_length": stage_key(256, "stage: grpo and ppo: most tokens generated per completion.",
