@@ -141,23 +141,37 @@ def test_the_mean_reward_rises_and_the_kl_stays_bounded_on_a_toy_task():
 
 
 # -- a run chained from stage: rm -------------------------------------------------------------------------
-def test_a_ppo_run_from_a_stage_rm_output(tiny_model_dir, tiny_data_dir, tmp_path):
+def test_a_ppo_run_from_a_stage_rm_output_trains_and_resumes_to_the_same_weights(tiny_model_dir, tiny_data_dir,
+                                                                                  tmp_path):
+    from safetensors.torch import load_file
+
     common = {"model_name_or_path": str(tiny_model_dir), "cutoff_len": 64, "lora_rank": 4, "disable_tqdm": True,
               "bf16": False, "logging_steps": 1, "max_steps": 2, "per_device_train_batch_size": 2}
-    rm_out, ppo_out = tmp_path / "rm", tmp_path / "ppo"
+    rm_out = tmp_path / "rm"
     train(load_config(None, {**common, "stage": "rm", "dataset": "toy", "output_dir": str(rm_out),
                              "dataset_dir": str(toy_pairs(tmp_path / "pairs", n=8))}))
-    results = train(load_config(None, {
-        **common, "stage": "ppo", "reward_model": str(rm_out), "dataset": "arith", "dataset_dir": str(tiny_data_dir),
-        "output_dir": str(ppo_out), "max_steps": 4, "ppo_epochs": 2, "max_completion_length": 4,
-        "save_steps": 2}))
-    assert results["global_step"] == 4
-    log = [json.loads(line) for line in (ppo_out / "trainer_log.jsonl").read_text().splitlines()]
+
+    def ppo(out, **overrides):
+        # resume is exact with a fixed KL coefficient (ppo_target null) and save_steps a multiple of ppo_epochs
+        return train(load_config(None, {
+            **common, "stage": "ppo", "reward_model": str(rm_out), "dataset": "arith",
+            "dataset_dir": str(tiny_data_dir), "output_dir": str(tmp_path / out), "max_steps": 4, "ppo_epochs": 2,
+            "max_completion_length": 4, "save_steps": 2, "ppo_target": None, "lr_scheduler_type": "constant",
+            **overrides}))
+
+    assert ppo("whole")["global_step"] == 4
+    log = [json.loads(line) for line in (tmp_path / "whole" / "trainer_log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "loss" in e]
     assert [e["current_steps"] for e in steps] == [1, 2, 3, 4]
     assert all({"reward", "kl", "kl_coef", "pg_loss", "vf_loss", "completion_length"} <= e.keys() for e in steps)
     assert steps[0]["reward"] == steps[1]["reward"] and steps[2]["reward"] == steps[3]["reward"]  # 2 passes each
-    assert (ppo_out / "value_head.safetensors").is_file() and (ppo_out / "adapter_model.safetensors").is_file()
+    ppo("parts", max_steps=2)
+    ppo("parts", resume_from_checkpoint=True)
+    for name in ("adapter_model.safetensors", "value_head.safetensors"):
+        whole, parts = (load_file(str(tmp_path / run / name)) for run in ("whole", "parts"))
+        assert whole.keys() == parts.keys()
+        for key in whole:
+            torch.testing.assert_close(parts[key], whole[key])
 
 
 @pytest.mark.parametrize("values,match", [
