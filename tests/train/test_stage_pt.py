@@ -112,7 +112,7 @@ def test_stage_key_accepts_registered_stages_only():
     assert {"sft", "pt"} <= set(STAGES)
     assert load_config(None, {"stage": "pt"}).finetune.stage == "pt"
     with pytest.raises(ConfigError, match="config key 'stage' must be one of sft, pt"):
-        load_config(None, {"stage": "ppo"})
+        load_config(None, {"stage": "no_such_stage"})
 
 
 def test_pt_trains_from_yaml_and_loss_falls(tiny_model_dir, shared_data_dir, tmp_path):

@@ -7,6 +7,7 @@ from . import pt, rm, sft  # noqa: E402,F401  (each import registers its stage)
 from . import dpo, kto  # noqa: E402,F401  (listed after sft, pt and rm)
 from . import cls, semi  # noqa: E402,F401
 from . import kd  # noqa: E402,F401
+from . import grpo, ppo  # noqa: E402,F401
 
 __all__ = ["HEADS", "RECORD_KINDS", "STAGE_KEYS", "STAGES", "Objective", "Stage", "get_stage",
            "register_stage", "stage_key", "stages_help"]

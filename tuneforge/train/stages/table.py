@@ -107,6 +107,8 @@ class Stage:
         so do its other builders (collator: sft's dynamic_mask_ratio changes batches; encode,
         model_options, evaluate, train). An objective may also take `cfg` (the run's whole Config,
         e.g. kd's teacher loads by the model section's rules). See `bind`.
+    config_keys: keys of other config sections its builders read too (grpo: the generate
+        section's temperature, top_p, top_k), added to `settings` by name.
     check(settings) -> None: raises ConfigError for settings that contradict each other (e.g.
         sft's use_dft_loss with use_eaft_loss); config validation calls it before anything runs.
     model_options(data_args[, settings]) -> dict: keyword arguments for the model class's
@@ -130,6 +132,7 @@ class Stage:
     needs_reference: bool | Callable[[dict], bool] = False
     packing: bool = True
     keys: dict = dataclasses.field(default_factory=dict)
+    config_keys: tuple[str, ...] = ()
     check: Callable[[dict], None] | None = None
     model_options: Callable | None = None
     evaluate: Callable | None = None
@@ -142,8 +145,10 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: head must be one of {', '.join(HEADS)}")
 
     def settings(self, cfg) -> dict:
-        """This stage's keys (`keys`) with their values in `cfg` (a config.Config)."""
-        return {name: getattr(cfg.finetune, name) for name in self.keys}
+        """This stage's keys (`keys`, then `config_keys`) with their values in `cfg` (a config.Config)."""
+        values = {name: getattr(cfg.finetune, name) for name in self.keys}
+        flat = cfg.to_dict() if self.config_keys else {}
+        return {**values, **{name: flat[name] for name in self.config_keys}}
 
     def uses_reference(self, cfg) -> bool:
         """Whether a run of `cfg` compares with the model before training (needs_reference)."""
@@ -158,7 +163,7 @@ class Stage:
 
         params = inspect.signature(function).parameters
         bound = {name: value for name, value in extra.items() if name in params}
-        if self.keys and "settings" in params:
+        if (self.keys or self.config_keys) and "settings" in params:
             bound["settings"] = self.settings(cfg)
         return functools.partial(function, **bound) if bound else function
 
