@@ -156,15 +156,15 @@ class Stage:
             return bool(self.needs_reference(self.settings(cfg)))
         return self.needs_reference
 
-    def bind(self, function: Callable, cfg, **extra) -> Callable:
+    def bind(self, function: Callable, config, **extra) -> Callable:
         """`function` (one of this stage's callables) with what it takes by name bound: `settings`
-        (this stage's keys with their values in `cfg`) and each of `extra` (e.g. cfg=, tokenizer=)."""
+        (this stage's keys with their values in `config`, a config.Config) and each of `extra` (e.g. cfg=, tokenizer=)."""
         import inspect
 
         params = inspect.signature(function).parameters
         bound = {name: value for name, value in extra.items() if name in params}
         if (self.keys or self.config_keys) and "settings" in params:
-            bound["settings"] = self.settings(cfg)
+            bound["settings"] = self.settings(config)
         return functools.partial(function, **bound) if bound else function
 
     def objective_for(self, cfg, tokenizer=None) -> Callable[..., Objective]:
