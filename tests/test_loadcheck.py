@@ -198,3 +198,30 @@ def test_a_failure_that_is_not_the_config_is_raised_as_it_is(model_copy, monkeyp
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", broken)
     with pytest.raises(ZeroDivisionError, match="a bug"):
         _load(model_copy)
+
+
+@pytest.mark.parametrize("quant, needs", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128}, "optimum and gptqmodel"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm"}, "gptqmodel (AutoAWQ's format)"),
+    ({"quant_method": "aqlm", "in_group_size": 8, "out_group_size": 1, "num_codebooks": 1,
+      "nbits_per_codebook": 16}, "aqlm"),
+])
+def test_a_checkpoint_quantized_by_gptq_awq_or_aqlm_is_one_line(model_copy, quant, needs):
+    """LLaMA-Factory's train_qlora/*_gptq|awq|aqlm examples: refused before any weight is read
+    (transformers would raise an ImportError for the missing package, a traceback)."""
+    _edit_config(model_copy, quantization_config=quant)
+    assert _refusal(model_copy) == (
+        f"model '{model_copy}' is already quantized with {quant['quant_method']} (quantization_config in "
+        f"config.json); loading it needs {needs}, and tuneforge's adapters cannot train or merge its layers: "
+        "use the unquantized model (with quantization_bit: 4 for QLoRA) instead")
+
+
+def test_a_package_transformers_asks_for_is_one_line(model_copy, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    def needs(*args, **kwargs):
+        raise ImportError("Loading this model requires frobnicate (`pip install frobnicate`)")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", needs)
+    with pytest.raises(ModelError, match=r"cannot load a model from .*: Loading this model requires frobnicate"):
+        _load(model_copy)

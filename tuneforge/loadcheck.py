@@ -65,6 +65,42 @@ def check_model_class(config, path: Path, model_class: str) -> None:
                          f"{model_class} class; pick a model of another architecture")
 
 
+# quantization_config.quant_method values of pre-quantized checkpoints -> what loading them needs
+PREQUANTIZED = {
+    "gptq": "optimum and gptqmodel",
+    "awq": "gptqmodel (AutoAWQ's format)",
+    "aqlm": "aqlm",
+    "eetq": "eetq (CUDA)",
+    "hqq": "hqq",
+    "quanto": "optimum-quanto",
+    "fbgemm_fp8": "fbgemm-gpu (CUDA)",
+    "fp8": "a CUDA GPU with FP8",
+    "compressed-tensors": "compressed-tensors",
+    "higgs": "flute-kernel (CUDA)",
+    "vptq": "vptq (CUDA)",
+    "spqr": "spqr_quant (CUDA)",
+    "bitnet": "a BitNet kernel",
+    "torchao": "torchao",
+}
+
+
+def check_prequantized(config, path: Path) -> None:
+    """Refuse, before any weight is read, a checkpoint already quantized by a method whose layers
+    tuneforge's adapters cannot wrap (GPTQ, AWQ, AQLM, ...): ModelError naming the method, what
+    transformers would need, and what to do. Checkpoints quantized with bitsandbytes load."""
+    quant = getattr(config, "quantization_config", None)
+    if quant is None:
+        return
+    method = str((quant if isinstance(quant, dict) else getattr(quant, "to_dict", lambda: {})()).get(
+        "quant_method", getattr(quant, "quant_method", "")) or "")
+    method = getattr(method, "value", method)
+    if method.lower() in PREQUANTIZED:
+        raise ModelError(
+            f"model {quoted(path)} is already quantized with {method} (quantization_config in config.json); "
+            f"loading it needs {PREQUANTIZED[method.lower()]}, and tuneforge's adapters cannot train or merge "
+            f"its layers: use the unquantized model (with quantization_bit: 4 for QLoRA) instead")
+
+
 def new_head_modules(model, loading_info: dict) -> list[str]:
     """The modules of a task model (a classifier built on a base checkpoint) that its weight files
     hold nothing like: every tensor of the module is missing and no tensor of that kind (layer

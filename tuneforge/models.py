@@ -20,7 +20,8 @@ from .adapters.methods import method_of_config
 from .adapters.peft_format import check_adapter_dir, config_from_peft
 from .errors import ConfigError, ModelError
 from .fileio import json_kind, one_line, quoted, read_json
-from .loadcheck import check_finite, check_loaded_weights, check_model_class, config_fault, new_head_modules
+from .loadcheck import (check_finite, check_loaded_weights, check_model_class, check_prequantized, config_fault,
+                        new_head_modules)
 from .quant import QuantizationConfig, quantize_model
 from .quant.model import cast_unquantized
 from .quant.provenance import check_base
@@ -288,7 +289,9 @@ def load_model_and_tokenizer(model_args, dtype: torch.dtype | str | None = None,
     if path.is_file():
         path = _gguf_cached_dir(path, model_args.cache_dir)
     weights = check_model_folder(path)
-    check_model_class(load_model_config(path, model_args.trust_remote_code), path, model_class)  # one line each
+    config = load_model_config(path, model_args.trust_remote_code)
+    check_model_class(config, path, model_class)  # one line each
+    check_prequantized(config, path)  # GPTQ / AWQ / AQLM checkpoints: refused before the weights
     tokenizer = load_tokenizer(path, model_args.trust_remote_code)
     torch_dtype = resolve_dtype(dtype if dtype is not None else model_args.infer_dtype)
     qcfg = quantization_config(model_args)
@@ -369,6 +372,8 @@ def _load_failure(path: Path, weights: list[Path], exc: Exception,
     if fault is not None:
         return fault
     if isinstance(exc, _load_errors()):
+        return ModelError(f"cannot load a model from {quoted(path)}: {one_line(exc)}")
+    if isinstance(exc, ImportError):  # transformers wants a package this model's format needs
         return ModelError(f"cannot load a model from {quoted(path)}: {one_line(exc)}")
     return None
 
