@@ -9,8 +9,8 @@ A case folder holds the files of one bad input and a `case.yaml`:
     tiny_model: model           # optional: copy the tiny random Llama into this subfolder first
     env: {NAME: value}          # optional environment for the run
 
-`{tiny_model}` and `{shared_data}` in argv, in the case's *.yaml / *.json files and in `error`
-stand for the shared (read-only) tiny model folder and ../shared/data. In `error` only, lists that
+`{tiny_model}`, `{shared_data}` and `{work}` (the case's working folder, absolute) in argv, in the case's *.yaml / *.json files and in `error`
+stand for the shared (read-only) tiny model folder, ../shared/data and the case's copy. In `error` only, lists that
 grow with every registered adapter method are written as placeholders, so a new method does not
 rewrite every case that prints one: `{finetuning_types}` (the finetuning_type choices, "a, b, c"),
 `{quantized_base}` (adapter_methods.QUANTIZED_BASE, "a, b or c"), `{peft_types}` (the registered
@@ -87,7 +87,7 @@ def test_bad_input(case, tmp_path, monkeypatch, capsys, tiny_model_dir, shared_d
     spec = yaml.safe_load((case / "case.yaml").read_text(encoding="utf-8"))
     work = tmp_path / case.name
     shutil.copytree(case, work, symlinks=True, ignore=shutil.ignore_patterns("case.yaml"))
-    values = {"tiny_model": str(tiny_model_dir), "shared_data": str(shared_data_dir)}
+    values = {"tiny_model": str(tiny_model_dir), "shared_data": str(shared_data_dir), "work": str(work)}
     if spec.get("tiny_model"):
         shutil.copytree(tiny_model_dir, work / spec["tiny_model"])
     for path in work.rglob("*"):
