@@ -25,6 +25,13 @@ def task_ids(examples: list[dict], lengths: list[int], shape: tuple[int, ...] | 
     return out
 
 
+def pad_id(pad_token_id: int | None) -> int:
+    """The pad token id a collator pads with; ValueError when the tokenizer has none."""
+    if pad_token_id is None:
+        raise ValueError("pad_token_id is None: give the tokenizer a pad token (e.g. its eos token)")
+    return pad_token_id
+
+
 class PaddingCollator:
     """Turn a list of {"input_ids", "labels"} examples into padded LongTensors.
 
@@ -33,8 +40,7 @@ class PaddingCollator:
     """
 
     def __init__(self, pad_token_id: int, label_pad_id: int = IGNORE_INDEX, pad_to_multiple_of: int | None = None):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None: give the tokenizer a pad token (e.g. its eos token)")
+        pad_id(pad_token_id)
         if pad_to_multiple_of is not None and pad_to_multiple_of <= 0:
             raise ValueError(f"pad_to_multiple_of must be positive, got {pad_to_multiple_of}")
         self.pad_token_id = pad_token_id

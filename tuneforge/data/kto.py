@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .collate import pad_id
 from .encode import IGNORE_INDEX, last_reply_ids, split_budget
 from .formats import (Conversation, _check_columns, conversation_converter,
                       _refuse, convert_records)
@@ -73,9 +74,7 @@ class KtoCollator:
     kl_labels: each prompt + its kl_reply, within cutoff_len, for the KL estimate."""
 
     def __init__(self, pad_token_id: int, cutoff_len: int):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None: give the tokenizer a pad token (e.g. its eos token)")
-        self.pad_token_id, self.cutoff_len = pad_token_id, cutoff_len
+        self.pad_token_id, self.cutoff_len = pad_id(pad_token_id), cutoff_len
 
     def _rows(self, prompts: list[list[int]], replies: list[list[int]], prefix: str) -> dict:
         rows, starts = [], []

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .collate import pad_id
 from .encode import IGNORE_INDEX, last_reply_ids, split_budget
 from .formats import (Conversation, _blank, _check_columns, _Dropped, _from_alpaca, _message, _refuse, _text,
                       convert_records, role_kinds, sharegpt_turns)
@@ -124,9 +125,7 @@ class PairwiseCollator:
     and the padding) when the examples hold prompt_len (PAIRWISE_REPLIES)."""
 
     def __init__(self, pad_token_id: int):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None: give the tokenizer a pad token (e.g. its eos token)")
-        self.pad_token_id = pad_token_id
+        self.pad_token_id = pad_id(pad_token_id)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:

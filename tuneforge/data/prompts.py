@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .collate import pad_id
 from .encode import IGNORE_INDEX, last_reply_ids
 from .formats import fill_placeholders, to_conversations
 from .loader import RecordKind
@@ -43,9 +44,7 @@ class PromptCollator:
     "reference_ids" (the reference replies, right-padded with -100)."""
 
     def __init__(self, pad_token_id: int):
-        if pad_token_id is None:
-            raise ValueError("pad_token_id is None: give the tokenizer a pad token (e.g. its eos token)")
-        self.pad_token_id = pad_token_id
+        self.pad_token_id = pad_id(pad_token_id)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         if not examples:

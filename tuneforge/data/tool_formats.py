@@ -193,36 +193,27 @@ def _qwen_calls(calls: list[Call]) -> str:
     return "\n".join(f"<tool_call>\n{_dump({'name': n, 'arguments': a})}\n</tool_call>" for n, a in calls)
 
 
-def _qwen35_calls(calls: list[Call]) -> str:
-    return "\n".join(
-        f"<tool_call>\n<function={name}>"
-        + "".join(f"\n<parameter={k}>\n{_text(v)}\n</parameter>" for k, v in _kwargs(name, args).items())
-        + "\n</function>\n</tool_call>" for name, args in calls)
+def _tagged(opening: str, argument: str, closing: str) -> Callable[[list[Call]], str]:
+    """Calls written as `opening` (with {name}), one `argument` (with {key}, {value}) per argument
+    and `closing`, joined by newlines: the XML-like formats of Qwen3.5, GLM-4.5, MiniMax-M2, Seed-OSS."""
+    def calls_text(calls: list[Call]) -> str:
+        return "\n".join(opening.format(name=name) + "".join(argument.format(key=k, value=_text(v))
+                                                             for k, v in _kwargs(name, args).items()) + closing
+                         for name, args in calls)
+    return calls_text
 
 
-def _glm4_moe_calls(calls: list[Call]) -> str:
-    return "\n".join(
-        f"\n<tool_call>{name}"
-        + "".join(f"\n<arg_key>{k}</arg_key>\n<arg_value>{_text(v)}</arg_value>" for k, v in _kwargs(name, args).items())
-        + "\n</tool_call>" for name, args in calls)
+_qwen35_calls = _tagged("<tool_call>\n<function={name}>", "\n<parameter={key}>\n{value}\n</parameter>",
+                        "\n</function>\n</tool_call>")
+_glm4_moe_calls = _tagged("\n<tool_call>{name}", "\n<arg_key>{key}</arg_key>\n<arg_value>{value}</arg_value>",
+                          "\n</tool_call>")
+_minimax2_calls = _tagged('<invoke name="{name}">', '\n<parameter name="{key}">{value}</parameter>', "\n</invoke>")
+_seed_calls = _tagged("\n<seed:tool_call>\n<function={name}>", "\n<parameter={key}>{value}</parameter>",
+                      "\n</function>\n</seed:tool_call>")
 
 
 def _minimax1_calls(calls: list[Call]) -> str:
     return "<tool_calls>\n" + "\n".join(_dump({"name": n, "arguments": a}) for n, a in calls) + "\n</tool_calls>"
-
-
-def _minimax2_calls(calls: list[Call]) -> str:
-    return "\n".join(
-        f'<invoke name="{name}">'
-        + "".join(f'\n<parameter name="{k}">{_text(v)}</parameter>' for k, v in _kwargs(name, args).items())
-        + "\n</invoke>" for name, args in calls)
-
-
-def _seed_calls(calls: list[Call]) -> str:
-    return "\n".join(
-        f"\n<seed:tool_call>\n<function={name}>"
-        + "".join(f"\n<parameter={k}>{_text(v)}</parameter>" for k, v in _kwargs(name, args).items())
-        + "\n</function>\n</seed:tool_call>" for name, args in calls)
 
 
 def _lfm2_calls(calls: list[Call]) -> str:
