@@ -156,9 +156,10 @@ class Stage:
             return bool(self.needs_reference(self.settings(cfg)))
         return self.needs_reference
 
-    def bind(self, function: Callable, cfg, **extra) -> Callable:
+    def bind(self, function: Callable, cfg, /, **extra) -> Callable:
         """`function` (one of this stage's callables) with what it takes by name bound: `settings`
-        (this stage's keys with their values in `cfg`) and each of `extra` (e.g. cfg=, tokenizer=)."""
+        (this stage's keys with their values in `cfg`) and each of `extra` (e.g. cfg=, tokenizer=;
+        `cfg` is positional-only so that cfg= can be bound too)."""
         import inspect
 
         params = inspect.signature(function).parameters
