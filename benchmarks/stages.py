@@ -3,6 +3,7 @@
     python benchmarks/stages.py                      # both stages, 8 optimizer steps per arm (make bench-stages)
     python benchmarks/stages.py --stage dpo --steps 4
     python benchmarks/stages.py --quick              # 3 steps per arm (step 1 is warm-up)
+    python benchmarks/stages.py --set gradient_checkpointing=true   # a key for the tuneforge arms
 
 Every arm trains the default model (SmolLM2-135M-Instruct, fp32) with LoRA r=8, alpha=16,
 dropout 0 on all linear layers but the head, lr 1e-4 cosine, no warmup, beta 0.1, in its own
@@ -53,9 +54,12 @@ MB = 1 << 20
 # ---- one arm, in its own process -------------------------------------------------------------
 def arm_options(stage: str, args) -> argparse.Namespace:
     """The options throughput_arms.run_tuneforge / tuneforge_values read, for this stage."""
+    from tuneforge.config import parse_overrides
+
     dataset, batch = STAGES[stage]
     return argparse.Namespace(rank=RANK, lr=LR, seed=SEED, steps=args.steps, batch=batch, grad_accum=1,
-                              dataset=dataset, dataset_dir=args.dataset_dir, cutoff=args.cutoff, overrides={})
+                              dataset=dataset, dataset_dir=args.dataset_dir, cutoff=args.cutoff,
+                              overrides=parse_overrides(args.set))
 
 
 def stage_keys(stage: str) -> dict:
@@ -177,7 +181,7 @@ def spawn(arm: str, args) -> dict:
         result = Path(tmp) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--result", str(result),
                "--steps", str(args.steps), "--dataset-dir", args.dataset_dir, "--cutoff", str(args.cutoff),
-               "--threads", str(args.threads)]
+               "--threads", str(args.threads)] + [f"--set={s}" for s in args.set]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
         began = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -267,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dataset-dir", help="folder with dataset_info.json (default: $TUNEFORGE_SHARED_DATA "
                     "or ../shared/data next to the repository)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="tuneforge config key for the tuneforge arms, e.g. --set gradient_checkpointing=true")
     ap.add_argument("--json", help="write every number to this file")
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: one arm, e.g. trl-dpo
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -288,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"default model {default_model_dir().name}, torch {torch.__version__}, {args.threads} threads; "
           f"{args.steps} steps per arm, LoRA r={RANK} all linear, lr {LR}, beta {BETA}, cutoff {args.cutoff}, fp32; "
           + ", ".join(f"{s}: {STAGES[s][0]}, {STAGES[s][1]} {'pairs' if s == 'dpo' else 'examples'} per step"
-                      for s in stages))
+                      for s in stages) + (f"; tuneforge arms also: {', '.join(args.set)}" if args.set else ""))
     results = {arm: spawn(arm, args) for stage in stages for arm in (f"trl-{stage}", f"tuneforge-{stage}")}
     for r in results.values():
         if "error" not in r:
