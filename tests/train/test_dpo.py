@@ -155,34 +155,6 @@ def test_reply_logps_of_one_padded_forward_equal_each_row_alone(tiny_model_dir, 
     assert counts.tolist() == want_counts.tolist()
 
 
-@pytest.mark.parametrize("head_at_labels", [True, False])
-def test_packed_pairs_give_the_padded_logps_and_loss_from_one_padding_free_row(tiny_model_dir, batch,
-                                                                               head_at_labels):
-    from tuneforge.data.pairwise import PackedPairwiseCollator
-    from tuneforge.train.packed_attention import use_packed_attention
-    from tuneforge.train.stages.dpo import collator
-
-    model = tiny_model(tiny_model_dir)
-    padded_logps, padded_counts = reply_logps(model, model, batch, head_at_labels)
-    padded = objective_on(model, batch).loss(model, batch)
-    data = SimpleNamespace(packing=None)
-    tokenizer = SimpleNamespace(pad_token_id=0)
-    assert isinstance(collator(data, model, tokenizer).collate, PackedPairwiseCollator)  # the probe agrees
-    assert isinstance(collator(SimpleNamespace(packing=False), model, tokenizer).collate, PairwiseCollator)
-    use_packed_attention(model)
-    packed_batch = PackedPairwiseCollator()(EXAMPLES)
-    assert packed_batch["input_ids"].shape == (1, sum(len(e["chosen_ids"]) + len(e["rejected_ids"]) for e in EXAMPLES))
-    logps, counts = reply_logps(model, model, packed_batch, head_at_labels)
-    torch.testing.assert_close(logps, padded_logps, rtol=1e-5, atol=1e-5)
-    assert counts.tolist() == padded_counts.tolist()
-    objective = objective_on(model, packed_batch)
-    loss_sum, n, metrics = objective.loss(model, packed_batch)
-    assert n == objective.count(packed_batch) == 3
-    torch.testing.assert_close(loss_sum, padded[0], rtol=1e-5, atol=1e-6)
-    for name, value in metrics.items():
-        assert value == pytest.approx(padded[2][name], rel=1e-4, abs=1e-5), name
-
-
 def test_chosen_and_rejected_share_one_forward_and_the_reference_one_more(tiny_model_dir, batch):
     model = tiny_model(tiny_model_dir)
     rows = []

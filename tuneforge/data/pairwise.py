@@ -141,29 +141,6 @@ class PairwiseCollator:
         return batch
 
 
-class PackedPairwiseCollator:
-    """Pairs with prompt_len (PAIRWISE_REPLIES) -> one padding-free packed row: the chosen
-    sequences, then the rejected ones, end to end. input_ids and position_ids (restarting at 0
-    with each sequence, so that attention stays within it: train/packed_attention.py), labels
-    (the reply tokens; -100 on each prompt, and on each sequence's first position, which the
-    padded rows never score either), and sequence_ids (which of the 2n sequences, chosen 0..n-1
-    then rejected n..2n-1, each position belongs to: train/logps.reply_logps sums by it)."""
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        if not examples:
-            raise ValueError("cannot collate an empty list of examples")
-        rows = [e["chosen_ids"] for e in examples] + [e["rejected_ids"] for e in examples]
-        ids, positions, labels, sequences = [], [], [], []
-        for i, (row, example) in enumerate(zip(rows, examples * 2)):
-            start = max(example["prompt_len"], 1)
-            ids += row
-            positions += range(len(row))
-            labels += [IGNORE_INDEX] * min(start, len(row)) + row[start:]
-            sequences += [i] * len(row)
-        return {name: torch.tensor([values], dtype=torch.long) for name, values in
-                (("input_ids", ids), ("position_ids", positions), ("labels", labels), ("sequence_ids", sequences))}
-
-
 def pad_rows(rows: list[list[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Token id lists -> right-padded input_ids and attention_mask."""
     length = max(len(r) for r in rows)

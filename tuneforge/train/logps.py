@@ -1,8 +1,6 @@
 """Sequence log-probabilities for the stages that score whole replies (dpo, kto): for each row
 of a right-padded batch with labels (-100 on the prompt and the padding), the sum of the
-log-probabilities of its labelled tokens and their count, from one forward over all rows; or
-for each sequence of a packed batch (position_ids and sequence_ids instead of attention_mask,
-data/pairwise.PackedPairwiseCollator), the same per sequence, without computing any padding.
+log-probabilities of its labelled tokens and their count, from one forward over all rows.
 
 Where the model's logits are `head(hidden states)` (fused_loss.probe), the output head runs only
 at the labelled positions: the prompt's (tokens x vocabulary) logits are never made."""
@@ -31,14 +29,9 @@ def head_only_at_labels(unwrapped, sample_batch: dict, autocast=nullcontext) -> 
 def reply_logps(model, unwrapped, batch: dict, head_at_labels: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(logps, counts), both (rows,): the summed fp32 log-probability of each row's labelled
     tokens (next-token: the label at position t is predicted from position t - 1) and how many
-    there are; for a packed batch (it has sequence_ids) both are (sequences,), per sequence.
-    `model` runs the forward (maybe wrapped for distributed training); `unwrapped` is the model
-    itself, whose head is swapped out when `head_at_labels`."""
-    packed = batch.get("sequence_ids")
-    if packed is None:
-        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    else:  # the first position of each sequence has no label, so nothing crosses a boundary
-        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    there are. `model` runs the forward (maybe wrapped for distributed training); `unwrapped`
+    is the model itself, whose head is swapped out when `head_at_labels`."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "use_cache" in inspect.signature(unwrapped.forward).parameters:
         inputs["use_cache"] = False
     shifted = batch["labels"][:, 1:]
@@ -53,12 +46,8 @@ def reply_logps(model, unwrapped, batch: dict, head_at_labels: bool) -> tuple[to
     logits = logits.float()
     targets = shifted[keep]
     token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    if packed is None:
-        rows, size, counts = keep.nonzero()[:, 0], keep.size(0), keep.sum(-1)
-    else:
-        rows, size = packed[:, 1:][keep], int(packed.max()) + 1
-        counts = torch.bincount(rows, minlength=size)
-    logps = torch.zeros(size, dtype=torch.float32, device=logits.device).index_add(0, rows, token_logps)
+    rows = keep.nonzero()[:, 0]
+    logps = torch.zeros(keep.size(0), dtype=torch.float32, device=logits.device).index_add(0, rows, token_logps)
     if rows.numel() == 0:  # no labelled token: zeros that still depend on the graph
         logps = logps + out.sum().float() * 0.0
-    return logps, counts
+    return logps, keep.sum(-1)

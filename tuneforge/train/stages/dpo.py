@@ -3,8 +3,7 @@ ipo, hinge, orpo, simpo; train/pref_losses.py has the maths) on preference pairs
 data/pairwise.py).
 
 Per pair, the log-probability of the chosen and of the rejected reply tokens under the policy,
-from one forward over the chosen rows and the rejected rows of the batch (packed end to end into
-one padding-free row where the model's packed forward is exact: `collator`); for sigmoid / ipo /
+from one forward over the chosen rows and the rejected rows of the batch; for sigmoid / ipo /
 hinge also under the reference, the same model with its adapters disabled
 (`tuneforge.adapters.disable_adapters`, under torch.no_grad). With finetuning_type full or
 freeze there is no adapter to disable: the reference is a frozen copy of the model made before
@@ -50,27 +49,13 @@ def encode(data_args, tokenizer, seed: int):
 
 
 def collator(data_args, model, tokenizer):
-    """A micro-batch's pairs as one packed row (data/pairwise.PackedPairwiseCollator: no padding
-    is computed) where the model's packed forward reproduces the padded one (train/packing.py's
-    probe, the model switched to packed attention), else padded rows; packing: false pads."""
-    from ...data.pairwise import PackedPairwiseCollator, PairwiseCollator
-    from ..packed_attention import restore_attention, use_packed_attention
-    from ..packing import CollatorChoice, probe_packing
+    from ...data.pairwise import PairwiseCollator
+    from ..packing import CollatorChoice
 
-    padded = CollatorChoice(PairwiseCollator(tokenizer.pad_token_id), None, lambda: None)
-    if data_args.packing is False:
-        return padded
-    previous = use_packed_attention(model)
-    if probe_packing(model) is None:
-        return CollatorChoice(PackedPairwiseCollator(), "pairs packed: one padding-free row per micro-batch",
-                              lambda: restore_attention(model, previous))
-    restore_attention(model, previous)
-    return padded
+    return CollatorChoice(PairwiseCollator(tokenizer.pad_token_id), None, lambda: None)
 
 
 def pair_count(batch: dict) -> int:
-    if "sequence_ids" in batch:  # packed: chosen then rejected sequences, numbered in order
-        return (int(batch["sequence_ids"][0, -1]) + 1) // 2
     return batch["input_ids"].size(0) // 2
 
 
