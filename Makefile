@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tuneforge-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench bench-quick bench-qlora bench-gguf bench-methods lf-examples clean
+.PHONY: install demo test test-fast bench bench-quick bench-qlora bench-gguf bench-methods bench-stages lf-examples clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench-gguf: $(STAMP)
 # (benchmarks/methods.py; METHODS=lora,ia3 STEPS=20 narrow or lengthen it)
 bench-methods: $(STAMP)
 	$(PY) benchmarks/methods.py --variants $(if $(METHODS),--methods $(METHODS)) $(if $(STEPS),--steps $(STEPS))
+
+# preference stages dpo and kto against TRL's DPOTrainer / KTOTrainer, same pairs, same order
+# (benchmarks/stages.py; STAGE=dpo|kto|both STEPS=8)
+bench-stages: $(STAMP)
+	$(PY) benchmarks/stages.py $(if $(STAGE),--stage $(STAGE)) $(if $(STEPS),--steps $(STEPS))
 
 clean:
 	rm -rf $(VENV) saves .pytest_cache

@@ -226,7 +226,8 @@ def run_tuneforge(opts, arm_keys: dict) -> dict:
     with tempfile.TemporaryDirectory() as out:
         cfg = load_config(None, tuneforge_values(opts, arm_keys, out))
         train(cfg)
-        losses = [e["loss"] for e in read_log(out) if "loss" in e]
-    result = rec.result(losses)
+        logged = [e for e in read_log(out) if "loss" in e]  # the train log lines, one per step
+    result = rec.result([e["loss"] for e in logged])
+    result["log"] = logged  # with the stage's metrics (benchmarks/stages.py reads rewards/*)
     result["config"] = {k: v for k, v in {**arm_keys, **opts.overrides}.items()}
     return result
