@@ -92,7 +92,7 @@ def main() -> None:
                         help="the demo data folder served as data/ (default ../shared/data)")
     parser.add_argument("--steps", type=int, default=1, help="max_steps of each training config")
     parser.add_argument("--timeout", type=int, default=900, help="seconds per config")
-    parser.add_argument("--only", help="run only configs whose path contains this text")
+    parser.add_argument("--only", help="run only configs whose path contains one of these comma-separated texts")
     args = parser.parse_args()
     model = default_model()
     scratch = Path(tempfile.mkdtemp(prefix="lf-examples-"))
@@ -102,7 +102,7 @@ def main() -> None:
     env.pop("HF_HUB_CACHE", None)
     rows, plan = [], []
     for path in sorted(args.examples.rglob("*.y*ml")):
-        if args.only and args.only not in str(path):
+        if args.only and not any(part in str(path) for part in args.only.split(",")):
             continue
         name = str(path.relative_to(args.examples))
         try:
