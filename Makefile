@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tuneforge-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install demo test test-fast bench bench-quick bench-qlora bench-gguf bench-methods bench-stages lf-examples clean
+.PHONY: install browser demo test test-fast bench bench-quick bench-qlora bench-gguf bench-methods bench-stages lf-examples clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/demo.py examples/demo_identity.yaml
 
-test: $(STAMP)
+# the web UI's browser tests (tests/webui) drive Debian's chromium with playwright (never `playwright install`)
+CHROMIUM ?= /usr/bin/chromium
+browser:
+	@test -x $(CHROMIUM) || { command -v apt-get >/dev/null && \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+		echo "tests/webui need Chromium at $(CHROMIUM): install Debian's chromium package"; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) browser
 	$(PY) -m pytest -q -m "not integration"
 
 # LoRA training throughput against peft + transformers.Trainer, with the goals of issue 5
@@ -60,7 +67,7 @@ bench-stages: $(STAMP)
 	$(PY) benchmarks/stages.py $(if $(STAGE),--stage $(STAGE)) $(if $(STEPS),--steps $(STEPS))
 
 clean:
-	rm -rf $(VENV) saves .pytest_cache
+	rm -rf $(VENV) saves .pytest_cache tests/webui/artifacts
 
 # LLaMA-Factory's own examples/ folder run unchanged (hub ids served offline by the default model):
 # make lf-examples LF_EXAMPLES=path/to/LLaMA-Factory/examples

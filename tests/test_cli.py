@@ -115,7 +115,7 @@ def test_every_command_is_on_the_command_line():
     from tuneforge.cli import _parser
 
     parser = _parser()
-    for argv in (["train", "c.yaml"], ["chat"], ["eval"], ["export", "c.yaml"], ["api"], ["keys"], ["env"]):
+    for argv in (["train", "c.yaml"], ["chat"], ["eval"], ["export", "c.yaml"], ["api"], ["webui"], ["keys"], ["env"]):
         assert parser.parse_args(argv).command == argv[0]
 
 

@@ -1,4 +1,4 @@
-"""`tuneforge train|chat|eval|export|api|keys|env|convert-data`: parse, call the workflows, print. User-fixable errors
+"""`tuneforge train|chat|eval|export|api|webui|keys|env|convert-data`: parse, call the workflows, print. User-fixable errors
 become one line on stderr and exit code 2 (a traceback only with --debug)."""
 
 from __future__ import annotations
@@ -59,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--host", help="address to bind (default: api_host, API_HOST, else 127.0.0.1: "
                      "this machine only)")
     api.add_argument("--port", type=int, help="port (default: api_port, API_PORT, else 8000)")
+    webui = sub.add_parser("webui", help="Serve the web UI (train, with live loss curve) in the browser; "
+                           "needs the webui extra: pip install 'tuneforge[webui]'.")
+    webui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    webui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    webui.add_argument("--lang", default="en", choices=("en", "zh"), help="language of the page (en)")
+    webui.add_argument("--debug", action="store_true", help="show tracebacks")
     sub.add_parser("keys", help="List every config key with its default and meaning.")
     sub.add_parser("env", help="Print versions and devices, for bug reports.")
     conv = sub.add_parser("convert-data", help="Write records with other column names (question/answer "
@@ -181,6 +187,18 @@ def _run_eval(cfg, args) -> None:
         print(f"results written to {out_dir}")
 
 
+def _run_webui(args) -> None:
+    import importlib.util
+
+    from .errors import ConfigError
+
+    if importlib.util.find_spec("gradio") is None:
+        raise ConfigError("tuneforge webui needs gradio, which is not installed: pip install 'tuneforge[webui]'")
+    from .webui import launch
+
+    launch(host=args.host, port=args.port, lang=args.lang)
+
+
 def _env() -> None:
     import platform
 
@@ -244,6 +262,9 @@ def _main(argv: list[str] | None) -> int:
         return 0
     _quiet_libraries()
     try:
+        if args.command == "webui":
+            _run_webui(args)
+            return 0
         if args.command == "convert-data":
             from .data.convert import convert_file
 

@@ -1,0 +1,85 @@
+"""The Train tab in a real browser: a 2-step run of a tiny model started from the page (progress,
+loss plot, finish), the CLI's one-line error for a bad value, the Chinese switch."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from tests.conftest import arithmetic_records, write_dataset
+from tests.webui.conftest import fill, screenshot, value_of
+
+
+def _args_file(tmp_path, model_dir, **extra):
+    data = write_dataset(tmp_path / "data", "arith", arithmetic_records(16))
+    values = {"model_name_or_path": str(model_dir), "stage": "sft", "finetuning_type": "lora",
+              "dataset_dir": str(data), "dataset": "arith", "cutoff_len": 64, "max_steps": 2,
+              "per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 0.01,
+              "logging_steps": 1, "save_steps": 1, "lora_rank": 4, "output_dir": str(tmp_path / "out"),
+              "eval_on_start": False, **extra}
+    path = tmp_path / "args.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _load(page, path):
+    fill(page, "tf-args-path", str(path))
+    page.click("#tf-load")
+    page.wait_for_function("document.querySelector('#tf-status textarea').value.includes('args.yaml')")
+
+
+def test_a_two_step_run_from_the_page(page, tmp_path, tiny_model_dir):
+    path = _args_file(tmp_path, tiny_model_dir)
+    _load(page, path)
+    assert value_of(page, "tf-model") == str(tiny_model_dir)
+    assert value_of(page, "tf-lora_alpha") == "8"  # alpha = 2 x rank unless set
+    assert "eval_on_start" in value_of(page, "tf-status")  # a key the page does not show is kept
+    page.click("#tf-preview")
+    page.wait_for_function("document.querySelector('#tf-command textarea').value.startsWith('tuneforge train ')")
+    command = value_of(page, "tf-command")
+    assert command.endswith("/.webui/out/train.yaml")
+    page.click("#tf-start")
+    page.wait_for_function("document.querySelector('#tf-progress textarea').value.includes('step 2/2')",
+                           timeout=120_000)
+    page.wait_for_function("document.querySelector('#tf-status textarea').value.includes('training finished')",
+                           timeout=60_000)
+    assert re.search(r"loss \d+\.\d{4}", value_of(page, "tf-progress"))
+    page.wait_for_selector("#tf-plot canvas, #tf-plot svg")
+    screenshot(page, "train_tab")
+    out = tmp_path / "out"
+    assert (out / "adapter_model.safetensors").is_file()
+    run_yaml = yaml.safe_load((tmp_path / ".webui" / "out" / "train.yaml").read_text())
+    assert run_yaml["max_steps"] == 2 and run_yaml["lora_alpha"] == 8 and run_yaml["eval_on_start"] is False
+    assert "train" in value_of(page, "tf-log")
+
+
+def test_bad_value_shows_the_cli_one_line_error(page, tmp_path, tiny_model_dir):
+    _load(page, _args_file(tmp_path, tiny_model_dir))
+    fill(page, "tf-cutoff_len", "0")
+    page.click("#tf-start")
+    page.wait_for_function("document.querySelector('#tf-status textarea').value.includes('tuneforge: error:')")
+    status = value_of(page, "tf-status")
+    assert "cutoff_len" in status and "Traceback" not in status
+    assert not (tmp_path / ".webui").exists()  # nothing started
+
+
+def test_method_options_follow_the_method(page):
+    page.get_by_text("Options of this method").click()
+    page.wait_for_selector("#tf-opt-use_dora", state="visible")
+    assert not page.locator("#tf-opt-vera_rank").is_visible()
+    page.locator("#tf-method input").fill("vera")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#tf-opt-vera_rank", state="visible")
+    assert not page.locator("#tf-opt-use_dora").is_visible()
+    assert "VeRA" in page.locator("#tf-opt-vera_rank").inner_text()  # the key table's help line
+
+
+def test_chinese_switch_changes_the_labels(page):
+    assert page.locator("#tf-start").inner_text().strip() == "Start"
+    page.locator("#tf-lang input").fill("zh")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.querySelector('#tf-start').innerText.trim() === '开始'")
+    assert page.get_by_text("训练阶段").first.is_visible()
+    assert page.get_by_text("预览命令").first.is_visible()
+    screenshot(page, "train_tab_zh")

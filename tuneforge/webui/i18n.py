@@ -1,0 +1,132 @@
+"""Every text the web UI shows, in English and Chinese: one table, key -> {"en": ..., "zh": ...}.
+
+A key names a label (`<name>`), its help line (`<name>.info`) or a message (`msg.<name>`, with
+`{...}` fields filled by `text(key, lang, **fields)`). Config keys generated from the registry
+(a method's or a stage's own options) show their YAML name, the same in both languages, and the
+registry's help text (config.py, adapter_methods.py, train/stages), which is English.
+"""
+
+from __future__ import annotations
+
+LANGS = ("en", "zh")
+
+TEXTS: dict[str, dict[str, str]] = {
+    "title": {"en": "tuneforge: fine-tune LLMs", "zh": "tuneforge：大模型微调"},
+    "lang": {"en": "Language", "zh": "语言"},
+    "tab.train": {"en": "Train", "zh": "训练"},
+    "tab.chat": {"en": "Chat", "zh": "对话"},
+    "tab.eval": {"en": "Evaluate & Predict", "zh": "评估与预测"},
+    "tab.export": {"en": "Export", "zh": "导出"},
+    "tab.runs": {"en": "Runs", "zh": "训练记录"},
+    # model and method
+    "model": {"en": "Model path", "zh": "模型路径"},
+    "model.info": {"en": "Empty: the default model SmolLM2-135M-Instruct; else a local Hugging Face folder, a .gguf "
+                         "file or a hub id (org/name)",
+                   "zh": "留空：默认模型 SmolLM2-135M-Instruct；或本地 Hugging Face 模型文件夹、.gguf 文件、"
+                         "Hub 名称（org/name）"},
+    "stage": {"en": "Stage", "zh": "训练阶段"},
+    "stage.info": {"en": "What the model learns from the data (sft: supervised fine-tuning, dpo/kto: preferences, "
+                         "pt: pre-training, ...)",
+                   "zh": "模型从数据中学习的方式（sft：监督微调，dpo/kto：偏好学习，pt：预训练，……）"},
+    "method": {"en": "Fine-tuning method", "zh": "微调方法"},
+    "method.info": {"en": "finetuning_type: which weights train (lora: low-rank adapters; freeze: the last layers; "
+                          "full: all weights; ...)",
+                    "zh": "finetuning_type：训练哪些权重（lora：低秩适配器；freeze：最后几层；full：全部权重；……）"},
+    "method_opts": {"en": "Options of this method", "zh": "该方法的参数"},
+    "stage_opts": {"en": "Options of this stage", "zh": "该阶段的参数"},
+    "no_opts": {"en": "This choice has no options of its own.", "zh": "该选项没有专属参数。"},
+    # data
+    "dataset_dir": {"en": "Data folder", "zh": "数据路径"},
+    "dataset_dir.info": {"en": "Folder with dataset_info.json. Empty: ./data if it has one, else the demo data "
+                               "shipped with tuneforge",
+                         "zh": "包含 dataset_info.json 的文件夹。留空：若 ./data 中有则用它，否则用 tuneforge 自带的示例数据"},
+    "dataset": {"en": "Dataset", "zh": "数据集"},
+    "dataset.info": {"en": "One or more datasets of dataset_info.json; several are mixed",
+                     "zh": "dataset_info.json 中的一个或多个数据集；多个数据集会混合"},
+    "preview_data": {"en": "Preview dataset", "zh": "预览数据集"},
+    "data_preview": {"en": "First records", "zh": "前几条数据"},
+    # hyperparameters
+    "hyper": {"en": "Hyperparameters", "zh": "超参数"},
+    "num_train_epochs": {"en": "Epochs", "zh": "训练轮数"},
+    "num_train_epochs.info": {"en": "Passes over the training data (ignored when max steps > 0)",
+                              "zh": "遍历训练数据的次数（最大步数 > 0 时忽略）"},
+    "max_steps": {"en": "Max steps", "zh": "最大步数"},
+    "max_steps.info": {"en": "Total optimizer steps; -1: from the epochs", "zh": "优化器总步数；-1：由训练轮数决定"},
+    "cutoff_len": {"en": "Cutoff length", "zh": "截断长度"},
+    "cutoff_len.info": {"en": "Maximum tokens per example; longer ones are truncated",
+                        "zh": "每条样本的最大 token 数；更长的会被截断"},
+    "per_device_train_batch_size": {"en": "Batch size", "zh": "批处理大小"},
+    "per_device_train_batch_size.info": {"en": "Examples per micro-batch per device", "zh": "每个设备每个微批次的样本数"},
+    "gradient_accumulation_steps": {"en": "Gradient accumulation", "zh": "梯度累积"},
+    "gradient_accumulation_steps.info": {"en": "Micro-batches per optimizer step", "zh": "每个优化器步的微批次数"},
+    "learning_rate": {"en": "Learning rate", "zh": "学习率"},
+    "learning_rate.info": {"en": "Peak learning rate of the optimizer", "zh": "优化器的最大学习率"},
+    "lora_rank": {"en": "LoRA rank", "zh": "LoRA 秩"},
+    "lora_rank.info": {"en": "Rank r of the adapters", "zh": "适配器的秩 r"},
+    "lora_alpha": {"en": "LoRA alpha", "zh": "LoRA 缩放系数"},
+    "lora_alpha.info": {"en": "scaling = alpha / r; follows 2 x rank until you change it",
+                        "zh": "缩放 = alpha / r；未修改时跟随 2 × 秩"},
+    "logging_steps": {"en": "Logging steps", "zh": "日志间隔"},
+    "logging_steps.info": {"en": "Log loss and learning rate every this many steps", "zh": "每隔多少步记录损失和学习率"},
+    "save_steps": {"en": "Save steps", "zh": "保存间隔"},
+    "save_steps.info": {"en": "Write a checkpoint every this many steps", "zh": "每隔多少步保存检查点"},
+    "val_size": {"en": "Validation size", "zh": "验证集比例"},
+    "val_size.info": {"en": "0: none; below 1: fraction; 1 or more: number of examples",
+                      "zh": "0：不划分；小于 1：比例；1 及以上：样本数"},
+    # output
+    "output_dir": {"en": "Output dir", "zh": "输出目录"},
+    "output_dir.info": {"en": "Where the adapter, checkpoints and logs are written", "zh": "适配器、检查点和日志的保存位置"},
+    "resume": {"en": "Checkpoint to resume from", "zh": "断点续训的检查点"},
+    "resume.info": {"en": "Empty: start (or continue the newest checkpoint in the output dir); a checkpoint folder: "
+                          "resume from it",
+                    "zh": "留空：新训练（或从输出目录中最新的检查点继续）；检查点文件夹：从该检查点继续"},
+    "args_path": {"en": "Arguments file", "zh": "参数文件"},
+    "args_path.info": {"en": "YAML file that Save writes and Load reads", "zh": "保存参数写入、读取参数读取的 YAML 文件"},
+    # buttons
+    "btn.preview": {"en": "Preview command", "zh": "预览命令"},
+    "btn.save": {"en": "Save arguments", "zh": "保存参数"},
+    "btn.load": {"en": "Load arguments", "zh": "读取参数"},
+    "btn.start": {"en": "Start", "zh": "开始"},
+    "btn.stop": {"en": "Stop", "zh": "中断"},
+    # outputs
+    "command": {"en": "Command", "zh": "命令"},
+    "yaml": {"en": "YAML", "zh": "YAML 配置"},
+    "status": {"en": "Status", "zh": "状态"},
+    "progress": {"en": "Progress", "zh": "进度"},
+    "loss_plot": {"en": "Loss", "zh": "损失"},
+    "log": {"en": "Log", "zh": "日志"},
+    "series.original": {"en": "original", "zh": "原始"},
+    "series.smoothed": {"en": "smoothed", "zh": "平滑"},
+    # messages
+    "msg.progress": {"en": "step {step}/{total} · loss {loss} · lr {lr} · {tps} tokens/s · ETA {eta}",
+                     "zh": "步数 {step}/{total} · 损失 {loss} · 学习率 {lr} · {tps} tokens/秒 · 剩余 {eta}"},
+    "msg.waiting": {"en": "starting: loading the model and the data ...", "zh": "启动中：正在加载模型和数据……"},
+    "msg.started": {"en": "training started: {command}", "zh": "训练已开始：{command}"},
+    "msg.running": {"en": "a training run is going on; stop it first", "zh": "已有训练在进行，请先中断它"},
+    "msg.stopping": {"en": "stopping: the current step finishes and a checkpoint is saved",
+                     "zh": "正在中断：当前步完成后保存检查点"},
+    "msg.stopped": {"en": "stopped; a checkpoint is saved: Start again with the same arguments resumes it",
+                    "zh": "已中断并保存检查点：用相同参数再次开始即可继续训练"},
+    "msg.finished": {"en": "training finished: {output_dir}", "zh": "训练完成：{output_dir}"},
+    "msg.failed": {"en": "training failed (exit code {code}); see the log", "zh": "训练失败（退出码 {code}），请查看日志"},
+    "msg.no_run": {"en": "no training run is going on", "zh": "当前没有训练"},
+    "msg.saved": {"en": "arguments saved to {path}", "zh": "参数已保存到 {path}"},
+    "msg.loaded": {"en": "arguments loaded from {path}", "zh": "已从 {path} 读取参数"},
+    "msg.need_path": {"en": "give the arguments file's path first", "zh": "请先填写参数文件路径"},
+    "msg.config_ok": {"en": "the config is valid", "zh": "配置有效"},
+    "msg.records": {"en": "{count} records in {name}", "zh": "{name} 共 {count} 条数据"},
+    "msg.no_dataset": {"en": "choose a dataset first", "zh": "请先选择数据集"},
+    "msg.not_loaded": {"en": "keys not shown in the page, kept from {path}: {keys}",
+                       "zh": "页面中没有的参数，已按 {path} 保留：{keys}"},
+}
+
+
+def text(key: str, lang: str = "en", **fields) -> str:
+    """The text of `key` in `lang` ("en" or "zh"), with `{field}`s filled in. Raises KeyError for
+    a key that is not in TEXTS (a missing translation is a bug, caught by the tests)."""
+    value = TEXTS[key][lang if lang in LANGS else "en"]
+    return value.format(**fields) if fields else value
+
+
+def has(key: str) -> bool:
+    return key in TEXTS
