@@ -4,8 +4,11 @@ loss plot, finish), the CLI's one-line error for a bad value, the Chinese switch
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import yaml
+from safetensors.torch import load_file
 
 from tests.conftest import arithmetic_records, write_dataset
 from tests.webui.conftest import fill, screenshot, value_of
@@ -52,6 +55,13 @@ def test_a_two_step_run_from_the_page(page, tmp_path, tiny_model_dir):
     run_yaml = yaml.safe_load((tmp_path / ".webui" / "out" / "train.yaml").read_text())
     assert run_yaml["max_steps"] == 2 and run_yaml["lora_alpha"] == 8 and run_yaml["eval_on_start"] is False
     assert "train" in value_of(page, "tf-log")
+    # the CLI run of the previewed command writes the same adapter
+    cli_out = tmp_path / "cli"
+    subprocess.run([sys.executable, "-m", "tuneforge", "train", command.split(" ", 2)[2], f"output_dir={cli_out}"],
+                   check=True, capture_output=True)
+    page_weights, cli_weights = load_file(out / "adapter_model.safetensors"), load_file(cli_out / "adapter_model.safetensors")
+    assert page_weights.keys() == cli_weights.keys()
+    assert max(float((page_weights[k] - cli_weights[k]).abs().max()) for k in page_weights) <= 1e-6
 
 
 def test_bad_value_shows_the_cli_one_line_error(page, tmp_path, tiny_model_dir):

@@ -13,7 +13,8 @@ from .datasets import dataset_names
 from .labels import Labels
 from .runner import Runner
 
-# the main fields, in the page's order: (config key, i18n key)
+# the i18n key of a main field whose label key is not its config key
+LABEL_KEYS = {"model_name_or_path": "model", "finetuning_type": "method", "resume_from_checkpoint": "resume"}
 HYPER = ("num_train_epochs", "max_steps", "cutoff_len", "per_device_train_batch_size",
          "gradient_accumulation_steps", "learning_rate", "lora_rank", "lora_alpha", "logging_steps",
          "save_steps", "val_size")
@@ -44,17 +45,15 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     form: dict[str, object] = {}
 
     def field(key, component):
-        form[key] = labels.add(component, key)
+        form[key] = labels.add(component, label_key(key))
         return component
 
     with gr.Row():
         field("model_name_or_path", gr.Textbox(value="", placeholder="SmolLM2-135M-Instruct (default)",
-                                               elem_id="tf-model", scale=3, **labels.field("model")))
-        labels.items[-1] = (form["model_name_or_path"], "model", "field")
+                                               elem_id="tf-model", scale=3, **labels.field(label_key("model_name_or_path"))))
         field("stage", gr.Dropdown(choices=options.stages(), value="sft", elem_id="tf-stage", **labels.field("stage")))
         field("finetuning_type", gr.Dropdown(choices=options.methods(), value="lora", elem_id="tf-method",
-                                             **labels.field("method")))
-        labels.items[-1] = (form["finetuning_type"], "method", "field")
+                                             **labels.field(label_key("finetuning_type"))))
     with gr.Row():
         field("dataset_dir", gr.Textbox(value="", elem_id="tf-dataset-dir", **labels.field("dataset_dir")))
         field("dataset", gr.Dropdown(choices=dataset_names(None), value=[], multiselect=True, allow_custom_value=True,
@@ -90,8 +89,7 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     with gr.Row():
         field("output_dir", gr.Textbox(value=time.strftime("saves/train_%Y-%m-%d-%H-%M-%S"),
                                        elem_id="tf-output-dir", **labels.field("output_dir")))
-        field("resume_from_checkpoint", gr.Textbox(value="", elem_id="tf-resume", **labels.field("resume")))
-        labels.items[-1] = (form["resume_from_checkpoint"], "resume", "field")
+        field("resume_from_checkpoint", gr.Textbox(value="", elem_id="tf-resume", **labels.field(label_key("resume_from_checkpoint"))))
         args_path = labels.add(gr.Textbox(value="saves/webui_args.yaml", elem_id="tf-args-path",
                                           **labels.field("args_path")), "args_path")
     with gr.Row():
@@ -165,6 +163,11 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     form["dataset_dir"].change(on_dataset_dir, [form["dataset_dir"], form["dataset"]], [form["dataset"]])
     preview_data.click(lambda lang, folder, names, stage: train_actions.dataset_preview(folder, names, stage, lang),
                        [lang_box, form["dataset_dir"], form["dataset"], form["stage"]], [data_count, data_records])
+
+
+def label_key(key: str) -> str:
+    """The i18n key of the main field for config key `key`."""
+    return LABEL_KEYS.get(key, key)
 
 
 def _main_number(labels: Labels, key: str):
