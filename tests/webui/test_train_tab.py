@@ -49,6 +49,7 @@ def test_a_two_step_run_from_the_page(page, tmp_path, tiny_model_dir):
                            timeout=60_000)
     assert re.search(r"loss \d+\.\d{4}", value_of(page, "tf-progress"))
     page.wait_for_selector("#tf-plot canvas, #tf-plot svg")
+    page.wait_for_timeout(1500)  # the plot draws its lines after the frame arrives
     screenshot(page, "train_tab")
     out = tmp_path / "out"
     assert (out / "adapter_model.safetensors").is_file()

@@ -41,7 +41,9 @@ def loss_points(output_dir: str | Path | None, lang: str = "en", key: str = "los
             prefix = f"{label}: " if label else ""
             rows += [(s, v, prefix + text("series.original", lang)) for s, v in points]
             rows += [(s, v, prefix + text("series.smoothed", lang)) for s, v in zip(steps, smooth(list(values)))]
-    return pd.DataFrame(rows, columns=["step", "loss", "series"])
+    # typed even when empty: the plot takes its axes' kinds (quantitative) from the first frame it gets
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64",
+                                                                         "series": "str"})
 
 
 def log_tail(path: str | Path | None, lines: int = 30) -> str:

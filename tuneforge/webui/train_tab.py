@@ -106,7 +106,7 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     progress_box = labels.add(gr.Textbox(interactive=False, elem_id="tf-progress", **labels.field("progress")),
                               "progress")
     with gr.Row():
-        plot = labels.add(gr.LinePlot(x="step", y="loss", color="series", elem_id="tf-plot", height=300,
+        plot = labels.add(gr.LinePlot(None, x="step", y="loss", color="series", elem_id="tf-plot", height=300,
                                       label=labels.field("loss_plot")["label"]), "loss_plot")
         log_box = labels.add(gr.Textbox(interactive=False, lines=12, max_lines=12, autoscroll=True,
                                         elem_id="tf-log", **labels.field("log")), "log")
@@ -139,7 +139,8 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
 
     def on_tick(lang):
         line, frame, tail, message, running = train_actions.poll(runner, lang)
-        return line, frame, tail, message, gr.Timer(active=running)
+        # an empty frame would fix the plot's colour domain empty (gradio 6.31 then draws no lines)
+        return line, gr.update() if frame.empty else frame, tail, message, gr.Timer(active=running)
 
     def on_method(method, stage):
         shown = set(options.method_keys(method)) | set(options.stage_keys(stage))
