@@ -68,7 +68,7 @@ def screenshot(page, name: str) -> Path:
 def fill(page, elem_id: str, value: str) -> None:
     """Type into a gradio Textbox / Number by its elem_id and leave the field (gradio sends the
     value on change)."""
-    box = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    box = page.locator(f"#{elem_id} textarea, #{elem_id} input[type=number], #{elem_id} input").first
     box.fill(value)
     box.blur()
 

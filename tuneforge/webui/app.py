@@ -29,9 +29,10 @@ def build_app(lang: str = "en", runner: Runner | None = None):
     offline_gradio()
     import gradio as gr
 
-    from . import train_tab
+    from . import chat_tab, eval_tab, export_tab, runs_tab, train_tab
 
     runner = runner or Runner()
+    holder = chat_tab.ChatHolder()
     labels = Labels(lang)
     with gr.Blocks(title="tuneforge", analytics_enabled=False) as app:
         with gr.Row():
@@ -43,6 +44,18 @@ def build_app(lang: str = "en", runner: Runner | None = None):
             with gr.Tab(text("tab.train", lang), elem_id="tf-tab-train") as tab:
                 labels.add(tab, "tab.train", "tab")
                 train_tab.build(labels, runner, lang_box)
+            with gr.Tab(text("tab.eval", lang), elem_id="tf-tab-eval") as tab:
+                labels.add(tab, "tab.eval", "tab")
+                eval_tab.build(labels, lang_box)
+            with gr.Tab(text("tab.chat", lang), elem_id="tf-tab-chat") as tab:
+                labels.add(tab, "tab.chat", "tab")
+                chat_tab.build(labels, holder, lang_box)
+            with gr.Tab(text("tab.export", lang), elem_id="tf-tab-export") as tab:
+                labels.add(tab, "tab.export", "tab")
+                export_tab.build(labels, lang_box)
+            with gr.Tab(text("tab.runs", lang), elem_id="tf-tab-runs") as tab:
+                labels.add(tab, "tab.runs", "tab")
+                runs_tab.build(labels, lang_box)
         lang_box.change(labels.updates, [lang_box], labels.components())
     app.tuneforge_runner = runner
     return app

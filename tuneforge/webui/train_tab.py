@@ -149,8 +149,8 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     def on_rank(rank):
         return gr.update(value=2 * rank) if rank else gr.update()
 
-    def on_dataset_dir(folder, chosen):
-        return gr.update(choices=dataset_names(folder or None), value=chosen)
+    def on_dataset_dir(folder):  # the choices only: the value may change meanwhile
+        return gr.update(choices=dataset_names(folder or None))
 
     buttons["preview"].click(on_preview, [lang_box, extra, *inputs], [command_box, yaml_box, status])
     buttons["save"].click(on_save, [lang_box, args_path, extra, *inputs], [status])
@@ -161,7 +161,7 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     for trigger in (form["finetuning_type"], form["stage"]):
         trigger.change(on_method, [form["finetuning_type"], form["stage"]], list(option_fields.values()))
     form["lora_rank"].input(on_rank, [form["lora_rank"]], [form["lora_alpha"]])
-    form["dataset_dir"].change(on_dataset_dir, [form["dataset_dir"], form["dataset"]], [form["dataset"]])
+    form["dataset_dir"].change(on_dataset_dir, [form["dataset_dir"]], [form["dataset"]])
     preview_data.click(lambda lang, folder, names, stage: train_actions.dataset_preview(folder, names, stage, lang),
                        [lang_box, form["dataset_dir"], form["dataset"], form["stage"]], [data_count, data_records])
 
