@@ -3,16 +3,15 @@ YAML resumes from it and finishes."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 from tests.conftest import arithmetic_records, write_dataset
+from tuneforge.cli import main
 from tuneforge.train.reporting import read_log
 from tuneforge.webui.runner import Runner
 
 
-def test_stop_leaves_a_checkpoint_the_cli_resumes(tmp_path, tiny_model_dir):
+def test_stop_leaves_a_checkpoint_the_cli_resumes(tmp_path, tiny_model_dir, capsys):
     data = write_dataset(tmp_path / "data", "arith", arithmetic_records(16))
     out = tmp_path / "out"
     values = {"model_name_or_path": str(tiny_model_dir), "dataset_dir": str(data), "dataset": "arith",
@@ -29,8 +28,8 @@ def test_stop_leaves_a_checkpoint_the_cli_resumes(tmp_path, tiny_model_dir):
     stopped_at = read_log(out)[-1]["current_steps"]
     assert stopped_at < 20 and (out / f"checkpoint-{stopped_at}").is_dir()
     assert "to resume, run the same command again" in run.log_path.read_text()
-    done = subprocess.run([sys.executable, "-m", "tuneforge", "train", str(run.yaml_path)],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert f"resumed from {out / f'checkpoint-{stopped_at}'}" in done.stdout + done.stderr and read_log(out)[-1]["current_steps"] == 20
+    assert main(["train", str(run.yaml_path)]) == 0  # the CLI, in this process (no second start-up)
+    printed = capsys.readouterr()
+    assert f"resumed from {out / f'checkpoint-{stopped_at}'}" in printed.out + printed.err
+    assert read_log(out)[-1]["current_steps"] == 20
     assert (out / "adapter_model.safetensors").is_file()

@@ -4,11 +4,11 @@ loss plot, finish), the CLI's one-line error for a bad value, the Chinese switch
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import yaml
 from safetensors.torch import load_file
+
+from tuneforge.cli import main
 
 from tests.conftest import arithmetic_records, write_dataset
 from tests.webui.conftest import fill, screenshot, value_of
@@ -38,6 +38,10 @@ def test_a_two_step_run_from_the_page(page, tmp_path, tiny_model_dir):
     assert value_of(page, "tf-model") == str(tiny_model_dir)
     assert value_of(page, "tf-lora_alpha") == "8"  # alpha = 2 x rank unless set
     assert "eval_on_start" in value_of(page, "tf-status")  # a key the page does not show is kept
+    page.click("#tf-preview-data")
+    page.wait_for_selector("#tf-data-records", state="visible")
+    assert "16 records in arith" in page.locator("#tf-data-count").inner_text()
+    assert "What is 0 plus 0?" in page.locator("#tf-data-records").inner_text()
     page.click("#tf-preview")
     page.wait_for_function("document.querySelector('#tf-command textarea').value.startsWith('tuneforge train ')")
     command = value_of(page, "tf-command")
@@ -58,8 +62,7 @@ def test_a_two_step_run_from_the_page(page, tmp_path, tiny_model_dir):
     assert "train" in value_of(page, "tf-log")
     # the CLI run of the previewed command writes the same adapter
     cli_out = tmp_path / "cli"
-    subprocess.run([sys.executable, "-m", "tuneforge", "train", command.split(" ", 2)[2], f"output_dir={cli_out}"],
-                   check=True, capture_output=True)
+    assert main(["train", command.split(" ", 2)[2], f"output_dir={cli_out}"]) == 0  # in this process: no start-up
     page_weights, cli_weights = load_file(out / "adapter_model.safetensors"), load_file(cli_out / "adapter_model.safetensors")
     assert page_weights.keys() == cli_weights.keys()
     assert max(float((page_weights[k] - cli_weights[k]).abs().max()) for k in page_weights) <= 1e-6
@@ -93,4 +96,6 @@ def test_chinese_switch_changes_the_labels(page):
     page.wait_for_function("document.querySelector('#tf-start').innerText.trim() === '开始'")
     assert page.get_by_text("训练阶段").first.is_visible()
     assert page.get_by_text("预览命令").first.is_visible()
+    for tab in ("训练", "评估与预测", "对话", "导出", "训练记录"):
+        assert page.get_by_role("tab", name=tab, exact=True).is_visible()
     screenshot(page, "train_tab_zh")

@@ -103,3 +103,20 @@ def test_log_tail_and_error_lines(tmp_path):
     log.write_text("a\ntrain: 1/2\rtrain: 2/2\ntuneforge: error: dataset 'x' is not in 'd'\n")
     assert progress.log_tail(log, 2) == "train: 2/2\ntuneforge: error: dataset 'x' is not in 'd'"
     assert progress.error_lines(log) == ["tuneforge: error: dataset 'x' is not in 'd'"]
+
+
+def test_cli_webui_binds_localhost_and_needs_gradio(monkeypatch, capsys):
+    import importlib.util
+
+    import tuneforge.webui as webui
+    from tuneforge.cli import main
+
+    calls = []
+    monkeypatch.setattr(webui, "launch", lambda **kw: calls.append(kw))
+    assert main(["webui", "--port", "7999", "--lang", "zh"]) == 0
+    assert calls == [{"host": "127.0.0.1", "port": 7999, "lang": "zh"}]
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
+    assert main(["webui"]) == 2
+    assert capsys.readouterr().err.strip() == ("tuneforge: error: tuneforge webui needs gradio, which is not "
+                                               "installed: pip install 'tuneforge[webui]'")

@@ -62,7 +62,7 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
                                   "preview_data", "button")
     with gr.Row():
         data_count = gr.Markdown(elem_id="tf-data-count")
-    data_records = labels.add(gr.Code(language="json", visible=True, elem_id="tf-data-records",
+    data_records = labels.add(gr.Code(language="json", visible=False, elem_id="tf-data-records",
                                       **{k: v for k, v in labels.field("data_preview").items() if k == "label"}),
                               "data_preview")
     hyper_title = labels.add(gr.Markdown(f"### {labels.field('hyper')['label']}"), "hyper", "markdown")
@@ -162,8 +162,12 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
         trigger.change(on_method, [form["finetuning_type"], form["stage"]], list(option_fields.values()))
     form["lora_rank"].input(on_rank, [form["lora_rank"]], [form["lora_alpha"]])
     form["dataset_dir"].change(on_dataset_dir, [form["dataset_dir"]], [form["dataset"]])
-    preview_data.click(lambda lang, folder, names, stage: train_actions.dataset_preview(folder, names, stage, lang),
-                       [lang_box, form["dataset_dir"], form["dataset"], form["stage"]], [data_count, data_records])
+    def on_preview_data(lang, folder, names, stage):
+        count, records = train_actions.dataset_preview(folder, names, stage, lang)
+        return count, gr.update(value=records, visible=bool(records))
+
+    preview_data.click(on_preview_data, [lang_box, form["dataset_dir"], form["dataset"], form["stage"]],
+                       [data_count, data_records])
 
 
 def label_key(key: str) -> str:
