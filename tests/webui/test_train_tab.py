@@ -26,6 +26,13 @@ def _args_file(tmp_path, model_dir, **extra):
     return path
 
 
+def _pick(page, elem_id: str, value: str):
+    box = page.locator(f"#{elem_id} input").first
+    box.fill(value)
+    box.press("Enter")
+    box.blur()
+
+
 def _load(page, path):
     fill(page, "tf-args-path", str(path))
     page.click("#tf-load")
@@ -75,6 +82,11 @@ def test_bad_value_shows_the_cli_one_line_error(page, tmp_path, tiny_model_dir):
     page.wait_for_function("document.querySelector('#tf-status textarea').value.includes('tuneforge: error:')")
     status = value_of(page, "tf-status")
     assert "cutoff_len" in status and "Traceback" not in status
+    fill(page, "tf-cutoff_len", "64")
+    _pick(page, "tf-dataset", "arith_typo")
+    page.click("#tf-start")
+    page.wait_for_function("document.querySelector('#tf-status textarea').value.includes('arith_typo')")
+    assert value_of(page, "tf-status").startswith("tuneforge: error: dataset 'arith_typo' is not in ")
     assert not (tmp_path / ".webui").exists()  # nothing started
 
 

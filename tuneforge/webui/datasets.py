@@ -29,3 +29,20 @@ def preview(dataset_dir: str | None, name: str, stage: str = "sft", count: int =
         return None, []
     records = read_records(entry, None, text_lines=records_kind == "text")
     return len(records), [records[i] for i in range(min(count, len(records)))]
+
+
+def check_datasets(dataset_dir: str | None, names, stage: str = "sft") -> list[str]:
+    """The DataError messages a run of `stage` would stop with for the datasets `names` (a comma
+    string or list): an unreadable registry, an unknown name, an entry the stage cannot train on.
+    The files themselves are read by the run."""
+    if isinstance(names, str):
+        names = names.split(",")
+    records_kind = STAGES[stage].records if stage in STAGES else "conversations"
+    try:
+        folder = resolve_dataset_dir(dataset_dir or None)
+        registry = load_registry(folder)
+        for name in (n.strip() for n in names or [] if n.strip()):
+            get_entry(folder, registry, name, records_kind)
+    except TuneforgeError as exc:
+        return [str(exc)]
+    return []

@@ -80,12 +80,13 @@ def load(path: str, keys: list[str], lang: str) -> tuple[list, dict, str]:
 
 
 def start(runner: Runner, form: dict, extra: dict | None, lang: str) -> tuple[bool, str, str]:
-    """(started, command line, status). Nothing starts when the config check fails: the status
-    is then the CLI's error lines."""
+    """(started, command line, status). Nothing starts when the config check or the dataset
+    check (registry entries, as the run reads them) fails: the status is then the CLI's lines."""
     values = form_config(form, extra)
     if runner.busy():
         return False, "", text("msg.running", lang)
-    errors = command.check(values)
+    errors = command.check(values) or [command.error_line(m) for m in datasets.check_datasets(
+        values.get("dataset_dir"), values.get("dataset") or "", values.get("stage", "sft"))]
     if not values.get("output_dir"):
         errors.append(command.error_line("config key 'output_dir' is empty: name the folder the run writes"))
     if errors:
