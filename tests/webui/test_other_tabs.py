@@ -8,7 +8,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from tests.conftest import arithmetic_records, save_moved_adapter, write_dataset
+from tests.conftest import REPO, arithmetic_records, save_moved_adapter, write_dataset
 from tests.webui.conftest import fill, screenshot, value_of
 from tuneforge.adapters import LoraConfig
 
@@ -104,6 +104,13 @@ def test_eval_scores_and_lists_predictions(page, tiny_model_dir, adapter, tmp_pa
     assert (tmp_path / "eval" / "generated_predictions.jsonl").is_file()
     assert "What is 1 plus 1?" in page.locator("#tf-eval-predictions").inner_text()
     screenshot(page, "eval_tab")
+    fill(page, "tf-eval-benchmark", str(REPO / "examples" / "mc_demo.json"))
+    fill(page, "tf-eval-n-shot", "0")
+    fill(page, "tf-eval-output-dir", str(tmp_path / "bench"))
+    page.click("#tf-eval-run")
+    _wait_status(page, "tf-eval-status", "evaluation finished")
+    assert "arithmetic" in page.locator("#tf-eval-results .cm-content").inner_text()
+    assert (tmp_path / "bench" / "benchmark_results.json").is_file()
 
 
 def test_runs_lists_runs_and_compares_two(page, tmp_path):

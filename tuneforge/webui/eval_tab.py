@@ -1,6 +1,7 @@
 """The Evaluate & Predict tab: `tuneforge eval` on a model with adapters and eval datasets (eval
 loss and perplexity; with predictions: ROUGE-1/2/L and BLEU-4), by the CLI's own code
-(workflows.evaluate, greedy as the CLI decodes unless asked), and a table of the predictions."""
+(workflows.evaluate, greedy as the CLI decodes unless asked), and a table of the predictions; or,
+with benchmark files, `tuneforge eval --benchmark` (multiple-choice accuracy per subject)."""
 
 from __future__ import annotations
 
@@ -37,6 +38,22 @@ def evaluate(fields: dict, limit, lang: str) -> tuple[str, str, list[list[str]]]
     return text("msg.eval_done", lang), json.dumps(results, indent=2, ensure_ascii=False), rows
 
 
+def benchmark(fields: dict, files: str, n_shot, limit, lang: str) -> tuple[str, str, list[list[str]]]:
+    """`tuneforge eval --benchmark FILES`: (status, accuracy per subject as JSON, no rows)."""
+    cfg, errors = config_from({"do_sample": False, **fields})
+    if errors:
+        return "\n".join(errors), "", []
+    from ..workflows import evaluate_benchmark
+
+    paths = [p.strip() for p in files.split(",") if p.strip()]
+    try:
+        results = evaluate_benchmark(cfg, paths, int(n_shot) if n_shot is not None else None, None,
+                                     int(limit) if limit else None, progress=False)
+    except Exception as exc:  # noqa: BLE001 - TuneforgeError / OSError / MemoryError become one line
+        return failure(exc), "", []
+    return text("msg.eval_done", lang), json.dumps(results, indent=2, ensure_ascii=False), []
+
+
 def build(labels: Labels, lang_box) -> None:
     with gr.Row():
         model = labels.add(gr.Textbox(value="", placeholder="SmolLM2-135M-Instruct (default)", elem_id="tf-eval-model",
@@ -60,6 +77,11 @@ def build(labels: Labels, lang_box) -> None:
                              "do_predict")
         out_dir = labels.add(gr.Textbox(value="saves/eval", elem_id="tf-eval-output-dir",
                                         **labels.field("eval_output_dir")), "eval_output_dir")
+    with gr.Row():
+        bench = labels.add(gr.Textbox(value="", elem_id="tf-eval-benchmark", scale=3, **labels.field("benchmark")),
+                           "benchmark")
+        n_shot = labels.add(gr.Number(value=5, precision=0, elem_id="tf-eval-n-shot", **labels.field("n_shot")),
+                            "n_shot")
     button = labels.add(gr.Button(text("btn.eval", labels.lang), variant="primary", elem_id="tf-eval-run"),
                         "btn.eval", "button")
     status = labels.add(gr.Textbox(interactive=False, elem_id="tf-eval-status", **labels.field("status")), "status")
@@ -68,16 +90,20 @@ def build(labels: Labels, lang_box) -> None:
     table = labels.add(gr.Dataframe(headers=["prompt", "predict", "label"], elem_id="tf-eval-predictions", wrap=True,
                                     label=text("predictions", labels.lang)), "predictions")
 
-    def on_eval(lang, model_path, adapter_paths, folder, names, limit, cutoff_len, max_new_tokens, do_predict, output):
+    def on_eval(lang, model_path, adapter_paths, folder, names, limit, cutoff_len, max_new_tokens, do_predict, output,
+                files, shots):
         yield text("msg.evaluating", lang), "", []
-        fields = {"model_name_or_path": model_path, "adapter_name_or_path": adapter_paths, "dataset_dir": folder,
-                  "eval_dataset": names, "cutoff_len": cutoff_len, "max_new_tokens": max_new_tokens,
-                  "do_predict": bool(do_predict), "output_dir": output}
+        fields = {"model_name_or_path": model_path, "adapter_name_or_path": adapter_paths, "output_dir": output}
+        if files and files.strip():
+            yield benchmark(fields, files, shots, limit, lang)
+            return
+        fields.update({"dataset_dir": folder, "eval_dataset": names, "cutoff_len": cutoff_len,
+                       "max_new_tokens": max_new_tokens, "do_predict": bool(do_predict)})
         yield evaluate(fields, limit, lang)
 
     def on_dataset_dir(folder):  # the choices only: the value may change meanwhile
         return gr.update(choices=dataset_names(folder or None))
 
     button.click(on_eval, [lang_box, model, adapters, dataset_dir, datasets, max_samples, cutoff, max_new, predict,
-                           out_dir], [status, results, table])
+                           out_dir, bench, n_shot], [status, results, table])
     dataset_dir.change(on_dataset_dir, [dataset_dir], [datasets])

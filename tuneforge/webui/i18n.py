@@ -147,6 +147,12 @@ TEXTS: dict[str, dict[str, str]] = {
     "eval_output_dir.info": {"en": "Where predict_results.json and generated_predictions.jsonl are written",
                              "zh": "predict_results.json 和 generated_predictions.jsonl 的保存位置"},
     "results": {"en": "Results", "zh": "结果"},
+    "benchmark": {"en": "Multiple-choice benchmark", "zh": "选择题基准"},
+    "benchmark.info": {"en": "Instead: accuracy per subject on these .json/.jsonl/.csv files or folders (comma list; "
+                             "MMLU / C-Eval style)",
+                       "zh": "改为：在这些 .json/.jsonl/.csv 文件或文件夹（逗号分隔；MMLU / C-Eval 格式）上按科目计算准确率"},
+    "n_shot": {"en": "Shots", "zh": "示例数（n-shot）"},
+    "n_shot.info": {"en": "Solved examples before each question", "zh": "每题前给出的已解答示例数"},
     "predictions": {"en": "Predictions", "zh": "预测结果"},
     "export_dir": {"en": "Export dir", "zh": "导出目录"},
     "export_dir.info": {"en": "A new or empty folder (or one an earlier export wrote)", "zh": "新的或空的文件夹（或之前导出写入的文件夹）"},
