@@ -75,3 +75,8 @@ def fill(page, elem_id: str, value: str) -> None:
 
 def value_of(page, elem_id: str) -> str:
     return page.locator(f"#{elem_id} textarea, #{elem_id} input").first.input_value()
+
+
+def pytest_configure(config):
+    # gradio 6.31's queue calls pandas options that pandas 3 deprecates: not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore:.*(no_silent_downcasting|copy keyword).*")

@@ -9,6 +9,7 @@ import yaml
 from safetensors.torch import load_file
 
 from tuneforge.cli import main
+from tuneforge.train.reporting import read_log
 
 from tests.conftest import arithmetic_records, write_dataset
 from tests.webui.conftest import fill, screenshot, value_of
@@ -73,6 +74,27 @@ def test_a_two_step_run_from_the_page(page, tmp_path, tiny_model_dir):
     page_weights, cli_weights = load_file(out / "adapter_model.safetensors"), load_file(cli_out / "adapter_model.safetensors")
     assert page_weights.keys() == cli_weights.keys()
     assert max(float((page_weights[k] - cli_weights[k]).abs().max()) for k in page_weights) <= 1e-6
+
+
+def test_stop_leaves_a_checkpoint_the_cli_resumes(page, tmp_path, tiny_model_dir, capsys):
+    """Stop sends the CLI's Ctrl-C: the step finishes, a checkpoint is saved; the CLI run of the
+    same YAML resumes from it and finishes."""
+    out = tmp_path / "out"
+    _load(page, _args_file(tmp_path, tiny_model_dir, max_steps=20, save_steps=1000))
+    page.click("#tf-start")
+    page.wait_for_function("/step \\d+\\/20/.test(document.querySelector('#tf-progress textarea').value)",
+                           timeout=120_000)
+    page.click("#tf-stop")
+    page.wait_for_function("document.querySelector('#tf-status textarea').value.includes('stopped')", timeout=60_000)
+    stopped_at = read_log(out)[-1]["current_steps"]
+    assert stopped_at < 20 and (out / f"checkpoint-{stopped_at}").is_dir()
+    run_yaml = tmp_path / ".webui" / "out" / "train.yaml"
+    assert "to resume, run the same command again" in (run_yaml.parent / "train.log").read_text()
+    capsys.readouterr()
+    assert main(["train", str(run_yaml)]) == 0  # the CLI, in this process (no second start-up)
+    printed = capsys.readouterr()
+    assert f"resumed from {out / f'checkpoint-{stopped_at}'}" in printed.out + printed.err
+    assert read_log(out)[-1]["current_steps"] == 20 and (out / "adapter_model.safetensors").is_file()
 
 
 def test_bad_value_shows_the_cli_one_line_error(page, tmp_path, tiny_model_dir):
