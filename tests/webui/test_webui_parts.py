@@ -79,6 +79,8 @@ def test_load_puts_other_keys_aside(tmp_path):
     keys = ["lora_rank", "lora_alpha", "dataset", "stage"]
     form, extra, status = train_actions.load(str(path), keys, "zh")
     assert form == [16, 32, ["x", "y"], "sft"] and extra == {"seed": 7} and "seed" in status
+    path.write_text("dataset: [x, y]\n")
+    assert train_actions.load(str(path), keys, "en")[0][2] == ["x", "y"]
     form, extra, status = train_actions.load(str(tmp_path / "missing.yaml"), keys, "en")
     assert status == f"tuneforge: error: config file '{tmp_path / 'missing.yaml'}' does not exist"
 
@@ -120,3 +122,15 @@ def test_cli_webui_binds_localhost_and_needs_gradio(monkeypatch, capsys):
     assert main(["webui"]) == 2
     assert capsys.readouterr().err.strip() == ("tuneforge: error: tuneforge webui needs gradio, which is not "
                                                "installed: pip install 'tuneforge[webui]'")
+
+
+def test_save_then_load_gives_the_same_arguments(tmp_path):
+    form = {"stage": "dpo", "finetuning_type": "lora", "dataset": ["dpo_en_demo"], "lora_rank": 16,
+            "pref_beta": 0.2, "pref_loss": "sigmoid", "output_dir": "saves/d"}
+    path = tmp_path / "sub" / "args.yaml"
+    assert train_actions.save(form, {"seed": 1}, str(path), "en") == f"arguments saved to {path}"
+    keys = list(form)
+    values, extra, _ = train_actions.load(str(path), keys, "en")
+    assert dict(zip(keys, values)) == {**form, "pref_loss": "sigmoid"} and extra == {"seed": 1}
+    assert "pref_loss" not in path.read_text()  # at its default: left out
+    assert train_actions.save(form, {}, "", "zh") == "请先填写参数文件路径"

@@ -61,8 +61,9 @@ def load(path: str, keys: list[str], lang: str) -> tuple[list, dict, str]:
     form = []
     for key in keys:
         if key == "dataset":
-            value = values.get(key)
-            form.append([n.strip() for n in str(value).split(",") if n.strip()] if value else [])
+            value = values.get(key) or []
+            names = value if isinstance(value, list) else str(value).split(",")
+            form.append([str(n).strip() for n in names if str(n).strip()])
         elif key == "resume_from_checkpoint":
             value = values.get(key)
             form.append("" if value in (None, False) else str(value))
