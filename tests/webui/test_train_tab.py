@@ -121,6 +121,10 @@ def test_method_options_follow_the_method(page):
     page.wait_for_selector("#tf-opt-vera_rank", state="visible")
     assert not page.locator("#tf-opt-use_dora").is_visible()
     assert "VeRA" in page.locator("#tf-opt-vera_rank").inner_text()  # the key table's help line
+    page.locator("#tf-method input").fill("full")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("#tf-lora_rank", state="hidden")
+    assert not page.locator("#tf-opt-vera_rank").is_visible()
 
 
 def test_chinese_switch_changes_the_labels(page):

@@ -63,6 +63,8 @@ def test_form_becomes_the_yaml_of_the_chosen_method_only():
     assert isinstance(values["lora_rank"], int)
     form["finetuning_type"] = "lora_ensemble"
     assert train_actions.form_config(form)["ensemble"] == [{"r": 4}, {"r": 16}]
+    form["finetuning_type"] = "full"
+    assert not {"lora_rank", "lora_alpha", "use_dora", "lora_target"} & set(train_actions.form_config(form))
     assert command.command_line("saves/.webui/my run/train.yaml") == "tuneforge train 'saves/.webui/my run/train.yaml'"
 
 

@@ -21,6 +21,9 @@ LORA_ONLY = ("use_rslora", "use_dora", "pissa_init", "pissa_iter", "pissa_conver
              "loraplus_lr_embedding", "loftq_iter", "create_new_adapter")
 ADAPTER_KEYS = ("lora_target", "additional_target", "lora_dropout")
 FREEZE_KEYS = ("freeze_trainable_layers", "freeze_trainable_modules")
+# main fields that only adapter methods read: hidden and not written for full / freeze
+RANK_KEYS = ("lora_rank", "lora_alpha")
+NO_ADAPTER = ("full", "freeze")
 # keys the Train tab has its own fields for (hyperparameters, data, output), not repeated per method
 MAIN_KEYS = ("model_name_or_path", "stage", "finetuning_type", "dataset_dir", "dataset", "num_train_epochs",
              "max_steps", "cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps",

@@ -19,6 +19,8 @@ def form_config(form: dict, extra: dict | None = None) -> dict:
     shown = set(options.method_keys(method)) | set(options.stage_keys(stage))
     fields = {}
     for name, value in form.items():
+        if name in options.RANK_KEYS and method in options.NO_ADAPTER:
+            continue  # full / freeze train no adapter: its rank is not theirs to write
         if name in options.MAIN_KEYS or name in shown:
             if name == "dataset" and isinstance(value, (list, tuple)):
                 value = ",".join(value)

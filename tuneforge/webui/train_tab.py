@@ -144,7 +144,8 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
 
     def on_method(method, stage):
         shown = set(options.method_keys(method)) | set(options.stage_keys(stage))
-        return [gr.update(visible=key in shown) for key in option_fields]
+        ranks = [gr.update(visible=method not in options.NO_ADAPTER) for _ in options.RANK_KEYS]
+        return [gr.update(visible=key in shown) for key in option_fields] + ranks
 
     def on_rank(rank):
         return gr.update(value=2 * rank) if rank else gr.update()
@@ -159,7 +160,8 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     buttons["stop"].click(on_stop, [lang_box], [status])
     timer.tick(on_tick, [lang_box], [progress_box, plot, log_box, status, timer])
     for trigger in (form["finetuning_type"], form["stage"]):
-        trigger.change(on_method, [form["finetuning_type"], form["stage"]], list(option_fields.values()))
+        trigger.change(on_method, [form["finetuning_type"], form["stage"]],
+                       list(option_fields.values()) + [form[k] for k in options.RANK_KEYS])
     form["lora_rank"].input(on_rank, [form["lora_rank"]], [form["lora_alpha"]])
     form["dataset_dir"].change(on_dataset_dir, [form["dataset_dir"]], [form["dataset"]])
     def on_preview_data(lang, folder, names, stage):
