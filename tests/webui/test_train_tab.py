@@ -1,10 +1,13 @@
 """The Train tab in a real browser: a 2-step run of a tiny model started from the page (progress,
-loss plot, finish), the CLI's one-line error for a bad value, the Chinese switch."""
+loss plot, finish, the same adapter as the CLI run of its previewed command), Stop and the CLI's
+resume, the CLI's one-line error for a bad value or dataset, method options, the Chinese switch;
+one integration test trains the default model."""
 
 from __future__ import annotations
 
 import re
 
+import pytest
 import yaml
 from safetensors.torch import load_file
 
@@ -137,3 +140,22 @@ def test_chinese_switch_changes_the_labels(page):
     for tab in ("训练", "评估与预测", "对话", "导出", "训练记录"):
         assert page.get_by_role("tab", name=tab, exact=True).is_visible()
     screenshot(page, "train_tab_zh")
+
+
+@pytest.mark.integration
+def test_the_default_model_trains_from_the_page(page, tmp_path, shared_data_dir):
+    """The model field left empty: the default model (SmolLM2-135M-Instruct), 2 steps."""
+    values = {"stage": "sft", "finetuning_type": "lora", "dataset_dir": str(shared_data_dir),
+              "dataset": "alpaca_en_demo", "max_samples": 8, "cutoff_len": 64, "max_steps": 2,
+              "per_device_train_batch_size": 1, "gradient_accumulation_steps": 1, "logging_steps": 1,
+              "output_dir": str(tmp_path / "out"), "eval_on_start": False}
+    path = tmp_path / "args.yaml"
+    path.write_text(yaml.safe_dump(values))
+    _load(page, path)
+    assert value_of(page, "tf-model") == ""
+    page.click("#tf-start")
+    page.wait_for_function("document.querySelector('#tf-progress textarea').value.includes('step 2/2')",
+                           timeout=300_000)
+    page.wait_for_function("document.querySelector('#tf-status textarea').value.includes('training finished')",
+                           timeout=120_000)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
