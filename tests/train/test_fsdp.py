@@ -1,0 +1,85 @@
+"""FSDP2 (accelerate's FullyShardedDataParallelPlugin, torch's fully_shard) on CPUs: two gloo
+processes with `fsdp: full_shard auto_wrap` train as one process with the same global batch,
+step by step (the logged losses) and to the end (the weights, within 1e-5 in fp32), for LoRA and
+for full fine-tuning. The LoRA run is started as users start it on one machine:
+`FORCE_TORCHRUN=1 NPROC_PER_NODE=2 tuneforge train ...` (LLaMA-Factory's launcher variables); the
+full one by torchrun by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import arithmetic_records, write_dataset
+from tuneforge.workflows import train
+
+STEPS = {"max_steps": 6, "learning_rate": 1e-3, "lr_scheduler_type": "constant", "bf16": False,
+         "disable_tqdm": True, "cutoff_len": 64, "lora_rank": 4, "gradient_accumulation_steps": 2,
+         "logging_steps": 1, "save_strategy": "no"}
+
+
+def _argv(values: dict) -> list[str]:
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
+
+
+def _losses(folder) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "trainer_log.jsonl").read_text().splitlines()
+            if "loss" in json.loads(line)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_model_dir):
+    """The two 2-process FSDP runs (started together: they share the cores' waiting) and the
+    single-process runs they must equal."""
+    root = tmp_path_factory.mktemp("fsdp")
+    data = write_dataset(root / "data", "arith", arithmetic_records(40))
+    common = {"model_name_or_path": str(tiny_model_dir), "dataset": "arith", "dataset_dir": str(data), **STEPS}
+    sharded = {"per_device_train_batch_size": 4, "fsdp": "full_shard auto_wrap"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    lora = subprocess.Popen([sys.executable, "-m", "tuneforge", "train",
+                             *_argv({**common, **sharded, "output_dir": root / "lora2"})],
+                            env={**env, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    full = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
+                             "tuneforge", "train", *_argv({**common, **sharded, "finetuning_type": "full",
+                                                           "output_dir": root / "full2"})],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for kind in ("lora", "full"):  # the oracles, in this process meanwhile
+        train(_config({**common, "per_device_train_batch_size": 8, "finetuning_type": kind,
+                       "output_dir": str(root / f"{kind}1")}))
+    outputs = []
+    for process in (lora, full):
+        output, _ = process.communicate(timeout=600)
+        assert process.returncode == 0, output[-3000:]
+        outputs.append(output)
+    return root, outputs[0]
+
+
+def _config(values: dict):
+    from tuneforge.config import load_config
+
+    return load_config(None, values)
+
+
+@pytest.mark.parametrize("kind, weights", [("lora", "adapter_model.safetensors"), ("full", "model.safetensors")])
+def test_fsdp2_two_processes_equal_one_with_the_same_global_batch(runs, kind, weights):
+    root, _ = runs
+    two, one = root / f"{kind}2", root / f"{kind}1"
+    assert _losses(two) == pytest.approx(_losses(one), abs=1e-5)  # each of the 6 steps
+    a, b = load_file(str(two / weights)), load_file(str(one / weights))
+    assert sorted(a) == sorted(b)  # the ordinary peft / HF files, gathered whole
+    worst = max((a[k] - b[k]).abs().max().item() for k in b)
+    assert worst <= 1e-5, worst
+    assert len(_losses(two)) == 6 and _losses(two)[-1] < _losses(two)[0]  # it trained
+
+
+def test_force_torchrun_relaunches_under_torchrun(runs):
+    """`tuneforge train` with FORCE_TORCHRUN=1 started torchrun with NPROC_PER_NODE processes (the
+    LoRA run above equals the 8-example batch only with both of its 4-example halves)."""
+    _, output = runs
+    assert "starting 2 processes per node on 1 node(s) under torchrun" in output
