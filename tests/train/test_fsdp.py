@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from tests.conftest import arithmetic_records, write_dataset
@@ -45,10 +47,9 @@ def runs(tmp_path_factory, tiny_model_dir):
                              *_argv({**common, **sharded, "output_dir": root / "lora2"})],
                             env={**env, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    full = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m",
-                             "tuneforge", "train", *_argv({**common, **sharded, "finetuning_type": "full",
-                                                           "output_dir": root / "full2"})],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    full_args = {**common, **sharded, "finetuning_type": "full", "save_strategy": "steps", "save_steps": 3}
+    full = subprocess.Popen(_torchrun({**full_args, "output_dir": root / "full2"}), env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for kind in ("lora", "full"):  # the oracles, in this process meanwhile
         train(_config({**common, "per_device_train_batch_size": 8, "finetuning_type": kind,
                        "output_dir": str(root / f"{kind}1")}))
@@ -57,7 +58,17 @@ def runs(tmp_path_factory, tiny_model_dir):
         output, _ = process.communicate(timeout=600)
         assert process.returncode == 0, output[-3000:]
         outputs.append(output)
+    # a new run in a folder holding only checkpoint-3 resumes from it (as after a crash)
+    shutil.copytree(root / "full2" / "checkpoint-3", root / "resumed" / "checkpoint-3")
+    resumed = subprocess.run(_torchrun({**full_args, "output_dir": root / "resumed"}), env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     return root, outputs[0]
+
+
+def _torchrun(values: dict) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tuneforge", "train",
+            *_argv(values)]
 
 
 def _config(values: dict):
@@ -83,3 +94,20 @@ def test_force_torchrun_relaunches_under_torchrun(runs):
     LoRA run above equals the 8-example batch only with both of its 4-example halves)."""
     _, output = runs
     assert "starting 2 processes per node on 1 node(s) under torchrun" in output
+
+
+def test_fsdp2_checkpoint_resumes_to_the_same_end(runs):
+    root, _ = runs
+    saved = torch.load(root / "full2" / "checkpoint-3" / "rng_state.pt", weights_only=True)
+    assert len(saved["ranks"]) == 2  # each process's RNG states
+    optimizer = torch.load(root / "full2" / "checkpoint-3" / "optimizer.pt", weights_only=True)
+    weights = load_file(str(root / "full2" / "model.safetensors"))
+    moments = {name: tuple(entry["exp_avg"].shape) for name, entry in optimizer["state"].items()}
+    assert len(moments) == len(weights) - ("lm_head.weight" in weights)  # tied: one entry
+    assert all(moments[name] == tuple(t.shape) for name, t in weights.items() if name in moments)  # whole
+    steps = [json.loads(line)["current_steps"] for line in
+             (root / "resumed" / "trainer_log.jsonl").read_text().splitlines() if "loss" in line]
+    assert steps == [4, 5, 6]  # it resumed: steps 1-3 came from the checkpoint
+    a, b = load_file(str(root / "resumed" / "model.safetensors")), weights
+    worst = max((a[k] - b[k]).abs().max().item() for k in b)
+    assert worst <= 1e-6, worst

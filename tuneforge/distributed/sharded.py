@@ -50,3 +50,34 @@ def plain_state_dict(model) -> dict:
             if buffer is not None and name not in module._non_persistent_buffers_set:
                 out[head + name] = buffer
     return out
+
+
+def _options(**kwargs):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
+
+
+def full_optimizer_state(model, optimizer) -> dict:
+    """The optimizer state of a sharded `model`, whole, on the main process (others get {}):
+    torch.distributed.checkpoint's get_optimizer_state_dict, keyed by parameter names. Every
+    process calls it together."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
+    return get_optimizer_state_dict(model, inner, options=_options(cpu_offload=True))
+
+
+def load_sharded(model, optimizer, weights: dict, optimizer_state: dict) -> None:
+    """Put whole `weights` (name -> tensor, the trainable ones) and a whole optimizer state
+    (full_optimizer_state's) into a sharded `model` and its optimizer, each process taking its
+    shards (torch.distributed.checkpoint's set_model_state_dict / set_optimizer_state_dict). The
+    optimizer keeps the hyper-parameters its groups have now. Every process calls it together."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    inner = getattr(optimizer, "optimizer", optimizer)
+    current = [{k: v for k, v in group.items() if k != "params"} for group in inner.param_groups]
+    set_model_state_dict(model, weights, options=_options(strict=False))
+    set_optimizer_state_dict(model, inner, optimizer_state, options=_options())
+    for group, settings in zip(inner.param_groups, current):
+        group.update(settings)
