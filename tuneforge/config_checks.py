@@ -61,7 +61,7 @@ def blockers(cfg, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
     check(validate_lf_keys, cfg, given)
     check(_validate_placeholders, cfg.data.placeholders)
     check(_validate_adapter_list, cfg.model.adapter_name_or_path)
-    out.extend(distributed_problems(cfg.distributed, cfg.train))  # fsdp, deepspeed (distributed/plugins.py)
+    out.extend(distributed_problems(cfg))  # fsdp, deepspeed (distributed/plugins.py)
     return list(dict.fromkeys(out))  # a problem two checks find is named once
 
 

@@ -100,3 +100,28 @@ def test_ddp_keys_become_accelerate_kwargs_handlers():
     assert {type(h): h for h in default["kwargs_handlers"]}[DistributedDataParallelKwargs].find_unused_parameters \
         is False
     assert "fsdp_plugin" not in default and "deepspeed_plugin" not in default
+
+
+def test_checkpoint_keeps_every_process_rng_states(tmp_path):
+    """rng_state.pt of a run in several processes: each process resumes with its own states."""
+    import torch
+
+    from tuneforge.train import checkpoint as ckpt
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(ckpt.rng_state())
+    path = ckpt.save_checkpoint(tmp_path, ckpt.TrainerState(global_step=1, total_steps=2), model, optimizer,
+                                scheduler, rng_states=states)
+    saved = torch.load(path / ckpt.RNG, weights_only=True)
+    for rank, seed in enumerate((1, 2)):
+        ckpt.set_rng_state(ckpt.rank_rng_state(saved, rank))
+        drawn = torch.rand(3)
+        torch.manual_seed(seed)
+        assert torch.equal(drawn, torch.rand(3))
+    single = {"torch": torch.get_rng_state()}  # a one-process checkpoint's file: itself for rank 0
+    assert ckpt.rank_rng_state(single, 0) is single
