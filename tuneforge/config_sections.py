@@ -66,9 +66,9 @@ class DistributedArguments:
         "transformer_layer_cls_to_wrap, min_num_params, activation_checkpointing, state_dict_type, "
         "cpu_ram_efficient_loading; an fsdp_ prefix is dropped.")
     deepspeed: Optional[Union[dict, str]] = _f(
-        None, "DeepSpeed ZeRO through accelerate: a DeepSpeed JSON config (LLaMA-Factory's examples/deepspeed/"
-        "ds_z{0,2,3}[_offload]_config.json) or its mapping; its \"auto\" values are filled from this config "
-        "(batch sizes, accumulation, learning rate, clipping, precision). Needs `pip install tuneforge[deepspeed]`.")
+        None, "A DeepSpeed JSON config (LLaMA-Factory's examples/deepspeed/ds_z{0,2,3}[_offload]_config.json) or "
+        "its mapping: read and checked, its \"auto\" values filled from this config; training with it is refused "
+        "for now (use fsdp: full_shard, FSDP2's sharding as ZeRO-3's).")
     ddp_timeout: int = _f(1800, "Seconds before a distributed collective times out (the process group's "
                           "timeout).", bounds="(0, inf)")
     ddp_find_unused_parameters: Optional[bool] = _f(

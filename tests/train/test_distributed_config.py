@@ -84,6 +84,8 @@ def test_deepspeed_auto_values_filled_from_the_config(tmp_path):
     # the model's hidden size decides these: accelerate fills them when it prepares the model
     assert filled["zero_optimization"]["reduce_bucket_size"] == "auto"
     assert ZERO3["train_batch_size"] == "auto"  # the file's mapping is left as it was
+    with pytest.raises(ConfigError, match="does not drive DeepSpeed's engine yet; use fsdp: full_shard"):
+        accelerator_kwargs(cfg, "no", cpu=False)  # refused on GPUs as on CPUs, before anything starts
     path.write_text(json.dumps({"zero_optimization": {"stage": 4}}))
     with pytest.raises(ConfigError, match="zero_optimization.stage must be 0, 1, 2 or 3, got 4"):
         load_config(None, {"deepspeed": str(path)})

@@ -3,7 +3,7 @@ read, checked and its "auto" values filled from the run's config, as transformer
 HfTrainerDeepSpeedConfig.trainer_config_process fills them (batch sizes, accumulation, clipping,
 optimizer settings, precision); the values that depend on the model's hidden size (ZeRO's bucket
 sizes) are left "auto" for accelerate, which fills them from the model when it prepares it.
-Then accelerate's DeepSpeedPlugin(hf_ds_config=...) carries it."""
+Training with it is refused for now (refuse_deepspeed says why), after the file is checked."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import json
 from pathlib import Path
 
 from ..errors import ConfigError
-
-EXTRA = "pip install tuneforge[deepspeed]"
 
 
 def read_deepspeed_config(deepspeed) -> dict:
@@ -70,20 +68,14 @@ def fill_auto(config: dict, train, world_size: int, precision: str) -> dict:
     return filled
 
 
-def deepspeed_plugin(deepspeed, train, world_size: int, precision: str, cpu: bool):
-    """accelerate's DeepSpeedPlugin for the config, "auto" values filled (fill_auto).
-
-    Raises ConfigError when DeepSpeed is not installed (naming the extra to install) and on a
-    machine without GPUs: accelerate runs DeepSpeed on accelerator devices only."""
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
-        raise ConfigError(f"config key 'deepspeed': DeepSpeed is not installed; {EXTRA} (or drop deepspeed: "
-                          "data parallel under torchrun, or fsdp: full_shard)")
-    if cpu:
-        raise ConfigError("config key 'deepspeed': accelerate runs DeepSpeed on GPUs only and this machine has "
-                          "none; drop deepspeed (several CPU processes: torchrun for data parallel, or fsdp: "
-                          "full_shard, which shards on CPUs too)")
-    from accelerate.utils import DeepSpeedPlugin
-
-    return DeepSpeedPlugin(hf_ds_config=fill_auto(read_deepspeed_config(deepspeed), train, world_size, precision))
+def refuse_deepspeed() -> None:
+    """Raises ConfigError: tuneforge's loop does not drive DeepSpeed's engine yet. What it lacks:
+    the engine scales each micro-batch's loss by 1/gradient_accumulation_steps and steps itself at
+    the accumulation boundary (the loop normalises over the whole step and steps the optimizer),
+    and ZeRO-3 leaves each weight partitioned, so saving needs deepspeed.zero.GatheredParameters;
+    accelerate also runs DeepSpeed on accelerator devices only, so none of it can be checked on
+    CPUs. Once it is driven, accelerate's DeepSpeedPlugin(hf_ds_config=fill_auto(...)) carries the
+    config (DeepSpeed 0.19.8 installs from PyPI as a pure-Python sdist in ~15 s)."""
+    raise ConfigError("config key 'deepspeed': tuneforge's training loop does not drive DeepSpeed's engine yet; "
+                      "use fsdp: full_shard (FSDP2 shards weights, gradients and optimizer state as ZeRO-3 does; "
+                      "'full_shard offload' as ZeRO-3 offload) or drop deepspeed (data parallel)")

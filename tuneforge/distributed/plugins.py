@@ -7,7 +7,8 @@ Trainer._build_accelerator_args):
   fully_shard, applied by accelerate.prepare);
 - `ddp_timeout` -> InitProcessGroupKwargs(timeout=...), the process group's collective timeout;
 - `ddp_find_unused_parameters` -> DistributedDataParallelKwargs(find_unused_parameters=...);
-- `deepspeed` -> accelerate's DeepSpeedPlugin (deepspeed_config.py fills the JSON's "auto" values).
+- `deepspeed`: its JSON read and checked, "auto" values filled by deepspeed_config.py; training
+  with it refused for now (deepspeed_config.refuse_deepspeed says what the loop lacks).
 
 `check(dist, train)` finds the config's mistakes at load time (one line each); `make_accelerator`
 builds the run's Accelerator."""
@@ -153,9 +154,7 @@ def check(cfg) -> list[str]:
 def accelerator_kwargs(cfg, precision: str, cpu: bool) -> dict:
     """Accelerator(**kwargs) for Config `cfg`: precision, the process group's timeout, DDP's
     settings and the FSDP or DeepSpeed plugin (`cpu`: no accelerator device; gloo between
-    processes). Raises ConfigError for DeepSpeed where it cannot run (deepspeed_config.py)."""
-    import os
-
+    processes). Raises ConfigError for deepspeed (not driven yet: deepspeed_config.refuse_deepspeed)."""
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     dist = cfg.distributed
@@ -171,10 +170,9 @@ def accelerator_kwargs(cfg, precision: str, cpu: bool) -> dict:
 
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(**fsdp)
     if dist.deepspeed is not None:
-        from .deepspeed_config import deepspeed_plugin
+        from .deepspeed_config import refuse_deepspeed
 
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        kwargs["deepspeed_plugin"] = deepspeed_plugin(dist.deepspeed, cfg.train, world_size, precision, cpu)
+        refuse_deepspeed()
     return kwargs
 
 
