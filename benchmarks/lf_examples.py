@@ -97,6 +97,8 @@ def main() -> None:
     model = default_model()
     scratch = Path(tempfile.mkdtemp(prefix="lf-examples-"))
     (scratch / "data").symlink_to(args.data.resolve())
+    # LLaMA-Factory's configs name files by paths from its root (deepspeed: examples/deepspeed/ds_z3_config.json)
+    (scratch / "examples").symlink_to(args.examples.resolve())
     env = {**os.environ, "HF_HOME": str(scratch / "hf"), "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     env.pop("HF_HUB_CACHE", None)

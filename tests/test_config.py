@@ -110,7 +110,7 @@ def test_overrides_win_and_are_typed(tmp_path):
     (["lora_rank=eight"], "config key 'lora_rank' expects an integer, got 'eight'"),
     (["lora_rank=0"], "config key 'lora_rank' must be positive; got 0"),
     (["finetuning_type=lorra"], "config key 'finetuning_type' must be one of lora, freeze, full"),
-    (["deepspeed=ds.json"], "config key 'deepspeed': DeepSpeed training (ZeRO), not supported by tuneforge; remove it"),
+    (["deepspeed=ds.json"], "config key 'deepspeed': file 'ds.json' does not exist"),
     (["neat_packing=true", "packing=false"], "'neat_packing' is true but packing is false"),
     (["quantization_bit=3"], "config key 'quantization_bit' must be one of 4, 8; got '3'"),
     (["loraplus_lr_ratio=0"], "config key 'loraplus_lr_ratio' must be positive"),

@@ -282,9 +282,13 @@ def _main(argv: list[str] | None) -> int:
             _greedy_unless_asked(config, values)
         if args.command == "train":
             _lf_decoding_for_predict(config, values)
-        cfg = load_config(config, values)
+        cfg = load_config(config, values)  # checked once here, before any process starts
         if args.command == "train":
+            from .distributed.launch import needs_torchrun, relaunch
             from .workflows import train
+
+            if needs_torchrun():  # FORCE_TORCHRUN=1 or several devices: LLaMA-Factory's launcher
+                return relaunch(sys.argv[1:] if argv is None else list(argv))
 
             train(cfg)
         elif args.command == "chat":

@@ -21,7 +21,7 @@ from . import lf_keys
 from .lf_keys import KEY_ALIASES  # noqa: F401 - names users type for a key (tests read it here)
 from .config_checks import blockers, one_per_key
 from .config_methods import apply_aliases, select_method
-from .config_sections import EvaluationArguments, ServeArguments, _f
+from .config_sections import DistributedArguments, EvaluationArguments, ServeArguments, _f
 from .config_values import coerce, is_text
 from .errors import ConfigError, config_error
 from .train.optimizers import OPTIMIZER_KEYS
@@ -283,7 +283,6 @@ class TrainingArguments:
         "applied to its hidden states (checked once before training).")
     dataloader_num_workers: int = _f(0, "Worker processes for batching.", bounds="[0, inf)")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
-    ddp_timeout: int = _f(1800, "Seconds before a distributed collective times out.", bounds="(0, inf)")
     gradient_checkpointing_kwargs: Optional[dict] = _f(
         None, "Gradient checkpointing: keyword arguments of torch.utils.checkpoint.checkpoint, as transformers "
         "passes them, e.g. {use_reentrant: false}.")
@@ -339,6 +338,7 @@ SECTIONS = {
     "export": ExportArguments,
     "evaluation": EvaluationArguments,
     "serve": ServeArguments,
+    "distributed": DistributedArguments,
 }
 
 @dataclass
@@ -351,6 +351,7 @@ class Config:
     export: ExportArguments = field(default_factory=ExportArguments)
     evaluation: EvaluationArguments = field(default_factory=EvaluationArguments)
     serve: ServeArguments = field(default_factory=ServeArguments)
+    distributed: DistributedArguments = field(default_factory=DistributedArguments)
 
     def to_dict(self) -> dict:
         """Flat dict of every key, as written to a YAML file."""

@@ -9,6 +9,7 @@ import re
 
 from .adapter_methods import METHOD_KEYS, QUANTIZED_BASE, TASK_ID_METHODS
 from .config_lf_keys import validate_lf_keys
+from .distributed.plugins import check as distributed_problems
 from .errors import ConfigError, config_error
 from .train import optimizers
 from .train.stages import STAGE_KEYS, STAGES
@@ -60,6 +61,7 @@ def blockers(cfg, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
     check(validate_lf_keys, cfg, given)
     check(_validate_placeholders, cfg.data.placeholders)
     check(_validate_adapter_list, cfg.model.adapter_name_or_path)
+    out.extend(distributed_problems(cfg))  # fsdp, deepspeed (distributed/plugins.py)
     return list(dict.fromkeys(out))  # a problem two checks find is named once
 
 

@@ -33,6 +33,7 @@ def train(cfg: Config) -> dict:
 
     from .config import SECRET_KEYS
     from .config_lf_keys import gradient_checkpointing
+    from .distributed.sharded import gathered
     from .infer.generation import check_virtual_room
     from .loading import load_for_use
     from .models import bf16_is_fast
@@ -73,7 +74,7 @@ def train(cfg: Config) -> dict:
     if args.fp16 and precision != "fp16":
         log.warning("fp16 requested but fp16 training needs a CUDA GPU and this is a %s; "
                     "training in %s", device_type, "bf16" if precision == "bf16" else "fp32")
-    accelerator = _accelerator(precision)
+    accelerator = _accelerator(cfg, precision)
     set_seed(args.seed)
 
     # everything that can fail on bad input happens before output_dir is touched
@@ -137,8 +138,9 @@ def train(cfg: Config) -> dict:
     choice.undo()  # the model's own attention and use_cache again, before it is saved
     run.check_weights()
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        _save_outputs(run, setup, out, results, args.plot_loss)
+    with gathered(run.model):  # FSDP2: every process gathers its shards; the main one saves them whole
+        if accelerator.is_main_process:
+            _save_outputs(run, setup, out, results, args.plot_loss)
     accelerator.end_training()
     if args.do_predict and accelerator.is_main_process:  # the trained model, loaded as `tuneforge eval` would
         results = {**results, **evaluate(_trained_config(cfg, out))}
@@ -264,18 +266,13 @@ def _enable_activation_checkpointing(model, kwargs: dict | None = None) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def _accelerator(precision: str):
-    """accelerate keeps one process-wide state; a second train() in the same (single-device)
-    process, e.g. from a notebook, may ask for another precision, so start that state afresh."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, DistributedType
+def _accelerator(cfg: Config, precision: str):
+    """The run's Accelerator with the config's distributed settings (distributed/plugins.py).
+    cpu=True on machines without an accelerator: accelerate then sets up multi-process CPU
+    training (gloo) under torchrun / `accelerate launch`, which it does not otherwise."""
+    from .distributed.plugins import make_accelerator
 
-    if AcceleratorState._shared_state and hasattr(AcceleratorState, "_reset_state"):
-        if AcceleratorState().distributed_type == DistributedType.NO:
-            AcceleratorState._reset_state()
-    # cpu=True on machines without an accelerator: accelerate then sets up multi-process CPU
-    # training (gloo) under torchrun / `accelerate launch`, which it does not otherwise
-    return Accelerator(mixed_precision=precision, cpu=not _has_accelerator())
+    return make_accelerator(cfg, precision, cpu=not _has_accelerator())
 
 
 def _has_accelerator() -> bool:

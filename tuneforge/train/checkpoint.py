@@ -21,7 +21,7 @@ from .. import weightfiles
 from ..adapters import training_hooks
 from ..errors import CheckpointError
 from . import outputs
-from .optim import restore_state
+from .optim import hyper_parameters, restore_state
 from .outputs import list_checkpoints, step_of  # the checkpoint API, named here too
 
 PREFIX = outputs.CHECKPOINT_PREFIX
@@ -63,7 +63,8 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
             if p.requires_grad or getattr(p, "trains_in_turns", False)}
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
+    """This process's RNG states (python, numpy, torch, CUDA), as set_rng_state takes them."""
     np_state = np.random.get_state()
     state = {
         "python": list(random.getstate()[1]),
@@ -89,11 +90,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def rank_rng_state(saved: dict, rank: int) -> dict:
+    """Process `rank`'s RNG states from a checkpoint's rng_state.pt (which holds every process's
+    under "ranks" when several trained; a single process's otherwise)."""
+    ranks = saved.get("ranks")
+    return ranks[rank] if isinstance(ranks, list) and rank < len(ranks) else saved
+
+
 def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimizer, scheduler,
                     extra_writer=None, total_limit: int | None = None,
-                    weights_only: bool = False) -> Path:
+                    weights_only: bool = False, optimizer_state: dict | None = None,
+                    rng_states: list[dict] | None = None) -> Path:
     """Write checkpoint-<step> atomically. `extra_writer(dir)` adds user-facing files (e.g. the
-    adapter in peft's format) so a checkpoint can be used like a final output.
+    adapter in peft's format) so a checkpoint can be used like a final output. Several processes:
+    `optimizer_state` is the optimizer's whole state when it is sharded (FSDP2; else
+    optimizer.state_dict()), `rng_states` every process's RNG states (process 0's first), all
+    written by the main process.
 
     Raises CheckpointError (one line) when the disk is full or read-only; the temporary folder
     is removed then, and on any other failure or interruption too, and earlier checkpoints are
@@ -107,9 +119,9 @@ def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimize
         tmp.mkdir(parents=True)
         save_file(weights, str(tmp / WEIGHTS))
         if not weights_only:
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+            torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER)
-            torch.save(_rng_state(), tmp / RNG)
+            torch.save({**rng_states[0], "ranks": rng_states} if rng_states else rng_state(), tmp / RNG)
             method_state = training_hooks.training_state(model)
             if method_state:
                 save_file(method_state, str(tmp / METHOD_STATE))
@@ -172,13 +184,16 @@ def read_state(path: str | Path) -> TrainerState:
     return TrainerState.from_dict(_load(Path(path) / STATE, lambda p: json.loads(p.read_text())))
 
 
-def load_checkpoint(path: str | Path, model, optimizer) -> tuple[TrainerState, dict, list[dict]]:
+def load_checkpoint(path: str | Path, model, optimizer, sharded_load=None) -> tuple[TrainerState, dict, list[dict]]:
     """Restore the weights and the optimizer's state from a checkpoint that integrity.py
     accepted; the optimizer keeps this run's hyper-parameters (learning rates, weight decay,
     betas, eps), and the caller positions this run's schedule (schedule.py). Returns the
     checkpoint's state, its RNG states, which the caller sets last (`set_rng_state`), right
     before training, so that nothing in between consumes random numbers, and the saved
     optimizer groups' hyper-parameters (to say what changed).
+
+    `sharded_load(weights, optimizer_state)` puts them into a sharded model (FSDP2: every process
+    takes its shards, distributed.sharded.load_sharded) after the checks, in place of copying.
 
     Raises CheckpointError when it does not fit the model (another fine-tuning setup)."""
     path = Path(path)
@@ -203,10 +218,14 @@ def load_checkpoint(path: str | Path, model, optimizer) -> tuple[TrainerState, d
     optimizer_state, rng = (
         weightfiles.load_torch_file(path / name, "checkpoint file", CheckpointError)
         for name in (OPTIMIZER, RNG))
-    saved_groups = restore_state(optimizer, optimizer_state, path / OPTIMIZER)  # checks first
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    if sharded_load is not None:
+        sharded_load(weights, optimizer_state)
+        saved_groups = hyper_parameters(optimizer_state["param_groups"])
+    else:
+        saved_groups = restore_state(optimizer, optimizer_state, path / OPTIMIZER)  # checks first
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
     if (path / METHOD_STATE).exists():
         training_hooks.load_training_state(
             model, weightfiles.load_safetensors(path / METHOD_STATE, "checkpoint file", CheckpointError))

@@ -16,6 +16,7 @@ from .. import adapters
 from ..adapters import inits
 from ..adapters.convert import save_initial_adapter
 from ..adapters.loftq import finish_pending, take_pending
+from ..distributed.sharded import is_sharded, plain_state_dict
 from ..errors import CheckpointError, ConfigError
 from ..models import attach_adapters, split_paths
 from ..quant import QuantLinear
@@ -97,7 +98,8 @@ def prepare_model(model, tokenizer, cfg, resume_from: Path | None = None
     base_id = model_args.model_name_or_path or DEFAULT_HUB_ID
 
     def save_model_dir(m, directory):
-        m.save_pretrained(directory)
+        # FSDP2 (inside distributed.sharded.gathered): the whole weights, not state_dict()'s shards
+        m.save_pretrained(directory, state_dict=plain_state_dict(m) if is_sharded(m) else None)
         tokenizer.save_pretrained(directory)
 
     if finetune.finetuning_type in adapters.method_names():  # lora, ia3, ...: the method's adapter
