@@ -21,7 +21,9 @@ mismatched KL_completion_ids are tuneforge's: the reply of the record before, wi
 Measured per arm over the timed steps (all but the first, with 3 or more steps):
 - real tokens/s: non-padding tokens of the rows the loss scores (dpo: prompt + chosen and
   prompt + rejected of every pair; kto: prompt + reply of every example, the KL rows not counted)
-  per second of training steps; peak RSS: VmHWM over the training steps (throughput_arms.Recorder);
+  per second of training steps, and per CPU second of the process (all its threads: on a
+  machine shared with other work, wall seconds stretch and CPU seconds much less);
+  peak RSS: VmHWM over the training steps (throughput_arms.Recorder);
 - step-1 and last-step loss, reward margin (rewards/chosen - rewards/rejected, means over the
   step), and step-1 logps/chosen: at step 1 the adapter is zero, so policy and reference agree;
   equal logps there say that both scored the same tokens the same way.
@@ -206,8 +208,10 @@ def summarise(r: dict) -> None:
     steps = r["steps"]
     timed = steps[1:] if len(steps) >= 3 else steps
     seconds = timed[-1]["end"] - (steps[0]["end"] if len(steps) >= 3 else steps[0]["start"])
+    cpu = timed[-1]["cpu_end"] - (steps[0]["cpu_end"] if len(steps) >= 3 else 0.0)
     log = r["log"]
     r.update(real_tps=sum(s["real"] for s in timed) / seconds, step_s=seconds / len(timed),
+             cpu_tps=sum(s["real"] for s in timed) / cpu,
              first_loss=log[0]["loss"], last_loss=log[-1]["loss"], first_margin=margin(log[0]),
              last_margin=margin(log[-1]), first_logps=log[0].get("logps/chosen", float("nan")),
              lengths=[s["lengths"] for s in steps], real_total=sum(s["real"] for s in steps))
@@ -221,18 +225,21 @@ def goal(name: str, value: float, target: float, higher_is_better: bool, fmt: st
 
 
 def report(results: dict, stages: list[str]) -> list[dict]:
-    print(f"\n{'arm':<15}{'real tok/s':>11}{'step s':>8}{'peak MB':>9}{'life MB':>9}{'loss 1':>9}{'loss last':>10}"
-          f"{'margin 1':>10}{'margin last':>12}{'logps/ch 1':>11}{'tok/s x':>9}{'RSS x':>7}")
+    print(f"\n{'arm':<15}{'real tok/s':>11}{'tok/cpu-s':>10}{'step s':>8}{'peak MB':>9}{'life MB':>9}{'loss 1':>9}"
+          f"{'loss last':>10}{'margin 1':>10}{'margin last':>12}{'logps/ch 1':>11}{'tok/s x':>9}{'cpu x':>7}{'RSS x':>7}")
     goals, notes = [], []
     for stage in stages:
         trl, tf = results.get(f"trl-{stage}", {}), results.get(f"tuneforge-{stage}", {})
         for arm, r in ((f"trl-{stage}", trl), (f"tuneforge-{stage}", tf)):
-            if "error" in r or not r:
-                print(f"{arm:<15}FAILED: {r.get('error', 'not run')}")
+            if not r:  # --arms: not run
+                continue
+            if "error" in r:
+                print(f"{arm:<15}FAILED: {r['error']}")
                 continue
             both = "error" not in trl and "error" not in tf and trl and tf and r is tf
-            ratio = f"{tf['real_tps'] / trl['real_tps']:>9.2f}{tf['peak_train'] / trl['peak_train']:>7.2f}" if both else ""
-            print(f"{arm:<15}{r['real_tps']:>11.1f}{r['step_s']:>8.2f}{r['peak_train'] / MB:>9.0f}"
+            ratio = (f"{tf['real_tps'] / trl['real_tps']:>9.2f}{tf['cpu_tps'] / trl['cpu_tps']:>7.2f}"
+                     f"{tf['peak_train'] / trl['peak_train']:>7.2f}") if both else ""
+            print(f"{arm:<15}{r['real_tps']:>11.1f}{r['cpu_tps']:>10.1f}{r['step_s']:>8.2f}{r['peak_train'] / MB:>9.0f}"
                   f"{r['peak_life'] / MB:>9.0f}{r['first_loss']:>9.4f}{r['last_loss']:>10.4f}{r['first_margin']:>10.4f}"
                   f"{r['last_margin']:>12.4f}{r['first_logps']:>11.2f}{ratio}")
         if not trl or not tf or "error" in trl or "error" in tf:
@@ -251,7 +258,8 @@ def report(results: dict, stages: list[str]) -> list[dict]:
                           GOAL_RSS, False, "{:.2f}x"))
         goals.append(goal(f"{stage}: last-step loss vs TRL's (relative difference)",
                           abs(tf["last_loss"] / trl["last_loss"] - 1), GOAL_LOSS, False, "{:.2%}"))
-    print("peak MB: VmHWM over the training steps (the ratio 'RSS x' uses it); life MB: the whole "
+    print("tok/cpu-s: real tokens per CPU second of the process (all threads; less distorted by other work "
+          "than tok/s); peak MB: VmHWM over the training steps (the ratio 'RSS x' uses it); life MB: the whole "
           "process's peak, loading included; x: tuneforge against TRL in this run; margin: rewards/chosen "
           "- rewards/rejected (means over the step)")
     for line in notes:
@@ -273,6 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="tuneforge config key for the tuneforge arms, e.g. --set gradient_checkpointing=true")
+    ap.add_argument("--arms", choices=("trl", "tuneforge", "both"), default="both",
+                    help="run only one side (no ratios then), e.g. to compare --set values")
     ap.add_argument("--json", help="write every number to this file")
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: one arm, e.g. trl-dpo
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -295,7 +305,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.steps} steps per arm, LoRA r={RANK} all linear, lr {LR}, beta {BETA}, cutoff {args.cutoff}, fp32; "
           + ", ".join(f"{s}: {STAGES[s][0]}, {STAGES[s][1]} {'pairs' if s == 'dpo' else 'examples'} per step"
                       for s in stages) + (f"; tuneforge arms also: {', '.join(args.set)}" if args.set else ""))
-    results = {arm: spawn(arm, args) for stage in stages for arm in (f"trl-{stage}", f"tuneforge-{stage}")}
+    impls = ("trl", "tuneforge") if args.arms == "both" else (args.arms,)
+    results = {arm: spawn(arm, args) for stage in stages for arm in (f"{impl}-{stage}" for impl in impls)}
     for r in results.values():
         if "error" not in r:
             summarise(r)

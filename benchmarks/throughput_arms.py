@@ -47,8 +47,16 @@ def batch_counts(batch: dict) -> tuple[int, int, list[int]]:
     """(real tokens, positions fed to the model, lengths of the sequences in it).
 
     Padded batches mark padding with attention_mask == 0. A packed batch without a mask has
-    no padding; its sequences start where position_ids restart at 0."""
+    no padding; its sequences start where position_ids restart at 0. A shared-prefix batch
+    (tuneforge/data/shared_prefix.py) counts each prompt once per reply, as the padded pairs do,
+    although the model runs it once: its sequences are numbered by score_row, and each ends one
+    position after the last position that scores one of its tokens."""
     ids = batch["input_ids"]
+    if "score_row" in batch:
+        ends = batch["position_ids"][0, batch["score_from"]] + 2
+        lengths = torch.zeros(int(batch["sequences"]), dtype=torch.long).scatter_reduce(
+            0, batch["score_row"], ends, "amax").tolist()
+        return sum(lengths), ids.numel(), lengths
     mask = batch.get("attention_mask")
     if mask is not None and mask.dim() == 2:
         lengths = [int(n) for n in mask.sum(dim=1)]
@@ -74,6 +82,7 @@ class Recorder:
         self.grad_accum = grad_accum
         self.micro: list[tuple[int, int, list[int]]] = []
         self.times: list[tuple[float, float]] = []
+        self.cpu: list[float] = []  # the process's CPU seconds (all threads) at each step's end
         self.load_peak = 0
         self.peak_reset = False
         self.train_peak = 0
@@ -86,19 +95,21 @@ class Recorder:
         self.rss_start = _status("VmRSS") or 0
         self.peak_reset = reset_peak()
         self.started = time.perf_counter()
+        self.cpu_started = time.process_time()
 
     def batch(self, batch: dict) -> None:
         self.micro.append(batch_counts(batch))
 
     def step(self, began: float, ended: float) -> None:
         self.times.append((began, ended))
+        self.cpu.append(time.process_time() - self.cpu_started)
         self.train_peak = max(self.train_peak, vm_hwm())
 
     def result(self, losses: list[float]) -> dict:
         steps = []
         for i, (began, ended) in enumerate(self.times):
             micro = self.micro[i * self.grad_accum:(i + 1) * self.grad_accum]
-            steps.append({"start": began - self.started, "end": ended - self.started,
+            steps.append({"start": began - self.started, "end": ended - self.started, "cpu_end": self.cpu[i],
                           "real": sum(m[0] for m in micro), "positions": sum(m[1] for m in micro),
                           "lengths": [n for m in micro for n in m[2]],
                           "loss": losses[i] if i < len(losses) else None})

@@ -111,3 +111,39 @@ def test_a_dpo_run_on_shared_prefix_rows_equals_the_padded_run(tiny_model_dir, t
             for packing in (None, False)}
     for key in ("train_loss", "eval_loss", "eval_rewards/margins"):
         assert runs[None][key] == pytest.approx(runs[False][key], rel=1e-3, abs=1e-5), key
+
+
+def test_kto_shared_prefix_rows_equal_the_padded_rows(tiny_model_dir):
+    """Loss, metrics and LoRA gradients of stage: kto; cutoff 6 cuts the second KL row's prompt
+    (the reference's KL reply then sees only the start of the prompt it shares)."""
+    from tests.train.test_kto import objective_on as kto_objective
+    from tuneforge.data.kto import KtoCollator
+    from tuneforge.data.shared_prefix import KtoSharedCollator
+    from tuneforge.train.shared_prefix import choose_shared_prefix
+
+    parts = [([5, 6, 7], [8, 9], 1), ([11, 12, 13, 14, 15], [16], 0), ([18], [19, 20, 21], 1),
+             ([22, 23], [24, 25, 26], 0)]  # (prompt, reply, kto_tag), each within the cutoff
+    examples = [{"input_ids": p + r, "prompt_len": len(p), "kto_tag": t, "kl_reply": parts[i - 1][1]}
+                for i, (p, r, t) in enumerate(parts)]
+    model = tiny_model(tiny_model_dir)
+    padded = KtoCollator(0, cutoff_len=6)(examples)
+    assert padded["kl_input_ids"][1].tolist() == [11, 12, 13, 14, 8, 9]  # the prompt cut to 4 tokens
+    choice = choose_shared_prefix(data_args(), model, KtoSharedCollator(6), KtoCollator(0, 6))
+    assert isinstance(choice.collate, KtoSharedCollator)
+    shared = choice.collate(examples)
+    assert shared["ref_sequences"] == 8 and shared["input_ids"].shape == (1, 20)  # 4 prompts + 4 replies
+
+    def run(batch):
+        model.zero_grad()
+        loss, n, metrics = kto_objective(model, batch).loss(model, batch)
+        loss.backward()
+        return loss, n, metrics, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    loss, n, metrics, grads = run(shared)
+    choice.undo()
+    loss_p, n_p, metrics_p, grads_p = run(padded)
+    assert n == n_p == 4 and grads.keys() == grads_p.keys() and grads
+    torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-6)
+    assert metrics == pytest.approx(metrics_p, rel=1e-4, abs=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_p[name], rtol=1e-4, atol=1e-6)

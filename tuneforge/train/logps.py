@@ -43,7 +43,7 @@ def reply_logps(model, unwrapped, batch: dict, head_at_labels: bool) -> tuple[to
         inputs["use_cache"] = False
     if shared:
         rows, targets = batch["score_row"], batch["score_target"]
-        sequences = 2 * int(batch["pairs"])
+        sequences = int(batch["sequences"])
         pick = (0, batch["score_from"])
     else:
         shifted = batch["labels"][:, 1:]

@@ -1,4 +1,4 @@
-"""Shared-prefix rows or padding: which collator the pair stages (dpo) use.
+"""Shared-prefix rows or padding: which collator the stages that score replies (dpo, kto) use.
 
 A shared-prefix row (data/shared_prefix.py) runs each pair's prompt once and needs no padding,
 but it is only right for a model that reads position_ids and takes a 4-D boolean attention mask
@@ -21,24 +21,28 @@ PROBE_PAIRS = ((3, 4, 2), (5, 1, 6))  # (prompt, chosen, rejected) lengths: padd
 
 
 def choose_pair_collator(data_args, model, pad_token_id: int | None) -> CollatorChoice:
-    """Shared-prefix rows for this run if the model scores them exactly, else padded pairs;
-    choosing shared-prefix rows prepares `model` for them (use_packed_attention). Raises
-    ConfigError when packing: true and the rows are not exact on this model."""
-    padded = PairwiseCollator(pad_token_id)
+    """stage: dpo's collator: shared-prefix pairs or padded pairs (choose_shared_prefix)."""
+    return choose_shared_prefix(data_args, model, SharedPrefixCollator(), PairwiseCollator(pad_token_id))
+
+
+def choose_shared_prefix(data_args, model, shared, padded) -> CollatorChoice:
+    """The `shared` collator (shared-prefix rows) for this run if the model scores such rows
+    exactly, else `padded`; choosing shared-prefix rows prepares `model` for them
+    (use_packed_attention). Raises ConfigError when packing: true and the rows are not exact on
+    this model."""
     wanted = packing_wanted(data_args)
     if wanted is False:
         return CollatorChoice(padded, None, lambda: None)
     previous = use_packed_attention(model)
-    problem = probe_shared_prefix(model, padded)
+    problem = probe_shared_prefix(model, PairwiseCollator(0))
     if problem is None:
-        return CollatorChoice(SharedPrefixCollator(),
-                              "shared-prefix rows: on (each pair's prompt runs once, no padding)",
+        return CollatorChoice(shared, "shared-prefix rows: on (each prompt runs once, no padding)",
                               lambda: restore_attention(model, previous))
     restore_attention(model, previous)
     if wanted:
         raise ConfigError(f"config key 'packing' is true, but shared-prefix rows do not reproduce the padded "
                           f"pairs on this model ({problem}); set packing: false")
-    return CollatorChoice(padded, f"shared-prefix rows: off, padded pairs instead ({problem})", lambda: None)
+    return CollatorChoice(padded, f"shared-prefix rows: off, padded rows instead ({problem})", lambda: None)
 
 
 def probe_pairs(vocab: int, seed: int = 0) -> list[dict]:

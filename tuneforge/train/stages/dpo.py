@@ -59,7 +59,7 @@ def collator(data_args, model, tokenizer):
 
 def pair_count(batch: dict) -> int:
     """Pairs in a batch: padded (chosen rows, then rejected rows) or shared-prefix."""
-    return int(batch["pairs"]) if "pairs" in batch else batch["input_ids"].size(0) // 2
+    return int(batch["sequences"]) // 2 if "sequences" in batch else batch["input_ids"].size(0) // 2
 
 
 def reference_logps(unwrapped, head_at_labels: bool):
