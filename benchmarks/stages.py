@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -104,10 +103,8 @@ def trl_rows(stage: str, examples: list[dict], cutoff: int) -> tuple[list[dict],
 
 def run_trl(stage: str, opts) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from throughput_arms import Recorder
+    from throughput_arms import Recorder, peft_lora_all_linear, step_timer
     from torch.utils.data import SequentialSampler
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
@@ -118,12 +115,8 @@ def run_trl(stage: str, opts) -> dict:
     torch.manual_seed(opts.seed)
     model, tokenizer = load_model_and_tokenizer(ModelArguments(), dtype=torch.float32)
     rows, differ = trl_rows(stage, ordered(stage, tokenizer, opts), opts.cutoff)
-    head = model.get_output_embeddings()  # LLaMA-Factory's lora_target: all
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and m is not head})
     torch.manual_seed(opts.seed)
-    model = get_peft_model(model, LoraConfig(r=opts.rank, lora_alpha=2 * opts.rank, lora_dropout=0.0,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+    model = peft_lora_all_linear(model, opts.rank)
     rec = Recorder(1)
     Config, Trainer, Collator = ((DPOConfig, DPOTrainer, DataCollatorForPreference) if stage == "dpo" else
                                  (KTOConfig, KTOTrainer, DataCollatorForUnpairedPreference))
@@ -133,13 +126,6 @@ def run_trl(stage: str, opts) -> dict:
         batch = collator(features)
         rec.batch(batch)
         return batch
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.began = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            rec.step(self.began, time.perf_counter())
 
     class AsGiven(Trainer):  # tokenized by tuneforge, in its order
         def _prepare_dataset(self, dataset, *args, **kwargs):
@@ -155,7 +141,7 @@ def run_trl(stage: str, opts) -> dict:
                        bf16=False, fp16=False, seed=opts.seed, beta=BETA, max_length=None,
                        precompute_ref_log_probs=False, dataloader_num_workers=0, disable_tqdm=True)
         trainer = AsGiven(model=model, args=targs, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          data_collator=collate, callbacks=[Timer()])
+                          data_collator=collate, callbacks=[step_timer(rec)])
         rec.start()
         trainer.train()
     logged = [e for e in trainer.state.log_history if "loss" in e]
@@ -179,22 +165,11 @@ def run_one_arm(args) -> None:
 
 def spawn(arm: str, args) -> dict:
     """Run one arm in a fresh interpreter; its result, or {'error': ...}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--result", str(result),
-               "--steps", str(args.steps), "--dataset-dir", args.dataset_dir, "--cutoff", str(args.cutoff),
-               "--threads", str(args.threads)] + [f"--set={s}" for s in args.set]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        began = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0 or not result.is_file():
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"  {arm}: FAILED ({tail})", flush=True)
-            return {"arm": arm, "error": f"exit {proc.returncode}: {tail}"}
-        out = json.loads(result.read_text())
-    out.update(arm=arm, process_s=time.perf_counter() - began)
-    print(f"  {arm}: done in {out['process_s']:.0f} s", flush=True)
-    return out
+    from throughput_arms import spawn_arm
+
+    return spawn_arm(str(Path(__file__).resolve()), arm, [
+        "--steps", str(args.steps), "--dataset-dir", args.dataset_dir, "--cutoff", str(args.cutoff),
+        "--threads", str(args.threads)] + [f"--set={s}" for s in args.set], args.threads)
 
 
 # ---- the report --------------------------------------------------------------------------------
