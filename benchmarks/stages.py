@@ -21,7 +21,9 @@ mismatched KL_completion_ids are tuneforge's: the reply of the record before, wi
 Measured per arm over the timed steps (all but the first, with 3 or more steps):
 - real tokens/s: non-padding tokens of the rows the loss scores (dpo: prompt + chosen and
   prompt + rejected of every pair; kto: prompt + reply of every example, the KL rows not counted)
-  per second of training steps; peak RSS: VmHWM over the training steps (throughput_arms.Recorder);
+  per second of training steps, and per CPU second of the process (all its threads: on a
+  machine shared with other work, wall seconds stretch and CPU seconds much less);
+  peak RSS: VmHWM over the training steps (throughput_arms.Recorder);
 - step-1 and last-step loss, reward margin (rewards/chosen - rewards/rejected, means over the
   step), and step-1 logps/chosen: at step 1 the adapter is zero, so policy and reference agree;
   equal logps there say that both scored the same tokens the same way.
@@ -32,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -102,10 +103,8 @@ def trl_rows(stage: str, examples: list[dict], cutoff: int) -> tuple[list[dict],
 
 def run_trl(stage: str, opts) -> dict:
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from throughput_arms import Recorder
+    from throughput_arms import Recorder, peft_lora_all_linear, step_timer
     from torch.utils.data import SequentialSampler
-    from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
     from trl.trainer.kto_trainer import DataCollatorForUnpairedPreference
@@ -116,12 +115,8 @@ def run_trl(stage: str, opts) -> dict:
     torch.manual_seed(opts.seed)
     model, tokenizer = load_model_and_tokenizer(ModelArguments(), dtype=torch.float32)
     rows, differ = trl_rows(stage, ordered(stage, tokenizer, opts), opts.cutoff)
-    head = model.get_output_embeddings()  # LLaMA-Factory's lora_target: all
-    targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
-                      if isinstance(m, torch.nn.Linear) and m is not head})
     torch.manual_seed(opts.seed)
-    model = get_peft_model(model, LoraConfig(r=opts.rank, lora_alpha=2 * opts.rank, lora_dropout=0.0,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
+    model = peft_lora_all_linear(model, opts.rank)
     rec = Recorder(1)
     Config, Trainer, Collator = ((DPOConfig, DPOTrainer, DataCollatorForPreference) if stage == "dpo" else
                                  (KTOConfig, KTOTrainer, DataCollatorForUnpairedPreference))
@@ -131,13 +126,6 @@ def run_trl(stage: str, opts) -> dict:
         batch = collator(features)
         rec.batch(batch)
         return batch
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            self.began = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            rec.step(self.began, time.perf_counter())
 
     class AsGiven(Trainer):  # tokenized by tuneforge, in its order
         def _prepare_dataset(self, dataset, *args, **kwargs):
@@ -153,7 +141,7 @@ def run_trl(stage: str, opts) -> dict:
                        bf16=False, fp16=False, seed=opts.seed, beta=BETA, max_length=None,
                        precompute_ref_log_probs=False, dataloader_num_workers=0, disable_tqdm=True)
         trainer = AsGiven(model=model, args=targs, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          data_collator=collate, callbacks=[Timer()])
+                          data_collator=collate, callbacks=[step_timer(rec)])
         rec.start()
         trainer.train()
     logged = [e for e in trainer.state.log_history if "loss" in e]
@@ -177,22 +165,11 @@ def run_one_arm(args) -> None:
 
 def spawn(arm: str, args) -> dict:
     """Run one arm in a fresh interpreter; its result, or {'error': ...}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--result", str(result),
-               "--steps", str(args.steps), "--dataset-dir", args.dataset_dir, "--cutoff", str(args.cutoff),
-               "--threads", str(args.threads)] + [f"--set={s}" for s in args.set]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        began = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0 or not result.is_file():
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"  {arm}: FAILED ({tail})", flush=True)
-            return {"arm": arm, "error": f"exit {proc.returncode}: {tail}"}
-        out = json.loads(result.read_text())
-    out.update(arm=arm, process_s=time.perf_counter() - began)
-    print(f"  {arm}: done in {out['process_s']:.0f} s", flush=True)
-    return out
+    from throughput_arms import spawn_arm
+
+    return spawn_arm(str(Path(__file__).resolve()), arm, [
+        "--steps", str(args.steps), "--dataset-dir", args.dataset_dir, "--cutoff", str(args.cutoff),
+        "--threads", str(args.threads)] + [f"--set={s}" for s in args.set], args.threads)
 
 
 # ---- the report --------------------------------------------------------------------------------
@@ -206,8 +183,10 @@ def summarise(r: dict) -> None:
     steps = r["steps"]
     timed = steps[1:] if len(steps) >= 3 else steps
     seconds = timed[-1]["end"] - (steps[0]["end"] if len(steps) >= 3 else steps[0]["start"])
+    cpu = timed[-1]["cpu_end"] - (steps[0]["cpu_end"] if len(steps) >= 3 else 0.0)
     log = r["log"]
     r.update(real_tps=sum(s["real"] for s in timed) / seconds, step_s=seconds / len(timed),
+             cpu_tps=sum(s["real"] for s in timed) / cpu,
              first_loss=log[0]["loss"], last_loss=log[-1]["loss"], first_margin=margin(log[0]),
              last_margin=margin(log[-1]), first_logps=log[0].get("logps/chosen", float("nan")),
              lengths=[s["lengths"] for s in steps], real_total=sum(s["real"] for s in steps))
@@ -221,18 +200,21 @@ def goal(name: str, value: float, target: float, higher_is_better: bool, fmt: st
 
 
 def report(results: dict, stages: list[str]) -> list[dict]:
-    print(f"\n{'arm':<15}{'real tok/s':>11}{'step s':>8}{'peak MB':>9}{'life MB':>9}{'loss 1':>9}{'loss last':>10}"
-          f"{'margin 1':>10}{'margin last':>12}{'logps/ch 1':>11}{'tok/s x':>9}{'RSS x':>7}")
+    print(f"\n{'arm':<15}{'real tok/s':>11}{'tok/cpu-s':>10}{'step s':>8}{'peak MB':>9}{'life MB':>9}{'loss 1':>9}"
+          f"{'loss last':>10}{'margin 1':>10}{'margin last':>12}{'logps/ch 1':>11}{'tok/s x':>9}{'cpu x':>7}{'RSS x':>7}")
     goals, notes = [], []
     for stage in stages:
         trl, tf = results.get(f"trl-{stage}", {}), results.get(f"tuneforge-{stage}", {})
         for arm, r in ((f"trl-{stage}", trl), (f"tuneforge-{stage}", tf)):
-            if "error" in r or not r:
-                print(f"{arm:<15}FAILED: {r.get('error', 'not run')}")
+            if not r:  # --arms: not run
+                continue
+            if "error" in r:
+                print(f"{arm:<15}FAILED: {r['error']}")
                 continue
             both = "error" not in trl and "error" not in tf and trl and tf and r is tf
-            ratio = f"{tf['real_tps'] / trl['real_tps']:>9.2f}{tf['peak_train'] / trl['peak_train']:>7.2f}" if both else ""
-            print(f"{arm:<15}{r['real_tps']:>11.1f}{r['step_s']:>8.2f}{r['peak_train'] / MB:>9.0f}"
+            ratio = (f"{tf['real_tps'] / trl['real_tps']:>9.2f}{tf['cpu_tps'] / trl['cpu_tps']:>7.2f}"
+                     f"{tf['peak_train'] / trl['peak_train']:>7.2f}") if both else ""
+            print(f"{arm:<15}{r['real_tps']:>11.1f}{r['cpu_tps']:>10.1f}{r['step_s']:>8.2f}{r['peak_train'] / MB:>9.0f}"
                   f"{r['peak_life'] / MB:>9.0f}{r['first_loss']:>9.4f}{r['last_loss']:>10.4f}{r['first_margin']:>10.4f}"
                   f"{r['last_margin']:>12.4f}{r['first_logps']:>11.2f}{ratio}")
         if not trl or not tf or "error" in trl or "error" in tf:
@@ -251,7 +233,8 @@ def report(results: dict, stages: list[str]) -> list[dict]:
                           GOAL_RSS, False, "{:.2f}x"))
         goals.append(goal(f"{stage}: last-step loss vs TRL's (relative difference)",
                           abs(tf["last_loss"] / trl["last_loss"] - 1), GOAL_LOSS, False, "{:.2%}"))
-    print("peak MB: VmHWM over the training steps (the ratio 'RSS x' uses it); life MB: the whole "
+    print("tok/cpu-s: real tokens per CPU second of the process (all threads; less distorted by other work "
+          "than tok/s); peak MB: VmHWM over the training steps (the ratio 'RSS x' uses it); life MB: the whole "
           "process's peak, loading included; x: tuneforge against TRL in this run; margin: rewards/chosen "
           "- rewards/rejected (means over the step)")
     for line in notes:
@@ -273,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="tuneforge config key for the tuneforge arms, e.g. --set gradient_checkpointing=true")
+    ap.add_argument("--arms", choices=("trl", "tuneforge", "both"), default="both",
+                    help="run only one side (no ratios then), e.g. to compare --set values")
     ap.add_argument("--json", help="write every number to this file")
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: one arm, e.g. trl-dpo
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -295,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.steps} steps per arm, LoRA r={RANK} all linear, lr {LR}, beta {BETA}, cutoff {args.cutoff}, fp32; "
           + ", ".join(f"{s}: {STAGES[s][0]}, {STAGES[s][1]} {'pairs' if s == 'dpo' else 'examples'} per step"
                       for s in stages) + (f"; tuneforge arms also: {', '.join(args.set)}" if args.set else ""))
-    results = {arm: spawn(arm, args) for stage in stages for arm in (f"trl-{stage}", f"tuneforge-{stage}")}
+    impls = ("trl", "tuneforge") if args.arms == "both" else (args.arms,)
+    results = {arm: spawn(arm, args) for stage in stages for arm in (f"{impl}-{stage}" for impl in impls)}
     for r in results.values():
         if "error" not in r:
             summarise(r)

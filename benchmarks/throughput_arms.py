@@ -47,8 +47,16 @@ def batch_counts(batch: dict) -> tuple[int, int, list[int]]:
     """(real tokens, positions fed to the model, lengths of the sequences in it).
 
     Padded batches mark padding with attention_mask == 0. A packed batch without a mask has
-    no padding; its sequences start where position_ids restart at 0."""
+    no padding; its sequences start where position_ids restart at 0. A shared-prefix batch
+    (tuneforge/data/shared_prefix.py) counts each prompt once per reply, as the padded pairs do,
+    although the model runs it once: its sequences are numbered by score_row, and each ends one
+    position after the last position that scores one of its tokens."""
     ids = batch["input_ids"]
+    if "score_row" in batch:
+        ends = batch["position_ids"][0, batch["score_from"]] + 2
+        lengths = torch.zeros(int(batch["sequences"]), dtype=torch.long).scatter_reduce(
+            0, batch["score_row"], ends, "amax").tolist()
+        return sum(lengths), ids.numel(), lengths
     mask = batch.get("attention_mask")
     if mask is not None and mask.dim() == 2:
         lengths = [int(n) for n in mask.sum(dim=1)]
@@ -74,6 +82,8 @@ class Recorder:
         self.grad_accum = grad_accum
         self.micro: list[tuple[int, int, list[int]]] = []
         self.times: list[tuple[float, float]] = []
+        self.cpu: list[float] = []  # the process's CPU seconds (all threads) at each step's end
+        self.cpu_started = time.process_time()
         self.load_peak = 0
         self.peak_reset = False
         self.train_peak = 0
@@ -86,25 +96,52 @@ class Recorder:
         self.rss_start = _status("VmRSS") or 0
         self.peak_reset = reset_peak()
         self.started = time.perf_counter()
+        self.cpu_started = time.process_time()
 
     def batch(self, batch: dict) -> None:
         self.micro.append(batch_counts(batch))
 
     def step(self, began: float, ended: float) -> None:
         self.times.append((began, ended))
+        self.cpu.append(time.process_time() - self.cpu_started)
         self.train_peak = max(self.train_peak, vm_hwm())
 
     def result(self, losses: list[float]) -> dict:
         steps = []
         for i, (began, ended) in enumerate(self.times):
             micro = self.micro[i * self.grad_accum:(i + 1) * self.grad_accum]
-            steps.append({"start": began - self.started, "end": ended - self.started,
+            steps.append({"start": began - self.started, "end": ended - self.started, "cpu_end": self.cpu[i],
                           "real": sum(m[0] for m in micro), "positions": sum(m[1] for m in micro),
                           "lengths": [n for m in micro for n in m[2]],
                           "loss": losses[i] if i < len(losses) else None})
         return {"steps": steps, "peak_reset": self.peak_reset, "rss_start": self.rss_start,
                 "peak_train": self.train_peak if self.peak_reset else max(self.train_peak, self.load_peak),
                 "peak_life": max(self.load_peak, self.train_peak)}
+
+
+def spawn_arm(script: str, arm: str, options: list[str], threads: int) -> dict:
+    """Run one arm (`script --arm ARM --result FILE OPTIONS`) in a fresh interpreter with
+    OMP_NUM_THREADS=threads; its JSON result with arm and process_s (seconds, start-up
+    included), or {"arm", "error"} with the last line it printed to stderr."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        cmd = [sys.executable, script, "--arm", arm, "--result", str(result), *options]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        began = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0 or not result.is_file():
+            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            print(f"  {arm}: FAILED ({tail})", flush=True)
+            return {"arm": arm, "error": f"exit {proc.returncode}: {tail}"}
+        out = json.loads(result.read_text())
+    out.update(arm=arm, process_s=time.perf_counter() - began)
+    print(f"  {arm}: done in {out['process_s']:.0f} s", flush=True)
+    return out
 
 
 # ---- data shared by all arms ---------------------------------------------------------------
@@ -126,30 +163,21 @@ def ordered_examples(tokenizer, opts) -> list[dict]:
 
 
 # ---- peer: peft + transformers.Trainer -----------------------------------------------------
-def run_peer(opts) -> dict:
+def peft_lora_all_linear(model, rank: int):
+    """peft LoRA (alpha = 2 x rank, no dropout) on LLaMA-Factory's lora_target: all = every
+    Linear's name except the output head."""
     from peft import LoraConfig, get_peft_model
-    from torch.utils.data import SequentialSampler
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from tuneforge.config import ModelArguments
-    from tuneforge.models import load_model_and_tokenizer
-
-    torch.manual_seed(opts.seed)
-    model, tokenizer = load_model_and_tokenizer(ModelArguments(), dtype=torch.float32)
-    examples = ordered_examples(tokenizer, opts)
-    # LLaMA-Factory's lora_target: all = every Linear's name except the output head
     head = model.get_output_embeddings()
     targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                       if isinstance(m, torch.nn.Linear) and m is not head})
-    model = get_peft_model(model, LoraConfig(r=opts.rank, lora_alpha=2 * opts.rank, lora_dropout=0.0,
-                                             target_modules=targets, task_type="CAUSAL_LM"))
-    rec = Recorder(opts.grad_accum)
-    padder = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules=targets, task_type="CAUSAL_LM"))
 
-    def collate(features):
-        batch = padder(features)
-        rec.batch(batch)
-        return batch
+
+def step_timer(rec: "Recorder"):
+    """A transformers TrainerCallback that records each optimizer step's start and end in `rec`."""
+    from transformers import TrainerCallback
 
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -157,6 +185,28 @@ def run_peer(opts) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             rec.step(self.began, time.perf_counter())
+
+    return Timer()
+
+
+def run_peer(opts) -> dict:
+    from torch.utils.data import SequentialSampler
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from tuneforge.config import ModelArguments
+    from tuneforge.models import load_model_and_tokenizer
+
+    torch.manual_seed(opts.seed)
+    model, tokenizer = load_model_and_tokenizer(ModelArguments(), dtype=torch.float32)
+    examples = ordered_examples(tokenizer, opts)
+    model = peft_lora_all_linear(model, opts.rank)
+    rec = Recorder(opts.grad_accum)
+    padder = DataCollatorForSeq2Seq(tokenizer, pad_to_multiple_of=8, label_pad_token_id=-100)
+
+    def collate(features):
+        batch = padder(features)
+        rec.batch(batch)
+        return batch
 
     class InOrder(Trainer):  # tuneforge's order instead of a shuffle
         def _get_train_sampler(self, *args, **kwargs):
@@ -171,7 +221,7 @@ def run_peer(opts) -> dict:
             gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False},
             remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=True)
         trainer = InOrder(model=model, args=targs, train_dataset=examples, data_collator=collate,
-                          callbacks=[Timer()])
+                          callbacks=[step_timer(rec)])
         rec.start()
         trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]

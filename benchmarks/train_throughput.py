@@ -36,9 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -101,23 +99,12 @@ def step_flops(lengths: list[int], shape: dict) -> float:
 # ---- running the arms ------------------------------------------------------------------------
 def spawn(arm: str, args) -> dict:
     """Run one arm in a fresh interpreter; its result, or {'error': ...}."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--arm", arm, "--result", str(result),
-               "--steps", str(args.steps), "--batch", str(args.batch), "--grad-accum", str(args.grad_accum),
-               "--dataset", args.dataset, "--dataset-dir", args.dataset_dir, "--cutoff", str(args.cutoff),
-               "--threads", str(args.threads)] + [f"--set={s}" for s in args.set]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-        began = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0 or not result.is_file():
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            print(f"  {arm}: FAILED", flush=True)
-            return {"arm": arm, "error": f"exit {proc.returncode}: {tail}"}
-        out = json.loads(result.read_text())
-    out.update(arm=arm, process_s=time.perf_counter() - began)
-    print(f"  {arm}: done in {out['process_s']:.0f} s", flush=True)
-    return out
+    from throughput_arms import spawn_arm
+
+    return spawn_arm(str(Path(__file__).resolve()), arm, [
+        "--steps", str(args.steps), "--batch", str(args.batch), "--grad-accum", str(args.grad_accum),
+        "--dataset", args.dataset, "--dataset-dir", args.dataset_dir, "--cutoff", str(args.cutoff),
+        "--threads", str(args.threads)] + [f"--set={s}" for s in args.set], args.threads)
 
 
 def run_one_arm(args) -> None:

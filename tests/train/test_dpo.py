@@ -213,8 +213,7 @@ def test_keys_defaults_and_refusals():
     with pytest.raises(ConfigError, match="'pissa_init' rewrites the base weights, but stage: dpo"):
         load_config(None, {"stage": "dpo", "pissa_init": True})
     load_config(None, {"stage": "dpo", "pref_loss": "orpo", "pissa_init": True})  # no reference
-    with pytest.raises(ConfigError, match="'packing' is true, but stage: dpo"):
-        load_config(None, {"stage": "dpo", "packing": True})
+    load_config(None, {"stage": "dpo", "packing": True})  # shared-prefix rows (test_shared_prefix.py)
 
 
 # -- runs -----------------------------------------------------------------------------------------

@@ -48,13 +48,13 @@ class CountVarlen:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        original = pa.varlen_attention
+        original = pa.segment_attention
 
         def spy(*args, **kwargs):
             self.calls += 1
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(pa, "varlen_attention", spy)
+        monkeypatch.setattr(pa, "segment_attention", spy)
 
 
 @pytest.mark.filterwarnings("ignore:fan_in_fan_out")  # gpt2's Conv1D layers

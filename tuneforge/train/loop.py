@@ -34,9 +34,10 @@ log = logging.getLogger("tuneforge")
 
 
 def real_tokens(batch: dict) -> int:
-    """Non-padding tokens; a batch without an attention_mask (packed) has no padding."""
+    """Non-padding tokens; a batch without a 2-D attention_mask (packed rows, shared-prefix rows
+    with their 4-D mask) has no padding."""
     mask = batch.get("attention_mask")
-    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return int(mask.sum()) if mask is not None and mask.dim() == 2 else batch["input_ids"].numel()
 
 
 def count_steps(n_micro_batches_per_epoch: int, args) -> int:

@@ -76,37 +76,71 @@ def _configs_with_cache(model) -> list:
 
 
 # one-entry cache: every layer of a forward gets the same mask object, so it is checked once
-_last_mask: tuple[weakref.ref | None, list[int] | None] = (None, None)
+_last_mask: tuple[weakref.ref | None, list | None] = (None, None)
+
+
+def causal_segments(mask) -> list[tuple[int, int, int, int]] | None:
+    """The row's attention as segments if `mask` (boolean, 1 x 1 x L x L) is exactly that,
+    else None. A segment (prefix_start, prefix_end, start, end) is the queries [start, end),
+    each attending to the keys [prefix_start, prefix_end) (none when the two are equal) and
+    causally to [start, itself]. Block-diagonal causal rows (packing) have no prefixes; a
+    shared-prefix row (a prompt, then replies that each see the prompt but not each other:
+    data/shared_prefix.py) has one per reply after the first."""
+    global _last_mask
+    if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
+            and mask.shape[0] == 1 and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3]):
+        return None
+    ref, segments = _last_mask
+    if ref is not None and ref() is mask:
+        return segments
+    segments = _find_segments(mask[0, 0])
+    _last_mask = (weakref.ref(mask), segments)
+    return segments
 
 
 def block_causal_starts(mask) -> list[int] | None:
     """Start offsets of the sequences if `mask` (boolean, 1 x 1 x L x L) is exactly
     block-diagonal causal, i.e. each query attends to [start of its block, itself]; else None."""
-    global _last_mask
-    if not (isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and mask.dim() == 4
-            and mask.shape[0] == 1 and mask.shape[1] == 1 and mask.shape[2] == mask.shape[3]):
+    segments = causal_segments(mask)
+    if segments is None or any(p != q for p, q, _, _ in segments):
         return None
-    ref, starts = _last_mask
-    if ref is not None and ref() is mask:
-        return starts
-    starts = _check_block_causal(mask[0, 0])
-    _last_mask = (weakref.ref(mask), starts)
-    return starts
+    return [start for _, _, start, _ in segments]
 
 
-def _check_block_causal(m: torch.Tensor) -> list[int] | None:
+def _find_segments(m: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
+    """Segments read off the (L, L) mask, checked by rebuilding the mask from them."""
     length = m.shape[0]
     idx = torch.arange(length, device=m.device)
-    first = m.to(torch.uint8).argmax(dim=-1)  # first attended key of each query
-    # a block starts where a query's first key is itself; every later query of the block must
-    # start there too
-    block_start = torch.where(first == idx, idx, 0).cummax(dim=0).values
-    if not torch.equal(first, block_start):
+    if not bool(m.diagonal().all()):
         return None
-    expected = (idx[None, :] >= first[:, None]) & (idx[None, :] <= idx[:, None])
-    if not torch.equal(m, expected):
+    run_starts = m & ~torch.nn.functional.pad(m[:, :-1], (1, 0), value=False)
+    first = m.to(torch.uint8).argmax(dim=-1)  # each query's first attended key
+    last_run = (run_starts * idx[None, :]).amax(dim=-1)  # where its last run of keys starts
+    prefix_len = m.sum(-1) - (idx - last_run + 1)  # keys before that run (if it is the 2nd)
+    prefix_end = torch.where(last_run == first, first, first + prefix_len)
+    key = torch.stack([first, prefix_end, last_run], dim=1)
+    new = torch.ones(length, dtype=torch.bool, device=m.device)
+    new[1:] = (key[1:] != key[:-1]).any(dim=1)
+    bounds = [*new.nonzero().flatten().tolist(), length]
+    segments = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        p0, p1, run = key[start].tolist()
+        if run != start:  # the causal run must begin with the segment's first query
+            return None
+        segments.append((p0 if p1 > p0 else start, p1 if p1 > p0 else start, start, end))
+    if not torch.equal(m, segment_mask(segments, length, m.device)):
         return None
-    return (first == idx).nonzero().flatten().tolist()
+    return segments
+
+
+def segment_mask(segments, length: int, device=None) -> torch.Tensor:
+    """(L, L) boolean mask of segments as causal_segments describes them."""
+    mask = torch.zeros(length, length, dtype=torch.bool, device=device)
+    for p0, p1, start, end in segments:
+        mask[start:end, p0:p1] = True
+        mask[start:end, start:end] = torch.ones(end - start, end - start, dtype=torch.bool,
+                                                device=device).tril()
+    return mask
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -117,21 +151,39 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     plain = (query.shape[0] != 1 or query.shape[2] != key.shape[2]
              or any(kwargs.get(k) is not None for k in ("position_bias", "cache", "softcap"))
              or kwargs.get("output_attentions"))
-    starts = None if plain else block_causal_starts(attention_mask)
-    if starts is None or len(starts) < 2 or attention_mask.shape[-1] != query.shape[2]:
+    segments = None if plain else causal_segments(attention_mask)
+    if segments is None or len(segments) < 2 or attention_mask.shape[-1] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
-    return varlen_attention(query, key, value, starts, dropout, scaling,
-                            getattr(module, "num_key_value_groups", 1)), None
+    return segment_attention(query, key, value, segments, dropout, scaling,
+                             getattr(module, "num_key_value_groups", 1)), None
 
 
 def varlen_attention(query, key, value, starts: list[int], dropout: float = 0.0,
                      scaling: float | None = None, kv_groups: int = 1) -> torch.Tensor:
     """Causal attention within each block [starts[i], starts[i+1]) of one row; GQA keys and
     values are shared by `kv_groups` query heads each. Returns (1, L, heads, dim)."""
-    gqa = {"enable_gqa": True} if kv_groups > 1 else {}
     bounds = [*starts, query.shape[2]]
-    outs = [F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
-                                           dropout_p=dropout, scale=scaling, is_causal=True, **gqa)
-            for s, e in zip(bounds[:-1], bounds[1:])]
+    segments = [(s, s, s, e) for s, e in zip(bounds[:-1], bounds[1:])]
+    return segment_attention(query, key, value, segments, dropout, scaling, kv_groups)
+
+
+def segment_attention(query, key, value, segments, dropout: float = 0.0,
+                      scaling: float | None = None, kv_groups: int = 1) -> torch.Tensor:
+    """Attention of one row by segments (causal_segments): query/key/value (1, heads, L, dim),
+    returns (1, L, heads, dim). A segment without a prefix is one causal sdpa call; one with a
+    prefix attends to cat(prefix keys, its own keys) under the mask [all prefix | causal]."""
+    gqa = {"enable_gqa": True} if kv_groups > 1 else {}
+    outs = []
+    for p0, p1, s, e in segments:
+        if p1 == p0:
+            outs.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                       dropout_p=dropout, scale=scaling, is_causal=True, **gqa))
+            continue
+        keys = torch.cat([key[:, :, p0:p1], key[:, :, s:e]], dim=2)
+        values = torch.cat([value[:, :, p0:p1], value[:, :, s:e]], dim=2)
+        visible = torch.ones(e - s, p1 - p0 + e - s, dtype=torch.bool, device=query.device)
+        visible[:, p1 - p0:] = visible[:, p1 - p0:].tril()
+        outs.append(F.scaled_dot_product_attention(query[:, :, s:e], keys, values, attn_mask=visible,
+                                                   dropout_p=dropout, scale=scaling, **gqa))
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()

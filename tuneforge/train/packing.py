@@ -87,19 +87,28 @@ def probe_packing(model, lengths=PROBE_LENGTHS, seed: int = 0) -> str | None:
     finally:
         model.train(was_training)
     reference = torch.cat([padded_logits[i, :n] for i, n in enumerate(lengths)]).float()
-    got = packed_logits[0].float()
+    return disagreement(packed_logits[0], reference, torch.cat(alone), model, "packed")
+
+
+def disagreement(got: torch.Tensor, reference: torch.Tensor, alone: torch.Tensor, model, what: str) -> str | None:
+    """None if `got` (tokens x vocabulary logits of a rearranged batch) equals `reference`
+    (the padded batch's at the same tokens) up to rounding noise, else the reason. `alone`:
+    the same logits from each sequence run on its own, whose distance from `reference`
+    estimates the noise."""
+    low = _low_precision(model) or got.dtype != torch.float32
+    got, reference = got.float(), reference.float()
     if got.shape != reference.shape:
-        return f"packed logits have shape {tuple(got.shape)}, padded {tuple(reference.shape)}"
+        return f"{what} logits have shape {tuple(got.shape)}, padded {tuple(reference.shape)}"
     error = (got - reference).abs().max().item()
     scale = max(reference.abs().max().item(), 1.0)
     # rounding noise: estimated by running the sequences one by one, and at least what the
     # dtype rounds (bf16: ~1e-2 of the largest logit). Attending to another sequence's tokens
     # moves logits by a good fraction of the largest one.
-    noise = (torch.cat(alone).float() - reference).abs().max().item()
-    floor = (2e-2 if _low_precision(model) or packed_logits.dtype != torch.float32 else 1e-4)
+    noise = (alone.float() - reference).abs().max().item()
+    floor = 2e-2 if low else 1e-4
     tolerance = min(max(floor * scale, 8 * noise), 5e-2 * scale)
     if not error <= tolerance:  # `not <=` also catches NaN
-        return (f"packed logits differ from padded ones by {error:.3g} (largest logit "
+        return (f"{what} logits differ from padded ones by {error:.3g} (largest logit "
                 f"{scale:.3g}, rounding noise {noise:.3g})")
     return None
 

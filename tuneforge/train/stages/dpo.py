@@ -3,7 +3,8 @@ ipo, hinge, orpo, simpo; train/pref_losses.py has the maths) on preference pairs
 data/pairwise.py).
 
 Per pair, the log-probability of the chosen and of the rejected reply tokens under the policy,
-from one forward over the chosen rows and the rejected rows of the batch; for sigmoid / ipo /
+from one forward over all pairs of the micro-batch (one shared-prefix row where the model allows:
+each prompt runs once, train/shared_prefix.py; else padded chosen rows then rejected rows); for sigmoid / ipo /
 hinge also under the reference, the same model with its adapters disabled
 (`tuneforge.adapters.disable_adapters`, under torch.no_grad). With finetuning_type full or
 freeze there is no adapter to disable: the reference is a frozen copy of the model made before
@@ -49,14 +50,16 @@ def encode(data_args, tokenizer, seed: int):
 
 
 def collator(data_args, model, tokenizer):
-    from ...data.pairwise import PairwiseCollator
-    from ..packing import CollatorChoice
+    """Shared-prefix rows (each pair's prompt once, no padding) where the model scores them
+    exactly, else padded pairs (train/shared_prefix.py)."""
+    from ..shared_prefix import choose_pair_collator
 
-    return CollatorChoice(PairwiseCollator(tokenizer.pad_token_id), None, lambda: None)
+    return choose_pair_collator(data_args, model, tokenizer.pad_token_id)
 
 
 def pair_count(batch: dict) -> int:
-    return batch["input_ids"].size(0) // 2
+    """Pairs in a batch: padded (chosen rows, then rejected rows) or shared-prefix."""
+    return int(batch["sequences"]) // 2 if "sequences" in batch else batch["input_ids"].size(0) // 2
 
 
 def reference_logps(unwrapped, head_at_labels: bool):
@@ -141,6 +144,5 @@ register_stage(Stage(
     collator=collator,
     objective=dpo_objective,
     needs_reference=lambda settings: settings["pref_loss"] not in REFERENCE_FREE,
-    packing=False,
     keys=KEYS,
 ))

@@ -4,7 +4,9 @@ or undesirable, no pairs.
 
 Per example, the log-ratio of its reply (policy minus reference log-probability, summed over the
 reply tokens); the reference is the model with its adapters disabled (a frozen copy for full /
-freeze fine-tuning, as in stage: dpo). The KL term z_0 is estimated per micro-batch from
+freeze fine-tuning, as in stage: dpo). Where the model scores them exactly, the rows are
+padding-free shared-prefix rows (data/shared_prefix.py): the reference scores each reply and its
+KL reply after one copy of their prompt. The KL term z_0 is estimated per micro-batch from
 mismatched rows, each example's prompt with the reply of the record before it in the dataset
 (LLaMA-Factory's pairing, made when the data is read: data/kto.py; within a micro-batch holding
 consecutive records it is TRL's rotation): the mean of their policy-minus-reference log-ratios,
@@ -44,18 +46,32 @@ def encode(data_args, tokenizer, seed: int):
 
 
 def collator(data_args, model, tokenizer):
+    """Shared-prefix rows (no padding; the reference scores reply and KL reply after one
+    prompt) where the model scores them exactly, else padded rows (train/shared_prefix.py)."""
     from ...data.kto import KtoCollator
-    from ..packing import CollatorChoice
+    from ...data.shared_prefix import KtoSharedCollator
+    from ..shared_prefix import choose_shared_prefix
 
-    return CollatorChoice(KtoCollator(tokenizer.pad_token_id, data_args.cutoff_len), None, lambda: None)
+    return choose_shared_prefix(data_args, model, KtoSharedCollator(data_args.cutoff_len),
+                                KtoCollator(tokenizer.pad_token_id, data_args.cutoff_len))
 
 
 def example_count(batch: dict) -> int:
-    return batch["input_ids"].size(0)
+    return batch["kto_tag"].numel()
 
 
 def _rows(batch: dict, prefix: str = "") -> dict:
-    return {k: batch[f"{prefix}{k}"] for k in ("input_ids", "attention_mask", "labels")}
+    """The rows of one forward: the batch's keys that start with `prefix`, without it."""
+    return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
+
+
+def _reference_rows(batch: dict) -> dict:
+    """The rows the reference scores: replies then KL replies (ref_ rows of a shared-prefix
+    batch; a padded batch's main and kl_ rows stacked)."""
+    if "ref_input_ids" in batch:
+        return _rows(batch, "ref_")
+    return _stacked({k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
+                    {k: batch[f"kl_{k}"] for k in ("input_ids", "attention_mask", "labels")})
 
 
 def _stacked(a: dict, b: dict) -> dict:
@@ -104,7 +120,7 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
         logps, counts = reply_logps(run_model, unwrapped, main, head_at_labels)
         with torch.no_grad():
             kl_logps, _ = reply_logps(unwrapped, unwrapped, mismatched, head_at_labels)
-        ref, _ = reference(_stacked(main, mismatched))
+        ref, _ = reference(_reference_rows(batch))
         kl = (kl_logps - ref[n:]).mean()
         ratios = logps - ref[:n]
         desirable = batch["kto_tag"].bool()
@@ -133,6 +149,5 @@ register_stage(Stage(
     collator=collator,
     objective=kto_objective,
     needs_reference=True,
-    packing=False,
     keys=KEYS,
 ))

@@ -1,0 +1,115 @@
+"""Shared-prefix rows for the stages that score replies to prompts (dpo, kto): every prompt of a
+micro-batch once, in one padding-free row, with its replies after it,
+
+    [prompt_1 | chosen_1 | rejected_1 | prompt_2 | chosen_2 | rejected_2 | ...]
+
+with position_ids that restart each reply after its prompt, and a boolean attention mask in
+which every token sees (the start of) its own prompt and the earlier tokens of its own reply
+only (a rejected reply never sees the chosen one). Each reply then gets the hidden states it
+would get in its own row [prompt | reply], so its log-probability is the padded batch's, while
+the prompt runs once instead of once per reply and no padding is computed. The mask is what
+train/packed_attention.py reads (causal_segments) to run attention segment by segment.
+
+The batch also says which positions score which token: score_from[i] is the row position whose
+output predicts score_target[i], the i-th reply token, of sequence score_row[i]; reply j of
+prompt k is sequence j * n + k (n prompts), so a pair's chosen reply is sequence k and its
+rejected one n + k, as in the padded batch's rows. The first token of a later reply is
+predicted from the last prompt position it sees, not from the reply before it."""
+
+from __future__ import annotations
+
+import torch
+
+from ..train.packed_attention import segment_mask
+from .encode import split_budget
+
+#: a prompt, and its replies as (how many prompt tokens the reply sees, the reply's tokens)
+Group = tuple[list[int], list[tuple[int, list[int]]]]
+
+
+def shared_prefix_rows(groups: list[Group], prefix: str = "") -> dict[str, torch.Tensor]:
+    """One shared-prefix row of `groups` (each with the same number r of replies):
+    {prefix}input_ids and {prefix}position_ids (1, L), {prefix}attention_mask (1, 1, L, L)
+    boolean, {prefix}score_from / score_target / score_row (N,) for the N scored reply tokens,
+    and {prefix}sequences () = n x r. Raises ValueError for no groups or a reply that sees more
+    prompt than there is."""
+    if not groups:
+        raise ValueError("cannot collate an empty list of examples")
+    n = len(groups)
+    ids: list[int] = []
+    positions: list[int] = []
+    segments: list[tuple[int, int, int, int]] = []
+    score_from: list[int] = []
+    score_target: list[int] = []
+    score_row: list[int] = []
+    for k, (prompt, replies) in enumerate(groups):
+        start = len(ids)
+        ids += prompt
+        positions += range(len(prompt))
+        segments.append((start, start, start, len(ids)))
+        for j, (seen, reply) in enumerate(replies):
+            if not 0 <= seen <= len(prompt):
+                raise ValueError(f"prompt {k}: reply {j} sees {seen} prompt tokens of {len(prompt)}")
+            at = len(ids)
+            if j == 0 and seen == len(prompt):  # the first reply continues its prompt's segment
+                segments[-1] = (start, start, start, at + len(reply))
+            else:  # a segment of its own, with the prompt's start as its prefix
+                segments.append((start, start + seen, at, at + len(reply)))
+            ids += reply
+            positions += range(seen, seen + len(reply))
+            for t, token in enumerate(reply):
+                before = at + t - 1 if t else start + seen - 1
+                if before < start or (t == 0 and seen == 0):  # nothing before it to predict it
+                    continue
+                score_from.append(before)
+                score_target.append(token)
+                score_row.append(j * n + k)
+    mask = segment_mask([s for s in segments if s[3] > s[2]], len(ids))
+    out = {"input_ids": torch.tensor([ids], dtype=torch.long),
+           "position_ids": torch.tensor([positions], dtype=torch.long),
+           "attention_mask": mask[None, None],
+           "score_from": torch.tensor(score_from, dtype=torch.long),
+           "score_target": torch.tensor(score_target, dtype=torch.long),
+           "score_row": torch.tensor(score_row, dtype=torch.long),
+           "sequences": torch.tensor(n * len(groups[0][1]))}
+    return {f"{prefix}{key}": value for key, value in out.items()}
+
+
+class SharedPrefixCollator:
+    """Pair examples ({"chosen_ids", "rejected_ids", "prompt_len"}, data/pairwise.py) -> one
+    shared-prefix row (shared_prefix_rows): each prompt, then its chosen and rejected reply."""
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        groups = []
+        for k, example in enumerate(examples):
+            p = example["prompt_len"]
+            prompt = example["chosen_ids"][:p]
+            if example["rejected_ids"][:p] != prompt:
+                raise ValueError(f"pair {k}: the chosen and rejected sequences do not share their first "
+                                 f"{p} tokens (prompt_len)")
+            groups.append((prompt, [(p, example["chosen_ids"][p:]), (p, example["rejected_ids"][p:])]))
+        return shared_prefix_rows(groups)
+
+
+class KtoSharedCollator:
+    """Feedback examples ({"input_ids", "prompt_len", "kto_tag", "kl_reply"}, data/kto.py) -> the
+    rows stage: kto runs, each padding-free: prompt + reply of every example (the policy's
+    forward with gradients), prompt + kl_reply within cutoff_len as data.kto.KtoCollator cuts it
+    ("kl_": the policy's KL forward), both replies after one prompt ("ref_": the reference's
+    forward, sequences: the replies, then the KL replies); and kto_tag."""
+
+    def __init__(self, cutoff_len: int):
+        self.cutoff_len = cutoff_len
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        main, kl, both = [], [], []
+        for e in examples:
+            p = e["prompt_len"]
+            prompt, reply = e["input_ids"][:p], e["input_ids"][p:]
+            seen, keep = split_budget(p, len(e["kl_reply"]), self.cutoff_len)
+            mismatched = e["kl_reply"][:keep]
+            main.append((prompt, [(p, reply)]))
+            kl.append((prompt[:seen], [(seen, mismatched)]))
+            both.append((prompt, [(p, reply), (seen, mismatched)]))
+        return {**shared_prefix_rows(main), **shared_prefix_rows(kl, "kl_"), **shared_prefix_rows(both, "ref_"),
+                "kto_tag": torch.tensor([e["kto_tag"] for e in examples], dtype=torch.long)}
