@@ -77,7 +77,10 @@ def train(cfg: Config) -> dict:
     set_seed(args.seed)
 
     # everything that can fail on bad input happens before output_dir is touched
-    load_dtype = torch.bfloat16 if pure_bf16 else \
+    # full / freeze keep fp32 master weights (train/methods.py): loading them in the autocast dtype
+    # would round every weight, the frozen ones saved rounded and the trained ones starting rounded
+    full_weights = cfg.finetune.finetuning_type in ("full", "freeze")
+    load_dtype = torch.bfloat16 if pure_bf16 else torch.float32 if full_weights else \
         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # the base only: prepare_model attaches the adapters; with loftq_iter, quantization waits for
     # the adapter, LoftQ quantizing the adapted layers together with it (train/methods.py)
