@@ -29,7 +29,7 @@ def train(cfg: Config) -> dict:
     KeyboardInterrupt (train.stop.Interrupted) or SystemExit(143) (train.stop.Terminated)."""
     import dataclasses
 
-    from transformers import set_seed
+    from accelerate.utils import set_seed  # transformers' one imports trainer_utils: peft, bitsandbytes
 
     from .config import SECRET_KEYS
     from .config_lf_keys import gradient_checkpointing
