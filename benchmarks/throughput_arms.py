@@ -88,6 +88,7 @@ class Recorder:
         self.peak_reset = False
         self.train_peak = 0
         self.started = 0.0
+        self.started_at = 0.0  # time.time() at start(), for a whole-process timeline
         self.rss_start = 0
 
     def start(self) -> None:
@@ -95,7 +96,7 @@ class Recorder:
         self.load_peak = vm_hwm()
         self.rss_start = _status("VmRSS") or 0
         self.peak_reset = reset_peak()
-        self.started = time.perf_counter()
+        self.started, self.started_at = time.perf_counter(), time.time()
         self.cpu_started = time.process_time()
 
     def batch(self, batch: dict) -> None:
@@ -115,6 +116,7 @@ class Recorder:
                           "lengths": [n for m in micro for n in m[2]],
                           "loss": losses[i] if i < len(losses) else None})
         return {"steps": steps, "peak_reset": self.peak_reset, "rss_start": self.rss_start,
+                "started_at": self.started_at,
                 "peak_train": self.train_peak if self.peak_reset else max(self.train_peak, self.load_peak),
                 "peak_life": max(self.load_peak, self.train_peak)}
 
@@ -212,7 +214,9 @@ def run_peer(opts) -> dict:
         def _get_train_sampler(self, *args, **kwargs):
             return SequentialSampler(self.train_dataset)
 
-    with tempfile.TemporaryDirectory() as out:
+    saved = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = getattr(opts, "output_dir", None) or tmp  # set: the adapter is saved there at the end
         targs = TrainingArguments(
             output_dir=out, per_device_train_batch_size=opts.batch,
             gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr,
@@ -224,8 +228,13 @@ def run_peer(opts) -> dict:
                           callbacks=[step_timer(rec)])
         rec.start()
         trainer.train()
+        if out != tmp:
+            saved["save_began"] = time.time()
+            trainer.save_model(out)  # the adapter, as LLaMA-Factory saves it at the end
+            tokenizer.save_pretrained(out)
+            saved["save_ended"] = time.time()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    return rec.result(losses)
+    return {**rec.result(losses), **saved}
 
 
 # ---- tuneforge: the public workflow -----------------------------------------------------------

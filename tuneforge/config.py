@@ -274,9 +274,10 @@ class TrainingArguments:
         None, "bf16 mixed precision. Empty: on where the hardware runs bf16 fast (GPUs), off on "
         "CPUs without it (there bf16 is ~100x slower than fp32). true on such a CPU falls back.")
     fp16: bool = _f(False, "Train with fp16 mixed precision on GPUs.")
-    gradient_checkpointing: bool = _f(
-        False, "Recompute activations in the backward pass: less memory, more time (torch's reentrant "
-        "checkpoint, as LLaMA-Factory, unless use_reentrant_gc: false).")
+    gradient_checkpointing: Optional[bool] = _f(
+        None, "Recompute activations in the backward pass: less memory, more time (torch's reentrant "
+        "checkpoint, as LLaMA-Factory, unless use_reentrant_gc: false). Empty: on only where a batch's "
+        "activations would take over half the memory left after loading the model (one log line).")
     fused_cross_entropy: Optional[bool] = _f(
         None, "Compute the output head and the loss together in chunks, only where there are "
         "labels: the full logits never exist. Empty: on where the model's logits are its head "

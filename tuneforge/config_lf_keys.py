@@ -25,12 +25,13 @@ def checkpoint_options() -> set[str]:
     return {p.name for p in params if p.kind is p.KEYWORD_ONLY and p.name != "context_fn"}
 
 
-def gradient_checkpointing(cfg) -> dict | None:
+def gradient_checkpointing(cfg, chosen: bool = False) -> dict | None:
     """The keyword arguments of torch's checkpoint function for this run, or None for no gradient
     checkpointing. On when gradient_checkpointing is true or disable_gradient_checkpointing is false
-    (LLaMA-Factory's default, there on unless disabled); use_reentrant from use_reentrant_gc, else
-    from gradient_checkpointing_kwargs, else true (LLaMA-Factory's default)."""
-    on = cfg.train.gradient_checkpointing or cfg.model.disable_gradient_checkpointing is False
+    (LLaMA-Factory's default, there on unless disabled), or when `chosen` (train/memory_plan.py,
+    both keys empty); use_reentrant from use_reentrant_gc, else from gradient_checkpointing_kwargs,
+    else true (LLaMA-Factory's default)."""
+    on = cfg.train.gradient_checkpointing or cfg.model.disable_gradient_checkpointing is False or chosen
     if not on:
         return None
     kwargs = dict(cfg.train.gradient_checkpointing_kwargs or {})
@@ -38,6 +39,11 @@ def gradient_checkpointing(cfg) -> dict | None:
         kwargs["use_reentrant"] = cfg.model.use_reentrant_gc
     kwargs.setdefault("use_reentrant", True)
     return kwargs
+
+
+def checkpointing_left_empty(cfg) -> bool:
+    """Neither gradient_checkpointing nor disable_gradient_checkpointing is set: the run chooses."""
+    return cfg.train.gradient_checkpointing is None and cfg.model.disable_gradient_checkpointing is None
 
 
 def validate_lf_keys(cfg, given) -> None:

@@ -29,16 +29,17 @@ def train(cfg: Config) -> dict:
     KeyboardInterrupt (train.stop.Interrupted) or SystemExit(143) (train.stop.Terminated)."""
     import dataclasses
 
-    from transformers import set_seed
+    from accelerate.utils import set_seed  # transformers' one imports trainer_utils: peft, bitsandbytes
 
     from .config import SECRET_KEYS
-    from .config_lf_keys import gradient_checkpointing
+    from .config_lf_keys import checkpointing_left_empty, gradient_checkpointing
     from .distributed.sharded import gathered
     from .infer.generation import check_virtual_room
     from .loading import load_for_use
     from .models import bf16_is_fast
     from .train import outputs
     from .train.heads import MODEL_CLASSES, head_targets, prepare_head
+    from .train.memory_plan import available_bytes, choose_checkpointing
     from .train.loop import TrainingRun, mixed_precision
     from .train.methods import describe, prepare_model, refuse_unread_keys
     from .train.resume import plan_resume, prepare_output_dir
@@ -78,7 +79,10 @@ def train(cfg: Config) -> dict:
     set_seed(args.seed)
 
     # everything that can fail on bad input happens before output_dir is touched
-    load_dtype = torch.bfloat16 if pure_bf16 else \
+    # full / freeze keep fp32 master weights (train/methods.py): loading them in the autocast dtype
+    # would round every weight, the frozen ones saved rounded and the trained ones starting rounded
+    full_weights = cfg.finetune.finetuning_type in ("full", "freeze")
+    load_dtype = torch.bfloat16 if pure_bf16 else torch.float32 if full_weights else \
         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # the base only: prepare_model attaches the adapters; with loftq_iter, quantization waits for
     # the adapter, LoftQ quantizing the adapted layers together with it (train/methods.py)
@@ -105,6 +109,13 @@ def train(cfg: Config) -> dict:
                        cfg.data.cutoff_len, f"finetuning_type: {cfg.finetune.finetuning_type}", tunable=True,
                        whole_rows=True)
     checkpointing = gradient_checkpointing(cfg)
+    if checkpointing is None and checkpointing_left_empty(cfg):  # chosen by memory (train/memory_plan.py)
+        note = choose_checkpointing(model, args.per_device_train_batch_size * cfg.data.cutoff_len,
+                                    2 if pure_bf16 or precision in ("bf16", "fp16") else 4,
+                                    available_bytes(device_type))
+        if note is not None:
+            log.info("%s", note)
+            checkpointing = gradient_checkpointing(cfg, chosen=True)
     if checkpointing is not None:
         _enable_activation_checkpointing(model, checkpointing)
     choice = stage.collator_for(cfg)(cfg.data, model, tokenizer)  # sft: padding or packing (probe)

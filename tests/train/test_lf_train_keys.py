@@ -141,6 +141,22 @@ def test_pure_bf16_full_finetuning_saves_bf16_weights(tiny_model_dir, tiny_data_
     assert {t.dtype for t in weights.values()} == {torch.bfloat16}
 
 
+def test_bf16_freeze_finetuning_keeps_fp32_weights(tiny_model_dir, tiny_data_dir, tmp_path, run_spy, monkeypatch):
+    """bf16 mixed precision on full / freeze weights: loaded in fp32 (not bf16 and back), so the
+    frozen weights are saved bit for bit and the trained ones start from the exact values."""
+    from tuneforge import models
+    monkeypatch.setattr(models, "bf16_is_fast", lambda device="cpu": True)  # bf16 autocast on any CPU
+    out = tmp_path / "freeze"
+    train(tiny_cfg(tiny_model_dir, tiny_data_dir, out, bf16=True, finetuning_type="freeze",
+                   freeze_trainable_layers=1, learning_rate=1e-4))
+    assert run_spy == {"trainable": {torch.float32}, "frozen": {torch.float32}, "precision": "bf16"}
+    base, saved = load_file(str(tiny_model_dir / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    frozen = [key for key in base if ".layers.1." not in key]
+    assert frozen and all(key in saved for key in frozen)
+    for key in frozen:
+        torch.testing.assert_close(saved[key], base[key], atol=0, rtol=0, msg=key)
+
+
 @pytest.mark.parametrize("values, message", [
     ({"pure_bf16": True, "fp16": True}, "config keys 'pure_bf16' and 'fp16' are both true"),
     ({"pure_bf16": True, "bf16": False}, "config key 'pure_bf16' is true but bf16 is false"),

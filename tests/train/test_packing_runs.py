@@ -190,3 +190,21 @@ def test_the_default_model_packs_exactly(shared_data_dir):
         start += n
     assert count == ref_count
     torch.testing.assert_close(loss, ref_loss, atol=1e-3, rtol=1e-5)
+
+
+def test_the_probes_run_on_one_thread_and_give_the_others_back():
+    from tuneforge.train.fused_loss import probe
+
+    model, seen = tiny_llama(), []
+    use_packed_attention(model)
+    model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert probe_packing(model) is None
+        ids = torch.tensor([[1, 2, 3, 4]])
+        assert probe(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}) is None
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and set(seen) == {1}

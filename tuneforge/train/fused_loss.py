@@ -131,6 +131,19 @@ def supports_fused_loss(model) -> str | None:
     return None
 
 
+@contextmanager
+def one_thread():
+    """torch's CPU ops on one thread meanwhile: a probe's few tokens gain nothing from more, and
+    on a busy machine each parallel op waits for its slowest thread (measured on 2 cores shared at
+    load ~10: the start-up's probes took 26 CPU s / 134 s wall with 2 threads, 1.2 / 10 with one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def probe(model, inputs: dict) -> str | None:
     """Compare the model's own logits with head(hidden states) on `inputs` (a short batch);
@@ -141,10 +154,11 @@ def probe(model, inputs: dict) -> str | None:
     was_training = model.training
     model.eval()
     try:
-        logits = model(**inputs).logits.float()
-        with head_as_identity(model) as head:
-            hidden = model(**inputs).logits
-        mine = head(hidden).float()
+        with one_thread():
+            logits = model(**inputs).logits.float()
+            with head_as_identity(model) as head:
+                hidden = model(**inputs).logits
+            mine = head(hidden).float()
     finally:
         model.train(was_training)
     if mine.shape != logits.shape:

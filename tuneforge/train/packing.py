@@ -15,6 +15,7 @@ import torch
 from ..data.collate import PaddingCollator
 from ..data.packing import PackingCollator
 from ..errors import ConfigError, TuneforgeError
+from .fused_loss import one_thread
 from .packed_attention import restore_attention, use_packed_attention
 
 PROBE_LENGTHS = (7, 4)  # different lengths: the padded batch has padding, the packed row a restart
@@ -72,7 +73,7 @@ def probe_packing(model, lengths=PROBE_LENGTHS, seed: int = 0) -> str | None:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), one_thread():
             padded_logits = model(input_ids=padded["input_ids"].to(device),
                                   attention_mask=padded["attention_mask"].to(device)).logits
             packed_logits = model(input_ids=packed["input_ids"].to(device),

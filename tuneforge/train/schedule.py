@@ -8,16 +8,56 @@ from __future__ import annotations
 
 import math
 import warnings
+from functools import partial
 
-from transformers import get_scheduler
+from torch.optim.lr_scheduler import LambdaLR
+
+
+# The common schedules as LambdaLR factors of the step, the same functions as transformers'
+# get_scheduler builds (transformers/optimization.py, tests/train/test_schedule_fns.py compares
+# them); transformers.optimization imports trainer_utils, which imports peft and bitsandbytes.
+def _warming(step: int, warmup: int) -> float:
+    return step / max(1, warmup)
+
+
+def _linear(step: int, *, warmup: int, total: int) -> float:
+    if step < warmup:
+        return _warming(step, warmup)
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
+def _cosine(step: int, *, warmup: int, total: int) -> float:
+    """Half a cosine from 1 to 0 after the warmup (transformers' num_cycles=0.5)."""
+    if step < warmup:
+        return _warming(step, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress)))
+
+
+def _constant(step: int, *, warmup: int, total: int) -> float:
+    return 1.0
+
+
+def _constant_with_warmup(step: int, *, warmup: int, total: int) -> float:
+    return _warming(step, warmup) if step < warmup else 1.0
+
+
+_FACTORS = {"linear": _linear, "cosine": _cosine, "constant": _constant,
+            "constant_with_warmup": _constant_with_warmup}
 
 
 def build_scheduler(optimizer, args, total_steps: int):
     """The schedule of `args` (lr_scheduler_type, warmup_steps or warmup_ratio) over
     `total_steps`, and its record for trainer_state.json ({"lr_scheduler_type", "warmup_steps"})."""
     warmup = args.warmup_steps or math.ceil(args.warmup_ratio * total_steps)
-    scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
+    factor = _FACTORS.get(str(args.lr_scheduler_type))
+    if factor is not None:
+        scheduler = LambdaLR(optimizer, partial(factor, warmup=warmup, total=total_steps))
+    else:  # the rarer schedules: transformers' own (importing it costs ~1.5 CPU s: peft, bitsandbytes)
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(args.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
+                                  num_training_steps=total_steps)
     return scheduler, {"lr_scheduler_type": args.lr_scheduler_type, "warmup_steps": warmup}
 
 

@@ -1,0 +1,57 @@
+"""Gradient checkpointing chosen by memory when the config leaves it empty (train/memory_plan.py):
+the activation estimate, the free-memory reading, and a run that turns it on (or is told not to)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from transformers import LlamaConfig
+
+from tuneforge import workflows
+from tuneforge.config import load_config
+from tuneforge.train import memory_plan
+
+
+def test_activation_bytes_counts_what_a_layer_keeps():
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2)
+    # per token and layer: 6 d + 2 kv + 4 i = 384 + 2 * 32 + 512 values
+    assert memory_plan.activation_bytes(config, tokens=10) == 2 * 10 * 960 * 4
+    assert memory_plan.activation_bytes(config, tokens=10, element_bytes=2) == 2 * 10 * 960 * 2
+    assert memory_plan.activation_bytes(object(), tokens=10) == 0  # no sizes known: no estimate
+
+
+def test_available_bytes_reads_memavailable(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:    1000 kB\n")
+    assert memory_plan.available_bytes("cpu", meminfo) == 1000 * 1024
+    assert memory_plan.available_bytes("cpu", tmp_path / "missing") is None
+
+
+def test_choose_checkpointing_only_when_activations_crowd_the_memory():
+    model = type("M", (), {"config": LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                 num_attention_heads=4, num_key_value_heads=2)})()
+    need = memory_plan.activation_bytes(model.config, 100)
+    assert memory_plan.choose_checkpointing(model, 100, 4, available=4 * need) is None
+    assert memory_plan.choose_checkpointing(model, 100, 4, available=None) is None
+    line = memory_plan.choose_checkpointing(model, 100, 4, available=need)
+    assert line.startswith("gradient checkpointing: on") and "gradient_checkpointing: false" in line
+
+
+@pytest.mark.parametrize("keys, expected", [({}, True), ({"gradient_checkpointing": False}, False)])
+def test_a_run_with_little_memory_checkpoints_unless_the_config_says(keys, expected, tiny_model_dir, tiny_data_dir,
+                                                                     tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(memory_plan, "available_bytes", lambda device="cpu": 1 << 10)  # 1 kB free
+    enabled = []
+    real = workflows._enable_activation_checkpointing
+    monkeypatch.setattr(workflows, "_enable_activation_checkpointing",
+                        lambda model, kwargs=None: (enabled.append(kwargs), real(model, kwargs))[1])
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model_dir), "dataset": "arith",
+                             "dataset_dir": str(tiny_data_dir), "output_dir": str(tmp_path / "out"),
+                             "cutoff_len": 32, "max_steps": 1, "per_device_train_batch_size": 2, "bf16": False,
+                             "disable_tqdm": True, **keys})
+    with caplog.at_level(logging.INFO, logger="tuneforge"):
+        workflows.train(cfg)
+    assert enabled == ([{"use_reentrant": True}] if expected else [])
+    assert any(r.getMessage().startswith("gradient checkpointing: on") for r in caplog.records) == expected
