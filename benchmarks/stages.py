@@ -3,7 +3,7 @@
     python benchmarks/stages.py                      # both stages, 8 optimizer steps per arm (make bench-stages)
     python benchmarks/stages.py --stage dpo --steps 4
     python benchmarks/stages.py --quick              # 3 steps per arm (step 1 is warm-up)
-    python benchmarks/stages.py --set gradient_checkpointing=true   # a key for the tuneforge arms
+    python benchmarks/stages.py --arms trl,tuneforge --set packing=false   # a key for the tuneforge arms
 
 Every arm trains the default model (SmolLM2-135M-Instruct, fp32) with LoRA r=8, alpha=16,
 dropout 0 on all linear layers but the head, lr 1e-4 cosine, no warmup, beta 0.1, in its own
@@ -11,7 +11,9 @@ fresh process (this script with --arm), one after another:
 - trl: TRL's DPOTrainer (loss sigmoid) / KTOTrainer (loss kto) on a peft model, the reference
   by disabling the adapter (TRL's way with peft, what LLaMA-Factory runs),
   precompute_ref_log_probs off, TRL's defaults otherwise (gradient checkpointing on);
-- tuneforge: tuneforge.workflows.train with stage: dpo / kto, its defaults otherwise.
+- tuneforge: tuneforge.workflows.train with stage: dpo / kto, its defaults otherwise (activations
+  kept: faster, more memory);
+- tuneforge_gc: the same with gradient_checkpointing: true, TRL's memory strategy.
 dpo: dpo_en_demo, 2 pairs per step; kto: kto_en_demo, 4 examples per step; cutoff 512.
 Both arms see the same token ids in the same order: tuneforge's data pipeline tokenizes
 (chat template, cutoff split between prompt and reply) and orders (MicroBatchStream) them, and
@@ -159,6 +161,8 @@ def run_one_arm(args) -> None:
     if impl == "trl":
         out = run_trl(stage, opts)
     else:
+        if impl == "tuneforge_gc":  # activation checkpointing, as TRL's default
+            opts.overrides = {**opts.overrides, "gradient_checkpointing": True}
         out = throughput_arms.run_tuneforge(opts, stage_keys(stage))
     Path(args.result).write_text(json.dumps(out))
 
@@ -199,44 +203,54 @@ def goal(name: str, value: float, target: float, higher_is_better: bool, fmt: st
     return {"name": name, "value": value, "target": target, "met": met, "line": line}
 
 
+TUNEFORGE_ARMS = {"tuneforge": "tuneforge", "tuneforge_gc": "tuneforge with gradient checkpointing"}
+
+
 def report(results: dict, stages: list[str]) -> list[dict]:
-    print(f"\n{'arm':<15}{'real tok/s':>11}{'tok/cpu-s':>10}{'step s':>8}{'peak MB':>9}{'life MB':>9}{'loss 1':>9}"
+    print(f"\n{'arm':<19}{'real tok/s':>11}{'tok/cpu-s':>10}{'step s':>8}{'peak MB':>9}{'life MB':>9}{'loss 1':>9}"
           f"{'loss last':>10}{'margin 1':>10}{'margin last':>12}{'logps/ch 1':>11}{'tok/s x':>9}{'cpu x':>7}{'RSS x':>7}")
     goals, notes = [], []
     for stage in stages:
-        trl, tf = results.get(f"trl-{stage}", {}), results.get(f"tuneforge-{stage}", {})
-        for arm, r in ((f"trl-{stage}", trl), (f"tuneforge-{stage}", tf)):
+        trl = results.get(f"trl-{stage}", {})
+        trl_ok = bool(trl) and "error" not in trl
+        for impl in ("trl", *TUNEFORGE_ARMS):
+            arm = f"{impl}-{stage}"
+            r = results.get(arm, {})
             if not r:  # --arms: not run
                 continue
             if "error" in r:
-                print(f"{arm:<15}FAILED: {r['error']}")
+                print(f"{arm:<19}FAILED: {r['error']}")
                 continue
-            both = "error" not in trl and "error" not in tf and trl and tf and r is tf
-            ratio = (f"{tf['real_tps'] / trl['real_tps']:>9.2f}{tf['cpu_tps'] / trl['cpu_tps']:>7.2f}"
-                     f"{tf['peak_train'] / trl['peak_train']:>7.2f}") if both else ""
-            print(f"{arm:<15}{r['real_tps']:>11.1f}{r['cpu_tps']:>10.1f}{r['step_s']:>8.2f}{r['peak_train'] / MB:>9.0f}"
+            ratio = (f"{r['real_tps'] / trl['real_tps']:>9.2f}{r['cpu_tps'] / trl['cpu_tps']:>7.2f}"
+                     f"{r['peak_train'] / trl['peak_train']:>7.2f}") if trl_ok and impl != "trl" else ""
+            print(f"{arm:<19}{r['real_tps']:>11.1f}{r['cpu_tps']:>10.1f}{r['step_s']:>8.2f}{r['peak_train'] / MB:>9.0f}"
                   f"{r['peak_life'] / MB:>9.0f}{r['first_loss']:>9.4f}{r['last_loss']:>10.4f}{r['first_margin']:>10.4f}"
                   f"{r['last_margin']:>12.4f}{r['first_logps']:>11.2f}{ratio}")
-        if not trl or not tf or "error" in trl or "error" in tf:
-            continue
-        if tf["lengths"] != trl["lengths"]:
-            notes.append(f"WARNING: {stage}: the arms saw other sequences ({tf['real_total']} real tokens against "
-                         f"{trl['real_total']}): losses do not compare")
-        if trl.get("kl_rows_cut_differently"):
+        if trl_ok and trl.get("kl_rows_cut_differently"):
             notes.append(f"{stage}: {trl['kl_rows_cut_differently']} KL rows cut differently (prompt too long)")
-        step1 = abs(tf["first_logps"] / trl["first_logps"] - 1) if trl["first_logps"] else float("nan")
-        notes.append(f"{stage}: step 1 loss {tf['first_loss']:.4f} vs {trl['first_loss']:.4f}, logps/chosen "
-                     f"{tf['first_logps']:.3f} vs {trl['first_logps']:.3f} (relative difference {step1:.2e})")
-        goals.append(goal(f"{stage}: tuneforge real tokens/s vs TRL", tf["real_tps"] / trl["real_tps"],
-                          GOAL_SPEED, True, "{:.2f}x"))
-        goals.append(goal(f"{stage}: tuneforge peak RSS vs TRL", tf["peak_train"] / trl["peak_train"],
-                          GOAL_RSS, False, "{:.2f}x"))
-        goals.append(goal(f"{stage}: last-step loss vs TRL's (relative difference)",
-                          abs(tf["last_loss"] / trl["last_loss"] - 1), GOAL_LOSS, False, "{:.2%}"))
+        for impl, label in TUNEFORGE_ARMS.items():
+            tf = results.get(f"{impl}-{stage}", {})
+            if not trl_ok or not tf or "error" in tf:
+                continue
+            if tf["lengths"] != trl["lengths"]:
+                notes.append(f"WARNING: {stage}: {impl} saw other sequences ({tf['real_total']} real tokens against "
+                             f"{trl['real_total']}): losses do not compare")
+            step1 = abs(tf["first_logps"] / trl["first_logps"] - 1) if trl["first_logps"] else float("nan")
+            notes.append(f"{stage}: {impl}: step 1 loss {tf['first_loss']:.4f} vs {trl['first_loss']:.4f}, "
+                         f"logps/chosen {tf['first_logps']:.3f} vs {trl['first_logps']:.3f} (relative difference "
+                         f"{step1:.2e})")
+            goals.append(goal(f"{stage}: {label}: real tokens/s vs TRL", tf["real_tps"] / trl["real_tps"],
+                              GOAL_SPEED, True, "{:.2f}x"))
+            goals.append(goal(f"{stage}: {label}: tokens per CPU second vs TRL", tf["cpu_tps"] / trl["cpu_tps"],
+                              GOAL_SPEED, True, "{:.2f}x"))
+            goals.append(goal(f"{stage}: {label}: peak RSS vs TRL", tf["peak_train"] / trl["peak_train"],
+                              GOAL_RSS, False, "{:.2f}x"))
+            goals.append(goal(f"{stage}: {label}: last-step loss vs TRL's (relative difference)",
+                              abs(tf["last_loss"] / trl["last_loss"] - 1), GOAL_LOSS, False, "{:.2%}"))
     print("tok/cpu-s: real tokens per CPU second of the process (all threads; less distorted by other work "
           "than tok/s); peak MB: VmHWM over the training steps (the ratio 'RSS x' uses it); life MB: the whole "
-          "process's peak, loading included; x: tuneforge against TRL in this run; margin: rewards/chosen "
-          "- rewards/rejected (means over the step)")
+          "process's peak, loading included; x: against TRL in this run; margin: rewards/chosen "
+          "- rewards/rejected (means over the step); tuneforge_gc: tuneforge with gradient_checkpointing: true")
     for line in notes:
         print(line)
     print()
@@ -256,8 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch threads")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="tuneforge config key for the tuneforge arms, e.g. --set gradient_checkpointing=true")
-    ap.add_argument("--arms", choices=("trl", "tuneforge", "both"), default="both",
-                    help="run only one side (no ratios then), e.g. to compare --set values")
+    ap.add_argument("--arms", default="trl,tuneforge,tuneforge_gc",
+                    help="comma-separated arms to run: trl, tuneforge (its defaults), tuneforge_gc (with "
+                    "gradient_checkpointing: true, as TRL's default); ratios need trl")
     ap.add_argument("--json", help="write every number to this file")
     ap.add_argument("--arm", help=argparse.SUPPRESS)  # internal: one arm, e.g. trl-dpo
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -280,7 +295,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.steps} steps per arm, LoRA r={RANK} all linear, lr {LR}, beta {BETA}, cutoff {args.cutoff}, fp32; "
           + ", ".join(f"{s}: {STAGES[s][0]}, {STAGES[s][1]} {'pairs' if s == 'dpo' else 'examples'} per step"
                       for s in stages) + (f"; tuneforge arms also: {', '.join(args.set)}" if args.set else ""))
-    impls = ("trl", "tuneforge") if args.arms == "both" else (args.arms,)
+    impls = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = sorted(set(impls) - {"trl", *TUNEFORGE_ARMS})
+    if unknown or not impls:
+        ap.error(f"--arms: unknown arm(s) {', '.join(unknown) or '(none given)'}; use trl, tuneforge, tuneforge_gc")
     results = {arm: spawn(arm, args) for stage in stages for arm in (f"{impl}-{stage}" for impl in impls)}
     for r in results.values():
         if "error" not in r:
