@@ -124,10 +124,11 @@ class DataArguments:
         "run saved it with the same tokenizer, template and data keys (else refused), else written. With "
         "do_train: false, `tuneforge train` tokenizes, saves and stops.")
     overwrite_cache: bool = _f(
-        False, "With tokenized_path: tokenize again and replace the saved data (e.g. after editing the data).")
+        False, "With tokenized_path: tokenize again and replace the saved data (e.g. after editing the data); "
+        "with preprocessing_num_workers also datasets' load_from_cache_file: false.")
     preprocessing_num_workers: Optional[int] = _f(
-        None, "Accepted for LLaMA-Factory configs, no effect: tokenization runs in one process (fast "
-        "tokenizers batch it; worker processes were slower in our measurement, see docs/data.md).")
+        None, "Tokenize in this many processes (HF datasets' map, num_proc), the same examples in the same order. "
+        "Empty: one process, faster on small data sets (measured in docs/data.md); streaming: one process.")
     packing: Optional[bool] = _f(
         None, "Padding-free batches: each micro-batch's examples are concatenated into one row "
         "with position_ids restarting per example, and attention never crosses examples, so "

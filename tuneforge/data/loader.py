@@ -22,6 +22,7 @@ from .readers import read_records
 from . import streaming, tokenized
 from .registry import get_entry, load_registry, resolve_dataset_dir
 from .templates import apply_template
+from .workers import each
 
 logger = logging.getLogger(__name__)
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -132,11 +133,7 @@ def _load_datasets(data_args, tokenizer, seed: int, kind: RecordKind, names: lis
 
 
 def _note_unused_keys(data_args, saved_at) -> None:
-    """LLaMA-Factory's cache keys, said where they change nothing (never silently ignored)."""
-    workers = getattr(data_args, "preprocessing_num_workers", None)
-    if workers and workers > 1:
-        logger.info("preprocessing_num_workers=%d: tuneforge tokenizes in one process (batched by the fast "
-                    "tokenizer; worker processes were slower when measured, docs/data.md)", workers)
+    """LLaMA-Factory's overwrite_cache, said where it changes nothing (never silently ignored)."""
     if getattr(data_args, "overwrite_cache", False) and not saved_at:
         logger.info("overwrite_cache: nothing to overwrite without tokenized_path (tuneforge keeps no other "
                     "cache of tokenized data)")
@@ -185,13 +182,7 @@ def _tokenize(conversations: list[Conversation], data_args, tokenizer) -> list[d
     fill_placeholders(conversations, getattr(data_args, "placeholders", None))
     _warn_unfilled(conversations)
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
-    examples = encode_conversations(
-        tokenizer,
-        conversations,
-        cutoff_len=cutoff_len,
-        train_on_prompt=getattr(data_args, "train_on_prompt", False),
-        mask_history=getattr(data_args, "mask_history", False),
-    )
+    examples = each(_encode, conversations, data_args, tokenizer)
     kept, totals, drops = [], Counter(c.dataset for c in conversations), {}
     for conversation, example in zip(conversations, examples):
         if any(label != IGNORE_INDEX for label in example["labels"]):
@@ -203,6 +194,13 @@ def _tokenize(conversations: list[Conversation], data_args, tokenizer) -> list[d
         dropped.report(totals[name], f"none of its {totals[name]} examples keeps a reply token within "
                        f"cutoff_len={cutoff_len}", f"raise cutoff_len (now {cutoff_len}) to keep them")
     return kept
+
+
+def _encode(conversations: list[Conversation], data_args, tokenizer) -> list[dict]:
+    """{"input_ids", "labels"} per conversation (one each, in order; workers.each runs it)."""
+    return encode_conversations(tokenizer, conversations, cutoff_len=getattr(data_args, "cutoff_len", 2048),
+                                train_on_prompt=getattr(data_args, "train_on_prompt", False),
+                                mask_history=getattr(data_args, "mask_history", False))
 
 
 def _warn_unfilled(conversations: list[Conversation]) -> None:

@@ -20,6 +20,7 @@ from tuneforge.errors import ConfigError, DataError
 
 from .readers import Records, iter_records
 from .registry import get_entry, load_registry, resolve_dataset_dir
+from .workers import one_process, workers
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,10 @@ class StreamingExamples:
     streaming = True
 
     def __init__(self, data_args, tokenizer, seed: int, kind, names: list[str], skip: int = 0):
-        self.data_args, self.tokenizer, self.seed, self.kind = data_args, tokenizer, seed, kind
+        if workers(data_args) > 1:
+            logger.info("preprocessing_num_workers: streaming tokenizes each chunk of records as training takes it, "
+                        "in this process (as LLaMA-Factory's streaming map, which takes no num_proc)")
+        self.data_args, self.tokenizer, self.seed, self.kind = one_process(data_args), tokenizer, seed, kind
         self.names, self.skip = names, skip
         self.buffer_size = int(getattr(data_args, "buffer_size", 16384) or 16384)
         dataset_dir = resolve_dataset_dir(getattr(data_args, "dataset_dir", None))
