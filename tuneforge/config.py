@@ -128,7 +128,7 @@ class DataArguments:
         "with preprocessing_num_workers also datasets' load_from_cache_file: false.")
     preprocessing_num_workers: Optional[int] = _f(
         None, "Tokenize in this many processes (HF datasets' map, num_proc), the same examples in the same order. "
-        "Empty: one process, faster on small data sets (measured in docs/data.md); streaming: one process.")
+        "At most one per CPU core. Empty: one process, faster on small data (docs/data.md); streaming: one process.")
     packing: Optional[bool] = _f(
         None, "Padding-free batches: each micro-batch's examples are concatenated into one row "
         "with position_ids restarting per example, and attention never crosses examples, so "

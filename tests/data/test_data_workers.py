@@ -13,6 +13,7 @@ import pytest
 
 from tuneforge.data import load_datasets
 from tuneforge.data.kto import KTO
+from tuneforge.data import workers
 from tuneforge.data.text import TEXT
 
 LONG = "word " * 60
@@ -30,6 +31,7 @@ def mapped(monkeypatch):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(datasets.Dataset, "map", spy)
+    monkeypatch.setattr(workers, "cpu_cores", lambda: 4)  # two workers on any machine
     return calls
 
 
@@ -56,3 +58,8 @@ def test_cross_record_steps_stay_whole(smol, make_args, shared_data, mapped, kin
     alone = load_datasets(args, smol, kind=kind).train
     split = load_datasets(make_args(**{**vars(args), "preprocessing_num_workers": 2}), smol, kind=kind).train
     assert split == alone and [c["num_proc"] for c in mapped] == [2]
+
+
+def test_no_more_workers_than_cores(make_args, monkeypatch):
+    monkeypatch.setattr(workers, "cpu_cores", lambda: 2)
+    assert [workers.workers(make_args(preprocessing_num_workers=n)) for n in (None, 1, 2, 16)] == [1, 1, 2, 2]

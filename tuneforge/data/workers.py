@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable
 
 from .hf_files import quiet
@@ -29,8 +30,30 @@ BATCH = 1000  # items per call of fn inside a worker (LLaMA-Factory's preprocess
 
 
 def workers(data_args) -> int:
-    """preprocessing_num_workers as a count (1 when unset)."""
-    return max(1, int(getattr(data_args, "preprocessing_num_workers", None) or 1))
+    """preprocessing_num_workers as a count (1 when unset), at most the CPU cores this process may
+    use (more processes than cores only add start-up cost; said once in the log)."""
+    wanted = max(1, int(getattr(data_args, "preprocessing_num_workers", None) or 1))
+    cores = cpu_cores()
+    if wanted > cores:
+        _note_once(f"preprocessing_num_workers={wanted}: {cores} worker processes, one per CPU core available")
+    return min(wanted, cores)
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+_noted: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    if message not in _noted:
+        _noted.add(message)
+        logger.info(message)
 
 
 def each(fn: Callable, items: list, data_args, tokenizer) -> list:
