@@ -118,6 +118,14 @@ class DataArguments:
         None, "Values for {{key}} placeholders in the data, e.g. {name: Forge, author: Ada}.")
     streaming: bool = _f(False, "Read and tokenize the training data lazily as training takes it (needs max_steps; "
                          "val_size a count; no max_samples). See docs/data.md.")
+    mix_strategy: str = _f("concat", "Several datasets: concat (one after the other, then shuffled), or interleaved "
+                           "(datasets.interleave_datasets, seeded by seed): interleave_under stops when one runs "
+                           "out, interleave_over when all have (repeating), interleave_once draws without "
+                           "repeating. As LLaMA-Factory.", ("concat", "interleave_under", "interleave_over",
+                                                              "interleave_once"))
+    interleave_probs: Optional[str] = _f(
+        None, "Interleaved mix_strategy: comma-separated chances of drawing from each dataset (one per dataset, "
+        "sum 1), e.g. 0.7,0.3. Empty: the datasets in turn.")
     buffer_size: int = _f(16384, "streaming: examples in the shuffle buffer.", bounds="(0, inf)")
     tokenized_path: Optional[str] = _f(
         None, "Folder for the tokenized data (HF datasets' save_to_disk): read instead of the data when an earlier "

@@ -57,6 +57,7 @@ def blockers(cfg, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
     check(optimizers.check, cfg, given)  # use_galore, use_badam, ..., use_llama_pro (train/optimizers/keys.py)
     check(_validate_multitask, cfg)
     check(_validate_streaming, cfg)
+    check(_validate_mixing, cfg)
     check(validate_lf_keys, cfg, given)
     check(_validate_placeholders, cfg.data.placeholders)
     check(_validate_adapter_list, cfg.model.adapter_name_or_path)
@@ -69,6 +70,13 @@ def _validate_streaming(cfg) -> None:
         from .data.streaming import check_streaming
 
         check_streaming(cfg.data, cfg.train.max_steps)
+
+
+def _validate_mixing(cfg) -> None:
+    """interleave_probs against mix_strategy and the datasets (data/mixing.py), one line."""
+    from .data.mixing import check
+
+    check(cfg.data)
 
 
 def one_per_key(lines: list[str]) -> list[str]:

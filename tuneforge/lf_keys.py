@@ -23,8 +23,6 @@ FEATURES = {
     "gc_options": ("LLaMA-Factory's gradient-checkpointing options",
                    "remove it (gradient_checkpointing: true or false)"),
     "special_tokens": ("LLaMA-Factory's added tokens and vocabulary resizing", "remove it"),
-    "mixing": ("LLaMA-Factory's interleaved dataset mixing",
-               "remove it (several datasets are concatenated and shuffled: LLaMA-Factory's mix_strategy: concat)"),
     "multimodal": ("LLaMA-Factory's multimodal (image, video, audio) training",
                    "remove it (tuneforge trains on text only)"),
     "mod": ("LLaMA-Factory's Mixture-of-Depths conversion", "remove it"),
@@ -168,8 +166,6 @@ LF_KEYS = {
     "block_diag_attn": ("derived", False),
     # data_args.py
     "media_dir": ("multimodal", None),
-    "mix_strategy": ("mixing", "concat"),
-    "interleave_probs": ("mixing", None),
     "preprocessing_batch_size": ("data_option", 1000),
     "eval_num_beams": ("beam_search", None),
     "ignore_pad_token_for_loss": ("loss_options", True),

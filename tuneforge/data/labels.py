@@ -199,7 +199,8 @@ def load_unlabelled(data_args, names: str, tokenizer, labels: LabelSet, label_co
     """The examples of the datasets `names` (labels optional: NO_LABEL where absent), unshuffled."""
     from .loader import load_datasets
 
-    args = dataclasses.replace(data_args, dataset=names, eval_dataset=None, val_size=0, multitask=False)
+    args = dataclasses.replace(data_args, dataset=names, eval_dataset=None, val_size=0, multitask=False,
+                               mix_strategy="concat", interleave_probs=None)  # the mixing keys are dataset:'s
     examples = load_datasets(args, tokenizer, seed=seed, kind=label_kind(labels, label_column, required=False)).train
     random.Random(seed).shuffle(examples)
     return examples

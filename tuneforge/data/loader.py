@@ -18,6 +18,7 @@ from .collate import TASK_ID
 from .encode import IGNORE_INDEX, encode_conversations
 from .formats import Conversation, fill_placeholders, to_conversations
 from .issues import Drops
+from .mixing import check as check_mixing, mix
 from .readers import read_records
 from . import streaming, tokenized
 from .registry import get_entry, load_registry, resolve_dataset_dir
@@ -81,6 +82,7 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     template = getattr(data_args, "template", None)
     if kind.chat_template or template:
         apply_template(tokenizer, template, getattr(data_args, "enable_thinking", True))
+    check_mixing(data_args)
     saved_at = getattr(data_args, "tokenized_path", None)
     _note_unused_keys(data_args, saved_at)
     if getattr(data_args, "streaming", False):  # LLaMA-Factory's streaming: train examples read lazily
@@ -109,24 +111,25 @@ def _load_datasets(data_args, tokenizer, seed: int, kind: RecordKind, names: lis
         return _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None),
                              random.Random(seed), kind)
 
-    def load(group: list[str]) -> list[dict]:
-        if not multitask:
-            return kind.tokenize([item for name in group for item in read(name)], data_args, tokenizer)
-        examples = []
+    def load(group: list[str], key: str) -> list[dict]:
+        if not multitask:  # the records mixed (mix_strategy), then tokenized together
+            return kind.tokenize(mix([read(name) for name in group], data_args, seed, key, group), data_args,
+                                 tokenizer)
+        parts = []
         for name in group:  # each dataset alone (pt's blocks never span two tasks), tagged with its task
-            for example in kind.tokenize(read(name), data_args, tokenizer):
+            parts.append(kind.tokenize(read(name), data_args, tokenizer))
+            for example in parts[-1]:
                 example[TASK_ID] = names.index(name)
-                examples.append(example)
-        return examples
+        return mix(parts, data_args, seed, key, group)
 
     multitask = bool(getattr(data_args, "multitask", False))
     if multitask:
         _check_tasks(names, eval_names)
 
-    train = load(names)
+    train = load(names, "dataset")
     random.Random(seed).shuffle(train)  # mixes several datasets, and makes the val_size split random
     if eval_names:
-        return DatasetSplits(train, load(eval_names))
+        return DatasetSplits(train, load(eval_names, "eval_dataset"))
     if val_size:
         return _split(train, val_size)
     return DatasetSplits(train, None)
