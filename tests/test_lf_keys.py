@@ -67,11 +67,12 @@ def test_a_config_is_checked_whole():
     """Unknown keys, LLaMA-Factory's keys, bad values and bad combinations: one line each, in
     the order met; one ConfigError with .messages (the CLI prints each on its own line)."""
     with pytest.raises(ConfigErrors) as err:
-        build_config({"use_asft_loss": True, "lora_rank": 0, "bf16": True, "fp16": True, "zzz_unknown": 8,
+        build_config({"mixture_of_depths": "convert", "lora_rank": 0, "bf16": True, "fp16": True, "zzz_unknown": 8,
                       "image_max_pixels": 589824, "pissa_convert": True})
     lines = err.value.messages
     assert lines == [
-        "config key 'use_asft_loss': LLaMA-Factory's ASFT loss, not supported by tuneforge; remove it",
+        "config key 'mixture_of_depths': LLaMA-Factory's Mixture-of-Depths conversion, not supported by tuneforge; "
+        "remove it",
         "unknown config key 'zzz_unknown'",
         "config key 'image_max_pixels': LLaMA-Factory's multimodal (image, video, audio) training, not supported "
         "by tuneforge; remove it (tuneforge trains on text only)",
