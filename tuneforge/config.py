@@ -39,15 +39,16 @@ class ModelArguments:
     model_revision: str = _f(
         "main", "Hub model_name_or_path: the branch, tag or commit to load.")
     hf_hub_token: Optional[str] = _f(
-        None, "Hub model_name_or_path: token for private or gated models (default: HF_TOKEN or a saved "
-        "login). Never written next to a run's outputs.")
+        None, "Hub model_name_or_path and hub datasets: token for private or gated ones (default: HF_TOKEN or a "
+        "saved login). Never written next to a run's outputs.")
     use_modelscope_hub: bool = _f(
-        False, "Hub model_name_or_path: fetch it from ModelScope (needs the `modelscope` package).")
+        False, "Hub model_name_or_path: fetch it from ModelScope; datasets: ms_hub_url over hf_hub_url (needs the "
+        "`modelscope` package).")
     adapter_name_or_path: Optional[str] = _f(
         None, "Comma-separated adapter directories (peft format) to load on the model.")
     cache_dir: Optional[str] = _f(
-        None, "Where models are cached: hub downloads (default: $HF_HOME/hub) and the converted default "
-        "model and .gguf files (default: $TUNEFORGE_HOME or ~/.cache/tuneforge).")
+        None, "Where models are cached: hub downloads (default: $HF_HOME/hub; hub datasets too) and the converted "
+        "default model and .gguf files (default: $TUNEFORGE_HOME or ~/.cache/tuneforge).")
     trust_remote_code: bool = _f(
         False, "Allow model code from the model directory to run. Off unless you trust the source.")
     infer_dtype: str = _f(
