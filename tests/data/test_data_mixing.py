@@ -57,6 +57,7 @@ def test_interleaved_streams(smol, make_args, two_datasets):
                                  Dataset.from_list(B).to_iterable_dataset()],
                                 probabilities=[0.3, 0.7], seed=2, stopping_strategy="all_exhausted")
     assert _replies(smol, stream.unshuffled()) == [row["output"] for row in mixed]
+    assert sorted(_replies(smol, stream.epoch(0))) == sorted(row["output"] for row in mixed)  # then shuffled
 
 
 @pytest.mark.parametrize("probs, strategy, wrong", [
