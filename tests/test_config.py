@@ -200,7 +200,7 @@ def test_seed_outside_numpy_range():
     ("output_dir=2024", "2024"),              # or a number
     ("output_dir=/tmp/a\nb", "/tmp/a\nb"),    # or fold the newline into a space
     ("output_dir=null", None),                # null still unsets
-    ("template=123", "123"),
+    ("dataset=123", "123"),                 # (template= must name a template: checked with the config)
 ])
 def test_text_keys_keep_the_text_as_typed(override, expected):
     key = override.split("=", 1)[0]

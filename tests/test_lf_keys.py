@@ -36,11 +36,11 @@ def test_every_row_is_refused_by_name(key):
 
 def test_keys_at_their_inert_default_are_accepted_and_change_nothing(caplog):
     inert = {k: row[1] for k, row in lf_keys.LF_KEYS.items() if row[1] is not lf_keys.REFUSED}
-    assert {"use_asft_loss": False, "quantization_method": "bnb", "mix_strategy": "concat"}.items() <= inert.items()
+    assert {"use_kt": False, "quantization_method": "bnb", "preprocessing_batch_size": 1000}.items() <= inert.items()
     with caplog.at_level("INFO", logger="tuneforge"):
         cfg = build_config(dict(inert))
     assert cfg == Config()
-    assert "use_asft_loss" in caplog.text  # the info line names what was accepted
+    assert "use_kt" in caplog.text  # the info line names what was accepted
     # a bool is not a number: use_kv_cache: 1 is no default
     with pytest.raises(ConfigError, match="config key 'use_kv_cache': LLaMA-Factory's switch"):
         build_config({"use_kv_cache": 1})
@@ -67,11 +67,12 @@ def test_a_config_is_checked_whole():
     """Unknown keys, LLaMA-Factory's keys, bad values and bad combinations: one line each, in
     the order met; one ConfigError with .messages (the CLI prints each on its own line)."""
     with pytest.raises(ConfigErrors) as err:
-        build_config({"use_asft_loss": True, "lora_rank": 0, "bf16": True, "fp16": True, "zzz_unknown": 8,
+        build_config({"mixture_of_depths": "convert", "lora_rank": 0, "bf16": True, "fp16": True, "zzz_unknown": 8,
                       "image_max_pixels": 589824, "pissa_convert": True})
     lines = err.value.messages
     assert lines == [
-        "config key 'use_asft_loss': LLaMA-Factory's ASFT loss, not supported by tuneforge; remove it",
+        "config key 'mixture_of_depths': LLaMA-Factory's Mixture-of-Depths conversion, not supported by tuneforge; "
+        "remove it",
         "unknown config key 'zzz_unknown'",
         "config key 'image_max_pixels': LLaMA-Factory's multimodal (image, video, audio) training, not supported "
         "by tuneforge; remove it (tuneforge trains on text only)",

@@ -39,15 +39,16 @@ class ModelArguments:
     model_revision: str = _f(
         "main", "Hub model_name_or_path: the branch, tag or commit to load.")
     hf_hub_token: Optional[str] = _f(
-        None, "Hub model_name_or_path: token for private or gated models (default: HF_TOKEN or a saved "
-        "login). Never written next to a run's outputs.")
+        None, "Hub model_name_or_path and hub datasets: token for private or gated ones (default: HF_TOKEN or a "
+        "saved login). Never written next to a run's outputs.")
     use_modelscope_hub: bool = _f(
-        False, "Hub model_name_or_path: fetch it from ModelScope (needs the `modelscope` package).")
+        False, "Hub model_name_or_path: fetch it from ModelScope; datasets: ms_hub_url over hf_hub_url (needs the "
+        "`modelscope` package).")
     adapter_name_or_path: Optional[str] = _f(
         None, "Comma-separated adapter directories (peft format) to load on the model.")
     cache_dir: Optional[str] = _f(
-        None, "Where models are cached: hub downloads (default: $HF_HOME/hub) and the converted default "
-        "model and .gguf files (default: $TUNEFORGE_HOME or ~/.cache/tuneforge).")
+        None, "Where models are cached: hub downloads (default: $HF_HOME/hub; hub datasets too) and the converted "
+        "default model and .gguf files (default: $TUNEFORGE_HOME or ~/.cache/tuneforge).")
     trust_remote_code: bool = _f(
         False, "Allow model code from the model directory to run. Off unless you trust the source.")
     infer_dtype: str = _f(
@@ -118,16 +119,25 @@ class DataArguments:
         None, "Values for {{key}} placeholders in the data, e.g. {name: Forge, author: Ada}.")
     streaming: bool = _f(False, "Read and tokenize the training data lazily as training takes it (needs max_steps; "
                          "val_size a count; no max_samples). See docs/data.md.")
+    mix_strategy: str = _f("concat", "Several datasets: concat (one after the other, then shuffled), or interleaved "
+                           "(datasets.interleave_datasets, seeded by seed): interleave_under stops when one runs "
+                           "out, interleave_over when all have (repeating), interleave_once draws without "
+                           "repeating. As LLaMA-Factory.", ("concat", "interleave_under", "interleave_over",
+                                                              "interleave_once"))
+    interleave_probs: Optional[str] = _f(
+        None, "Interleaved mix_strategy: comma-separated chances of drawing from each dataset (one per dataset, "
+        "sum 1), e.g. 0.7,0.3. Empty: the datasets in turn.")
     buffer_size: int = _f(16384, "streaming: examples in the shuffle buffer.", bounds="(0, inf)")
     tokenized_path: Optional[str] = _f(
         None, "Folder for the tokenized data (HF datasets' save_to_disk): read instead of the data when an earlier "
         "run saved it with the same tokenizer, template and data keys (else refused), else written. With "
         "do_train: false, `tuneforge train` tokenizes, saves and stops.")
     overwrite_cache: bool = _f(
-        False, "With tokenized_path: tokenize again and replace the saved data (e.g. after editing the data).")
+        False, "With tokenized_path: tokenize again and replace the saved data (e.g. after editing the data); "
+        "with preprocessing_num_workers also datasets' load_from_cache_file: false.")
     preprocessing_num_workers: Optional[int] = _f(
-        None, "Accepted for LLaMA-Factory configs, no effect: tokenization runs in one process (fast "
-        "tokenizers batch it; worker processes were slower in our measurement, see docs/data.md).")
+        None, "Tokenize in this many processes (HF datasets' map, num_proc), the same examples in the same order. "
+        "At most one per CPU core. Empty: one process, faster on small data (docs/data.md); streaming: one process.")
     packing: Optional[bool] = _f(
         None, "Padding-free batches: each micro-batch's examples are concatenated into one row "
         "with position_ids restarting per example, and attention never crosses examples, so "

@@ -54,10 +54,12 @@ def blockers(cfg, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
     check(report_targets, cfg.train.report_to)  # a tracker name, and its package, before anything loads
     out.extend(_combinations(cfg, given))
     out.extend(_lora_variant_problems(cfg))
-    check(_validate_method_keys, cfg, given)
+    out.extend(method_key_problems(cfg.finetune, given))  # each key a method does not read: its own line
+    check(_validate_template, cfg.data.template)
     check(optimizers.check, cfg, given)  # use_galore, use_badam, ..., use_llama_pro (train/optimizers/keys.py)
     check(_validate_multitask, cfg)
     check(_validate_streaming, cfg)
+    check(_validate_mixing, cfg)
     check(validate_lf_keys, cfg, given)
     check(_validate_placeholders, cfg.data.placeholders)
     check(_validate_adapter_list, cfg.model.adapter_name_or_path)
@@ -71,6 +73,13 @@ def _validate_streaming(cfg) -> None:
         from .data.streaming import check_streaming
 
         check_streaming(cfg.data, cfg.train.max_steps)
+
+
+def _validate_mixing(cfg) -> None:
+    """interleave_probs against mix_strategy and the datasets (data/mixing.py), one line."""
+    from .data.mixing import check
+
+    check(cfg.data)
 
 
 def one_per_key(lines: list[str]) -> list[str]:
@@ -177,15 +186,42 @@ def _describe(bounds: str) -> str:
     return f"in {bounds}"
 
 
-def _validate_method_keys(cfg, given) -> None:
-    """A method's own key (adapter_methods.METHOD_KEYS) set for a method that does not read it."""
-    method = cfg.finetune.finetuning_type
+def method_key_problems(finetune, given=None) -> list[str]:
+    """One line per finetune key the chosen finetuning_type does not read: a method's own key
+    (adapter_methods.METHOD_KEYS) that the config sets, and a key adapter methods share (their
+    `AdapterMethod.keys`: lora_rank, lora_dropout, ...) set to other than its default for an
+    adapter method that does not read it (lora_rank with ia3). freeze / full configs may carry
+    the shared LoRA keys (LLaMA-Factory's often do). `given`: the keys the user set (None: all)."""
+    from .adapters.methods import all_methods, method_names
+
+    method, lines = finetune.finetuning_type, []
     for key, spec in METHOD_KEYS.items():
-        if key in given and getattr(cfg.finetune, key) is not None and method not in spec["methods"]:
-            names = list(spec["methods"])
-            readers = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-            raise ConfigError(f"config key '{key}' needs finetuning_type: {readers} "
-                              f"(got finetuning_type: {method})")
+        if (given is None or key in given) and getattr(finetune, key) is not None and method not in spec["methods"]:
+            lines.append(f"config key '{key}' needs finetuning_type: {_either(spec['methods'])} "
+                         f"(got finetuning_type: {method})")
+    if method not in method_names():
+        return lines
+    reading = {m.name: set(m.keys) for m in all_methods()}
+    for f in dataclasses.fields(finetune):
+        readers = [name for name, keys in reading.items() if f.name in keys]
+        if f.name in METHOD_KEYS or not readers or f.name in reading[method] or getattr(finetune, f.name) == f.default:
+            continue
+        lines.append(f"config key '{f.name}' needs finetuning_type: {_either(readers)} (got finetuning_type: "
+                     f"{method}); remove it")
+    return lines
+
+
+def _either(names) -> str:
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _validate_template(name: str | None) -> None:
+    """template: one of the named templates (data/template_table.py), checked before the model loads."""
+    if name:
+        from .data.templates import get_template
+
+        get_template(name)
 
 
 MULTITASK_STAGES = ("sft", "pt")  # stages whose examples carry a task id (data.load_datasets with multitask)

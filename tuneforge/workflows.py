@@ -16,6 +16,20 @@ from .fileio import check_output_dir, check_outside
 log = logging.getLogger("tuneforge")
 
 
+def _dataset_hub(function):
+    """Run `function(cfg, ...)` with hub datasets read by cfg.model's hub keys (data/hf_files.py)."""
+    import functools
+
+    @functools.wraps(function)
+    def run(cfg: Config, *args, **kwargs):
+        from .data.hf_files import dataset_hub
+
+        with dataset_hub(cfg.model):
+            return function(cfg, *args, **kwargs)
+    return run
+
+
+@_dataset_hub
 def train(cfg: Config) -> dict:
     """Train as configured (the `stage` from train/stages/: its data, batches, objective and
     head); returns the metrics also written to train_results.json.
@@ -293,6 +307,7 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+@_dataset_hub
 def evaluate(cfg: Config, limit: int | None = None, progress: bool = True) -> dict:
     """Eval loss and perplexity on the eval split (eval_dataset, or the val_size hold-out of
     dataset, split as `train` splits it); with do_predict also generated answers scored with

@@ -1,6 +1,12 @@
 """Data read through Hugging Face `datasets`: Parquet and Arrow files (columnar, so their rows
 are named "record N", counted from 0 in the file) and hub datasets (`hf_hub_url`, `ms_hub_url`).
 
+Hub datasets honour the model section's hub keys as model loading does (tuneforge/hub.py) and as
+LLaMA-Factory passes them to `load_dataset`: `hf_hub_token` (token=), `cache_dir` (cache_dir=; the
+offline fallback looks for the snapshot in that hub cache too) and `use_modelscope_hub`
+(ms_hub_url over hf_hub_url, as USE_MODELSCOPE_HUB=1). A run sets
+them for the data it reads with `dataset_hub(model_args)` (workflows.train / evaluate).
+
 JSON, JSON lines, CSV and plain text stay with tuneforge's own readers (readers.py): `datasets`
 parses them with pyarrow, whose errors say "An error occurred while generating the dataset" (the
 cause, "in row 1", counts rows of a block, not lines of the file), so a bad line could no longer
@@ -9,8 +15,11 @@ be named. Columnar files have no lines to name, and pyarrow reads them exactly.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from tuneforge.errors import DataError
@@ -19,6 +28,36 @@ from tuneforge.fileio import quoted
 logger = logging.getLogger(__name__)
 
 BUILDERS = {".parquet": ("parquet", "Parquet"), ".arrow": ("arrow", "Arrow")}
+
+
+@dataclass(frozen=True)
+class HubAccess:
+    """The model section's hub keys, as hub datasets use them."""
+
+    token: str | None = None
+    cache_dir: str | None = None
+    modelscope: bool = False
+
+
+_ACCESS: contextvars.ContextVar[HubAccess] = contextvars.ContextVar("tuneforge_dataset_hub", default=HubAccess())
+
+
+def hub_access() -> HubAccess:
+    """The hub keys of the run reading data now (defaults outside `dataset_hub`)."""
+    return _ACCESS.get()
+
+
+@contextlib.contextmanager
+def dataset_hub(model_args):
+    """Within the block, hub datasets are read with model_args' hf_hub_token, cache_dir and
+    use_modelscope_hub (ModelArguments, or anything with those attributes)."""
+    token = _ACCESS.set(HubAccess(getattr(model_args, "hf_hub_token", None) or None,
+                                  getattr(model_args, "cache_dir", None) or None,
+                                  bool(getattr(model_args, "use_modelscope_hub", False))))
+    try:
+        yield
+    finally:
+        _ACCESS.reset(token)
 
 
 def read_columnar(name: str, path: Path, limit: int | None) -> list[dict]:
@@ -86,8 +125,9 @@ def datasets_cache() -> str:
 def read_hub(entry, limit: int | None) -> list[dict]:
     """The rows of a hub dataset (hf_hub_url or ms_hub_url, with subset, split and folder), the
     first `limit` of them when set. Hugging Face: with HF_HUB_OFFLINE=1 (or HF_DATASETS_OFFLINE=1)
-    from the local hub cache only; online through datasets.load_dataset, falling back to the cache
-    when the hub cannot be reached. Raises DataError (one line naming the dataset) otherwise."""
+    from the local hub cache only; online through datasets.load_dataset (with hub_access()'s token
+    and cache_dir), falling back to the cache when the hub cannot be reached. Raises
+    DataError (one line naming the dataset) otherwise."""
     if entry.load_from == "ms_hub":
         table = _modelscope(entry)
     elif offline():
@@ -95,17 +135,19 @@ def read_hub(entry, limit: int | None) -> list[dict]:
     else:
         import datasets
 
+        access = hub_access()
         try:
             with quiet():
                 table = datasets.load_dataset(entry.hub_url, name=entry.subset, data_dir=entry.folder,
-                                              split=entry.split, cache_dir=datasets_cache())
+                                              split=entry.split, cache_dir=access.cache_dir or datasets_cache(),
+                                              token=access.token)
         except Exception as exc:  # noqa: BLE001 - unreachable, not found, gated, a bad subset, ...
             folder = _snapshot(entry)
             if folder is not None:
                 logger.warning("dataset %r: not loaded from the hub (%s); reading the copy in the Hugging Face "
                                "cache", entry.name, cause(exc))
             table = _from_snapshot(entry, folder, f"the hub gave {cause(exc)} (a private or gated dataset needs "
-                                   "`hf auth login` or HF_TOKEN)")
+                                   "hf_hub_token, HF_TOKEN or `hf auth login`)")
     if limit is not None:
         table = table.select(range(min(max(limit, 0), len(table))))
     return table.to_list()
@@ -119,7 +161,7 @@ def _snapshot(entry) -> str | None:
     from tuneforge.hub import hub_cache
 
     try:
-        return snapshot_download(entry.hub_url, repo_type="dataset", cache_dir=str(hub_cache()),
+        return snapshot_download(entry.hub_url, repo_type="dataset", cache_dir=str(hub_cache(hub_access().cache_dir)),
                                  local_files_only=True)
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
@@ -132,13 +174,13 @@ def _from_snapshot(entry, folder: str | None, why: str):
 
     if folder is None:
         raise DataError(f"dataset {entry.name!r} (hf_hub_url {entry.hub_url!r}) is not in the Hugging Face cache "
-                        f"({hub_cache()}) and {why}: check hf_hub_url, load it once where there is network "
+                        f"({hub_cache(hub_access().cache_dir)}) and {why}: check hf_hub_url, load it once where there is network "
                         f"(`hf download {entry.hub_url} --repo-type dataset`), or save it as a file in "
                         f"{quoted(entry.dataset_dir)} and register it with file_name")
     try:
         with quiet():
             return datasets.load_dataset(folder, name=entry.subset, data_dir=entry.folder, split=entry.split,
-                                         cache_dir=datasets_cache())
+                                         cache_dir=hub_access().cache_dir or datasets_cache())
     except Exception as exc:  # noqa: BLE001
         raise _failed(entry, exc) from None
 
@@ -157,9 +199,10 @@ def _modelscope(entry):
         raise DataError(f"dataset {entry.name!r} is read from ModelScope (ms_hub_url {entry.hub_url!r}), which "
                         "needs the modelscope package: `pip install modelscope`, or give an hf_hub_url (and unset "
                         "USE_MODELSCOPE_HUB)") from None
-    try:
+    try:  # LLaMA-Factory: cache_dir or ModelScope's own cache; its ms_hub_token is not a tuneforge key
+        extra = {"cache_dir": hub_access().cache_dir} if hub_access().cache_dir else {}
         table = MsDataset.load(dataset_name=entry.hub_url, subset_name=entry.subset, data_dir=entry.folder,
-                               split=entry.split)
+                               split=entry.split, **extra)
         return table.to_hf_dataset() if isinstance(table, MsDataset) else table
     except Exception as exc:  # noqa: BLE001 - ModelScope's errors have no stable classes
         raise _failed(entry, exc) from None
@@ -193,7 +236,7 @@ def stream_hub(entry):
     try:
         with quiet():
             rows = datasets.load_dataset(folder or entry.hub_url, name=entry.subset, data_dir=entry.folder,
-                                         split=entry.split, streaming=True)
+                                         split=entry.split, streaming=True, token=hub_access().token)
         yield from rows
     except Exception as exc:  # noqa: BLE001 - not found, unreachable, a bad subset, ...
         raise _failed(entry, exc) from None

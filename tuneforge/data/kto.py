@@ -26,6 +26,7 @@ from .loader import RecordKind
 from .pairwise import pad_rows
 from .readers import Records
 from .registry import DatasetEntry
+from .workers import each
 
 USABLE = "a conversation ending on a non-empty assistant reply, with a kto_tag"
 
@@ -59,13 +60,18 @@ def encode_feedback(items: list[Feedback], data_args, tokenizer) -> list[dict]:
     """{"input_ids", "prompt_len", "kto_tag", "kl_reply"} per record (see the module's docstring)."""
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
     examples = []
-    for item, (prompt, reply) in zip(items, last_reply_ids(tokenizer, [item.conversation for item in items])):
+    for item, (prompt, reply) in zip(items, each(_reply_ids, items, data_args, tokenizer)):
         keep_prompt, keep_reply = split_budget(len(prompt), len(reply), cutoff_len)
         examples.append({"input_ids": prompt[:keep_prompt] + reply[:keep_reply], "prompt_len": keep_prompt,
                          "kto_tag": int(item.desirable)})
     for example, before in zip(examples, examples[-1:] + examples[:-1]):  # the completions shifted by one
         example["kl_reply"] = before["input_ids"][before["prompt_len"]:]
     return examples
+
+
+def _reply_ids(items: list[Feedback], data_args, tokenizer) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply ids) of each record (workers.each runs it)."""
+    return last_reply_ids(tokenizer, [item.conversation for item in items])
 
 
 class KtoCollator:

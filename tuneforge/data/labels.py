@@ -30,6 +30,7 @@ from .issues import Drops, describe_value
 from .loader import RecordKind, _names
 from .readers import read_records
 from .registry import get_entry, load_registry, resolve_dataset_dir
+from .workers import each
 
 NO_LABEL = -1  # an unlabelled example's label
 
@@ -143,6 +144,13 @@ def read_label_set(data_args, label_column: str = "label", num_labels: int = 0,
     return LabelSet(len(classes), classes)
 
 
+def _label_ids(items: list[tuple[str, str, int]], data_args, tokenizer) -> list[dict]:
+    """{"input_ids", "label"} per (dataset, text, label) item (workers.each runs it)."""
+    cutoff = getattr(data_args, "cutoff_len", 2048)
+    ids = tokenizer([text for _, text, _ in items], truncation=True, max_length=cutoff)["input_ids"]
+    return [{"input_ids": list(row), "label": label} for row, (_, _, label) in zip(ids, items)]
+
+
 def label_kind(labels: LabelSet, label_column: str = "label", required: bool = True) -> RecordKind:
     """The record kind of classification examples for data.load_datasets; `required` False: an
     unlabelled dataset (examples without a label get NO_LABEL)."""
@@ -175,9 +183,7 @@ def label_kind(labels: LabelSet, label_column: str = "label", required: bool = T
         return kept
 
     def tokenize(items, data_args, tokenizer) -> list[dict]:
-        cutoff = getattr(data_args, "cutoff_len", 2048)
-        ids = tokenizer([text for _, text, _ in items], truncation=True, max_length=cutoff)["input_ids"]
-        return [{"input_ids": list(row), "label": label} for row, (_, _, label) in zip(ids, items)]
+        return each(_label_ids, items, data_args, tokenizer)
 
     return RecordKind("labels", convert, tokenize, chat_template=False)
 
@@ -193,7 +199,8 @@ def load_unlabelled(data_args, names: str, tokenizer, labels: LabelSet, label_co
     """The examples of the datasets `names` (labels optional: NO_LABEL where absent), unshuffled."""
     from .loader import load_datasets
 
-    args = dataclasses.replace(data_args, dataset=names, eval_dataset=None, val_size=0, multitask=False)
+    args = dataclasses.replace(data_args, dataset=names, eval_dataset=None, val_size=0, multitask=False,
+                               mix_strategy="concat", interleave_probs=None)  # the mixing keys are dataset:'s
     examples = load_datasets(args, tokenizer, seed=seed, kind=label_kind(labels, label_column, required=False)).train
     random.Random(seed).shuffle(examples)
     return examples

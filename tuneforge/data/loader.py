@@ -18,10 +18,12 @@ from .collate import TASK_ID
 from .encode import IGNORE_INDEX, encode_conversations
 from .formats import Conversation, fill_placeholders, to_conversations
 from .issues import Drops
+from .mixing import check as check_mixing, mix
 from .readers import read_records
 from . import streaming, tokenized
 from .registry import get_entry, load_registry, resolve_dataset_dir
 from .templates import apply_template
+from .workers import each
 
 logger = logging.getLogger(__name__)
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
@@ -80,6 +82,7 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
     template = getattr(data_args, "template", None)
     if kind.chat_template or template:
         apply_template(tokenizer, template, getattr(data_args, "enable_thinking", True))
+    check_mixing(data_args)
     saved_at = getattr(data_args, "tokenized_path", None)
     _note_unused_keys(data_args, saved_at)
     if getattr(data_args, "streaming", False):  # LLaMA-Factory's streaming: train examples read lazily
@@ -108,35 +111,32 @@ def _load_datasets(data_args, tokenizer, seed: int, kind: RecordKind, names: lis
         return _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None),
                              random.Random(seed), kind)
 
-    def load(group: list[str]) -> list[dict]:
-        if not multitask:
-            return kind.tokenize([item for name in group for item in read(name)], data_args, tokenizer)
-        examples = []
+    def load(group: list[str], key: str) -> list[dict]:
+        if not multitask:  # the records mixed (mix_strategy), then tokenized together
+            return kind.tokenize(mix([read(name) for name in group], data_args, seed, key, group), data_args,
+                                 tokenizer)
+        parts = []
         for name in group:  # each dataset alone (pt's blocks never span two tasks), tagged with its task
-            for example in kind.tokenize(read(name), data_args, tokenizer):
+            parts.append(kind.tokenize(read(name), data_args, tokenizer))
+            for example in parts[-1]:
                 example[TASK_ID] = names.index(name)
-                examples.append(example)
-        return examples
+        return mix(parts, data_args, seed, key, group)
 
     multitask = bool(getattr(data_args, "multitask", False))
     if multitask:
         _check_tasks(names, eval_names)
 
-    train = load(names)
+    train = load(names, "dataset")
     random.Random(seed).shuffle(train)  # mixes several datasets, and makes the val_size split random
     if eval_names:
-        return DatasetSplits(train, load(eval_names))
+        return DatasetSplits(train, load(eval_names, "eval_dataset"))
     if val_size:
         return _split(train, val_size)
     return DatasetSplits(train, None)
 
 
 def _note_unused_keys(data_args, saved_at) -> None:
-    """LLaMA-Factory's cache keys, said where they change nothing (never silently ignored)."""
-    workers = getattr(data_args, "preprocessing_num_workers", None)
-    if workers and workers > 1:
-        logger.info("preprocessing_num_workers=%d: tuneforge tokenizes in one process (batched by the fast "
-                    "tokenizer; worker processes were slower when measured, docs/data.md)", workers)
+    """LLaMA-Factory's overwrite_cache, said where it changes nothing (never silently ignored)."""
     if getattr(data_args, "overwrite_cache", False) and not saved_at:
         logger.info("overwrite_cache: nothing to overwrite without tokenized_path (tuneforge keeps no other "
                     "cache of tokenized data)")
@@ -185,13 +185,7 @@ def _tokenize(conversations: list[Conversation], data_args, tokenizer) -> list[d
     fill_placeholders(conversations, getattr(data_args, "placeholders", None))
     _warn_unfilled(conversations)
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
-    examples = encode_conversations(
-        tokenizer,
-        conversations,
-        cutoff_len=cutoff_len,
-        train_on_prompt=getattr(data_args, "train_on_prompt", False),
-        mask_history=getattr(data_args, "mask_history", False),
-    )
+    examples = each(_encode, conversations, data_args, tokenizer)
     kept, totals, drops = [], Counter(c.dataset for c in conversations), {}
     for conversation, example in zip(conversations, examples):
         if any(label != IGNORE_INDEX for label in example["labels"]):
@@ -203,6 +197,13 @@ def _tokenize(conversations: list[Conversation], data_args, tokenizer) -> list[d
         dropped.report(totals[name], f"none of its {totals[name]} examples keeps a reply token within "
                        f"cutoff_len={cutoff_len}", f"raise cutoff_len (now {cutoff_len}) to keep them")
     return kept
+
+
+def _encode(conversations: list[Conversation], data_args, tokenizer) -> list[dict]:
+    """{"input_ids", "labels"} per conversation (one each, in order; workers.each runs it)."""
+    return encode_conversations(tokenizer, conversations, cutoff_len=getattr(data_args, "cutoff_len", 2048),
+                                train_on_prompt=getattr(data_args, "train_on_prompt", False),
+                                mask_history=getattr(data_args, "mask_history", False))
 
 
 def _warn_unfilled(conversations: list[Conversation]) -> None:

@@ -29,6 +29,7 @@ from .formats import (Conversation, _blank, _check_columns, _Dropped, _from_alpa
 from .loader import RecordKind
 from .readers import Records
 from .registry import DatasetEntry
+from .workers import each
 
 USABLE = "a prompt ending on a user turn, and a non-empty chosen and rejected reply"
 
@@ -103,6 +104,11 @@ def encode_pairs(pairs: list[Pair], data_args, tokenizer, prompt_len: bool = Fal
     prompt and the same number of reply tokens, so a pair never becomes two equal sequences.
     With `prompt_len`, each example also holds "prompt_len": the tokens before the replies
     (the same in both sequences)."""
+    return each(functools.partial(_encode_pairs, prompt_len=prompt_len), pairs, data_args, tokenizer)
+
+
+def _encode_pairs(pairs: list[Pair], data_args, tokenizer, prompt_len: bool = False) -> list[dict]:
+    """encode_pairs' example of each pair (workers.each runs it)."""
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
     conversations = [Conversation([*pair.prompt.messages, {"role": "assistant", "content": reply}], pair.prompt.tools,
                                   pair.prompt.where, pair.prompt.dataset)

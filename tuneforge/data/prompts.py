@@ -16,11 +16,16 @@ from .collate import pad_id
 from .encode import IGNORE_INDEX, last_reply_ids
 from .formats import fill_placeholders, to_conversations
 from .loader import RecordKind
+from .workers import each
 
 
 def encode_prompts(conversations: list, data_args, tokenizer) -> list[dict]:
     """{"input_ids": prompt ids, "reference_ids": last reply ids} per conversation (`placeholders`
     filled as for sft)."""
+    return each(_encode, conversations, data_args, tokenizer)
+
+
+def _encode(conversations: list, data_args, tokenizer) -> list[dict]:
     fill_placeholders(conversations, getattr(data_args, "placeholders", None))
     cutoff_len = getattr(data_args, "cutoff_len", 2048)
     return [{"input_ids": prompt[-cutoff_len:], "reference_ids": reply}

@@ -18,6 +18,7 @@ from pathlib import Path
 from tuneforge.errors import DataError
 from tuneforge.fileio import quoted, read_json
 
+from .hf_files import hub_access
 from .issues import describe_value
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,7 @@ def get_entry(dataset_dir: Path, registry: dict[str, dict], name: str,
 
 def _source(where: str, raw: dict) -> dict:
     """Where LLaMA-Factory reads the entry from: a hub URL wins over file_name (ms_hub_url over
-    hf_hub_url with USE_MODELSCOPE_HUB=1 or when it is the only one, om_hub_url likewise with
+    hf_hub_url with USE_MODELSCOPE_HUB=1 or use_modelscope_hub: true, or when it is the only one, om_hub_url likewise with
     USE_OPENMIND_HUB=1), then script_url, cloud_file_name, file_name."""
     texts = {}
     for key in (*HUB_KEYS, "cloud_file_name", "subset", "split", "folder"):
@@ -191,7 +192,7 @@ def _source(where: str, raw: dict) -> dict:
             raise DataError(f"{where}: {key} must be a non-empty name (a string), found {describe_value(value)}")
         texts[key] = value.strip() if isinstance(value, str) else None
     hf, ms, om = texts["hf_hub_url"], texts["ms_hub_url"], texts["om_hub_url"]
-    if ms and (_env_flag("USE_MODELSCOPE_HUB") or not hf):
+    if ms and (_env_flag("USE_MODELSCOPE_HUB") or hub_access().modelscope or not hf):
         load_from, url = "ms_hub", ms
     elif om and (_env_flag("USE_OPENMIND_HUB") or not hf):
         load_from, url = "om_hub", om

@@ -19,7 +19,9 @@ from collections.abc import Iterator
 from tuneforge.errors import ConfigError, DataError
 
 from .readers import Records, iter_records
+from . import mixing
 from .registry import get_entry, load_registry, resolve_dataset_dir
+from .workers import one_process, workers
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,10 @@ class StreamingExamples:
     streaming = True
 
     def __init__(self, data_args, tokenizer, seed: int, kind, names: list[str], skip: int = 0):
-        self.data_args, self.tokenizer, self.seed, self.kind = data_args, tokenizer, seed, kind
+        if workers(data_args) > 1:
+            logger.info("preprocessing_num_workers: streaming tokenizes each chunk of records as training takes it, "
+                        "in this process (as LLaMA-Factory's streaming map, which takes no num_proc)")
+        self.data_args, self.tokenizer, self.seed, self.kind = one_process(data_args), tokenizer, seed, kind
         self.names, self.skip = names, skip
         self.buffer_size = int(getattr(data_args, "buffer_size", 16384) or 16384)
         dataset_dir = resolve_dataset_dir(getattr(data_args, "dataset_dir", None))
@@ -67,14 +72,25 @@ class StreamingExamples:
     def unshuffled(self) -> Iterator[dict]:
         """Every example in dataset order, the first `skip` (the eval hold-out) left out."""
         count = 0
-        for entry in self.entries:
-            for example in self._examples(entry):
-                count += 1
-                if count > self.skip:
-                    yield example
+        for example in self._mixed():
+            count += 1
+            if count > self.skip:
+                yield example
         if count <= self.skip:
             raise DataError(f"the datasets {', '.join(self.names)} hold {count} usable examples, and val_size holds "
                             f"out {self.skip}; none is left to train on: lower val_size")
+
+    def _mixed(self) -> Iterator[dict]:
+        """The datasets' examples one after the other, or interleaved by mix_strategy (data/mixing.py)."""
+        if len(self.entries) == 1 or mixing.strategy(self.data_args) == "concat":
+            for entry in self.entries:
+                yield from self._examples(entry)
+            return
+        from datasets import IterableDataset
+
+        streams = [IterableDataset.from_generator(_entry_examples, gen_kwargs={"source": self, "index": index})
+                   for index in range(len(self.entries))]
+        yield from mixing.mix_streams(streams, self.data_args, self.seed, self.names)
 
     def _examples(self, entry) -> Iterator[dict]:
         chunk: list[tuple[str, int | None, dict]] = []
@@ -112,7 +128,14 @@ class StreamingExamples:
         """What makes the stream (for a checkpoint's data record: resuming another stream is refused)."""
         values = {"datasets": self.names, "seed": self.seed, "buffer_size": self.buffer_size, "skip": self.skip,
                   "records": self.kind.name, "cutoff_len": getattr(self.data_args, "cutoff_len", None)}
+        if mixing.strategy(self.data_args) != "concat":
+            values.update(mix_strategy=mixing.strategy(self.data_args),
+                          interleave_probs=getattr(self.data_args, "interleave_probs", None))
         return "stream-" + hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _entry_examples(source, index: int):
+    yield from source._examples(source.entries[index])
 
 
 def _generate(source):

@@ -19,6 +19,7 @@ from .issues import Drops
 from .loader import RecordKind
 from .readers import Records
 from .registry import DatasetEntry
+from .workers import each
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def to_blocks(texts: list[tuple[str, str]], data_args, tokenizer) -> list[dict]:
     if not eos:
         raise DataError("the tokenizer has no eos_token, which stage: pt appends to every text; "
                         "use a model whose tokenizer has one")
-    ids = tokenizer([text + eos for _, text in texts], add_special_tokens=False)["input_ids"]
+    ids = each(_text_ids, texts, data_args, tokenizer)
     stream = [token for piece in ids for token in piece]
     count = len(stream) // cutoff_len
     names = ", ".join(dict.fromkeys(repr(name) for name, _ in texts))
@@ -78,6 +79,11 @@ def to_blocks(texts: list[tuple[str, str]], data_args, tokenizer) -> list[dict]:
             block[0] = bos
         blocks.append({"input_ids": block, "labels": list(block)})
     return blocks
+
+
+def _text_ids(texts: list[tuple[str, str]], data_args, tokenizer) -> list[list[int]]:
+    """The token ids of each text followed by EOS (workers.each runs it)."""
+    return tokenizer([text + tokenizer.eos_token for _, text in texts], add_special_tokens=False)["input_ids"]
 
 
 TEXT = RecordKind("text", to_texts, to_blocks, chat_template=False)

@@ -41,6 +41,8 @@ def fingerprint(data_args, tokenizer, kind) -> dict:
     for key in DATA_KEYS:
         value = getattr(data_args, key, None)
         values[key] = value if isinstance(value, (str, int, float, bool, type(None), list, dict)) else str(value)
+    if (getattr(data_args, "mix_strategy", None) or "concat") != "concat":  # recorded where it changes the data
+        values.update(mix_strategy=data_args.mix_strategy, interleave_probs=getattr(data_args, "interleave_probs", None))
     return json.loads(json.dumps(values, sort_keys=True, default=str))
 
 

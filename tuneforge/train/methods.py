@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,17 +34,12 @@ def refuse_unread_keys(finetune) -> None:
     than its default in a config whose finetuning_type does not read it (lora_rank with ia3), would
     be silently ignored: ConfigError naming the key and the methods that read it. freeze / full
     configs are left alone (LLaMA-Factory's often carry LoRA keys)."""
-    names = adapters.methods.method_names()
-    if finetune.finetuning_type not in names:
-        return
-    method = adapters.methods.method_named(finetune.finetuning_type)
-    for f in dataclasses.fields(finetune):
-        readers = [m.name for m in adapters.methods.all_methods() if f.name in m.keys]
-        if not readers or f.name in method.keys or getattr(finetune, f.name) == f.default:
-            continue
-        shown = readers[0] if len(readers) == 1 else ", ".join(readers[:-1]) + " or " + readers[-1]
-        raise ConfigError(f"config key '{f.name}' needs finetuning_type: {shown} (got finetuning_type: "
-                          f"{method.name}); remove it")
+    from ..config_checks import method_key_problems
+    from ..errors import config_error
+
+    lines = [line for line in method_key_problems(finetune, given=()) if line.endswith("; remove it")]
+    if lines:  # config validation reports them with the config's other blockers; a Config made in Python too
+        raise config_error(lines)
 
 
 @dataclass

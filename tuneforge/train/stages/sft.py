@@ -4,7 +4,8 @@ which), fused with the output head where the model allows it, packed rows where 
 and perplexity at evaluation. `dynamic_mask_ratio` (dynamic-mask fine-tuning, data/dynamic_mask.py)
 replaces that share of the prompt tokens of training batches by a mask token, drawn anew each
 epoch; LLaMA-Factory's use_dft_loss / use_eaft_loss weight each token's cross-entropy
-(train/token_weights.py). The token objective and the collator choice are shared by the
+(train/token_weights.py), and use_asft_loss adds a KL to the model before training
+(train/asft_loss.py). The token objective and the collator choice are shared by the
 stages built on next-token prediction (pt)."""
 
 from __future__ import annotations
@@ -25,16 +26,26 @@ KEYS = {
                                "(entropy of the top-20 softmax / 3) ** eaft_alpha. As LLaMA-Factory."),
     "eaft_alpha": stage_key(1.0, "stage: sft with use_eaft_loss: the exponent of the EAFT weight.",
                             bounds="[0, inf)"),
+    "use_asft_loss": stage_key(False, "stage: sft: ASFT: the DFT loss plus asft_alpha x KL(model before training "
+                               "|| model) per reply token; the reference is the model with its adapters disabled "
+                               "(full / freeze: a frozen copy). As LLaMA-Factory."),
+    "asft_alpha": stage_key(0.1, "stage: sft with use_asft_loss: the weight of the KL term.", bounds="[0, inf)"),
 }
 
 
 def check(settings: dict) -> None:
-    """use_dft_loss and use_eaft_loss are two weightings of one loss: one at a time."""
+    """use_dft_loss, use_eaft_loss and use_asft_loss are three losses: one at a time; ASFT's KL
+    needs the logits, which the fused cross-entropy never holds."""
     from ...errors import ConfigError
 
-    if settings.get("use_dft_loss") and settings.get("use_eaft_loss"):
-        raise ConfigError("config keys 'use_dft_loss' and 'use_eaft_loss' are both true; they weight the same "
-                          "loss two ways: keep one")
+    chosen = [key for key in ("use_dft_loss", "use_eaft_loss", "use_asft_loss") if settings.get(key)]
+    if len(chosen) > 1:
+        both = "both" if len(chosen) == 2 else "all"
+        raise ConfigError(f"config keys {' and '.join(repr(k) for k in chosen)} are {both} true; they are different "
+                          "losses of the same tokens: keep one")
+    if settings.get("use_asft_loss") and settings.get("fused_cross_entropy"):
+        raise ConfigError("config key 'use_asft_loss' needs the logits for its KL term, which fused_cross_entropy: "
+                          "true never holds; set fused_cross_entropy to false or leave it empty")
 
 
 def encode(data_args, tokenizer, seed: int):
@@ -76,6 +87,11 @@ def token_objective(model, unwrapped, sample_batch: dict, train_args, autocast, 
     from ..token_loss import TokenLoss, label_count
     from ..token_weights import token_weight
 
+    if (settings or {}).get("use_asft_loss"):
+        from ..asft_loss import AsftLoss
+
+        asft = AsftLoss(unwrapped, settings["asft_alpha"])
+        return Objective(lambda run_model, batch: (*asft(run_model, batch), {}), label_count)
     token_loss = TokenLoss.choose(model, unwrapped, sample_batch, train_args.fused_cross_entropy,
                                   autocast, token_weight(settings or {}))
 
@@ -99,5 +115,7 @@ register_stage(Stage(
     objective=token_objective,
     eval_metrics=perplexity,
     keys=KEYS,
+    config_keys=("fused_cross_entropy",),
     check=check,
+    needs_reference=lambda settings: bool(settings.get("use_asft_loss")),
 ))
