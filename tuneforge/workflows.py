@@ -124,7 +124,9 @@ def train(cfg: Config) -> dict:
                        whole_rows=True)
     checkpointing = gradient_checkpointing(cfg)
     if checkpointing is None and checkpointing_left_empty(cfg):  # chosen by memory (train/memory_plan.py)
-        note = choose_checkpointing(model, args.per_device_train_batch_size * cfg.data.cutoff_len,
+        # the most a micro-batch can hold: pairwise examples are two sequences (a prompt and two replies)
+        sequences = 2 if stage.records == "pairwise" else 1
+        note = choose_checkpointing(model, sequences * args.per_device_train_batch_size * cfg.data.cutoff_len,
                                     2 if pure_bf16 or precision in ("bf16", "fp16") else 4,
                                     available_bytes(device_type))
         if note is not None:

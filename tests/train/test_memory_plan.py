@@ -55,3 +55,16 @@ def test_a_run_with_little_memory_checkpoints_unless_the_config_says(keys, expec
         workflows.train(cfg)
     assert enabled == ([{"use_reentrant": True}] if expected else [])
     assert any(r.getMessage().startswith("gradient checkpointing: on") for r in caplog.records) == expected
+
+
+def test_pairwise_examples_count_as_two_sequences(tiny_model_dir, tmp_path, monkeypatch):
+    """A dpo micro-batch of B pairs holds up to 2 B sequences of cutoff_len: the estimate sees that."""
+    from tests.train.test_dpo import dpo_values, toy_pairs
+
+    seen = []
+    real = memory_plan.choose_checkpointing
+    monkeypatch.setattr(memory_plan, "choose_checkpointing",
+                        lambda model, tokens, *a: (seen.append(tokens), real(model, tokens, *a))[1])
+    workflows.train(dpo_values(tiny_model_dir, toy_pairs(tmp_path / "data"), tmp_path / "out", max_steps=1,
+                               save_steps=100, val_size=0, per_device_train_batch_size=2))
+    assert seen == [2 * 2 * 64]  # 2 sequences x 2 pairs x cutoff_len 64

@@ -5,7 +5,8 @@ the same per sequence of a shared-prefix row (data/shared_prefix.py: the prompt 
 after it, and which position scores which token).
 
 Where the model's logits are `head(hidden states)` (fused_loss.probe), the output head runs only
-at the labelled positions: the prompt's (tokens x vocabulary) logits are never made."""
+at the labelled positions: the prompt's (tokens x vocabulary) logits are never made; and where
+that head is frozen, in chunks whose logits are not kept (train/linear_logps.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from contextlib import nullcontext
 import torch
 
 from .fused_loss import head_as_identity, probe
+from .linear_logps import frozen_linear, linear_logps
 
 IGNORE = -100
 PROBE_TOKENS = 16
@@ -53,13 +55,20 @@ def reply_logps(model, unwrapped, batch: dict, head_at_labels: bool) -> tuple[to
     if head_at_labels:
         with head_as_identity(unwrapped) as head:
             out = model(**inputs).logits
-        logits = head(out[pick] if shared else out[:, :-1][keep])
+        hidden = out[pick] if shared else out[:, :-1][keep]
+        if frozen_linear(head):  # chunked: the logits are never kept (train/linear_logps.py)
+            token_logps = linear_logps(hidden, head, targets)
+        else:
+            token_logps = _picked_logps(head(hidden), targets)
     else:
         out = model(**inputs).logits
-        logits = out[pick] if shared else out[:, :-1][keep]
-    logits = logits.float()
-    token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    logps = torch.zeros(sequences, dtype=torch.float32, device=logits.device).index_add(0, rows, token_logps)
+        token_logps = _picked_logps(out[pick] if shared else out[:, :-1][keep], targets)
+    logps = torch.zeros(sequences, dtype=torch.float32, device=token_logps.device).index_add(0, rows, token_logps)
     if rows.numel() == 0:  # no labelled token: zeros that still depend on the graph
         logps = logps + out.sum().float() * 0.0
     return logps, torch.bincount(rows, minlength=sequences)
+
+
+def _picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
