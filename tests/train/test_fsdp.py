@@ -38,8 +38,7 @@ def _losses(folder) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_model_dir):
     """The 2-process FSDP runs (started together: they share the cores' waiting; the full one
-    killed and resumed, the resumed one started at once) and the single-process runs they must
-    equal, trained in this process while the others run."""
+    killed and resumed) and the single-process runs they must equal."""
     root = tmp_path_factory.mktemp("fsdp")
     data = write_dataset(root / "data", "arith", arithmetic_records(40))
     common = {"model_name_or_path": str(tiny_model_dir), "dataset": "arith", "dataset_dir": str(data), **STEPS}
@@ -65,17 +64,16 @@ def runs(tmp_path_factory, tiny_model_dir):
     rank1[0].kill()
     assert victim.wait(timeout=600) != 0
     assert not (broken / "model.safetensors").exists(), "killed too late to prove anything"
-    # the same command again finds checkpoint-3 and resumes from it
-    resumed = subprocess.Popen(_torchrun({**full_args, "output_dir": broken}), env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for kind in ("lora", "full"):  # the oracles, in this process meanwhile
         train(_config({**common, "per_device_train_batch_size": 8, "finetuning_type": kind,
                        "output_dir": str(root / f"{kind}1")}))
     output, _ = lora.communicate(timeout=600)
     assert lora.returncode == 0, output[-3000:]
-    resumed_out, resumed_err = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, resumed_err[-3000:]
-    return root, output, resumed_out
+    # the same command again finds checkpoint-3 and resumes from it
+    resumed = subprocess.run(_torchrun({**full_args, "output_dir": broken}), env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return root, output, resumed.stdout
 
 
 def _torchrun(values: dict) -> list[str]:
