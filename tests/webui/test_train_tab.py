@@ -87,8 +87,12 @@ def _pause_after_first_step(app, out, timeout: float = 120.0):
     reaches a run still going on a fast idle machine (20 tiny steps take under a second). The
     caller sends SIGCONT; a SIGINT sent meanwhile waits for it."""
     deadline = time.time() + timeout
+    runner = app.tuneforge_runner
+    while runner.current is None or runner.current.output_dir != str(out):  # the click's run, not an older one
+        assert time.time() < deadline, "the page's Start did not start a run"
+        time.sleep(0.01)
+    process = runner.current.process
     while not ((out / "trainer_log.jsonl").is_file() and read_log(out)):
-        process = app.tuneforge_runner.current.process
         assert process.poll() is None, "the page's run ended before its first step"
         assert time.time() < deadline
         time.sleep(0.002)
