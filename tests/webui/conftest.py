@@ -35,16 +35,23 @@ def browser():
         browser.close()
 
 
-@pytest.fixture(scope="module")
-def webui_url():
-    """The page, served by this process on 127.0.0.1:<free port>."""
+@pytest.fixture(scope="session")
+def webui_app():
+    """The page's server, run by this process on 127.0.0.1:<free port> (`.tf_url`): one server for
+    all the browser tests (each test opens its own page; a launch costs seconds)."""
     from tuneforge.webui import launch
 
     port = free_port()
     app = launch(port=port, block=False)
-    yield f"http://127.0.0.1:{port}"
+    app.tf_url = f"http://127.0.0.1:{port}"
+    yield app
     app.tuneforge_runner.shutdown()
     app.close()
+
+
+@pytest.fixture(scope="session")
+def webui_url(webui_app):
+    return webui_app.tf_url
 
 
 @pytest.fixture

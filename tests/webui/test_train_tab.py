@@ -5,7 +5,10 @@ one integration test trains the default model."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
+import time
 
 import pytest
 import yaml
@@ -79,15 +82,41 @@ def test_a_two_step_run_from_the_page(page, tmp_path, tiny_model_dir):
     assert max(float((page_weights[k] - cli_weights[k]).abs().max()) for k in page_weights) <= 1e-6
 
 
-def test_stop_leaves_a_checkpoint_the_cli_resumes(page, tmp_path, tiny_model_dir, capsys):
+def _pause_after_first_step(app, out, timeout: float = 120.0):
+    """SIGSTOP the page's training process once its log has a step, so that the page's Stop
+    reaches a run still going on a fast idle machine (20 tiny steps take under a second). The
+    caller sends SIGCONT; a SIGINT sent meanwhile waits for it."""
+    deadline = time.time() + timeout
+    runner = app.tuneforge_runner
+    while runner.current is None or runner.current.output_dir != str(out):  # the click's run, not an older one
+        assert time.time() < deadline, "the page's Start did not start a run"
+        time.sleep(0.01)
+    process = runner.current.process
+    while not ((out / "trainer_log.jsonl").is_file() and read_log(out)):
+        assert process.poll() is None, "the page's run ended before its first step"
+        assert time.time() < deadline
+        time.sleep(0.002)
+    os.kill(process.pid, signal.SIGSTOP)
+    return process
+
+
+def test_stop_leaves_a_checkpoint_the_cli_resumes(page, webui_app, tmp_path, tiny_model_dir, capsys):
     """Stop sends the CLI's Ctrl-C: the step finishes, a checkpoint is saved; the CLI run of the
     same YAML resumes from it and finishes."""
     out = tmp_path / "out"
     _load(page, _args_file(tmp_path, tiny_model_dir, max_steps=20, save_steps=1000))
     page.click("#tf-start")
-    page.wait_for_function("/step \\d+\\/20/.test(document.querySelector('#tf-progress textarea').value)",
-                           timeout=120_000)
-    page.click("#tf-stop")
+    process = _pause_after_first_step(webui_app, out)
+    try:
+        page.wait_for_function("/step \\d+\\/20/.test(document.querySelector('#tf-progress textarea').value)",
+                               timeout=120_000)
+        page.click("#tf-stop")
+        deadline = time.time() + 60
+        while not webui_app.tuneforge_runner.current.stop_requested:  # the click's SIGINT is sent
+            assert time.time() < deadline, "the page's Stop did not reach the run"
+            time.sleep(0.01)
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
     page.wait_for_function("document.querySelector('#tf-status textarea').value.includes('stopped')", timeout=60_000)
     stopped_at = read_log(out)[-1]["current_steps"]
     assert stopped_at < 20 and (out / f"checkpoint-{stopped_at}").is_dir()
