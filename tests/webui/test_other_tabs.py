@@ -31,6 +31,15 @@ def _pick_custom(page, elem_id: str, value: str):
     box.blur()
 
 
+def _choose(page, elem_id: str, value: str):
+    """Pick one of a gradio Dropdown's listed choices by clicking it, and wait until the field
+    shows it (typing and Enter can be lost under load, leaving the previous choice)."""
+    box = page.locator(f"#{elem_id} input").first
+    box.click()
+    page.get_by_role("option", name=value, exact=True).click()
+    page.wait_for_function(f"document.querySelector('#{elem_id} input').value === {json.dumps(value)}")
+
+
 def _wait_status(page, elem_id: str, part: str, timeout: int = 90_000):
     """Until the status shows `part` or an error line (then the assertion names it)."""
     value = f"document.querySelector('#{elem_id} textarea').value"
@@ -72,8 +81,8 @@ def test_export_merges_and_lists_the_files(page, tiny_model_dir, adapter, tmp_pa
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     assert any("q_proj" in k for k in merged) and not any("lora" in k for k in merged)
     screenshot(page, "export_tab")
-    _pick_custom(page, "tf-export-format", "gguf")
-    _pick_custom(page, "tf-export-quant", "q8_0")
+    _choose(page, "tf-export-format", "gguf")
+    _choose(page, "tf-export-quant", "q8_0")
     fill(page, "tf-export-dir", str(tmp_path / "gguf"))
     page.click("#tf-export-run")
     _wait_status(page, "tf-export-status", str(tmp_path / "gguf"))
