@@ -3,7 +3,8 @@
 A key names a label (`<name>`), its help line (`<name>.info`) or a message (`msg.<name>`, with
 `{...}` fields filled by `text(key, lang, **fields)`). Config keys generated from the registry
 (a method's or a stage's own options) show their YAML name, the same in both languages, and the
-registry's help text (config.py, adapter_methods.py, train/stages), which is English.
+registry's help text (config.py, adapter_methods.py, train/stages), in Chinese from
+key_help_zh.py (options.key_help).
 """
 
 from __future__ import annotations

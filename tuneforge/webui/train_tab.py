@@ -20,12 +20,12 @@ HYPER = ("num_train_epochs", "max_steps", "cutoff_len", "per_device_train_batch_
          "save_steps", "val_size")
 
 
-def _option_component(name: str, visible: bool):
+def _option_component(name: str, visible: bool, lang: str = "en"):
     """A field for a registry key: its YAML name as the label (the same in every language) and
-    its help text from the key table as the help line."""
+    its help text from the key table (in Chinese from key_help_zh) as the help line."""
     s = options.spec(name)
     value = options.form_default(name)
-    common = {"label": name, "info": s.help, "visible": visible, "elem_id": f"tf-opt-{name}"}
+    common = {"label": name, "info": options.key_help(name, lang), "visible": visible, "elem_id": f"tf-opt-{name}"}
     if s.kind == "choice":
         choices = [("" if c is None else options.to_form(name, c)) for c in s.choices]
         if s.optional and "" not in choices:
@@ -78,11 +78,13 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     with gr.Accordion(labels.field("method_opts")["label"], open=False) as method_box:
         for key in options.all_option_keys():
             if key not in stage_option_keys:
-                option_fields[key] = _option_component(key, key in options.method_keys("lora"))
+                option_fields[key] = labels.add(_option_component(key, key in options.method_keys("lora"), labels.lang),
+                                                key, "option")
     with gr.Accordion(labels.field("stage_opts")["label"], open=False) as stage_box:
         for key in options.all_option_keys():
             if key in stage_option_keys:
-                option_fields[key] = _option_component(key, key in options.stage_keys("sft"))
+                option_fields[key] = labels.add(_option_component(key, key in options.stage_keys("sft"), labels.lang),
+                                                key, "option")
     labels.add(method_box, "method_opts")
     labels.add(stage_box, "stage_opts")
     form.update(option_fields)
