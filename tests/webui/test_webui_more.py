@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from tuneforge.webui import options
 from tuneforge.webui.key_help_zh import KEY_HELP_ZH
 
@@ -37,3 +39,62 @@ def test_language_switch_updates_the_option_help_lines():
     assert option == {"__type__": "update", "info": options.key_help("pref_beta", "zh")}
     assert field["label"] == "数据集"
     assert labels.updates("en")[0]["info"] == options.key_help("pref_beta", "en")
+
+
+def test_device_count_sets_the_launcher_env_and_the_previewed_command():
+    from tuneforge.distributed import launch
+    from tuneforge.errors import ConfigError
+    from tuneforge.webui import command
+
+    path = "saves/.webui/r/train.yaml"
+    assert command.command_line(path, 1) == command.command_line(path, "") == f"tuneforge train {path}"
+    assert command.launch_env(1) == {}
+    assert command.command_line(path, 2.0) == f"FORCE_TORCHRUN=1 NPROC_PER_NODE=2 tuneforge train {path}"
+    env = command.launch_env(4)
+    assert env == {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "4"}
+    # the launcher the CLI runs reads them: 4 processes under torchrun on a machine without accelerators
+    assert launch.needs_torchrun(env, devices=0)
+    argv = launch.torchrun_command(["train", path], env, devices=0)
+    assert argv[argv.index("--nproc_per_node") + 1] == "4" and argv[-3:] == ["tuneforge", "train", path]
+    for bad in (0, 1.5, "two", -2):
+        with pytest.raises(ConfigError, match="device count .* must be a whole number of 1 or more"):
+            command.launch_env(bad)
+
+
+def test_preview_and_start_use_the_device_count(tmp_path, monkeypatch):
+    import subprocess
+
+    from tuneforge.webui import runner as runner_module
+    from tuneforge.webui import train_actions
+    from tuneforge.webui.runner import Runner
+
+    form = {"stage": "sft", "finetuning_type": "lora", "dataset": ["identity"], "cutoff_len": 64,
+            "output_dir": str(tmp_path / "out")}
+    line, _, status = train_actions.preview(form, {}, "en", 2)
+    assert line.startswith("FORCE_TORCHRUN=1 NPROC_PER_NODE=2 tuneforge train ") and status == "the config is valid"
+    line, _, status = train_actions.preview(form, {}, "en", 0)
+    assert line.startswith("tuneforge train ") and status.startswith("tuneforge: error: device count 0 ")
+    started = []
+
+    class Process:  # stands for the training subprocess: its command and environment are checked
+        def __init__(self, argv, env, **kwargs):
+            started.append((argv, env))
+
+        def poll(self):
+            return None
+
+    monkeypatch.setattr(subprocess, "Popen", Process)
+    runner = Runner()
+    assert train_actions.start(runner, form, {}, "en", 0)[0] is False and not started
+    ok, line, _ = train_actions.start(runner, form, {}, "en", 3)
+    argv, env = started[0]
+    assert ok and line == runner.current.command and line.startswith("FORCE_TORCHRUN=1 NPROC_PER_NODE=3 tuneforge")
+    assert argv[1:4] == ["-m", "tuneforge", "train"] and env["FORCE_TORCHRUN"] == "1" and env["NPROC_PER_NODE"] == "3"
+    runner.current = None
+    monkeypatch.delenv("FORCE_TORCHRUN", raising=False)
+    runner.start(train_actions.form_config(form), 1)
+    assert "FORCE_TORCHRUN" not in started[1][1] and runner.current.command == command_of(runner_module, form)
+
+
+def command_of(runner_module, form) -> str:
+    return f"tuneforge train {runner_module.run_files(form['output_dir'])[0]}"

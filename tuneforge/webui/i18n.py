@@ -74,6 +74,12 @@ TEXTS: dict[str, dict[str, str]] = {
     "val_size": {"en": "Validation size", "zh": "验证集比例"},
     "val_size.info": {"en": "0: none; below 1: fraction; 1 or more: number of examples",
                       "zh": "0：不划分；小于 1：比例；1 及以上：样本数"},
+    "devices": {"en": "Device count", "zh": "设备数量"},
+    "devices.info": {"en": "Processes (one per device) the run starts under torchrun: N > 1 sets FORCE_TORCHRUN=1 "
+                           "NPROC_PER_NODE=N; 1: the plain command (one process unless several accelerators are "
+                           "visible)",
+                     "zh": "训练在 torchrun 下启动的进程数（每个设备一个）：N > 1 时设置 FORCE_TORCHRUN=1 NPROC_PER_NODE=N；"
+                           "1：普通命令（除非可见多个加速器，否则为单进程）"},
     # output
     "output_dir": {"en": "Output dir", "zh": "输出目录"},
     "output_dir.info": {"en": "Where the adapter, checkpoints and logs are written", "zh": "适配器、检查点和日志的保存位置"},

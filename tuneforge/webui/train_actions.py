@@ -31,13 +31,18 @@ def form_config(form: dict, extra: dict | None = None) -> dict:
     return values
 
 
-def preview(form: dict, extra: dict | None, lang: str) -> tuple[str, str, str]:
-    """(command line, YAML, status): the line and file Start would run, and the config check's
-    one-line errors, or that the config is valid."""
+def preview(form: dict, extra: dict | None, lang: str, devices=1) -> tuple[str, str, str]:
+    """(command line, YAML, status): the line (with FORCE_TORCHRUN=1 NPROC_PER_NODE=N in front for
+    `devices` N > 1) and file Start would run, and the config check's one-line errors, or that the
+    config is valid."""
     values = form_config(form, extra)
     errors = command.check(values)
     path = run_files(values.get("output_dir") or "saves/run")[0]
-    return command.command_line(path), command.yaml_text(values), "\n".join(errors) or text("msg.config_ok", lang)
+    try:
+        line = command.command_line(path, devices)
+    except TuneforgeError as exc:
+        line, errors = command.command_line(path), [*errors, command.error_line(str(exc))]
+    return line, command.yaml_text(values), "\n".join(errors) or text("msg.config_ok", lang)
 
 
 def save(form: dict, extra: dict | None, path: str, lang: str) -> str:
@@ -82,20 +87,25 @@ def load(path: str, keys: list[str], lang: str) -> tuple[list, dict, str]:
     return form, extra, status
 
 
-def start(runner: Runner, form: dict, extra: dict | None, lang: str) -> tuple[bool, str, str]:
-    """(started, command line, status). Nothing starts when the config check or the dataset
-    check (registry entries, as the run reads them) fails: the status is then the CLI's lines."""
+def start(runner: Runner, form: dict, extra: dict | None, lang: str, devices=1) -> tuple[bool, str, str]:
+    """(started, command line, status). Nothing starts when the config check, the dataset check
+    (registry entries, as the run reads them) or the device count fails: the status is then the
+    CLI's lines. `devices` N > 1 runs the same command under torchrun (Runner.start)."""
     values = form_config(form, extra)
     if runner.busy():
         return False, "", text("msg.running", lang)
     errors = command.check(values) or [command.error_line(m) for m in datasets.check_datasets(
         values.get("dataset_dir"), values.get("dataset") or "", values.get("stage", "sft"))]
+    try:
+        command.device_number(devices)
+    except TuneforgeError as exc:
+        errors.append(command.error_line(str(exc)))
     if not values.get("output_dir"):
         errors.append(command.error_line("config key 'output_dir' is empty: name the folder the run writes"))
     if errors:
         return False, "", "\n".join(errors)
     try:
-        run = runner.start(values)
+        run = runner.start(values, devices)
     except OSError as exc:
         return False, "", command.error_line(f"cannot start the run: {exc}")
     return True, run.command, text("msg.started", lang, command=run.command)

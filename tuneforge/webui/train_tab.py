@@ -73,6 +73,8 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     with gr.Row():
         for key in HYPER[6:]:
             field(key, _main_number(labels, key))
+        devices = labels.add(gr.Number(value=1, precision=0, minimum=1, elem_id="tf-devices",
+                                       **labels.field("devices")), "devices")
     option_fields: dict[str, object] = {}
     stage_option_keys = {k for s in options.stages() for k in options.stage_keys(s)}
     with gr.Accordion(labels.field("method_opts")["label"], open=False) as method_box:
@@ -120,8 +122,8 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     def as_form(values) -> dict:
         return dict(zip(keys, values))
 
-    def on_preview(lang, extra_values, *values):
-        return train_actions.preview(as_form(values), extra_values, lang)
+    def on_preview(lang, extra_values, device_count, *values):
+        return train_actions.preview(as_form(values), extra_values, lang, device_count)
 
     def on_save(lang, path, extra_values, *values):
         return train_actions.save(as_form(values), extra_values, path, lang)
@@ -132,8 +134,8 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
             return [gr.update() for _ in keys] + [extra_values, message]
         return values + [extra_values, message]
 
-    def on_start(lang, extra_values, *values):
-        started, line, message = train_actions.start(runner, as_form(values), extra_values, lang)
+    def on_start(lang, extra_values, device_count, *values):
+        started, line, message = train_actions.start(runner, as_form(values), extra_values, lang, device_count)
         return line or gr.update(), message, gr.Timer(active=started)
 
     def on_stop(lang):
@@ -155,10 +157,10 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     def on_dataset_dir(folder):  # the choices only: the value may change meanwhile
         return gr.update(choices=dataset_names(folder or None))
 
-    buttons["preview"].click(on_preview, [lang_box, extra, *inputs], [command_box, yaml_box, status])
+    buttons["preview"].click(on_preview, [lang_box, extra, devices, *inputs], [command_box, yaml_box, status])
     buttons["save"].click(on_save, [lang_box, args_path, extra, *inputs], [status])
     buttons["load"].click(on_load, [lang_box, args_path], [*inputs, extra, status])
-    buttons["start"].click(on_start, [lang_box, extra, *inputs], [command_box, status, timer])
+    buttons["start"].click(on_start, [lang_box, extra, devices, *inputs], [command_box, status, timer])
     buttons["stop"].click(on_stop, [lang_box], [status])
     timer.tick(on_tick, [lang_box], [progress_box, plot, log_box, status, timer])
     for trigger in (form["finetuning_type"], form["stage"]):
