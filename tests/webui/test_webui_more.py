@@ -98,3 +98,54 @@ def test_preview_and_start_use_the_device_count(tmp_path, monkeypatch):
 
 def command_of(runner_module, form) -> str:
     return f"tuneforge train {runner_module.run_files(form['output_dir'])[0]}"
+
+
+def test_save_and_load_stay_inside_the_current_directory_and_the_output_root(tmp_path, monkeypatch):
+    from tuneforge.webui import paths, train_actions
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    (elsewhere / "runs").mkdir(parents=True)
+    work.mkdir()
+    (work / "saves").symlink_to(elsewhere / "runs")  # an output root on another disk is allowed
+    (work / "escape").symlink_to(elsewhere)  # a link out of the current directory is not
+    monkeypatch.chdir(work)
+    roots = paths.allowed_roots()
+    assert roots == (work.resolve(), (elsewhere / "runs").resolve())
+    form = {"stage": "sft", "finetuning_type": "lora", "dataset": ["identity"], "output_dir": "saves/r"}
+    for good in ("args.yaml", "sub/args.yaml", "saves/args.yaml", str(work / "a.yaml")):
+        assert train_actions.save(form, {}, good, "en", roots).startswith("arguments saved to "), good
+        values, _, status = train_actions.load(good, ["stage", "dataset"], "en", roots)
+        assert values == ["sft", ["identity"]] and status.startswith("arguments loaded from "), good
+    (elsewhere / "secret.yaml").write_text("stage: dpo\n")
+    for bad in ("../elsewhere/secret.yaml", "escape/secret.yaml", str(elsewhere / "secret.yaml"), "/etc/x.yaml"):
+        line = train_actions.save(form, {}, bad, "en", roots)
+        assert line == f"'{bad}' is outside the folders the page may read and write ({roots[0]}, {roots[1]}): " \
+                       "give a path inside one of them", bad
+        values, extra, status = train_actions.load(bad, ["stage"], "zh", roots)
+        assert values == [None] and extra == {} and status.startswith(f"“{bad}” 不在页面可读写的文件夹内"), bad
+    assert (elsewhere / "secret.yaml").read_text() == "stage: dpo\n" and not (tmp_path / "etc").exists()
+
+
+def test_serving_beyond_this_machine_logs_a_warning(monkeypatch, caplog):
+    from tuneforge.webui import app as app_module
+    from tuneforge.webui import paths
+
+    assert not any(paths.exposed(h) for h in (None, "", "127.0.0.1", "localhost", "::1"))
+    assert all(paths.exposed(h) for h in ("0.0.0.0", "192.168.1.5", "::"))
+
+    class Page:  # stands for the gr.Blocks: nothing is served
+        def queue(self):
+            pass
+
+        def launch(self, **kwargs):
+            self.kwargs = kwargs
+
+    monkeypatch.setattr(app_module, "build_app", lambda lang: Page())
+    monkeypatch.setattr(app_module, "theme", lambda: None)
+    with caplog.at_level("WARNING", logger="tuneforge"):
+        page = app_module.launch(host="0.0.0.0", port=1, block=False)
+        assert page.kwargs["server_name"] == "0.0.0.0"
+        app_module.launch(port=1, block=False)
+    warnings = [r.getMessage() for r in caplog.records if r.name == "tuneforge"]
+    assert warnings == [paths.EXPOSED_WARNING.format(host="0.0.0.0")]
+    assert "read and write files wherever this server's user can" in warnings[0]

@@ -8,6 +8,7 @@ import os
 
 from .i18n import LANGS, text
 from .labels import Labels
+from .paths import EXPOSED_WARNING, exposed
 from .runner import Runner
 
 DEFAULT_PORT = 7860
@@ -69,9 +70,12 @@ def theme():
 
 def launch(host: str | None = None, port: int | None = None, lang: str = "en", block: bool = True):
     """Serve the page on host:port (default 127.0.0.1:7860: this machine only). block=False
-    returns at once (the server runs in a thread; for tests). Returns the gr.Blocks."""
+    returns at once (the server runs in a thread; for tests). Returns the gr.Blocks. A host other
+    than 127.0.0.1 / localhost logs a warning line first (paths.EXPOSED_WARNING)."""
     import logging
 
+    if exposed(host):
+        logging.getLogger("tuneforge").warning(EXPOSED_WARNING.format(host=host))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's check of its own server, every start
     app = build_app(lang)
     app.queue()

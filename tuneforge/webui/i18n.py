@@ -120,6 +120,9 @@ TEXTS: dict[str, dict[str, str]] = {
     "msg.saved": {"en": "arguments saved to {path}", "zh": "参数已保存到 {path}"},
     "msg.loaded": {"en": "arguments loaded from {path}", "zh": "已从 {path} 读取参数"},
     "msg.need_path": {"en": "give the arguments file's path first", "zh": "请先填写参数文件路径"},
+    "msg.path_outside": {"en": "'{path}' is outside the folders the page may read and write ({roots}): give a path "
+                                "inside one of them",
+                         "zh": "“{path}” 不在页面可读写的文件夹内（{roots}）：请填写其中某个文件夹内的路径"},
     "msg.config_ok": {"en": "the config is valid", "zh": "配置有效"},
     "msg.records": {"en": "{count} records in {name}", "zh": "{name} 共 {count} 条数据"},
     "msg.no_dataset": {"en": "choose a dataset first", "zh": "请先选择数据集"},

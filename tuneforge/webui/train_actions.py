@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from ..errors import TuneforgeError
-from . import command, datasets, options, progress
+from . import command, datasets, options, paths, progress
 from .i18n import text
 from .runner import Runner, run_files
 
@@ -45,9 +45,21 @@ def preview(form: dict, extra: dict | None, lang: str, devices=1) -> tuple[str, 
     return line, command.yaml_text(values), "\n".join(errors) or text("msg.config_ok", lang)
 
 
-def save(form: dict, extra: dict | None, path: str, lang: str) -> str:
+def outside(path: str, roots, lang: str) -> str | None:
+    """The page's one line when `path` is outside `roots` (paths.allowed_roots); None when it is
+    inside, or when `roots` is None (no limit: a call from Python, not from the page)."""
+    if roots is None or paths.inside(path, roots):
+        return None
+    return text("msg.path_outside", lang, path=path, roots=", ".join(str(r) for r in roots))
+
+
+def save(form: dict, extra: dict | None, path: str, lang: str, roots=None) -> str:
+    """Write the form's YAML to `path` (status line). The page passes `roots`: a path outside
+    them is refused in one line and nothing is written."""
     if not path:
         return text("msg.need_path", lang)
+    if refused := outside(path, roots, lang):
+        return refused
     try:
         written = command.save(form_config(form, extra), path)
     except OSError as exc:
@@ -55,12 +67,15 @@ def save(form: dict, extra: dict | None, path: str, lang: str) -> str:
     return text("msg.saved", lang, path=written)
 
 
-def load(path: str, keys: list[str], lang: str) -> tuple[list, dict, str]:
+def load(path: str, keys: list[str], lang: str, roots=None) -> tuple[list, dict, str]:
     """(a form value per key of `keys`, the file's other keys, status). A key the file does not
     set gets its default; stage and finetuning_type their defaults (sft, lora); lora_alpha shows
-    2 x lora_rank (the value an unset lora_alpha has; loha / lokr: empty, their alpha is the rank)."""
+    2 x lora_rank (the value an unset lora_alpha has; loha / lokr: empty, their alpha is the rank).
+    A path outside `roots` (given by the page) is refused in one line and not read."""
     if not path:
         return [None] * len(keys), {}, text("msg.need_path", lang)
+    if refused := outside(path, roots, lang):
+        return [None] * len(keys), {}, refused
     try:
         values = command.load(path)
     except TuneforgeError as exc:

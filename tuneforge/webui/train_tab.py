@@ -8,7 +8,7 @@ import time
 
 import gradio as gr
 
-from . import options, train_actions
+from . import options, paths, train_actions
 from .datasets import dataset_names
 from .labels import Labels
 from .runner import Runner
@@ -126,10 +126,10 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
         return train_actions.preview(as_form(values), extra_values, lang, device_count)
 
     def on_save(lang, path, extra_values, *values):
-        return train_actions.save(as_form(values), extra_values, path, lang)
+        return train_actions.save(as_form(values), extra_values, path, lang, paths.allowed_roots())
 
     def on_load(lang, path):
-        values, extra_values, message = train_actions.load(path, keys, lang)
+        values, extra_values, message = train_actions.load(path, keys, lang, paths.allowed_roots())
         if values[0] is None and not extra_values and message:
             return [gr.update() for _ in keys] + [extra_values, message]
         return values + [extra_values, message]
