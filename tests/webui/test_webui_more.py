@@ -111,6 +111,7 @@ def test_save_and_load_stay_inside_the_current_directory_and_the_output_root(tmp
     monkeypatch.chdir(work)
     roots = paths.allowed_roots()
     assert roots == (work.resolve(), (elsewhere / "runs").resolve())
+    assert paths.allowed_roots("sub") == (work.resolve(),)
     form = {"stage": "sft", "finetuning_type": "lora", "dataset": ["identity"], "output_dir": "saves/r"}
     for good in ("args.yaml", "sub/args.yaml", "saves/args.yaml", str(work / "a.yaml")):
         assert train_actions.save(form, {}, good, "en", roots).startswith("arguments saved to "), good
@@ -140,12 +141,15 @@ def test_serving_beyond_this_machine_logs_a_warning(monkeypatch, caplog):
         def launch(self, **kwargs):
             self.kwargs = kwargs
 
-    monkeypatch.setattr(app_module, "build_app", lambda lang: Page())
+    built = []
+    monkeypatch.setattr(app_module, "build_app", lambda lang, roots: built.append(roots) or Page())
     monkeypatch.setattr(app_module, "theme", lambda: None)
     with caplog.at_level("WARNING", logger="tuneforge"):
         page = app_module.launch(host="0.0.0.0", port=1, block=False)
         assert page.kwargs["server_name"] == "0.0.0.0"
         app_module.launch(port=1, block=False)
+    roots = paths.allowed_roots()
+    assert built == [roots, None]  # Save / Load confined when served beyond this machine only
     warnings = [r.getMessage() for r in caplog.records if r.name == "tuneforge"]
-    assert warnings == [paths.EXPOSED_WARNING.format(host="0.0.0.0")]
+    assert warnings == [paths.EXPOSED_WARNING.format(host="0.0.0.0", roots=" and ".join(map(str, roots)))]
     assert "read and write files wherever this server's user can" in warnings[0]

@@ -2,7 +2,8 @@
 machine. A page bound to another address than 127.0.0.1 lets whoever reaches it read and write
 files wherever the server's user can (model, data and output paths are typed in the page): the
 server logs a warning line then, and Save / Load arguments stay inside the current directory and
-the output root (its symlinks resolved, so no `..` or link leads out). No gradio here."""
+the output root (its symlinks resolved, so no `..` or link leads out). A page on 127.0.0.1 serves
+the user of this machine, who has a shell anyway: its Save / Load take any path. No gradio here."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 def allowed_roots(output_root: str | Path = OUTPUT_ROOT) -> tuple[Path, ...]:
     """The folders Save / Load arguments may use: the current directory and the output root, both
-    resolved (an output root that is a link to another disk counts as that disk's folder)."""
-    roots = [Path.cwd().resolve(), Path(output_root).expanduser().resolve()]
-    return tuple(dict.fromkeys(roots))
+    resolved (an output root that is a link to another disk counts as that disk's folder; one
+    inside the current directory is not listed twice)."""
+    cwd, root = Path.cwd().resolve(), Path(output_root).expanduser().resolve()
+    return (cwd,) if root.is_relative_to(cwd) else (cwd, root)
 
 
 def inside(path: str | Path, roots) -> bool:
@@ -32,5 +34,5 @@ def exposed(host: str | None) -> bool:
 
 
 EXPOSED_WARNING = ("the web UI is served on {host}, beyond this machine: whoever reaches it can read and write "
-                   "files wherever this server's user can (model, data and output paths); serve it on 127.0.0.1 "
-                   "unless the network is trusted")
+                   "files wherever this server's user can (model, data and output paths; Save / Load arguments stay "
+                   "inside {roots}); serve it on 127.0.0.1 unless the network is trusted")

@@ -8,7 +8,7 @@ import time
 
 import gradio as gr
 
-from . import options, paths, train_actions
+from . import options, train_actions
 from .datasets import dataset_names
 from .labels import Labels
 from .runner import Runner
@@ -40,8 +40,9 @@ def _option_component(name: str, visible: bool, lang: str = "en"):
     return gr.Textbox(value=value, **common)
 
 
-def build(labels: Labels, runner: Runner, lang_box) -> None:
-    """Lay the tab out inside the current gr.Blocks / gr.Tab context and wire its events."""
+def build(labels: Labels, runner: Runner, lang_box, roots=None) -> None:
+    """Lay the tab out inside the current gr.Blocks / gr.Tab context and wire its events. `roots`
+    (paths.allowed_roots; None: no limit) are the folders Save / Load arguments may use."""
     form: dict[str, object] = {}
 
     def field(key, component):
@@ -126,10 +127,10 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
         return train_actions.preview(as_form(values), extra_values, lang, device_count)
 
     def on_save(lang, path, extra_values, *values):
-        return train_actions.save(as_form(values), extra_values, path, lang, paths.allowed_roots())
+        return train_actions.save(as_form(values), extra_values, path, lang, roots)
 
     def on_load(lang, path):
-        values, extra_values, message = train_actions.load(path, keys, lang, paths.allowed_roots())
+        values, extra_values, message = train_actions.load(path, keys, lang, roots)
         if values[0] is None and not extra_values and message:
             return [gr.update() for _ in keys] + [extra_values, message]
         return values + [extra_values, message]
