@@ -75,11 +75,9 @@ TEXTS: dict[str, dict[str, str]] = {
     "val_size.info": {"en": "0: none; below 1: fraction; 1 or more: number of examples",
                       "zh": "0：不划分；小于 1：比例；1 及以上：样本数"},
     "devices": {"en": "Device count", "zh": "设备数量"},
-    "devices.info": {"en": "Processes (one per device) the run starts under torchrun: N > 1 sets FORCE_TORCHRUN=1 "
-                           "NPROC_PER_NODE=N; 1: the plain command (one process unless several accelerators are "
-                           "visible)",
-                     "zh": "训练在 torchrun 下启动的进程数（每个设备一个）：N > 1 时设置 FORCE_TORCHRUN=1 NPROC_PER_NODE=N；"
-                           "1：普通命令（除非可见多个加速器，否则为单进程）"},
+    "devices.info": {"en": "N > 1: FORCE_TORCHRUN=1 NPROC_PER_NODE=N, one process per device (torchrun); "
+                           "1: the plain command",
+                     "zh": "N > 1：FORCE_TORCHRUN=1 NPROC_PER_NODE=N，每个设备一个进程（torchrun）；1：普通命令"},
     # output
     "output_dir": {"en": "Output dir", "zh": "输出目录"},
     "output_dir.info": {"en": "Where the adapter, checkpoints and logs are written", "zh": "适配器、检查点和日志的保存位置"},
