@@ -8,6 +8,7 @@ import os
 
 from .i18n import LANGS, text
 from .labels import Labels
+from .paths import EXPOSED_WARNING, allowed_roots, exposed
 from .runner import Runner
 
 DEFAULT_PORT = 7860
@@ -23,9 +24,10 @@ def offline_gradio() -> None:
         os.environ["no_proxy"] = os.environ["NO_PROXY"]
 
 
-def build_app(lang: str = "en", runner: Runner | None = None):
+def build_app(lang: str = "en", runner: Runner | None = None, roots=None):
     """The gr.Blocks of the whole page (not yet served). `runner` holds the training subprocess
-    (a new one by default)."""
+    (a new one by default); `roots` (paths.allowed_roots) the folders Save / Load arguments may
+    use (None: any path the server's user can reach)."""
     offline_gradio()
     import gradio as gr
 
@@ -43,7 +45,7 @@ def build_app(lang: str = "en", runner: Runner | None = None):
         with gr.Tabs():
             with gr.Tab(text("tab.train", lang), elem_id="tf-tab-train") as tab:
                 labels.add(tab, "tab.train", "tab")
-                train_tab.build(labels, runner, lang_box)
+                train_tab.build(labels, runner, lang_box, roots)
             with gr.Tab(text("tab.eval", lang), elem_id="tf-tab-eval") as tab:
                 labels.add(tab, "tab.eval", "tab")
                 eval_tab.build(labels, lang_box)
@@ -69,11 +71,17 @@ def theme():
 
 def launch(host: str | None = None, port: int | None = None, lang: str = "en", block: bool = True):
     """Serve the page on host:port (default 127.0.0.1:7860: this machine only). block=False
-    returns at once (the server runs in a thread; for tests). Returns the gr.Blocks."""
+    returns at once (the server runs in a thread; for tests). Returns the gr.Blocks. A host other
+    than 127.0.0.1 / localhost logs a warning line first (paths.EXPOSED_WARNING), and the page's
+    Save / Load arguments then stay inside the current directory and the output root."""
     import logging
 
+    roots = None
+    if exposed(host):
+        roots = allowed_roots()
+        logging.getLogger("tuneforge").warning(EXPOSED_WARNING.format(host=host, roots=" and ".join(map(str, roots))))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's check of its own server, every start
-    app = build_app(lang)
+    app = build_app(lang, roots=roots)
     app.queue()
     try:
         app.launch(server_name=host or "127.0.0.1", server_port=port or DEFAULT_PORT, share=False,

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from ..config import build_config, read_yaml
-from ..errors import TuneforgeError
+from ..errors import ConfigError, TuneforgeError
 from . import options
 
 # LLaMA-Factory writes a run's first keys in this order; the rest follow as the form lists them
@@ -38,9 +38,35 @@ def yaml_text(values: dict) -> str:
     return yaml.safe_dump(values, sort_keys=False, allow_unicode=True)
 
 
-def command_line(path: str | Path) -> str:
-    """The shell line that runs the saved config, as a user would type it."""
-    return shlex.join(["tuneforge", "train", str(path)])
+def device_number(value) -> int:
+    """The Train tab's device count as an int (empty: 1). Raises ConfigError, one line, for a
+    value that is not a whole number of 1 or more."""
+    if value is None or value == "":
+        return 1
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not number.is_integer() or number < 1:
+        raise ConfigError(f"device count {value!r} must be a whole number of 1 or more (the processes the run "
+                          f"starts under torchrun, one per device)")
+    return int(number)
+
+
+def launch_env(devices=1) -> dict[str, str]:
+    """The environment a run on `devices` processes adds (tuneforge/distributed/launch.py reads it,
+    with LLaMA-Factory's names): {} for 1 (the plain command: the CLI's own choice, one process
+    unless several accelerators are visible), else FORCE_TORCHRUN=1 and NPROC_PER_NODE=N.
+    Raises ConfigError as device_number does."""
+    number = device_number(devices)
+    return {} if number == 1 else {"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": str(number)}
+
+
+def command_line(path: str | Path, devices=1) -> str:
+    """The shell line that runs the saved config, as a user would type it (with the environment
+    prefix of launch_env for several devices)."""
+    prefix = [f"{name}={value}" for name, value in launch_env(devices).items()]
+    return shlex.join([*prefix, "tuneforge", "train", str(path)])
 
 
 def check(values: dict) -> list[str]:

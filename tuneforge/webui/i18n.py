@@ -3,7 +3,8 @@
 A key names a label (`<name>`), its help line (`<name>.info`) or a message (`msg.<name>`, with
 `{...}` fields filled by `text(key, lang, **fields)`). Config keys generated from the registry
 (a method's or a stage's own options) show their YAML name, the same in both languages, and the
-registry's help text (config.py, adapter_methods.py, train/stages), which is English.
+registry's help text (config.py, adapter_methods.py, train/stages), in Chinese from
+key_help_zh.py (options.key_help).
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ TEXTS: dict[str, dict[str, str]] = {
     "val_size": {"en": "Validation size", "zh": "验证集比例"},
     "val_size.info": {"en": "0: none; below 1: fraction; 1 or more: number of examples",
                       "zh": "0：不划分；小于 1：比例；1 及以上：样本数"},
+    "devices": {"en": "Device count", "zh": "设备数量"},
+    "devices.info": {"en": "N > 1: FORCE_TORCHRUN=1 NPROC_PER_NODE=N, one process per device (torchrun); "
+                           "1: the plain command",
+                     "zh": "N > 1：FORCE_TORCHRUN=1 NPROC_PER_NODE=N，每个设备一个进程（torchrun）；1：普通命令"},
     # output
     "output_dir": {"en": "Output dir", "zh": "输出目录"},
     "output_dir.info": {"en": "Where the adapter, checkpoints and logs are written", "zh": "适配器、检查点和日志的保存位置"},
@@ -113,6 +118,9 @@ TEXTS: dict[str, dict[str, str]] = {
     "msg.saved": {"en": "arguments saved to {path}", "zh": "参数已保存到 {path}"},
     "msg.loaded": {"en": "arguments loaded from {path}", "zh": "已从 {path} 读取参数"},
     "msg.need_path": {"en": "give the arguments file's path first", "zh": "请先填写参数文件路径"},
+    "msg.path_outside": {"en": "'{path}' is outside the folders the page may read and write ({roots}): give a path "
+                                "inside one of them",
+                         "zh": "“{path}” 不在页面可读写的文件夹内（{roots}）：请填写其中某个文件夹内的路径"},
     "msg.config_ok": {"en": "the config is valid", "zh": "配置有效"},
     "msg.records": {"en": "{count} records in {name}", "zh": "{name} 共 {count} 条数据"},
     "msg.no_dataset": {"en": "choose a dataset first", "zh": "请先选择数据集"},

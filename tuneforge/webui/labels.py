@@ -9,7 +9,8 @@ from .i18n import has, text
 class Labels:
     """Components in the order they were registered, each with (key, kind): kind "field" sets the
     label and, when the table has `<key>.info`, the help line; "button" a button's text; "tab" a
-    tab's label; "markdown" a Markdown's text."""
+    tab's label; "markdown" a Markdown's text; "option" a registry key's field, whose label is its
+    YAML name in every language and whose help line is options.key_help(key, lang)."""
 
     def __init__(self, lang: str = "en") -> None:
         self.lang = lang
@@ -38,6 +39,10 @@ class Labels:
                 out.append(gr.update(value=text(key, lang)))
             elif kind == "markdown":
                 out.append(gr.update(value=f"### {text(key, lang)}"))
+            elif kind == "option":
+                from .options import key_help
+
+                out.append(gr.update(info=key_help(key, lang)))
             elif kind == "tab":
                 out.append(gr.Tab(label=text(key, lang)))
             else:

@@ -13,6 +13,7 @@ from ..adapter_methods import METHOD_KEYS, METHODS
 from ..config import all_fields
 from ..config_values import coerce
 from ..train.stages import STAGES
+from .key_help_zh import KEY_HELP_ZH
 
 # keys of config.py's finetune section that only some methods read (the others are refused by
 # config_checks or change nothing): shown under those methods only
@@ -104,6 +105,16 @@ def spec(name: str) -> KeySpec:
     else:
         kind = "text"
     return KeySpec(name, kind, default, help_text, choices, optional)
+
+
+def key_help(name: str, lang: str = "en") -> str:
+    """The help line of registry key `name` in `lang`: the registry's English help (with its range),
+    or in "zh" the line of key_help_zh.KEY_HELP_ZH with the same range (English where a key has no
+    Chinese line yet; the tests name such a key)."""
+    if lang != "zh" or name not in KEY_HELP_ZH:
+        return spec(name).help
+    bounds = all_fields()[name][1].metadata.get("bounds")
+    return KEY_HELP_ZH[name] + (f" 取值范围：{bounds}。" if bounds else "")
 
 
 def form_default(name: str):

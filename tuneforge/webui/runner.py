@@ -36,6 +36,7 @@ class TrainRun:
     process: subprocess.Popen
     started: float = field(default_factory=time.time)
     stop_requested: bool = False
+    devices: int = 1
 
     @property
     def output_dir(self) -> str:
@@ -43,7 +44,7 @@ class TrainRun:
 
     @property
     def command(self) -> str:
-        return command.command_line(self.yaml_path)
+        return command.command_line(self.yaml_path, self.devices)
 
     @property
     def state(self) -> str:
@@ -76,22 +77,25 @@ class Runner:
     def busy(self) -> bool:
         return self.current is not None and self.current.state == "running"
 
-    def start(self, values: dict) -> TrainRun:
-        """Save `values` as YAML next to the output dir and start `tuneforge train` on it.
-        Raises RuntimeError when a run is going on, OSError when the files cannot be written."""
+    def start(self, values: dict, devices=1) -> TrainRun:
+        """Save `values` as YAML next to the output dir and start `tuneforge train` on it, on
+        `devices` processes (command.launch_env: FORCE_TORCHRUN=1 NPROC_PER_NODE=N for N > 1).
+        Raises RuntimeError when a run is going on, OSError when the files cannot be written,
+        ConfigError for a device count that is not a whole number of 1 or more."""
         if self.busy():
             raise RuntimeError("a training run is going on")
+        launch_env = command.launch_env(devices)
         yaml_path, log_path = run_files(values["output_dir"])
         command.save(values, yaml_path)
         log = open(log_path, "wb")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **launch_env}
         try:
             process = subprocess.Popen([sys.executable, "-m", "tuneforge", "train", str(yaml_path)],
                                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                        env=env, start_new_session=True)
         finally:
             log.close()
-        self.current = TrainRun(values, yaml_path, log_path, process)
+        self.current = TrainRun(values, yaml_path, log_path, process, devices=command.device_number(devices))
         return self.current
 
     def stop(self) -> bool:

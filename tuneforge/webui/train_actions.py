@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from ..errors import TuneforgeError
-from . import command, datasets, options, progress
+from . import command, datasets, options, paths, progress
 from .i18n import text
 from .runner import Runner, run_files
 
@@ -31,18 +31,35 @@ def form_config(form: dict, extra: dict | None = None) -> dict:
     return values
 
 
-def preview(form: dict, extra: dict | None, lang: str) -> tuple[str, str, str]:
-    """(command line, YAML, status): the line and file Start would run, and the config check's
-    one-line errors, or that the config is valid."""
+def preview(form: dict, extra: dict | None, lang: str, devices=1) -> tuple[str, str, str]:
+    """(command line, YAML, status): the line (with FORCE_TORCHRUN=1 NPROC_PER_NODE=N in front for
+    `devices` N > 1) and file Start would run, and the config check's one-line errors, or that the
+    config is valid."""
     values = form_config(form, extra)
     errors = command.check(values)
     path = run_files(values.get("output_dir") or "saves/run")[0]
-    return command.command_line(path), command.yaml_text(values), "\n".join(errors) or text("msg.config_ok", lang)
+    try:
+        line = command.command_line(path, devices)
+    except TuneforgeError as exc:
+        line, errors = command.command_line(path), [*errors, command.error_line(str(exc))]
+    return line, command.yaml_text(values), "\n".join(errors) or text("msg.config_ok", lang)
 
 
-def save(form: dict, extra: dict | None, path: str, lang: str) -> str:
+def outside(path: str, roots, lang: str) -> str | None:
+    """The page's one line when `path` is outside `roots` (paths.allowed_roots); None when it is
+    inside, or when `roots` is None (no limit: a call from Python, not from the page)."""
+    if roots is None or paths.inside(path, roots):
+        return None
+    return text("msg.path_outside", lang, path=path, roots=", ".join(str(r) for r in roots))
+
+
+def save(form: dict, extra: dict | None, path: str, lang: str, roots=None) -> str:
+    """Write the form's YAML to `path` (status line). The page passes `roots`: a path outside
+    them is refused in one line and nothing is written."""
     if not path:
         return text("msg.need_path", lang)
+    if refused := outside(path, roots, lang):
+        return refused
     try:
         written = command.save(form_config(form, extra), path)
     except OSError as exc:
@@ -50,12 +67,15 @@ def save(form: dict, extra: dict | None, path: str, lang: str) -> str:
     return text("msg.saved", lang, path=written)
 
 
-def load(path: str, keys: list[str], lang: str) -> tuple[list, dict, str]:
+def load(path: str, keys: list[str], lang: str, roots=None) -> tuple[list, dict, str]:
     """(a form value per key of `keys`, the file's other keys, status). A key the file does not
     set gets its default; stage and finetuning_type their defaults (sft, lora); lora_alpha shows
-    2 x lora_rank (the value an unset lora_alpha has; loha / lokr: empty, their alpha is the rank)."""
+    2 x lora_rank (the value an unset lora_alpha has; loha / lokr: empty, their alpha is the rank).
+    A path outside `roots` (given by the page) is refused in one line and not read."""
     if not path:
         return [None] * len(keys), {}, text("msg.need_path", lang)
+    if refused := outside(path, roots, lang):
+        return [None] * len(keys), {}, refused
     try:
         values = command.load(path)
     except TuneforgeError as exc:
@@ -82,20 +102,25 @@ def load(path: str, keys: list[str], lang: str) -> tuple[list, dict, str]:
     return form, extra, status
 
 
-def start(runner: Runner, form: dict, extra: dict | None, lang: str) -> tuple[bool, str, str]:
-    """(started, command line, status). Nothing starts when the config check or the dataset
-    check (registry entries, as the run reads them) fails: the status is then the CLI's lines."""
+def start(runner: Runner, form: dict, extra: dict | None, lang: str, devices=1) -> tuple[bool, str, str]:
+    """(started, command line, status). Nothing starts when the config check, the dataset check
+    (registry entries, as the run reads them) or the device count fails: the status is then the
+    CLI's lines. `devices` N > 1 runs the same command under torchrun (Runner.start)."""
     values = form_config(form, extra)
     if runner.busy():
         return False, "", text("msg.running", lang)
     errors = command.check(values) or [command.error_line(m) for m in datasets.check_datasets(
         values.get("dataset_dir"), values.get("dataset") or "", values.get("stage", "sft"))]
+    try:
+        command.device_number(devices)
+    except TuneforgeError as exc:
+        errors.append(command.error_line(str(exc)))
     if not values.get("output_dir"):
         errors.append(command.error_line("config key 'output_dir' is empty: name the folder the run writes"))
     if errors:
         return False, "", "\n".join(errors)
     try:
-        run = runner.start(values)
+        run = runner.start(values, devices)
     except OSError as exc:
         return False, "", command.error_line(f"cannot start the run: {exc}")
     return True, run.command, text("msg.started", lang, command=run.command)

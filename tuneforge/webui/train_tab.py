@@ -20,12 +20,12 @@ HYPER = ("num_train_epochs", "max_steps", "cutoff_len", "per_device_train_batch_
          "save_steps", "val_size")
 
 
-def _option_component(name: str, visible: bool):
+def _option_component(name: str, visible: bool, lang: str = "en"):
     """A field for a registry key: its YAML name as the label (the same in every language) and
-    its help text from the key table as the help line."""
+    its help text from the key table (in Chinese from key_help_zh) as the help line."""
     s = options.spec(name)
     value = options.form_default(name)
-    common = {"label": name, "info": s.help, "visible": visible, "elem_id": f"tf-opt-{name}"}
+    common = {"label": name, "info": options.key_help(name, lang), "visible": visible, "elem_id": f"tf-opt-{name}"}
     if s.kind == "choice":
         choices = [("" if c is None else options.to_form(name, c)) for c in s.choices]
         if s.optional and "" not in choices:
@@ -40,8 +40,9 @@ def _option_component(name: str, visible: bool):
     return gr.Textbox(value=value, **common)
 
 
-def build(labels: Labels, runner: Runner, lang_box) -> None:
-    """Lay the tab out inside the current gr.Blocks / gr.Tab context and wire its events."""
+def build(labels: Labels, runner: Runner, lang_box, roots=None) -> None:
+    """Lay the tab out inside the current gr.Blocks / gr.Tab context and wire its events. `roots`
+    (paths.allowed_roots; None: no limit) are the folders Save / Load arguments may use."""
     form: dict[str, object] = {}
 
     def field(key, component):
@@ -73,16 +74,20 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     with gr.Row():
         for key in HYPER[6:]:
             field(key, _main_number(labels, key))
+        devices = labels.add(gr.Number(value=1, precision=0, minimum=1, elem_id="tf-devices",
+                                       **labels.field("devices")), "devices")
     option_fields: dict[str, object] = {}
     stage_option_keys = {k for s in options.stages() for k in options.stage_keys(s)}
     with gr.Accordion(labels.field("method_opts")["label"], open=False) as method_box:
         for key in options.all_option_keys():
             if key not in stage_option_keys:
-                option_fields[key] = _option_component(key, key in options.method_keys("lora"))
+                option_fields[key] = labels.add(_option_component(key, key in options.method_keys("lora"), labels.lang),
+                                                key, "option")
     with gr.Accordion(labels.field("stage_opts")["label"], open=False) as stage_box:
         for key in options.all_option_keys():
             if key in stage_option_keys:
-                option_fields[key] = _option_component(key, key in options.stage_keys("sft"))
+                option_fields[key] = labels.add(_option_component(key, key in options.stage_keys("sft"), labels.lang),
+                                                key, "option")
     labels.add(method_box, "method_opts")
     labels.add(stage_box, "stage_opts")
     form.update(option_fields)
@@ -118,20 +123,20 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     def as_form(values) -> dict:
         return dict(zip(keys, values))
 
-    def on_preview(lang, extra_values, *values):
-        return train_actions.preview(as_form(values), extra_values, lang)
+    def on_preview(lang, extra_values, device_count, *values):
+        return train_actions.preview(as_form(values), extra_values, lang, device_count)
 
     def on_save(lang, path, extra_values, *values):
-        return train_actions.save(as_form(values), extra_values, path, lang)
+        return train_actions.save(as_form(values), extra_values, path, lang, roots)
 
     def on_load(lang, path):
-        values, extra_values, message = train_actions.load(path, keys, lang)
+        values, extra_values, message = train_actions.load(path, keys, lang, roots)
         if values[0] is None and not extra_values and message:
             return [gr.update() for _ in keys] + [extra_values, message]
         return values + [extra_values, message]
 
-    def on_start(lang, extra_values, *values):
-        started, line, message = train_actions.start(runner, as_form(values), extra_values, lang)
+    def on_start(lang, extra_values, device_count, *values):
+        started, line, message = train_actions.start(runner, as_form(values), extra_values, lang, device_count)
         return line or gr.update(), message, gr.Timer(active=started)
 
     def on_stop(lang):
@@ -153,10 +158,10 @@ def build(labels: Labels, runner: Runner, lang_box) -> None:
     def on_dataset_dir(folder):  # the choices only: the value may change meanwhile
         return gr.update(choices=dataset_names(folder or None))
 
-    buttons["preview"].click(on_preview, [lang_box, extra, *inputs], [command_box, yaml_box, status])
+    buttons["preview"].click(on_preview, [lang_box, extra, devices, *inputs], [command_box, yaml_box, status])
     buttons["save"].click(on_save, [lang_box, args_path, extra, *inputs], [status])
     buttons["load"].click(on_load, [lang_box, args_path], [*inputs, extra, status])
-    buttons["start"].click(on_start, [lang_box, extra, *inputs], [command_box, status, timer])
+    buttons["start"].click(on_start, [lang_box, extra, devices, *inputs], [command_box, status, timer])
     buttons["stop"].click(on_stop, [lang_box], [status])
     timer.tick(on_tick, [lang_box], [progress_box, plot, log_box, status, timer])
     for trigger in (form["finetuning_type"], form["stage"]):
