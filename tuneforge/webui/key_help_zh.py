@@ -102,6 +102,9 @@ KEY_HELP_ZH: dict[str, str] = {
     "use_eaft_loss": "stage: sft：EAFT：每个回复 token 的交叉熵按 (top-20 softmax 的熵 / 3) ** eaft_alpha 加权。"
                      "与 LLaMA-Factory 相同。",
     "eaft_alpha": "stage: sft 且 use_eaft_loss：EAFT 权重的指数。",
+    "use_asft_loss": "stage: sft：ASFT：DFT 损失加上 asft_alpha x KL(训练前的模型 || 模型)，按回复 token 计算；"
+                     "参考模型是关闭适配器的模型（full / freeze：一份冻结的副本）。与 LLaMA-Factory 相同。",
+    "asft_alpha": "stage: sft 且 use_asft_loss：KL 项的权重。",
     "pref_beta": "偏好训练阶段：beta，偏好损失的强度（DPO 的 beta、IPO 的 tau、ORPO 的 lambda、SimPO 的 beta；KTO 的 beta）。",
     "pref_loss": "stage: dpo：偏好损失：sigmoid（DPO）、ipo、hinge、orpo 或 simpo（orpo 和 simpo 不需要参考模型）。",
     "pref_ftx": "偏好训练阶段：加到偏好损失上的 SFT 损失（chosen 回复的逐 token NLL；kto：每个期望回复的）权重。",
