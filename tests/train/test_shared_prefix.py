@@ -113,7 +113,7 @@ def test_a_dpo_run_on_shared_prefix_rows_equals_the_padded_run(tiny_model_dir, t
         assert runs[None][key] == pytest.approx(runs[False][key], rel=1e-3, abs=1e-5), key
 
 
-def test_kto_shared_prefix_rows_equal_the_padded_rows(tiny_model_dir):
+def test_kto_shared_prefix_rows_equal_the_padded_rows(tiny_model_dir, monkeypatch):
     """Loss, metrics and LoRA gradients of stage: kto; cutoff 6 cuts the second KL row's prompt
     (the reference's KL reply then sees only the start of the prompt it shares)."""
     from tests.train.test_kto import objective_on as kto_objective
@@ -131,7 +131,7 @@ def test_kto_shared_prefix_rows_equal_the_padded_rows(tiny_model_dir):
     choice = choose_shared_prefix(data_args(), model, KtoSharedCollator(6), KtoCollator(0, 6))
     assert isinstance(choice.collate, KtoSharedCollator)
     shared = choice.collate(examples)
-    assert shared["ref_sequences"] == 8 and shared["input_ids"].shape == (1, 20)  # 4 prompts + 4 replies
+    assert shared["input_ids"].shape == (1, 20) and shared["kl_sequences"] == 4  # 4 prompts + 4 replies
 
     def run(batch):
         model.zero_grad()
@@ -147,3 +147,23 @@ def test_kto_shared_prefix_rows_equal_the_padded_rows(tiny_model_dir):
     assert metrics == pytest.approx(metrics_p, rel=1e-4, abs=1e-5)
     for name in grads:
         torch.testing.assert_close(grads[name], grads_p[name], rtol=1e-4, atol=1e-6)
+
+    # the reference scores the policy's own rows (same layout, same rounding): before training
+    # (policy = reference) the KL estimate and the rewards are exactly 0 in any precision
+    from tuneforge.train import logps as logps_module
+
+    rows, real = [], logps_module.reply_logps
+    monkeypatch.setattr(logps_module, "reply_logps",
+                        lambda m, u, b, h: (rows.append(b["input_ids"].tolist()), real(m, u, b, h))[1])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+    model.to(torch.bfloat16)
+    choice = choose_shared_prefix(data_args(), model, KtoSharedCollator(6), KtoCollator(0, 6))
+    rows.clear()  # the probe's
+    with torch.no_grad():
+        _, _, metrics = kto_objective(model, shared).loss(model, shared)
+    choice.undo()
+    assert len(rows) == 4 and sorted(rows[:2]) == sorted(rows[2:])  # policy: reply, KL rows; reference: the same
+    assert metrics["kl"] == 0 and metrics["rewards/chosen"] == 0 and metrics["rewards/rejected"] == 0

@@ -93,23 +93,20 @@ class SharedPrefixCollator:
 
 class KtoSharedCollator:
     """Feedback examples ({"input_ids", "prompt_len", "kto_tag", "kl_reply"}, data/kto.py) -> the
-    rows stage: kto runs, each padding-free: prompt + reply of every example (the policy's
-    forward with gradients), prompt + kl_reply within cutoff_len as data.kto.KtoCollator cuts it
-    ("kl_": the policy's KL forward), both replies after one prompt ("ref_": the reference's
-    forward, sequences: the replies, then the KL replies); and kto_tag."""
+    rows stage: kto runs, each padding-free: prompt + reply of every example, and ("kl_") prompt +
+    kl_reply within cutoff_len as data.kto.KtoCollator cuts it; and kto_tag. The policy and the
+    reference score the same rows, so before training (policy = reference) their log-ratios are
+    exactly 0 in any precision."""
 
     def __init__(self, cutoff_len: int):
         self.cutoff_len = cutoff_len
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        main, kl, both = [], [], []
+        main, kl = [], []
         for e in examples:
             p = e["prompt_len"]
-            prompt, reply = e["input_ids"][:p], e["input_ids"][p:]
             seen, keep = split_budget(p, len(e["kl_reply"]), self.cutoff_len)
-            mismatched = e["kl_reply"][:keep]
-            main.append((prompt, [(p, reply)]))
-            kl.append((prompt[:seen], [(seen, mismatched)]))
-            both.append((prompt, [(p, reply), (seen, mismatched)]))
-        return {**shared_prefix_rows(main), **shared_prefix_rows(kl, "kl_"), **shared_prefix_rows(both, "ref_"),
+            main.append((e["input_ids"][:p], [(p, e["input_ids"][p:])]))
+            kl.append((e["input_ids"][:seen], [(seen, e["kl_reply"][:keep])]))
+        return {**shared_prefix_rows(main), **shared_prefix_rows(kl, "kl_"),
                 "kto_tag": torch.tensor([e["kto_tag"] for e in examples], dtype=torch.long)}

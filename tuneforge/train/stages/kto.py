@@ -5,8 +5,7 @@ or undesirable, no pairs.
 Per example, the log-ratio of its reply (policy minus reference log-probability, summed over the
 reply tokens); the reference is the model with its adapters disabled (a frozen copy for full /
 freeze fine-tuning, as in stage: dpo). Where the model scores them exactly, the rows are
-padding-free shared-prefix rows (data/shared_prefix.py): the reference scores each reply and its
-KL reply after one copy of their prompt. The KL term z_0 is estimated per micro-batch from
+padding-free rows (data/shared_prefix.py), which the policy and the reference score alike. The KL term z_0 is estimated per micro-batch from
 mismatched rows, each example's prompt with the reply of the record before it in the dataset
 (LLaMA-Factory's pairing, made when the data is read: data/kto.py; within a micro-batch holding
 consecutive records it is TRL's rotation): the mean of their policy-minus-reference log-ratios,
@@ -46,8 +45,8 @@ def encode(data_args, tokenizer, seed: int):
 
 
 def collator(data_args, model, tokenizer):
-    """Shared-prefix rows (no padding; the reference scores reply and KL reply after one
-    prompt) where the model scores them exactly, else padded rows (train/shared_prefix.py)."""
+    """Padding-free rows where the model scores them exactly, else padded rows
+    (train/shared_prefix.py)."""
     from ...data.kto import KtoCollator
     from ...data.shared_prefix import KtoSharedCollator
     from ..shared_prefix import choose_shared_prefix
@@ -65,13 +64,7 @@ def _rows(batch: dict, prefix: str = "") -> dict:
     return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
 
 
-def _reference_rows(batch: dict) -> dict:
-    """The rows the reference scores: replies then KL replies (ref_ rows of a shared-prefix
-    batch; a padded batch's main and kl_ rows stacked)."""
-    if "ref_input_ids" in batch:
-        return _rows(batch, "ref_")
-    return _stacked({k: batch[k] for k in ("input_ids", "attention_mask", "labels")},
-                    {k: batch[f"kl_{k}"] for k in ("input_ids", "attention_mask", "labels")})
+_PADDED = ("input_ids", "attention_mask", "labels")
 
 
 def _stacked(a: dict, b: dict) -> dict:
@@ -120,7 +113,10 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
         logps, counts = reply_logps(run_model, unwrapped, main, head_at_labels)
         with torch.no_grad():
             kl_logps, _ = reply_logps(unwrapped, unwrapped, mismatched, head_at_labels)
-        ref, _ = reference(_reference_rows(batch))
+        if "attention_mask" in main and main["attention_mask"].dim() == 2:  # padded rows: one stacked forward
+            ref, _ = reference(_stacked({k: main[k] for k in _PADDED}, {k: mismatched[k] for k in _PADDED}))
+        else:  # shared-prefix rows: the reference scores the policy's own rows
+            ref = torch.cat([reference(main)[0], reference(mismatched)[0]])
         kl = (kl_logps - ref[n:]).mean()
         ratios = logps - ref[:n]
         desirable = batch["kto_tag"].bool()
