@@ -70,7 +70,8 @@ bench-methods: $(STAMP)
 # preference stages dpo and kto against TRL's DPOTrainer / KTOTrainer, same pairs, same order
 # (benchmarks/stages.py; STAGE=dpo|kto|both STEPS=8)
 bench-stages: $(STAMP)
-	$(PY) benchmarks/stages.py $(if $(STAGE),--stage $(STAGE)) $(if $(STEPS),--steps $(STEPS))
+	$(PY) benchmarks/stages.py $(if $(STAGE),--stage $(STAGE)) $(if $(STEPS),--steps $(STEPS)) \
+		$(if $(ARMS),--arms $(ARMS)) $(foreach s,$(SET),--set $(s))
 
 clean:
 	rm -rf $(VENV) saves .pytest_cache tests/webui/artifacts
