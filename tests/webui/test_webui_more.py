@@ -153,3 +153,19 @@ def test_serving_beyond_this_machine_logs_a_warning(monkeypatch, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.name == "tuneforge"]
     assert warnings == [paths.EXPOSED_WARNING.format(host="0.0.0.0", roots=" and ".join(map(str, roots)))]
     assert "read and write files wherever this server's user can" in warnings[0]
+
+
+def test_preview_checks_the_dataset_and_writes_the_file_its_line_names(tmp_path, shared_data_dir):
+    """Preview's line runs as shown (the YAML is written where it says), and no dataset is the run's
+    own one-line refusal, not 'valid'."""
+    from tuneforge.webui import train_actions
+
+    form = {"stage": "sft", "finetuning_type": "lora", "dataset": [], "dataset_dir": str(shared_data_dir),
+            "cutoff_len": 64, "output_dir": str(tmp_path / "out")}
+    line, _, status = train_actions.preview(form, {}, "en")
+    assert status.startswith("tuneforge: error: no dataset given")
+    form["dataset"] = ["identity"]
+    line, yaml_text, status = train_actions.preview(form, {}, "en")
+    assert status == "the config is valid"
+    written = line.split(" ")[-1]
+    assert line.startswith("tuneforge train ") and open(written, encoding="utf-8").read() == yaml_text

@@ -37,6 +37,8 @@ def check_datasets(dataset_dir: str | None, names, stage: str = "sft") -> list[s
     The files themselves are read by the run."""
     if isinstance(names, str):
         names = names.split(",")
+    if not any(n.strip() for n in names or []):  # the run's own refusal (data/loader.py)
+        return ["no dataset given: set dataset: to one or more names from dataset_info.json, e.g. identity"]
     records_kind = STAGES[stage].records if stage in STAGES else "conversations"
     try:
         folder = resolve_dataset_dir(dataset_dir or None)

@@ -33,15 +33,21 @@ def form_config(form: dict, extra: dict | None = None) -> dict:
 
 def preview(form: dict, extra: dict | None, lang: str, devices=1) -> tuple[str, str, str]:
     """(command line, YAML, status): the line (with FORCE_TORCHRUN=1 NPROC_PER_NODE=N in front for
-    `devices` N > 1) and file Start would run, and the config check's one-line errors, or that the
-    config is valid."""
+    `devices` N > 1) and file Start would run, and the config and dataset checks' one-line errors,
+    or that the config is valid (the YAML is then written where the line names it)."""
     values = form_config(form, extra)
-    errors = command.check(values)
+    errors = command.check(values) or [command.error_line(m) for m in datasets.check_datasets(
+        values.get("dataset_dir"), values.get("dataset") or "", values.get("stage", "sft"))]
     path = run_files(values.get("output_dir") or "saves/run")[0]
     try:
         line = command.command_line(path, devices)
     except TuneforgeError as exc:
         line, errors = command.command_line(path), [*errors, command.error_line(str(exc))]
+    if not errors:  # the file the line names, so that the line runs as shown
+        try:
+            command.save(values, path)
+        except OSError as exc:
+            errors.append(command.error_line(f"cannot write {path}: {exc}"))
     return line, command.yaml_text(values), "\n".join(errors) or text("msg.config_ok", lang)
 
 
