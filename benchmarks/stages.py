@@ -261,8 +261,9 @@ def report(results: dict, stages: list[str]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=("dpo", "kto", "both"), default="both")
-    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per arm")
+    ap.add_argument("--stage", choices=("dpo", "kto", "both"), default="both",
+                    help="dpo on dpo_en_demo, kto on kto_en_demo, or both (default)")
+    ap.add_argument("--steps", type=int, default=8, help="optimizer steps per arm (default 8)")
     ap.add_argument("--quick", action="store_true", help="3 steps per arm (step 1 is warm-up)")
     ap.add_argument("--cutoff", type=int, default=CUTOFF, help="cutoff_len")
     ap.add_argument("--dataset-dir", help="folder with dataset_info.json (default: $TUNEFORGE_SHARED_DATA "

@@ -1,4 +1,4 @@
-"""The whole LoRA job, each tool as a whole process from launch to exit (issue 22).
+"""The whole LoRA job, each tool as a whole process from launch to exit.
 
     python benchmarks/whole_job.py              # 12 optimizer steps per arm (make bench-job)
     python benchmarks/whole_job.py --quick      # 3 steps, a fast look
@@ -238,7 +238,7 @@ def table(results: list[dict]) -> str:
 
 
 def goal_lines(results: list[dict]) -> list[str]:
-    """The three goals of issue 22, tuneforge against llamafactory where it ran, else the peer."""
+    """The three goals (wall, peak RSS, loss), tuneforge against llamafactory where it ran, else the peer."""
     by = {r["arm"]: r for r in results if "error" not in r}
     ref = by.get("llamafactory") or by.get("peer")
     tf = by.get("tuneforge")
@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=12, help="optimizer steps per arm (3 with --quick)")
     ap.add_argument("--batch", type=int, default=4, help="per-device batch size")
     ap.add_argument("--grad-accum", type=int, default=2, help="gradient accumulation steps")
-    ap.add_argument("--dataset", default="alpaca_en_demo")
+    ap.add_argument("--dataset", default="alpaca_en_demo", help="dataset name in --dataset-dir (alpaca_en_demo)")
     ap.add_argument("--dataset-dir", default=default_dataset_dir(),
                     help="folder with dataset_info.json (default: $TUNEFORGE_SHARED_DATA or ../shared/data)")
     ap.add_argument("--cutoff", type=int, default=512, help="cutoff_len")

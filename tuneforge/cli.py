@@ -59,8 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     api.add_argument("--host", help="address to bind (default: api_host, API_HOST, else 127.0.0.1: "
                      "this machine only)")
     api.add_argument("--port", type=int, help="port (default: api_port, API_PORT, else 8000)")
-    webui = sub.add_parser("webui", help="Serve the web UI (train, with live loss curve) in the browser; "
-                           "needs the webui extra: pip install 'tuneforge[webui]'.")
+    webui_help = ("Serve the web UI (train, with live loss curve; evaluate, chat, export, runs) in the browser; "
+                  "needs the webui extra: pip install 'tuneforge[webui]'.")
+    webui = sub.add_parser("webui", help=webui_help, description=webui_help)
     webui.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     webui.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     webui.add_argument("--lang", default="en", choices=("en", "zh"), help="language of the page (en)")
