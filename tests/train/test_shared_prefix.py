@@ -21,6 +21,24 @@ from tuneforge.train.shared_prefix import choose_pair_collator
 from tuneforge.workflows import train
 
 
+def loss_and_grads(model, objective_on, batch):
+    """(loss, count, metric sums, LoRA gradients) of the stage objective's loss on `batch`."""
+    model.zero_grad()
+    loss, count, metrics = objective_on(model, batch).loss(model, batch)
+    loss.backward()
+    return loss, count, metrics, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same_run(run, padded_run, count: int):
+    loss, n, metrics, grads = run
+    loss_p, n_p, metrics_p, grads_p = padded_run
+    assert n == n_p == count and grads.keys() == grads_p.keys() and grads
+    torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-6)
+    assert metrics == pytest.approx(metrics_p, rel=1e-4, abs=1e-5)
+    for name in grads:
+        torch.testing.assert_close(grads[name], grads_p[name], rtol=1e-4, atol=1e-6)
+
+
 def test_segments_of_a_shared_prefix_row_and_their_attention():
     batch = SharedPrefixCollator()(EXAMPLES[:2])
     # pair 0: prompt 0-2, chosen 3-4, rejected 5 (sees 0-2); pair 1: prompt 6-7, chosen 8, rejected 9-12
@@ -64,20 +82,9 @@ def test_shared_prefix_logps_and_dpo_gradients_equal_the_padded_batch(tiny_model
         assert counts.tolist() == want_counts.tolist()
     assert len(calls) == 2 * model.config.num_hidden_layers  # the segment path ran in every layer
 
-    def lora_grads(batch):
-        model.zero_grad()
-        loss, pairs, metrics = objective_on(model, batch).loss(model, batch)
-        loss.backward()
-        return loss, pairs, metrics, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    loss, pairs, metrics, grads = lora_grads(shared)
+    shared_run = loss_and_grads(model, objective_on, shared)
     choice.undo()
-    loss_p, pairs_p, metrics_p, grads_p = lora_grads(PairwiseCollator(0)(EXAMPLES))
-    assert pairs == pairs_p == 3 and grads.keys() == grads_p.keys() and grads
-    torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-6)
-    assert metrics == pytest.approx(metrics_p, rel=1e-4, abs=1e-5)
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_p[name], rtol=1e-4, atol=1e-6)
+    assert_same_run(shared_run, loss_and_grads(model, objective_on, PairwiseCollator(0)(EXAMPLES)), count=3)
 
 
 class NoPositions(torch.nn.Module):
@@ -133,20 +140,9 @@ def test_kto_shared_prefix_rows_equal_the_padded_rows(tiny_model_dir, monkeypatc
     shared = choice.collate(examples)
     assert shared["input_ids"].shape == (1, 20) and shared["kl_sequences"] == 4  # 4 prompts + 4 replies
 
-    def run(batch):
-        model.zero_grad()
-        loss, n, metrics = kto_objective(model, batch).loss(model, batch)
-        loss.backward()
-        return loss, n, metrics, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-
-    loss, n, metrics, grads = run(shared)
+    shared_run = loss_and_grads(model, kto_objective, shared)
     choice.undo()
-    loss_p, n_p, metrics_p, grads_p = run(padded)
-    assert n == n_p == 4 and grads.keys() == grads_p.keys() and grads
-    torch.testing.assert_close(loss, loss_p, rtol=1e-5, atol=1e-6)
-    assert metrics == pytest.approx(metrics_p, rel=1e-4, abs=1e-5)
-    for name in grads:
-        torch.testing.assert_close(grads[name], grads_p[name], rtol=1e-4, atol=1e-6)
+    assert_same_run(shared_run, loss_and_grads(model, kto_objective, padded), count=4)
 
     # the reference scores the policy's own rows (same layout, same rounding): before training
     # (policy = reference) the KL estimate and the rewards are exactly 0 in any precision

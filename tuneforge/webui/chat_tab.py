@@ -7,7 +7,8 @@ import gradio as gr
 
 from .i18n import text
 from .labels import Labels
-from .use import adapter_dirs, config_from, failure
+from .pickers import model_and_adapters
+from .use import config_from, failure
 
 
 class ChatHolder:
@@ -53,10 +54,7 @@ def _plain(content) -> str:
 
 def build(labels: Labels, holder: ChatHolder, lang_box) -> None:
     with gr.Row():
-        model = labels.add(gr.Textbox(value="", placeholder="SmolLM2-135M-Instruct (default)", elem_id="tf-chat-model",
-                                      scale=2, **labels.field("model")), "model")
-        adapters = labels.add(gr.Dropdown(choices=adapter_dirs(), value=[], multiselect=True, allow_custom_value=True,
-                                          elem_id="tf-chat-adapter", scale=3, **labels.field("adapter")), "adapter")
+        model, adapters = model_and_adapters(labels, "chat")
     with gr.Row():
         load = labels.add(gr.Button(text("btn.load_model", labels.lang), elem_id="tf-chat-load"), "btn.load_model",
                           "button")

@@ -13,7 +13,8 @@ import gradio as gr
 from .datasets import dataset_names
 from .i18n import text
 from .labels import Labels
-from .use import adapter_dirs, config_from, failure
+from .pickers import model_and_adapters
+from .use import config_from, failure
 
 PREDICTIONS = "generated_predictions.jsonl"
 
@@ -56,10 +57,7 @@ def benchmark(fields: dict, files: str, n_shot, limit, lang: str) -> tuple[str, 
 
 def build(labels: Labels, lang_box) -> None:
     with gr.Row():
-        model = labels.add(gr.Textbox(value="", placeholder="SmolLM2-135M-Instruct (default)", elem_id="tf-eval-model",
-                                      scale=2, **labels.field("model")), "model")
-        adapters = labels.add(gr.Dropdown(choices=adapter_dirs(), value=[], multiselect=True, allow_custom_value=True,
-                                          elem_id="tf-eval-adapter", scale=3, **labels.field("adapter")), "adapter")
+        model, adapters = model_and_adapters(labels, "eval")
     with gr.Row():
         dataset_dir = labels.add(gr.Textbox(value="", elem_id="tf-eval-dataset-dir", **labels.field("dataset_dir")),
                                  "dataset_dir")

@@ -11,7 +11,8 @@ import gradio as gr
 from .i18n import text
 from .labels import Labels
 from .options import spec
-from .use import adapter_dirs, config_from, failure
+from .pickers import model_and_adapters
+from .use import config_from, failure
 
 
 def export(fields: dict, lang: str) -> tuple[str, str]:
@@ -32,10 +33,7 @@ def export(fields: dict, lang: str) -> tuple[str, str]:
 
 def build(labels: Labels, lang_box) -> None:
     with gr.Row():
-        model = labels.add(gr.Textbox(value="", placeholder="SmolLM2-135M-Instruct (default)", elem_id="tf-export-model",
-                                      scale=2, **labels.field("model")), "model")
-        adapters = labels.add(gr.Dropdown(choices=adapter_dirs(), value=[], multiselect=True, allow_custom_value=True,
-                                          elem_id="tf-export-adapter", scale=3, **labels.field("adapter")), "adapter")
+        model, adapters = model_and_adapters(labels, "export")
     with gr.Row():
         export_dir = labels.add(gr.Textbox(value="saves/export", elem_id="tf-export-dir", scale=2,
                                            **labels.field("export_dir")), "export_dir")
