@@ -20,6 +20,8 @@ def test_activation_bytes_counts_what_a_layer_keeps():
     assert memory_plan.activation_bytes(config, tokens=10) == 2 * 10 * 960 * 4
     assert memory_plan.activation_bytes(config, tokens=10, element_bytes=2) == 2 * 10 * 960 * 2
     assert memory_plan.activation_bytes(object(), tokens=10) == 0  # no sizes known: no estimate
+    # a lean gated MLP (train/lean_mlp.py) keeps 2 i instead of 4 i
+    assert memory_plan.activation_bytes(config, tokens=10, lean_mlp=True) == 2 * 10 * (960 - 256) * 4
 
 
 def test_available_bytes_reads_memavailable(tmp_path):
@@ -55,6 +57,8 @@ def test_a_run_with_little_memory_checkpoints_unless_the_config_says(keys, expec
         workflows.train(cfg)
     assert enabled == ([{"use_reentrant": True}] if expected else [])
     assert any(r.getMessage().startswith("gradient checkpointing: on") for r in caplog.records) == expected
+    # the lean MLPs only where the activations are kept (train/lean_mlp.py)
+    assert any(r.getMessage().startswith("gated MLPs: 2 keep") for r in caplog.records) == (not expected)
 
 
 def test_pairwise_examples_count_as_two_sequences(tiny_model_dir, tmp_path, monkeypatch):
@@ -64,7 +68,7 @@ def test_pairwise_examples_count_as_two_sequences(tiny_model_dir, tmp_path, monk
     seen = []
     real = memory_plan.choose_checkpointing
     monkeypatch.setattr(memory_plan, "choose_checkpointing",
-                        lambda model, tokens, *a: (seen.append(tokens), real(model, tokens, *a))[1])
+                        lambda model, tokens, *a, **kw: (seen.append(tokens), real(model, tokens, *a, **kw))[1])
     workflows.train(dpo_values(tiny_model_dir, toy_pairs(tmp_path / "data"), tmp_path / "out", max_steps=1,
                                save_steps=100, val_size=0, per_device_train_batch_size=2))
     assert seen == [2 * 2 * 64]  # 2 sequences x 2 pairs x cutoff_len 64

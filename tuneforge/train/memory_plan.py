@@ -26,9 +26,10 @@ HEADROOM = 0.5  # activations may take up to half of the memory left after loadi
 MEASURED_OVER_COUNT = 1.65  # kept bytes measured / activation_bytes (module docstring)
 
 
-def activation_bytes(config, tokens: int, element_bytes: int = 4) -> int:
+def activation_bytes(config, tokens: int, element_bytes: int = 4, lean_mlp: bool = False) -> int:
     """Bytes a transformers decoder config's layers keep for backward over `tokens` tokens
-    without checkpointing (the module docstring's count); 0 where the config lacks the sizes."""
+    without checkpointing (the module docstring's count; with lean_mlp, the gated MLP keeps 2 i
+    instead of 4 i, train/lean_mlp.py); 0 where the config lacks the sizes."""
     d = getattr(config, "hidden_size", None)
     layers = getattr(config, "num_hidden_layers", None)
     if not d or not layers:
@@ -37,7 +38,7 @@ def activation_bytes(config, tokens: int, element_bytes: int = 4) -> int:
     heads = getattr(config, "num_attention_heads", None) or 1
     head_dim = getattr(config, "head_dim", None) or d // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    return layers * tokens * (6 * d + 2 * kv + 4 * i) * element_bytes
+    return layers * tokens * (6 * d + 2 * kv + (2 if lean_mlp else 4) * i) * element_bytes
 
 
 def available_bytes(device: torch.device | str = "cpu", meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -55,10 +56,11 @@ def available_bytes(device: torch.device | str = "cpu", meminfo: Path = Path("/p
     return None
 
 
-def choose_checkpointing(model, tokens: int, element_bytes: int, available: int | None) -> str | None:
+def choose_checkpointing(model, tokens: int, element_bytes: int, available: int | None,
+                         lean_mlp: bool = False) -> str | None:
     """A log line when a micro-batch's activations (activation_bytes) would take more than
     HEADROOM of `available` bytes, so checkpointing should go on; None to keep them."""
-    need = MEASURED_OVER_COUNT * activation_bytes(getattr(model, "config", None), tokens, element_bytes)
+    need = MEASURED_OVER_COUNT * activation_bytes(getattr(model, "config", None), tokens, element_bytes, lean_mlp)
     if available is None or need <= HEADROOM * available:
         return None
     gb = 1 << 30
