@@ -54,6 +54,7 @@ def train(cfg: Config) -> dict:
     from .train import outputs
     from .train.heads import MODEL_CLASSES, head_targets, prepare_head
     from .train.lean_mlp import install_lean_mlp, uninstall_lean_mlp
+    from .train.lean_layers import install_lean_layers, uninstall_lean_layers
     from .train.memory_plan import available_bytes, choose_checkpointing
     from .train.loop import TrainingRun, mixed_precision
     from .train.methods import describe, prepare_model, refuse_unread_keys
@@ -124,23 +125,24 @@ def train(cfg: Config) -> dict:
                        cfg.data.cutoff_len, f"finetuning_type: {cfg.finetune.finetuning_type}", tunable=True,
                        whole_rows=True)
     checkpointing = gradient_checkpointing(cfg)
-    # exact: gated MLPs keep 2 of their 4 tensors for backward (train/lean_mlp.py), not under checkpointing
-    lean = install_lean_mlp(model) if checkpointing is None else 0
+    # exact: gated MLPs keep 2 of their 4 tensors for backward, norms' outputs are rebuilt from their
+    # inputs (train/lean_mlp.py, lean_layers.py); not under checkpointing
+    lean = (install_lean_mlp(model), install_lean_layers(model)) if checkpointing is None else (0, 0)
     if checkpointing is None and checkpointing_left_empty(cfg):  # chosen by memory (train/memory_plan.py)
         # the most a micro-batch can hold: pairwise examples are two sequences (a prompt and two replies)
         sequences = 2 if stage.records == "pairwise" else 1
         note = choose_checkpointing(model, sequences * args.per_device_train_batch_size * cfg.data.cutoff_len,
                                     2 if pure_bf16 or precision in ("bf16", "fp16") else 4,
-                                    available_bytes(device_type), lean_mlp=lean > 0)
+                                    available_bytes(device_type), lean_mlp=lean[0] > 0, lean_norms=lean[1] > 0)
         if note is not None:
             log.info("%s", note)
             checkpointing = gradient_checkpointing(cfg, chosen=True)
     if checkpointing is not None:
-        uninstall_lean_mlp(model)
+        uninstall_lean_mlp(model), uninstall_lean_layers(model)
         _enable_activation_checkpointing(model, checkpointing)
-    elif lean and accelerator.is_main_process:
-        log.info("gated MLPs: %d keep their gate and up outputs only for backward (the product is recomputed)",
-                 lean)
+    elif any(lean) and accelerator.is_main_process:
+        log.info("activations: %d gated MLPs keep their gate and up outputs only, %d layers rebuild their "
+                 "norms' outputs in backward (same gradients, less memory)", *lean)
     choice = stage.collator_for(cfg)(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
     if accelerator.is_main_process:
         if choice.note:

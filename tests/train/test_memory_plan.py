@@ -22,6 +22,8 @@ def test_activation_bytes_counts_what_a_layer_keeps():
     assert memory_plan.activation_bytes(object(), tokens=10) == 0  # no sizes known: no estimate
     # a lean gated MLP (train/lean_mlp.py) keeps 2 i instead of 4 i
     assert memory_plan.activation_bytes(config, tokens=10, lean_mlp=True) == 2 * 10 * (960 - 256) * 4
+    # lean norms (train/lean_layers.py) keep 2 d fewer
+    assert memory_plan.activation_bytes(config, tokens=10, lean_norms=True) == 2 * 10 * (960 - 128) * 4
 
 
 def test_available_bytes_reads_memavailable(tmp_path):
@@ -58,7 +60,7 @@ def test_a_run_with_little_memory_checkpoints_unless_the_config_says(keys, expec
     assert enabled == ([{"use_reentrant": True}] if expected else [])
     assert any(r.getMessage().startswith("gradient checkpointing: on") for r in caplog.records) == expected
     # the lean MLPs only where the activations are kept (train/lean_mlp.py)
-    assert any(r.getMessage().startswith("gated MLPs: 2 keep") for r in caplog.records) == (not expected)
+    assert any(r.getMessage().startswith("activations: 2 gated MLPs") for r in caplog.records) == (not expected)
 
 
 def test_pairwise_examples_count_as_two_sequences(tiny_model_dir, tmp_path, monkeypatch):

@@ -26,10 +26,12 @@ HEADROOM = 0.5  # activations may take up to half of the memory left after loadi
 MEASURED_OVER_COUNT = 1.65  # kept bytes measured / activation_bytes (module docstring)
 
 
-def activation_bytes(config, tokens: int, element_bytes: int = 4, lean_mlp: bool = False) -> int:
+def activation_bytes(config, tokens: int, element_bytes: int = 4, lean_mlp: bool = False,
+                     lean_norms: bool = False) -> int:
     """Bytes a transformers decoder config's layers keep for backward over `tokens` tokens
-    without checkpointing (the module docstring's count; with lean_mlp, the gated MLP keeps 2 i
-    instead of 4 i, train/lean_mlp.py); 0 where the config lacks the sizes."""
+    without checkpointing (the module docstring's count; with lean_mlp the gated MLP keeps 2 i
+    instead of 4 i, train/lean_mlp.py; with lean_norms the norms keep 2 d instead of 4 d,
+    train/lean_layers.py); 0 where the config lacks the sizes."""
     d = getattr(config, "hidden_size", None)
     layers = getattr(config, "num_hidden_layers", None)
     if not d or not layers:
@@ -38,7 +40,7 @@ def activation_bytes(config, tokens: int, element_bytes: int = 4, lean_mlp: bool
     heads = getattr(config, "num_attention_heads", None) or 1
     head_dim = getattr(config, "head_dim", None) or d // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
-    return layers * tokens * (6 * d + 2 * kv + (2 if lean_mlp else 4) * i) * element_bytes
+    return layers * tokens * ((4 if lean_norms else 6) * d + 2 * kv + (2 if lean_mlp else 4) * i) * element_bytes
 
 
 def available_bytes(device: torch.device | str = "cpu", meminfo: Path = Path("/proc/meminfo")) -> int | None:
@@ -57,10 +59,11 @@ def available_bytes(device: torch.device | str = "cpu", meminfo: Path = Path("/p
 
 
 def choose_checkpointing(model, tokens: int, element_bytes: int, available: int | None,
-                         lean_mlp: bool = False) -> str | None:
+                         lean_mlp: bool = False, lean_norms: bool = False) -> str | None:
     """A log line when a micro-batch's activations (activation_bytes) would take more than
     HEADROOM of `available` bytes, so checkpointing should go on; None to keep them."""
-    need = MEASURED_OVER_COUNT * activation_bytes(getattr(model, "config", None), tokens, element_bytes, lean_mlp)
+    need = MEASURED_OVER_COUNT * activation_bytes(getattr(model, "config", None), tokens, element_bytes,
+                                                 lean_mlp, lean_norms)
     if available is None or need <= HEADROOM * available:
         return None
     gb = 1 << 30

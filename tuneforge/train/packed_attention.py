@@ -18,6 +18,8 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from .lean_layers import remember
+
 NAME = "tuneforge_packed"
 _SWITCHABLE = ("sdpa",)  # implementations this one stands in for (it delegates to sdpa)
 
@@ -186,4 +188,8 @@ def segment_attention(query, key, value, segments, dropout: float = 0.0,
         visible[:, p1 - p0:] = visible[:, p1 - p0:].tril()
         outs.append(F.scaled_dot_product_attention(query[:, :, s:e], keys, values, attn_mask=visible,
                                                    dropout_p=dropout, scale=scaling, **gqa))
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+    out = torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+    # o_proj keeps `out` for backward while sdpa keeps `outs`: inside a lean layer, o_proj keeps
+    # a recipe that rebuilds `out` from `outs` instead (train/lean_layers.py)
+    remember(out, lambda: torch.cat(outs, dim=2).transpose(1, 2).contiguous())
+    return out

@@ -1,5 +1,5 @@
-"""Lean gated MLPs (train/lean_mlp.py): bit-equal loss and gradients, the product not kept, and
-the probe keeps any MLP that computes something else."""
+"""Lean layers (train/lean_mlp.py, train/lean_layers.py): bit-equal loss and gradients, the
+rebuildable tensors not kept, and the probe keeps any MLP that computes something else."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from tests.adapters.adapter_testkit import make_model
 from tuneforge.adapters import LoraConfig, add_adapter
 from tuneforge.train.lean_mlp import SwiGLU, install_lean_mlp, uninstall_lean_mlp
+from tuneforge.train.lean_layers import install_lean_layers, uninstall_lean_layers
 
 
 def _lora_model(kind="llama", dropout=0.0, full=False, **overrides):
@@ -88,3 +89,66 @@ def test_probe_keeps_other_mlps():
         plain = type(layer.mlp).forward
         layer.mlp.forward = (lambda self_plain: (lambda x: 2 * self_plain(x)))(plain.__get__(layer.mlp))
     assert install_lean_mlp(scaled) == 0
+
+
+@pytest.mark.parametrize("kind, full", [("llama", False), ("qwen2", False), ("llama", True)])
+def test_lean_norms_bit_equal_and_not_kept(kind, full):
+    model = _lora_model(kind, 0.0, full)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    loss, grads = _loss_and_grads(model, ids)
+    assert _norm_output_kept(model)
+    assert install_lean_layers(model) == 2 and install_lean_mlp(model) == 2
+    lean_loss, lean_grads = _loss_and_grads(model, ids)
+    assert torch.equal(loss, lean_loss) and grads.keys() == lean_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], lean_grads[name]), name
+    assert not _norm_output_kept(model)
+    uninstall_lean_layers(model)
+    assert all("forward" not in layer.__dict__ for layer in model.model.layers)
+    assert _norm_output_kept(model)
+
+
+def _norm_output_kept(model) -> bool:
+    seen = []
+    norm = model.model.layers[0].input_layernorm
+    handle = norm.register_forward_hook(lambda m, args, out: seen.append(weakref.ref(out)))
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    handle.remove()
+    gc.collect()
+    kept = seen[0]() is not None
+    loss.backward()
+    return kept
+
+
+def test_packed_attention_output_rebuilt_bit_equal(monkeypatch):
+    """On a packed row (segment attention) o_proj's input is rebuilt from the segments' outputs."""
+    from tuneforge.data import PackingCollator
+    from tuneforge.train import packed_attention as pa
+
+    model = _lora_model()
+    pa.use_packed_attention(model)
+    g = torch.Generator().manual_seed(5)
+    rows = [{"input_ids": (ids := torch.randint(1, 256, (n,), generator=g).tolist()), "labels": ids}
+            for n in (7, 5, 9)]
+    batch = PackingCollator()(rows)
+    seen, original = [], pa.segment_attention
+    monkeypatch.setattr(pa, "segment_attention", lambda *a, **k: (out := original(*a, **k), seen.append(
+        weakref.ref(out)))[0])
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        seen.clear()
+        loss = model(**batch).loss
+        gc.collect()
+        kept = seen[0]() is not None  # the first layer's attention output (what o_proj reads)
+        loss.backward()
+        return kept, loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept, loss, grads = run()
+    assert kept and len(seen) == 2
+    install_lean_layers(model)
+    lean_kept, lean_loss, lean_grads = run()
+    assert not lean_kept and torch.equal(loss, lean_loss)
+    for name in grads:
+        assert torch.equal(grads[name], lean_grads[name]), name
