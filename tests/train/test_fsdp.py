@@ -1,9 +1,10 @@
 """FSDP2 (accelerate's FullyShardedDataParallelPlugin, torch's fully_shard) on CPUs: two gloo
 processes with `fsdp: full_shard auto_wrap` train as one process with the same global batch,
 step by step (the logged losses) and to the end (the weights, within 1e-5 in fp32), for LoRA and
-for full fine-tuning. The LoRA run is started as users start it on one machine:
-`FORCE_TORCHRUN=1 NPROC_PER_NODE=2 tuneforge train ...` (LLaMA-Factory's launcher variables); the
-full one by torchrun by hand."""
+for full fine-tuning. The LoRA run also trains the norms whole (additional_target: norm, peft's
+modules_to_save: inside the sharded decoder layers and at the root). The LoRA run is started as
+users start it on one machine: `FORCE_TORCHRUN=1 NPROC_PER_NODE=2 tuneforge train ...`
+(LLaMA-Factory's launcher variables); the full one by torchrun by hand."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ STEPS = {"max_steps": 6, "learning_rate": 1e-3, "lr_scheduler_type": "constant",
          "disable_tqdm": True, "cutoff_len": 64, "lora_rank": 4, "gradient_accumulation_steps": 2,
          "logging_steps": 1, "save_strategy": "no"}
 
+LORA = {"additional_target": "norm"}  # modules_to_save: every RMSNorm
+
 
 def _argv(values: dict) -> list[str]:
     return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in values.items()]
@@ -46,7 +49,8 @@ def runs(tmp_path_factory, tiny_model_dir):
     sharded = {"per_device_train_batch_size": 4, "fsdp": "full_shard auto_wrap"}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     lora = subprocess.Popen([sys.executable, "-m", "tuneforge", "train",
-                             *_argv({**common, **sharded, "output_dir": root / "lora2"})],
+                             *_argv({**common, **sharded, **LORA, "save_strategy": "steps", "save_steps": 3,
+                                     "output_dir": root / "lora2"})],
                             env={**env, "FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     full_args = {**common, **sharded, "finetuning_type": "full", "save_strategy": "steps", "save_steps": 3}
@@ -67,7 +71,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     assert not (broken / "model.safetensors").exists(), "killed too late to prove anything"
     for kind in ("lora", "full"):  # the oracles, in this process meanwhile (the full one's
         # checkpoint-3 holds one process's whole optimizer state, to compare the shards with)
-        saves = {"save_strategy": "steps", "save_steps": 3} if kind == "full" else {}
+        saves = {"save_strategy": "steps", "save_steps": 3} if kind == "full" else LORA
         train(_config({**common, "per_device_train_batch_size": 8, "finetuning_type": kind,
                        "output_dir": str(root / f"{kind}1"), **saves}))
     output, _ = lora.communicate(timeout=600)
@@ -100,6 +104,11 @@ def test_fsdp2_two_processes_equal_one_with_the_same_global_batch(runs, kind, we
     worst = max((a[k] - b[k]).abs().max().item() for k in b)
     assert worst <= 1e-5, worst
     assert len(_losses(two)) == 6 and _losses(two)[-1] < _losses(two)[0]  # it trained
+    if kind == "lora":  # the norms saved whole (modules_to_save), in the checkpoint's adapter too
+        norms = sorted(k for k in a if k.endswith("norm.weight"))
+        assert len(norms) == 5 and all(a[k].shape == (64,) for k in norms)
+        saved = load_file(str(two / "checkpoint-3" / weights))
+        assert sorted(k for k in saved if k.endswith("norm.weight")) == norms
 
 
 def test_force_torchrun_relaunches_under_torchrun(runs):
