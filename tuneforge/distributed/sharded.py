@@ -67,15 +67,33 @@ def save_optimizer_shards(model, optimizer, folder) -> list[dict]:
     safetensors file per process (shard-0000<rank+1>-model-00001-of-00001.safetensors) whose
     header records where its pieces sit in the whole tensors; no pickle. Returns the parameter
     groups (hyper-parameters, parameter names) for the main process to save beside them.
-    Every process calls it together."""
+    Every process calls it together. A process's failed write (a full disk: OSError) is raised
+    as itself on every process, not inside torch's CheckpointException."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageWriter
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
     inner = getattr(optimizer, "optimizer", optimizer)  # inside accelerate's wrapper
     state = get_optimizer_state_dict(model, inner, options=_options(full=False))
-    dcp.save(state["state"], storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
+    with _plain_errors():
+        dcp.save(state["state"], storage_writer=HuggingFaceStorageWriter(str(folder), save_distributed=True))
     return state["param_groups"]
+
+
+@contextmanager
+def _plain_errors():
+    """torch.distributed.checkpoint's CheckpointException (a BaseException holding every process's
+    failure) as the first process's own exception."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as exc:
+        failures = sorted(exc.failures.items())
+        if not failures:
+            raise RuntimeError(str(exc).splitlines()[0]) from None
+        first = failures[0][1][0]
+        raise (first if isinstance(first, Exception) else RuntimeError(repr(first))) from None
 
 
 def load_optimizer_shards(model, optimizer, folder) -> None:
@@ -84,8 +102,8 @@ def load_optimizer_shards(model, optimizer, folder) -> None:
     pieces may have been written by another number of processes, or into whole tensors for a
     model that is not sharded). The optimizer keeps the hyper-parameters its groups have now.
     Every process calls it together, with no gradients held (the state is initialised by a zero
-    step first, torch's _init_optim_state). Raises torch.distributed.checkpoint's
-    CheckpointException when a piece is missing."""
+    step first, torch's _init_optim_state). Raises the exception torch.distributed.checkpoint met
+    (on the first failing process) when a piece is missing or does not fit."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
     from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
@@ -93,7 +111,8 @@ def load_optimizer_shards(model, optimizer, folder) -> None:
     inner = getattr(optimizer, "optimizer", optimizer)
     current = [{k: v for k, v in group.items() if k != "params"} for group in inner.param_groups]
     template = get_optimizer_state_dict(model, inner, options=_options(full=False))
-    dcp.load(template["state"], storage_reader=HuggingFaceStorageReader(str(folder)))
+    with _plain_errors():
+        dcp.load(template["state"], storage_reader=HuggingFaceStorageReader(str(folder)))
     set_optimizer_state_dict(model, inner, template, options=_options(full=False))
     for group, settings in zip(inner.param_groups, current):
         group.update(settings)

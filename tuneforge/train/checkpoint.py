@@ -122,6 +122,15 @@ def begin_checkpoint(output_dir: str | Path, step: int) -> Path:
     return tmp
 
 
+def write_optimizer_shards(output_dir: str | Path, step: int, model, optimizer) -> list:
+    """Every process writes its optimizer shard into checkpoint-<step>'s temporary folder (the
+    main process began it, `begin_checkpoint`); returns the parameter groups for
+    `save_checkpoint(..., optimizer_groups=)` (distributed.sharded.save_optimizer_shards).
+    Raises CheckpointError (one line) when the disk is full or read-only."""
+    with outputs.disk_errors(Path(output_dir), f"checkpoint-{step}", errno_only=False):
+        return sharded.save_optimizer_shards(model, optimizer, temporary_folder(output_dir, step) / OPTIMIZER_SHARDS)
+
+
 def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimizer, scheduler,
                     extra_writer=None, total_limit: int | None = None,
                     weights_only: bool = False, optimizer_groups: list | None = None,

@@ -20,7 +20,7 @@ from accelerate.utils import gather_object
 
 from ..adapters import training_hooks
 from ..data.collate import TASK_ID
-from ..distributed.sharded import gathered, is_sharded, save_optimizer_shards
+from ..distributed.sharded import gathered, is_sharded
 from . import checkpoint as ckpt
 from . import schedule, stop
 from .batches import MicroBatchStream, StreamBatches, eval_batches, fingerprint
@@ -242,8 +242,7 @@ class TrainingRun:
             if self.acc.is_main_process:
                 ckpt.begin_checkpoint(self.output_dir, step)
             self.acc.wait_for_everyone()
-            groups = save_optimizer_shards(model, self.optimizer,
-                                           ckpt.temporary_folder(self.output_dir, step) / ckpt.OPTIMIZER_SHARDS)
+            groups = ckpt.write_optimizer_shards(self.output_dir, step, model, self.optimizer)
         rng_states = gather_object([ckpt.rng_state()]) if self.acc.num_processes > 1 and keep else None
         with gathered(model):  # every process (a collective); the main one writes
             if self.acc.is_main_process:
