@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tuneforge.distributed.sharded import plain_state_dict
 from tuneforge.errors import ConfigError, ModelError
 from tuneforge.fileio import json_kind, read_json
 from tuneforge.weightfiles import load_safetensors, load_torch_file
@@ -95,7 +96,9 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         key = f"{owner}.base_layer.bias" if owner in adapted else pn
         out[PREFIX + key] = _to_file(params[pn])
     for path, m in saved_modules(model, name):
-        for k, t in m.modules_to_save[name].state_dict().items():
+        # read off the module (FSDP2, inside distributed.sharded.gathered: whole; its
+        # state_dict() would hand back the shards)
+        for k, t in plain_state_dict(m.modules_to_save[name]).items():
             out[f"{PREFIX}{path}.{k}"] = _to_file(t)
     for key, t in _extra_tensors(model, name).items():
         out[key] = _to_file(t)

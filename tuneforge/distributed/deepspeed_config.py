@@ -72,10 +72,13 @@ def refuse_deepspeed() -> None:
     """Raises ConfigError: tuneforge's loop does not drive DeepSpeed's engine yet. What it lacks:
     the engine scales each micro-batch's loss by 1/gradient_accumulation_steps and steps itself at
     the accumulation boundary (the loop normalises over the whole step and steps the optimizer),
-    and ZeRO-3 leaves each weight partitioned, so saving needs deepspeed.zero.GatheredParameters;
-    accelerate also runs DeepSpeed on accelerator devices only, so none of it can be checked on
-    CPUs. Once it is driven, accelerate's DeepSpeedPlugin(hf_ds_config=fill_auto(...)) carries the
-    config (DeepSpeed 0.19.8 installs from PyPI as a pure-Python sdist in ~15 s)."""
+    and ZeRO-3 leaves each weight partitioned, so saving needs deepspeed.zero.GatheredParameters.
+    None of it can be checked on CPUs: DeepSpeed 0.19.8 runs ZeRO-2/3 in 2 gloo processes on its CPU
+    accelerator through deepspeed.initialize, but accelerate 1.15 does not drive it there
+    (Accelerator(cpu=True) passes the plugin over and runs DDP, accelerate/state.py:201; cpu=False
+    without GPUs leaves num_processes=1, process_index=0 on every process, state.py:288; README
+    "Many devices"). Once it is driven, accelerate's DeepSpeedPlugin(hf_ds_config=fill_auto(...))
+    carries the config (DeepSpeed 0.19.8 installs from PyPI as a pure-Python sdist in ~15 s)."""
     raise ConfigError("config key 'deepspeed': tuneforge's training loop does not drive DeepSpeed's engine yet; "
                       "use fsdp: full_shard (FSDP2 shards weights, gradients and optimizer state as ZeRO-3 does; "
                       "'full_shard offload' as ZeRO-3 offload) or drop deepspeed (data parallel)")

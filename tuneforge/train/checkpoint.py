@@ -1,7 +1,10 @@
 """Checkpoints that survive a crash: each is written under a temporary name and renamed into
 place, and removed by a rename to a trash name first, so `checkpoint-N` either exists whole or
 not at all. A checkpoint holds the trainable weights, optimizer, scheduler, RNG states, what adapter
-methods keep while training (AdapterMethod.training_state, e.g. AdaLoRA's scores) and the data position (and what defines it, see `TrainingRun.data_record`). Whether one can be trusted
+methods keep while training (AdapterMethod.training_state, e.g. AdaLoRA's scores) and the data
+position (and what defines it, see `TrainingRun.data_record`). The optimizer state is one
+optimizer.pt, or, when the model is sharded (FSDP2), a folder optimizer_shards/ with one file per
+process (distributed.sharded.save_optimizer_shards) and the parameter groups beside them. Whether one can be trusted
 is checked by `integrity.py`; which one a run resumes from is decided in `resume.py`."""
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from safetensors.torch import save_file
 
 from .. import weightfiles
 from ..adapters import training_hooks
+from ..distributed import sharded
 from ..errors import CheckpointError
 from . import outputs
 from .optim import hyper_parameters, restore_state
@@ -31,7 +35,12 @@ STATE = "trainer_state.json"
 OPTIMIZER, SCHEDULER, RNG = "optimizer.pt", "scheduler.pt", "rng_state.pt"
 # what adapter methods keep while training outside their weights (AdapterMethod.training_state)
 METHOD_STATE = "adapter_training_state.safetensors"
-TRAINING_FILES = (OPTIMIZER, SCHEDULER, RNG)  # absent from save_only_model checkpoints
+# the optimizer state of a sharded model: every process's shard file (torch.distributed.checkpoint's
+# names, shard-<rank + 1>-model-00001-of-00001.safetensors) and the parameter groups
+OPTIMIZER_SHARDS, GROUPS = "optimizer_shards", "param_groups.pt"
+SHARD_GLOB = "shard-*.safetensors"
+TRAINING_FILES = (OPTIMIZER, SCHEDULER, RNG)  # absent from save_only_model checkpoints (OPTIMIZER: or
+# OPTIMIZER_SHARDS)
 START_OVER = "start over with overwrite_output_dir: true"
 
 
@@ -97,29 +106,60 @@ def rank_rng_state(saved: dict, rank: int) -> dict:
     return ranks[rank] if isinstance(ranks, list) and rank < len(ranks) else saved
 
 
+def temporary_folder(output_dir: str | Path, step: int) -> Path:
+    """Where checkpoint-<step> is written before it is renamed into place."""
+    return Path(output_dir) / f"{TMP_PREFIX}{step}"
+
+
+def begin_checkpoint(output_dir: str | Path, step: int) -> Path:
+    """The main process empties and creates checkpoint-<step>'s temporary folder before every
+    process writes its optimizer shard into it (then `save_checkpoint(..., optimizer_groups=)`).
+    Raises CheckpointError when the disk is full or read-only."""
+    tmp = temporary_folder(output_dir, step)
+    with outputs.disk_errors(Path(output_dir), f"checkpoint-{step}"):
+        outputs.discard(tmp)
+        tmp.mkdir(parents=True)
+    return tmp
+
+
+def write_optimizer_shards(output_dir: str | Path, step: int, model, optimizer) -> list:
+    """Every process writes its optimizer shard into checkpoint-<step>'s temporary folder (the
+    main process began it, `begin_checkpoint`); returns the parameter groups for
+    `save_checkpoint(..., optimizer_groups=)` (distributed.sharded.save_optimizer_shards).
+    Raises CheckpointError (one line) when the disk is full or read-only."""
+    with outputs.disk_errors(Path(output_dir), f"checkpoint-{step}", errno_only=False):
+        return sharded.save_optimizer_shards(model, optimizer, temporary_folder(output_dir, step) / OPTIMIZER_SHARDS)
+
+
 def save_checkpoint(output_dir: str | Path, state: TrainerState, model, optimizer, scheduler,
                     extra_writer=None, total_limit: int | None = None,
-                    weights_only: bool = False, optimizer_state: dict | None = None,
+                    weights_only: bool = False, optimizer_groups: list | None = None,
                     rng_states: list[dict] | None = None) -> Path:
     """Write checkpoint-<step> atomically. `extra_writer(dir)` adds user-facing files (e.g. the
     adapter in peft's format) so a checkpoint can be used like a final output. Several processes:
-    `optimizer_state` is the optimizer's whole state when it is sharded (FSDP2; else
-    optimizer.state_dict()), `rng_states` every process's RNG states (process 0's first), all
-    written by the main process.
+    `optimizer_groups` says the optimizer is sharded (FSDP2) and every process has written its
+    shard into the temporary folder (`begin_checkpoint`, then
+    distributed.sharded.save_optimizer_shards, which returns these parameter groups); they are
+    saved beside the shards in place of optimizer.pt. `rng_states` are every process's RNG
+    states (process 0's first). The main process calls it.
 
     Raises CheckpointError (one line) when the disk is full or read-only; the temporary folder
     is removed then, and on any other failure or interruption too, and earlier checkpoints are
     left as they were."""
     root = Path(output_dir)
     final = root / f"{PREFIX}{state.global_step}"
-    tmp = root / f"{TMP_PREFIX}{state.global_step}"
-    outputs.discard(tmp)
+    tmp = temporary_folder(root, state.global_step)
+    if optimizer_groups is None:
+        outputs.discard(tmp)
     weights = trainable_state(model)
     try:
-        tmp.mkdir(parents=True)
+        tmp.mkdir(parents=True, exist_ok=optimizer_groups is not None)
         save_file(weights, str(tmp / WEIGHTS))
+        if optimizer_groups is not None:
+            torch.save(optimizer_groups, tmp / OPTIMIZER_SHARDS / GROUPS)
+        elif not weights_only:
+            torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
         if not weights_only:
-            torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / OPTIMIZER)
             torch.save(scheduler.state_dict(), tmp / SCHEDULER)
             torch.save({**rng_states[0], "ranks": rng_states} if rng_states else rng_state(), tmp / RNG)
             method_state = training_hooks.training_state(model)
@@ -184,7 +224,7 @@ def read_state(path: str | Path) -> TrainerState:
     return TrainerState.from_dict(_load(Path(path) / STATE, lambda p: json.loads(p.read_text())))
 
 
-def load_checkpoint(path: str | Path, model, optimizer, sharded_load=None) -> tuple[TrainerState, dict, list[dict]]:
+def load_checkpoint(path: str | Path, model, optimizer) -> tuple[TrainerState, dict, list[dict]]:
     """Restore the weights and the optimizer's state from a checkpoint that integrity.py
     accepted; the optimizer keeps this run's hyper-parameters (learning rates, weight decay,
     betas, eps), and the caller positions this run's schedule (schedule.py). Returns the
@@ -192,41 +232,77 @@ def load_checkpoint(path: str | Path, model, optimizer, sharded_load=None) -> tu
     before training, so that nothing in between consumes random numbers, and the saved
     optimizer groups' hyper-parameters (to say what changed).
 
-    `sharded_load(weights, optimizer_state)` puts them into a sharded model (FSDP2: every process
-    takes its shards, distributed.sharded.load_sharded) after the checks, in place of copying.
+    A sharded model (FSDP2) takes its shards of the whole weights, and of the optimizer state:
+    from optimizer_shards/ (every process reads its pieces, distributed.sharded), or from an
+    optimizer.pt holding it whole (checkpoints written before the shards). Then every process
+    calls it together.
 
     Raises CheckpointError when it does not fit the model (another fine-tuning setup)."""
     path = Path(path)
     state = read_state(path)
     weights = weightfiles.load_safetensors(path / WEIGHTS, "checkpoint file", CheckpointError)
     params = dict(model.named_parameters())
-    other_setup = ("it was made with another fine-tuning setup (model_name_or_path, "
-                   "finetuning_type, lora_rank, lora_target, ...): use that setup to resume, or "
-                   f"{START_OVER}")
     missing = [name for name, p in params.items() if p.requires_grad and name not in weights]
     if missing:
         raise CheckpointError(f"checkpoint '{path}' has no weights for {missing[0]} (and "
-                              f"{len(missing) - 1} more): {other_setup}")
+                              f"{len(missing) - 1} more): {_OTHER_SETUP}")
     for name, tensor in weights.items():
         if name not in params:
             raise CheckpointError(f"checkpoint '{path}' has weights for '{name}', which this "
-                                  f"model does not have: {other_setup}")
+                                  f"model does not have: {_OTHER_SETUP}")
         if params[name].shape != tensor.shape:
             raise CheckpointError(f"checkpoint '{path}': '{name}' has shape "
                                   f"{tuple(tensor.shape)}, the model {tuple(params[name].shape)}: "
-                                  f"{other_setup}")
-    optimizer_state, rng = (
-        weightfiles.load_torch_file(path / name, "checkpoint file", CheckpointError)
-        for name in (OPTIMIZER, RNG))
-    if sharded_load is not None:
-        sharded_load(weights, optimizer_state)
+                                  f"{_OTHER_SETUP}")
+    rng = weightfiles.load_torch_file(path / RNG, "checkpoint file", CheckpointError)
+    is_sharded = sharded.is_sharded(model)
+    shards = path / OPTIMIZER_SHARDS
+    if shards.is_dir():
+        groups = weightfiles.load_torch_file(shards / GROUPS, "checkpoint file", CheckpointError)
+        saved_groups = hyper_parameters(groups)
+        _load_weights(model, params, weights, is_sharded)
+        _load_shards(path, model, optimizer, groups)
+    elif is_sharded:
+        optimizer_state = weightfiles.load_torch_file(path / OPTIMIZER, "checkpoint file", CheckpointError)
+        sharded.load_sharded(model, optimizer, weights, optimizer_state)
         saved_groups = hyper_parameters(optimizer_state["param_groups"])
     else:
+        optimizer_state = weightfiles.load_torch_file(path / OPTIMIZER, "checkpoint file", CheckpointError)
         saved_groups = restore_state(optimizer, optimizer_state, path / OPTIMIZER)  # checks first
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
+        _load_weights(model, params, weights, is_sharded)
+    _load_method_state(path, model)
+    return state, rng, saved_groups
+
+
+_OTHER_SETUP = ("it was made with another fine-tuning setup (model_name_or_path, finetuning_type, "
+                f"lora_rank, lora_target, ...): use that setup to resume, or {START_OVER}")
+
+
+def _load_weights(model, params: dict, weights: dict, is_sharded: bool) -> None:
+    if is_sharded:
+        sharded.load_sharded_weights(model, weights)
+        return
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+
+
+def _load_shards(path: Path, model, optimizer, groups: list) -> None:
+    """optimizer_shards/ into the optimizer; a checkpoint of another optimizer setup is refused."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    then, now = [len(g["params"]) for g in groups], [len(g["params"]) for g in inner.param_groups]
+    if then != now:
+        raise CheckpointError(f"checkpoint '{path}': its optimizer state has parameter groups of "
+                              f"{then} parameter(s), this run's optimizer {now}: {_OTHER_SETUP}")
+    try:
+        sharded.load_optimizer_shards(model, optimizer, path / OPTIMIZER_SHARDS)
+    except Exception as exc:  # noqa: BLE001 - torch.distributed.checkpoint's errors (missing pieces)
+        raise CheckpointError(f"checkpoint '{path / OPTIMIZER_SHARDS}' does not fit this run's optimizer "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}): "
+                              f"{_OTHER_SETUP}") from None
+
+
+def _load_method_state(path: Path, model) -> None:
     if (path / METHOD_STATE).exists():
         training_hooks.load_training_state(
             model, weightfiles.load_safetensors(path / METHOD_STATE, "checkpoint file", CheckpointError))
-    return state, rng, saved_groups

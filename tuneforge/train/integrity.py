@@ -5,13 +5,17 @@ its total_steps and matching micro_batches_seen), each safetensors header matche
 size and each torch file's zip directory is whole (weightfiles.py, the project's checks for
 weight files), each torch file unpickles with weights_only=True from a memory map, every
 tensor of the weights and the optimizer state is finite, and the optimizer state is for the
-weights beside it (as many parameters, of their shapes). A checkpoint-N folder that fails is
-"damaged"; the answer names the file and what is wrong."""
+weights beside it (as many parameters, of their shapes). A sharded optimizer state
+(optimizer_shards/, one safetensors file per process) is checked the same way, file by file, and
+its pieces must cover every whole tensor (a process's file missing or cut short is found).
+A checkpoint-N folder that fails is "damaged"; the answer names the file and what is wrong."""
 
 from __future__ import annotations
 
 import json
+import math
 import pickle
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -20,7 +24,8 @@ import torch
 from .. import weightfiles
 from ..errors import CheckpointError
 from ..fileio import one_line
-from .checkpoint import OPTIMIZER, PREFIX, STATE, TRAINING_FILES, WEIGHTS, step_of
+from .checkpoint import (GROUPS, OPTIMIZER, OPTIMIZER_SHARDS, PREFIX, SHARD_GLOB, STATE, TRAINING_FILES,
+                         WEIGHTS, step_of)
 from .optimizers.keys import STATE_LAYOUT
 
 WHAT = "checkpoint file"
@@ -140,6 +145,70 @@ def _check_optimizer(path: Path, state, weight_shapes: list) -> str | None:
     return None
 
 
+def _named_shapes(path: Path) -> dict[str, tuple]:
+    """Each tensor's shape in safetensors file `path` (checked whole before), read off its header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118
+
+
+def _check_shards(folder: Path, groups, weight_shapes: dict) -> str | None:
+    """optimizer_shards/: shard files numbered 1..N without a gap, each whole and finite; their
+    pieces (where each sits is in the file's header, torch.distributed.checkpoint's
+    HuggingFaceStorageReader reads it) cover every whole tensor; one entry per weight beside it,
+    its moments of that weight's shape; the parameter groups name them all."""
+    where = folder / GROUPS
+    if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list)
+                                               for g in groups):
+        return f"{WHAT} '{where}' does not hold an optimizer's parameter groups"
+    files = sorted(folder.glob(SHARD_GLOB))
+    numbers = sorted(int(m.group(1)) for f in files if (m := re.match(r"shard-(\d+)-", f.name)))
+    if not numbers:
+        return f"'{folder}' holds no optimizer shard file ({SHARD_GLOB})"
+    gap = next((n for n in range(1, numbers[-1] + 1) if n not in numbers), None)
+    if gap is not None:
+        return f"'{folder}' lacks the optimizer shard of process {gap - 1} (shard-{gap:05d}-...)"
+    for file in files:
+        problem = _weights_check(weightfiles.check_safetensors, file) or _check_weights_content(file)[0]
+        if problem:
+            return problem
+    from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+
+    try:
+        entries = HuggingFaceStorageReader(str(folder)).read_metadata().state_dict_metadata
+    except Exception as exc:  # noqa: BLE001 - a header that does not describe the pieces means damage
+        return f"{WHAT} '{folder}' has damaged shard headers ({one_line(exc, 160)})"
+    names = {name for g in groups for name in g["params"]}
+    if len(names) != len(weight_shapes):
+        return (f"{WHAT} '{where}' is the optimizer state of {len(names)} parameter(s) but "
+                f"{WEIGHTS} beside it holds {len(weight_shapes)} (from another run?)")
+    for key, entry in entries.items():
+        name = key.rsplit(".", 1)[0]
+        if name not in names or name not in weight_shapes:
+            return (f"{WHAT} '{folder}' holds optimizer state for '{name}', which {GROUPS} or {WEIGHTS} "
+                    "beside it does not name (from another run?)")
+        # the whole tensor's size is not in the headers (torch reads it off the pieces): a moment
+        # is checked against its weight
+        size = weight_shapes[name] if len(entry.size) else ()
+        if len(entry.size) and not _inside(tuple(entry.size), size):
+            return (f"{WHAT} '{folder}' holds optimizer state of shape {tuple(entry.size)} for '{name}', "
+                    f"whose weight in {WEIGHTS} has shape {size} (from another run?)")
+        covered = sum(math.prod(chunk.sizes) for chunk in entry.chunks)
+        if covered != math.prod(size):
+            return (f"'{folder}' holds {covered:,} of the {math.prod(size):,} values of '{key}' "
+                    "(a process's shard file is missing or from another save)")
+    missing = sorted(names - {key.rsplit(".", 1)[0] for key in entries})
+    if missing:
+        return f"'{folder}' holds no optimizer state for '{missing[0]}' (a process's shard file is missing)"
+    return None
+
+
+def _inside(seen: tuple, whole: tuple) -> bool:
+    """A size torch inferred from the pieces present, within the whole one (pieces missing)."""
+    return len(seen) == len(whole) and all(a <= b for a, b in zip(seen, whole))
+
+
 def _weights_check(check, path: Path) -> str | None:
     try:
         check(path, WHAT, CheckpointError)
@@ -187,7 +256,10 @@ def _problem(path: Path) -> str | None:
         return f"'{path}' was saved with save_only_model: true and has no optimizer state"
     if not (path / WEIGHTS).is_file():
         return f"'{path}' lacks {WEIGHTS}"
-    for name in TRAINING_FILES:
+    shards = path / OPTIMIZER_SHARDS
+    training_files = TRAINING_FILES if not shards.is_dir() else \
+        tuple(n for n in TRAINING_FILES if n != OPTIMIZER) + (f"{OPTIMIZER_SHARDS}/{GROUPS}",)
+    for name in training_files:
         if not (path / name).is_file():
             return f"'{path}' lacks {name} (saved with save_only_model?)"
     files = sorted(path.glob("*.safetensors"))  # the weights, the adapter, PiSSA's initial state
@@ -196,7 +268,7 @@ def _problem(path: Path) -> str | None:
         if problem:
             return problem
     loaded = {}
-    for name in TRAINING_FILES:
+    for name in training_files:
         problem, loaded[name] = _check_torch(path / name)
         if problem:
             return problem
@@ -206,5 +278,7 @@ def _problem(path: Path) -> str | None:
         if problem:
             return problem
         shapes = found if file.name == WEIGHTS else shapes
+    if shards.is_dir():
+        return _check_shards(shards, loaded[f"{OPTIMIZER_SHARDS}/{GROUPS}"], _named_shapes(path / WEIGHTS))
     return _check_optimizer(path / OPTIMIZER, loaded[OPTIMIZER], shapes)
 

@@ -20,7 +20,7 @@ from accelerate.utils import gather_object
 
 from ..adapters import training_hooks
 from ..data.collate import TASK_ID
-from ..distributed.sharded import full_optimizer_state, gathered, is_sharded, load_sharded
+from ..distributed.sharded import gathered, is_sharded
 from . import checkpoint as ckpt
 from . import schedule, stop
 from .batches import MicroBatchStream, StreamBatches, eval_batches, fingerprint
@@ -116,9 +116,7 @@ class TrainingRun:
         check_data_record(path, saved.data, self.data_record)
         now_groups = hyper_parameters(self.optimizer.param_groups)
         model = self.acc.unwrap_model(self.model)
-        loader = (lambda weights, optimizer_state: load_sharded(model, self.optimizer, weights, optimizer_state)) \
-            if is_sharded(model) else None
-        state, rng, then_groups = ckpt.load_checkpoint(path, model, self.optimizer, sharded_load=loader)
+        state, rng, then_groups = ckpt.load_checkpoint(path, model, self.optimizer)
         self._rng_state = ckpt.rank_rng_state(rng, self.acc.process_index)
         schedule.move_to(self.scheduler, state.global_step)
         changed = schedule.changes(then_groups, now_groups, state, self.state)
@@ -230,14 +228,21 @@ class TrainingRun:
 
     def save_checkpoint(self) -> None:
         """checkpoint-<step>, written by the main process with every process's part: the weights
-        and optimizer state gathered whole when they are sharded (FSDP2), each process's RNG
-        states; the data position is the step's (TrainerState.micro_batches_seen)."""
+        gathered whole when they are sharded (FSDP2), each process's RNG states; the data
+        position is the step's (TrainerState.micro_batches_seen). A sharded optimizer state is
+        written by every process, its own shard (distributed.sharded.save_optimizer_shards)."""
         self.check_weights()
         self.acc.wait_for_everyone()
         model = self.acc.unwrap_model(self.model)
         sharded = is_sharded(model)
         keep = not self.args.save_only_model
-        optimizer_state = full_optimizer_state(model, self.optimizer) if sharded and keep else None
+        groups = None
+        if sharded and keep:  # every process writes its shard into the temporary folder
+            step = self.state.global_step
+            if self.acc.is_main_process:
+                ckpt.begin_checkpoint(self.output_dir, step)
+            self.acc.wait_for_everyone()
+            groups = ckpt.write_optimizer_shards(self.output_dir, step, model, self.optimizer)
         rng_states = gather_object([ckpt.rng_state()]) if self.acc.num_processes > 1 and keep else None
         with gathered(model):  # every process (a collective); the main one writes
             if self.acc.is_main_process:
@@ -245,7 +250,7 @@ class TrainingRun:
                     if self.setup.save_in_checkpoint else None
                 ckpt.save_checkpoint(self.output_dir, self.state, model, self.optimizer, self.scheduler,
                                      extra_writer=writer, total_limit=self.args.save_total_limit,
-                                     weights_only=self.args.save_only_model, optimizer_state=optimizer_state,
+                                     weights_only=self.args.save_only_model, optimizer_groups=groups,
                                      rng_states=rng_states)
         self.last_checkpoint = self.output_dir / f"{ckpt.PREFIX}{self.state.global_step}"
         self.acc.wait_for_everyone()
