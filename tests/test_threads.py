@@ -55,6 +55,9 @@ def test_passive_wait_only_where_the_user_set_none_and_torch_has_not_started():
     mine = {"OMP_WAIT_POLICY": "active"}
     assert not prefer_passive_wait(mine, torch_loaded=False) and mine == {"OMP_WAIT_POLICY": "active"}
     assert wait_policy(mine) == "active (OMP_WAIT_POLICY)"
+    counted = {"GOMP_SPINCOUNT": "10000"}
+    assert not prefer_passive_wait(counted, torch_loaded=False) and "OMP_WAIT_POLICY" not in counted
+    assert wait_policy(counted).startswith("spin 10000 times")
     late = {}
     assert not prefer_passive_wait(late, torch_loaded=True) and late == {}
     assert wait_policy(late).startswith("OpenMP's default")

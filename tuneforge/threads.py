@@ -84,7 +84,7 @@ def apply_threads(num_threads: int | None = None) -> tuple[int, str]:
     if count != before:
         torch.set_num_threads(count)
         log.info("cpu threads: %d (%s; torch's default was %d)", count, why, before)
-    if count > 1 and "OMP_WAIT_POLICY" not in os.environ:
+    if count > 1 and "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         log.info("torch started before tuneforge, with OpenMP's default wait policy: beside another busy "
                  "process training can be several times slower; export OMP_WAIT_POLICY=passive to avoid it")
     return count, why
@@ -94,7 +94,7 @@ _SET_BY_US = "_TUNEFORGE_WAIT_POLICY"  # marks an OMP_WAIT_POLICY that prefer_pa
 
 
 def prefer_passive_wait(env: dict | None = None, torch_loaded: bool | None = None) -> bool:
-    """Set OMP_WAIT_POLICY=PASSIVE where the user set none and torch's OpenMP runtime has not
+    """Set OMP_WAIT_POLICY=PASSIVE where the user set neither it nor GOMP_SPINCOUNT and torch's OpenMP runtime has not
     started yet (it reads the variable once, when torch is imported). True where it was set.
 
     Why (benchmarks/contention.py, issue 21): with GNU OpenMP's default, a thread that reaches
@@ -106,7 +106,7 @@ def prefer_passive_wait(env: dict | None = None, torch_loaded: bool | None = Non
 
     env = os.environ if env is None else env
     loaded = ("torch" in sys.modules) if torch_loaded is None else torch_loaded
-    if "OMP_WAIT_POLICY" in env or loaded:
+    if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env or loaded:  # GOMP_SPINCOUNT overrides the policy
         return False
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     env[_SET_BY_US] = "1"
@@ -117,6 +117,8 @@ def wait_policy(env: Mapping[str, str] | None = None) -> str:
     """The OpenMP wait policy in effect, in words, for `tuneforge env`."""
     env = os.environ if env is None else env
     value = env.get("OMP_WAIT_POLICY")
+    if env.get("GOMP_SPINCOUNT"):
+        return f"spin {env['GOMP_SPINCOUNT']} times, then sleep (GOMP_SPINCOUNT)"
     if value is None:
         return "OpenMP's default (spin, then sleep: slow beside other busy processes)"
     return f"{value.lower()} ({'set by tuneforge' if env.get(_SET_BY_US) else 'OMP_WAIT_POLICY'})"
