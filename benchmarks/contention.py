@@ -100,8 +100,8 @@ def run_arm(arm: str, workload: str, condition: str, threads: int, policy: str, 
     saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "_TUNEFORGE_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if os.environ.pop("_TUNEFORGE_WAIT_POLICY", None):  # tuneforge's own choice is not passed on
         os.environ.pop("OMP_WAIT_POLICY", None)
-    if policy == "spin":  # GNU OpenMP's own default for both arms (tuneforge then sets no policy)
-        os.environ["GOMP_SPINCOUNT"] = "300000"
+    if policy.startswith("spin"):  # spinN: GOMP_SPINCOUNT=N for both arms (tuneforge then sets no policy)
+        os.environ["GOMP_SPINCOUNT"] = policy[4:] or "300000"
     elif policy != "default":
         os.environ["OMP_WAIT_POLICY"] = policy
     load = os.getloadavg()[0]
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="comma-separated torch thread counts for the arms (default: the cores this process may use)")
     ap.add_argument("--policies", default="default", help="comma-separated OMP_WAIT_POLICY values for both arms: "
                     "default (unset: each program's own; tuneforge sets passive itself), passive, active, spin "
-                    "(GOMP_SPINCOUNT=300000: GNU OpenMP's default, also for tuneforge)")
+                    "(GOMP_SPINCOUNT=300000: GNU OpenMP's default, also for tuneforge), spinN (GOMP_SPINCOUNT=N)")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each condition (interleaved)")
     ap.add_argument("--bound", type=float, default=1800, help="a competitor ends by itself after this many seconds")
