@@ -169,13 +169,13 @@ def report(results: list[dict], args) -> list[dict]:
             continue
         peer = next((p for p in rows if p["arm"] == "peer" and all(
             p[k] == row[k] for k in ("workload", "threads", "policy", "condition"))), None)
-        met = row["slowdown"] <= GOAL_SLOWDOWN and (peer is None or row["slowdown"] <= peer["slowdown"] * 1.1)
+        met = row["slowdown"] <= GOAL_SLOWDOWN and (peer is None or row["slowdown"] <= peer["slowdown"])
         line = (f"goal {row['workload']} {row['threads']} threads {row['policy']} beside {row['condition']}: "
                 f"tuneforge {row['slowdown']:.2f}x (<= {GOAL_SLOWDOWN}x"
                 + (f", peer {peer['slowdown']:.2f}x" if peer else "") + f"): {'met' if met else 'NOT met'}")
         goals.append({"line": line, "met": met})
         print(line)
-    return rows
+    return rows, goals
 
 
 def run_one_arm(argv: list[str]) -> None:
@@ -240,10 +240,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"    {r['tps']:.1f} tok/s, {r['step_s']:.2f} s/step, {r['cpu_step']:.2f} cpu s/step, "
                   f"steps {' '.join(f'{t:.1f}' for t in r['step_times'])}", flush=True)
         results.append(r)
-    rows = report(results, args)
-    print(f"elapsed {time.perf_counter() - began:.0f} s")
+    rows, goals = report(results, args)
+    print(f"elapsed {time.perf_counter() - began:.0f} s; goals met {sum(g['met'] for g in goals)}/{len(goals)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"runs": results, "table": rows}, indent=1))
+        Path(args.json).write_text(json.dumps({"runs": results, "table": rows, "goals": goals}, indent=1))
 
 
 if __name__ == "__main__":
