@@ -9,7 +9,7 @@ STAMP := $(VENV)/.tuneforge-installed
 TORCH_SPEC ?= torch==2.13.0
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install browser demo test test-fast bench bench-quick bench-job bench-qlora bench-gguf bench-methods bench-stages lf-examples clean
+.PHONY: install browser demo test test-fast bench bench-quick bench-contention bench-job bench-qlora bench-gguf bench-methods bench-stages lf-examples clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(PY) benchmarks/train_throughput.py --quick
+
+# Training speed beside another busy process (issue 21): tuneforge and the peer, quiet / beside a
+# busy loop / beside a torch process, slowdown against quiet (benchmarks/contention.py; QUICK=1: demo only)
+bench-contention: $(STAMP)
+	$(PY) benchmarks/contention.py $(if $(QUICK),--quick)
 
 # The whole LoRA job (12 steps, batch 4 x accumulation 2) as whole processes, launch to exit: the peer
 # (peft + transformers.Trainer; LLaMA-Factory itself with TF_PEER_VENV=venv) against `tuneforge train`,

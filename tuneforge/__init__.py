@@ -21,6 +21,17 @@ def _quiet_bitsandbytes() -> None:
 
 _quiet_bitsandbytes()
 
+
+def _passive_openmp() -> None:
+    # before torch starts its OpenMP pool: threads sleep instead of spinning at each region's end,
+    # so training beside another busy process is not many times slower (tuneforge/threads.py)
+    from .threads import prefer_passive_wait
+
+    prefer_passive_wait()
+
+
+_passive_openmp()
+
 _EXPORTS = {
     "LoraConfig": "adapters", "add_adapter": "adapters", "delete_adapter": "adapters",
     "IA3Config": "adapters.ia3", "LoraEnsembleConfig": "adapters.lora_ensemble",

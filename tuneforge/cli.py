@@ -211,7 +211,10 @@ def _env() -> None:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"cuda: {torch.cuda.is_available()}"
           + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
-    print(f"cpu threads: {torch.get_num_threads()}")
+    from .threads import apply_threads, wait_policy
+
+    count, why = apply_threads()
+    print(f"cpu threads: {count} ({why}); OpenMP wait policy: {wait_policy()}")
 
 
 def _quiet_libraries() -> None:

@@ -293,6 +293,9 @@ class TrainingArguments:
         "labels: the full logits never exist. Empty: on where the model's logits are its head "
         "applied to its hidden states (checked once before training).")
     dataloader_num_workers: int = _f(0, "Worker processes for batching.", bounds="[0, inf)")
+    num_threads: Optional[int] = _f(
+        None, "CPU threads torch trains with. Empty: OMP_NUM_THREADS, else the cores this process may use "
+        "(affinity mask, cgroup CPU quota); `tuneforge env` prints the count and why.", bounds="(0, inf)")
     disable_tqdm: bool = _f(False, "Hide the progress bar.")
     gradient_checkpointing_kwargs: Optional[dict] = _f(
         None, "Gradient checkpointing: keyword arguments of torch.utils.checkpoint.checkpoint, as transformers "

@@ -60,6 +60,7 @@ def train(cfg: Config) -> dict:
     from .train.methods import describe, prepare_model, refuse_unread_keys
     from .train.resume import plan_resume, prepare_output_dir
     from .train.stages import get_stage
+    from .threads import apply_threads
 
     args = cfg.train
     if not args.output_dir:
@@ -74,6 +75,7 @@ def train(cfg: Config) -> dict:
         raise ConfigError("do_train is false: nothing to do for `tuneforge train` (do_predict: true generates "
                           "answers for eval_dataset; with tokenized_path it tokenizes the data, saves it and stops)")
     refuse_unread_keys(cfg.finetune)
+    apply_threads(args.num_threads)
     out = Path(args.output_dir)
     outputs.check_output_dir(out)
     # the model's or an adapter's folder, even with overwrite_output_dir (the export's rule)
