@@ -127,3 +127,29 @@ def test_checkpoint_keeps_every_process_rng_states(tmp_path):
         assert torch.equal(drawn, torch.rand(3))
     single = {"torch": torch.get_rng_state()}  # a one-process checkpoint's file: itself for rank 0
     assert ckpt.rank_rng_state(single, 0) is single
+
+
+def test_layers_to_wrap_leave_out_the_class_holding_the_input_embedding():
+    """BERT's _no_split_modules names BertEmbeddings, which holds the word embedding that accelerate
+    shards as a unit of its own (fully_shard failed there: stage cls under fsdp); Llama's layers
+    are kept; a user's transformer_layer_cls_to_wrap wins."""
+    from types import SimpleNamespace
+
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+    from tuneforge.distributed.plugins import name_layers_to_wrap
+
+    def wrapped(model, names=None):
+        plugin = SimpleNamespace(transformer_cls_names_to_wrap=names)
+        name_layers_to_wrap(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin)), model)
+        return plugin.transformer_cls_names_to_wrap
+
+    bert = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32))
+    assert "BertEmbeddings" in bert._no_split_modules
+    assert wrapped(bert) == ["BertLayer"]
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=32))
+    assert wrapped(llama) == ["LlamaDecoderLayer"]
+    assert wrapped(bert, ["BertEmbeddings"]) == ["BertEmbeddings"]
+    name_layers_to_wrap(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None)), bert)  # no FSDP: nothing

@@ -195,3 +195,27 @@ def make_accelerator(cfg, precision: str, cpu: bool):
         log.info("fsdp: this run has one process, so there is nothing to shard: it trains without FSDP "
                  "(start several: FORCE_TORCHRUN=1 NPROC_PER_NODE=2 tuneforge train ..., or torchrun)")
     return accelerator
+
+
+def name_layers_to_wrap(accelerator, model) -> None:
+    """The layer classes FSDP2's transformer-based wrapping makes units of, where the user named
+    none (fsdp_config.transformer_layer_cls_to_wrap always wins): the model's `_no_split_modules`
+    (else the classes transformers checkpoints, GradientCheckpointingLayer subclasses) less any
+    class that holds the input embedding. accelerate 1.15 shards the input embedding as a unit of
+    its own after the layers, and fails inside fully_shard ("value was None") when a wrapped layer
+    class already holds it (BERT's BertEmbeddings: `stage: cls` under fsdp)."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or getattr(plugin, "transformer_cls_names_to_wrap", None):
+        return
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if not names:
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+        except ImportError:
+            return
+        names = {type(m).__name__ for m in model.modules() if isinstance(m, GradientCheckpointingLayer)}
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    holders = {type(m).__name__ for m in model.modules()
+               if embed is not None and m is not embed and any(c is embed for c in m.modules())}
+    if names - holders:
+        plugin.transformer_cls_names_to_wrap = sorted(names - holders)

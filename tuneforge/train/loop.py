@@ -21,6 +21,7 @@ from accelerate.utils import gather_object
 from ..adapters import training_hooks
 from ..data.collate import TASK_ID
 from ..distributed.sharded import gathered, is_sharded
+from ..distributed.plugins import name_layers_to_wrap
 from . import checkpoint as ckpt
 from . import schedule, stop
 from .batches import MicroBatchStream, StreamBatches, eval_batches, fingerprint
@@ -83,6 +84,7 @@ class TrainingRun:
         optimizer = build_optimizer(model, self.args, cfg.finetune)  # weight decay / LoRA+ groups
         self.scheduler, schedule_record = schedule.build_scheduler(optimizer, self.args,
                                                                    self.total_steps)
+        name_layers_to_wrap(accelerator, model)  # FSDP2: per-layer units also where the model names none
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         self.objective: Objective = objective(self.model, accelerator.unwrap_model(self.model),
                                               self.stream.get(0), self.args, accelerator.autocast)
