@@ -292,6 +292,10 @@ def _main(argv: list[str] | None) -> int:
             from .workflows import train
 
             if needs_torchrun():  # FORCE_TORCHRUN=1 or several devices: LLaMA-Factory's launcher
+                if cfg.distributed.deepspeed is not None:  # refused alike in every process: once, here
+                    from .distributed.deepspeed_config import refuse_deepspeed
+
+                    refuse_deepspeed()
                 return relaunch(sys.argv[1:] if argv is None else list(argv))
 
             train(cfg)
@@ -310,8 +314,12 @@ def _main(argv: list[str] | None) -> int:
     except TuneforgeError as exc:
         if args.debug:
             raise
-        for message in getattr(exc, "messages", [str(exc)]):  # ConfigErrors: one line per blocker
-            print(f"tuneforge: error: {' '.join(message.split())}", file=sys.stderr)  # one line
+        from .distributed.launch import note_user_error
+        from .errors import ConfigError, DataError
+
+        if note_user_error(isinstance(exc, (ConfigError, DataError))):  # launched: rank 0 prints, for all
+            for message in getattr(exc, "messages", [str(exc)]):  # ConfigErrors: one line per blocker
+                print(f"tuneforge: error: {' '.join(message.split())}", file=sys.stderr)  # one line
         return EXIT_USER_ERROR
     except BrokenPipeError:
         raise

@@ -144,7 +144,7 @@ def train(cfg: Config) -> dict:
         _enable_activation_checkpointing(model, checkpointing)
     elif any(lean) and accelerator.is_main_process:
         log.info("activations: %d gated MLPs keep their gate and up outputs only, %d layers rebuild their "
-                 "norms' outputs in backward (same gradients, less memory)", *lean)
+                 "norm outputs (and packed attention's) in backward (same gradients, less memory)", *lean)
     choice = stage.collator_for(cfg)(cfg.data, model, tokenizer)  # sft: padding or packing (probe)
     if accelerator.is_main_process:
         if choice.note:

@@ -153,3 +153,30 @@ def test_layers_to_wrap_leave_out_the_class_holding_the_input_embedding():
     assert wrapped(llama) == ["LlamaDecoderLayer"]
     assert wrapped(bert, ["BertEmbeddings"]) == ["BertEmbeddings"]
     name_layers_to_wrap(SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None)), bert)  # no FSDP: nothing
+
+
+def test_a_launched_input_error_is_printed_once_and_exits_2(tmp_path, monkeypatch):
+    """Under relaunch every process meets the same config error: rank 0 prints it, each notes it
+    in the launcher's file, and the launcher exits 2 (torchrun itself says 1)."""
+    import subprocess
+
+    from tuneforge.distributed import launch
+
+    marker = tmp_path / "user_error"
+    env = {launch.USER_ERROR_FILE: str(marker)}
+    assert launch.note_user_error(True, {**env, "RANK": "0"}) is True
+    assert launch.note_user_error(True, {**env, "RANK": "1"}) is False  # the same line: rank 0 prints it
+    assert launch.note_user_error(False, {**env, "RANK": "1"}) is True  # an error of its own: printed
+    assert marker.read_text().split() == ["0", "1", "1"]
+    assert launch.note_user_error(True, {}) is True  # not launched: prints as always
+
+    def fake_run(command, check, env):
+        if "--fail-input" in command:
+            with open(env[launch.USER_ERROR_FILE], "a") as f:
+                f.write("0\n")
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    monkeypatch.setenv("FORCE_TORCHRUN", "1")
+    assert launch.relaunch(["train", "cfg.yaml", "--fail-input"]) == 2
+    assert launch.relaunch(["train", "cfg.yaml"]) == 1  # another failure: torchrun's code

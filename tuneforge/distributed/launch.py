@@ -89,11 +89,41 @@ def torchrun_command(argv: list[str], env=None, devices: int | None = None) -> l
             str(port), "-m", "tuneforge", *argv]
 
 
+USER_ERROR_FILE = "TUNEFORGE_USER_ERROR_FILE"  # where a launched process notes that it stopped on bad input
+
+
+def note_user_error(same_everywhere: bool, env=None) -> bool:
+    """In a process that relaunch started: note in the launcher's file that this process stopped
+    on bad input (exit 2), so the launcher exits 2 as well. Returns whether this process should
+    print the error line itself: for an error every rank meets alike (`same_everywhere`: the
+    config, the data) only rank 0 does; any other error each rank prints."""
+    env = os.environ if env is None else env
+    path = env.get(USER_ERROR_FILE)
+    if path:
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(f"{env.get('RANK', '?')}\n")
+        except OSError:
+            pass
+    return not same_everywhere or str(env.get("RANK", "0")) == "0"
+
+
 def relaunch(argv: list[str]) -> int:
-    """Run `tuneforge <argv>` under torchrun and return its exit code (the first failing
-    process's, as torchrun reports it). Every process reads the same config again."""
+    """Run `tuneforge <argv>` under torchrun and return its exit code: 2 when a process stopped on
+    bad input (a config, data or checkpoint error: its one line printed by rank 0), else torchrun's
+    (the first failing process's). Every process reads the same config again."""
+    import tempfile
+
     command = torchrun_command(argv)
     nproc, nnodes = command[command.index("--nproc_per_node") + 1], command[command.index("--nnodes") + 1]
     log.info("starting %s processes per node on %s node(s) under torchrun (master %s:%s)", nproc, nnodes,
              command[command.index("--master_addr") + 1], command[command.index("--master_port") + 1])
-    return subprocess.run(command, check=False).returncode  # its processes have LOCAL_RANK: no restart
+    with tempfile.TemporaryDirectory(prefix="tuneforge-launch-") as folder:
+        marker = os.path.join(folder, "user_error")
+        env = {**os.environ, USER_ERROR_FILE: marker}
+        code = subprocess.run(command, check=False, env=env).returncode  # its processes have LOCAL_RANK
+        if code != 0 and os.path.exists(marker):
+            print("tuneforge: error: the run stopped on the input error above (every process reads the "
+                  "same config); fix it and run the same command again", file=sys.stderr)
+            return 2
+    return code
