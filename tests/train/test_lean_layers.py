@@ -51,11 +51,11 @@ def test_loss_and_gradients_bit_equal(kind, dropout, full):
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-def _product_kept(model) -> bool:
-    """Whether autograd keeps the down projection's input (the product) after the forward."""
+def _kept(model, register) -> bool:
+    """Whether autograd keeps, after the forward, the tensor that `register(seen)` hooks capture
+    (a weak reference appended to `seen`; the hook's handle is returned)."""
     seen = []
-    mlp = model.model.layers[0].mlp
-    handle = mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(weakref.ref(args[0])))
+    handle = register(seen)
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     loss = model(input_ids=ids, labels=ids).loss
     handle.remove()
@@ -63,6 +63,17 @@ def _product_kept(model) -> bool:
     kept = seen[0]() is not None
     loss.backward()
     return kept
+
+
+def _product_kept(model) -> bool:
+    """The down projection's input (the product)."""
+    return _kept(model, lambda seen: model.model.layers[0].mlp.down_proj.register_forward_pre_hook(
+        lambda m, args: seen.append(weakref.ref(args[0]))))
+
+
+def _norm_output_kept(model) -> bool:
+    return _kept(model, lambda seen: model.model.layers[0].input_layernorm.register_forward_hook(
+        lambda m, args, out: seen.append(weakref.ref(out))))
 
 
 def test_product_is_not_kept_for_backward():
@@ -107,18 +118,6 @@ def test_lean_norms_bit_equal_and_not_kept(kind, full):
     assert all("forward" not in layer.__dict__ for layer in model.model.layers)
     assert _norm_output_kept(model)
 
-
-def _norm_output_kept(model) -> bool:
-    seen = []
-    norm = model.model.layers[0].input_layernorm
-    handle = norm.register_forward_hook(lambda m, args, out: seen.append(weakref.ref(out)))
-    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
-    loss = model(input_ids=ids, labels=ids).loss
-    handle.remove()
-    gc.collect()
-    kept = seen[0]() is not None
-    loss.backward()
-    return kept
 
 
 def test_packed_attention_output_rebuilt_bit_equal(monkeypatch):
