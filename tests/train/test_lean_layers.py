@@ -151,3 +151,24 @@ def test_packed_attention_output_rebuilt_bit_equal(monkeypatch):
     assert not lean_kept and torch.equal(loss, lean_loss)
     for name in grads:
         assert torch.equal(grads[name], lean_grads[name]), name
+
+
+def test_bit_equal_under_bf16_autocast_with_backward_outside_it():
+    """Mixed precision: the recipes rebuild under the forward's autocast state, whatever state the
+    backward runs in (here: none)."""
+    model = _lora_model()
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    loss, grads = run()
+    install_lean_layers(model), install_lean_mlp(model)
+    lean_loss, lean_grads = run()
+    assert torch.equal(loss, lean_loss) and grads.keys() == lean_grads.keys()
+    for name in grads:
+        assert torch.equal(grads[name], lean_grads[name]), name

@@ -41,15 +41,13 @@ class _Rebuilt:
         self.rebuild_whole = rebuild_whole
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
         kind = view.device.type
-        self.autocast = (kind, torch.get_autocast_dtype(kind)) if torch.is_autocast_enabled(kind) else None
+        # the forward's autocast state, restored for the rebuild (backward may run under another)
+        self.autocast = (kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
 
     def rebuild(self) -> torch.Tensor:
-        with torch.no_grad():
-            if self.autocast is None:
-                whole = self.rebuild_whole()
-            else:
-                with torch.autocast(self.autocast[0], dtype=self.autocast[1]):
-                    whole = self.rebuild_whole()
+        kind, enabled, dtype = self.autocast
+        with torch.no_grad(), torch.autocast(kind, dtype=dtype, enabled=enabled):
+            whole = self.rebuild_whole()
         return whole.as_strided(self.size, self.stride, self.offset)
 
 
