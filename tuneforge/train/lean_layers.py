@@ -91,8 +91,13 @@ def lean_layer_forward(self, *args, **kwargs):
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
+    """A norm module, not one an adapter method made its own layer (its forward may draw dropout,
+    which a rebuild would draw again differently)."""
+    from ..adapters.layer import AdapterLayer
+
     name = type(module).__name__
-    return isinstance(module, torch.nn.LayerNorm) or name.endswith("RMSNorm") or name.endswith("LayerNorm")
+    return (isinstance(module, torch.nn.LayerNorm) or name.endswith("RMSNorm") or name.endswith("LayerNorm")) \
+        and not isinstance(module, AdapterLayer)
 
 
 def _layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, list[torch.nn.Module]]]:

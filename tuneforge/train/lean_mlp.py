@@ -88,8 +88,13 @@ def lean_forward(self, x: torch.Tensor) -> torch.Tensor:
 
 
 def _gated_mlps(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The gated MLPs of `model`, less those an adapter method made its own layer (a bottleneck
+    adapter on the MLP: its output is zero at initialisation, so the probe could not tell)."""
+    from ..adapters.layer import AdapterLayer
+
     return [m for m in model.modules()
-            if all(isinstance(getattr(m, p, None), torch.nn.Module) for p in PARTS) and hasattr(m, "act_fn")]
+            if all(isinstance(getattr(m, p, None), torch.nn.Module) for p in PARTS) and hasattr(m, "act_fn")
+            and not isinstance(m, AdapterLayer)]
 
 
 def _same_function(module: torch.nn.Module) -> bool:
