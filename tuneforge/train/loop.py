@@ -1,7 +1,8 @@
 """The one training loop, on accelerate, shared by every stage. Readable top to bottom: build
 the optimizer and the schedule, maybe resume, then for each optimizer step run
 `gradient_accumulation_steps` micro-batches whose summed loss is normalised by the objective's
-count over the whole step (label tokens, pairs: so accumulation equals one big batch), clip,
+count over the whole step (label tokens, pairs: so accumulation equals one big batch; a stage
+may run each micro-batch as parts, one forward and backward at a time: Objective.split), clip,
 step, log, evaluate, checkpoint. The objective comes from the stage (train/stages/); the loop
 knows no stage. A NaN/inf loss stops the run before its step is applied; Ctrl-C / SIGTERM stop
 it at a step boundary with a checkpoint (stop.py)."""
@@ -179,20 +180,25 @@ class TrainingRun:
         # per-step method work before the forward (AdapterMethod.before_step: Dynamic LoRA's rank)
         training_hooks.before_step(unwrapped, self.state.global_step + 1, self.total_steps)
         for i, batch in enumerate(micro):
-            sync = nullcontext() if i == gas - 1 else self.acc.no_sync(self.model)
-            # batch_context: a method's per-batch side information (task ids), also for a
-            # backward that recomputes the forward (activation checkpointing)
-            with sync, self.acc.autocast(), training_hooks.batch_context(unwrapped, batch):
-                loss_sum, _, metrics = self.objective.loss(self.model, batch)
-                metric_sums = [summed + float(metrics[k]) for summed, k in zip(metric_sums, names)]
-                extra = training_hooks.training_loss(unwrapped) if i == gas - 1 else None
-                # a method's regulariser (AdapterMethod.training_loss), once per step, not logged
-                aux = training_hooks.forward_loss(unwrapped)
-                # a method's term from this micro-batch's forward (AdapterMethod.forward_loss: the MoE
-                # router's load balance), averaged over the step's micro-batches, not logged
-                total = loss_sum * scale + (extra if extra is not None else 0.0)
-                self.acc.backward(total + aux / gas if aux is not None else total)
-            loss_total += loss_sum.item()
+            # a stage may run a micro-batch as parts, one forward and backward each (Objective.split)
+            with self.acc.autocast(), training_hooks.batch_context(unwrapped, batch):
+                parts = self.objective.parts(self.model, batch)
+            for j, part in enumerate(parts):
+                last = i == gas - 1 and j == len(parts) - 1
+                sync = nullcontext() if last else self.acc.no_sync(self.model)
+                # batch_context: a method's per-batch side information (task ids), also for a
+                # backward that recomputes the forward (activation checkpointing)
+                with sync, self.acc.autocast(), training_hooks.batch_context(unwrapped, part):
+                    loss_sum, _, metrics = self.objective.loss(self.model, part)
+                    metric_sums = [summed + float(metrics[k]) for summed, k in zip(metric_sums, names)]
+                    # a method's regulariser (AdapterMethod.training_loss), once per step, not logged
+                    extra = training_hooks.training_loss(unwrapped) if last else None
+                    # a method's term from this forward (AdapterMethod.forward_loss: the MoE router's
+                    # load balance), averaged over the step's forwards, not logged
+                    aux = training_hooks.forward_loss(unwrapped)
+                    total = loss_sum * scale + (extra if extra is not None else 0.0)
+                    self.acc.backward(total + aux / (gas * len(parts)) if aux is not None else total)
+                loss_total += loss_sum.item()
         loss_global = float(self.acc.reduce(torch.tensor(loss_total, device=self.acc.device), "sum"))
         if names:
             reduced = self.acc.reduce(torch.tensor(metric_sums, device=self.acc.device, dtype=torch.float64), "sum")

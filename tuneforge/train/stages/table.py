@@ -51,12 +51,23 @@ class Objective:
     finish(means) -> the metrics as reported, from their means over the normaliser (evaluation,
     and the training log's window): for a metric that is not a mean over the normaliser, e.g.
     KTO's rewards/chosen, a mean over the desirable examples only (its sum over all examples
-    divided by their share). None: the means as they are."""
+    divided by their share). None: the means as they are.
+    split(model, batch) -> parts: a training micro-batch as smaller batches whose losses sum to
+    the micro-batch's, which the loop runs forward and backward one after the other, so only one
+    part's activations are alive at a time (the gradient is the same sum, in another order).
+    Called under the loop's autocast; values the parts share and that need no gradient (KTO's KL
+    estimate, reference log-probabilities) are computed here, once, and carried in the parts.
+    None: the micro-batch is one part. Evaluation never splits."""
 
     loss: Callable[[Any, dict], tuple[Any, int, dict]]
     count: Callable[[dict], int]
     metrics: tuple[str, ...] = ()
     finish: Callable[[dict], dict] | None = None
+    split: Callable[[Any, dict], list[dict]] | None = None
+
+    def parts(self, model, batch: dict) -> list[dict]:
+        """The parts the loop trains on one after the other: `split(model, batch)`, or [batch]."""
+        return self.split(model, batch) if self.split is not None else [batch]
 
     def report(self, means: dict) -> dict:
         """The metrics as logged: `finish(means)`, or the means."""
