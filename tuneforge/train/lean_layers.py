@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import types
 import weakref
+from contextlib import contextmanager
 
 import torch
 
 _LIVE: dict[int, tuple] = {}  # storage address -> (weakref to the output, rebuild, dtype); one layer at a time
-_ACTIVE = [0]  # lean layer forwards running (remember records only inside one)
+_ACTIVE = [0]  # open `recipes()` contexts (remember records only inside one)
 
 
 class _Rebuilt:
@@ -52,7 +53,7 @@ class _Rebuilt:
 
 
 def remember(output: torch.Tensor, rebuild) -> None:
-    """Inside a lean layer's forward with autograd: `output` may be saved as `rebuild` (a
+    """Inside `recipes()` (a lean layer's forward) with autograd: `output` may be saved as `rebuild` (a
     function of no arguments that returns a tensor equal to it, bit for bit, and that must not
     refer to `output` itself). Elsewhere nothing happens."""
     if _ACTIVE[0] and torch.is_grad_enabled():
@@ -76,18 +77,28 @@ def _record(norm, args, output) -> None:
         remember(output, lambda: norm.forward(x))
 
 
+@contextmanager
+def recipes():
+    """While it is open, with autograd: saved tensors that `remember` registered are kept as
+    recipes. Reentrant (a lean MLP inside a lean layer); the registry empties when the outermost
+    one closes, so nothing outlives the forward that registered it."""
+    _ACTIVE[0] += 1
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _ACTIVE[0] -= 1
+        if not _ACTIVE[0]:
+            _LIVE.clear()
+
+
 def lean_layer_forward(self, *args, **kwargs):
     """The layer's own forward, with its rebuildable outputs saved as recipes (module docstring)."""
     forward = type(self).forward
     if not torch.is_grad_enabled():
         return forward(self, *args, **kwargs)
-    _ACTIVE[0] += 1
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-            return forward(self, *args, **kwargs)
-    finally:
-        _ACTIVE[0] -= 1
-        _LIVE.clear()
+    with recipes():
+        return forward(self, *args, **kwargs)
 
 
 def _is_norm(module: torch.nn.Module) -> bool:
