@@ -165,7 +165,8 @@ def test_a_finished_run_run_again_rewrites_no_checkpoint(finished, tmp_path, tin
     with caplog.at_level(logging.WARNING, logger="tuneforge"):
         assert main(["train", str(cfg)]) == 0
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert (f"resumed from {out / 'checkpoint-4'} at step 4; nothing left to train"
+    # a line like the log lines: the same prefix
+    assert (f"[tuneforge] resumed from {out / 'checkpoint-4'} at step 4; nothing left to train"
             in capsys.readouterr().out)
     assert {p.name: snapshot(p) for p in out.glob("checkpoint-*")} == checkpoints
     assert_same_adapter(finished / "run", out)

@@ -4,6 +4,7 @@ experiment trackers of `report_to` (wandb, mlflow, swanlab: trackers.py)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from tqdm.auto import tqdm
 from .outputs import atomic_write_text
 
 LOG_FILE = "trainer_log.jsonl"
+# the start of every line tuneforge prints while working: the CLI's log format (cli._quiet_libraries)
+LINE_PREFIX = "[tuneforge] "
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -127,8 +130,12 @@ class Reporter:
             tracker.log(values, step=step)
 
     def message(self, text: str) -> None:
+        """One line on stdout ("resumed from ...", "eval_loss after training: ..."), starting with
+        LINE_PREFIX like the log lines, above the progress bar; flushed, so that it keeps its place
+        among the log lines (stderr) when stdout is a pipe."""
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
+            (self.bar.write if self.bar is not None else print)(LINE_PREFIX + text)
+            sys.stdout.flush()
 
     def close(self) -> None:
         """Close the bar, the TensorBoard writer and the trackers (again: nothing)."""
