@@ -40,12 +40,15 @@ class Reporter:
 
     def __init__(self, output_dir: str | Path, total_steps: int, start_step: int,
                  enabled: bool = True, show_progress: bool = True, tensorboard_dir: str | None = None,
-                 trackers: list | None = None):
+                 trackers: list | None = None, elapsed_before: float = 0.0):
+        """`elapsed_before`: seconds of training before this run (a resumed run's checkpoint's),
+        added to elapsed_time; remaining_time comes from this run's own rate."""
         self.output_dir = Path(output_dir)
         self.total_steps = total_steps
         self.start_step = start_step
         self.enabled = enabled  # False on non-main processes
         self.started = time.perf_counter()
+        self.elapsed_before = elapsed_before
         self.bar = None
         self.writer = None
         self.trackers = list(trackers or [])  # started accelerate trackers (trackers.start_trackers)
@@ -69,7 +72,7 @@ class Reporter:
 
     def _timing(self, step: int) -> dict:
         elapsed = time.perf_counter() - self.started
-        timing = {"elapsed_time": _fmt_seconds(elapsed)}
+        timing = {"elapsed_time": _fmt_seconds(self.elapsed_before + elapsed)}
         done = step - self.start_step
         if done > 0:  # before the first step (the eval before training) there is no rate yet
             timing["remaining_time"] = _fmt_seconds(elapsed / done * (self.total_steps - step))
