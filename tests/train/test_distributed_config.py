@@ -180,3 +180,24 @@ def test_a_launched_input_error_is_printed_once_and_exits_2(tmp_path, monkeypatc
     monkeypatch.setenv("FORCE_TORCHRUN", "1")
     assert launch.relaunch(["train", "cfg.yaml", "--fail-input"]) == 2
     assert launch.relaunch(["train", "cfg.yaml"]) == 1  # another failure: torchrun's code
+
+
+def test_info_lines_are_left_to_rank_0():
+    """Every launched process reads the same config, data and model: rank 0 prints the info lines
+    (dataset_dir, quantized layers, fused cross-entropy off, ...), the others only warnings and
+    errors (test_distributed.py checks a real two-process run prints each line once)."""
+    import logging
+
+    from tuneforge.distributed.launch import info_on_rank_zero
+
+    logger = logging.getLogger("tuneforge")
+    before = logger.level
+    try:
+        assert info_on_rank_zero({}) is False and info_on_rank_zero({"RANK": "0"}) is False
+        assert logger.level == before
+        assert info_on_rank_zero({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}) is True
+        child = logging.getLogger("tuneforge.data.registry")  # the modules' own loggers follow it
+        assert not child.isEnabledFor(logging.INFO) and child.isEnabledFor(logging.WARNING)
+    finally:
+        logger.setLevel(before)
+

@@ -120,7 +120,10 @@ def test_force_torchrun_relaunches_under_torchrun(runs):
     LoRA run above equals the 8-example batch only with both of its 4-example halves)."""
     _, output, _, _ = runs
     assert "starting 2 processes per node on 1 node(s) under torchrun" in output
-    assert "quantized 14 linear layers to 4-bit nf4" in output  # the QLoRA run
+    # every process loads the same model and data: each info line is printed once, by rank 0
+    assert output.count("quantized 14 linear layers to 4-bit nf4") == 1  # the QLoRA run
+    lines = [line for line in output.splitlines() if line.startswith("[tuneforge]")]
+    assert len(lines) == len(set(lines)), output[-3000:]
 
 
 def test_fsdp2_killed_run_resumes_from_its_checkpoint(runs):
