@@ -201,3 +201,20 @@ def test_info_lines_are_left_to_rank_0():
     finally:
         logger.setLevel(before)
 
+
+def test_every_fsdp_config_problem_is_named_at_once():
+    """fsdp_config's wrong settings in one line, each named (was: the first only); fsdp's in its own."""
+    from tuneforge.errors import ConfigErrors
+
+    with pytest.raises(ConfigError) as one:
+        fsdp_plugin_args(True, {"fsdp_version": 1, "cpu_offload": "maybe", "transformer_layer_cls_to_wrap": [3]})
+    assert str(one.value).startswith("config key 'fsdp_config': version 1 is not available")
+    for words in ("cpu_offload must be true or false, got 'maybe'",
+                  "transformer_layer_cls_to_wrap must be a layer class name or a list of them, got [3]"):
+        assert words in str(one.value)
+    with pytest.raises(ConfigErrors) as two:
+        fsdp_plugin_args("no_shard,bogus", {"min_num_params": "many"})
+    assert two.value.messages == [
+        "config key 'fsdp_config': min_num_params must be a whole number of parameters, got 'many'",
+        "config key 'fsdp': 'no_shard' is an FSDP1 strategy; unknown option 'bogus'; FSDP2 has full_shard, "
+        "shard_grad_op, offload, auto_wrap (e.g. fsdp: 'full_shard auto_wrap')"]
