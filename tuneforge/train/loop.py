@@ -332,6 +332,7 @@ class TrainingRun:
             reporter.log_eval(0, means["loss"], 0.0, _metrics(means))
 
         self.model.train()
+        reporter.begin()  # the bar, remaining_time and tokens/s count from the first step's start
         window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
         window_metrics: dict[str, float] = {}  # the objective's metric sums (rewards, accuracy)
         start_step, started = self.state.global_step, time.perf_counter()
