@@ -336,7 +336,8 @@ class TrainingRun:
         window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
         window_metrics: dict[str, float] = {}  # the objective's metric sums (rewards, accuracy)
         start_step, started = self.state.global_step, time.perf_counter()
-        with stop.StopSignals(self.args.overwrite_output_dir) as signals:
+        with stop.StopSignals(self.args.overwrite_output_dir, acc.num_processes) as signals, \
+                signals.peers_gone(lambda: self.last_checkpoint):  # a launcher's SIGTERM (torchrun)
             while self.state.global_step < self.total_steps:
                 loss, tokens, real = self.train_step()
                 step = self.state.global_step
