@@ -73,9 +73,10 @@ bench-methods: $(STAMP)
 	$(PY) benchmarks/methods.py --variants $(if $(METHODS),--methods $(METHODS)) $(if $(STEPS),--steps $(STEPS))
 
 # preference stages dpo and kto against TRL's DPOTrainer / KTOTrainer, same pairs, same order
-# (benchmarks/stages.py; STAGE=dpo|kto|both STEPS=8)
+# (benchmarks/stages.py; STAGE=dpo|kto|both STEPS=8; QUICK=1: 3 steps per arm; THREADS=n: torch threads)
 bench-stages: $(STAMP)
 	$(PY) benchmarks/stages.py $(if $(STAGE),--stage $(STAGE)) $(if $(STEPS),--steps $(STEPS)) \
+		$(if $(QUICK),--quick) $(if $(THREADS),--threads $(THREADS)) \
 		$(if $(ARMS),--arms $(ARMS)) $(foreach s,$(SET),--set $(s))
 
 clean:

@@ -220,6 +220,9 @@ def _env() -> None:
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="[tuneforge] %(message)s")
+    from .distributed.launch import info_on_rank_zero
+
+    info_on_rank_zero()  # under torchrun: each info line once, from rank 0
     import transformers
 
     transformers.utils.logging.set_verbosity_error()

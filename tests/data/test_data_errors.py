@@ -50,6 +50,23 @@ def test_missing_dataset_info(smol, make_args, tmp_path):
     assert "does not exist" in message
 
 
+def test_a_demo_set_of_llama_factory_says_where_to_get_it(smol, make_args, tmp_path, monkeypatch):
+    """The examples' datasets (dpo_en_demo, alpaca_en_demo, ...) are LLaMA-Factory's: a dataset_dir
+    that is not there, or none (tuneforge's own demo data), says where they are, not "add it there"."""
+    monkeypatch.chdir(tmp_path)  # no ./data here: dataset_dir unset reads the demo data tuneforge ships
+    where = "set dataset_dir to a copy of LLaMA-Factory's data/ folder ("
+    message = load_error(smol, make_args, dataset="dpo_en_demo")
+    assert "'dpo_en_demo' is not in" in message and "dpo_en_demo is one of LLaMA-Factory's demo datasets" in message
+    assert where in message and "dataset_dir=path/to/LLaMA-Factory/data" in message and "add it there" not in message
+    message = load_error(smol, make_args, dataset="identity,alpaca_en_demo", dataset_dir="data")
+    assert message.startswith("dataset_dir 'data' does not exist: alpaca_en_demo is one of LLaMA-Factory's")
+    assert where in message
+    message = load_error(smol, make_args, dataset="mine")  # not theirs: a folder of the user's
+    assert "set dataset_dir to the folder whose dataset_info.json registers it" in message
+    message = load_error(smol, make_args, dataset="mine", dataset_dir="data")
+    assert "set dataset_dir to the folder holding dataset_info.json" in message
+
+
 def test_malformed_json_reports_line_and_column(smol, make_args, folder):
     where = folder({"bad.json": '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c" "output": "d"}\n]'},
                    {"bad": {"file_name": "bad.json"}})

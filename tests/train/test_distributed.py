@@ -35,6 +35,9 @@ def test_two_processes_equal_one_with_the_combined_batch(tmp_path, tiny_model_di
     assert main(["train", *common, f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=16"]) == 0
     output, _ = two.communicate(timeout=300)
     assert two.returncode == 0, output[-3000:]
+    # every process reads the same config, data and model: each line is printed once, by rank 0
+    lines = [line for line in output.splitlines() if line.startswith("[tuneforge]")]
+    assert lines and len(lines) == len(set(lines)), output[-3000:]
     a = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
     assert max(v.abs().max().item() for k, v in b.items() if "lora_B" in k) > 1e-3

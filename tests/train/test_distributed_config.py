@@ -180,3 +180,41 @@ def test_a_launched_input_error_is_printed_once_and_exits_2(tmp_path, monkeypatc
     monkeypatch.setenv("FORCE_TORCHRUN", "1")
     assert launch.relaunch(["train", "cfg.yaml", "--fail-input"]) == 2
     assert launch.relaunch(["train", "cfg.yaml"]) == 1  # another failure: torchrun's code
+
+
+def test_info_lines_are_left_to_rank_0():
+    """Every launched process reads the same config, data and model: rank 0 prints the info lines
+    (dataset_dir, quantized layers, fused cross-entropy off, ...), the others only warnings and
+    errors (test_distributed.py checks a real two-process run prints each line once)."""
+    import logging
+
+    from tuneforge.distributed.launch import info_on_rank_zero
+
+    logger = logging.getLogger("tuneforge")
+    before = logger.level
+    try:
+        assert info_on_rank_zero({}) is False and info_on_rank_zero({"RANK": "0"}) is False
+        assert logger.level == before
+        assert info_on_rank_zero({"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2"}) is True
+        child = logging.getLogger("tuneforge.data.registry")  # the modules' own loggers follow it
+        assert not child.isEnabledFor(logging.INFO) and child.isEnabledFor(logging.WARNING)
+    finally:
+        logger.setLevel(before)
+
+
+def test_every_fsdp_config_problem_is_named_at_once():
+    """fsdp_config's wrong settings in one line, each named (was: the first only); fsdp's in its own."""
+    from tuneforge.errors import ConfigErrors
+
+    with pytest.raises(ConfigError) as one:
+        fsdp_plugin_args(True, {"fsdp_version": 1, "cpu_offload": "maybe", "transformer_layer_cls_to_wrap": [3]})
+    assert str(one.value).startswith("config key 'fsdp_config': version 1 is not available")
+    for words in ("cpu_offload must be true or false, got 'maybe'",
+                  "transformer_layer_cls_to_wrap must be a layer class name or a list of them, got [3]"):
+        assert words in str(one.value)
+    with pytest.raises(ConfigErrors) as two:
+        fsdp_plugin_args("no_shard,bogus", {"min_num_params": "many"})
+    assert two.value.messages == [
+        "config key 'fsdp_config': min_num_params must be a whole number of parameters, got 'many'",
+        "config key 'fsdp': 'no_shard' is an FSDP1 strategy; unknown option 'bogus'; FSDP2 has full_shard, "
+        "shard_grad_op, offload, auto_wrap (e.g. fsdp: 'full_shard auto_wrap')"]

@@ -61,8 +61,9 @@ def runs(tmp_path_factory, tiny_model_dir):
     # the full run is killed (SIGKILL of its second process) once checkpoint-3 is written, and
     # started again: it must still end as the one process does
     broken = root / "full2"
+    victim_log = open(root / "victim.log", "w")  # a file: nobody reads a pipe while it runs
     victim = subprocess.Popen(_torchrun({**full_args, "output_dir": broken}), env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                              stdout=victim_log, stderr=subprocess.STDOUT)
     deadline = time.time() + 600
     while not (broken / "checkpoint-3").is_dir():
         assert victim.poll() is None, "the run to kill ended before its checkpoint"
@@ -72,6 +73,7 @@ def runs(tmp_path_factory, tiny_model_dir):
     assert len(rank1) == 1
     rank1[0].kill()
     assert victim.wait(timeout=600) != 0
+    victim_log.close()
     assert not (broken / "model.safetensors").exists(), "killed too late to prove anything"
     for kind in ("lora", "full"):  # the oracles, in this process meanwhile (the full one's
         # checkpoint-3 holds one process's whole optimizer state, to compare the shards with)
@@ -120,7 +122,21 @@ def test_force_torchrun_relaunches_under_torchrun(runs):
     LoRA run above equals the 8-example batch only with both of its 4-example halves)."""
     _, output, _, _ = runs
     assert "starting 2 processes per node on 1 node(s) under torchrun" in output
-    assert "quantized 14 linear layers to 4-bit nf4" in output  # the QLoRA run
+    # every process loads the same model and data: each info line is printed once, by rank 0
+    assert output.count("quantized 14 linear layers to 4-bit nf4") == 1  # the QLoRA run
+    lines = [line for line in output.splitlines() if line.startswith("[tuneforge]")]
+    assert len(lines) == len(set(lines)), output[-3000:]
+
+
+def test_a_survivor_of_a_killed_process_promises_no_checkpoint(runs):
+    """The full run's second process was SIGKILLed: torchrun stops the first with SIGTERM, which
+    then cannot save (its peer is gone); it never says it will, and when its collective fails it
+    names the last complete checkpoint (unless gloo's error came before the launcher's SIGTERM)."""
+    root, _, _, _ = runs
+    output = (root / "victim.log").read_text()
+    assert "finishing the current step to save a checkpoint" not in output, output[-3000:]
+    if "SIGTERM: the launcher is stopping the run" in output:
+        assert "another process is gone" in output or "stopped by SIGTERM; saved" in output, output[-3000:]
 
 
 def test_fsdp2_killed_run_resumes_from_its_checkpoint(runs):

@@ -57,7 +57,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir):
                               config(tmp_path, tiny_model_dir, data, broken)],
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {broken / f'checkpoint-{killed_at}'} at step {killed_at}" in resumed.stdout
+    assert f"[tuneforge] resumed from {broken / f'checkpoint-{killed_at}'} at step {killed_at}" in resumed.stdout
 
     want = load_file(str(whole / "adapter_model.safetensors"))
     got = load_file(str(broken / "adapter_model.safetensors"))

@@ -165,10 +165,36 @@ def test_a_finished_run_run_again_rewrites_no_checkpoint(finished, tmp_path, tin
     with caplog.at_level(logging.WARNING, logger="tuneforge"):
         assert main(["train", str(cfg)]) == 0
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert (f"resumed from {out / 'checkpoint-4'} at step 4; nothing left to train"
+    # a line like the log lines: the same prefix
+    assert (f"[tuneforge] resumed from {out / 'checkpoint-4'} at step 4; nothing left to train"
             in capsys.readouterr().out)
     assert {p.name: snapshot(p) for p in out.glob("checkpoint-*")} == checkpoints
     assert_same_adapter(finished / "run", out)
+
+
+def test_a_resumed_run_continues_the_clock_of_its_checkpoint(finished, tmp_path, tiny_model_dir):
+    """elapsed_time in trainer_log.jsonl and train_runtime continue from the checkpoint's
+    elapsed_seconds (as if its 3 steps had taken an hour); a checkpoint without it (written by an
+    older tuneforge) resumes with the clock at 0, as before."""
+    for old in (False, True):
+        out, cfg = copy_run(finished, tmp_path / str(old), tiny_model_dir)
+        killed_after(out, 3)
+        state_file = out / "checkpoint-3" / "trainer_state.json"
+        state = json.loads(state_file.read_text())
+        assert 0 < state.pop("elapsed_seconds") < 600  # the finished run's clock at step 3
+        if not old:
+            state["elapsed_seconds"] = 3600.0
+        state_file.write_text(json.dumps(state))
+        assert main(["train", str(cfg)]) == 0
+        log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+        clock = {e["current_steps"]: e["elapsed_time"] for e in log}
+        assert clock[3].startswith("0:00:")  # the first run's, kept
+        runtime = json.loads((out / "train_results.json").read_text())["train_runtime"]
+        saved = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["elapsed_seconds"]
+        if old:
+            assert clock[4].startswith("0:") and 0 < runtime < 600 and 0 < saved < 600
+        else:
+            assert clock[4].startswith("1:00:") and 3600 < runtime < 4200 and 3600 < saved < 4200
 
 
 def test_a_changed_learning_rate_and_length_apply_on_resume(finished, tmp_path, tiny_model_dir,

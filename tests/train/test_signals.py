@@ -5,6 +5,7 @@ the same command run again ends equal to an uninterrupted run. A second signal s
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -116,6 +117,36 @@ def test_the_first_signal_asks_the_second_stops_at_once():
             for _ in range(100):
                 pass
         assert stopped.value.code == 143
+
+
+def test_a_launcher_sigterm_promises_no_checkpoint_it_cannot_write(caplog):
+    """Under torchrun a SIGTERM usually means the launcher is stopping every process because one
+    failed: the line says so (a checkpoint only if every process gets to the step's end), and when
+    a collective then fails, the run stops (exit 143) with one line naming the last complete
+    checkpoint instead of gloo's traceback. No signal, or one process: the error passes as it is."""
+    gloo = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242"
+    for last, kept in (("out/checkpoint-5", "the last complete checkpoint is out/checkpoint-5; to resume, run "
+                                            "the same command again"),
+                       (None, "no checkpoint was saved yet: the same command starts over")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="tuneforge"), pytest.raises(SystemExit) as stopped:
+            with StopSignals(processes=2) as signals, signals.peers_gone(lambda: last):
+                os.kill(os.getpid(), signal.SIGTERM)
+                for _ in range(100):
+                    if signals.received is not None:
+                        break
+                raise RuntimeError(gloo)
+        assert stopped.value.code == 143
+        asked, stopped_line = [r.getMessage() for r in caplog.records]
+        assert asked.startswith("SIGTERM: the launcher is stopping the run") and "only if every process" in asked
+        assert stopped_line == (f"stopped by SIGTERM: another process is gone (RuntimeError: {gloo}), so this "
+                                f"step's checkpoint cannot be saved; {kept}")
+    with pytest.raises(RuntimeError, match="no signal"), StopSignals(processes=2) as signals, \
+            signals.peers_gone(lambda: None):
+        raise RuntimeError("no signal")
+    with pytest.raises(RuntimeError, match="one process"), StopSignals() as signals, signals.peers_gone(lambda: None):
+        signals.received = signal.SIGTERM
+        raise RuntimeError("one process")
 
 
 def test_with_overwrite_output_dir_the_advice_keeps_the_checkpoint(reference, tmp_path, tiny_model_dir,

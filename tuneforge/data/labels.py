@@ -80,7 +80,7 @@ def _as_id(value) -> int | None:
 
 def _entries(data_args, names: list[str]):
     dataset_dir = resolve_dataset_dir(getattr(data_args, "dataset_dir", None))
-    registry = load_registry(dataset_dir)
+    registry = load_registry(dataset_dir, names)
     return [get_entry(dataset_dir, registry, name, "labels") for name in names]
 
 

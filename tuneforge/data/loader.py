@@ -105,7 +105,7 @@ def load_datasets(data_args, tokenizer, seed: int = 42, kind: RecordKind | None 
 def _load_datasets(data_args, tokenizer, seed: int, kind: RecordKind, names: list[str], eval_names: list[str],
                    val_size: float) -> DatasetSplits:
     dataset_dir = resolve_dataset_dir(getattr(data_args, "dataset_dir", None))
-    registry = load_registry(dataset_dir)
+    registry = load_registry(dataset_dir, [*names, *eval_names])
 
     def read(name: str) -> list:
         return _read_dataset(dataset_dir, registry, name, getattr(data_args, "max_samples", None),

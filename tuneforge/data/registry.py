@@ -31,6 +31,12 @@ HUB_SCHEMES = {"hf_hub": "hf://datasets/", "ms_hub": "modelscope://"}  # how a h
 # reads a file as its one "train" split).
 ENTRY_KEYS = ("file_name", "formatting", "ranking", "columns", "tags", "num_samples",
               "subset", "split", "folder", "cloud_file_name", *HUB_KEYS)
+# the datasets of LLaMA-Factory's data/ folder (its demo sets), which tuneforge does not ship but its
+# examples name: a missing one is explained (`_not_shipped`) rather than only said to be missing
+LF_DEMO_DATASETS = ("alpaca_en_demo", "alpaca_zh_demo", "glaive_toolcall_en_demo", "glaive_toolcall_zh_demo",
+                    "mllm_demo", "mllm_audio_demo", "mllm_video_demo", "mllm_video_audio_demo", "dpo_en_demo",
+                    "dpo_zh_demo", "kto_en_demo", "wiki_demo", "c4_demo")
+LF_DATA = "https://github.com/hiyouga/LLaMA-Factory/tree/main/data"
 COLUMN_KEYS = ("prompt", "query", "response", "history", "messages", "system", "tools",
                "images", "videos", "audios", "chosen", "rejected", "kto_tag")
 
@@ -92,12 +98,26 @@ class DatasetEntry:
         return self.columns.get(key)
 
 
+BUNDLED_DATA = Path(__file__).resolve().parents[1] / "resources" / "data"  # the demo data tuneforge ships
+
+
+def _not_shipped(names) -> str | None:
+    """For datasets among `names` that are LLaMA-Factory's demo sets: what to do to read them, else None."""
+    theirs = [name for name in dict.fromkeys(names) if name in LF_DEMO_DATASETS]
+    if not theirs:
+        return None
+    which = f"{theirs[0]} is one of LLaMA-Factory's demo datasets" if len(theirs) == 1 else \
+        f"{', '.join(theirs)} are LLaMA-Factory's demo datasets"
+    return (f"{which}, which tuneforge does not ship: set dataset_dir to a copy of LLaMA-Factory's data/ "
+            f"folder ({LF_DATA}; on the command line: dataset_dir=path/to/LLaMA-Factory/data)")
+
+
 def default_dataset_dir() -> Path:
     """`./data` when it holds a dataset_info.json, else the demo data shipped with tuneforge."""
     local = Path("data")
     if (local / REGISTRY_FILE).is_file():
         return local.resolve()
-    bundled = Path(__file__).resolve().parents[1] / "resources" / "data"
+    bundled = BUNDLED_DATA
     logger.info("dataset_dir is not set and ./data has no %s: reading the datasets bundled with tuneforge (%s) "
                 "from %s", REGISTRY_FILE, ", ".join(sorted(json.loads((bundled / REGISTRY_FILE).read_text()))),
                 bundled)
@@ -109,15 +129,17 @@ def resolve_dataset_dir(dataset_dir: str | Path | None) -> Path:
     return default_dataset_dir() if dataset_dir in (None, "") else Path(dataset_dir).expanduser()
 
 
-def load_registry(dataset_dir: Path) -> dict[str, dict]:
-    """Read `dataset_dir/dataset_info.json` as a dict of raw entries.
+def load_registry(dataset_dir: Path, names=()) -> dict[str, dict]:
+    """Read `dataset_dir/dataset_info.json` as a dict of raw entries; `names`: the datasets the
+    config asks for (only for the message when there is no registry).
 
     Raises DataError (one line) when dataset_dir is missing or a file, when the registry is
-    missing, a folder, not UTF-8, malformed or nested too deeply, or not a JSON object.
+    missing, a folder, not UTF-8, malformed or nested too deeply, or not a JSON object. When it
+    is missing and `names` holds LLaMA-Factory's demo sets, the line says where to get them.
     """
     path = dataset_dir / REGISTRY_FILE
-    fix = (f"set dataset_dir to the folder holding {REGISTRY_FILE} (or leave it unset to use "
-           "./data or the shipped demo data)")
+    fix = _not_shipped(names) or (f"set dataset_dir to the folder holding {REGISTRY_FILE} (or leave it unset "
+                                  "to use ./data or the shipped demo data)")
     if not dataset_dir.is_dir():
         what = "is a file, not a folder" if dataset_dir.exists() else "does not exist"
         raise DataError(f"dataset_dir {quoted(dataset_dir)} {what}: {fix}")
@@ -144,9 +166,16 @@ def get_entry(dataset_dir: Path, registry: dict[str, dict], name: str,
     """
     if name not in registry:
         close = difflib.get_close_matches(name, list(registry), n=3, cutoff=0.6)
-        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else (
-            f"; add it there (known: {', '.join(sorted(registry)[:12])}{', ...' if len(registry) > 12 else ''})"
-        )
+        known = f"known: {', '.join(sorted(registry)[:12])}{', ...' if len(registry) > 12 else ''}"
+        shipped = dataset_dir.resolve() == BUNDLED_DATA  # dataset_dir unset: tuneforge's own demo data
+        if shipped and _not_shipped([name]):
+            hint = f" ({known}); {_not_shipped([name])}"
+        elif close:
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?"
+        elif shipped:  # the installed package's folder is no place for the user's datasets
+            hint = f" ({known}); set dataset_dir to the folder whose {REGISTRY_FILE} registers it"
+        else:
+            hint = f"; add it there ({known})"
         raise DataError(f"dataset {name!r} is not in {quoted(dataset_dir / REGISTRY_FILE)}{hint}")
     raw = registry[name]
     where = f"dataset {name!r} in {quoted(dataset_dir / REGISTRY_FILE)}"

@@ -62,7 +62,7 @@ class StreamingExamples:
         self.names, self.skip = names, skip
         self.buffer_size = int(getattr(data_args, "buffer_size", 16384) or 16384)
         dataset_dir = resolve_dataset_dir(getattr(data_args, "dataset_dir", None))
-        registry = load_registry(dataset_dir)
+        registry = load_registry(dataset_dir, names)
         self.entries = [get_entry(dataset_dir, registry, name, kind.name) for name in names]  # checked up front
         for entry in self.entries:
             if entry.num_samples:

@@ -41,6 +41,19 @@ def under_launcher(env=None) -> bool:
     return any(name in env for name in LAUNCHED)
 
 
+def info_on_rank_zero(env=None) -> bool:
+    """In a launched process other than rank 0 (RANK, set by torchrun and `accelerate launch`, is
+    not 0): tuneforge's info lines are left to rank 0, which prints the same ones (every process
+    reads the same config, data and model); warnings and errors still print in every process.
+    Returns whether this process's info lines were turned off (the "tuneforge" logger, and the
+    "tuneforge.*" ones under it, at WARNING)."""
+    env = os.environ if env is None else env
+    if str(env.get("RANK", "0")).strip() in ("", "0"):
+        return False
+    logging.getLogger("tuneforge").setLevel(logging.WARNING)
+    return True
+
+
 def needs_torchrun(env=None, devices: int | None = None) -> bool:
     """FORCE_TORCHRUN is true, or several devices are visible; never inside a launched process."""
     env = os.environ if env is None else env

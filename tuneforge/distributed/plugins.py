@@ -20,7 +20,7 @@ import logging
 from datetime import timedelta
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..errors import ConfigError, config_error
 
 log = logging.getLogger("tuneforge")
 
@@ -40,12 +40,14 @@ def fsdp_enabled(fsdp) -> bool:
     return fsdp is True or (isinstance(fsdp, str) and fsdp.strip().lower() not in ("", "false"))
 
 
-def _bool(key: str, value) -> bool:
+def _bool(key: str, value, problems: list[str]) -> bool:
+    """`value` as true or false; anything else is noted in `problems` (and reads as false)."""
     if isinstance(value, bool):
         return value
     if str(value).lower() in ("true", "false"):
         return str(value).lower() == "true"
-    raise ConfigError(f"config key 'fsdp_config': {key} must be true or false, got {value!r}")
+    problems.append(f"{key} must be true or false, got {value!r}")
+    return False
 
 
 def read_fsdp_config(fsdp_config) -> dict:
@@ -69,54 +71,74 @@ def fsdp_plugin_args(fsdp, fsdp_config) -> dict | None:
     """accelerate's FullyShardedDataParallelPlugin keyword arguments for `fsdp` (true, or
     transformers' options such as "full_shard auto_wrap", space or comma separated) and
     `fsdp_config` (a mapping or a JSON file), as transformers 5 computes them for FSDP2; None when
-    fsdp is off. Raises ConfigError naming the option or setting FSDP2 does not have."""
+    fsdp is off. Raises ConfigError naming every option or setting FSDP2 does not have: one line
+    for fsdp_config's settings (each named), one for fsdp's options (errors.ConfigErrors when
+    both are wrong)."""
     if not fsdp_enabled(fsdp):
         if fsdp_config:
             raise ConfigError("config key 'fsdp_config' needs fsdp: true (or fsdp: 'full_shard auto_wrap'); "
                               "set fsdp or drop fsdp_config")
         return None
     config = read_fsdp_config(fsdp_config)
-    unknown = [k for k in config if k not in FSDP_CONFIG_KEYS]
-    if unknown:
-        raise ConfigError(f"config key 'fsdp_config': '{unknown[0]}' is not an FSDP2 setting tuneforge passes on; "
-                          f"use {', '.join(FSDP_CONFIG_KEYS)}")
+    settings: list[str] = []  # what is wrong in fsdp_config, one entry per setting
+    options: list[str] = []  # what is wrong in fsdp
     version = config.get("version", 2)
     if str(version) != "2":
-        raise ConfigError(f"config key 'fsdp_config': version {version} is not available; tuneforge shards with "
-                          "FSDP2 (torch's fully_shard): set version: 2 or drop it")
+        settings.append(f"version {version} is not available; tuneforge shards with FSDP2 (torch's fully_shard): "
+                        "set version: 2 or drop it")
     if config.get("xla") not in (None, False):
-        raise ConfigError("config key 'fsdp_config': xla is for TPUs, which tuneforge does not train on; drop it")
+        settings.append("xla is for TPUs, which tuneforge does not train on; drop it")
     for item in ([] if fsdp is True else fsdp.replace(",", " ").split()):
         item = item.lower()
         if item in FSDP1_ONLY:
-            raise ConfigError(f"config key 'fsdp': '{item}' is an FSDP1 strategy; FSDP2 has full_shard, "
-                              "shard_grad_op, offload, auto_wrap")
-        if item not in FSDP_OPTIONS:
-            raise ConfigError(f"config key 'fsdp': unknown option '{item}'; use full_shard, shard_grad_op, "
-                              "offload, auto_wrap (e.g. fsdp: 'full_shard auto_wrap')")
-        if FSDP_OPTIONS[item] is not None:
+            options.append(f"'{item}' is an FSDP1 strategy")
+        elif item not in FSDP_OPTIONS:
+            options.append(f"unknown option '{item}'")
+        elif FSDP_OPTIONS[item] is not None:
             config.setdefault(*FSDP_OPTIONS[item])
     policy = str(config.get("auto_wrap_policy", WRAP_POLICIES[0])).upper()
     if policy not in WRAP_POLICIES:
-        raise ConfigError(f"config key 'fsdp_config': auto_wrap_policy must be one of {', '.join(WRAP_POLICIES)}, "
-                          f"got {config['auto_wrap_policy']!r}")
+        settings.append(f"auto_wrap_policy must be one of {', '.join(WRAP_POLICIES)}, "
+                        f"got {config['auto_wrap_policy']!r}")
     state_dict_type = str(config.get("state_dict_type", "FULL_STATE_DICT")).upper()
     if state_dict_type not in STATE_DICT_TYPES:
-        raise ConfigError(f"config key 'fsdp_config': state_dict_type must be one of {', '.join(STATE_DICT_TYPES)}, "
-                          f"got {config['state_dict_type']!r}")
+        settings.append(f"state_dict_type must be one of {', '.join(STATE_DICT_TYPES)}, "
+                        f"got {config['state_dict_type']!r}")
     args = {"fsdp_version": 2, "auto_wrap_policy": policy, "state_dict_type": state_dict_type,
-            "reshard_after_forward": _bool("reshard_after_forward", config.get("reshard_after_forward", True)),
+            "reshard_after_forward": _bool("reshard_after_forward", config.get("reshard_after_forward", True),
+                                           settings),
             "cpu_ram_efficient_loading": _bool("cpu_ram_efficient_loading",
-                                               config.get("cpu_ram_efficient_loading", False))}
-    if _bool("cpu_offload", config.get("cpu_offload", False)):
+                                               config.get("cpu_ram_efficient_loading", False), settings)}
+    if _bool("cpu_offload", config.get("cpu_offload", False), settings):
         args["cpu_offload"] = True
     if "activation_checkpointing" in config:
-        args["activation_checkpointing"] = _bool("activation_checkpointing", config["activation_checkpointing"])
-    if policy == "SIZE_BASED_WRAP" and int(config.get("min_num_params", 0)) > 0:
-        args["min_num_params"] = int(config["min_num_params"])
+        args["activation_checkpointing"] = _bool("activation_checkpointing", config["activation_checkpointing"],
+                                                 settings)
+    min_params = config.get("min_num_params", 0)
+    if isinstance(min_params, bool) or not str(min_params).strip().isdigit():
+        settings.append(f"min_num_params must be a whole number of parameters, got {min_params!r}")
+    elif policy == "SIZE_BASED_WRAP" and int(min_params) > 0:
+        args["min_num_params"] = int(min_params)
     layers = config.get("transformer_layer_cls_to_wrap")
-    if policy == "TRANSFORMER_BASED_WRAP" and layers:
+    if layers is not None and not isinstance(layers, str) and not (
+            isinstance(layers, list) and all(isinstance(name, str) for name in layers)):
+        settings.append(f"transformer_layer_cls_to_wrap must be a layer class name or a list of them, "
+                        f"got {layers!r}")
+    elif policy == "TRANSFORMER_BASED_WRAP" and layers:
         args["transformer_cls_names_to_wrap"] = ",".join([layers] if isinstance(layers, str) else layers)
+    unknown = [k for k in config if k not in FSDP_CONFIG_KEYS]
+    if unknown:  # last: its list of the settings there are ends the line
+        names = ", ".join(f"'{k}'" for k in unknown)
+        settings.append(f"{names} {'is not an FSDP2 setting' if len(unknown) == 1 else 'are not FSDP2 settings'} "
+                        f"tuneforge passes on; use {', '.join(FSDP_CONFIG_KEYS)}")
+    lines = []
+    if settings:
+        lines.append(f"config key 'fsdp_config': {'; '.join(settings)}")
+    if options:
+        lines.append(f"config key 'fsdp': {'; '.join(options)}; FSDP2 has full_shard, shard_grad_op, offload, "
+                     "auto_wrap (e.g. fsdp: 'full_shard auto_wrap')")
+    if lines:
+        raise config_error(lines)
     return args
 
 
@@ -131,7 +153,7 @@ def check(cfg) -> list[str]:
     try:
         fsdp = fsdp_plugin_args(dist.fsdp, dist.fsdp_config)
     except ConfigError as exc:
-        problems.append(str(exc))
+        problems.extend(getattr(exc, "messages", [str(exc)]))  # ConfigErrors: fsdp_config's and fsdp's
     if dist.deepspeed is not None:
         if fsdp_enabled(dist.fsdp):
             problems.append("config keys 'deepspeed' and 'fsdp' are both set; choose one engine")

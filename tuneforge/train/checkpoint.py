@@ -58,6 +58,9 @@ class TrainerState:
     # the learning-rate schedule (lr_scheduler_type, warmup_steps; total_steps is above), so a
     # resume can say what changed; None in checkpoints written before it was recorded
     schedule: dict | None = None
+    # seconds of training up to this checkpoint (trainer_log's elapsed_time, train_runtime), over
+    # every run that led to it, so a resumed run's clock continues; None in checkpoints written before
+    elapsed_seconds: float | None = None
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainerState":

@@ -103,6 +103,7 @@ class TrainingRun:
         self.resume_from: Path | None = None
         self.last_checkpoint: Path | None = None
         self._rng_state: dict | None = None
+        self._clock: float | None = None  # perf_counter() at which this run's training time was 0
 
     def restore(self, path: Path) -> None:
         """Load a checkpoint (integrity.py accepted it) into the model and optimizer, before
@@ -240,6 +241,8 @@ class TrainingRun:
         position is the step's (TrainerState.micro_batches_seen). A sharded optimizer state is
         written by every process, its own shard (distributed.sharded.save_optimizer_shards)."""
         self.check_weights()
+        if self._clock is not None:
+            self.state.elapsed_seconds = round(time.perf_counter() - self._clock, 3)
         self.acc.wait_for_everyone()
         model = self.acc.unwrap_model(self.model)
         sharded = is_sharded(model)
@@ -300,10 +303,15 @@ class TrainingRun:
             values = {k: v for k, v in self.cfg.to_dict().items() if k not in SECRET_KEYS}
             trackers = start_trackers([t for t in targets if t != "tensorboard"], self.output_dir,
                                       self.args.run_name, values)
+        # the clock of elapsed_time and train_runtime (from here, as transformers' Trainer: with the
+        # eval before training); a resumed run's continues from its checkpoint's
+        earlier = self.state.elapsed_seconds or 0.0
+        self._clock = time.perf_counter() - earlier
         reporter = Reporter(self.output_dir, self.total_steps, self.state.global_step,
                             enabled=self.acc.is_main_process,
                             show_progress=not self.args.disable_tqdm,
-                            tensorboard_dir=self._tensorboard_dir(targets), trackers=trackers)
+                            tensorboard_dir=self._tensorboard_dir(targets), trackers=trackers,
+                            elapsed_before=earlier)
         try:
             return self._run(reporter)
         finally:
@@ -324,10 +332,12 @@ class TrainingRun:
             reporter.log_eval(0, means["loss"], 0.0, _metrics(means))
 
         self.model.train()
+        reporter.begin()  # the bar, remaining_time and tokens/s count from the first step's start
         window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
         window_metrics: dict[str, float] = {}  # the objective's metric sums (rewards, accuracy)
         start_step, started = self.state.global_step, time.perf_counter()
-        with stop.StopSignals(self.args.overwrite_output_dir) as signals:
+        with stop.StopSignals(self.args.overwrite_output_dir, acc.num_processes) as signals, \
+                signals.peers_gone(lambda: self.last_checkpoint):  # a launcher's SIGTERM (torchrun)
             while self.state.global_step < self.total_steps:
                 loss, tokens, real = self.train_step()
                 step = self.state.global_step
@@ -358,7 +368,8 @@ class TrainingRun:
                     self.save_checkpoint()
                 self._stop_if_asked(signals, reporter)  # asked during the eval or the save
 
-        runtime = time.perf_counter() - started
+        runtime = time.perf_counter() - started  # this run's steps' time
+        total_runtime = time.perf_counter() - self._clock  # with the earlier runs' (resumed)
         if has_eval:
             means = self.evaluate()
             results.update(_eval_results(means, ""))
@@ -375,7 +386,7 @@ class TrainingRun:
         logged = [e["loss"] for e in _read_train_losses(self.output_dir)] if acc.is_main_process else []
         results.update({
             "train_loss": sum(logged) / len(logged) if logged else None,
-            "train_runtime": round(runtime, 3),
+            "train_runtime": round(total_runtime, 3),
             "train_steps_per_second": round((self.state.global_step - start_step) / max(runtime, 1e-9), 4),
             "global_step": self.state.global_step,
             "epoch": round(self.state.epoch, 4),

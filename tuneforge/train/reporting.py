@@ -4,6 +4,7 @@ experiment trackers of `report_to` (wandb, mlflow, swanlab: trackers.py)."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from tqdm.auto import tqdm
 from .outputs import atomic_write_text
 
 LOG_FILE = "trainer_log.jsonl"
+# the start of every line tuneforge prints while working: the CLI's log format (cli._quiet_libraries)
+LINE_PREFIX = "[tuneforge] "
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -37,12 +40,17 @@ class Reporter:
 
     def __init__(self, output_dir: str | Path, total_steps: int, start_step: int,
                  enabled: bool = True, show_progress: bool = True, tensorboard_dir: str | None = None,
-                 trackers: list | None = None):
+                 trackers: list | None = None, elapsed_before: float = 0.0):
+        """`elapsed_before`: seconds of training before this run (a resumed run's checkpoint's),
+        added to elapsed_time; remaining_time comes from this run's own rate."""
         self.output_dir = Path(output_dir)
         self.total_steps = total_steps
         self.start_step = start_step
         self.enabled = enabled  # False on non-main processes
         self.started = time.perf_counter()
+        self.elapsed_before = elapsed_before
+        self.stepping_since: float | None = None  # when this run's first step started (`begin`)
+        self.show_progress = show_progress
         self.bar = None
         self.writer = None
         self.trackers = list(trackers or [])  # started accelerate trackers (trackers.start_trackers)
@@ -50,12 +58,17 @@ class Reporter:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_log_after(start_step)
-        if show_progress:
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_step or None)
+
+    def begin(self) -> None:
+        """The first step starts now: remaining_time's rate and the progress bar (shown from here)
+        count from this moment, not from before the eval before training."""
+        self.stepping_since = time.perf_counter()
+        if self.enabled and self.show_progress and self.bar is None:
+            self.bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train", dynamic_ncols=True)
 
     def _truncate_log_after(self, step: int) -> None:
         """A resumed run rewrites the steps after its checkpoint, so drop the old ones."""
@@ -65,11 +78,12 @@ class Reporter:
             atomic_write_text(path, "".join(json.dumps(e) + "\n" for e in kept))
 
     def _timing(self, step: int) -> dict:
-        elapsed = time.perf_counter() - self.started
-        timing = {"elapsed_time": _fmt_seconds(elapsed)}
+        now = time.perf_counter()
+        timing = {"elapsed_time": _fmt_seconds(self.elapsed_before + now - self.started)}
         done = step - self.start_step
         if done > 0:  # before the first step (the eval before training) there is no rate yet
-            timing["remaining_time"] = _fmt_seconds(elapsed / done * (self.total_steps - step))
+            stepping = now - (self.stepping_since or self.started)  # this run's steps (and evals) only
+            timing["remaining_time"] = _fmt_seconds(stepping / done * (self.total_steps - step))
         return timing
 
     def _write(self, entry: dict) -> None:
@@ -127,8 +141,12 @@ class Reporter:
             tracker.log(values, step=step)
 
     def message(self, text: str) -> None:
+        """One line on stdout ("resumed from ...", "eval_loss after training: ..."), starting with
+        LINE_PREFIX like the log lines, above the progress bar; flushed, so that it keeps its place
+        among the log lines (stderr) when stdout is a pipe."""
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(text)
+            (self.bar.write if self.bar is not None else print)(LINE_PREFIX + text)
+            sys.stdout.flush()
 
     def close(self) -> None:
         """Close the bar, the TensorBoard writer and the trackers (again: nothing)."""

@@ -1,8 +1,12 @@
 """Stopping a run cleanly. Ctrl-C (SIGINT) or SIGTERM: the current optimizer step finishes,
 a checkpoint is saved at that step boundary and the run ends with one line saying how to
 resume (a second signal aborts at once; what is on disk then is as after kill -9, which the
-next run copes with). A non-finite loss or weight: the run stops before the step is applied
-or saved, so no checkpoint or final output ever holds NaN or inf."""
+next run copes with). In a run of several processes a SIGTERM usually comes from the launcher
+(torchrun stops every process when one of them fails): the step's checkpoint is saved only if
+every process gets to its end, and when a collective fails because another process is gone, the
+run stops with one line naming the last complete checkpoint, which is what a resume uses. A
+non-finite loss or weight: the run stops before the step is applied or saved, so no checkpoint
+or final output ever holds NaN or inf."""
 
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import shlex
 import signal
 import sys
 import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -39,10 +44,12 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, overwrite: bool = False):
-        """overwrite: the run has overwrite_output_dir, so the same command would start over."""
+    def __init__(self, overwrite: bool = False, processes: int = 1):
+        """overwrite: the run has overwrite_output_dir, so the same command would start over;
+        processes: how many processes train together (a launcher's SIGTERM, see `peers_gone`)."""
         self.received: int | None = None
         self.overwrite = overwrite
+        self.processes = processes
         self._previous: dict = {}
 
     def __enter__(self) -> "StopSignals":
@@ -63,6 +70,12 @@ class StopSignals:
                         signal.Signals(signum).name)
             raise KeyboardInterrupt if signum == signal.SIGINT else Terminated()
         self.received = signum
+        if signum == signal.SIGTERM and self.processes > 1:
+            log.warning("SIGTERM: the launcher is stopping the run (torchrun stops every process when "
+                        "one of them fails, or when it is stopped itself); a checkpoint is saved at the "
+                        "end of this step only if every process gets there, else a resume uses the last "
+                        "complete checkpoint")
+            return
         log.warning("%s: finishing the current step to save a checkpoint (send it again to "
                     "stop at once)", signal.Signals(signum).name)
 
@@ -71,6 +84,31 @@ class StopSignals:
         name = signal.Signals(self.received).name
         log.warning("stopped by %s; saved %s; %s", name, checkpoint, resume_advice(self.overwrite))
         return Interrupted() if self.received == signal.SIGINT else Terminated()
+
+    @contextmanager
+    def peers_gone(self, last_checkpoint):
+        """Around the steps of a run of several processes: a collective that fails (torch.distributed's
+        RuntimeError) after a signal came means another process is gone, so nothing more can be
+        saved; the run stops (Terminated / Interrupted) with one line naming the last complete
+        checkpoint, `last_checkpoint()`, instead of the collective's traceback. No signal, or one
+        process: the error passes unchanged."""
+        try:
+            yield
+        except RuntimeError as exc:
+            if self.received is None or self.processes < 2:
+                raise
+            name, checkpoint = signal.Signals(self.received).name, last_checkpoint()
+            kept = (f"the last complete checkpoint is {checkpoint}; {resume_advice(self.overwrite)}"
+                    if checkpoint else "no checkpoint was saved yet: the same command starts over")
+            log.warning("stopped by %s: another process is gone (%s), so this step's checkpoint cannot be "
+                        "saved; %s", name, _first_line(exc), kept)
+            raise (Interrupted() if self.received == signal.SIGINT else Terminated()) from None
+
+
+def _first_line(exc: BaseException, limit: int = 160) -> str:
+    """'RuntimeError: <the message's first sentence>' (gloo's go on with advice for its developers)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0].split('. ')[0][:limit]}" if text else type(exc).__name__
 
 
 def resume_advice(overwrite: bool) -> str:
