@@ -176,7 +176,7 @@ def test_continuation_row_reuses_the_prompts_keys_exactly(tiny_model_dir, seen):
 
     model = tiny_model(tiny_model_dir)
     previous = pa.use_packed_attention(model)
-    assert prompt_cache.supported(model)
+    assert model.config._attn_implementation == pa.NAME
     prompts = [[5, 6, 7, 8], [11, 12, 13], [18, 30]]
     main = shared_prefix_rows([(p, [(len(p), r)]) for p, r in zip(prompts, [[9, 10], [14], [19, 20, 21]])])
     replies = [[40, 41, 42], [43], [44, 45]]

@@ -12,7 +12,8 @@ Keys are recorded after the rotary embedding (transformers' attention functions 
 so), so the reply row's position_ids continue the prompt's.
 
 The attention function train/packed_attention.packed_sdpa_attention reads the state kept here;
-it is the only attention that does, so callers check `supported(model)` first. The recorded
+it is the only attention that does (shared-prefix rows on: train/shared_prefix.py), so a caller
+reuses only what was recorded (an empty record: another attention ran). The recorded
 tensors are detached (the reusing forward runs without gradient) and are views of what the
 recording forward's attention keeps anyway."""
 
@@ -23,15 +24,6 @@ from contextlib import contextmanager
 import torch
 
 _STATE: dict = {"capture": None, "reuse": None}
-
-
-def supported(model) -> bool:
-    """Whether `model` attends through tuneforge's packed attention (the one that records and
-    reuses), i.e. shared-prefix rows are on (train/shared_prefix.choose_shared_prefix)."""
-    from .packed_attention import NAME
-
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None) == NAME
 
 
 @contextmanager
