@@ -124,17 +124,19 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
     def loss(run_model, batch: dict):
         n = example_count(batch)
         main, mismatched = _rows(batch), _rows(batch, "kl_")
-        with prompt_cache.capture() as policy_keys:
-            logps, counts = reply_logps(run_model, unwrapped, main, head_at_labels)
-        with torch.no_grad():
-            kl_logps = _mismatched(lambda rows: reply_logps(unwrapped, unwrapped, rows, head_at_labels)[0],
-                                   batch, policy_keys)
+        # the reference first: its recorded keys are gone before the policy's graph is built
         if "attention_mask" in main and main["attention_mask"].dim() == 2:  # padded rows: one stacked forward
             ref, _ = reference(_stacked({k: main[k] for k in _PADDED}, {k: mismatched[k] for k in _PADDED}))
         else:  # shared-prefix rows: the reference scores the policy's rows the policy's way
-            with prompt_cache.capture() as reference_keys:
+            with prompt_cache.capture() as recorded:
                 ref_main = reference(main)[0]
-            ref = torch.cat([ref_main, _mismatched(lambda rows: reference(rows)[0], batch, reference_keys)])
+            ref = torch.cat([ref_main, _mismatched(lambda rows: reference(rows)[0], batch, recorded)])
+        with prompt_cache.capture() as recorded:
+            logps, counts = reply_logps(run_model, unwrapped, main, head_at_labels)
+        with torch.no_grad():
+            kl_logps = _mismatched(lambda rows: reply_logps(unwrapped, unwrapped, rows, head_at_labels)[0],
+                                   batch, recorded)
+        del recorded
         kl = (kl_logps - ref[n:]).mean()
         ratios = logps - ref[:n]
         desirable = batch["kto_tag"].bool()
