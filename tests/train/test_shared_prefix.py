@@ -162,4 +162,36 @@ def test_kto_shared_prefix_rows_equal_the_padded_rows(tiny_model_dir, monkeypatc
         _, _, metrics = kto_objective(model, shared).loss(model, shared)
     choice.undo()
     assert len(rows) == 4 and sorted(rows[:2]) == sorted(rows[2:])  # policy: reply, KL rows; reference: the same
+    assert shared["klc_input_ids"].tolist() in rows  # the mismatched replies reused the prompts' keys
     assert metrics["kl"] == 0 and metrics["rewards/chosen"] == 0 and metrics["rewards/rejected"] == 0
+
+
+@pytest.mark.parametrize("seen", [None, 0, 1])
+def test_continuation_row_reuses_the_prompts_keys_exactly(tiny_model_dir, seen):
+    """Mismatched replies scored on a row of their own that attends to the main row's recorded keys
+    and values (train/prompt_cache.py) get the log-probs of rows [prompt[:seen] | reply]; a reply
+    that sees no prompt token (seen 0) or one (seen 1: no prefix to attend to) too."""
+    from tuneforge.data.shared_prefix import continuation_rows, shared_prefix_rows
+    from tuneforge.train import prompt_cache
+
+    model = tiny_model(tiny_model_dir)
+    previous = pa.use_packed_attention(model)
+    assert model.config._attn_implementation == pa.NAME
+    prompts = [[5, 6, 7, 8], [11, 12, 13], [18, 30]]
+    main = shared_prefix_rows([(p, [(len(p), r)]) for p, r in zip(prompts, [[9, 10], [14], [19, 20, 21]])])
+    replies = [[40, 41, 42], [43], [44, 45]]
+    sees = [len(p) if seen is None else min(seen, len(p)) for p in prompts]
+    sees[1] = 2  # one reply always sees only the start of its prompt
+    starts = [0, 6, 10]
+    continued = continuation_rows(list(zip(prompts, sees, replies)), starts, main["input_ids"].shape[1])
+    alone = shared_prefix_rows([(p[:k], [(k, r)]) for p, k, r in zip(prompts, sees, replies)])
+    with torch.no_grad():
+        with prompt_cache.capture() as recorded:
+            reply_logps(model, model, main, head_at_labels=True)
+        with prompt_cache.reuse(recorded, continued["segments"]):
+            got, counts = reply_logps(model, model, continued, head_at_labels=True)
+        want, want_counts = reply_logps(model, model, alone, head_at_labels=True)
+    pa.restore_attention(model, previous)
+    assert len(recorded) == model.config.num_hidden_layers and counts.tolist() == want_counts.tolist()
+    assert counts.sum() > 0
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -75,6 +75,54 @@ def shared_prefix_rows(groups: list[Group], prefix: str = "") -> dict[str, torch
     return {f"{prefix}{key}": value for key, value in out.items()}
 
 
+def continuation_rows(replies: list[tuple[list[int], int, list[int]]], prompt_starts: list[int], offset: int,
+                      prefix: str = "") -> dict[str, torch.Tensor]:
+    """One row of replies to prompts that another row of length `offset` already ran, for a
+    forward that attends to that row's recorded keys and values (train/prompt_cache.py).
+
+    replies[k] = (prompt, seen, reply): reply k continues the first `seen` tokens of `prompt`,
+    which starts at position prompt_starts[k] of the other row. Its part of this row is the
+    prompt's last seen token (so that the reply's first token gets its prediction here) and the
+    reply, at positions seen - 1, seen, ...; it attends to the other row's
+    [prompt_starts[k], prompt_starts[k] + seen - 1) and causally to itself. Keys as
+    shared_prefix_rows gives them (input_ids, position_ids (1, L), attention_mask (1, 1, L, L): the
+    row's own block-causal part, score_from / score_target / score_row (N,), sequences ()), and
+    segments (m, 4): (prefix_start, prefix_end, start, end) in the other row's positions followed
+    by this row's (offset + i). Raises ValueError for seen outside [0, len(prompt)]."""
+    ids: list[int] = []
+    positions: list[int] = []
+    segments: list[tuple[int, int, int, int]] = []
+    score_from: list[int] = []
+    score_target: list[int] = []
+    score_row: list[int] = []
+    for k, ((prompt, seen, reply), start) in enumerate(zip(replies, prompt_starts)):
+        if not 0 <= seen <= len(prompt):
+            raise ValueError(f"reply {k} sees {seen} prompt tokens of {len(prompt)}")
+        at = len(ids)
+        head = prompt[seen - 1:seen]  # the last prompt token it sees (none when it sees none)
+        ids += head + reply
+        positions += range(seen - len(head), seen + len(reply))
+        if len(ids) > at:
+            p0, p1 = (start, start + seen - 1) if seen > 1 else (offset + at, offset + at)
+            segments.append((p0, p1, offset + at, offset + len(ids)))
+        for t, token in enumerate(reply):
+            if not head and t == 0:  # nothing before it to predict it
+                continue
+            score_from.append(at + t - 1 + len(head))
+            score_target.append(token)
+            score_row.append(k)
+    mask = segment_mask([(s - offset, s - offset, s - offset, e - offset) for _, _, s, e in segments], len(ids))
+    out = {"input_ids": torch.tensor([ids], dtype=torch.long),
+           "position_ids": torch.tensor([positions], dtype=torch.long),
+           "attention_mask": mask[None, None],
+           "score_from": torch.tensor(score_from, dtype=torch.long),
+           "score_target": torch.tensor(score_target, dtype=torch.long),
+           "score_row": torch.tensor(score_row, dtype=torch.long),
+           "sequences": torch.tensor(len(replies)),
+           "segments": torch.tensor(segments, dtype=torch.long).reshape(-1, 4)}
+    return {f"{prefix}{key}": value for key, value in out.items()}
+
+
 class SharedPrefixCollator:
     """Pair examples ({"chosen_ids", "rejected_ids", "prompt_len"}, data/pairwise.py) -> one
     shared-prefix row (shared_prefix_rows): each prompt, then its chosen and rejected reply."""
@@ -102,11 +150,16 @@ class KtoSharedCollator:
         self.cutoff_len = cutoff_len
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        main, kl = [], []
+        main, kl, continued, starts = [], [], [], []
+        length = 0
         for e in examples:
             p = e["prompt_len"]
             seen, keep = split_budget(p, len(e["kl_reply"]), self.cutoff_len)
             main.append((e["input_ids"][:p], [(p, e["input_ids"][p:])]))
             kl.append((e["input_ids"][:seen], [(seen, e["kl_reply"][:keep])]))
+            continued.append((e["input_ids"][:p], seen, e["kl_reply"][:keep]))
+            starts.append(length)
+            length += len(e["input_ids"])
         return {**shared_prefix_rows(main), **shared_prefix_rows(kl, "kl_"),
+                **continuation_rows(continued, starts, length, "klc_"),
                 "kto_tag": torch.tensor([e["kto_tag"] for e in examples], dtype=torch.long)}

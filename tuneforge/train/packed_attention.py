@@ -18,6 +18,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from . import prompt_cache
 from .lean_layers import remember
 
 NAME = "tuneforge_packed"
@@ -150,6 +151,13 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
     """transformers attention function: (batch, heads, L, dim) in, (batch, L, heads, dim) out."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    prompt_cache.record(module, key, value)
+    earlier = prompt_cache.reusing(module)
+    if earlier is not None:  # a row of replies to prompts another forward ran (train/prompt_cache.py)
+        keys, values, segments = earlier
+        return segment_attention(query, torch.cat([keys, key], dim=2), torch.cat([values, value], dim=2),
+                                 segments, dropout, scaling, getattr(module, "num_key_value_groups", 1),
+                                 query_offset=keys.shape[2]), None
     plain = (query.shape[0] != 1 or query.shape[2] != key.shape[2]
              or any(kwargs.get(k) is not None for k in ("position_bias", "cache", "softcap"))
              or kwargs.get("output_attentions"))
@@ -171,22 +179,25 @@ def varlen_attention(query, key, value, starts: list[int], dropout: float = 0.0,
 
 
 def segment_attention(query, key, value, segments, dropout: float = 0.0,
-                      scaling: float | None = None, kv_groups: int = 1) -> torch.Tensor:
+                      scaling: float | None = None, kv_groups: int = 1, query_offset: int = 0) -> torch.Tensor:
     """Attention of one row by segments (causal_segments): query/key/value (1, heads, L, dim),
     returns (1, L, heads, dim). A segment without a prefix is one causal sdpa call; one with a
-    prefix attends to cat(prefix keys, its own keys) under the mask [all prefix | causal]."""
+    prefix attends to cat(prefix keys, its own keys) under the mask [all prefix | causal].
+    With `query_offset` k, the keys hold k positions before the queries' first (another
+    forward's prompts: prompt_cache.py) and segments count in the keys' positions."""
     gqa = {"enable_gqa": True} if kv_groups > 1 else {}
     outs = []
     for p0, p1, s, e in segments:
+        q = query[:, :, s - query_offset:e - query_offset]
         if p1 == p0:
-            outs.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+            outs.append(F.scaled_dot_product_attention(q, key[:, :, s:e], value[:, :, s:e],
                                                        dropout_p=dropout, scale=scaling, is_causal=True, **gqa))
             continue
         keys = torch.cat([key[:, :, p0:p1], key[:, :, s:e]], dim=2)
         values = torch.cat([value[:, :, p0:p1], value[:, :, s:e]], dim=2)
         visible = torch.ones(e - s, p1 - p0 + e - s, dtype=torch.bool, device=query.device)
         visible[:, p1 - p0:] = visible[:, p1 - p0:].tril()
-        outs.append(F.scaled_dot_product_attention(query[:, :, s:e], keys, values, attn_mask=visible,
+        outs.append(F.scaled_dot_product_attention(q, keys, values, attn_mask=visible,
                                                    dropout_p=dropout, scale=scaling, **gqa))
     out = torch.cat(outs, dim=2).transpose(1, 2).contiguous()
     # o_proj keeps `out` for backward while sdpa keeps `outs`: inside a lean layer, o_proj keeps

@@ -79,6 +79,20 @@ def _stacked(a: dict, b: dict) -> dict:
             for k, value in fill.items()}
 
 
+def _mismatched(score, batch: dict, recorded: dict):
+    """The mismatched replies' log-probs, (examples,): `score(rows)` on the continuation row
+    ("klc_": the replies alone, attending to the prompts' keys and values `recorded` from the
+    forward over the main rows, train/prompt_cache.py) where the batch has one and the model
+    recorded them, else on the mismatched rows ("kl_": each prompt again)."""
+    from .. import prompt_cache
+
+    continued = _rows(batch, "klc_")
+    if continued and recorded:
+        with prompt_cache.reuse(recorded, continued["segments"]):
+            return score(continued)
+    return score(_rows(batch, "kl_"))
+
+
 def finish(means: dict) -> dict:
     """Means over all examples -> TRL's per-class means (a class absent: not reported)."""
     out = {"kl": means["kl"]}
@@ -99,7 +113,7 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
 
     import torch
 
-    from .. import pref_losses
+    from .. import pref_losses, prompt_cache
     from ..logps import head_only_at_labels, reply_logps
 
     beta, ftx = settings["pref_beta"], settings["pref_ftx"]
@@ -110,13 +124,19 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
     def loss(run_model, batch: dict):
         n = example_count(batch)
         main, mismatched = _rows(batch), _rows(batch, "kl_")
-        logps, counts = reply_logps(run_model, unwrapped, main, head_at_labels)
-        with torch.no_grad():
-            kl_logps, _ = reply_logps(unwrapped, unwrapped, mismatched, head_at_labels)
+        # the reference first: its recorded keys are gone before the policy's graph is built
         if "attention_mask" in main and main["attention_mask"].dim() == 2:  # padded rows: one stacked forward
             ref, _ = reference(_stacked({k: main[k] for k in _PADDED}, {k: mismatched[k] for k in _PADDED}))
-        else:  # shared-prefix rows: the reference scores the policy's own rows
-            ref = torch.cat([reference(main)[0], reference(mismatched)[0]])
+        else:  # shared-prefix rows: the reference scores the policy's rows the policy's way
+            with prompt_cache.capture() as recorded:
+                ref_main = reference(main)[0]
+            ref = torch.cat([ref_main, _mismatched(lambda rows: reference(rows)[0], batch, recorded)])
+        with prompt_cache.capture() as recorded:
+            logps, counts = reply_logps(run_model, unwrapped, main, head_at_labels)
+        with torch.no_grad():
+            kl_logps = _mismatched(lambda rows: reply_logps(unwrapped, unwrapped, rows, head_at_labels)[0],
+                                   batch, recorded)
+        del recorded
         kl = (kl_logps - ref[n:]).mean()
         ratios = logps - ref[:n]
         desirable = batch["kto_tag"].bool()
