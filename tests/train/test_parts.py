@@ -194,3 +194,16 @@ def test_a_run_trains_the_same_adapter_in_parts(packing, tiny_model_dir, tmp_pat
     assert any(whole[key].abs().max() > 1e-4 for key in whole if "lora_B" in key)
     for key in whole:
         torch.testing.assert_close(split[key], whole[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_virtual_tokens_before_each_padded_row(kind):
+    """Prompt and prefix tuning put virtual tokens before every row (and extend its attention
+    mask): trimmed rows still give the whole batch's loss and gradients."""
+    import tuneforge
+
+    config = (tuneforge.PromptTuningConfig if kind == "prompt" else tuneforge.PrefixTuningConfig)(num_virtual_tokens=3)
+    model = add_adapter(tiny_llama(), config).train()
+    batch = PaddingCollator(0)(examples())
+    objective = token_objective(model, model, batch, SimpleNamespace(fused_cross_entropy=None), nullcontext)
+    assert_parts_equal_whole(model, objective, batch, expected_parts=3)
