@@ -140,6 +140,16 @@ def test_padded_parts_are_whole_rows_without_their_padding():
     assert sum(p["attention_mask"].sum() for p in pieces) == batch["attention_mask"].sum()
 
 
+def test_parts_fill_up_to_the_budget():
+    """Whole examples up to `budget` token positions a part (or the longest example, if longer)."""
+    packed = parts.split_batch(PackingCollator()(examples()), budget=30)
+    assert [p["input_ids"].shape[1] for p in packed] == [9, 23 + 5, 14]
+    padded = parts.split_batch(PaddingCollator(0)(examples()), budget=30)
+    assert [tuple(p["input_ids"].shape) for p in padded] == [(1, 23), (2, 14), (1, 5)]
+    assert len(parts.split_batch(PackingCollator()(examples()), budget=51)) == 1  # all fit: whole
+    assert len(parts.split_batch(PaddingCollator(0)(examples()), budget=4 * 23)) == 1
+
+
 def test_what_runs_whole():
     one = PaddingCollator(0)(examples(lengths=(7,)))
     assert parts.split_batch(one) == [one]
@@ -176,12 +186,20 @@ def test_a_run_trains_the_same_adapter_in_parts(packing, tiny_model_dir, tmp_pat
     common = dict(max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1.0,
                   adam_epsilon=1.0, val_size=0, eval_on_start=False, max_grad_norm=0.0,
                   lr_scheduler_type="constant", packing=packing)
-    counts = []
+    counts, sizes = [], []
     real = parts.split_batch
-    monkeypatch.setattr(parts, "split_batch", lambda batch: (counts.append(len(out := real(batch))), out)[1])
+
+    def spy(batch, budget=None):
+        out = real(batch, budget)
+        counts.append(len(out))
+        sizes.extend(p["input_ids"].numel() for p in out)
+        return out
+
+    monkeypatch.setattr(parts, "split_batch", spy)
     with caplog.at_level(logging.INFO, logger="tuneforge"):
         train(tiny_cfg(tiny_model_dir, data, tmp_path / "parts", **common))
     assert len(counts) == 4 and max(counts) > 1
+    assert max(sizes) <= 64  # cutoff_len, the budget of a part
     assert any(r.getMessage().startswith("micro-batches: each runs as parts") for r in caplog.records)
     monkeypatch.setattr(parts, "whole_reason", lambda model: "kept whole by the test")
     caplog.clear()

@@ -14,9 +14,12 @@ Every tensor of the batch shaped like input_ids (labels, attention_mask, positio
 of multi-task data: data.collate.SIDE_KEYS) is cut the same way; a batch holding anything else runs
 whole. The parts' label counts sum to the micro-batch's (the loop normalises by the whole step's).
 
-Size: a part holds at most as many token positions as the micro-batch's longest example (padded:
-rows x the part's longest row), so the activations alive at a time are those of that longest
-example (which parts of one example each could not beat), with as few forwards as that allows.
+Size: a part holds whole examples up to a budget of token positions (padded: rows x the part's
+longest row), the run's cutoff_len (or the longest example, if longer or no budget is given): the
+activations alive at a time are at most those of one example of the longest length allowed (what
+train/memory_plan.py counts), with as few forwards as that allows. Fewer, longer parts are
+cheaper: each forward and backward also reads every weight once more, which costs a forward of
+about 40 tokens on SmolLM2-135M at one CPU thread (fp32), however few tokens the part holds.
 
 Not split: a model whose trained adapters add a term computed from each whole forward (an
 AdapterMethod's forward_loss: lora_moe's router load balance counts the forward's tokens), which
@@ -48,24 +51,25 @@ def plan(model, examples: int, cutoff_len: int) -> tuple[int, str | None]:
     reason = whole_reason(model)
     if reason is not None:
         return examples * cutoff_len, f"micro-batches: run whole ({reason})"
-    return cutoff_len, (f"micro-batches: each runs as parts of at most its longest example's tokens (up to "
-                        f"cutoff_len {cutoff_len} of the {examples * cutoff_len} a batch of {examples} can "
-                        "hold), one forward and backward at a time (same loss and gradients, less memory)")
+    return cutoff_len, (f"micro-batches: each runs as parts of whole examples of up to cutoff_len {cutoff_len} "
+                        f"tokens (of the {examples * cutoff_len} a batch of {examples} can hold), one forward and "
+                        "backward at a time (same loss and gradients, less memory)")
 
 
-def split_batch(batch: dict) -> list[dict]:
-    """The parts of a training micro-batch (module docstring), or [batch] when it is one part: one
-    example, or a batch holding a value not shaped like input_ids, or a packed row without
-    position_ids."""
+def split_batch(batch: dict, budget: int | None = None) -> list[dict]:
+    """The parts of a training micro-batch (module docstring), each of at most max(budget, the
+    longest example's length) token positions, or [batch] when it is one part: examples that fit
+    the budget together, or a batch holding a value not shaped like input_ids, or a packed row
+    without position_ids."""
     shape = batch["input_ids"].shape
     if len(shape) != 2 or not all(torch.is_tensor(v) and v.shape == shape for v in batch.values()):
         return [batch]
     if shape[0] == 1:
-        return _split_packed(batch)
-    return _split_rows(batch)
+        return _split_packed(batch, budget or 0)
+    return _split_rows(batch, budget or 0)
 
 
-def _split_packed(batch: dict) -> list[dict]:
+def _split_packed(batch: dict, budget: int) -> list[dict]:
     """One row: cut between examples, into runs of whole examples."""
     positions = batch.get("position_ids")
     if positions is None:
@@ -74,7 +78,7 @@ def _split_packed(batch: dict) -> list[dict]:
     starts = ((positions[0] == 0) & (batch["labels"][0] == IGNORE)).nonzero().flatten().tolist()
     starts = [0] + [s for s in starts if s > 0]
     sizes = [end - start for start, end in zip(starts, starts[1:] + [length])]
-    budget, bounds, begin, held = max(sizes), [], 0, 0
+    budget, bounds, begin, held = max(budget, *sizes), [], 0, 0
     for start, size in zip(starts, sizes):
         if held and held + size > budget:
             bounds.append((begin, start))
@@ -86,7 +90,7 @@ def _split_packed(batch: dict) -> list[dict]:
     return [{key: value[:, a:b] for key, value in batch.items()} for a, b in bounds]
 
 
-def _split_rows(batch: dict) -> list[dict]:
+def _split_rows(batch: dict, budget: int) -> list[dict]:
     """Several rows: groups of whole rows, longest first, each trimmed to its longest row."""
     rows, width = batch["input_ids"].shape
     mask = batch.get("attention_mask")
@@ -97,7 +101,7 @@ def _split_rows(batch: dict) -> list[dict]:
         last = (used * torch.arange(1, width + 1, device=used.device)).amax(dim=1)
         lengths = last.clamp(min=1).tolist()
     order = sorted(range(rows), key=lambda r: -lengths[r])
-    budget, groups = lengths[order[0]], []
+    budget, groups = max(budget, lengths[order[0]]), []
     for r in order:
         if groups and (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= budget:
             groups[-1].append(r)

@@ -27,4 +27,5 @@ register_stage(Stage(
     collator=collator,
     objective=token_objective,
     eval_metrics=perplexity,
+    config_keys=("cutoff_len",),  # the size of a part of a micro-batch (train/parts.py)
 ))

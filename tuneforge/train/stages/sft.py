@@ -90,7 +90,8 @@ def token_objective(model, unwrapped, sample_batch: dict, train_args, autocast, 
     from ..token_loss import TokenLoss, label_count
     from ..token_weights import token_weight
 
-    split = None if whole_reason(unwrapped) else lambda _model, batch: split_batch(batch)
+    budget = (settings or {}).get("cutoff_len")  # parts of whole examples up to cutoff_len tokens
+    split = None if whole_reason(unwrapped) else lambda _model, batch: split_batch(batch, budget)
     if (settings or {}).get("use_asft_loss"):
         from ..asft_loss import AsftLoss
 
@@ -131,7 +132,7 @@ register_stage(Stage(
     objective=token_objective,
     eval_metrics=perplexity,
     keys=KEYS,
-    config_keys=("fused_cross_entropy",),
+    config_keys=("fused_cross_entropy", "cutoff_len"),  # cutoff_len: the size of a part (train/parts.py)
     check=check,
     needs_reference=lambda settings: bool(settings.get("use_asft_loss")),
 ))
