@@ -55,7 +55,7 @@ def train(cfg: Config) -> dict:
     from .train.heads import MODEL_CLASSES, head_targets, prepare_head
     from .train.lean_mlp import install_lean_mlp, uninstall_lean_mlp
     from .train.lean_layers import install_lean_layers, uninstall_lean_layers
-    from .train.memory_plan import available_bytes, choose_checkpointing
+    from .train.memory_plan import available_bytes, choose_checkpointing, forward_tokens
     from .train.loop import TrainingRun, mixed_precision
     from .train.methods import describe, prepare_model, refuse_unread_keys
     from .train.resume import plan_resume, prepare_output_dir
@@ -130,11 +130,14 @@ def train(cfg: Config) -> dict:
     # exact: gated MLPs keep 2 of their 4 tensors for backward, norms' outputs are rebuilt from their
     # inputs (train/lean_mlp.py, lean_layers.py); not under checkpointing
     lean = (install_lean_mlp(model), install_lean_layers(model)) if checkpointing is None else (0, 0)
+    # the most one forward holds: a micro-batch (pairwise examples are two sequences, a prompt and two
+    # replies), or one part of it where the stage splits it (sft, pt: train/parts.py)
+    tokens, parts_note = forward_tokens(stage.objective, model, args.per_device_train_batch_size,
+                                        2 if stage.records == "pairwise" else 1, cfg.data.cutoff_len)
+    if parts_note and accelerator.is_main_process:
+        log.info("%s", parts_note)
     if checkpointing is None and checkpointing_left_empty(cfg):  # chosen by memory (train/memory_plan.py)
-        # the most a micro-batch can hold: pairwise examples are two sequences (a prompt and two replies)
-        sequences = 2 if stage.records == "pairwise" else 1
-        note = choose_checkpointing(model, sequences * args.per_device_train_batch_size * cfg.data.cutoff_len,
-                                    2 if pure_bf16 or precision in ("bf16", "fp16") else 4,
+        note = choose_checkpointing(model, tokens, 2 if pure_bf16 or precision in ("bf16", "fp16") else 4,
                                     available_bytes(device_type), lean_mlp=lean[0] > 0, lean_norms=lean[1] > 0)
         if note is not None:
             log.info("%s", note)

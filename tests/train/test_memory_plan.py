@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from transformers import LlamaConfig
 
 from tuneforge import workflows
@@ -74,3 +75,37 @@ def test_pairwise_examples_count_as_two_sequences(tiny_model_dir, tmp_path, monk
     workflows.train(dpo_values(tiny_model_dir, toy_pairs(tmp_path / "data"), tmp_path / "out", max_steps=1,
                                save_steps=100, val_size=0, per_device_train_batch_size=2))
     assert seen == [2 * 2 * 64]  # 2 sequences x 2 pairs x cutoff_len 64
+
+
+def test_forward_tokens_counts_one_part_where_the_stage_splits():
+    from tuneforge.train.stages import get_stage
+
+    plain = lambda *a, **kw: None  # noqa: E731 - an objective builder without a split plan
+    assert memory_plan.forward_tokens(plain, None, 4, 2, 64) == (4 * 2 * 64, None)
+    model = torch.nn.Linear(2, 2)  # no adapters
+    for stage in ("sft", "pt"):
+        tokens, line = memory_plan.forward_tokens(get_stage(stage).objective, model, 4, 1, 64)
+        assert tokens == 64 and line.startswith("micro-batches: each runs as parts")
+    assert memory_plan.forward_tokens(get_stage("sft").objective, model, 1, 1, 64) == (64, None)
+
+
+@pytest.mark.parametrize("method, tokens", [("lora", 32), ("lora_moe", 2 * 32)])
+def test_the_plan_sees_one_part_and_logs_it(method, tokens, tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch,
+                                            caplog):
+    """sft runs a micro-batch of 2 as parts of at most one example (cutoff_len 32 tokens): the
+    checkpointing choice sees 32 tokens; lora_moe's micro-batches run whole, so it sees 2 x 32."""
+    seen = []
+    real = memory_plan.choose_checkpointing
+    monkeypatch.setattr(memory_plan, "choose_checkpointing",
+                        lambda model, tokens, *a, **kw: (seen.append(tokens), real(model, tokens, *a, **kw))[1])
+    cfg = load_config(None, {"model_name_or_path": str(tiny_model_dir), "dataset": "arith",
+                             "dataset_dir": str(tiny_data_dir), "output_dir": str(tmp_path / "out"),
+                             "finetuning_type": method, "cutoff_len": 32, "max_steps": 1,
+                             "per_device_train_batch_size": 2, "bf16": False, "disable_tqdm": True})
+    with caplog.at_level(logging.INFO, logger="tuneforge"):
+        workflows.train(cfg)
+    assert seen == [tokens]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("micro-batches:")]
+    assert len(lines) == 1
+    assert lines[0].startswith("micro-batches: each runs as parts" if method == "lora" else
+                               "micro-batches: run whole (an adapter method adds a term of each whole forward")

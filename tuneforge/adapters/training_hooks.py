@@ -31,6 +31,11 @@ def _trained(model: nn.Module, hook: str) -> list[tuple[nn.Module, str, object, 
     return out
 
 
+def gives(model: nn.Module, hook: str) -> bool:
+    """Whether some trained adapter on `model` has a method that gives `hook` (e.g. "forward_loss")."""
+    return bool(_trained(model, hook))
+
+
 def training_loss(model: nn.Module) -> torch.Tensor | None:
     """The sum of the trained adapters' `training_loss` terms (0-dim, with autograd), or None."""
     terms = [t for owner, name, cfg, m in _trained(model, "training_loss")

@@ -11,8 +11,9 @@ tensors are rebuilt at a time in backward: less memory for about a third more co
 The count is a lower bound: on SmolLM2-135M with LoRA, a micro-batch of 1,062 tokens kept
 2.1 GB (peak RSS without checkpointing minus with it, benchmarks/whole_job.py) where it gives
 1.27 GB (attention internals, copies, the allocator's slack), so it is scaled by MEASURED_OVER_COUNT.
-The estimate for a micro-batch (per_device_train_batch_size x cutoff_len tokens, the most a
-batch can hold) is compared with the memory still available after the model is loaded; above
+The estimate for one training forward (forward_tokens: per_device_train_batch_size x cutoff_len
+tokens, the most a micro-batch can hold, or one part's where the stage runs micro-batches as parts,
+train/parts.py: cutoff_len) is compared with the memory still available after the model is loaded; above
 HEADROOM of it, checkpointing goes on with one log line. gradient_checkpointing (or
 disable_gradient_checkpointing) set in the config always wins."""
 
@@ -41,6 +42,17 @@ def activation_bytes(config, tokens: int, element_bytes: int = 4, lean_mlp: bool
     head_dim = getattr(config, "head_dim", None) or d // heads
     kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim
     return layers * tokens * ((4 if lean_norms else 6) * d + 2 * kv + (2 if lean_mlp else 4) * i) * element_bytes
+
+
+def forward_tokens(objective, model, examples: int, sequences: int, cutoff_len: int) -> tuple[int, str | None]:
+    """(the most token positions one training forward holds, a log line or None) for micro-batches
+    of `examples` examples of `sequences` sequences (pairwise: 2) of up to `cutoff_len` tokens:
+    the stage objective builder's `split_plan(model, examples, cutoff_len)` where it has one (it
+    runs micro-batches as parts: Objective.split), else the whole micro-batch."""
+    split_plan = getattr(objective, "split_plan", None)
+    if split_plan is None:
+        return examples * sequences * cutoff_len, None
+    return split_plan(model, examples, cutoff_len)
 
 
 def available_bytes(device: torch.device | str = "cpu", meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -1,6 +1,7 @@
 """stage: pt, continued pretraining with LLaMA-Factory's semantics: plain-text records
 (data/text.py: EOS after each text, all concatenated and cut into cutoff_len blocks), every
-token labelled, the same next-token objective, collator and perplexity as sft."""
+token labelled, the same next-token objective (a micro-batch of several blocks trains as parts,
+train/parts.py), collator and perplexity as sft."""
 
 from __future__ import annotations
 
@@ -26,4 +27,5 @@ register_stage(Stage(
     collator=collator,
     objective=token_objective,
     eval_metrics=perplexity,
+    config_keys=("cutoff_len",),  # the size of a part of a micro-batch (train/parts.py)
 ))

@@ -82,16 +82,21 @@ def token_objective(model, unwrapped, sample_batch: dict, train_args, autocast, 
                     settings: dict | None = None) -> Objective:
     """Summed next-token cross-entropy over the labelled positions, normalised by their count
     (train/token_loss.py picks the fused, sparse or plain way), each token weighted when the
-    settings ask for DFT or EAFT. Raises ConfigError when fused_cross_entropy is true but the
+    settings ask for DFT or EAFT. A training micro-batch of several examples runs as parts, one
+    forward and backward each (train/parts.py: exact, less memory), unless the model's adapters
+    add a term of each whole forward. Raises ConfigError when fused_cross_entropy is true but the
     model cannot use it."""
+    from ..parts import split_batch, whole_reason
     from ..token_loss import TokenLoss, label_count
     from ..token_weights import token_weight
 
+    budget = (settings or {}).get("cutoff_len")  # parts of whole examples up to cutoff_len tokens
+    split = None if whole_reason(unwrapped) else lambda _model, batch: split_batch(batch, budget)
     if (settings or {}).get("use_asft_loss"):
         from ..asft_loss import AsftLoss
 
         asft = AsftLoss(unwrapped, settings["asft_alpha"])
-        return Objective(lambda run_model, batch: (*asft(run_model, batch), {}), label_count)
+        return Objective(lambda run_model, batch: (*asft(run_model, batch), {}), label_count, split=split)
     token_loss = TokenLoss.choose(model, unwrapped, sample_batch, train_args.fused_cross_entropy,
                                   autocast, token_weight(settings or {}))
 
@@ -99,7 +104,19 @@ def token_objective(model, unwrapped, sample_batch: dict, train_args, autocast, 
         loss_sum, count = token_loss(batch)
         return loss_sum, count, {}
 
-    return Objective(loss, label_count)
+    return Objective(loss, label_count, split=split)
+
+
+def split_plan(model, examples: int, cutoff_len: int):
+    """(the most token positions one training forward holds, a log line or None) for micro-batches
+    of `examples` examples of up to cutoff_len tokens (train/parts.py plan): what the memory plan
+    counts (train/memory_plan.py forward_tokens reads it as the objective builder's `split_plan`)."""
+    from ..parts import plan
+
+    return plan(model, examples, cutoff_len)
+
+
+token_objective.split_plan = split_plan  # pt's objective too
 
 
 def perplexity(means: dict) -> dict:
@@ -115,7 +132,7 @@ register_stage(Stage(
     objective=token_objective,
     eval_metrics=perplexity,
     keys=KEYS,
-    config_keys=("fused_cross_entropy",),
+    config_keys=("fused_cross_entropy", "cutoff_len"),  # cutoff_len: the size of a part (train/parts.py)
     check=check,
     needs_reference=lambda settings: bool(settings.get("use_asft_loss")),
 ))
