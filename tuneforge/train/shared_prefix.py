@@ -5,7 +5,9 @@ but it is only right for a model that reads position_ids and takes a 4-D boolean
 as it is given. As for packing (train/packing.py), a probe decides: the actual model (adapters
 included) scores two short random pairs both ways before training, and the logits at the scored
 positions must agree. The `packing` key decides as it does for sft: false = padding, true =
-shared-prefix rows or a ConfigError, unset = the probe."""
+shared-prefix rows or a ConfigError, unset = the probe.
+
+part_groups: how stages dpo and kto split a training micro-batch into parts (Objective.split)."""
 
 from __future__ import annotations
 
@@ -91,3 +93,27 @@ def probe_shared_prefix(model, padded_collator) -> str | None:
     # the padded batch's scored tokens, sequence by sequence, in the shared row's order
     order = torch.argsort(shared["score_row"], stable=True)
     return disagreement(got[0][shared["score_from"][order]], reference_at, alone_at, model, "shared-prefix")
+
+
+#: a part of a micro-batch (Objective.split of stages dpo and kto) runs at least this many tokens
+PART_TOKENS = 256
+
+
+def part_groups(tokens: torch.Tensor, least: int | None = None) -> list[list[int]]:
+    """Consecutive groups (examples, pairs) of a micro-batch as parts of at least `least` tokens
+    (default PART_TOKENS): `tokens` (n,) each group's tokens (data/shared_prefix.py
+    group_tokens); a part closes once it reaches `least`, and a remainder below it joins the
+    part before. A micro-batch of fewer tokens is one part."""
+    least = PART_TOKENS if least is None else least
+    parts: list[list[int]] = [[]]
+    held = 0
+    for k, count in enumerate(tokens.tolist()):
+        if parts[-1] and held >= least:
+            parts.append([])
+            held = 0
+        parts[-1].append(k)
+        held += count
+    if len(parts) > 1 and held < least:
+        tail = parts.pop()
+        parts[-1] += tail
+    return parts

@@ -14,6 +14,13 @@ replies lose kto_chosen_weight x (1 - sigmoid(beta (r - z_0))), undesirable ones
 kto_rejected_weight x (1 - sigmoid(beta (z_0 - r))) (train/pref_losses.kto); pref_ftx adds the
 per-token NLL of desirable replies. The loss is summed over examples (count = examples).
 
+An example's loss depends on the rest of its micro-batch only through z_0, which has no
+gradient; so training runs a micro-batch in parts (Objective.split): z_0 and the reference
+log-probs of the whole micro-batch first, without gradient, then one forward and backward per
+part of consecutive examples (train/shared_prefix.py part_groups: at least PART_TOKENS tokens
+each), so only one part's activations are alive at a time. Exact: the parts' losses, metrics
+and gradients sum to the micro-batch's. Evaluation scores a micro-batch whole.
+
 Metrics (TRL's names): rewards/chosen and logps/chosen are means over the desirable examples,
 rewards/rejected and logps/rejected over the undesirable ones, rewards/margins their difference,
 kl the mean KL estimate."""
@@ -99,26 +106,36 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
 
     import torch
 
+    from ...data.shared_prefix import group_tokens, is_shared_prefix, select_groups
     from .. import pref_losses
     from ..logps import head_only_at_labels, reply_logps
+    from ..shared_prefix import part_groups
 
     beta, ftx = settings["pref_beta"], settings["pref_ftx"]
     weights = settings["kto_chosen_weight"], settings["kto_rejected_weight"]
     head_at_labels = head_only_at_labels(unwrapped, sample_batch, autocast or nullcontext)
     reference = reference_logps(unwrapped, head_at_labels)
 
-    def loss(run_model, batch: dict):
-        n = example_count(batch)
+    def shared_values(batch: dict, n: int):
+        """(z_0 unclamped, reference log-probs of the n main rows), without gradient: what an
+        example's loss takes from the rest of its micro-batch, and the reference's scores."""
         main, mismatched = _rows(batch), _rows(batch, "kl_")
-        logps, counts = reply_logps(run_model, unwrapped, main, head_at_labels)
         with torch.no_grad():
             kl_logps, _ = reply_logps(unwrapped, unwrapped, mismatched, head_at_labels)
-        if "attention_mask" in main and main["attention_mask"].dim() == 2:  # padded rows: one stacked forward
-            ref, _ = reference(_stacked({k: main[k] for k in _PADDED}, {k: mismatched[k] for k in _PADDED}))
-        else:  # shared-prefix rows: the reference scores the policy's own rows
-            ref = torch.cat([reference(main)[0], reference(mismatched)[0]])
-        kl = (kl_logps - ref[n:]).mean()
-        ratios = logps - ref[:n]
+            if not is_shared_prefix(main):  # padded rows: one stacked forward
+                ref, _ = reference(_stacked({k: main[k] for k in _PADDED}, {k: mismatched[k] for k in _PADDED}))
+            else:  # shared-prefix rows: the reference scores the policy's own rows
+                ref = torch.cat([reference(main)[0], reference(mismatched)[0]])
+        return (kl_logps - ref[n:]).mean(), ref[:n]
+
+    def loss(run_model, batch: dict):
+        n = example_count(batch)
+        if "ref_logps" in batch:  # a part of a micro-batch (split): its shared values come with it
+            kl, ref = batch["kto_kl"], batch["ref_logps"]
+        else:  # before the policy's forward, so that their activations come and go before its graph
+            kl, ref = shared_values(batch, n)
+        logps, counts = reply_logps(run_model, unwrapped, _rows(batch), head_at_labels)
+        ratios = logps - ref
         desirable = batch["kto_tag"].bool()
         losses = pref_losses.kto(ratios, desirable, kl, beta, *weights)
         if ftx:
@@ -133,7 +150,18 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
                    "count/chosen": int(chosen.sum()), "count/rejected": int(rejected.sum())}
         return losses.sum(), n, metrics
 
-    return Objective(loss, example_count, SUMS, finish)
+    def split(run_model, batch: dict) -> list[dict]:
+        """The micro-batch as parts of consecutive examples (train/shared_prefix.py part_groups),
+        each its main rows with z_0 and its reference log-probs of the whole micro-batch."""
+        n = example_count(batch)
+        groups = part_groups(group_tokens(batch, n))
+        if len(groups) == 1:
+            return [batch]
+        kl, ref = shared_values(batch, n)
+        return [{**select_groups(batch, g, n), "kto_tag": batch["kto_tag"][g], "ref_logps": ref[g], "kto_kl": kl}
+                for g in groups]
+
+    return Objective(loss, example_count, SUMS, finish, split)
 
 
 register_stage(Stage(
