@@ -20,7 +20,7 @@ from tuneforge.models import load_tokenizer
 from tuneforge.train.stages import get_stage
 from tuneforge.workflows import train
 
-from test_dpo import tiny_model
+from test_dpo import step_grads, tiny_model
 
 PARTS = [([5, 6, 7], [8, 9], 1), ([11, 12], [13, 14, 15, 16], 0), ([18], [19, 20, 21], 1),
          ([22, 23, 24, 25], [26], 0)]  # (prompt, reply, kto_tag)
@@ -128,20 +128,6 @@ def test_one_example_per_micro_batch_has_its_mismatched_row(tiny_model_dir):
     assert n == 1 and torch.isfinite(loss) and "kl" in metrics
 
 
-def step_grads(model, objective, parts):
-    """(summed loss, summed metrics, LoRA gradients) of one micro-batch trained as `parts`, one
-    forward and backward each (the loop's way)."""
-    model.zero_grad()
-    total, sums = 0.0, defaultdict(float)
-    for part in parts:
-        loss, _, metrics = objective.loss(model, part)
-        loss.backward()
-        total += loss.item()
-        for k, v in metrics.items():
-            sums[k] += v
-    return total, dict(sums), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("layout", ["padded", "shared"])
 @pytest.mark.parametrize("least,sizes", [(0, [1, 1, 1, 1]), (9, [2, 2]), (10 ** 6, [4])])
 def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, layout, least, sizes):
@@ -171,8 +157,8 @@ def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, la
     assert split[0] == pytest.approx(whole[0], rel=1e-6, abs=1e-7)
     assert split[1] == pytest.approx(whole[1], rel=1e-6, abs=1e-5)  # rewards: beta x a difference of logps
     assert split[2].keys() == whole[2].keys() and split[2]
-    for name, grad in whole[2].items():  # fp32, summed in another order: within 1e-5 of the largest entry
-        torch.testing.assert_close(split[2][name], grad, rtol=1e-5, atol=1e-5 * float(grad.abs().max()))
+    for name, grad in whole[2].items():  # fp32, summed in another order: within 5e-5 of the largest entry
+        torch.testing.assert_close(split[2][name], grad, rtol=1e-5, atol=5e-5 * float(grad.abs().max()))
 
 
 def test_a_run_in_parts_equals_the_run_in_micro_batches(tiny_model_dir, tmp_path, monkeypatch):
