@@ -129,8 +129,8 @@ def test_one_example_per_micro_batch_has_its_mismatched_row(tiny_model_dir):
 
 
 @pytest.mark.parametrize("layout", ["padded", "shared"])
-@pytest.mark.parametrize("least,sizes", [(0, [1, 1, 1, 1]), (9, [2, 2]), (10 ** 6, [4])])
-def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, layout, least, sizes):
+@pytest.mark.parametrize("most,sizes", [(0, [1, 1, 1, 1]), (11, [2, 2]), (10 ** 6, [4])])
+def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, layout, most, sizes):
     """Objective.split: z_0 and the reference log-probs of the whole micro-batch, then parts of
     consecutive examples; the parts' losses, metrics and LoRA gradients sum to the micro-batch's,
     trained as one (both row layouts; PART_TOKENS set so that there are 4, 2 or 1 parts)."""
@@ -145,7 +145,7 @@ def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, la
     micro = choice.collate(EXAMPLES)
     assert ("score_from" in micro) == (layout == "shared")
     objective = objective_on(model, micro)
-    monkeypatch.setattr(shared_prefix, "PART_TOKENS", least)
+    monkeypatch.setattr(shared_prefix, "PART_TOKENS", most)
     parts = objective.parts(model, micro)
     assert [int(p["kto_tag"].numel()) for p in parts] == sizes
     assert [t for p in parts for t in p["kto_tag"].tolist()] == micro["kto_tag"].tolist()
@@ -175,11 +175,11 @@ def test_a_run_in_parts_equals_the_run_in_micro_batches(tiny_model_dir, tmp_path
                                                                  "columns": {"kto_tag": "tag"}}}))
     results, parts, real = {}, [], shared_prefix.part_groups
     monkeypatch.setattr(shared_prefix, "part_groups", lambda *a: (parts.append(len(real(*a))), real(*a))[1])
-    for least in (0, 10 ** 6):
-        monkeypatch.setattr(shared_prefix, "PART_TOKENS", least)
-        results[least] = train(load_config(None, {
+    for most in (0, 10 ** 6):
+        monkeypatch.setattr(shared_prefix, "PART_TOKENS", most)
+        results[most] = train(load_config(None, {
             "stage": "kto", "model_name_or_path": str(tiny_model_dir), "dataset": "fb", "dataset_dir": str(folder),
-            "cutoff_len": 64, "val_size": 4, "output_dir": str(tmp_path / str(least)),
+            "cutoff_len": 64, "val_size": 4, "output_dir": str(tmp_path / str(most)),
             "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 5e-3,
             "max_steps": 2, "logging_steps": 1, "disable_tqdm": True, "bf16": False, "save_steps": 100}))
     assert parts == [4] * 4 + [1] * 4  # 2 steps of 2 micro-batches of 4 examples

@@ -206,13 +206,13 @@ def test_selected_groups_score_as_in_the_whole_micro_batch(tiny_model_dir):
         position_groups(bad, 3)
 
 
-def test_parts_of_at_least_so_many_tokens():
+def test_parts_of_at_most_so_many_tokens():
     from tuneforge.train.shared_prefix import part_groups
 
     tokens = torch.tensor([300, 100, 200, 50])
-    assert part_groups(tokens, 0) == [[0], [1], [2], [3]]
-    assert part_groups(tokens, 250) == [[0], [1, 2, 3]]  # 100 + 200 reach it, the 50 left over join them
-    assert part_groups(tokens, 300) == [[0], [1, 2, 3]]
-    assert part_groups(tokens, 651) == [[0, 1, 2, 3]]
-    assert part_groups(torch.tensor([0, 5, 0]), 1) == [[0, 1, 2]]
+    assert part_groups(tokens, 0) == [[0], [1, 2], [3]]  # at most the longest group's 300
+    assert part_groups(tokens, 400) == [[0, 1], [2, 3]]
+    assert part_groups(tokens, 650) == [[0, 1, 2, 3]]
+    assert part_groups(torch.tensor([0, 5, 0]), 1) == [[0, 1, 2]]  # no part without tokens
+    assert part_groups(torch.tensor([0, 0]), 0) == [[0, 1]]
     assert part_groups(torch.tensor([7]), 0) == [[0]]

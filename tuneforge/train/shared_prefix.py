@@ -95,25 +95,26 @@ def probe_shared_prefix(model, padded_collator) -> str | None:
     return disagreement(got[0][shared["score_from"][order]], reference_at, alone_at, model, "shared-prefix")
 
 
-#: a part of a micro-batch (Objective.split of stages dpo and kto) runs at least this many tokens
-PART_TOKENS = 256
+#: a part of a micro-batch (Objective.split of stages dpo and kto) runs at most this many tokens,
+#: or its one longest group's
+PART_TOKENS = 512
 
 
-def part_groups(tokens: torch.Tensor, least: int | None = None) -> list[list[int]]:
-    """Consecutive groups (examples, pairs) of a micro-batch as parts of at least `least` tokens
-    (default PART_TOKENS): `tokens` (n,) each group's tokens (data/shared_prefix.py
-    group_tokens); a part closes once it reaches `least`, and a remainder below it joins the
-    part before. A micro-batch of fewer tokens is one part."""
-    least = PART_TOKENS if least is None else least
+def part_groups(tokens: torch.Tensor, most: int | None = None) -> list[list[int]]:
+    """Consecutive groups (examples, pairs) of a micro-batch as parts of at most `most` tokens
+    (default PART_TOKENS; at least the longest group's): `tokens` (n,) each group's tokens
+    (data/shared_prefix.py group_tokens). A group joins the part before while the part stays
+    within the bound: the peak of one part's activations is that of the longest group or of
+    `most` tokens, and short groups share a forward (any two consecutive parts hold more than
+    the bound). Every part has tokens unless the micro-batch has none (then it is one part)."""
+    counts = tokens.tolist()
+    most = max([PART_TOKENS if most is None else most, *counts])
     parts: list[list[int]] = [[]]
     held = 0
-    for k, count in enumerate(tokens.tolist()):
-        if parts[-1] and held >= least:
+    for k, count in enumerate(counts):
+        if parts[-1] and held + count > most:
             parts.append([])
             held = 0
         parts[-1].append(k)
         held += count
-    if len(parts) > 1 and held < least:
-        tail = parts.pop()
-        parts[-1] += tail
     return parts

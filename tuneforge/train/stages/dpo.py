@@ -18,7 +18,7 @@ rewards/rejected (beta x log-ratio; beta x log-prob without a reference), reward
 rewards/accuracies (pairs whose chosen reward is higher), logps/chosen, logps/rejected.
 
 Every loss is a sum of per-pair terms, so training runs a micro-batch in parts of consecutive
-pairs (Objective.split; train/shared_prefix.py part_groups: at least PART_TOKENS tokens each),
+pairs (Objective.split; train/shared_prefix.py part_groups: at most PART_TOKENS tokens or one longer pair),
 one forward and backward each, the reference scoring each part before the policy does: only one
 part's activations are alive at a time. Evaluation scores a micro-batch whole."""
 

@@ -17,8 +17,8 @@ per-token NLL of desirable replies. The loss is summed over examples (count = ex
 An example's loss depends on the rest of its micro-batch only through z_0, which has no
 gradient; so training runs a micro-batch in parts (Objective.split): z_0 and the reference
 log-probs of the whole micro-batch first, without gradient, then one forward and backward per
-part of consecutive examples (train/shared_prefix.py part_groups: at least PART_TOKENS tokens
-each), so only one part's activations are alive at a time. Exact: the parts' losses, metrics
+part of consecutive examples (train/shared_prefix.py part_groups: at most PART_TOKENS tokens,
+or one longer example), so only one part's activations are alive at a time. Exact: the parts' losses, metrics
 and gradients sum to the micro-batch's. Evaluation scores a micro-batch whole.
 
 Metrics (TRL's names): rewards/chosen and logps/chosen are means over the desirable examples,
