@@ -286,3 +286,47 @@ def test_the_loss_is_a_sum_over_pairs_so_accumulation_equals_one_big_batch(tiny_
     torch.testing.assert_close(whole, sum(p[0] for p in parts), rtol=1e-4, atol=1e-5)
     for name, value in metrics.items():
         assert value == pytest.approx(sum(p[2][name] for p in parts), rel=1e-4, abs=1e-5), name
+
+
+def step_grads(model, objective, parts):
+    """(summed loss, summed metrics, LoRA gradients) of one micro-batch trained as `parts`, one
+    forward and backward each (the loop's way)."""
+    model.zero_grad()
+    total, sums = 0.0, defaultdict(float)
+    for part in parts:
+        loss, _, metrics = objective.loss(model, part)
+        loss.backward()
+        total += loss.item()
+        for k, v in metrics.items():
+            sums[k] += v
+    return total, dict(sums), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared"])
+@pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge", "orpo", "simpo"])
+def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, layout, kind):
+    """Objective.split: parts of consecutive pairs, each scored by the policy and the reference
+    alone; the parts' losses (pref_ftx included), metrics and LoRA gradients sum to the
+    micro-batch's trained as one, for every pref_loss and both row layouts."""
+    from tests.train.test_packing_runs import data_args
+    from tuneforge.train import shared_prefix
+    from tuneforge.train.shared_prefix import choose_pair_collator
+
+    model = tiny_model(tiny_model_dir)
+    choice = choose_pair_collator(data_args(packing=layout == "shared"), model, pad_token_id=0)
+    micro = choice.collate(EXAMPLES)
+    assert ("score_from" in micro) == (layout == "shared")
+    objective = objective_on(model, micro, pref_loss=kind, pref_ftx=0.2)
+    monkeypatch.setattr(shared_prefix, "PART_TOKENS", 0)
+    parts = objective.parts(model, micro)
+    assert [objective.count(p) for p in parts] == [1, 1, 1]
+    split = step_grads(model, objective, parts)
+    whole = step_grads(model, objective, [micro])
+    monkeypatch.setattr(shared_prefix, "PART_TOKENS", 10 ** 6)
+    assert objective.parts(model, micro) == [micro]
+    choice.undo()
+    assert split[0] == pytest.approx(whole[0], rel=1e-6, abs=1e-6)
+    assert split[1] == pytest.approx(whole[1], rel=1e-6, abs=1e-5)  # rewards: beta x a difference of logps
+    assert split[2].keys() == whole[2].keys() and split[2]
+    for name, grad in whole[2].items():  # fp32, summed in another order: within 5e-5 of the largest entry
+        torch.testing.assert_close(split[2][name], grad, rtol=1e-5, atol=5e-5 * float(grad.abs().max()))

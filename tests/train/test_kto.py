@@ -20,7 +20,7 @@ from tuneforge.models import load_tokenizer
 from tuneforge.train.stages import get_stage
 from tuneforge.workflows import train
 
-from test_dpo import tiny_model
+from test_dpo import step_grads, tiny_model
 
 PARTS = [([5, 6, 7], [8, 9], 1), ([11, 12], [13, 14, 15, 16], 0), ([18], [19, 20, 21], 1),
          ([22, 23, 24, 25], [26], 0)]  # (prompt, reply, kto_tag)
@@ -126,6 +126,65 @@ def test_one_example_per_micro_batch_has_its_mismatched_row(tiny_model_dir):
     assert one["kl_input_ids"][0].tolist() == [11, 12, 8, 9]
     loss, n, metrics = objective_on(model, one).loss(model, one)
     assert n == 1 and torch.isfinite(loss) and "kl" in metrics
+
+
+@pytest.mark.parametrize("layout", ["padded", "shared"])
+@pytest.mark.parametrize("most,sizes", [(0, [1, 1, 1, 1]), (11, [2, 2]), (10 ** 6, [4])])
+def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, layout, most, sizes):
+    """Objective.split: z_0 and the reference log-probs of the whole micro-batch, then parts of
+    consecutive examples; the parts' losses, metrics and LoRA gradients sum to the micro-batch's,
+    trained as one (both row layouts; PART_TOKENS set so that there are 4, 2 or 1 parts)."""
+    from tests.train.test_packing_runs import data_args
+    from tuneforge.data.shared_prefix import KtoSharedCollator
+    from tuneforge.train import shared_prefix
+    from tuneforge.train.shared_prefix import choose_shared_prefix
+
+    model = tiny_model(tiny_model_dir)
+    choice = choose_shared_prefix(data_args(packing=layout == "shared"), model, KtoSharedCollator(64),
+                                  KtoCollator(0, 64))
+    micro = choice.collate(EXAMPLES)
+    assert ("score_from" in micro) == (layout == "shared")
+    objective = objective_on(model, micro)
+    monkeypatch.setattr(shared_prefix, "PART_TOKENS", most)
+    parts = objective.parts(model, micro)
+    assert [int(p["kto_tag"].numel()) for p in parts] == sizes
+    assert [t for p in parts for t in p["kto_tag"].tolist()] == micro["kto_tag"].tolist()
+    if len(parts) > 1:
+        assert all("kl_input_ids" not in p and p["ref_logps"].shape == p["kto_tag"].shape for p in parts)
+    split = step_grads(model, objective, parts)
+    whole = step_grads(model, objective, [micro])
+    choice.undo()
+    assert split[0] == pytest.approx(whole[0], rel=1e-6, abs=1e-7)
+    assert split[1] == pytest.approx(whole[1], rel=1e-6, abs=1e-5)  # rewards: beta x a difference of logps
+    assert split[2].keys() == whole[2].keys() and split[2]
+    for name, grad in whole[2].items():  # fp32, summed in another order: within 5e-5 of the largest entry
+        torch.testing.assert_close(split[2][name], grad, rtol=1e-5, atol=5e-5 * float(grad.abs().max()))
+
+
+def test_a_run_in_parts_equals_the_run_in_micro_batches(tiny_model_dir, tmp_path, monkeypatch):
+    """Through the training loop (TrainingRun: a part's forward and backward at a time): the
+    same losses and evaluation as micro-batches trained whole."""
+    from tuneforge.train import shared_prefix
+
+    records = [{"instruction": f"Question {i} about the weather today?", "output": f"Answer {i}: it rains.",
+                "tag": bool(i % 3)} for i in range(12)]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "fb.json").write_text(json.dumps(records))
+    (folder / "dataset_info.json").write_text(json.dumps({"fb": {"file_name": "fb.json",
+                                                                 "columns": {"kto_tag": "tag"}}}))
+    results, parts, real = {}, [], shared_prefix.part_groups
+    monkeypatch.setattr(shared_prefix, "part_groups", lambda *a: (parts.append(len(real(*a))), real(*a))[1])
+    for most in (0, 10 ** 6):
+        monkeypatch.setattr(shared_prefix, "PART_TOKENS", most)
+        results[most] = train(load_config(None, {
+            "stage": "kto", "model_name_or_path": str(tiny_model_dir), "dataset": "fb", "dataset_dir": str(folder),
+            "cutoff_len": 64, "val_size": 4, "output_dir": str(tmp_path / str(most)),
+            "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 5e-3,
+            "max_steps": 2, "logging_steps": 1, "disable_tqdm": True, "bf16": False, "save_steps": 100}))
+    assert parts == [4] * 4 + [1] * 4  # 2 steps of 2 micro-batches of 4 examples
+    for key in ("train_loss", "eval_loss", "eval_kl", "eval_rewards/chosen", "eval_logps/chosen"):
+        assert results[0][key] == pytest.approx(results[10 ** 6][key], rel=1e-5, abs=1e-7), key
 
 
 def test_kto_en_demo_loads_and_tags_must_be_booleans(tiny_model_dir, shared_data_dir, tmp_path):

@@ -195,3 +195,56 @@ def test_continuation_row_reuses_the_prompts_keys_exactly(tiny_model_dir, seen):
     assert len(recorded) == model.config.num_hidden_layers and counts.tolist() == want_counts.tolist()
     assert counts.sum() > 0
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_selected_groups_score_as_in_the_whole_micro_batch(tiny_model_dir):
+    """select_groups (Objective.split's rows): some pairs of a shared-prefix row or of padded
+    pairs, and some examples of kto's rows (main and KL), give those sequences the log-probs
+    and counts they have in the whole micro-batch, in the order of the groups asked for."""
+    from tests.train.test_kto import EXAMPLES as KTO_EXAMPLES
+    from tuneforge.data.kto import KtoCollator
+    from tuneforge.data.shared_prefix import (KtoSharedCollator, group_tokens, position_groups,
+                                              select_groups)
+
+    model = tiny_model(tiny_model_dir)
+    choice = choose_pair_collator(data_args(), model, pad_token_id=0)
+    micro = {"dpo shared": (SharedPrefixCollator()(EXAMPLES), "", 3),
+             "dpo padded": (PairwiseCollator(0)(EXAMPLES), "", 3),
+             "kto shared": (KtoSharedCollator(6)(KTO_EXAMPLES), "", 4),
+             "kto shared kl": (KtoSharedCollator(6)(KTO_EXAMPLES), "kl_", 4),
+             "kto padded kl": (KtoCollator(0, 6)(KTO_EXAMPLES), "kl_", 4)}
+    with torch.no_grad():
+        for name, (rows, prefix, n) in micro.items():
+            whole = {k[len(prefix):]: v for k, v in rows.items() if k.startswith(prefix)}
+            logps, counts = reply_logps(model, model, whole, True)
+            replies = logps.numel() // n
+            tokens = group_tokens(rows, n, prefix)
+            every = whole["attention_mask"].sum() if "labels" in whole else whole["input_ids"].size(1)
+            assert int(tokens.sum()) == int(every), name
+            for groups in ([1], [0, 2], [2, 0], list(range(n))):
+                part = select_groups(rows, groups, n, prefix)
+                want = [j * n + k for j in range(replies) for k in groups]
+                got, got_counts = reply_logps(model, model, part, True)
+                torch.testing.assert_close(got, logps[want], rtol=1e-5, atol=1e-5, msg=name)
+                assert got_counts.tolist() == counts[want].tolist(), name
+                assert part["input_ids"].size(1) <= whole["input_ids"].size(1)
+            if "score_from" in whole:  # one group: its own spans only
+                assert select_groups(rows, [1], n, prefix)["input_ids"].size(1) == int(tokens[1])
+    choice.undo()
+    # a block of the row that scores replies of two prompts is not a shared-prefix layout
+    bad = SharedPrefixCollator()(EXAMPLES)
+    bad["attention_mask"][0, 0, 6, :6] = True  # pair 1's prompt sees pair 0
+    with pytest.raises(ValueError, match="scores replies of two prompts"):
+        position_groups(bad, 3)
+
+
+def test_parts_of_at_most_so_many_tokens():
+    from tuneforge.train.shared_prefix import part_groups
+
+    tokens = torch.tensor([300, 100, 200, 50])
+    assert part_groups(tokens, 0) == [[0], [1, 2], [3]]  # at most the longest group's 300
+    assert part_groups(tokens, 400) == [[0, 1], [2, 3]]
+    assert part_groups(tokens, 650) == [[0, 1, 2, 3]]
+    assert part_groups(torch.tensor([0, 5, 0]), 1) == [[0, 1, 2]]  # no part without tokens
+    assert part_groups(torch.tensor([0, 0]), 0) == [[0, 1]]
+    assert part_groups(torch.tensor([7]), 0) == [[0]]

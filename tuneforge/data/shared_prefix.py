@@ -14,7 +14,10 @@ The batch also says which positions score which token: score_from[i] is the row 
 output predicts score_target[i], the i-th reply token, of sequence score_row[i]; reply j of
 prompt k is sequence j * n + k (n prompts), so a pair's chosen reply is sequence k and its
 rejected one n + k, as in the padded batch's rows. The first token of a later reply is
-predicted from the last prompt position it sees, not from the reply before it."""
+predicted from the last prompt position it sees, not from the reply before it.
+
+select_groups takes some of a micro-batch's prompts with their replies (pairs, kto examples)
+out of its rows, shared-prefix or padded, as rows of the same layout (Objective.split)."""
 
 from __future__ import annotations
 
@@ -163,3 +166,81 @@ class KtoSharedCollator:
         return {**shared_prefix_rows(main), **shared_prefix_rows(kl, "kl_"),
                 **continuation_rows(continued, starts, length, "klc_"),
                 "kto_tag": torch.tensor([e["kto_tag"] for e in examples], dtype=torch.long)}
+
+
+# ---- some of a micro-batch's examples, in its own layout (Objective.split: stages dpo and kto) --
+_PADDED = ("input_ids", "attention_mask", "labels")
+
+
+def is_shared_prefix(rows: dict, prefix: str = "") -> bool:
+    """Whether `rows` are a shared-prefix row (shared_prefix_rows), not padded rows."""
+    return f"{prefix}score_from" in rows
+
+
+def group_tokens(rows: dict, n: int, prefix: str = "") -> torch.Tensor:
+    """(n,) the tokens each of the n groups of `rows` puts through a forward: a shared-prefix
+    row's prompt k with its replies (a span no reply token is scored in counts for none), or a
+    padded batch's rows k, n + k, ... (its real tokens). See select_groups."""
+    if is_shared_prefix(rows, prefix):
+        owner = position_groups(rows, n, prefix)
+        return torch.bincount(owner[owner >= 0], minlength=n)[:n]
+    mask = rows[f"{prefix}attention_mask"]
+    return mask.sum(1).view(-1, n).sum(0)
+
+
+def position_groups(rows: dict, n: int, prefix: str = "") -> torch.Tensor:
+    """(L,) for each position of a shared-prefix row, the group (prompt) k in 0..n-1 it belongs
+    to, -1 for a span that no scored token reads. The row falls into blocks where no later
+    position sees an earlier one (its attention_mask); a block belongs to the group of the
+    sequences scored in it (score_row j * n + k: group k). Raises ValueError for a block in
+    which replies of two groups are scored (not a shared_prefix_rows layout)."""
+    mask = rows[f"{prefix}attention_mask"][0, 0]
+    length = mask.size(0)
+    if length == 0:
+        return torch.zeros(0, dtype=torch.long)
+    first = mask.to(torch.uint8).argmax(1)  # the earliest position each position sees
+    starts = first.flip(0).cummin(0).values.flip(0) >= torch.arange(length, device=first.device)
+    block = starts.cumsum(0) - 1
+    owner = torch.full((int(block[-1]) + 1,), -1, dtype=torch.long, device=block.device)
+    scored_block, scored_group = block[rows[f"{prefix}score_from"]], rows[f"{prefix}score_row"] % n
+    owner[scored_block] = scored_group
+    if bool((owner[scored_block] != scored_group).any()):
+        raise ValueError(f"a block of the shared-prefix row ({prefix}attention_mask) scores replies of two prompts")
+    return owner[block]
+
+
+def select_groups(rows: dict, groups: list[int], n: int, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The rows of some of a micro-batch's n groups, in its layout, keys without `prefix`.
+
+    A group is a prompt and its r replies (sequences k, n + k, ..., (r - 1) n + k: stage dpo's
+    pair k, stage kto's example k). Shared-prefix rows (shared_prefix_rows): the group's spans of
+    the row (position_groups), the mask between them, score_from re-based onto the shorter row
+    and score_row renumbered j * len(groups) + (k's index in `groups`); a span no reply token is
+    scored in is left out (it changes no log-prob). Padded rows (input_ids, attention_mask,
+    labels): rows j * n + k, then as many columns as the widest of them has tokens. Either way
+    reply_logps gives sequence j * len(groups) + i the log-prob of sequence j * n + groups[i]."""
+    pick = torch.as_tensor(groups, dtype=torch.long)
+    if is_shared_prefix(rows, prefix):
+        owner = position_groups(rows, n, prefix)
+        keep = torch.isin(owner, pick.to(owner.device))
+        at = keep.nonzero().squeeze(1)
+        moved = keep.cumsum(0) - 1  # old position -> new position, for the kept ones
+        score_row = rows[f"{prefix}score_row"]
+        scored = torch.isin(score_row % n, pick.to(score_row.device))
+        index = torch.full((n,), -1, dtype=torch.long, device=score_row.device)
+        index[pick.to(score_row.device)] = torch.arange(len(groups), device=score_row.device)
+        row = score_row[scored]
+        replies = int(rows[f"{prefix}sequences"]) // n
+        out = {k: rows[f"{prefix}{k}"][:, at] for k in ("input_ids", "position_ids")}
+        mask = rows[f"{prefix}attention_mask"][0, 0]
+        out.update(attention_mask=mask[at][:, at][None, None],
+                   score_from=moved[rows[f"{prefix}score_from"][scored]],
+                   score_target=rows[f"{prefix}score_target"][scored],
+                   score_row=(row // n) * len(groups) + index[row % n],
+                   sequences=torch.tensor(len(groups) * replies))
+        return out
+    replies = rows[f"{prefix}input_ids"].size(0) // n
+    at = torch.cat([pick + j * n for j in range(replies)]).to(rows[f"{prefix}input_ids"].device)
+    real = rows[f"{prefix}attention_mask"][at].bool().any(0).nonzero()
+    width = int(real.max()) + 1 if real.numel() else 1
+    return {k: rows[f"{prefix}{k}"][at, :width] for k in _PADDED if f"{prefix}{k}" in rows}

@@ -15,7 +15,12 @@ hinge use log-probs summed over the reply; ipo, orpo and simpo averaged per repl
 The loss is summed over pairs (the loop divides by the pairs of the optimizer step), and so are
 the metrics, which evaluation reports as their means with TRL's names: rewards/chosen,
 rewards/rejected (beta x log-ratio; beta x log-prob without a reference), rewards/margins,
-rewards/accuracies (pairs whose chosen reward is higher), logps/chosen, logps/rejected."""
+rewards/accuracies (pairs whose chosen reward is higher), logps/chosen, logps/rejected.
+
+Every loss is a sum of per-pair terms, so training runs a micro-batch in parts of consecutive
+pairs (Objective.split; train/shared_prefix.py part_groups: at most PART_TOKENS tokens or one longer pair),
+one forward and backward each, the reference scoring each part before the policy does: only one
+part's activations are alive at a time. Evaluation scores a micro-batch whole."""
 
 from __future__ import annotations
 
@@ -98,8 +103,10 @@ def dpo_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
     NLL; metric sums: METRICS."""
     from contextlib import nullcontext
 
+    from ...data.shared_prefix import group_tokens, select_groups
     from .. import pref_losses
     from ..logps import head_only_at_labels, reply_logps
+    from ..shared_prefix import part_groups
 
     kind, beta = settings["pref_loss"], settings["pref_beta"]
     ftx, gamma = settings["pref_ftx"], settings["simpo_gamma"]
@@ -108,6 +115,8 @@ def dpo_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
 
     def loss(run_model, batch: dict):
         n = pair_count(batch)
+        # the reference first: its activations come and go before the policy's graph is built
+        ref = None if reference is None else reference(batch)[0]
         logps, counts = reply_logps(run_model, unwrapped, batch, head_at_labels)
         average = logps / counts.clamp(min=1)
         scored = average if kind in AVERAGED else logps
@@ -116,7 +125,6 @@ def dpo_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
             losses = (pref_losses.orpo(chosen, rejected, beta) if kind == "orpo"
                       else pref_losses.simpo(chosen, rejected, beta, gamma))
         else:
-            ref, _ = reference(batch)
             ref_scored = ref / counts.clamp(min=1) if kind in AVERAGED else ref
             chosen, rejected = scored[:n] - ref_scored[:n], scored[n:] - ref_scored[n:]
             losses = {"sigmoid": pref_losses.dpo_sigmoid, "hinge": pref_losses.dpo_hinge,
@@ -132,7 +140,14 @@ def dpo_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
                    "logps/rejected": scored[n:].detach().sum().item()}
         return losses.sum(), n, metrics
 
-    return Objective(loss, pair_count, METRICS)
+    def split(run_model, batch: dict) -> list[dict]:
+        """The micro-batch as parts of consecutive pairs (train/shared_prefix.py part_groups),
+        each scored by the policy and the reference on its own: no loss term mixes pairs."""
+        n = pair_count(batch)
+        groups = part_groups(group_tokens(batch, n))
+        return [batch] if len(groups) == 1 else [select_groups(batch, g, n) for g in groups]
+
+    return Objective(loss, pair_count, METRICS, split=split)
 
 
 register_stage(Stage(

@@ -14,6 +14,18 @@ replies lose kto_chosen_weight x (1 - sigmoid(beta (r - z_0))), undesirable ones
 kto_rejected_weight x (1 - sigmoid(beta (z_0 - r))) (train/pref_losses.kto); pref_ftx adds the
 per-token NLL of desirable replies. The loss is summed over examples (count = examples).
 
+An example's loss depends on the rest of its micro-batch only through z_0, which has no
+gradient; so training runs a micro-batch in parts (Objective.split): z_0 and the reference
+log-probs of the whole micro-batch first, without gradient, then one forward and backward per
+part of consecutive examples (train/shared_prefix.py part_groups: at most PART_TOKENS tokens,
+or one longer example), so only one part's activations are alive at a time. Exact: the parts' losses, metrics
+and gradients sum to the micro-batch's. Evaluation scores a micro-batch whole.
+
+On shared-prefix rows the mismatched replies do not run their prompts again: they attend to the
+prompts' keys and values recorded in the forward over the main rows (train/prompt_cache.py), the
+reference's always, the policy's where the micro-batch runs whole (split, z_0 comes before the
+policy's forward over the main rows, so its mismatched rows run their prompts).
+
 Metrics (TRL's names): rewards/chosen and logps/chosen are means over the desirable examples,
 rewards/rejected and logps/rejected over the undesirable ones, rewards/margins their difference,
 kl the mean KL estimate."""
@@ -113,32 +125,48 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
 
     import torch
 
+    from ...data.shared_prefix import group_tokens, is_shared_prefix, select_groups
     from .. import pref_losses, prompt_cache
     from ..logps import head_only_at_labels, reply_logps
+    from ..shared_prefix import part_groups
 
     beta, ftx = settings["pref_beta"], settings["pref_ftx"]
     weights = settings["kto_chosen_weight"], settings["kto_rejected_weight"]
     head_at_labels = head_only_at_labels(unwrapped, sample_batch, autocast or nullcontext)
     reference = reference_logps(unwrapped, head_at_labels)
 
-    def loss(run_model, batch: dict):
-        n = example_count(batch)
+    def reference_values(batch: dict, n: int):
+        """The reference's log-probs of the n main rows, then of the n mismatched ones, (2n,),
+        without gradient. Shared-prefix rows: the mismatched replies reuse the prompts' keys
+        recorded in the main rows' forward (train/prompt_cache.py), as the policy's do."""
         main, mismatched = _rows(batch), _rows(batch, "kl_")
-        # the reference first: its recorded keys are gone before the policy's graph is built
-        if "attention_mask" in main and main["attention_mask"].dim() == 2:  # padded rows: one stacked forward
-            ref, _ = reference(_stacked({k: main[k] for k in _PADDED}, {k: mismatched[k] for k in _PADDED}))
-        else:  # shared-prefix rows: the reference scores the policy's rows the policy's way
+        with torch.no_grad():
+            if not is_shared_prefix(main):  # padded rows: one stacked forward
+                return reference(_stacked({k: main[k] for k in _PADDED}, {k: mismatched[k] for k in _PADDED}))[0]
             with prompt_cache.capture() as recorded:
                 ref_main = reference(main)[0]
-            ref = torch.cat([ref_main, _mismatched(lambda rows: reference(rows)[0], batch, recorded)])
-        with prompt_cache.capture() as recorded:
-            logps, counts = reply_logps(run_model, unwrapped, main, head_at_labels)
+            return torch.cat([ref_main, _mismatched(lambda rows: reference(rows)[0], batch, recorded)])
+
+    def policy_kl_logps(batch: dict, recorded: dict):
+        """The policy's log-probs of the n mismatched replies, without gradient (reusing the
+        prompts' keys `recorded` in the policy's forward over the main rows, where there is one)."""
         with torch.no_grad():
-            kl_logps = _mismatched(lambda rows: reply_logps(unwrapped, unwrapped, rows, head_at_labels)[0],
-                                   batch, recorded)
-        del recorded
-        kl = (kl_logps - ref[n:]).mean()
-        ratios = logps - ref[:n]
+            return _mismatched(lambda rows: reply_logps(unwrapped, unwrapped, rows, head_at_labels)[0],
+                               batch, recorded)
+
+    def loss(run_model, batch: dict):
+        n = example_count(batch)
+        if "ref_logps" in batch:  # a part of a micro-batch (split): its shared values come with it
+            kl, ref = batch["kto_kl"], batch["ref_logps"]
+            logps, counts = reply_logps(run_model, unwrapped, _rows(batch), head_at_labels)
+        else:  # whole: the reference first, its activations and recorded keys gone before the policy's graph
+            ref = reference_values(batch, n)
+            with prompt_cache.capture() as recorded:
+                logps, counts = reply_logps(run_model, unwrapped, _rows(batch), head_at_labels)
+            kl = (policy_kl_logps(batch, recorded) - ref[n:]).mean()
+            del recorded
+            ref = ref[:n]
+        ratios = logps - ref
         desirable = batch["kto_tag"].bool()
         losses = pref_losses.kto(ratios, desirable, kl, beta, *weights)
         if ftx:
@@ -153,7 +181,20 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
                    "count/chosen": int(chosen.sum()), "count/rejected": int(rejected.sum())}
         return losses.sum(), n, metrics
 
-    return Objective(loss, example_count, SUMS, finish)
+    def split(run_model, batch: dict) -> list[dict]:
+        """The micro-batch as parts of consecutive examples (train/shared_prefix.py part_groups),
+        each its main rows with z_0 and its reference log-probs of the whole micro-batch."""
+        n = example_count(batch)
+        groups = part_groups(group_tokens(batch, n))
+        if len(groups) == 1:
+            return [batch]
+        ref = reference_values(batch, n)  # z_0 before any part: the policy's KL replies run their prompts again
+        kl = (policy_kl_logps(batch, {}) - ref[n:]).mean()
+        ref = ref[:n]
+        return [{**select_groups(batch, g, n), "kto_tag": batch["kto_tag"][g], "ref_logps": ref[g], "kto_kl": kl}
+                for g in groups]
+
+    return Objective(loss, example_count, SUMS, finish, split)
 
 
 register_stage(Stage(
