@@ -288,6 +288,15 @@ def test_the_loss_is_a_sum_over_pairs_so_accumulation_equals_one_big_batch(tiny_
         assert value == pytest.approx(sum(p[2][name] for p in parts), rel=1e-4, abs=1e-5), name
 
 
+def assert_same_step(split, whole, loss_abs: float) -> None:
+    """step_grads of the parts equal the whole micro-batch's: loss, metric sums, every gradient."""
+    assert split[0] == pytest.approx(whole[0], rel=1e-6, abs=loss_abs)
+    assert split[1] == pytest.approx(whole[1], rel=1e-6, abs=1e-5)  # rewards: beta x a difference of logps
+    assert split[2].keys() == whole[2].keys() and split[2]
+    for name, grad in whole[2].items():  # fp32, summed in another order: within 5e-5 of the largest entry
+        torch.testing.assert_close(split[2][name], grad, rtol=1e-5, atol=5e-5 * float(grad.abs().max()))
+
+
 def step_grads(model, objective, parts):
     """(summed loss, summed metrics, LoRA gradients) of one micro-batch trained as `parts`, one
     forward and backward each (the loop's way)."""
@@ -325,8 +334,4 @@ def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, la
     monkeypatch.setattr(shared_prefix, "PART_TOKENS", 10 ** 6)
     assert objective.parts(model, micro) == [micro]
     choice.undo()
-    assert split[0] == pytest.approx(whole[0], rel=1e-6, abs=1e-6)
-    assert split[1] == pytest.approx(whole[1], rel=1e-6, abs=1e-5)  # rewards: beta x a difference of logps
-    assert split[2].keys() == whole[2].keys() and split[2]
-    for name, grad in whole[2].items():  # fp32, summed in another order: within 5e-5 of the largest entry
-        torch.testing.assert_close(split[2][name], grad, rtol=1e-5, atol=5e-5 * float(grad.abs().max()))
+    assert_same_step(split, whole, loss_abs=1e-6)
