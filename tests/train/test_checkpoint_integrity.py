@@ -250,6 +250,18 @@ def test_a_run_killed_before_its_first_checkpoint_starts_afresh(tmp_path):
     assert [p.name for p in root.iterdir()] == ["training_args.yaml"]
 
 
+def test_overwrite_output_dir_says_which_checkpoints_it_removes(tmp_path, caplog):
+    root = tmp_path / "out"
+    for step in (2, 4):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+    plan = plan_resume(root, None, True, CONFIG)
+    assert plan == ResumePlan(clear_run=True)
+    with caplog.at_level("WARNING", logger="tuneforge"):
+        prepare_output_dir(root, plan, lambda p: p.write_text(yaml.safe_dump(CONFIG)))
+    assert not list(root.glob("checkpoint-*"))
+    assert "removing checkpoint-2, checkpoint-4" in caplog.text and "overwrite_output_dir=false" in caplog.text
+
+
 @pytest.mark.parametrize("case", ["other config", "other files", "no training_args"])
 def test_other_contents_without_checkpoints_are_refused_untouched(tmp_path, case):
     root = tmp_path / "out"

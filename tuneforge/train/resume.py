@@ -183,7 +183,12 @@ def prepare_output_dir(root: Path, plan: ResumePlan, write_args) -> None:
     Raises CheckpointError when the disk is full or read-only."""
     with outputs.disk_errors(root, ARGS_FILE):
         if plan.clear_run:
-            for path in list_checkpoints(root):
+            found = list_checkpoints(root)
+            if found:  # a crashed run's checkpoints go: say so, and how to keep them next time
+                log.warning("overwrite_output_dir: true: starting over in %s, removing %s (to resume from a "
+                            "checkpoint instead, run with overwrite_output_dir=false)", root,
+                            ", ".join(path.name for path in found))
+            for path in found:
                 outputs.discard(path)
         if plan.clear_run or plan.clear_start:
             outputs.discard(root / LOG_FILE)
