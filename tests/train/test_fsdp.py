@@ -108,7 +108,10 @@ def test_fsdp2_two_processes_equal_one_with_the_same_global_batch(runs, kind, we
     a, b = load_file(str(two / weights)), load_file(str(one / weights))
     assert sorted(a) == sorted(b)  # the ordinary peft / HF files, gathered whole
     worst = max((a[k] - b[k]).abs().max().item() for k in b)
-    assert worst <= 1e-5, worst
+    # fp32, 6 Adam steps: full fine-tuning's micro-batches run in parts of whole examples (train/parts.py),
+    # 8 per-example gradients summed in one process against 4 + 4 reduced across two, so the order of the
+    # sums differs more than before parts (3.2e-5 measured; LoRA/QLoRA stay within 1e-5)
+    assert worst <= (1e-5 if kind == "lora" else 5e-5), worst
     assert len(_losses(two)) == 6 and _losses(two)[-1] < _losses(two)[0]  # it trained
     if kind == "lora":  # QLoRA; the norms saved whole (modules_to_save), in the checkpoint's adapter too
         norms = sorted(k for k in a if k.endswith("norm.weight"))
