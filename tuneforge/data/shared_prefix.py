@@ -30,6 +30,36 @@ from .encode import split_budget
 Group = tuple[list[int], list[tuple[int, list[int]]]]
 
 
+class _Row:
+    """What one padding-free row is built from: token ids, position_ids, attention segments
+    (prefix_start, prefix_end, start, end: packed_attention.causal_segments) and the scored tokens."""
+
+    def __init__(self):
+        self.ids: list[int] = []
+        self.positions: list[int] = []
+        self.segments: list[tuple[int, int, int, int]] = []
+        self.score_from: list[int] = []
+        self.score_target: list[int] = []
+        self.score_row: list[int] = []
+
+    def score(self, before: int, token: int, sequence: int) -> None:
+        """Position `before` predicts `token` of sequence `sequence`."""
+        self.score_from.append(before)
+        self.score_target.append(token)
+        self.score_row.append(sequence)
+
+    def tensors(self, mask: torch.Tensor, sequences: int, prefix: str, **extra) -> dict[str, torch.Tensor]:
+        """The row's keys (shared_prefix_rows), each named with `prefix`, and `extra` ones."""
+        out = {"input_ids": torch.tensor([self.ids], dtype=torch.long),
+               "position_ids": torch.tensor([self.positions], dtype=torch.long),
+               "attention_mask": mask[None, None],
+               "score_from": torch.tensor(self.score_from, dtype=torch.long),
+               "score_target": torch.tensor(self.score_target, dtype=torch.long),
+               "score_row": torch.tensor(self.score_row, dtype=torch.long),
+               "sequences": torch.tensor(sequences), **extra}
+        return {f"{prefix}{key}": value for key, value in out.items()}
+
+
 def shared_prefix_rows(groups: list[Group], prefix: str = "") -> dict[str, torch.Tensor]:
     """One shared-prefix row of `groups` (each with the same number r of replies):
     {prefix}input_ids and {prefix}position_ids (1, L), {prefix}attention_mask (1, 1, L, L)
@@ -39,12 +69,8 @@ def shared_prefix_rows(groups: list[Group], prefix: str = "") -> dict[str, torch
     if not groups:
         raise ValueError("cannot collate an empty list of examples")
     n = len(groups)
-    ids: list[int] = []
-    positions: list[int] = []
-    segments: list[tuple[int, int, int, int]] = []
-    score_from: list[int] = []
-    score_target: list[int] = []
-    score_row: list[int] = []
+    row = _Row()
+    ids, positions, segments = row.ids, row.positions, row.segments
     for k, (prompt, replies) in enumerate(groups):
         start = len(ids)
         ids += prompt
@@ -64,18 +90,9 @@ def shared_prefix_rows(groups: list[Group], prefix: str = "") -> dict[str, torch
                 before = at + t - 1 if t else start + seen - 1
                 if before < start or (t == 0 and seen == 0):  # nothing before it to predict it
                     continue
-                score_from.append(before)
-                score_target.append(token)
-                score_row.append(j * n + k)
+                row.score(before, token, j * n + k)
     mask = segment_mask([s for s in segments if s[3] > s[2]], len(ids))
-    out = {"input_ids": torch.tensor([ids], dtype=torch.long),
-           "position_ids": torch.tensor([positions], dtype=torch.long),
-           "attention_mask": mask[None, None],
-           "score_from": torch.tensor(score_from, dtype=torch.long),
-           "score_target": torch.tensor(score_target, dtype=torch.long),
-           "score_row": torch.tensor(score_row, dtype=torch.long),
-           "sequences": torch.tensor(n * len(groups[0][1]))}
-    return {f"{prefix}{key}": value for key, value in out.items()}
+    return row.tensors(mask, n * len(groups[0][1]), prefix)
 
 
 def continuation_rows(replies: list[tuple[list[int], int, list[int]]], prompt_starts: list[int], offset: int,
@@ -92,12 +109,8 @@ def continuation_rows(replies: list[tuple[list[int], int, list[int]]], prompt_st
     row's own block-causal part, score_from / score_target / score_row (N,), sequences ()), and
     segments (m, 4): (prefix_start, prefix_end, start, end) in the other row's positions followed
     by this row's (offset + i). Raises ValueError for seen outside [0, len(prompt)]."""
-    ids: list[int] = []
-    positions: list[int] = []
-    segments: list[tuple[int, int, int, int]] = []
-    score_from: list[int] = []
-    score_target: list[int] = []
-    score_row: list[int] = []
+    row = _Row()
+    ids, positions, segments = row.ids, row.positions, row.segments
     for k, ((prompt, seen, reply), start) in enumerate(zip(replies, prompt_starts)):
         if not 0 <= seen <= len(prompt):
             raise ValueError(f"reply {k} sees {seen} prompt tokens of {len(prompt)}")
@@ -111,19 +124,9 @@ def continuation_rows(replies: list[tuple[list[int], int, list[int]]], prompt_st
         for t, token in enumerate(reply):
             if not head and t == 0:  # nothing before it to predict it
                 continue
-            score_from.append(at + t - 1 + len(head))
-            score_target.append(token)
-            score_row.append(k)
+            row.score(at + t - 1 + len(head), token, k)
     mask = segment_mask([(s - offset, s - offset, s - offset, e - offset) for _, _, s, e in segments], len(ids))
-    out = {"input_ids": torch.tensor([ids], dtype=torch.long),
-           "position_ids": torch.tensor([positions], dtype=torch.long),
-           "attention_mask": mask[None, None],
-           "score_from": torch.tensor(score_from, dtype=torch.long),
-           "score_target": torch.tensor(score_target, dtype=torch.long),
-           "score_row": torch.tensor(score_row, dtype=torch.long),
-           "sequences": torch.tensor(len(replies)),
-           "segments": torch.tensor(segments, dtype=torch.long).reshape(-1, 4)}
-    return {f"{prefix}{key}": value for key, value in out.items()}
+    return row.tensors(mask, len(replies), prefix, segments=torch.tensor(segments, dtype=torch.long).reshape(-1, 4))
 
 
 class SharedPrefixCollator:
@@ -169,7 +172,7 @@ class KtoSharedCollator:
 
 
 # ---- some of a micro-batch's examples, in its own layout (Objective.split: stages dpo and kto) --
-_PADDED = ("input_ids", "attention_mask", "labels")
+PADDED = ("input_ids", "attention_mask", "labels")  # a padded row set's keys
 
 
 def is_shared_prefix(rows: dict, prefix: str = "") -> bool:
@@ -243,4 +246,4 @@ def select_groups(rows: dict, groups: list[int], n: int, prefix: str = "") -> di
     at = torch.cat([pick + j * n for j in range(replies)]).to(rows[f"{prefix}input_ids"].device)
     real = rows[f"{prefix}attention_mask"][at].bool().any(0).nonzero()
     width = int(real.max()) + 1 if real.numel() else 1
-    return {k: rows[f"{prefix}{k}"][at, :width] for k in _PADDED if f"{prefix}{k}" in rows}
+    return {k: rows[f"{prefix}{k}"][at, :width] for k in PADDED if f"{prefix}{k}" in rows}

@@ -76,9 +76,6 @@ def _rows(batch: dict, prefix: str = "") -> dict:
     return {k[len(prefix):]: v for k, v in batch.items() if k.startswith(prefix)}
 
 
-_PADDED = ("input_ids", "attention_mask", "labels")
-
-
 def _stacked(a: dict, b: dict) -> dict:
     """Two right-padded row sets (input_ids, attention_mask, labels) as one, padded to the
     wider (the padding is masked and unlabelled, so its id does not matter)."""
@@ -125,7 +122,7 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
 
     import torch
 
-    from ...data.shared_prefix import group_tokens, is_shared_prefix, select_groups
+    from ...data.shared_prefix import PADDED, group_tokens, is_shared_prefix, select_groups
     from .. import pref_losses, prompt_cache
     from ..logps import head_only_at_labels, reply_logps
     from ..shared_prefix import part_groups
@@ -142,7 +139,7 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
         main, mismatched = _rows(batch), _rows(batch, "kl_")
         with torch.no_grad():
             if not is_shared_prefix(main):  # padded rows: one stacked forward
-                return reference(_stacked({k: main[k] for k in _PADDED}, {k: mismatched[k] for k in _PADDED}))[0]
+                return reference(_stacked({k: main[k] for k in PADDED}, {k: mismatched[k] for k in PADDED}))[0]
             with prompt_cache.capture() as recorded:
                 ref_main = reference(main)[0]
             return torch.cat([ref_main, _mismatched(lambda rows: reference(rows)[0], batch, recorded)])
