@@ -318,7 +318,7 @@ def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, la
     alone; the parts' losses (pref_ftx included), metrics and LoRA gradients sum to the
     micro-batch's trained as one, for every pref_loss and both row layouts."""
     from tests.train.test_packing_runs import data_args
-    from tuneforge.train import shared_prefix
+    from tuneforge.train import parts as parts_module
     from tuneforge.train.shared_prefix import choose_pair_collator
 
     model = tiny_model(tiny_model_dir)
@@ -326,12 +326,12 @@ def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, la
     micro = choice.collate(EXAMPLES)
     assert ("score_from" in micro) == (layout == "shared")
     objective = objective_on(model, micro, pref_loss=kind, pref_ftx=0.2)
-    monkeypatch.setattr(shared_prefix, "PART_TOKENS", 0)
+    monkeypatch.setattr(parts_module, "PART_TOKENS", 0)
     parts = objective.parts(model, micro)
     assert [objective.count(p) for p in parts] == [1, 1, 1]
     split = step_grads(model, objective, parts)
     whole = step_grads(model, objective, [micro])
-    monkeypatch.setattr(shared_prefix, "PART_TOKENS", 10 ** 6)
+    monkeypatch.setattr(parts_module, "PART_TOKENS", 10 ** 6)
     assert objective.parts(model, micro) == [micro]
     choice.undo()
     assert_same_step(split, whole, loss_abs=1e-6)

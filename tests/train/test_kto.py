@@ -136,7 +136,7 @@ def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, la
     trained as one (both row layouts; PART_TOKENS set so that there are 4, 2 or 1 parts)."""
     from tests.train.test_packing_runs import data_args
     from tuneforge.data.shared_prefix import KtoSharedCollator
-    from tuneforge.train import shared_prefix
+    from tuneforge.train import parts as parts_module
     from tuneforge.train.shared_prefix import choose_shared_prefix
 
     model = tiny_model(tiny_model_dir)
@@ -145,7 +145,7 @@ def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, la
     micro = choice.collate(EXAMPLES)
     assert ("score_from" in micro) == (layout == "shared")
     objective = objective_on(model, micro)
-    monkeypatch.setattr(shared_prefix, "PART_TOKENS", most)
+    monkeypatch.setattr(parts_module, "PART_TOKENS", most)
     parts = objective.parts(model, micro)
     assert [int(p["kto_tag"].numel()) for p in parts] == sizes
     assert [t for p in parts for t in p["kto_tag"].tolist()] == micro["kto_tag"].tolist()
@@ -160,7 +160,7 @@ def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, la
 def test_a_run_in_parts_equals_the_run_in_micro_batches(tiny_model_dir, tmp_path, monkeypatch):
     """Through the training loop (TrainingRun: a part's forward and backward at a time): the
     same losses and evaluation as micro-batches trained whole."""
-    from tuneforge.train import shared_prefix
+    from tuneforge.train import parts as parts_module
 
     records = [{"instruction": f"Question {i} about the weather today?", "output": f"Answer {i}: it rains.",
                 "tag": bool(i % 3)} for i in range(12)]
@@ -169,10 +169,10 @@ def test_a_run_in_parts_equals_the_run_in_micro_batches(tiny_model_dir, tmp_path
     (folder / "fb.json").write_text(json.dumps(records))
     (folder / "dataset_info.json").write_text(json.dumps({"fb": {"file_name": "fb.json",
                                                                  "columns": {"kto_tag": "tag"}}}))
-    results, parts, real = {}, [], shared_prefix.part_groups
-    monkeypatch.setattr(shared_prefix, "part_groups", lambda *a: (parts.append(len(real(*a))), real(*a))[1])
+    results, parts, real = {}, [], parts_module.part_groups
+    monkeypatch.setattr(parts_module, "part_groups", lambda *a: (parts.append(len(real(*a))), real(*a))[1])
     for most in (0, 10 ** 6):
-        monkeypatch.setattr(shared_prefix, "PART_TOKENS", most)
+        monkeypatch.setattr(parts_module, "PART_TOKENS", most)
         results[most] = train(load_config(None, {
             "stage": "kto", "model_name_or_path": str(tiny_model_dir), "dataset": "fb", "dataset_dir": str(folder),
             "cutoff_len": 64, "val_size": 4, "output_dir": str(tmp_path / str(most)),

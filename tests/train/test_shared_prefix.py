@@ -239,7 +239,7 @@ def test_selected_groups_score_as_in_the_whole_micro_batch(tiny_model_dir):
 
 
 def test_parts_of_at_most_so_many_tokens():
-    from tuneforge.train.shared_prefix import part_groups
+    from tuneforge.train.parts import part_groups
 
     tokens = torch.tensor([300, 100, 200, 50])
     assert part_groups(tokens, 0) == [[0], [1, 2], [3]]  # at most the longest group's 300

@@ -69,6 +69,32 @@ def split_batch(batch: dict, budget: int | None = None) -> list[dict]:
     return _split_rows(batch, budget or 0)
 
 
+#: a part of a micro-batch of stages dpo and kto runs at most this many tokens, or its one
+#: longest group's (sft and pt: cutoff_len)
+PART_TOKENS = 512
+
+
+def part_groups(tokens: torch.Tensor, most: int | None = None) -> list[list[int]]:
+    """Consecutive groups (examples, pairs) of a micro-batch as parts of at most `most` tokens
+    (default PART_TOKENS; at least the longest group's): `tokens` (n,) each group's tokens
+    (data/shared_prefix.py group_tokens, or a packed row's examples). A group joins the part before
+    while the part stays within the bound: the peak of one part's activations is that of the
+    longest group or of `most` tokens, and short groups share a forward (any two consecutive parts
+    hold more than the bound). Every part has tokens unless the micro-batch has none (then it is
+    one part)."""
+    counts = tokens.tolist()
+    most = max([PART_TOKENS if most is None else most, *counts])
+    parts: list[list[int]] = [[]]
+    held = 0
+    for k, count in enumerate(counts):
+        if parts[-1] and held + count > most:
+            parts.append([])
+            held = 0
+        parts[-1].append(k)
+        held += count
+    return parts
+
+
 def _split_packed(batch: dict, budget: int) -> list[dict]:
     """One row: cut between examples, into runs of whole examples."""
     positions = batch.get("position_ids")
@@ -77,16 +103,11 @@ def _split_packed(batch: dict, budget: int) -> list[dict]:
     length = positions.shape[1]
     starts = ((positions[0] == 0) & (batch["labels"][0] == IGNORE)).nonzero().flatten().tolist()
     starts = [0] + [s for s in starts if s > 0]
-    sizes = [end - start for start, end in zip(starts, starts[1:] + [length])]
-    budget, bounds, begin, held = max(budget, *sizes), [], 0, 0
-    for start, size in zip(starts, sizes):
-        if held and held + size > budget:
-            bounds.append((begin, start))
-            begin, held = start, 0
-        held += size
-    bounds.append((begin, length))
-    if len(bounds) == 1:
+    ends = starts[1:] + [length]
+    groups = part_groups(torch.tensor([end - start for start, end in zip(starts, ends)]), budget)
+    if len(groups) == 1:
         return [batch]
+    bounds = [(starts[group[0]], ends[group[-1]]) for group in groups]
     return [{key: value[:, a:b] for key, value in batch.items()} for a, b in bounds]
 
 

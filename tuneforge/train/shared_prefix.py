@@ -5,9 +5,7 @@ but it is only right for a model that reads position_ids and takes a 4-D boolean
 as it is given. As for packing (train/packing.py), a probe decides: the actual model (adapters
 included) scores two short random pairs both ways before training, and the logits at the scored
 positions must agree. The `packing` key decides as it does for sft: false = padding, true =
-shared-prefix rows or a ConfigError, unset = the probe.
-
-part_groups: how stages dpo and kto split a training micro-batch into parts (Objective.split)."""
+shared-prefix rows or a ConfigError, unset = the probe."""
 
 from __future__ import annotations
 
@@ -94,27 +92,3 @@ def probe_shared_prefix(model, padded_collator) -> str | None:
     order = torch.argsort(shared["score_row"], stable=True)
     return disagreement(got[0][shared["score_from"][order]], reference_at, alone_at, model, "shared-prefix")
 
-
-#: a part of a micro-batch (Objective.split of stages dpo and kto) runs at most this many tokens,
-#: or its one longest group's
-PART_TOKENS = 512
-
-
-def part_groups(tokens: torch.Tensor, most: int | None = None) -> list[list[int]]:
-    """Consecutive groups (examples, pairs) of a micro-batch as parts of at most `most` tokens
-    (default PART_TOKENS; at least the longest group's): `tokens` (n,) each group's tokens
-    (data/shared_prefix.py group_tokens). A group joins the part before while the part stays
-    within the bound: the peak of one part's activations is that of the longest group or of
-    `most` tokens, and short groups share a forward (any two consecutive parts hold more than
-    the bound). Every part has tokens unless the micro-batch has none (then it is one part)."""
-    counts = tokens.tolist()
-    most = max([PART_TOKENS if most is None else most, *counts])
-    parts: list[list[int]] = [[]]
-    held = 0
-    for k, count in enumerate(counts):
-        if parts[-1] and held + count > most:
-            parts.append([])
-            held = 0
-        parts[-1].append(k)
-        held += count
-    return parts

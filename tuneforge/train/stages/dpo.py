@@ -18,7 +18,7 @@ rewards/rejected (beta x log-ratio; beta x log-prob without a reference), reward
 rewards/accuracies (pairs whose chosen reward is higher), logps/chosen, logps/rejected.
 
 Every loss is a sum of per-pair terms, so training runs a micro-batch in parts of consecutive
-pairs (Objective.split; train/shared_prefix.py part_groups: at most PART_TOKENS tokens or one longer pair),
+pairs (Objective.split; train/parts.py part_groups: at most PART_TOKENS tokens or one longer pair),
 one forward and backward each, the reference scoring each part before the policy does: only one
 part's activations are alive at a time. Evaluation scores a micro-batch whole."""
 
@@ -106,7 +106,7 @@ def dpo_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
     from ...data.shared_prefix import group_tokens, select_groups
     from .. import pref_losses
     from ..logps import head_only_at_labels, reply_logps
-    from ..shared_prefix import part_groups
+    from ..parts import part_groups
 
     kind, beta = settings["pref_loss"], settings["pref_beta"]
     ftx, gamma = settings["pref_ftx"], settings["simpo_gamma"]
@@ -141,7 +141,7 @@ def dpo_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
         return losses.sum(), n, metrics
 
     def split(run_model, batch: dict) -> list[dict]:
-        """The micro-batch as parts of consecutive pairs (train/shared_prefix.py part_groups),
+        """The micro-batch as parts of consecutive pairs (train/parts.py part_groups),
         each scored by the policy and the reference on its own: no loss term mixes pairs."""
         n = pair_count(batch)
         groups = part_groups(group_tokens(batch, n))

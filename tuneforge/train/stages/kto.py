@@ -17,7 +17,7 @@ per-token NLL of desirable replies. The loss is summed over examples (count = ex
 An example's loss depends on the rest of its micro-batch only through z_0, which has no
 gradient; so training runs a micro-batch in parts (Objective.split): z_0 and the reference
 log-probs of the whole micro-batch first, without gradient, then one forward and backward per
-part of consecutive examples (train/shared_prefix.py part_groups: at most PART_TOKENS tokens,
+part of consecutive examples (train/parts.py part_groups: at most PART_TOKENS tokens,
 or one longer example), so only one part's activations are alive at a time. Exact: the parts' losses, metrics
 and gradients sum to the micro-batch's. Evaluation scores a micro-batch whole.
 
@@ -125,7 +125,7 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
     from ...data.shared_prefix import PADDED, group_tokens, is_shared_prefix, select_groups
     from .. import pref_losses, prompt_cache
     from ..logps import head_only_at_labels, reply_logps
-    from ..shared_prefix import part_groups
+    from ..parts import part_groups
 
     beta, ftx = settings["pref_beta"], settings["pref_ftx"]
     weights = settings["kto_chosen_weight"], settings["kto_rejected_weight"]
@@ -179,7 +179,7 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
         return losses.sum(), n, metrics
 
     def split(run_model, batch: dict) -> list[dict]:
-        """The micro-batch as parts of consecutive examples (train/shared_prefix.py part_groups),
+        """The micro-batch as parts of consecutive examples (train/parts.py part_groups),
         each its main rows with z_0 and its reference log-probs of the whole micro-batch."""
         n = example_count(batch)
         groups = part_groups(group_tokens(batch, n))
