@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import dataclasses
@@ -87,7 +88,9 @@ def test_bad_input(case, tmp_path, monkeypatch, capsys, tiny_model_dir, shared_d
     spec = yaml.safe_load((case / "case.yaml").read_text(encoding="utf-8"))
     work = tmp_path / case.name
     shutil.copytree(case, work, symlinks=True, ignore=shutil.ignore_patterns("case.yaml"))
-    values = {"tiny_model": str(tiny_model_dir), "shared_data": str(shared_data_dir), "work": str(work)}
+    values = {"tiny_model": str(tiny_model_dir), "shared_data": str(shared_data_dir), "work": str(work),
+              # the parser's depth limit is the interpreter's (pytest-xdist's workers raise it)
+              "recursion_limit": str(sys.getrecursionlimit())}
     if spec.get("tiny_model"):
         shutil.copytree(tiny_model_dir, work / spec["tiny_model"])
     for path in work.rglob("*"):

@@ -33,7 +33,14 @@ def _cached_tokenizer_dir() -> Path:
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=GGUF_NAME)
         partial = target.with_name(target.name + f".tmp{os.getpid()}")
         tokenizer.save_pretrained(partial)
-        partial.rename(target)  # atomic: a concurrent run never sees half a directory
+        try:
+            partial.rename(target)  # atomic: a concurrent run never sees half a directory
+        except OSError:  # another worker (pytest-xdist) renamed its copy first
+            if not (target / "tokenizer.json").is_file():
+                raise
+            import shutil
+
+            shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

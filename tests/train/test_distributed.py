@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import arithmetic_records, write_dataset
 from tuneforge.cli import main
+from tuneforge.distributed.launch import free_port
 
 # one SGD-like step (adam_epsilon=1) shows the gradient itself in the adapter weights
 STEP = ["max_steps=1", "learning_rate=1.0", "adam_epsilon=1.0", "lr_scheduler_type=constant",
@@ -28,7 +29,9 @@ def test_two_processes_equal_one_with_the_combined_batch(tmp_path, tiny_model_di
     data = write_dataset(tmp_path / "data", "arith", arithmetic_records(40))
     common = [f"model_name_or_path={tiny_model_dir}", "dataset=arith", f"dataset_dir={data}", *STEP]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.Popen([str(torchrun), "--nproc_per_node", "2", "-m", "tuneforge", "train",
+    # a port of its own: other tests may run torchrun at the same time (pytest-xdist's workers)
+    two = subprocess.Popen([str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()),
+                            "-m", "tuneforge", "train",
                             *common, f"output_dir={tmp_path / 'two'}", "per_device_train_batch_size=8"],
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     # the one-process oracle runs in this process meanwhile (no second start-up of torch)

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import arithmetic_records, write_dataset
+from tuneforge.distributed.launch import free_port
 from tuneforge.workflows import train
 
 STEPS = {"max_steps": 6, "learning_rate": 1e-3, "lr_scheduler_type": "constant", "bf16": False,
@@ -90,8 +91,9 @@ def runs(tmp_path_factory, tiny_model_dir):
 
 
 def _torchrun(values: dict) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "tuneforge", "train",
-            *_argv(values)]
+    # a port of its own: other tests may run torchrun at the same time (pytest-xdist's workers)
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+            "-m", "tuneforge", "train", *_argv(values)]
 
 
 def _config(values: dict):
