@@ -31,11 +31,18 @@ browser:
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
 		echo "tests/webui need Chromium at $(CHROMIUM): install Debian's chromium package"; }
 
+# the suite in parallel (pytest-xdist): a worker per core this process may use, at most 4 (each
+# holds its own fixtures and, in the integration tests, the default model); a test file stays on
+# one worker (its module fixtures are built once). tests/conftest.py gives each worker its share
+# of the threads. TEST_WORKERS=0 runs it in this one process.
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 1)
+PYTEST = $(PY) -m pytest -q $(if $(filter-out 0 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
+
 test: $(STAMP) browser
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP) browser
-	$(PY) -m pytest -q -m "not integration"
+	$(PYTEST) -m "not integration"
 
 # LoRA training throughput against peft + transformers.Trainer, with the goals of issue 5
 # (benchmarks/train_throughput.py; run it on an otherwise idle machine)

@@ -14,6 +14,20 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("TUNEFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`make test` runs one worker per core), each worker trains with its share
+    of the cores: with two threads each on two cores, the workers' OpenMP threads wait for each
+    other's (issue 21). Subprocesses that tests start inherit it; an OMP_NUM_THREADS the user set wins."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if not workers or "OMP_NUM_THREADS" in os.environ:
+        return
+    from tuneforge.threads import choose_threads
+
+    share = max(1, choose_threads()[0] // int(workers))
+    os.environ["OMP_NUM_THREADS"] = str(share)
+    torch.set_num_threads(share)
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     assert (SHARED_DATA / "dataset_info.json").is_file(), (
