@@ -67,9 +67,13 @@ def child_peer(opts) -> dict:
     opts.lr, opts.rank, opts.seed = LR, RANK, SEED
     r = arms.run_peer(opts)
     first, last = r["steps"][0], r["steps"][-1]
+    positions = sum(s["positions"] for s in r["steps"])
+    # transformers' causal LM computes the head's logits at every position, padding included
     return {"first_step": r["started_at"] + first["start"], "last_step": r["started_at"] + last["end"],
             "save_began": r.get("save_began"), "save_ended": r.get("save_ended"),
-            "losses": [s["loss"] for s in r["steps"]]}
+            "losses": [s["loss"] for s in r["steps"]],
+            "work": {"real": sum(s["real"] for s in r["steps"]), "positions": positions, "head": positions,
+                     "body_passes": 3}}  # forward, the checkpointed forward again, backward
 
 
 def _trainer_step_times(times: dict) -> None:
@@ -107,12 +111,25 @@ def child_tuneforge(opts) -> dict:
     from tuneforge.train import loop
 
     times: dict = {}
+    work = times["work"] = {"real": 0, "positions": 0, "head": 0, "body_passes": 2}  # forward, backward
     step, save = loop.TrainingRun.train_step, workflows._save_outputs
+
+    def counted(loss):
+        def run(model, part):  # each forward the loop runs (a micro-batch, or each of its parts)
+            work["positions"] += part["input_ids"].numel()
+            work["head"] += int((part["labels"] != -100).sum())  # the fused loss's head: labelled rows only
+            return loss(model, part)
+        return run
 
     def train_step(self):
         times.setdefault("first_step", time.time())
+        if not getattr(self.objective, "_counted", False):
+            object.__setattr__(self.objective, "loss", counted(self.objective.loss))
+            object.__setattr__(self.objective, "_counted", True)
         try:
-            return step(self)
+            result = step(self)
+            work["real"] += result[2]
+            return result
         finally:
             times["last_step"] = time.time()
 
@@ -237,6 +254,38 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def matmul_work(model_dir: str, work: dict) -> float:
+    """Multiply-adds (MAC) of the job's linear layers over training, forward and backward: each
+    position through the decoder's linear layers `body_passes` times (the frozen weights need the
+    input's gradient only, one matmul like the forward's; gradient checkpointing runs the forward
+    twice), and through the output head twice (forward, input gradient) at `head` positions.
+    Attention scores and LoRA's rank-8 matmuls are left out (a few %). From the model's
+    config.json: hidden_size, intermediate_size, layers, heads, key/value heads, vocabulary."""
+    c = json.loads((Path(model_dir) / "config.json").read_text())
+    h, layers = c["hidden_size"], c["num_hidden_layers"]
+    heads = c["num_attention_heads"]
+    dim = c.get("head_dim") or h // heads
+    kv = c.get("num_key_value_heads", heads) * dim
+    per_layer = h * heads * dim * 2 + h * kv * 2 + 3 * h * c["intermediate_size"]  # q, o; k, v; gate, up, down
+    return (work["positions"] * layers * per_layer * work["body_passes"]
+            + work["head"] * h * c["vocab_size"] * 2)
+
+
+def work_line(results: list[dict], model_dir: str) -> str | None:
+    """What equal matmul speed would give: the peer's matmul work over tuneforge's (the training
+    time's ratio if both computed their multiply-adds equally fast)."""
+    by = {r["arm"]: r for r in results if "error" not in r and r.get("work")}
+    if "peer" not in by or "tuneforge" not in by:
+        return None
+    peer, tf = (by[a]["work"] for a in ("peer", "tuneforge"))
+    a, b = matmul_work(model_dir, peer), matmul_work(model_dir, tf)
+    return (f"matmul work over training (linear layers, forward + backward): peer {a / 1e12:.2f} TMAC "
+            f"({peer['positions']:,} positions for {peer['real']:,} real tokens, {peer['body_passes']} passes), "
+            f"tuneforge {b / 1e12:.2f} TMAC ({tf['positions']:,} positions, {tf['head']:,} through the head, "
+            f"{tf['body_passes']} passes): {a / b:.2f}x, the training time's ratio at equal matmul speed; "
+            f"measured {by['peer']['train_s'] / by['tuneforge']['train_s']:.2f}x")
+
+
 def goal_lines(results: list[dict]) -> list[str]:
     """The three goals (wall, peak RSS, loss), tuneforge against llamafactory where it ran, else the peer."""
     by = {r["arm"]: r for r in results if "error" not in r}
@@ -306,6 +355,12 @@ def main(argv: list[str] | None = None) -> None:
         results = [run_arm(arm, opts, Path(tmp)) for arm in arms]
     print(table(results))
     for line in goal_lines(results):
+        print(line)
+    sys.path.insert(0, str(ROOT))
+    from tuneforge.models import default_model_dir
+
+    line = work_line(results, str(default_model_dir()))
+    if line:
         print(line)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     if opts.json:

@@ -56,3 +56,22 @@ def test_goal_lines_judge_tuneforge_against_llamafactory_else_the_peer():
     row = {"arm": "tuneforge", "wall_s": 100.0, "startup_s": 20.0, "train_s": 75.0, "save_s": 4.0, "exit_s": 1.0,
            "peak_rss": 2048 * MB, "cpu_s": 190.0, "last_loss": 1.23456}
     assert job.table([row]).splitlines()[-1] == "| tuneforge | 100.0 | 20.0 | 75.0 | 4.0 | 1.0 | 2,048 | 190.0 | 1.2346 |"
+
+
+def test_matmul_work_counts_passes_positions_and_head_rows(tmp_path):
+    # hidden 4, 2 heads of 2 (q, o: 4x4 each), 1 key/value head (k, v: 4x2 each), MLP 8 (3 of 4x8), 3 layers
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 3, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "vocab_size": 10}))
+    per_position = 3 * (16 + 16 + 8 + 8 + 3 * 32)  # 432 multiply-adds through the decoder
+    head = 4 * 10
+    work = {"positions": 5, "head": 2, "body_passes": 3, "real": 4}
+    assert job.matmul_work(str(tmp_path), work) == 5 * per_position * 3 + 2 * head * 2
+    peer = {"arm": "peer", "train_s": 30.0, "work": work}
+    tf = {"arm": "tuneforge", "train_s": 10.0, "work": {"positions": 4, "head": 1, "body_passes": 2, "real": 4}}
+    ratio = job.matmul_work(str(tmp_path), work) / job.matmul_work(str(tmp_path), tf["work"])
+    line = job.work_line([peer, tf], str(tmp_path))
+    assert f": {ratio:.2f}x, the training time's ratio at equal matmul speed; measured 3.00x" in line
+    assert job.work_line([peer], str(tmp_path)) is None
