@@ -240,7 +240,7 @@ def dpo_values(model_dir, folder, out, **overrides):
 
 def test_a_tiny_run_raises_the_reward_margin_and_accuracy(tiny_model_dir, tmp_path):
     out = tmp_path / "dpo"
-    results = train(dpo_values(tiny_model_dir, toy_pairs(tmp_path / "data"), out))
+    results = train(dpo_values(tiny_model_dir, toy_pairs(tmp_path / "data"), out, plot_loss=True))
     assert results["eval_loss_before"] == pytest.approx(0.6931, abs=1e-3)  # policy = reference at start
     assert results["eval_rewards/margins_before"] == pytest.approx(0.0, abs=1e-5)
     assert results["eval_rewards/margins"] > 0.5
@@ -253,6 +253,10 @@ def test_a_tiny_run_raises_the_reward_margin_and_accuracy(tiny_model_dir, tmp_pa
     assert [e["current_steps"] for e in train_log] == [4, 8, 12]
     assert all(0 <= e["rewards/accuracies"] <= 1 for e in train_log)
     assert train_log[-1]["rewards/margins"] > train_log[0]["rewards/margins"]
+    # plot_loss: the stage's own metrics beside the loss (Stage.plot), training and eval
+    assert sorted(p.name for p in out.glob("*.png")) == [
+        "training_eval_loss.png", "training_eval_rewards_accuracies.png", "training_eval_rewards_margins.png",
+        "training_loss.png", "training_rewards_accuracies.png", "training_rewards_margins.png"]
 
 
 def test_a_dpo_run_resumes_to_the_same_adapter(tiny_model_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""training_loss.png: the raw loss and an exponentially smoothed curve (plus eval loss)."""
+"""training_loss.png: the raw loss and an exponentially smoothed curve; the same for the eval
+loss and for a stage's own metrics (Stage.plot: training_rewards_accuracies.png, ...)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,10 @@ def smooth(values: list[float], weight: float | None = None) -> list[float]:
     return out
 
 
-def plot_loss(output_dir: str | Path) -> list[Path]:
+def plot_loss(output_dir: str | Path, metrics: tuple[str, ...] = ()) -> list[Path]:
+    """One figure per key of trainer_log.jsonl that has values: the loss, the eval loss and each of
+    `metrics` and its eval_ counterpart, as training_<key>.png ('/' becomes '_'). Returns the files
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,7 +34,9 @@ def plot_loss(output_dir: str | Path) -> list[Path]:
 
     entries = read_log(output_dir)
     written = []
-    for key, name in (("loss", "training_loss.png"), ("eval_loss", "training_eval_loss.png")):
+    keys = ["loss", "eval_loss", *(k for m in metrics for k in (m, f"eval_{m}"))]
+    for key in dict.fromkeys(keys):
+        name = f"training_{key.replace('/', '_')}.png"
         points = [(e["current_steps"], e[key]) for e in entries if e.get(key) is not None]
         if not points:
             continue

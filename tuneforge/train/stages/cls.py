@@ -157,4 +157,5 @@ register_stage(Stage(
     keys=KEYS,
     model_options=model_options,
     evaluate=evaluate,
+    plot=("accuracy",),
 ))

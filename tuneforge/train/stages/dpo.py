@@ -160,4 +160,5 @@ register_stage(Stage(
     objective=dpo_objective,
     needs_reference=lambda settings: settings["pref_loss"] not in REFERENCE_FREE,
     keys=KEYS,
+    plot=("rewards/accuracies", "rewards/margins"),
 ))

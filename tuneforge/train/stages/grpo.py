@@ -172,4 +172,5 @@ register_stage(Stage(
     packing=False,
     keys=KEYS,
     config_keys=SAMPLING_KEYS,
+    plot=("reward", "kl"),
 ))

@@ -59,10 +59,17 @@ def load_teacher(cfg, settings: dict, student):
     weights. Raises ModelError (a teacher that cannot load) and ConfigError (another vocabulary
     than the student's), before training starts."""
     import dataclasses
+    from pathlib import Path
 
     from ... import models
     from ...errors import ConfigError, ModelError
 
+    adapter = settings["teacher_adapter"]
+    if adapter and not Path(adapter).is_dir():  # before the teacher loads
+        raise ConfigError(f"config key 'teacher_adapter': folder '{adapter}' does not exist; train the teacher's "
+                          "adapter first (examples/kd.yaml's: `tuneforge train examples/demo_identity.yaml` writes "
+                          "saves/demo-identity) and set teacher_adapter to its output_dir, or leave it empty to "
+                          "distil from teacher_model alone")
     teacher_args = dataclasses.replace(cfg.model, model_name_or_path=settings["teacher_model"] or None,
                                        adapter_name_or_path=None, model_revision="main")
     dtype = student.get_input_embeddings().weight.dtype  # what the student's base was loaded in
@@ -200,4 +207,5 @@ register_stage(Stage(
     objective=kd_objective,
     eval_metrics=perplexity,
     keys=KEYS,
+    plot=("kd_loss",),
 ))

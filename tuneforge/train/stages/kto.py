@@ -204,4 +204,5 @@ register_stage(Stage(
     objective=kto_objective,
     needs_reference=True,
     keys=KEYS,
+    plot=("rewards/margins", "kl"),
 ))

@@ -86,8 +86,12 @@ def reward_model_scorer(settings: dict, tokenizer):
     if not folder:
         raise ConfigError("stage: ppo needs reward_model: the output folder of a stage: rm run "
                           "(e.g. saves/demo-rm from examples/rm.yaml)")
+    if not Path(folder).is_dir():  # a stage: rm output folder (its value head is a file there), never a hub id
+        raise ConfigError(f"config key 'reward_model': folder '{folder}' does not exist; train the reward model "
+                          "first with stage: rm (`tuneforge train examples/rm.yaml` writes saves/demo-rm) and set "
+                          "reward_model to its output_dir")
     is_adapter = (Path(folder) / "adapter_config.json").is_file()
-    if Path(folder).is_dir() and is_adapter != (kind == "lora"):
+    if is_adapter != (kind == "lora"):
         raise ConfigError(f"config key 'reward_model' ({folder}) holds {'an adapter' if is_adapter else 'a full model'}"
                           f", but reward_model_type is {kind}; set reward_model_type: "
                           f"{'lora' if is_adapter else 'full'}")
@@ -198,4 +202,5 @@ register_stage(Stage(
     packing=False,
     keys=KEYS,
     config_keys=(*SAMPLING_KEYS, "model_name_or_path"),
+    plot=("reward", "kl"),
 ))

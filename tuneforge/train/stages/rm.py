@@ -56,4 +56,5 @@ register_stage(Stage(
     objective=pairwise_objective,
     head="value",
     packing=False,
+    plot=("accuracy",),
 ))

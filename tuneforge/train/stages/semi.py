@@ -146,4 +146,5 @@ register_stage(Stage(
     model_options=model_options,
     evaluate=cls.evaluate,
     train=train_rounds,
+    plot=("accuracy",),
 ))

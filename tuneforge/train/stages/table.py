@@ -130,7 +130,10 @@ class Stage:
     train(run_once, model, splits, tokenizer, cfg[, settings]) -> (run, results): a stage that
         trains in rounds (semi's self-training) runs the one loop several times through
         `run_once(train_examples, output_dir) -> (run, results)`, each run training `model` on from
-        its current weights (workflows._runs_of); the last run's model is saved. None: one run."""
+        its current weights (workflows._runs_of); the last run's model is saved. None: one run.
+    plot: the stage's own metrics that `plot_loss: true` draws beside the loss, each with its
+        eval_ counterpart where evaluation logged it (train/plot.py; LLaMA-Factory draws
+        rewards/accuracies for dpo, accuracy for rm)."""
 
     name: str
     help: str
@@ -148,6 +151,7 @@ class Stage:
     model_options: Callable | None = None
     evaluate: Callable | None = None
     train: Callable | None = None
+    plot: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.records not in RECORD_KINDS:
