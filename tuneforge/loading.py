@@ -56,6 +56,7 @@ PURPOSES = {
     "export": Purpose("stack", torch.float32, True, False),
     "train": Purpose("none", None, False, False),
     "classify": Purpose("stack", None, False, False),  # eval of a classifier (stage: cls), no template
+    "score": Purpose("stack", None, True, True),  # a reward model with its value head (train/reward.py)
 }
 # peft task types a purpose can use: the text-generating purposes need a language model's adapter
 GENERATES = ("chat", "serve", "export")
@@ -94,9 +95,9 @@ def load_for_use(cfg, purpose: str, dtype: torch.dtype | str | None = None,
         for path in paths:  # every path before the model loads
             check_adapter_dir(path)
             _warn_use_note(path)
-            if purpose in GENERATES:
+            if purpose in GENERATES or purpose == "score":
                 _refuse_classifier(path, purpose)
-            if (Path(path) / VALUE_HEAD_FILE).is_file():
+            if purpose != "score" and (Path(path) / VALUE_HEAD_FILE).is_file():
                 log.warning("adapter '%s' is a reward model's (stage: rm): %s uses its adapter and ignores its "
                             "value head (%s); to score texts use tuneforge.train.reward.load_reward_model",
                             path, purpose, VALUE_HEAD_FILE)

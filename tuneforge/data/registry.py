@@ -321,7 +321,8 @@ def _num_samples(where: str, value) -> int | None:
     return value
 
 
-OTHER_DATASET = {"conversations": "an SFT dataset", "text": "a plain-text dataset"}
+OTHER_DATASET = {"conversations": "an SFT dataset", "text": "a plain-text dataset",
+                 "kto": "KTO data (replies tagged desirable or not: a kto_tag column, e.g. kto_en_demo)"}
 
 
 def _check_supported(entry: DatasetEntry, where: str, records: str) -> None:

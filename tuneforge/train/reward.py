@@ -38,7 +38,7 @@ def load_reward_model(directory: str | Path, model_name_or_path: str | None = No
         "model_name_or_path": model_name_or_path if is_adapter else str(directory),
         "adapter_name_or_path": str(directory) if is_adapter else None,
         "template": template, "cache_dir": cache_dir})
-    ready = load_for_use(cfg, "chat", dtype=torch.float32)
+    ready = load_for_use(cfg, "score", dtype=torch.float32)
     model, tokenizer = ready.model, ready.tokenizer
     load_value_head(model, directory)
     saved = _saved_template(directory)
