@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -154,3 +155,14 @@ def test_python_warnings_print_as_one_tuneforge_line(monkeypatch, caplog):
         warnings.showwarning = cli._warning_as_log_line  # catch_warnings saved the original
         warnings.warn("the head is tied\n  to the embedding", UserWarning)
     assert [r.getMessage() for r in caplog.records] == ["the head is tied to the embedding"]
+
+
+def test_env_names_the_code_and_interpreter_that_run(capsys):
+    """`tuneforge env` (for bug reports) says which tuneforge runs: a checkout or an install."""
+    import tuneforge
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"tuneforge {tuneforge.__version__} from {Path(tuneforge.__file__).resolve().parent}"
+    assert f"({sys.executable})" in out[1]
+    assert any(line.startswith("cpu threads: ") for line in out)

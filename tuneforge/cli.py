@@ -202,12 +202,13 @@ def _run_webui(args) -> None:
 
 def _env() -> None:
     import platform
+    from pathlib import Path
 
     import torch
     import transformers
 
-    print(f"tuneforge {__version__}")
-    print(f"python {platform.python_version()} on {platform.platform()}")
+    print(f"tuneforge {__version__} from {Path(__file__).resolve().parent}")  # which checkout or install runs
+    print(f"python {platform.python_version()} ({sys.executable}) on {platform.platform()}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}")
     print(f"cuda: {torch.cuda.is_available()}"
           + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))

@@ -4,6 +4,7 @@ experiment trackers of `report_to` (wandb, mlflow, swanlab: trackers.py)."""
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,11 @@ def read_log(output_dir: str | Path) -> list[dict]:
             break  # the tail of a killed run's last line
     return entries
 
+
+
+def _six(value: float) -> float:
+    """A logged value to 6 decimals; a negative zero (a loss of -1e-9 rounded) is logged as 0.0."""
+    return round(value, 6) + 0.0
 
 class Reporter:
     """One object the loop talks to; each sink is optional."""
@@ -68,7 +74,12 @@ class Reporter:
         count from this moment, not from before the eval before training."""
         self.stepping_since = time.perf_counter()
         if self.enabled and self.show_progress and self.bar is None:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
             self.bar = tqdm(total=self.total_steps, initial=self.start_step, desc="train", dynamic_ncols=True)
+            # log lines (a signal's warning, a checkpoint's) go above the bar, not glued to its line
+            self._redirect = logging_redirect_tqdm(loggers=[logging.getLogger()])
+            self._redirect.__enter__()
 
     def _truncate_log_after(self, step: int) -> None:
         """A resumed run rewrites the steps after its checkpoint, so drop the old ones."""
@@ -100,11 +111,11 @@ class Reporter:
         {"rewards/margins": 0.3} (logged beside the loss, as TRL names them)."""
         if not self.enabled:
             return
-        extra = {name: round(value, 6) for name, value in (metrics or {}).items()}
-        entry = {"current_steps": step, "total_steps": self.total_steps, "loss": round(loss, 6),
+        extra = {name: _six(value) for name, value in (metrics or {}).items()}
+        entry = {"current_steps": step, "total_steps": self.total_steps, "loss": _six(loss),
                  **extra, "lr": lr, "epoch": round(epoch, 4),
                  "percentage": round(100 * step / self.total_steps, 2),
-                 "grad_norm": None if grad_norm is None else round(grad_norm, 6),
+                 "grad_norm": None if grad_norm is None else _six(grad_norm),
                  "tokens_per_second": round(tokens_per_second, 2), **self._timing(step)}
         self._write(entry)
         if self.bar is not None:
@@ -126,9 +137,9 @@ class Reporter:
         """`metrics`: further eval means by logged name, e.g. {"eval_accuracy": 0.75}."""
         if not self.enabled:
             return
-        extra = {name: round(value, 6) for name, value in (metrics or {}).items()}
+        extra = {name: _six(value) for name, value in (metrics or {}).items()}
         self._write({"current_steps": step, "total_steps": self.total_steps,
-                     "eval_loss": round(eval_loss, 6), **extra, "epoch": round(epoch, 4),
+                     "eval_loss": _six(eval_loss), **extra, "epoch": round(epoch, 4),
                      "percentage": round(100 * step / self.total_steps, 2), **self._timing(step)})
         if self.writer is not None:
             self.writer.add_scalar("eval/loss", eval_loss, step)
@@ -154,6 +165,7 @@ class Reporter:
             tracker.finish()
         self.trackers = []
         if self.bar is not None:
+            self._redirect.__exit__(None, None, None)
             self.bar.close()
             self.bar = None
         if self.writer is not None:
