@@ -131,8 +131,8 @@ def train(cfg: Config) -> dict:
     # inputs (train/lean_mlp.py, lean_layers.py); not under checkpointing
     lean = (install_lean_mlp(model), install_lean_layers(model)) if checkpointing is None else (0, 0)
     # the most one forward holds: a micro-batch (pairwise examples are two sequences, a prompt and two
-    # replies), or one part of it where the stage splits it (sft, pt: train/parts.py)
-    tokens, parts_note = forward_tokens(stage.objective, model, args.per_device_train_batch_size,
+    # replies), or one part of it where the stage splits it (Stage.part_tokens: train/parts.py)
+    tokens, parts_note = forward_tokens(stage, model, args.per_device_train_batch_size,
                                         2 if stage.records == "pairwise" else 1, cfg.data.cutoff_len)
     if parts_note and accelerator.is_main_process:
         log.info("%s", parts_note)

@@ -339,3 +339,18 @@ def test_a_split_micro_batch_trains_as_the_whole(tiny_model_dir, monkeypatch, la
     assert objective.parts(model, micro) == [micro]
     choice.undo()
     assert_same_step(split, whole, loss_abs=1e-6)
+
+
+def test_a_method_with_a_per_forward_term_keeps_dpo_micro_batches_whole(tiny_model_dir):
+    """lora_moe's router load balance counts each whole forward's tokens: parts would change it, so
+    dpo (like sft: tests/train/test_parts.py; kto: test_kto.py) leaves its micro-batches whole."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge import LoraMoeConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    add_adapter(model, LoraMoeConfig(r=2, num_experts=2, top_k=1, target_modules=["q_proj", "v_proj"]))
+    batch = PairwiseCollator(pad_token_id=0)(EXAMPLES)
+    assert objective_on(model, batch).split is None
+    plain = tiny_model(tiny_model_dir)
+    assert objective_on(plain, PairwiseCollator(pad_token_id=0)(EXAMPLES)).split is not None

@@ -236,3 +236,16 @@ def test_a_tiny_run_separates_desirable_from_undesirable_replies(tiny_model_dir,
     assert results["eval_loss"] < results["eval_loss_before"]
     log = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
     assert [e["current_steps"] for e in log if "rewards/margins" in e] == [4, 8, 12]
+
+
+def test_a_method_with_a_per_forward_term_keeps_micro_batches_whole(tiny_model_dir, batch):
+    """lora_moe's router load balance counts each whole forward's tokens: kto does not split them."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneforge import LoraMoeConfig
+    from tuneforge.adapters import add_adapter
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    add_adapter(model, LoraMoeConfig(r=2, num_experts=2, top_k=1, target_modules=["q_proj", "v_proj"]))
+    assert objective_on(model, batch).split is None
+    assert objective_on(tiny_model(tiny_model_dir), batch).split is not None

@@ -80,13 +80,17 @@ def test_pairwise_examples_count_as_two_sequences(tiny_model_dir, tmp_path, monk
 def test_forward_tokens_counts_one_part_where_the_stage_splits():
     from tuneforge.train.stages import get_stage
 
-    plain = lambda *a, **kw: None  # noqa: E731 - an objective builder without a split plan
-    assert memory_plan.forward_tokens(plain, None, 4, 2, 64) == (4 * 2 * 64, None)
     model = torch.nn.Linear(2, 2)  # no adapters
-    for stage in ("sft", "pt"):
-        tokens, line = memory_plan.forward_tokens(get_stage(stage).objective, model, 4, 1, 64)
-        assert tokens == 64 and line.startswith("micro-batches: each runs as parts")
-    assert memory_plan.forward_tokens(get_stage("sft").objective, model, 1, 1, 64) == (64, None)
+    assert memory_plan.forward_tokens(get_stage("rm"), model, 4, 2, 64) == (4 * 2 * 64, None)  # runs whole
+    for stage in ("sft", "pt"):  # parts of up to cutoff_len
+        tokens, line = memory_plan.forward_tokens(get_stage(stage), model, 4, 1, 64)
+        assert tokens == 64 and line.startswith("micro-batches: each runs as parts of whole examples of up to 64")
+    assert memory_plan.forward_tokens(get_stage("sft"), model, 1, 1, 64) == (64, None)
+    # dpo / kto: parts of up to 512 tokens (train/parts.py PART_TOKENS) or one longer pair / example
+    assert memory_plan.forward_tokens(get_stage("dpo"), model, 4, 2, 512)[0] == 2 * 512  # one pair
+    assert memory_plan.forward_tokens(get_stage("dpo"), model, 8, 2, 64)[0] == 512
+    assert memory_plan.forward_tokens(get_stage("dpo"), model, 2, 2, 64) == (2 * 2 * 64, None)  # fits one part
+    assert memory_plan.forward_tokens(get_stage("kto"), model, 4, 1, 1024)[0] == 1024
 
 
 @pytest.mark.parametrize("method, tokens", [("lora", 32), ("lora_moe", 2 * 32)])

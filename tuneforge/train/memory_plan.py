@@ -44,15 +44,17 @@ def activation_bytes(config, tokens: int, element_bytes: int = 4, lean_mlp: bool
     return layers * tokens * ((4 if lean_norms else 6) * d + 2 * kv + (2 if lean_mlp else 4) * i) * element_bytes
 
 
-def forward_tokens(objective, model, examples: int, sequences: int, cutoff_len: int) -> tuple[int, str | None]:
+def forward_tokens(stage, model, examples: int, sequences: int, cutoff_len: int) -> tuple[int, str | None]:
     """(the most token positions one training forward holds, a log line or None) for micro-batches
-    of `examples` examples of `sequences` sequences (pairwise: 2) of up to `cutoff_len` tokens:
-    the stage objective builder's `split_plan(model, examples, cutoff_len)` where it has one (it
-    runs micro-batches as parts: Objective.split), else the whole micro-batch."""
-    split_plan = getattr(objective, "split_plan", None)
-    if split_plan is None:
-        return examples * sequences * cutoff_len, None
-    return split_plan(model, examples, cutoff_len)
+    of `examples` examples of `sequences` sequences (pairwise: 2) of up to `cutoff_len` tokens: one
+    part where the stage runs micro-batches as parts (Stage.part_tokens; train/parts.py plan),
+    else the whole micro-batch."""
+    group = sequences * cutoff_len
+    if stage.part_tokens is None:
+        return examples * group, None
+    from .parts import plan
+
+    return plan(model, examples, group, cutoff_len if stage.part_tokens == "cutoff_len" else stage.part_tokens)
 
 
 def available_bytes(device: torch.device | str = "cpu", meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -27,7 +27,10 @@ parts would change."""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where it is used: the stages read PART_TOKENS when they register
+    import torch
 
 IGNORE = -100
 
@@ -42,18 +45,23 @@ def whole_reason(model) -> str | None:
     return None
 
 
-def plan(model, examples: int, cutoff_len: int) -> tuple[int, str | None]:
+def plan(model, examples: int, group: int, most: int | None = None) -> tuple[int, str | None]:
     """(the most token positions one training forward holds, a log line or None) for micro-batches
-    of `examples` examples of up to `cutoff_len` tokens; what train/memory_plan.py's activation
-    estimate counts."""
+    of `examples` examples (pairs) of up to `group` tokens each, split into parts of whole examples
+    of up to `most` tokens (default `group`; at least one example's): what train/memory_plan.py's
+    activation estimate counts."""
+    whole = examples * group
     if examples <= 1:
-        return cutoff_len, None
+        return whole, None
     reason = whole_reason(model)
     if reason is not None:
-        return examples * cutoff_len, f"micro-batches: run whole ({reason})"
-    return cutoff_len, (f"micro-batches: each runs as parts of whole examples of up to cutoff_len {cutoff_len} "
-                        f"tokens (of the {examples * cutoff_len} a batch of {examples} can hold), one forward and "
-                        "backward at a time (same loss and gradients, less memory)")
+        return whole, f"micro-batches: run whole ({reason})"
+    part = max(group if most is None else most, group)
+    if part >= whole:
+        return whole, None
+    return part, (f"micro-batches: each runs as parts of whole examples of up to {part} tokens (of the {whole} "
+                  f"a batch of {examples} can hold), one forward and backward at a time (same loss and "
+                  "gradients, less memory)")
 
 
 def split_batch(batch: dict, budget: int | None = None) -> list[dict]:
@@ -61,6 +69,8 @@ def split_batch(batch: dict, budget: int | None = None) -> list[dict]:
     longest example's length) token positions, or [batch] when it is one part: examples that fit
     the budget together, or a batch holding a value not shaped like input_ids, or a packed row
     without position_ids."""
+    import torch
+
     shape = batch["input_ids"].shape
     if len(shape) != 2 or not all(torch.is_tensor(v) and v.shape == shape for v in batch.values()):
         return [batch]
@@ -97,6 +107,8 @@ def part_groups(tokens: torch.Tensor, most: int | None = None) -> list[list[int]
 
 def _split_packed(batch: dict, budget: int) -> list[dict]:
     """One row: cut between examples, into runs of whole examples."""
+    import torch
+
     positions = batch.get("position_ids")
     if positions is None:
         return [batch]
@@ -113,6 +125,8 @@ def _split_packed(batch: dict, budget: int) -> list[dict]:
 
 def _split_rows(batch: dict, budget: int) -> list[dict]:
     """Several rows: groups of whole rows, longest first, each trimmed to its longest row."""
+    import torch
+
     rows, width = batch["input_ids"].shape
     mask = batch.get("attention_mask")
     if mask is None:  # no padding known: rows keep their width

@@ -24,6 +24,7 @@ part's activations are alive at a time. Evaluation scores a micro-batch whole.""
 
 from __future__ import annotations
 
+from ..parts import PART_TOKENS
 from .table import Objective, Stage, register_stage, stage_key
 
 REFERENCE_FREE = ("orpo", "simpo")
@@ -106,7 +107,7 @@ def dpo_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
     from ...data.shared_prefix import group_tokens, select_groups
     from .. import pref_losses
     from ..logps import head_only_at_labels, reply_logps
-    from ..parts import part_groups
+    from ..parts import part_groups, whole_reason
 
     kind, beta = settings["pref_loss"], settings["pref_beta"]
     ftx, gamma = settings["pref_ftx"], settings["simpo_gamma"]
@@ -147,7 +148,8 @@ def dpo_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
         groups = part_groups(group_tokens(batch, n))
         return [batch] if len(groups) == 1 else [select_groups(batch, g, n) for g in groups]
 
-    return Objective(loss, pair_count, METRICS, split=split)
+    # a method's per-forward term (lora_moe's router balance) keeps micro-batches whole (train/parts.py)
+    return Objective(loss, pair_count, METRICS, split=None if whole_reason(unwrapped) else split)
 
 
 register_stage(Stage(
@@ -160,5 +162,6 @@ register_stage(Stage(
     objective=dpo_objective,
     needs_reference=lambda settings: settings["pref_loss"] not in REFERENCE_FREE,
     keys=KEYS,
+    part_tokens=PART_TOKENS,
     plot=("rewards/accuracies", "rewards/margins"),
 ))

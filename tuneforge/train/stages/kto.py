@@ -33,6 +33,7 @@ kl the mean KL estimate."""
 from __future__ import annotations
 
 from .dpo import PREF_BETA, PREF_FTX, reference_logps
+from ..parts import PART_TOKENS
 from .table import Objective, Stage, register_stage, stage_key
 
 SUMS = ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected", "kl", "count/chosen",
@@ -125,7 +126,7 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
     from ...data.shared_prefix import PADDED, group_tokens, is_shared_prefix, select_groups
     from .. import pref_losses, prompt_cache
     from ..logps import head_only_at_labels, reply_logps
-    from ..parts import part_groups
+    from ..parts import part_groups, whole_reason
 
     beta, ftx = settings["pref_beta"], settings["pref_ftx"]
     weights = settings["kto_chosen_weight"], settings["kto_rejected_weight"]
@@ -191,7 +192,8 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
         return [{**select_groups(batch, g, n), "kto_tag": batch["kto_tag"][g], "ref_logps": ref[g], "kto_kl": kl}
                 for g in groups]
 
-    return Objective(loss, example_count, SUMS, finish, split)
+    # a method's per-forward term (lora_moe's router balance) keeps micro-batches whole (train/parts.py)
+    return Objective(loss, example_count, SUMS, finish, None if whole_reason(unwrapped) else split)
 
 
 register_stage(Stage(
@@ -204,5 +206,6 @@ register_stage(Stage(
     objective=kto_objective,
     needs_reference=True,
     keys=KEYS,
+    part_tokens=PART_TOKENS,
     plot=("rewards/margins", "kl"),
 ))

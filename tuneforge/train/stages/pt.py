@@ -28,4 +28,5 @@ register_stage(Stage(
     objective=token_objective,
     eval_metrics=perplexity,
     config_keys=("cutoff_len",),  # the size of a part of a micro-batch (train/parts.py)
+    part_tokens="cutoff_len",
 ))

@@ -107,18 +107,6 @@ def token_objective(model, unwrapped, sample_batch: dict, train_args, autocast, 
     return Objective(loss, label_count, split=split)
 
 
-def split_plan(model, examples: int, cutoff_len: int):
-    """(the most token positions one training forward holds, a log line or None) for micro-batches
-    of `examples` examples of up to cutoff_len tokens (train/parts.py plan): what the memory plan
-    counts (train/memory_plan.py forward_tokens reads it as the objective builder's `split_plan`)."""
-    from ..parts import plan
-
-    return plan(model, examples, cutoff_len)
-
-
-token_objective.split_plan = split_plan  # pt's objective too
-
-
 def perplexity(means: dict) -> dict:
     return {"perplexity": math.exp(min(means["loss"], 50))}
 
@@ -135,4 +123,5 @@ register_stage(Stage(
     config_keys=("fused_cross_entropy", "cutoff_len"),  # cutoff_len: the size of a part (train/parts.py)
     check=check,
     needs_reference=lambda settings: bool(settings.get("use_asft_loss")),
+    part_tokens="cutoff_len",
 ))

@@ -131,6 +131,10 @@ class Stage:
         trains in rounds (semi's self-training) runs the one loop several times through
         `run_once(train_examples, output_dir) -> (run, results)`, each run training `model` on from
         its current weights (workflows._runs_of); the last run's model is saved. None: one run.
+    part_tokens: where the objective runs training micro-batches as parts (Objective.split), the
+        most token positions of a part: "cutoff_len" (sft, pt: whole examples up to the run's
+        cutoff_len) or a number (dpo, kto: train/parts.PART_TOKENS); None: micro-batches run whole.
+        What the memory plan counts (train/memory_plan.py forward_tokens).
     plot: the stage's own metrics that `plot_loss: true` draws beside the loss, each with its
         eval_ counterpart where evaluation logged it (train/plot.py; LLaMA-Factory draws
         rewards/accuracies for dpo, accuracy for rm)."""
@@ -151,6 +155,7 @@ class Stage:
     model_options: Callable | None = None
     evaluate: Callable | None = None
     train: Callable | None = None
+    part_tokens: int | str | None = None
     plot: tuple[str, ...] = ()
 
     def __post_init__(self):
