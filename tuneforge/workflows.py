@@ -181,7 +181,7 @@ def train(cfg: Config) -> dict:
     accelerator.wait_for_everyone()
     with gathered(run.model):  # FSDP2: every process gathers its shards; the main one saves them whole
         if accelerator.is_main_process:
-            _save_outputs(run, setup, out, results, ("loss", *stage.plot) if args.plot_loss else ())
+            _save_outputs(run, setup, out, results, stage.plot if args.plot_loss else None)
     accelerator.end_training()
     if args.do_predict and accelerator.is_main_process:  # the trained model, loaded as `tuneforge eval` would
         results = {**results, **evaluate(_trained_config(cfg, out))}
@@ -269,10 +269,10 @@ def _read_folders(cfg: Config) -> list[tuple[str, Path]]:
     return found
 
 
-def _save_outputs(run, setup, out: Path, results: dict, plot: tuple[str, ...]) -> None:
-    """The final model, metrics and plots of the `plot` keys (none: no plot), staged in a
-    temporary folder and moved into output_dir, so that a kill or a full disk leaves no
-    half-written adapter there."""
+def _save_outputs(run, setup, out: Path, results: dict, plot: tuple[str, ...] | None) -> None:
+    """The final model, metrics and loss plot (with the stage's `plot` metrics; None: no plot),
+    staged in a temporary folder and moved into output_dir, so that a kill or a full disk leaves
+    no half-written adapter there."""
     from .train import outputs
     from .train.plot import plot_loss
 
@@ -290,9 +290,9 @@ def _save_outputs(run, setup, out: Path, results: dict, plot: tuple[str, ...]) -
             raise outputs.disk_error(fault, out, "the final model") from None
         raise
     outputs.publish(stage, out)
-    if plot:
+    if plot is not None:
         with outputs.disk_errors(out, "the loss plot"):
-            for path in plot_loss(out, plot[1:]):
+            for path in plot_loss(out, plot):
                 log.info("wrote %s", path)
     log.info("saved to %s", out)
 

@@ -36,10 +36,10 @@ def read_log(output_dir: str | Path) -> list[dict]:
     return entries
 
 
-
 def _six(value: float) -> float:
     """A logged value to 6 decimals; a negative zero (a loss of -1e-9 rounded) is logged as 0.0."""
     return round(value, 6) + 0.0
+
 
 class Reporter:
     """One object the loop talks to; each sink is optional."""
