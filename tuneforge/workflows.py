@@ -81,7 +81,9 @@ def train(cfg: Config) -> dict:
     # the model's or an adapter's folder, even with overwrite_output_dir (the export's rule)
     check_outside(out, "output_dir", _read_folders(cfg), "training", CheckpointError)
     config_values = {k: v for k, v in cfg.to_dict().items() if k not in SECRET_KEYS}
-    plan = plan_resume(out, args.resume_from_checkpoint, args.overwrite_output_dir, config_values)
+    stage = get_stage(cfg.finetune.stage)  # what is trained: records, batches, objective, head
+    rounds = stage.bind(stage.round_folders, cfg)(out) if stage.round_folders else []  # semi's earlier rounds
+    plan = plan_resume(out, args.resume_from_checkpoint, args.overwrite_output_dir, config_values, rounds)
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     pure_bf16 = cfg.finetune.pure_bf16  # bf16 weights and compute, no autocast (LLaMA-Factory's)
@@ -104,10 +106,6 @@ def train(cfg: Config) -> dict:
         {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     # the base only: prepare_model attaches the adapters; with loftq_iter, quantization waits for
     # the adapter, LoftQ quantizing the adapted layers together with it (train/methods.py)
-    stage = get_stage(cfg.finetune.stage)  # what is trained: records, batches, objective, head
-    if stage.train is not None and plan.checkpoint is not None:
-        raise ConfigError(f"stage: {stage.name} trains in rounds and does not resume from a checkpoint "
-                          f"({plan.checkpoint}); start over with overwrite_output_dir: true")
     # the head's model class (cls: a sequence classifier, with its labels read from the data)
     options = stage.bind(stage.model_options, cfg)(cfg.data) if stage.model_options else None
     ready = load_for_use(cfg, "train", dtype=load_dtype, model_class=MODEL_CLASSES[stage.head],
@@ -155,27 +153,31 @@ def train(cfg: Config) -> dict:
         log.info("%s", describe(model))
         log.info("train examples: %s, eval examples: %d", "streamed" if streaming else len(splits.train),
                  len(splits.eval or []))
-    run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator,
-                      stage.objective_for(cfg, tokenizer), stage.eval_metrics)
     if plan.warning() and accelerator.is_main_process:
         log.warning("%s", plan.warning())
-    if plan.checkpoint is not None:
-        run.restore(plan.checkpoint)  # refuses a changed batch size, dataset, ...
 
-    if accelerator.is_main_process:  # the first write
-        prepare_output_dir(out, plan, lambda path: save_config(cfg, path))
-        if setup.save_initial is not None:  # e.g. PiSSA's initial adapter (pissa_convert)
-            with outputs.disk_errors(out, "the initial adapter", errno_only=False):
-                setup.save_initial(model, out)
-    accelerator.wait_for_everyone()
+    def first_write() -> None:  # after every check that can refuse the run
+        if accelerator.is_main_process:
+            prepare_output_dir(out, plan, lambda path: save_config(cfg, path))
+            if setup.save_initial is not None:  # e.g. PiSSA's initial adapter (pissa_convert)
+                with outputs.disk_errors(out, "the initial adapter", errno_only=False):
+                    setup.save_initial(model, out)
+        accelerator.wait_for_everyone()
 
-    with outputs.disk_errors(out, "the training log"):
-        if stage.train is None:
+    if stage.train is None:
+        run = TrainingRun(cfg, model, splits.train, splits.eval, choice.collate, setup, accelerator,
+                          stage.objective_for(cfg, tokenizer), stage.eval_metrics)
+        if plan.checkpoint is not None:
+            run.restore(plan.checkpoint)  # refuses a changed batch size, dataset, ...
+        first_write()
+        with outputs.disk_errors(out, "the training log"):
             results = run.run()
-        else:  # a stage that trains in rounds (semi): the same loop, run again on other examples
-            run, results = stage.bind(stage.train, cfg)(
-                _runs_of(run, cfg, model, splits, choice.collate, setup, accelerator, stage), model, splits,
-                tokenizer, cfg)
+    else:  # a stage that trains in rounds (semi): the same loop, run again on other examples; a round
+        # resumes from its checkpoint (plan.checkpoint) and the first write waits for that check
+        with outputs.disk_errors(out, "the training log"):
+            run, results = stage.bind(stage.train, cfg, resume_from=plan.checkpoint)(
+                _runs_of(cfg, model, splits, choice.collate, setup, accelerator, stage, first_write), model,
+                splits, tokenizer, cfg)
     choice.undo()  # the model's own attention and use_cache again, before it is saved
     run.check_weights()
     accelerator.wait_for_everyone()
@@ -236,21 +238,31 @@ def _trained_config(cfg: Config, out: Path) -> Config:
     else:
         model = dataclasses.replace(model, model_name_or_path=str(out), adapter_name_or_path=None)
     return dataclasses.replace(cfg, model=model)
-def _runs_of(first, cfg: Config, model, splits, collate, setup, accelerator, stage):
-    """`run_once(train_examples, output_dir) -> (run, results)` for a stage's `train` (Stage.train):
-    one run of the one loop (train.loop.TrainingRun) on the same model, continuing its weights, with
-    other train examples and its log and checkpoints in `output_dir`; the first call runs `first`
-    (built for the stage's own train split) when its examples are that split, into output_dir."""
+def _runs_of(cfg: Config, model, splits, collate, setup, accelerator, stage, first_write):
+    """`run_once(train_examples, output_dir, resume_from=None) -> (run, results)` for a stage's `train`
+    (Stage.train): one run of the one loop (train.loop.TrainingRun) on the same model, continuing its
+    weights or restoring checkpoint `resume_from`, with other train examples and its log and
+    checkpoints in `output_dir`. `first_write()` runs once, before the first run writes anything
+    (after its checkpoint is checked); a run that starts from its first step clears what an earlier
+    attempt left in its folder (train/resume.start_afresh)."""
     import dataclasses
 
     from .train.loop import TrainingRun
+    from .train.resume import start_afresh
 
-    def run_once(train_examples: list[dict], output_dir: str | Path):
-        if train_examples is splits.train and Path(output_dir) == Path(cfg.train.output_dir):
-            return first, first.run()
+    pending = [first_write]
+
+    def run_once(train_examples: list[dict], output_dir: str | Path, resume_from: Path | None = None):
         round_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=str(output_dir)))
         run = TrainingRun(round_cfg, model, train_examples, splits.eval, collate, setup, accelerator,
                           stage.objective_for(cfg), stage.eval_metrics)
+        if resume_from is not None:
+            run.restore(resume_from)  # refuses a changed batch size, dataset, ...
+        while pending:
+            pending.pop()()
+        if resume_from is None and accelerator.is_main_process:
+            start_afresh(Path(output_dir))
+        accelerator.wait_for_everyone()
         return run, run.run()
 
     return run_once

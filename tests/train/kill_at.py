@@ -17,12 +17,13 @@ def die() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_in_torch_save(folder: str, file: str) -> None:
+def kill_in_torch_save(folder: str, file: str, parent: str | None = None) -> None:
     real = torch.save
 
     def save(obj, f, *args, **kwargs):
         real(obj, f, *args, **kwargs)
-        if Path(f).parent.name == folder and Path(f).name == file:
+        f = Path(f)
+        if f.parent.name == folder and f.name == file and (parent is None or f.parent.parent.name == parent):
             die()
 
     torch.save = save
@@ -63,9 +64,18 @@ MOMENTS = {
     "moving the final adapter into place": lambda: kill_at_rename(".tmp-final",
                                                                   "adapter_model.safetensors"),
 }
+# stage: semi's rounds (test_semi.py): round k < last writes to output_dir/round_<k>, the last to output_dir "run"
+ROUND_MOMENTS = {
+    "writing round 0's first checkpoint": lambda: kill_in_torch_save(".tmp-checkpoint-2", "optimizer.pt", "round_0"),
+    "renaming round 1's pseudo-labels into place": lambda: kill_at_rename("round_1", ".tmp-pseudo_labels.json"),
+    "writing round 1's second checkpoint": lambda: kill_in_torch_save(".tmp-checkpoint-4", "optimizer.pt",
+                                                                      "round_1"),
+    "writing the last round's second checkpoint": lambda: kill_in_torch_save(".tmp-checkpoint-4", "optimizer.pt",
+                                                                             "run"),
+}
 
 if __name__ == "__main__":
-    MOMENTS[sys.argv[1]]()
+    {**MOMENTS, **ROUND_MOMENTS}[sys.argv[1]]()
     from tuneforge.cli import main
 
     sys.exit(main(sys.argv[2:]))

@@ -7,6 +7,10 @@ when none can resume, the run is refused naming the file. An output_dir holding 
 same config's run writes before its first checkpoint (killed early) starts afresh; other
 contents are refused rather than silently mixed into.
 
+A stage that trains in rounds (stage: semi) writes each round before the last to a folder of its
+own inside output_dir (Stage.round_folders); its checkpoints count with output_dir's, the newest
+one across them (the latest round's) is where the run resumes, and starting over clears them.
+
 Then, once the data are loaded, `check_not_past_the_end` refuses a checkpoint beyond this run's
 last step and `check_data_record` one whose data position would mean other examples with this
 run's setup; and `prepare_output_dir` is the first write."""
@@ -38,6 +42,7 @@ class ResumePlan:
     skipped: list[str] = field(default_factory=list)  # why newer checkpoints were passed over
     clear_run: bool = False  # overwrite_output_dir: drop the previous run's checkpoints and log
     clear_start: bool = False  # the same config's run was killed before its first checkpoint
+    rounds: list[Path] = field(default_factory=list)  # earlier rounds' folders (a stage in rounds)
 
     def warning(self) -> str | None:
         if not self.skipped:
@@ -47,27 +52,44 @@ class ResumePlan:
 
 
 def plan_resume(output_dir: str | Path, resume_from_checkpoint, overwrite_output_dir: bool,
-                config_values: dict) -> ResumePlan:
-    """Decide how the run starts; `config_values` is what training_args.yaml would hold.
+                config_values: dict, rounds: list[Path] | tuple = ()) -> ResumePlan:
+    """Decide how the run starts; `config_values` is what training_args.yaml would hold; `rounds`:
+    the folders of a stage's rounds before the last (Stage.round_folders), in order, whose
+    checkpoints are this run's too (an explicit checkpoint must then be in one of them or in
+    output_dir).
 
     Raises CheckpointError (one line, naming the file or key) when it cannot start as asked."""
     root = Path(output_dir)
+    rounds = [Path(p) for p in rounds]
     if isinstance(resume_from_checkpoint, str):
-        return ResumePlan(_explicit(Path(resume_from_checkpoint)))
-    found = list_checkpoints(root)
+        path = _explicit(Path(resume_from_checkpoint))
+        if rounds:
+            _check_in_rounds(path, [*rounds, root])
+        return ResumePlan(path, rounds=rounds)
+    found = [path for folder in [*rounds, root] for path in list_checkpoints(folder)]
     if resume_from_checkpoint is True or (resume_from_checkpoint is None and found
                                           and not overwrite_output_dir):
         if not found:
             raise CheckpointError(f"resume_from_checkpoint is true but output_dir '{root}' has "
                                   "no checkpoint-N folder to resume from")
-        return _newest_usable(root, found)
+        plan = _newest_usable(root, found)
+        plan.rounds = rounds
+        return plan
     if overwrite_output_dir:
-        return ResumePlan(clear_run=True)
+        return ResumePlan(clear_run=True, rounds=rounds)
     if found:
         raise CheckpointError(f"output_dir '{root}' has checkpoints; set "
                               "resume_from_checkpoint: true to continue or "
                               "overwrite_output_dir: true to start over")
-    return _fresh(root, config_values)
+    return _fresh(root, config_values, rounds)
+
+
+def _check_in_rounds(path: Path, folders: list[Path]) -> None:
+    """A stage in rounds resumes a round from a checkpoint in that round's folder only."""
+    if path.resolve().parent not in {folder.resolve() for folder in folders}:
+        raise CheckpointError(f"resume_from_checkpoint '{path}' is not a checkpoint of this run: a stage that "
+                              f"trains in rounds resumes from a checkpoint-N folder in output_dir or in its "
+                              f"rounds' folders ({', '.join(f.name for f in folders[:-1])}); or set it to true")
 
 
 def _explicit(path: Path) -> Path:
@@ -98,14 +120,15 @@ def _newest_usable(root: Path, found: list[Path]) -> ResumePlan:
                           f"{skipped[0]}{older}; {START_OVER} or choose another output_dir")
 
 
-def _fresh(root: Path, config_values: dict) -> ResumePlan:
-    present = sorted(p.name for p in root.iterdir() if not outputs.is_leftover(p.name)) \
-        if root.is_dir() else []
+def _fresh(root: Path, config_values: dict, rounds: list[Path] = ()) -> ResumePlan:
+    present = _present(root)
     if not present:
         return ResumePlan()
     refusal = (f"output_dir '{root}' is not empty and has no checkpoint to resume; set "
                "overwrite_output_dir: true or choose another output_dir")
-    if ARGS_FILE not in present or not set(present) <= EARLY_FILES:
+    # the rounds' folders of a run killed before its first checkpoint hold only what it writes early
+    early_rounds = {f.name for f in rounds if f.parent == root and set(_present(f)) <= EARLY_FILES}
+    if ARGS_FILE not in present or not set(present) - early_rounds <= EARLY_FILES:
         raise CheckpointError(refusal)
     try:
         previous = yaml.safe_load((root / ARGS_FILE).read_text(encoding="utf-8"))
@@ -120,7 +143,13 @@ def _fresh(root: Path, config_values: dict) -> ResumePlan:
         raise CheckpointError(f"output_dir '{root}' holds the start of a run with another "
                               f"config (key '{changed[0]}' differs) and no checkpoint to resume; "
                               "set overwrite_output_dir: true or choose another output_dir")
-    return ResumePlan(clear_start=True)  # the same run, killed before its first checkpoint
+    return ResumePlan(clear_start=True, rounds=rounds)  # the same run, killed before its first checkpoint
+
+
+def _present(folder: Path) -> list[str]:
+    """The names in `folder` besides a killed run's leftovers; [] when it is not a folder."""
+    return sorted(p.name for p in folder.iterdir() if not outputs.is_leftover(p.name)) \
+        if folder.is_dir() else []
 
 
 # what the data position depends on, each with how to put it back
@@ -183,17 +212,29 @@ def prepare_output_dir(root: Path, plan: ResumePlan, write_args) -> None:
     Raises CheckpointError when the disk is full or read-only."""
     with outputs.disk_errors(root, ARGS_FILE):
         if plan.clear_run:
-            found = list_checkpoints(root)
+            found = [path for folder in [*plan.rounds, root] for path in list_checkpoints(folder)]
             if found:  # a crashed run's checkpoints go: say so, and how to keep them next time
                 log.warning("overwrite_output_dir: true: starting over in %s, removing %s (to resume from a "
                             "checkpoint instead, run with overwrite_output_dir=false)", root,
-                            ", ".join(path.name for path in found))
+                            ", ".join(str(path.relative_to(root)) for path in found))
             for path in found:
                 outputs.discard(path)
         if plan.clear_run or plan.clear_start:
             outputs.discard(root / LOG_FILE)
-        outputs.remove_leftovers(root)
+            for folder in plan.rounds:  # an earlier attempt's rounds: only this stage writes there
+                outputs.discard(folder)
+        for folder in [*plan.rounds, root]:
+            outputs.remove_leftovers(folder)
         root.mkdir(parents=True, exist_ok=True)
         tmp = root / f"{outputs.TMP_PREFIX}{ARGS_FILE}"
         write_args(tmp)
         os.replace(tmp, root / ARGS_FILE)
+
+
+def start_afresh(folder: Path) -> None:
+    """Before a round that starts from its first step: the checkpoints and log that a killed
+    earlier attempt of it left in its folder go (its other files it rewrites)."""
+    for path in list_checkpoints(folder):
+        outputs.discard(path)
+    outputs.discard(folder / LOG_FILE)
+    outputs.remove_leftovers(folder)

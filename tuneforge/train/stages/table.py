@@ -127,10 +127,16 @@ class Stage:
         cls's num_labels and label names from its datasets. None: none.
     evaluate(cfg, limit[, settings]) -> results: what `tuneforge eval` runs for a config of this
         stage (cls: the classifier's accuracy on the eval split). None: eval scores sft data only.
-    train(run_once, model, splits, tokenizer, cfg[, settings]) -> (run, results): a stage that
-        trains in rounds (semi's self-training) runs the one loop several times through
-        `run_once(train_examples, output_dir) -> (run, results)`, each run training `model` on from
-        its current weights (workflows._runs_of); the last run's model is saved. None: one run.
+    train(run_once, model, splits, tokenizer, cfg[, settings][, resume_from]) -> (run, results): a
+        stage that trains in rounds (semi's self-training) runs the one loop several times through
+        `run_once(train_examples, output_dir, resume_from=None) -> (run, results)`, each run training
+        `model` on from its current weights, or from checkpoint `resume_from` (workflows._runs_of);
+        the last run's model is saved. `resume_from`: the checkpoint the run resumes from (the
+        newest across the rounds' folders and output_dir, train/resume.py), None when it starts
+        over. None: one run.
+    round_folders(output_dir[, settings]) -> [Path]: where a stage with `train` writes the rounds
+        before the last (inside output_dir; the last one writes to output_dir): their checkpoints
+        are the run's too, for resuming, and starting over clears them.
     part_tokens: where the objective runs training micro-batches as parts (Objective.split), the
         most token positions of a part: "cutoff_len" (sft, pt: whole examples up to the run's
         cutoff_len) or a number (dpo, kto: train/parts.PART_TOKENS); None: micro-batches run whole.
@@ -155,6 +161,7 @@ class Stage:
     model_options: Callable | None = None
     evaluate: Callable | None = None
     train: Callable | None = None
+    round_folders: Callable | None = None
     part_tokens: int | str | None = None
     plot: tuple[str, ...] = ()
 
