@@ -19,6 +19,7 @@ from tuneforge.config import load_config
 from tuneforge.data.pairwise import PairwiseCollator
 from tuneforge.errors import ConfigError
 from tuneforge.train.logps import reply_logps
+from tuneforge.train.parts import keep_whole
 from tuneforge.train.stages import get_stage
 from tuneforge.workflows import train
 
@@ -351,6 +352,7 @@ def test_a_method_with_a_per_forward_term_keeps_dpo_micro_batches_whole(tiny_mod
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     add_adapter(model, LoraMoeConfig(r=2, num_experts=2, top_k=1, target_modules=["q_proj", "v_proj"]))
     batch = PairwiseCollator(pad_token_id=0)(EXAMPLES)
-    assert objective_on(model, batch).split is None
+    assert objective_on(model, batch).split is not None  # dpo splits; the loop keeps it whole
+    assert keep_whole(objective_on(model, batch), model).split is None
     plain = tiny_model(tiny_model_dir)
-    assert objective_on(plain, PairwiseCollator(pad_token_id=0)(EXAMPLES)).split is not None
+    assert keep_whole(objective_on(plain, PairwiseCollator(pad_token_id=0)(EXAMPLES)), plain).split is not None

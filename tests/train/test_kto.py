@@ -17,6 +17,7 @@ from tuneforge.data.kto import KTO, KtoCollator
 from tuneforge.data.loader import load_datasets
 from tuneforge.errors import ConfigError, DataError
 from tuneforge.models import load_tokenizer
+from tuneforge.train.parts import keep_whole
 from tuneforge.train.stages import get_stage
 from tuneforge.workflows import train
 
@@ -247,5 +248,6 @@ def test_a_method_with_a_per_forward_term_keeps_micro_batches_whole(tiny_model_d
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     add_adapter(model, LoraMoeConfig(r=2, num_experts=2, top_k=1, target_modules=["q_proj", "v_proj"]))
-    assert objective_on(model, batch).split is None
-    assert objective_on(tiny_model(tiny_model_dir), batch).split is not None
+    assert keep_whole(objective_on(model, batch), model).split is None
+    plain = tiny_model(tiny_model_dir)
+    assert keep_whole(objective_on(plain, batch), plain).split is not None

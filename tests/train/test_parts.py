@@ -168,7 +168,8 @@ def test_a_forward_term_of_the_whole_batch_keeps_it_whole():
     moe = adapted(LoraMoeConfig(r=2, num_experts=2, top_k=1, target_modules="all-linear"))
     assert "lora_moe" in parts.whole_reason(moe)
     batch = PackingCollator()(examples())
-    assert token_objective(moe, moe, batch, SimpleNamespace(fused_cross_entropy=None), nullcontext).split is None
+    objective = token_objective(moe, moe, batch, SimpleNamespace(fused_cross_entropy=None), nullcontext)
+    assert parts.keep_whole(objective, moe).split is None  # what the loop runs
     assert parts.plan(moe, 4, 64)[0] == 4 * 64
     plain = adapted(LoraConfig(r=2, target_modules="all-linear"))
     assert parts.whole_reason(plain) is None and parts.plan(plain, 4, 64)[0] == 64

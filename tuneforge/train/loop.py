@@ -24,7 +24,7 @@ from ..data.collate import TASK_ID
 from ..distributed.sharded import gathered, is_sharded
 from ..distributed.plugins import name_layers_to_wrap
 from . import checkpoint as ckpt
-from . import schedule, stop
+from . import parts, schedule, stop
 from .batches import MicroBatchStream, StreamBatches, eval_batches, fingerprint
 from .optim import build_optimizer, hyper_parameters
 from .reporting import Reporter, read_log
@@ -87,8 +87,10 @@ class TrainingRun:
                                                                    self.total_steps)
         name_layers_to_wrap(accelerator, model)  # FSDP2: per-layer units also where the model names none
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
-        self.objective: Objective = objective(self.model, accelerator.unwrap_model(self.model),
-                                              self.stream.get(0), self.args, accelerator.autocast)
+        built = objective(self.model, accelerator.unwrap_model(self.model), self.stream.get(0), self.args,
+                          accelerator.autocast)
+        # micro-batches run whole where an adapter adds a term of each whole forward (lora_moe)
+        self.objective: Objective = parts.keep_whole(built, accelerator.unwrap_model(self.model))
         self.eval_metrics = eval_metrics
         self.step_metrics: dict[str, float] = {}  # the last step's objective metric sums
         self.data_record = {

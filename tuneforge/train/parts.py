@@ -45,6 +45,16 @@ def whole_reason(model) -> str | None:
     return None
 
 
+def keep_whole(objective, model):
+    """`objective` (a stages.table.Objective) for the loop to run on `model`: without its `split`
+    where `whole_reason(model)` says micro-batches must run whole, so that no stage has to ask."""
+    import dataclasses
+
+    if objective.split is not None and whole_reason(model) is not None:
+        return dataclasses.replace(objective, split=None)
+    return objective
+
+
 def plan(model, examples: int, group: int, most: int | None = None) -> tuple[int, str | None]:
     """(the most token positions one training forward holds, a log line or None) for micro-batches
     of `examples` examples (pairs) of up to `group` tokens each, split into parts of whole examples

@@ -107,7 +107,7 @@ def dpo_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
     from ...data.shared_prefix import group_tokens, select_groups
     from .. import pref_losses
     from ..logps import head_only_at_labels, reply_logps
-    from ..parts import part_groups, whole_reason
+    from ..parts import part_groups
 
     kind, beta = settings["pref_loss"], settings["pref_beta"]
     ftx, gamma = settings["pref_ftx"], settings["simpo_gamma"]
@@ -148,8 +148,8 @@ def dpo_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
         groups = part_groups(group_tokens(batch, n))
         return [batch] if len(groups) == 1 else [select_groups(batch, g, n) for g in groups]
 
-    # a method's per-forward term (lora_moe's router balance) keeps micro-batches whole (train/parts.py)
-    return Objective(loss, pair_count, METRICS, split=None if whole_reason(unwrapped) else split)
+    # the loop drops split where a method adds a per-forward term (lora_moe: train/parts.keep_whole)
+    return Objective(loss, pair_count, METRICS, split=split)
 
 
 register_stage(Stage(

@@ -126,7 +126,7 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
     from ...data.shared_prefix import PADDED, group_tokens, is_shared_prefix, select_groups
     from .. import pref_losses, prompt_cache
     from ..logps import head_only_at_labels, reply_logps
-    from ..parts import part_groups, whole_reason
+    from ..parts import part_groups
 
     beta, ftx = settings["pref_beta"], settings["pref_ftx"]
     weights = settings["kto_chosen_weight"], settings["kto_rejected_weight"]
@@ -192,8 +192,8 @@ def kto_objective(model, unwrapped, sample_batch: dict, train_args, autocast, *,
         return [{**select_groups(batch, g, n), "kto_tag": batch["kto_tag"][g], "ref_logps": ref[g], "kto_kl": kl}
                 for g in groups]
 
-    # a method's per-forward term (lora_moe's router balance) keeps micro-batches whole (train/parts.py)
-    return Objective(loss, example_count, SUMS, finish, None if whole_reason(unwrapped) else split)
+    # the loop drops split where a method adds a per-forward term (lora_moe: train/parts.keep_whole)
+    return Objective(loss, example_count, SUMS, finish, split)
 
 
 register_stage(Stage(

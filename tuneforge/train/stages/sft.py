@@ -83,15 +83,15 @@ def token_objective(model, unwrapped, sample_batch: dict, train_args, autocast, 
     """Summed next-token cross-entropy over the labelled positions, normalised by their count
     (train/token_loss.py picks the fused, sparse or plain way), each token weighted when the
     settings ask for DFT or EAFT. A training micro-batch of several examples runs as parts, one
-    forward and backward each (train/parts.py: exact, less memory), unless the model's adapters
-    add a term of each whole forward. Raises ConfigError when fused_cross_entropy is true but the
-    model cannot use it."""
-    from ..parts import split_batch, whole_reason
+    forward and backward each (train/parts.py: exact, less memory; the loop keeps it whole where
+    the model's adapters add a term of each whole forward). Raises ConfigError when
+    fused_cross_entropy is true but the model cannot use it."""
+    from ..parts import split_batch
     from ..token_loss import TokenLoss, label_count
     from ..token_weights import token_weight
 
     budget = (settings or {}).get("cutoff_len")  # parts of whole examples up to cutoff_len tokens
-    split = None if whole_reason(unwrapped) else lambda _model, batch: split_batch(batch, budget)
+    split = lambda _model, batch: split_batch(batch, budget)  # noqa: E731
     if (settings or {}).get("use_asft_loss"):
         from ..asft_loss import AsftLoss
 
