@@ -185,7 +185,7 @@ def test_semi_resumes_after_kill_9_and_ends_as_the_uninterrupted_run(semi_refere
     assert steps == list(range(1, 7))
 
 
-def test_semi_resume_checks_the_rounds_pseudo_labels_and_folders(semi_reference, tiny_bert_dir, tmp_path):
+def test_semi_resume_checks_the_rounds_pseudo_labels_and_folders(semi_reference, tiny_bert_dir, tmp_path, caplog):
     """A resumed round's pseudo-labels are refused, one line naming the file, when they are another round's,
     and an explicit checkpoint must be one of the run's; nothing is written then."""
     import shutil
@@ -202,12 +202,21 @@ def test_semi_resume_checks_the_rounds_pseudo_labels_and_folders(semi_reference,
     with pytest.raises(CheckpointError, match=r"pseudo_labels.json' holds round 2's pseudo-labels, but with this "
                                               r"semi_rounds that folder is round 3"):
         train(load_config(str(cfg)))
+    assert "finished earlier" not in caplog.text and "missing" not in caplog.text  # the refusal comes first
     elsewhere = tmp_path / "other" / "checkpoint-2"
     shutil.copytree(out / "checkpoint-2", elsewhere)
     cfg.write_text(yaml.safe_dump({**data, "resume_from_checkpoint": str(elsewhere)}))
     with pytest.raises(CheckpointError, match="is not a checkpoint of this run: a stage that trains in rounds"):
         train(load_config(str(cfg)))
     assert (out / "training_args.yaml").read_bytes() == args
+    # a changed threshold: the resumed round keeps the labels it trained on, and says so
+    for name in ("checkpoint-2", "checkpoint-4", "checkpoint-6"):  # round 1's last checkpoint is the newest
+        shutil.rmtree(out / name)
+    cfg.write_text(yaml.safe_dump({**data, "pseudo_label_threshold": 0.6}))
+    assert main(["train", str(cfg)]) == 0
+    assert "semi round 1 resumes on pseudo-labels made at pseudo_label_threshold 0.5" in caplog.text
+    assert "0.6 applies from round 2 on" in caplog.text
+    assert json.loads((out / "pseudo_labels.json").read_text())["pseudo_label_threshold"] == 0.6
     # starting over clears the earlier attempt's rounds with output_dir's checkpoints
     cfg.write_text(yaml.safe_dump({**data, "overwrite_output_dir": True, "max_steps": 2}))
     assert main(["train", str(cfg)]) == 0

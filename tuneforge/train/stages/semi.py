@@ -120,9 +120,10 @@ def write_pseudo_labels(folder: Path, k: int, pseudo: list[dict], unlabeled: int
         indent=1))
 
 
-def read_pseudo_labels(folder: Path, k: int, unlabeled: int) -> list[dict]:
-    """The pseudo-labels round k trained on, to resume it. Raises CheckpointError (one line naming the
-    file) for a missing or damaged file, another round's, or one made for another unlabelled set."""
+def read_pseudo_labels(folder: Path, k: int, unlabeled: int) -> tuple[list[dict], float | None]:
+    """(the pseudo-labels round k trained on, the threshold they were made at), to resume it. Raises
+    CheckpointError (one line naming the file) for a missing or damaged file, another round's, or one
+    made for another unlabelled set."""
     from ...errors import CheckpointError
     from ...fileio import read_json
 
@@ -146,7 +147,8 @@ def read_pseudo_labels(folder: Path, k: int, unlabeled: int) -> list[dict]:
                 and isinstance(p.get("label"), int) and p["label"] >= 0):
             raise CheckpointError(f"'{path}': example {n} needs an 'index' below {unlabeled} and a class 'label' "
                                   f"(whole numbers); {again}")
-    return [{"gold": None, **p} for p in saved["examples"]]
+    made_at = saved.get("pseudo_label_threshold")
+    return [{"gold": None, **p} for p in saved["examples"]], made_at if isinstance(made_at, (int, float)) else None
 
 
 def trainable_state(model) -> dict:
@@ -179,28 +181,31 @@ def train_rounds(run_once, model, splits, tokenizer, cfg, settings: dict, resume
     unlabeled = splits.extra["unlabeled"]
     initial = trainable_state(model)  # the same in a resumed run: the same seed made it
     start = 0 if resume_from is None else _round_of(resume_from, folders)
+    pseudo, made_at = read_pseudo_labels(folders[start], start, len(unlabeled)) if start else ([], threshold)
     summary = _earlier_rounds(folders[:start])
     if start:
-        log.info("semi: rounds 0-%d finished earlier (their numbers from round_<k>/%s); round %d goes on",
-                 start - 1, RESULTS_FILE, start)
+        log.info("semi: %s finished earlier (numbers from %s); round %d resumes on its %s",
+                 "round 0" if start == 1 else f"rounds 0-{start - 1}", "round_0/" + RESULTS_FILE if start == 1
+                 else f"round_<k>/{RESULTS_FILE}", start, PSEUDO_FILE)
+    if start and made_at != threshold:  # a changed key applies from the next pseudo-labelling on
+        log.warning("semi round %d resumes on pseudo-labels made at pseudo_label_threshold %s (%s); %s applies from "
+                    "round %d on", start, made_at, folders[start] / PSEUDO_FILE, threshold, start + 1)
     run = None
     for k in range(start, rounds + 1):
         resuming = resume_from if k == start else None
-        if k == 0:
-            pseudo = []
-        elif resuming is not None:
-            pseudo = read_pseudo_labels(folders[k], k, len(unlabeled))
-        else:  # the latest model is the teacher; a new student trains from the initial weights
+        if k > start:  # (round 0 has no pseudo-labels; a resumed round's were read above)
+            # the latest model is the teacher; a new student trains from the initial weights
             teacher = run.acc.unwrap_model(run.model)
             pseudo = pseudo_label(teacher, unlabeled, tokenizer.pad_token_id, threshold,
                                   cfg.train.per_device_eval_batch_size)
+            made_at = threshold
             if run.acc.is_main_process:
                 write_pseudo_labels(folders[k], k, pseudo, len(unlabeled), threshold)
             restore(model, initial)  # the teacher's mistakes are not trained on twice
             set_seed(cfg.train.seed + k)  # a round's dropout does not depend on the rounds before it
         gold, right = gold_counts(pseudo)
         log.info("semi round %d: %d labelled + %d pseudo-labelled examples%s", k, len(splits.train), len(pseudo),
-                 f" ({len(pseudo)} of {len(unlabeled)} unlabelled at threshold {threshold:.2f}"
+                 f" ({len(pseudo)} of {len(unlabeled)} unlabelled at threshold {made_at}"
                  + (f", {right} of {gold} right by their gold labels)" if gold else ")") if k else "")
         run, results = run_once(splits.train + as_examples(pseudo, unlabeled), folders[k], resuming)
         numbers = {f"round_{k}_pseudo_labelled": len(pseudo),
