@@ -211,16 +211,13 @@ def prepare_output_dir(root: Path, plan: ResumePlan, write_args) -> None:
 
     Raises CheckpointError when the disk is full or read-only."""
     with outputs.disk_errors(root, ARGS_FILE):
-        if plan.clear_run:
-            found = [path for folder in [*plan.rounds, root] for path in list_checkpoints(folder)]
-            if found:  # a crashed run's checkpoints go: say so, and how to keep them next time
-                log.warning("overwrite_output_dir: true: starting over in %s, removing %s (to resume from a "
-                            "checkpoint instead, run with overwrite_output_dir=false)", root,
-                            ", ".join(str(path.relative_to(root)) for path in found))
-            for path in found:
-                outputs.discard(path)
+        found = [path for folder in [*plan.rounds, root] for path in list_checkpoints(folder)]
+        if plan.clear_run and found:  # a crashed run's checkpoints go: say so, and how to keep them next time
+            log.warning("overwrite_output_dir: true: starting over in %s, removing %s (to resume from a "
+                        "checkpoint instead, run with overwrite_output_dir=false)", root,
+                        ", ".join(str(path.relative_to(root)) for path in found))
         if plan.clear_run or plan.clear_start:
-            outputs.discard(root / LOG_FILE)
+            start_afresh(root)
             for folder in plan.rounds:  # an earlier attempt's rounds: only this stage writes there
                 outputs.discard(folder)
         for folder in [*plan.rounds, root]:
@@ -232,8 +229,8 @@ def prepare_output_dir(root: Path, plan: ResumePlan, write_args) -> None:
 
 
 def start_afresh(folder: Path) -> None:
-    """Before a round that starts from its first step: the checkpoints and log that a killed
-    earlier attempt of it left in its folder go (its other files it rewrites)."""
+    """Before a run (or a round) that starts from its first step: the checkpoints and log that an
+    earlier attempt left in its folder go, with a killed run's leftovers (its other files it rewrites)."""
     for path in list_checkpoints(folder):
         outputs.discard(path)
     outputs.discard(folder / LOG_FILE)

@@ -152,9 +152,11 @@ def read_pseudo_labels(folder: Path, k: int, unlabeled: int) -> tuple[list[dict]
 
 
 def trainable_state(model) -> dict:
-    """A copy of the trainable weights (the adapter and the classifier head; all weights in full
-    fine-tuning), to start each round from."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """A copy of the weights the run trains (checkpoint.trainable_state: the adapter and the classifier
+    head, all weights in full fine-tuning, BAdam's blocks), to start each round from."""
+    from ..checkpoint import trainable_state as trained
+
+    return {name: tensor.clone() for name, tensor in trained(model).items()}
 
 
 def restore(model, state: dict) -> None:
