@@ -100,6 +100,7 @@ def run_arm(arm: str, workload: str, condition: str, threads: int, policy: str, 
     saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "_TUNEFORGE_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if os.environ.pop("_TUNEFORGE_WAIT_POLICY", None):  # tuneforge's own choice is not passed on
         os.environ.pop("OMP_WAIT_POLICY", None)
+        os.environ.pop("GOMP_SPINCOUNT", None)
     if policy.startswith("spin"):  # spinN: GOMP_SPINCOUNT=N for both arms (tuneforge then sets no policy)
         os.environ["GOMP_SPINCOUNT"] = policy[4:] or "300000"
     elif policy != "default":

@@ -22,15 +22,15 @@ def _quiet_bitsandbytes() -> None:
 _quiet_bitsandbytes()
 
 
-def _passive_openmp() -> None:
-    # before torch starts its OpenMP pool: threads sleep instead of spinning at each region's end,
-    # so training beside another busy process is not many times slower (tuneforge/threads.py)
-    from .threads import prefer_passive_wait
+def _short_openmp_spin() -> None:
+    # before torch starts its OpenMP pool: threads spin only briefly at each region's end, then
+    # sleep, so training beside another busy process is not many times slower (tuneforge/threads.py)
+    from .threads import prefer_short_spin
 
-    prefer_passive_wait()
+    prefer_short_spin()
 
 
-_passive_openmp()
+_short_openmp_spin()
 
 _EXPORTS = {
     "LoraConfig": "adapters", "add_adapter": "adapters", "delete_adapter": "adapters",

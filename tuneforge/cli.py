@@ -215,7 +215,8 @@ def _env() -> None:
     from .threads import apply_threads, wait_policy
 
     count, why = apply_threads()
-    print(f"cpu threads: {count} ({why}); OpenMP wait policy: {wait_policy()}")
+    fewer = "; training uses fewer while other processes keep these cores busy" if count > 1 else ""
+    print(f"cpu threads: {count} ({why}{fewer}); OpenMP wait policy: {wait_policy()}")
 
 
 def _quiet_libraries() -> None:

@@ -7,6 +7,9 @@ first match wins:
 2. OMP_NUM_THREADS, as torch and OpenMP read it;
 3. the cores this process may run on: os.sched_getaffinity, capped by a cgroup v2 quota
    (`cpu.max`: "quota period", rounded up) or a cgroup v1 one (cpu.cfs_quota_us / cpu.cfs_period_us).
+During training (FreeCores), a count that the `num_threads` key did not fix is lowered while other
+processes keep this process's cores busy, and raised back when they stop. How threads wait at the end
+of each parallel region is OpenMP's wait policy (prefer_short_spin, set when tuneforge is imported).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping
 
@@ -86,28 +91,36 @@ def apply_threads(num_threads: int | None = None) -> tuple[int, str]:
         log.info("cpu threads: %d (%s; torch's default was %d)", count, why, before)
     if count > 1 and "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         log.info("torch started before tuneforge, with OpenMP's default wait policy: beside another busy "
-                 "process training can be several times slower; export OMP_WAIT_POLICY=passive to avoid it")
+                 "process training can be several times slower; import tuneforge first, or export "
+                 "GOMP_SPINCOUNT=%d OMP_WAIT_POLICY=passive", SPIN_COUNT)
     return count, why
 
 
-_SET_BY_US = "_TUNEFORGE_WAIT_POLICY"  # marks an OMP_WAIT_POLICY that prefer_passive_wait set
+_SET_BY_US = "_TUNEFORGE_WAIT_POLICY"  # marks the OMP_WAIT_POLICY / GOMP_SPINCOUNT that prefer_short_spin set
+SPIN_COUNT = 3000  # GNU OpenMP counts about 100,000 spins per ms, so ~30 us (5x either way by CPU)
 
 
-def prefer_passive_wait(env: dict | None = None, torch_loaded: bool | None = None) -> bool:
-    """Set OMP_WAIT_POLICY=PASSIVE where the user set neither it nor GOMP_SPINCOUNT and torch's OpenMP runtime has not
-    started yet (it reads the variable once, when torch is imported). True where it was set.
+def prefer_short_spin(env: dict | None = None, torch_loaded: bool | None = None) -> bool:
+    """Where the user set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT and torch's OpenMP runtime has
+    not started yet (it reads them once, when torch is imported): GOMP_SPINCOUNT=SPIN_COUNT, and
+    OMP_WAIT_POLICY=PASSIVE for other OpenMP runtimes (LLVM's libomp: sleep at once). True where set.
 
-    Why (benchmarks/contention.py, issue 21): with GNU OpenMP's default, a thread that reaches
-    the end of a parallel region first spins for its sibling; beside another busy process the
-    sibling is often descheduled, and a training step has ~60,000 regions, so a LoRA step of the
-    demo went from 2.3 s to 28 s (12x, 4x the CPU seconds) beside one busy loop; passive
-    threads sleep at once (a futex) and the step took about as long as alone."""
+    A thread that ends a parallel region first waits for its siblings; a training step opens tens
+    of thousands of regions (benchmarks/parallel_regions.py). Measured with benchmarks/contention.py
+    (issue 21, README "Beside other busy processes"):
+    - GNU OpenMP's default (spin ~3 ms, torch's CPU build): beside another busy process the
+      sibling is often descheduled and the waiter spins out its time slice: a LoRA step of the
+      demo was 12-30x slower beside one busy loop;
+    - passive (sleep at once, a futex): about as fast beside a busy loop as alone, but on an idle
+      machine each region's wake-up goes through the kernel: 30-35 % slower on a 2-core VM;
+    - a short spin (this): as fast as spinning when idle, and bounded beside a busy process."""
     import sys
 
     env = os.environ if env is None else env
     loaded = ("torch" in sys.modules) if torch_loaded is None else torch_loaded
     if "OMP_WAIT_POLICY" in env or "GOMP_SPINCOUNT" in env or loaded:  # GOMP_SPINCOUNT overrides the policy
         return False
+    env["GOMP_SPINCOUNT"] = str(SPIN_COUNT)
     env["OMP_WAIT_POLICY"] = "PASSIVE"
     env[_SET_BY_US] = "1"
     return True
@@ -118,7 +131,118 @@ def wait_policy(env: Mapping[str, str] | None = None) -> str:
     env = os.environ if env is None else env
     value = env.get("OMP_WAIT_POLICY")
     if env.get("GOMP_SPINCOUNT"):
-        return f"spin {env['GOMP_SPINCOUNT']} times, then sleep (GOMP_SPINCOUNT)"
+        why = "set by tuneforge" if env.get(_SET_BY_US) else "GOMP_SPINCOUNT"
+        return f"spin {env['GOMP_SPINCOUNT']} times, then sleep ({why})"
     if value is None:
         return "OpenMP's default (spin, then sleep: slow beside other busy processes)"
     return f"{value.lower()} ({'set by tuneforge' if env.get(_SET_BY_US) else 'OMP_WAIT_POLICY'})"
+
+
+# ---- during training: the cores other processes leave free --------------------------------------
+def cpu_busy_seconds(cpus: set[int], stat: Path = Path("/proc/stat")) -> float | None:
+    """CPU seconds spent busy (not idle, not waiting for I/O; a VM's steal time counts as busy) on
+    the CPUs `cpus`, from /proc/stat; None where it cannot be read (not Linux)."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    busy = 0
+    for line in lines:
+        name, *fields = line.split()
+        if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
+            continue
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in (fields + ["0"] * 8)[:8])
+        busy += user + nice + system + irq + softirq + steal
+    return busy / tick
+
+
+class FreeCores:
+    """Lowers torch's thread count while other processes keep this process's cores busy, and raises
+    it back (at most to the count training started with) when they stop (issue 21).
+
+    Why: an OpenMP thread that ends a parallel region waits for its siblings, and a training step
+    opens tens of thousands of regions. Beside a busy process a sibling is often descheduled, so
+    each wait can last a scheduler time slice; with one thread fewer nobody waits on the core the
+    other process holds. Passive waiting avoids most of that but makes every region on an idle
+    machine pay a wake-up through the kernel (30-35 % of a step on a 2-core VM); a short spin
+    (prefer_short_spin) and this together keep both (README "Beside other busy processes").
+
+    `update()` after each optimizer step: over the time since the last measurement (at least
+    `window` seconds; shorter steps add up), the other processes' use of our CPUs, in cores, is the
+    CPUs' busy time (/proc/stat: `busy`) less this process's own (time.process_time: `own`), per
+    second of `clock`; the thread count becomes the cores left, rounded (at least 1, at most
+    `threads`, the count training started with). Returns the new count where it changed, else
+    None. `set_threads` (default torch.set_num_threads) applies it."""
+
+    def __init__(self, threads: int, cpus: set[int] | None = None, window: float = 1.0,
+                 busy=cpu_busy_seconds, clock=time.monotonic, own=time.process_time,
+                 set_threads=None):
+        self.threads = self.current = threads
+        self.cpus = set(cpus) if cpus is not None else set(os.sched_getaffinity(0))
+        self.window, self.busy, self.clock, self.own = window, busy, clock, own
+        self.set_threads = set_threads
+        self.others = 0.0  # the other processes' use over the last window, in cores
+        self._mark = self._read()
+
+    @property
+    def measurable(self) -> bool:
+        """Whether the CPUs' busy time can be read (/proc/stat)."""
+        return self._mark is not None
+
+    def _read(self) -> tuple[float, float, float] | None:
+        busy = self.busy(self.cpus)
+        return None if busy is None else (self.clock(), busy, self.own())
+
+    def update(self) -> int | None:
+        now = self._read()
+        if now is None or self._mark is None:
+            return None
+        wall = now[0] - self._mark[0]
+        if wall < self.window:
+            return None
+        others = max(0.0, (now[1] - self._mark[1]) - (now[2] - self._mark[2])) / wall
+        self._mark, self.others = now, others
+        target = max(1, min(self.threads, math.floor(len(self.cpus) - others + 0.5)))
+        if target == self.current:
+            return None
+        (self.set_threads or _torch_set_threads)(target)
+        before, self.current = self.current, target
+        log.info("cpu threads: %d (was %d): other processes use %.1f of this process's %d cores",
+                 target, before, others, len(self.cpus))
+        return target
+
+    def restore(self) -> None:
+        """Back to the count training started with (after training: evaluation, saving, the next run)."""
+        if self.current != self.threads:
+            (self.set_threads or _torch_set_threads)(self.threads)
+            self.current = self.threads
+
+
+def _torch_set_threads(count: int) -> None:
+    import torch
+
+    torch.set_num_threads(count)
+
+
+def follow_free_cores(num_threads: int | None, processes: int = 1) -> FreeCores | None:
+    """A FreeCores for this training run, or None where the count stays fixed: the `num_threads`
+    key asks for exactly that many, one thread has nothing to lower, a multi-process run's ranks
+    share the CPUs on purpose, and without /proc/stat nothing can be measured."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if num_threads is not None or threads < 2 or processes > 1:
+        return None
+    watch = FreeCores(threads)
+    return watch if watch.measurable else None
+
+
+@contextmanager
+def restored(cores: FreeCores | None):
+    """Training's thread count back as it started when the block ends (FreeCores.restore), also on an error."""
+    try:
+        yield cores
+    finally:
+        if cores is not None:
+            cores.restore()

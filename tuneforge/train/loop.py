@@ -23,6 +23,7 @@ from ..adapters import training_hooks
 from ..data.collate import TASK_ID
 from ..distributed.sharded import gathered, is_sharded
 from ..distributed.plugins import name_layers_to_wrap
+from ..threads import follow_free_cores, restored
 from . import checkpoint as ckpt
 from . import parts, schedule, stop
 from .batches import MicroBatchStream, StreamBatches, eval_batches, fingerprint
@@ -338,10 +339,14 @@ class TrainingRun:
         window_loss, window_tokens, window_real, window_start = 0.0, 0, 0, time.perf_counter()
         window_metrics: dict[str, float] = {}  # the objective's metric sums (rewards, accuracy)
         start_step, started = self.state.global_step, time.perf_counter()
+        # fewer CPU threads while other processes keep this one's cores busy (threads.FreeCores)
+        cores = follow_free_cores(args.num_threads, acc.num_processes) if acc.device.type == "cpu" else None
         with stop.StopSignals(self.args.overwrite_output_dir, acc.num_processes) as signals, \
-                signals.peers_gone(lambda: self.last_checkpoint):  # a launcher's SIGTERM (torchrun)
+                signals.peers_gone(lambda: self.last_checkpoint), restored(cores):
             while self.state.global_step < self.total_steps:
                 loss, tokens, real = self.train_step()
+                if cores is not None:
+                    cores.update()
                 step = self.state.global_step
                 window_loss += loss * tokens
                 window_tokens += tokens
