@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", default=str(len(os.sched_getaffinity(0))),
                     help="comma-separated torch thread counts for the arms (default: the cores this process may use)")
     ap.add_argument("--policies", default="default", help="comma-separated OMP_WAIT_POLICY values for both arms: "
-                    "default (unset: each program's own; tuneforge sets passive itself), passive, active, spin "
+                    "default (unset: each program's own; tuneforge sets a short spin itself), passive, active, spin "
                     "(GOMP_SPINCOUNT=300000: GNU OpenMP's default, also for tuneforge), spinN (GOMP_SPINCOUNT=N)")
     ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
     ap.add_argument("--repeat", type=int, default=2, help="runs of each condition (interleaved)")
