@@ -129,8 +129,8 @@ def test_busy_seconds_are_read_per_cpu_of_the_affinity_mask(tmp_path):
 
 def test_free_cores_follow_other_processes_between_one_thread_and_the_starting_count():
     now = {"clock": 0.0, "busy": 0.0, "own": 0.0}
-    applied = []
-    cores = FreeCores(2, cpus={0, 1}, busy=lambda cpus: now["busy"], clock=lambda: now["clock"],
+    applied, reads = [], []
+    cores = FreeCores(2, cpus={0, 1}, busy=lambda cpus: reads.append(cpus) or now["busy"], clock=lambda: now["clock"],
                       own=lambda: now["own"], set_threads=applied.append)
 
     def step(seconds: float, ours: float, others: float):  # this process used `ours` CPU s, others `others` cores
@@ -142,7 +142,8 @@ def test_free_cores_follow_other_processes_between_one_thread_and_the_starting_c
     assert step(2.0, 3.8, 0.2) is None and cores.current == 2  # an idle machine: both cores
     assert step(2.0, 2.0, 0.7) == 1 and applied == [1]  # a busy loop got 0.7 of a core
     assert step(2.0, 2.0, 1.0) is None and cores.current == 1  # it keeps its core
-    assert step(0.5, 0.5, 0.0) is None  # shorter than the 1 s window: measured with the next
+    read = len(reads)
+    assert step(0.5, 0.5, 0.0) is None and len(reads) == read  # within the 1 s window: not even read
     assert step(0.6, 0.6, 0.0) == 2 and applied == [1, 2]  # it ended: back to 2, never above
     assert step(2.0, 0.5, 1.9) == 1 and step(2.0, 2.0, 5.0) is None  # never below 1
     cores.restore()
@@ -175,13 +176,16 @@ def test_a_run_lowers_its_threads_while_others_are_busy_and_restores_them(tiny_m
 
     now = {"t": 0.0}
 
-    def busy(cpus):  # another process keeps one core busy: its busy time grows a second per second
+    def clock():  # a second passes at each reading
         now["t"] += 1.0
+        return now["t"]
+
+    def busy(cpus):  # another process keeps one core busy: its busy time grows a second per second
         return now["t"]
 
     monkeypatch.setattr(loop.TrainingRun, "train_step", observed)
     monkeypatch.setattr(loop, "follow_free_cores", lambda num_threads, processes: FreeCores(
-        2, cpus={0, 1}, busy=busy, clock=lambda: now["t"], own=lambda: 0.0))
+        2, cpus={0, 1}, busy=busy, clock=clock, own=lambda: 0.0))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

@@ -195,12 +195,12 @@ class FreeCores:
         return None if busy is None else (self.clock(), busy, self.own())
 
     def update(self) -> int | None:
+        if self._mark is None or self.clock() - self._mark[0] < self.window:  # /proc/stat is read once a window
+            return None
         now = self._read()
-        if now is None or self._mark is None:
+        if now is None:
             return None
         wall = now[0] - self._mark[0]
-        if wall < self.window:
-            return None
         others = max(0.0, (now[1] - self._mark[1]) - (now[2] - self._mark[2])) / wall
         self._mark, self.others = now, others
         target = max(1, min(self.threads, math.floor(len(self.cpus) - others + 0.5)))

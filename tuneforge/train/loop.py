@@ -342,7 +342,8 @@ class TrainingRun:
         # fewer CPU threads while other processes keep this one's cores busy (threads.FreeCores)
         cores = follow_free_cores(args.num_threads, acc.num_processes) if acc.device.type == "cpu" else None
         with stop.StopSignals(self.args.overwrite_output_dir, acc.num_processes) as signals, \
-                signals.peers_gone(lambda: self.last_checkpoint), restored(cores):
+                signals.peers_gone(lambda: self.last_checkpoint), \
+                restored(cores):  # peers_gone: a launcher's SIGTERM (torchrun)
             while self.state.global_step < self.total_steps:
                 loss, tokens, real = self.train_step()
                 if cores is not None:
