@@ -89,14 +89,19 @@ def stop_competitor(proc: subprocess.Popen | None) -> float:
     return cpu
 
 
+def arm_options(workload: str, threads: int, args) -> list[str]:
+    """train_throughput.py's options for one arm on `workload` (args: steps, dataset_dir, set)."""
+    dataset, cutoff, batch, accum, folder = WORKLOADS[workload]
+    return ["--steps", str(args.steps), "--batch", str(batch), "--grad-accum", str(accum),
+            "--dataset", dataset, "--dataset-dir", str(folder or args.dataset_dir), "--cutoff", str(cutoff),
+            "--threads", str(threads)] + [f"--set={s}" for s in args.set]
+
+
 def run_arm(arm: str, workload: str, condition: str, threads: int, policy: str, args) -> dict:
     """One arm under one condition; its timed numbers, or {'error': ...}."""
     from throughput_arms import spawn_arm
 
-    dataset, cutoff, batch, accum, folder = WORKLOADS[workload]
-    options = ["--steps", str(args.steps), "--batch", str(batch), "--grad-accum", str(accum),
-               "--dataset", dataset, "--dataset-dir", str(folder or args.dataset_dir), "--cutoff", str(cutoff),
-               "--threads", str(threads)] + [f"--set={s}" for s in args.set]
+    options = arm_options(workload, threads, args)
     saved = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "_TUNEFORGE_WAIT_POLICY", "GOMP_SPINCOUNT")}
     if os.environ.pop("_TUNEFORGE_WAIT_POLICY", None):  # tuneforge's own choice is not passed on
         os.environ.pop("OMP_WAIT_POLICY", None)

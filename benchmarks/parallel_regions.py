@@ -181,13 +181,12 @@ def run_child(argv: list[str]) -> None:
 
 # ---- the parent ----------------------------------------------------------------------------------
 def run_arm(arm: str, workload: str, args, shim: Path) -> dict:
-    from contention import WORKLOADS
+    from contention import arm_options
     from throughput_arms import spawn_arm
 
-    dataset, cutoff, batch, accum, folder = WORKLOADS[workload]
-    options = ["--steps", str(args.steps), "--batch", str(batch), "--grad-accum", str(accum),
-               "--dataset", dataset, "--dataset-dir", str(folder or args.dataset_dir), "--cutoff", str(cutoff),
-               "--threads", str(args.threads)] + [f"--set={s}" for s in args.set]
+    # tuneforge's count fixed (num_threads): else it lowers it while other processes are busy
+    fixed = argparse.Namespace(**{**vars(args), "set": [f"num_threads={args.threads}", *args.set]})
+    options = arm_options(workload, args.threads, fixed)
     saved = {k: os.environ.get(k) for k in ("LD_PRELOAD", SHIM_ENV)}
     os.environ["LD_PRELOAD"] = " ".join(filter(None, [str(shim), saved["LD_PRELOAD"]]))
     os.environ[SHIM_ENV] = str(shim)
