@@ -245,24 +245,35 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--workloads: choose from {', '.join(WORKLOADS)}")
     if args.threads < 2:
         ap.error("--threads: at least 2 (with one thread OpenMP opens no parallel regions worth counting)")
+    if args.steps < 1:
+        ap.error("--steps: at least 1 (2 or more: the first step, with its warm-up, is not counted)")
+    from train_throughput import ARMS
+
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not arms or any(a not in ARMS for a in arms):
+        ap.error(f"--arms: choose from {', '.join(ARMS)}")
     shared = Path(__file__).resolve().parents[2] / "shared" / "data"
     args.dataset_dir = args.dataset_dir or os.environ.get("TUNEFORGE_SHARED_DATA", str(shared))
 
-    rows = []
+    rows, failed = [], 0
     with tempfile.TemporaryDirectory() as tmp:
         shim = build_shim(Path(tmp))
         for workload in split:
-            for arm in [a.strip() for a in args.arms.split(",") if a.strip()]:
+            for arm in arms:
                 print(f"{workload} {arm}: {args.steps} steps under the counting shim", flush=True)
                 out = run_arm(arm, workload, args, shim)
-                if "error" in out:
+                if "error" in out:  # spawn_arm printed its line
+                    failed += 1
                     continue
-                if "regions" not in out or not out["regions"]["regions_per_step"]:
+                if "regions" not in out or not any(out["regions"]["regions_per_step"]):
                     print(f"  {arm}: the shim counted nothing (is torch's OpenMP GNU libgomp?)")
+                    failed += 1
                     continue
                 rows.append(report(workload, arm, out, args.top))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
+    if failed:
+        raise SystemExit(f"parallel_regions: {failed} of {len(split) * len(arms)} arms failed (lines above)")
 
 
 if __name__ == "__main__":

@@ -63,6 +63,8 @@ def test_short_spin_only_where_the_user_set_none_and_torch_has_not_started():
     late = {}
     assert not prefer_short_spin(late, torch_loaded=True) and late == {}
     assert wait_policy(late).startswith("OpenMP's default")
+    assert wait_policy({"OMP_WAIT_POLICY": ""}) == wait_policy({})  # OpenMP ignores an empty or unknown value
+    assert "OMP_WAIT_POLICY='bogus' is neither active nor passive" in wait_policy({"OMP_WAIT_POLICY": "bogus"})
 
 
 def test_the_spin_count_reaches_torchs_openmp_runtime():
@@ -119,12 +121,14 @@ def test_busy_seconds_are_read_per_cpu_of_the_affinity_mask(tmp_path):
     stat = tmp_path / "stat"
     stat.write_text("cpu  100 0 50 1000 10 0 0 5 0 0\n"
                     "cpu0 60 0 30 500 5 0 0 5 0 0\n"  # user nice system idle iowait irq softirq steal
-                    "cpu1 40 1 20 500 5 2 3 0 0 0\n"
+                    "cpu1 40 7 20 500 5 2 3 0 0 0\n"
+                    "\ncpu2 x y\n"  # malformed lines are skipped
                     "intr 12345\n")
     tick = __import__("os").sysconf("SC_CLK_TCK")
-    assert cpu_busy_seconds({0}, stat) == pytest.approx(95 / tick)  # steal (another VM) counts as busy
-    assert cpu_busy_seconds({0, 1}, stat) == pytest.approx((95 + 66) / tick)
-    assert cpu_busy_seconds({0}, tmp_path / "missing") is None
+    assert cpu_busy_seconds({0}, stat, count_nice=False) == pytest.approx(95 / tick)  # steal (another VM) counts
+    assert cpu_busy_seconds({0, 1, 2}, stat, count_nice=False) == pytest.approx((95 + 65) / tick)
+    assert cpu_busy_seconds({0, 1}, stat, count_nice=True) == pytest.approx((95 + 72) / tick)  # we run niced
+    assert cpu_busy_seconds({2}, stat) is None and cpu_busy_seconds({0}, tmp_path / "missing") is None
 
 
 def test_free_cores_follow_other_processes_between_one_thread_and_the_starting_count():
@@ -140,8 +144,11 @@ def test_free_cores_follow_other_processes_between_one_thread_and_the_starting_c
         return cores.update()
 
     assert step(2.0, 3.8, 0.2) is None and cores.current == 2  # an idle machine: both cores
+    # a neighbour near half a core does not flip the count every window (hysteresis)
+    assert [step(2.0, 3.0, o) for o in (0.45, 0.55, 0.45, 0.55)] == [None] * 4 and applied == []
     assert step(2.0, 2.0, 0.7) == 1 and applied == [1]  # a busy loop got 0.7 of a core
     assert step(2.0, 2.0, 1.0) is None and cores.current == 1  # it keeps its core
+    assert [step(2.0, 1.0, o) for o in (0.45, 0.35)] == [None, None] and cores.current == 1
     read = len(reads)
     assert step(0.5, 0.5, 0.0) is None and len(reads) == read  # within the 1 s window: not even read
     assert step(0.6, 0.6, 0.0) == 2 and applied == [1, 2]  # it ended: back to 2, never above

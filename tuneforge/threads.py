@@ -84,8 +84,8 @@ def apply_threads(num_threads: int | None = None) -> tuple[int, str]:
 
     count, why = choose_threads(num_threads)
     before = torch.get_num_threads()
-    if num_threads is None and before < count:  # the program lowered it (torch.set_num_threads): kept
-        return before, f"torch.set_num_threads({before}) before training (below {count}: {why})"
+    if num_threads is None and before < count:  # the program's torch.set_num_threads, or torch's own cap: kept
+        return before, f"torch's count before training, below the {count} of {why}"
     if count != before:
         torch.set_num_threads(count)
         log.info("cpu threads: %d (%s; torch's default was %d)", count, why, before)
@@ -110,9 +110,9 @@ def prefer_short_spin(env: dict | None = None, torch_loaded: bool | None = None)
     (issue 21, README "Beside other busy processes"):
     - GNU OpenMP's default (spin ~3 ms, torch's CPU build): beside another busy process the
       sibling is often descheduled and the waiter spins out its time slice: a LoRA step of the
-      demo was 12-30x slower beside one busy loop;
+      demo was 12-33x slower beside one busy loop;
     - passive (sleep at once, a futex): about as fast beside a busy loop as alone, but on an idle
-      machine each region's wake-up goes through the kernel: 30-35 % slower on a 2-core VM;
+      machine each region's wake-up goes through the kernel: 35-38 % slower on a 2-core VM;
     - a short spin (this): as fast as spinning when idle, and bounded beside a busy process."""
     import sys
 
@@ -129,32 +129,42 @@ def prefer_short_spin(env: dict | None = None, torch_loaded: bool | None = None)
 def wait_policy(env: Mapping[str, str] | None = None) -> str:
     """The OpenMP wait policy in effect, in words, for `tuneforge env`."""
     env = os.environ if env is None else env
-    value = env.get("OMP_WAIT_POLICY")
+    value = (env.get("OMP_WAIT_POLICY") or "").strip()
     if env.get("GOMP_SPINCOUNT"):
         why = "set by tuneforge" if env.get(_SET_BY_US) else "GOMP_SPINCOUNT"
         return f"spin {env['GOMP_SPINCOUNT']} times, then sleep ({why})"
-    if value is None:
-        return "OpenMP's default (spin, then sleep: slow beside other busy processes)"
+    if value.lower() not in ("active", "passive"):  # OpenMP ignores any other value
+        unread = f"; OMP_WAIT_POLICY={value!r} is neither active nor passive, so OpenMP ignores it" if value else ""
+        return f"OpenMP's default (spin, then sleep: slow beside other busy processes{unread})"
     return f"{value.lower()} ({'set by tuneforge' if env.get(_SET_BY_US) else 'OMP_WAIT_POLICY'})"
 
 
 # ---- during training: the cores other processes leave free --------------------------------------
-def cpu_busy_seconds(cpus: set[int], stat: Path = Path("/proc/stat")) -> float | None:
-    """CPU seconds spent busy (not idle, not waiting for I/O; a VM's steal time counts as busy) on
-    the CPUs `cpus`, from /proc/stat; None where it cannot be read (not Linux)."""
+def cpu_busy_seconds(cpus: set[int], stat: Path = Path("/proc/stat"), count_nice: bool | None = None) -> float | None:
+    """CPU seconds spent busy on the CPUs `cpus`, from /proc/stat: user, system, interrupts and a
+    VM's steal time (another VM holds the core); not idle or waiting for I/O, and not the `nice`
+    column (processes at a lower priority yield to ours) unless this process runs niced itself
+    (`count_nice` None: os.nice(0) > 0), where its own time is there. None where /proc/stat cannot
+    be read or has no line for these CPUs (not Linux); malformed lines are skipped."""
     try:
         lines = stat.read_text().splitlines()
     except OSError:
         return None
+    if count_nice is None:
+        count_nice = hasattr(os, "nice") and os.nice(0) > 0
     tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    busy = 0
+    busy, seen = 0, False
     for line in lines:
-        name, *fields = line.split()
+        name, *fields = line.split() or [""]
         if not (name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus):
             continue
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in (fields + ["0"] * 8)[:8])
-        busy += user + nice + system + irq + softirq + steal
-    return busy / tick
+        try:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in (fields + ["0"] * 8)[:8])
+        except ValueError:
+            continue
+        busy += user + system + irq + softirq + steal + (nice if count_nice else 0)
+        seen = True
+    return busy / tick if seen else None
 
 
 class FreeCores:
@@ -165,15 +175,17 @@ class FreeCores:
     opens tens of thousands of regions. Beside a busy process a sibling is often descheduled, so
     each wait can last a scheduler time slice; with one thread fewer nobody waits on the core the
     other process holds. Passive waiting avoids most of that but makes every region on an idle
-    machine pay a wake-up through the kernel (30-35 % of a step on a 2-core VM); a short spin
+    machine pay a wake-up through the kernel (35-38 % of the speed on a 2-core VM); a short spin
     (prefer_short_spin) and this together keep both (README "Beside other busy processes").
 
     `update()` after each optimizer step: over the time since the last measurement (at least
     `window` seconds; shorter steps add up), the other processes' use of our CPUs, in cores, is the
     CPUs' busy time (/proc/stat: `busy`) less this process's own (time.process_time: `own`), per
-    second of `clock`; the thread count becomes the cores left, rounded (at least 1, at most
+    second of `clock`; the thread count follows the cores left (`target`: at least 1, at most
     `threads`, the count training started with). Returns the new count where it changed, else
     None. `set_threads` (default torch.set_num_threads) applies it."""
+
+    DOWN, UP = 0.6, 0.7  # in cores; see target()
 
     def __init__(self, threads: int, cpus: set[int] | None = None, window: float = 1.0,
                  busy=cpu_busy_seconds, clock=time.monotonic, own=time.process_time,
@@ -203,14 +215,26 @@ class FreeCores:
         wall = now[0] - self._mark[0]
         others = max(0.0, (now[1] - self._mark[1]) - (now[2] - self._mark[2])) / wall
         self._mark, self.others = now, others
-        target = max(1, min(self.threads, math.floor(len(self.cpus) - others + 0.5)))
+        target = self.target(len(self.cpus) - others)
         if target == self.current:
             return None
         (self.set_threads or _torch_set_threads)(target)
         before, self.current = self.current, target
-        log.info("cpu threads: %d (was %d): other processes use %.1f of this process's %d cores",
+        log.info("cpu threads: %d (was %d): other processes use %.2f of this process's %d cores",
                  target, before, others, len(self.cpus))
         return target
+
+    def target(self, free: float) -> int:
+        """The thread count for `free` cores (those other processes leave), with hysteresis so that a
+        steady neighbour near a threshold does not flip it every window: one thread fewer while
+        the others take more than DOWN of its core (free < current - DOWN), one more once they
+        leave UP of the next one free (free >= current + UP); between 1 and `threads`."""
+        count = self.current
+        while count > 1 and free < count - self.DOWN:
+            count -= 1
+        while count < self.threads and free >= count + self.UP:
+            count += 1
+        return count
 
     def restore(self) -> None:
         """Back to the count training started with (after training: evaluation, saving, the next run)."""
