@@ -191,6 +191,7 @@ def test_a_run_lowers_its_threads_while_others_are_busy_and_restores_them(tiny_m
         return now["t"]
 
     monkeypatch.setattr(loop.TrainingRun, "train_step", observed)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")  # the run starts at 2 (a test worker's share may be 1)
     monkeypatch.setattr(loop, "follow_free_cores", lambda num_threads, processes: FreeCores(
         2, cpus={0, 1}, busy=busy, clock=clock, own=lambda: 0.0))
     before = torch.get_num_threads()
