@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping
 
@@ -193,7 +192,7 @@ class FreeCores:
         self.threads = self.current = threads
         self.cpus = set(cpus) if cpus is not None else set(os.sched_getaffinity(0))
         self.window, self.busy, self.clock, self.own = window, busy, clock, own
-        self.set_threads = set_threads
+        self.set_threads = set_threads or _torch_set_threads
         self.others = 0.0  # the other processes' use over the last window, in cores
         self._mark = self._read()
 
@@ -218,7 +217,7 @@ class FreeCores:
         target = self.target(len(self.cpus) - others)
         if target == self.current:
             return None
-        (self.set_threads or _torch_set_threads)(target)
+        self.set_threads(target)
         before, self.current = self.current, target
         log.info("cpu threads: %d (was %d): other processes use %.2f of this process's %d cores",
                  target, before, others, len(self.cpus))
@@ -239,8 +238,14 @@ class FreeCores:
     def restore(self) -> None:
         """Back to the count training started with (after training: evaluation, saving, the next run)."""
         if self.current != self.threads:
-            (self.set_threads or _torch_set_threads)(self.threads)
+            self.set_threads(self.threads)
             self.current = self.threads
+
+    def __enter__(self) -> "FreeCores":
+        return self
+
+    def __exit__(self, *exc) -> None:  # restored also when training stops with an error
+        self.restore()
 
 
 def _torch_set_threads(count: int) -> None:
@@ -260,13 +265,3 @@ def follow_free_cores(num_threads: int | None, processes: int = 1) -> FreeCores 
         return None
     watch = FreeCores(threads)
     return watch if watch.measurable else None
-
-
-@contextmanager
-def restored(cores: FreeCores | None):
-    """Training's thread count back as it started when the block ends (FreeCores.restore), also on an error."""
-    try:
-        yield cores
-    finally:
-        if cores is not None:
-            cores.restore()

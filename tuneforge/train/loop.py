@@ -23,7 +23,7 @@ from ..adapters import training_hooks
 from ..data.collate import TASK_ID
 from ..distributed.sharded import gathered, is_sharded
 from ..distributed.plugins import name_layers_to_wrap
-from ..threads import follow_free_cores, restored
+from ..threads import follow_free_cores
 from . import checkpoint as ckpt
 from . import parts, schedule, stop
 from .batches import MicroBatchStream, StreamBatches, eval_batches, fingerprint
@@ -343,7 +343,7 @@ class TrainingRun:
         cores = follow_free_cores(args.num_threads, acc.num_processes) if acc.device.type == "cpu" else None
         with stop.StopSignals(self.args.overwrite_output_dir, acc.num_processes) as signals, \
                 signals.peers_gone(lambda: self.last_checkpoint), \
-                restored(cores):  # peers_gone: a launcher's SIGTERM (torchrun)
+                cores or nullcontext():  # peers_gone: a launcher's SIGTERM (torchrun); cores: restored at the end
             while self.state.global_step < self.total_steps:
                 loss, tokens, real = self.train_step()
                 if cores is not None:
